@@ -1,0 +1,5 @@
+"""Sharded Llama-family models."""
+
+from jaxeff.models.attention import ATTENTION_IMPLS, register_attention
+from jaxeff.models.layers import Linear
+from jaxeff.models.llama import Llama

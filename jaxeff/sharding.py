@@ -1,0 +1,143 @@
+"""Logical axes -> mesh axes: the one table that decides how everything is sharded.
+
+Parameters carry logical axis names (`nnx.Param(..., out_sharding=("embed", "mlp"))`);
+activations are constrained with `constrain(x, ("batch", "seq", "embed"))`. `LOGICAL_RULES`
+maps each logical name to mesh axes of the mesh `("data", "fsdp", "tensor")`, as in MaxText.
+Sharding is `jax.jit` with `NamedSharding` (what pjit became); the mesh uses Auto axes so
+XLA's partitioner propagates shardings from these annotations.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes, or None = replicated)
+LOGICAL_RULES: dict[str, Any] = {
+    "batch": ("data", "fsdp"),
+    "seq": None,
+    "embed": "fsdp",
+    "vocab": "tensor",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+    "layers": None,
+    "norm": None,
+}
+
+
+class MeshError(ValueError):
+  """A mesh shape that does not fit the available devices."""
+
+
+def make_mesh(shape: dict[str, int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """Builds a ("data", "fsdp", "tensor") mesh; one entry may be -1 (= the remaining devices).
+
+  `shape` defaults to all devices on "data".
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  shape = dict(shape or {"data": -1})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise MeshError(f"unknown mesh axes {sorted(unknown)}; valid axes: {', '.join(MESH_AXES)}")
+  sizes = [shape.get(a, 1) for a in MESH_AXES]
+  if sum(s == -1 for s in sizes) > 1:
+    raise MeshError(f"mesh {shape}: at most one axis may be -1")
+  if any(s == 0 or s < -1 for s in sizes):
+    raise MeshError(f"mesh {shape}: sizes must be positive or -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if n % known:
+      raise MeshError(f"mesh {shape} does not divide the {n} available devices")
+    sizes[sizes.index(-1)] = n // known
+  if math.prod(sizes) != n:
+    raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                    f"but {n} are available")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_spec(axes: Sequence[str | None] | None, rules: dict[str, Any] | None = None) -> P:
+  """("batch", "seq", "embed") -> PartitionSpec(("data", "fsdp"), None, "fsdp")-style specs.
+
+  A mesh axis is used at most once per spec (later dims fall back to replicated).
+  """
+  if axes is None:
+    return P()
+  rules = LOGICAL_RULES if rules is None else rules
+  used: set[str] = set()
+  out = []
+  for name in axes:
+    mesh_axes = rules.get(name) if name is not None else None
+    if mesh_axes is None:
+      out.append(None)
+      continue
+    mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+    mesh_axes = tuple(a for a in mesh_axes if a not in used)
+    used.update(mesh_axes)
+    out.append(mesh_axes[0] if len(mesh_axes) == 1 else (mesh_axes or None))
+  return P(*out)
+
+
+def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+  """Drops mesh axes that do not divide a dimension (e.g. 2 kv heads on tensor=4)."""
+  out = []
+  for dim, entry in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+    kept = []
+    for a in names:
+      if dim % (math.prod(mesh.shape[k] for k in kept) * mesh.shape[a]) == 0:
+        kept.append(a)
+    out.append(None if not kept else (kept[0] if len(kept) == 1 else tuple(kept)))
+  return P(*out)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules: dict[str, Any] | None = None):
+  """NamedShardings for every variable in `state`, from its `out_sharding` logical names."""
+
+  def one(var):
+    axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
+    value = var.get_value() if isinstance(var, nnx.Variable) else var
+    spec = _fit_spec(logical_to_spec(axes, rules), value.shape, mesh)
+    return NamedSharding(mesh, spec)
+
+  return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+  """Sharding constraint by logical names; a no-op outside a mesh context (`jax.set_mesh`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return x
+  spec = logical_to_spec(axes)
+  spec = _fit_spec(spec, x.shape, mesh)
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def create_sharded(make_model, mesh: Mesh | None, rules: dict[str, Any] | None = None):
+  """Builds `make_model()` with every parameter created directly in its sharding.
+
+  Initialization runs under `jax.jit` with `out_shardings` from the logical rules, so no
+  device ever holds the full unsharded model (the MaxText pattern). `mesh=None` -> one device.
+  """
+  if mesh is None:
+    return make_model()
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(make_model))
+  shardings = state_shardings(abstract_state, mesh, rules)
+  with jax.set_mesh(mesh):
+    state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def shard_model(model, mesh: Mesh, rules: dict[str, Any] | None = None):
+  """Places an existing model's variables on `mesh` as the rules say (in place)."""
+  state = nnx.state(model)
+  nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
+  return model
