@@ -93,6 +93,11 @@ def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:
   elif base == "float":
     if isinstance(value, (int, float)) and not isinstance(value, bool):
       return float(value)
+    if isinstance(value, str):  # YAML 1.1 reads "1e-2" (no dot) as a string
+      try:
+        return float(value)
+      except ValueError:
+        pass
   elif base == "str":
     if isinstance(value, str):
       return value

@@ -100,13 +100,16 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
 
 
 def state_shardings(state: nnx.State, mesh: Mesh, rules: dict[str, Any] | None = None):
-  """NamedShardings for every variable in `state`, from its `out_sharding` logical names."""
+  """`state` with each variable's value replaced by its NamedSharding (from its logical names).
+
+  The result has exactly the pytree structure of `state`, so it serves as `out_shardings`,
+  a `device_put` target, or the `rest` tree of `optax.tree_map_params`.
+  """
 
   def one(var):
-    axes = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
-    value = var.get_value() if isinstance(var, nnx.Variable) else var
-    spec = _fit_spec(logical_to_spec(axes, rules), value.shape, mesh)
-    return NamedSharding(mesh, spec)
+    axes = var.get_metadata().get("out_sharding")
+    spec = _fit_spec(logical_to_spec(axes, rules), var.get_value().shape, mesh)
+    return var.replace(NamedSharding(mesh, spec))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 

@@ -1,0 +1,123 @@
+"""Train-step throughput: jaxeff vs Hugging Face transformers (PyTorch), same architecture, same run.
+
+  python -m jaxeff.bench train [--config configs/small.yaml] [--steps 5] [--rounds 3] [--json out.json]
+
+Both sides run one full training step per call (forward, cross-entropy, backward, global-norm
+clipping, AdamW update) on identical batch shapes; jaxeff's step is the one `jaxeff.train` runs.
+Rounds alternate between the two so machine noise hits both alike; medians are reported.
+MFU is measured against this machine's f32 matmul peak on CPU (see jaxeff.train.peak_flops_per_device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff import train as train_lib
+from jaxeff.hf import config_to_hf
+from jaxeff.models import Llama
+
+
+def _jax_step(cfg: train_lib.TrainConfig):
+  graphdef, params = nnx.split(Llama(cfg.model, rngs=nnx.Rngs(0)))
+  tx, _ = train_lib.make_optimizer(cfg.optimizer, cfg.steps, params)
+  opt_state = tx.init(params)
+  step = jax.jit(train_lib.make_steps(graphdef, tx)[0], donate_argnums=(0, 1))
+  rng = np.random.default_rng(0)
+  batch = {k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len)), jnp.int32)
+           for k in ("inputs", "targets")}
+  state = [params, opt_state]
+
+  def run():
+    state[0], state[1], m = step(state[0], state[1], batch)
+    m["loss"].block_until_ready()
+
+  return run
+
+
+def _torch_step(cfg: train_lib.TrainConfig):
+  import torch
+  import transformers
+
+  hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config_to_hf(cfg.model).items()
+                                                if k not in ("architectures",)})
+  model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
+  model.train()
+  opt = cfg.optimizer
+  optim = torch.optim.AdamW(model.parameters(), lr=opt.learning_rate, weight_decay=opt.weight_decay)
+  gen = torch.Generator().manual_seed(0)
+  inputs = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
+  targets = torch.randint(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len), generator=gen)
+
+  def run():
+    logits = model(input_ids=inputs).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.view(-1))
+    loss.backward()
+    if opt.clip_norm:
+      torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip_norm)
+    optim.step()
+    optim.zero_grad(set_to_none=True)
+    loss.item()
+
+  return run, torch.__version__, transformers.__version__, torch.get_num_threads()
+
+
+def _time(fn, steps: int) -> list[float]:
+  out = []
+  for _ in range(steps):
+    t = time.perf_counter()
+    fn()
+    out.append(time.perf_counter() - t)
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m jaxeff.bench train", description=__doc__.split("\n")[0])
+  p.add_argument("--config", help="training config (default: the built-in small CPU config)")
+  p.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
+  p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
+  p.add_argument("--json", help="write the results here")
+  p.add_argument("overrides", nargs="*", metavar="key=value")
+  args = p.parse_args(argv)
+
+  cfg = train_lib.load_config(args.config, args.overrides)
+  jax_run = _jax_step(cfg)
+  torch_run, torch_v, tf_v, threads = _torch_step(cfg)
+  for fn in (jax_run, torch_run):  # compile / warm caches
+    fn(), fn()
+  times = {"jaxeff": [], "transformers": []}
+  for _ in range(args.rounds):
+    times["jaxeff"] += _time(jax_run, args.steps)
+    times["transformers"] += _time(torch_run, args.steps)
+
+  tokens = cfg.batch_size * cfg.seq_len
+  flops = cfg.model.flops_per_token(cfg.seq_len) * tokens
+  peak = train_lib.peak_flops_per_device(cfg) * (len(jax.devices()) if jax.default_backend() != "cpu" else 1)
+  rows = {}
+  for name, ts in times.items():
+    med = statistics.median(ts)
+    rows[name] = {"step_ms": med * 1e3, "tokens_per_s": tokens / med, "mfu": flops / med / peak}
+  ratio = rows["jaxeff"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
+
+  print(f"model: {cfg.model.num_params / 1e6:.2f}M params, batch {cfg.batch_size} x seq {cfg.seq_len}, "
+        f"optimizer {cfg.optimizer.name}; device {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+        f"{platform.machine()}, torch threads {threads}")
+  print(f"peak for MFU: {peak / 1e9:.0f} GFLOP/s; {args.rounds} rounds x {args.steps} steps, medians\n")
+  print("| implementation | step (ms) | tokens/s | MFU |")
+  print("|---|---:|---:|---:|")
+  for name, r in rows.items():
+    label = f"jaxeff (jax {jax.__version__})" if name == "jaxeff" else f"transformers {tf_v} (torch {torch_v}, AdamW)"
+    print(f"| {label} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} |")
+  print(f"\njaxeff / transformers tokens/s ratio: {ratio:.2f} (goal on CPU: >= 1.0)")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump({"rows": rows, "ratio": ratio, "times": times, "peak_flops": peak}, f, indent=2)
+  return 0

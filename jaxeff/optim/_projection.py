@@ -1,0 +1,66 @@
+"""Low-rank gradient projection shared by GaLore and Online Subspace Descent.
+
+Every projected leaf is viewed as a batch of canonical matrices G [batch, big, small] (see
+`_util.MatrixView`): the reference projects the SMALLER side, so the projector is P [r, small]
+with orthonormal rows, the projected gradient R = G P^T [big, r] and the way back R P.
+(For W [m, n] with m >= n this is the reference's right projector; for m < n it is the
+reference's left projector U[:, :r], stored transposed.) All projector math is f32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxeff.optim import _util
+
+
+def views(tree, dims) -> list:
+  return [None if d is None else _util.MatrixView(x.shape, d) for x, d in zip(jax.tree.leaves(tree), dims)]
+
+
+def eff_rank(view: _util.MatrixView, rank: int) -> int:
+  return min(rank, view.small)
+
+
+def svd_projector(gc: jax.Array, rank: int) -> jax.Array:
+  """Top-`rank` right singular vectors of each G [B, big, small] (f32): P [B, r, small].
+
+  Each vector's sign is fixed (largest-magnitude entry positive): LAPACK's sign is arbitrary and
+  differs between backends, and GaLore keeps Adam moments across refreshes, so an arbitrary flip
+  would change the trajectory. The subspace is the reference's.
+  """
+  _, _, vh = jnp.linalg.svd(gc.astype(jnp.float32), full_matrices=False)
+  p = vh[:, :rank, :]
+  idx = jnp.argmax(jnp.abs(p), axis=-1, keepdims=True)
+  sign = jnp.where(jnp.take_along_axis(p, idx, axis=-1) < 0, -1.0, 1.0)
+  return p * sign
+
+
+def project(gc: jax.Array, p: jax.Array) -> jax.Array:
+  """R = G P^T: [B, big, small] x [B, r, small] -> [B, big, r]."""
+  return jnp.einsum("bij,brj->bir", gc.astype(jnp.float32), p)
+
+
+def project_back(r: jax.Array, p: jax.Array) -> jax.Array:
+  """R P: [B, big, r] x [B, r, small] -> [B, big, small]."""
+  return jnp.einsum("bir,brj->bij", r.astype(jnp.float32), p)
+
+
+def init_leaves(params, vws, rank: int):
+  """Zero projectors (f32) and proxies (what Adam sees: low-rank for matrices, full otherwise)."""
+  projectors, proxies = [], []
+  for x, v in zip(jax.tree.leaves(params), vws):
+    if v is None:
+      projectors.append(_util.masked_node())
+      proxies.append(jnp.zeros_like(x))
+    else:
+      r = eff_rank(v, rank)
+      projectors.append(jnp.zeros((v.batch, r, v.small), jnp.float32))
+      proxies.append(jnp.zeros((v.batch, v.big, r), jnp.float32))
+  return projectors, proxies
+
+
+def projector_leaves(tree) -> list:
+  """Per-parameter projector entries (arrays or MaskedNode) from a projector tree."""
+  return jax.tree.leaves(tree, is_leaf=_util.is_masked)

@@ -1,0 +1,163 @@
+"""Online Subspace Descent: `online_subspace_descent(...)` (alias `osd`).
+
+Liang, Liu, Chen, Liu et al., "Memory-Efficient LLM Training with Online Subspace Descent", 2024
+(arXiv 2408.12857; reference kyleliang919/Online-Subspace-Descent, proj_type "continuous").
+Same projection as GaLore (the smaller side, P [r, small] with G viewed as [big, small]), but the
+projector follows the gradient online instead of by periodic SVD:
+
+    step 0:  P = top-r right singular vectors of the first gradient (the only SVD)
+    each step t:
+        R = G P^T;  N = Adam(R);  p = p * (1 - lr_t wd) - lr_t * scale * N P
+        then (t >= 1, as the reference steps P after projecting back) one AdamW step on
+        L(P) = || G_n P^T P - G_n ||_F^2,   G_n = G / ||G||_F   (per matrix)
+        with lr_P = projector_lr_scale * lr_t   (tied to the main schedule)
+
+Defaults: rank 128, scale 0.25, Adam b1 0.9, b2 0.999, eps 1e-8, weight_decay 0.0; P's AdamW is
+torch's default (b1 0.9, b2 0.999, eps 1e-8, weight decay 0.01). The reference sets
+lr_P = lr_t / (lr_peak * update_proj_gap); `projector_lr_scale = 0.5` equals that at GaLore's
+lr 0.01 and gap 200 (lr_P = 0.005 at peak); use 1 / (gap * lr_peak) to match other settings.
+No SVD after step 0. P is f32 and is not re-orthonormalized (it drifts, as in the reference).
+Selection of matrices (logical axes / `projection_mask` / `dimension_numbers`) as in `galore`.
+A zero gradient gives zero R and a zero dL/dP (G_n is defined as 0, not 0/0): no NaN. A NaN
+gradient propagates into the update and into P. `rank` sets state shapes: with
+`optax.inject_hyperparams` pass `static_args=("rank",)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxeff.optim import _projection as proj
+from jaxeff.optim import _util
+
+TINY = 1e-30
+
+
+class OSDState(NamedTuple):
+  count: jax.Array  # int32 step counter (0 -> initialize P by SVD)
+  projector: Any  # per matrix P [batch, r, small] f32; MaskedNode for full-rank leaves
+  adam: Any  # ScaleByAdamState over the proxies (low-rank R for matrices)
+  projector_adam: Any  # ScaleByAdamState of P's own AdamW
+
+
+def pca_loss(p: jax.Array, gn: jax.Array) -> jax.Array:
+  """|| G_n P^T P - G_n ||_F^2 for one matrix: P [r, small], G_n [big, small]."""
+  e = (gn @ p.T) @ p - gn
+  return jnp.sum(e * e)
+
+
+def _normalize(gc: jax.Array) -> jax.Array:
+  norm = jnp.sqrt(jnp.sum(gc * gc, axis=(-2, -1), keepdims=True))
+  return gc / jnp.maximum(norm, TINY)  # zero gradient -> G_n = 0, not NaN
+
+
+def scale_by_osd(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    mu_dtype: Optional[Any] = None,
+    projector_lr_scale: float = 0.5,
+    projector_b1: float = 0.9,
+    projector_b2: float = 0.999,
+    projector_eps: float = 1e-8,
+    projector_weight_decay: float = 0.01,
+    *,
+    logical_axes: Any = None,
+    projection_mask: Any = None,
+    dimension_numbers: Any = None,
+) -> optax.GradientTransformation:
+  """OSD direction in gradient space (no lr, no decay on p). `learning_rate` only sets lr_P."""
+  adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
+  p_adam = optax.scale_by_adam(b1=projector_b1, b2=projector_b2, eps=projector_eps)
+
+  def _views(tree):
+    dims = _util.matrix_dims(tree, logical_axes=logical_axes, dimension_numbers=dimension_numbers,
+                             matrix_mask=projection_mask, rule="project")
+    return proj.views(tree, dims)
+
+  def init_fn(params):
+    vws = _views(params)
+    treedef = jax.tree.structure(params)
+    projectors, proxies = proj.init_leaves(params, vws, _util.static_int(rank, "rank", "osd"))
+    projector_tree = jax.tree.unflatten(treedef, projectors)
+    return OSDState(count=jnp.zeros([], jnp.int32), projector=projector_tree,
+                    adam=adam.init(jax.tree.unflatten(treedef, proxies)),
+                    projector_adam=p_adam.init(projector_tree))
+
+  def update_fn(updates, state, params=None):
+    del params
+    vws = _views(updates)
+    grads, treedef = jax.tree.flatten(updates)
+    first = state.count == 0
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    cur_p, low, p_grads = [], [], []
+    for g, v, p in zip(grads, vws, proj.projector_leaves(state.projector)):
+      if v is None:
+        cur_p.append(p)
+        low.append(g)
+        p_grads.append(p)
+        continue
+      gc = v.to_canonical(g).astype(jnp.float32)
+      r = p.shape[-2]
+      p = jax.lax.cond(first, lambda gc=gc, r=r: proj.svd_projector(gc, r), lambda p=p: p)
+      cur_p.append(p)
+      low.append(proj.project(gc, p))
+      p_grads.append(jax.vmap(jax.grad(pca_loss))(p, _normalize(gc)))
+    n, adam_state = adam.update(jax.tree.unflatten(treedef, low), state.adam)
+    out = []
+    for g, v, p, nn in zip(grads, vws, cur_p, jax.tree.leaves(n)):
+      if v is None:
+        out.append(nn.astype(g.dtype))
+      else:
+        out.append((scale * v.from_canonical(proj.project_back(nn, p))).astype(g.dtype))
+
+    # P's AdamW step, after P was used for this step's update (the reference's order).
+    cur_tree = jax.tree.unflatten(treedef, cur_p)
+    d, p_adam_new = p_adam.update(jax.tree.unflatten(treedef, p_grads), state.projector_adam)
+    lr_p = projector_lr_scale * lr
+    stepped = jax.tree.map(lambda p, d: p - lr_p * (d + projector_weight_decay * p), cur_tree, d)
+    # Step 0 only initializes P (the reference has no P gradient yet on its first call).
+    new_projector = jax.tree.map(lambda a, b: jnp.where(first, a, b), cur_tree, stepped)
+    p_adam_state = jax.tree.map(lambda a, b: jnp.where(first, a, b), state.projector_adam, p_adam_new)
+    return jax.tree.unflatten(treedef, out), OSDState(
+        count=optax.safe_increment(state.count), projector=new_projector, adam=adam_state,
+        projector_adam=p_adam_state)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def online_subspace_descent(
+    learning_rate: optax.ScalarOrSchedule,
+    rank: int = 128,
+    scale: float = 0.25,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
+    mu_dtype: Optional[Any] = None,
+    projector_lr_scale: float = 0.5,
+    projector_weight_decay: float = 0.01,
+    *,
+    logical_axes: Any = None,
+    projection_mask: Any = None,
+    dimension_numbers: Any = None,
+) -> optax.GradientTransformation:
+  """OSD-AdamW (see module docstring). `mask` is the weight-decay mask."""
+  return optax.chain(
+      scale_by_osd(learning_rate, rank, scale, b1, b2, eps, mu_dtype, projector_lr_scale,
+                   projector_weight_decay=projector_weight_decay, logical_axes=logical_axes,
+                   projection_mask=projection_mask, dimension_numbers=dimension_numbers),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+osd = online_subspace_descent

@@ -1,0 +1,311 @@
+"""Tests for jaxeff.data: tokenizing, packing, shuffling, splitting, resuming, sharding."""
+
+import itertools
+import json
+import pathlib
+import sysconfig
+
+import numpy as np
+import pytest
+import tokenizers
+from hypothesis import given, settings, strategies as st
+
+from jaxeff import data as data_lib
+from jaxeff.data import DataConfig, DataError, TextData
+
+
+def _write_corpus(tmp_path, n_docs=4, doc_len=500, seed=0):
+  """Random lowercase documents: long windows of them are unique, so rows can be located."""
+  rng = np.random.default_rng(seed)
+  paths = []
+  for i in range(n_docs):
+    text = bytes(rng.integers(ord("a"), ord("z") + 1, doc_len, dtype=np.uint8)).decode()
+    path = tmp_path / f"doc{i}.txt"
+    path.write_text(text)
+    paths.append(path)
+  return paths
+
+
+@pytest.fixture
+def corpus(tmp_path):
+  """Config over 4 random documents: 2004 byte tokens, 100 of them validation."""
+  _write_corpus(tmp_path)
+  return DataConfig(paths=[str(tmp_path / "*.txt")], val_fraction=0.05)
+
+
+def _take(it, n):
+  return list(itertools.islice(it, n))
+
+
+def _window_index(tokens, row, seq_len):
+  """k such that `row` is tokens[k*L : k*L + L], or None."""
+  matches = [k for k in range((len(tokens) - 1) // seq_len)
+             if np.array_equal(tokens[k * seq_len:k * seq_len + seq_len], row)]
+  assert len(matches) <= 1
+  return matches[0] if matches else None
+
+
+def _assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys() == {"inputs", "targets"}
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k])
+
+
+# ---------------------------------------------------------------------------- tokens
+
+
+def test_byte_tokens_round_trip():
+  tok = data_lib.ByteTokenizer()
+  text = "héllo, wörld ✓\n"
+  ids = tok.encode(text)
+  assert ids.dtype == np.int32
+  assert ids.tolist() == list(text.encode("utf-8"))
+  assert tok.decode(ids) == text
+
+
+def test_load_tokens_concatenates_documents_with_eod(tmp_path):
+  (tmp_path / "a.txt").write_text("abc")
+  (tmp_path / "b.txt").write_text("de")
+  tokens = data_lib.load_tokens(DataConfig(paths=[str(tmp_path / "b.txt"), str(tmp_path / "*.txt")]))
+  # b first (explicit), then the glob's sorted matches minus the repeat; each doc ends with 0.
+  assert tokens.dtype == np.int32
+  assert tokens.tolist() == [*b"de", 0, *b"abc", 0]
+  assert data_lib.vocab_size(DataConfig(paths=[str(tmp_path / "a.txt")])) == 256
+
+
+def test_hf_tokenizer_json(tmp_path):
+  vocab = {"[UNK]": 0, "<|endoftext|>": 1, "hello": 2, "world": 3, "jax": 4}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok_path = tmp_path / "tokenizer.json"
+  tok.save(str(tok_path))
+  (tmp_path / "a.txt").write_text("hello world")
+  (tmp_path / "b.txt").write_text("jax hello pytorch")
+  cfg = DataConfig(paths=[str(tmp_path / "*.txt")], tokenizer=str(tok_path))
+
+  hf = data_lib.get_tokenizer(cfg)
+  assert hf.encode("world jax hello").tolist() == [3, 4, 2]
+  assert hf.eod_id == 1
+  assert data_lib.vocab_size(cfg) == 5
+  # Unknown words map to [UNK]; each document ends with <|endoftext|>.
+  assert data_lib.load_tokens(cfg).tolist() == [2, 3, 1, 4, 2, 0, 1]
+
+
+def test_hf_tokenizer_trained_bpe(tmp_path):
+  """A BPE trained by `tokenizers` itself: ids decode back to the corpus text."""
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = tokenizers.decoders.ByteLevel()
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  text = "the quick brown fox jumps over the lazy dog. " * 20
+  tok.train_from_iterator([text], trainer)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "a.txt").write_text(text)
+  cfg = DataConfig(paths=[str(tmp_path / "a.txt")], tokenizer=str(tmp_path / "tokenizer.json"))
+
+  tokens = data_lib.load_tokens(cfg)
+  hf = data_lib.get_tokenizer(cfg)
+  assert hf.eod_id == 0 and tokens[-1] == 0 and 0 not in tokens[:-1]
+  assert len(tokens) < len(text)  # merges were learned
+  assert hf.decode(tokens[:-1]) == text
+  assert tokens.max() < data_lib.vocab_size(cfg) == tok.get_vocab_size()
+
+
+def test_default_corpus_is_stdlib_bytes():
+  files = data_lib.default_corpus_files(16_000_000)
+  assert files == data_lib.default_corpus_files(16_000_000)  # deterministic order
+  assert any(f.name == "dataclasses.py" for f in files)
+  root = pathlib.Path(sysconfig.get_paths()["stdlib"])
+  assert not any({"test", "tests", "site-packages"} & set(f.relative_to(root).parts) for f in files)
+  small = data_lib.default_corpus_files(200_000)
+  assert small == files[:len(small)] and sum(f.stat().st_size for f in small) <= 200_000
+
+  cfg = DataConfig(max_corpus_bytes=200_000)
+  tokens = data_lib.load_tokens(cfg)
+  data_lib._load_tokens_cached.cache_clear()
+  np.testing.assert_array_equal(tokens, data_lib.load_tokens(cfg))
+  assert len(tokens) == sum(f.stat().st_size for f in small) + len(small)  # bytes + one EOD each
+  assert 0 <= tokens.min() and tokens.max() < 256
+  assert data_lib.vocab_size(cfg) == 256
+
+
+def test_default_config_trains_and_validates():
+  """No arguments at all: the embedded corpus gives training and validation batches."""
+  cfg = DataConfig()
+  batch = next(data_lib.train_iterator(cfg, seq_len=128, batch_size=4))
+  assert batch["inputs"].shape == batch["targets"].shape == (4, 128)
+  assert len(data_lib.val_batches(cfg, seq_len=128, batch_size=4, max_batches=3)) == 3
+
+
+# ---------------------------------------------------------------------------- packing and splits
+
+
+def test_packing_rows_are_shifted_corpus_windows(corpus):
+  data = TextData.load(corpus)
+  seq_len, batch_size = 16, 4
+  n_windows = (len(data.train) - 1) // seq_len
+  batches = _take(data_lib.train_iterator(data, seq_len=seq_len, batch_size=batch_size),
+                  n_windows // batch_size)
+  seen = []
+  for b in batches:
+    assert b["inputs"].dtype == b["targets"].dtype == np.int32
+    assert b["inputs"].shape == (batch_size, seq_len)
+    for x, y in zip(b["inputs"], b["targets"]):
+      k = _window_index(data.train, x, seq_len)
+      assert k is not None  # the row is a packed window of the training stream...
+      np.testing.assert_array_equal(y, data.train[k * seq_len + 1:k * seq_len + seq_len + 1])
+      seen.append(k)
+  # ...and the first epoch visits each window once.
+  assert len(set(seen)) == len(seen) == n_windows // batch_size * batch_size
+
+
+def test_train_and_val_are_disjoint_positional_split(corpus):
+  data = TextData.load(corpus)
+  tokens = data_lib.load_tokens(corpus)
+  assert len(data.val) == 100
+  np.testing.assert_array_equal(np.concatenate([data.train, data.val]), tokens)
+  val = data_lib.val_batches(data, seq_len=16, batch_size=2)
+  assert len(val) == (100 - 1) // 16 // 2 == 3  # finite, full batches only
+  for i, b in enumerate(val):  # in order, from the tail of the stream
+    for r in range(2):
+      start = len(data.train) + (i * 2 + r) * 16
+      np.testing.assert_array_equal(b["inputs"][r], tokens[start:start + 16])
+      np.testing.assert_array_equal(b["targets"][r], tokens[start + 1:start + 17])
+  _assert_batches_equal(val, data_lib.val_batches(corpus, seq_len=16, batch_size=2))
+  assert len(data_lib.val_batches(data, seq_len=16, batch_size=2, max_batches=1)) == 1
+  no_val = DataConfig(paths=corpus.paths, val_fraction=0.0)
+  assert data_lib.val_batches(no_val, seq_len=16, batch_size=2) == []
+
+
+# ---------------------------------------------------------------------------- shuffling and resume
+
+
+def test_seeded_shuffle(corpus):
+  def first(seed, n=8):
+    cfg = DataConfig(paths=corpus.paths, seed=seed)
+    return _take(data_lib.train_iterator(cfg, seq_len=32, batch_size=4), n)
+
+  _assert_batches_equal(first(0), first(0))
+  a, b = first(0), first(1)
+  assert not all(np.array_equal(x["inputs"], y["inputs"]) for x, y in zip(a, b))
+
+
+def test_new_shuffle_each_epoch(tmp_path):
+  (tmp_path / "a.txt").write_bytes(bytes(range(1, 129)) * 2)  # 257 tokens with the EOD
+  cfg = DataConfig(paths=[str(tmp_path / "a.txt")], val_fraction=0.0)
+  data = TextData.load(cfg)
+  windows = sorted(tuple(data.train[k * 8:k * 8 + 8]) for k in range(32))  # seq_len 8: 32 windows
+  it = data_lib.train_iterator(cfg, seq_len=8, batch_size=8)  # an epoch is 4 batches
+  rows = [tuple(r) for b in _take(it, 12) for r in b["inputs"]]
+  epochs = [rows[i:i + 32] for i in (0, 32, 64)]
+  for e in epochs:
+    assert sorted(e) == windows  # every epoch is a permutation of all windows...
+  assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # ...in a new order
+
+
+def test_exact_resume_through_json(corpus):
+  kw = dict(seq_len=16, batch_size=4)
+  # 29 batches per epoch: stop mid-epoch and read past the epoch boundary.
+  reference = _take(data_lib.train_iterator(corpus, **kw), 40)
+
+  it = data_lib.train_iterator(corpus, **kw)
+  _assert_batches_equal(_take(it, 25), reference[:25])
+  saved = json.dumps(it.get_state())
+  assert json.loads(saved) == {"next_index": 25}
+
+  data_lib._load_tokens_cached.cache_clear()  # a fresh process rereads the files
+  fresh = data_lib.train_iterator(DataConfig(paths=list(corpus.paths)), **kw)
+  fresh.set_state(json.loads(saved))
+  _assert_batches_equal(_take(fresh, 15), reference[25:])
+
+
+# ---------------------------------------------------------------------------- multi-process
+
+
+def test_process_shards_stack_to_global_batch(corpus):
+  data = TextData.load(corpus)
+  kw = dict(seq_len=16, batch_size=4)
+  whole = _take(data_lib.train_iterator(data, **kw), 35)
+  parts = [_take(data_lib.train_iterator(data, process_index=p, process_count=2, **kw), 35)
+           for p in range(2)]
+  for g, p0, p1 in zip(whole, *parts):
+    assert p0["inputs"].shape == (2, 16)
+    for k in g:
+      np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), g[k])
+
+  val = data_lib.val_batches(data, seq_len=16, batch_size=2)
+  val_parts = [data_lib.val_batches(data, seq_len=16, batch_size=2, process_index=p, process_count=2)
+               for p in range(2)]
+  for g, p0, p1 in zip(val, *val_parts, strict=True):
+    np.testing.assert_array_equal(np.concatenate([p0["inputs"], p1["inputs"]]), g["inputs"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(seq_len=st.integers(1, 40), local=st.integers(1, 3), procs=st.integers(1, 4),
+       seed=st.integers(0, 2**32 - 1))
+def test_sharding_property(seq_len, local, procs, seed):
+  rng = np.random.default_rng(seed)
+  data = TextData(train=rng.integers(0, 256, 300, dtype=np.int32), val=np.zeros(0, np.int32),
+                  vocab_size=256, seed=seed)
+  kw = dict(seq_len=seq_len, batch_size=local * procs)
+  whole = _take(data_lib.train_iterator(data, **kw), 3)
+  parts = [_take(data_lib.train_iterator(data, process_index=p, process_count=procs, **kw), 3)
+           for p in range(procs)]
+  for step, g in enumerate(whole):
+    np.testing.assert_array_equal(np.concatenate([p[step]["inputs"] for p in parts]), g["inputs"])
+    np.testing.assert_array_equal(g["inputs"][:, 1:], g["targets"][:, :-1])
+
+
+def test_shakespeare_smoke(shakespeare_path):
+  cfg = DataConfig(paths=[str(shakespeare_path)])
+  batch = next(data_lib.train_iterator(cfg, seq_len=64, batch_size=2))
+  text = shakespeare_path.read_text()
+  assert data_lib.ByteTokenizer().decode(batch["inputs"][0]) in text
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def _bad_inputs(tmp_path):
+  (tmp_path / "empty.txt").write_text("")
+  (tmp_path / "short.txt").write_text("tiny")
+  (tmp_path / "sub").mkdir()
+  _write_corpus(tmp_path / "sub", n_docs=1, doc_len=300)
+  # case -> (DataConfig kwargs, what the message must say, the path it must name)
+  return {
+      "missing path": (dict(paths=[str(tmp_path / "nope.txt")]), "not found", "nope.txt"),
+      "glob matches nothing": (dict(paths=[str(tmp_path / "*.md")]), "matches no files", "*.md"),
+      "directory": (dict(paths=[str(tmp_path / "sub")]), "is a directory", "sub"),
+      "empty file": (dict(paths=[str(tmp_path / "empty.txt")]), "empty corpus", "empty.txt"),
+      "too short": (dict(paths=[str(tmp_path / "short.txt")]), "corpus too short: the train split has 4 tokens", ""),
+      "missing tokenizer": (dict(paths=[str(tmp_path / "short.txt")], tokenizer=str(tmp_path / "tok.json")),
+                            "tokenizer file not found", "tok.json"),
+  }
+
+
+@pytest.mark.parametrize("case", ["missing path", "glob matches nothing", "directory", "empty file",
+                                  "too short", "missing tokenizer"])
+def test_bad_input_raises_data_error(tmp_path, case):
+  kwargs, message, names = _bad_inputs(tmp_path)[case]
+  with pytest.raises(DataError, match=message) as err:
+    data_lib.train_iterator(DataConfig(**kwargs), seq_len=32, batch_size=2)
+  assert isinstance(err.value, ValueError)  # what the training CLI catches
+  assert names in str(err.value)
+
+
+def test_bad_settings_raise_data_error(tmp_path):
+  _write_corpus(tmp_path, n_docs=1, doc_len=300)
+  cfg = DataConfig(paths=[str(tmp_path / "doc0.txt")], val_fraction=0.05)  # 15 val tokens
+  with pytest.raises(DataError, match="validation split too short"):
+    data_lib.val_batches(cfg, seq_len=8, batch_size=4)
+  with pytest.raises(DataError, match="validation split has 15 tokens"):
+    data_lib.val_batches(cfg, seq_len=32, batch_size=1)
+  with pytest.raises(DataError, match="not divisible by process_count=3"):
+    data_lib.train_iterator(cfg, seq_len=8, batch_size=4, process_count=3)
+  with pytest.raises(DataError, match="val_fraction"):
+    DataConfig(val_fraction=1.0)
+  with pytest.raises(DataError, match="tokenizer file not found"):
+    data_lib.vocab_size(DataConfig(tokenizer=str(tmp_path / "missing.json")))
