@@ -465,8 +465,9 @@ def _init_distributed(args):
   if args.coordinator or args.num_processes:
     if not (args.coordinator and args.num_processes and args.process_id is not None):
       raise ConfigError("--coordinator, --num-processes and --process-id go together")
-    if jax.default_backend() == "cpu" or jax.config.jax_platforms == "cpu":
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives on CPU need gloo; the flag only affects the CPU client.
+    # (No jax.devices()/default_backend() before initialize: they would start the backend.)
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
   elif args.distributed:
     jax.distributed.initialize()

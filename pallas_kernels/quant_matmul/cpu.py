@@ -9,6 +9,8 @@ Per-channel scales are applied once to the [M, N] result; group scales while deq
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -22,12 +24,17 @@ CHUNK_BYTES = {"decode": 256 * 1024, "prefill": 4 * 1024 * 1024}
 DECODE_MAX_M = 16
 
 
-def chunk_rows(m: int, n: int, num_planes: int) -> int:
-  """Storage rows of `qvalue` per loop step."""
-  target = CHUNK_BYTES["decode" if m <= DECODE_MAX_M else "prefill"]
-  return max(1, target // (4 * n * num_planes))
+def chunk_rows(m: int, n: int, qw: QuantizedWeight) -> int:
+  """Storage rows of `qvalue` per loop step; with group scales, a divisor or multiple of a group."""
+  planes = 8 // qw.bits
+  target = max(1, CHUNK_BYTES["decode" if m <= DECODE_MAX_M else "prefill"] // (4 * n * planes))
+  gr = qw.group_rows
+  if qw.group_size is None or target >= gr:
+    return target if qw.group_size is None else target // gr * gr
+  return max(d for d in range(1, target + 1) if gr % d == 0)
 
 
+@functools.partial(jax.jit, static_argnames=("rows_per_step",))
 def quant_matmul_cpu(x: jax.Array, qw: QuantizedWeight, *, rows_per_step: int | None = None) -> jax.Array:
   """x [M, K] @ dequant(qw) -> [M, N] in x.dtype, computed in f32."""
   xs = activation_planes(x.astype(jnp.float32), qw)  # [M, Ks] per plane
@@ -35,18 +42,25 @@ def quant_matmul_cpu(x: jax.Array, qw: QuantizedWeight, *, rows_per_step: int | 
   ks, n = q.shape
   m = x.shape[0]
   per_channel = qw.group_size is None
-  ck = min(ks, rows_per_step or chunk_rows(m, n, len(xs)))
+  ck = min(ks, rows_per_step or chunk_rows(m, n, qw))
 
   def step(acc, row0, rows):
     qc = lax.dynamic_slice_in_dim(q, row0, rows, axis=0)
     planes = unpack_int4(qc) if qw.bits == 4 else (qc,)
     w = [p.astype(jnp.float32) for p in planes]
-    if not per_channel:  # each storage row's group scale, gathered for just this chunk
-      s = jnp.take(scale, (row0 + jnp.arange(rows)) // qw.group_rows, axis=0)
-      w = [p * s for p in w]
+    post_scale = None
+    if not per_channel and rows <= qw.group_rows:
+      # The chunk lies inside one group: scale the [M, N] partial product, not the [rows, N]
+      # weights (a gather of per-row scales measured 2x slower than the whole f32 matvec).
+      post_scale = lax.dynamic_slice_in_dim(scale, row0 // qw.group_rows, 1, axis=0)
+    elif not per_channel:  # whole groups: broadcast each group's scale row over its rows
+      s = lax.dynamic_slice_in_dim(scale, row0 // qw.group_rows, rows // qw.group_rows, axis=0)
+      w = [(p.reshape(-1, qw.group_rows, n) * s[:, None, :]).reshape(rows, n) for p in w]
     xc = [lax.dynamic_slice_in_dim(xp, row0, rows, axis=1) for xp in xs]
-    # One dot over the stacked planes: fewer loop-body ops (per-op overhead dominates small steps).
-    return acc + jnp.dot(jnp.concatenate(xc, axis=1), jnp.concatenate(w, axis=0))
+    # One dot per plane: concatenating the planes into one dot measured 8x slower (the
+    # concatenate fusion is not vectorized on XLA:CPU).
+    part = sum(jnp.dot(xp, wp) for xp, wp in zip(xc, w))
+    return acc + (part if post_scale is None else part * post_scale)
 
   full = ks // ck
   acc = jnp.zeros((m, n), jnp.float32)

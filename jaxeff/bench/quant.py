@@ -1,0 +1,126 @@
+"""Weight-only quantized matmul benchmark: `python -m jaxeff.bench quant [--quick] [--json PATH]`.
+
+For batch 1 (decode) and batch 16 at LLM weight shapes, times `x @ W` with W in f32, bf16
+(plain `jnp.dot`) and int8 / int4 (`pallas_kernels.quant_matmul`, the backend's default: the
+Pallas kernel on TPU/GPU, the chunked f32 path on CPU). Reports the median time, the achieved
+weight-read bandwidth (weight bytes / time, scales included) and that bandwidth as a fraction
+of the device's copy bandwidth (read + write bytes / time of `a + 1` on a large array), measured
+in the same run.
+
+Activations are f32 on CPU (XLA:CPU low-precision dots are slow; the CPU path computes in f32)
+and bf16 on accelerators (f32 for the f32 row).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from pallas_kernels.quant_matmul import IMPLS
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # [K, N]: attention, MLP up, MLP down
+QUICK_SHAPES = [(512, 512), (512, 1024)]
+BATCHES = [1, 16]
+KINDS = ["f32", "bf16", "int8", "int4"]
+
+
+def time_fn(fn, *args, repeats: int) -> float:
+  """Median seconds of `repeats` calls after one warm-up (compile) call."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+  """Bytes/s of an elementwise `a + 1` (read + write counted), the device's practical ceiling.
+
+  The input is donated and the output fed back, so no call pays for fresh (page-faulting) memory.
+  """
+  step = jax.jit(lambda a: a + 1.0, donate_argnums=0)
+  a = step(jnp.zeros((nbytes // 4,), jnp.float32))
+  times = []
+  for _ in range(max(repeats, 5)):
+    t0 = time.perf_counter()
+    a = jax.block_until_ready(step(a))
+    times.append(time.perf_counter() - t0)
+  return 2 * a.nbytes / statistics.median(times)
+
+
+def weight_bytes(w) -> int:
+  return w.nbytes if isinstance(w, pk.QuantizedWeight) else w.size * w.dtype.itemsize
+
+
+def run(shapes, batches, repeats: int, impl: str | None, group_size: int | None):
+  backend = jax.default_backend()
+  act_dtype = jnp.float32 if backend == "cpu" else jnp.bfloat16
+  dot = jax.jit(lambda x, w: jnp.dot(x, w))
+  qdot = jax.jit(lambda x, qw: pk.quant_matmul(x, qw, impl=impl))
+  rows = []
+  for k, n in shapes:
+    w32 = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) * 0.02
+    weights = {
+        "f32": w32,
+        "bf16": w32.astype(jnp.bfloat16),
+        "int8": jax.jit(lambda w: pk.quantize_weight(w, 8, group_size))(w32),
+        "int4": jax.jit(lambda w: pk.quantize_weight(w, 4, group_size))(w32),
+    }
+    for m in batches:
+      x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
+      times = {}
+      for kind in KINDS:
+        w = weights[kind]
+        xk = x.astype({"f32": jnp.float32, "bf16": jnp.bfloat16}.get(kind, act_dtype))
+        fn = qdot if isinstance(w, pk.QuantizedWeight) else dot
+        times[kind] = time_fn(fn, xk, w, repeats=repeats)
+        rows.append(dict(k=k, n=n, m=m, kind=kind, seconds=times[kind], weight_bytes=weight_bytes(w)))
+      for r in rows[-len(KINDS):]:
+        r["speedup_vs_f32"] = times["f32"] / r["seconds"]
+        r["speedup_vs_bf16"] = times["bf16"] / r["seconds"]
+    del weights, w32
+  return rows
+
+
+def markdown(rows, copy_bw: float, header: str) -> str:
+  lines = [header, "",
+           f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s", "",
+           "| K x N | M | weights | time (ms) | weight GB/s | % of copy BW | vs f32 | vs bf16 |",
+           "|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    bw = r["weight_bytes"] / r["seconds"]
+    lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['kind']} | {r['seconds'] * 1e3:.3f} | {bw / 1e9:.1f} "
+                 f"| {100 * bw / copy_bw:.0f}% | {r['speedup_vs_f32']:.2f}x | {r['speedup_vs_bf16']:.2f}x |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m jaxeff.bench quant", description=__doc__.split("\n")[0])
+  p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
+  p.add_argument("--repeats", type=int, default=None, help="timed calls per case (median reported)")
+  p.add_argument("--impl", choices=IMPLS, default=None,
+                 help="force a quant_matmul implementation (default: by backend)")
+  p.add_argument("--group-size", type=int, default=None, help="quantization group size (default per-channel)")
+  p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  args = p.parse_args(argv)
+  repeats = args.repeats or (3 if args.quick else 20)
+  shapes = QUICK_SHAPES if args.quick else SHAPES
+  copy_bw = copy_bandwidth((16 if args.quick else 256) << 20, repeats)
+  rows = run(shapes, BATCHES, repeats, args.impl, args.group_size)
+  device = jax.devices()[0]
+  header = (f"## quant matmul on {jax.default_backend()} ({device.device_kind}), "
+            f"group_size={args.group_size or 'per-channel'}, impl={args.impl or 'default'}, median of {repeats}")
+  print(markdown(rows, copy_bw, header))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(backend=jax.default_backend(), device=device.device_kind, copy_bandwidth=copy_bw,
+                     group_size=args.group_size, impl=args.impl, repeats=repeats, rows=rows), f, indent=2)
+  return 0
