@@ -103,7 +103,7 @@ def _cases(draw):
 _ODD_INT4_GROUPS = dict(bits=4, group_size=128, m=1, k=384, n=200, dtype=jnp.float32, small_blocks=True)
 
 
-@settings(deadline=None, max_examples=12, derandomize=True)
+@settings(deadline=None, max_examples=10, derandomize=True)
 @given(_cases())
 @example(_ODD_INT4_GROUPS)
 def test_kernels_in_interpret_mode_match_reference(case):
@@ -114,7 +114,7 @@ def test_kernels_in_interpret_mode_match_reference(case):
     _check_against_reference(pk.quant_matmul(x, qw, impl=impl, interpret=True, block_sizes=blocks), x, qw, w)
 
 
-@settings(deadline=None, max_examples=15, derandomize=True)
+@settings(deadline=None, max_examples=8, derandomize=True)
 @given(_cases())
 @example(_ODD_INT4_GROUPS)
 def test_cpu_path_matches_reference(case):

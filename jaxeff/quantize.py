@@ -1,0 +1,132 @@
+"""Weight-only int8/int4 quantization of a model: `jaxeff.quantize(model, bits=8)`.
+
+Every weight matmul in `jaxeff.models` goes through `layers.Linear`, so quantizing a model means
+swapping each `Linear` for a `QuantizedLinear` with the same call: it stores the quantized weight
+(`pallas_kernels.QuantizedWeight`'s two arrays) as variables that keep the kernel's logical axes,
+so `jaxeff.sharding` shards them like the float weights, and calls `pallas_kernels.quant_matmul`
+(the Pallas kernel on TPU/GPU, the chunked f32 path on CPU).
+
+Scanned models (`scan_layers=True`) stack each layer's kernel as [layers, in, out]; those are
+quantized per layer (vmap) into [layers, ...] variables, and `nnx.scan` hands each step its 2-D slice.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxeff.models.layers import Embed, Linear
+from pallas_kernels import QuantizedWeight, dequantize, quant_matmul, quantize_weight
+
+
+class QuantizedParam(nnx.Variable):
+  """Quantized weight arrays (int8 values, f32 scales). Not an `nnx.Param`: not trainable."""
+
+
+def _variable(value, axes):
+  return QuantizedParam(value, out_sharding=tuple(axes), eager_sharding=False)
+
+
+def _axes(var: nnx.Variable, ndim: int) -> tuple:
+  return tuple(var.get_metadata().get("out_sharding") or (None,) * ndim)
+
+
+def _quantize_stacked(w: jax.Array, bits: int, group_size: int | None) -> QuantizedWeight:
+  """quantize_weight over any leading (e.g. scanned "layers") dims, one 2-D matrix at a time."""
+  fn = functools.partial(quantize_weight, bits=bits, group_size=group_size)
+  for _ in range(w.ndim - 2):
+    fn = jax.vmap(fn)
+  return jax.jit(fn)(w)
+
+
+class QuantizedLinear(nnx.Module):
+  """Drop-in for `layers.Linear`: y = x @ dequant(W) (+ bias), with W stored int8 or packed int4.
+
+  Variables: `qvalue` int8 [.., Ks, out] with the kernel's logical axes (int4 packs along `in`,
+  so the axes still apply), `scale` f32 [.., groups, out] with the `out` axis, `bias` unchanged.
+  """
+
+  def __init__(self, linear: Linear, *, bits: int = 8, group_size: int | None = None):
+    self.in_features, self.out_features = linear.in_features, linear.out_features
+    self.dtype = linear.dtype
+    self.bits, self.group_size = bits, group_size
+    w = linear.kernel[...]
+    axes = _axes(linear.kernel, w.ndim)
+    qw = _quantize_stacked(w, bits, group_size)
+    self.qvalue = _variable(qw.qvalue, axes)
+    self.scale = _variable(qw.scale, axes[:-2] + (None, axes[-1]))
+    self.bias = linear.bias
+
+  def weight(self) -> QuantizedWeight:
+    return QuantizedWeight(self.qvalue[...], self.scale[...], bits=self.bits, group_size=self.group_size,
+                           in_features=self.in_features)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = quant_matmul(x.astype(self.dtype), self.weight())
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class QuantizedEmbed(nnx.Module):
+  """Drop-in for `layers.Embed`: the table is stored transposed as a [embed, vocab] quantized
+  weight (one scale per token with group_size None), so `attend` (a tied LM head) is a
+  `quant_matmul` and a lookup dequantizes just the gathered columns."""
+
+  def __init__(self, embed: Embed, *, bits: int = 8, group_size: int | None = None):
+    self.dtype = embed.dtype
+    self.bits, self.group_size = bits, group_size
+    table = embed.embedding[...]
+    self.features = table.shape[1]
+    vocab_axis, embed_axis = _axes(embed.embedding, 2)
+    qw = quantize_weight(table.T, bits=bits, group_size=group_size)
+    self.qvalue = _variable(qw.qvalue, (embed_axis, vocab_axis))
+    self.scale = _variable(qw.scale, (None, vocab_axis))
+
+  def _weight(self, qvalue, scale) -> QuantizedWeight:
+    return QuantizedWeight(qvalue, scale, bits=self.bits, group_size=self.group_size, in_features=self.features)
+
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    flat = tokens.reshape(-1)
+    cols = self._weight(jnp.take(self.qvalue[...], flat, axis=1), jnp.take(self.scale[...], flat, axis=1))
+    return dequantize(cols, self.dtype).T.reshape(*tokens.shape, self.features)
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    return quant_matmul(x.astype(self.dtype), self._weight(self.qvalue[...], self.scale[...]))
+
+
+def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+  parent = model
+  for key in path[:-1]:
+    parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+  if isinstance(path[-1], int):
+    parent[path[-1]] = new
+  else:
+    setattr(parent, path[-1], new)
+
+
+def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
+             include_embeddings: bool = False, include_lm_head: bool = False, copy: bool = True) -> nnx.Module:
+  """Returns `model` with its `Linear` layers replaced by `QuantizedLinear` (weight-only).
+
+  Args:
+    bits: 8 or 4 (symmetric; int4 packed two per byte).
+    group_size: None for one scale per output channel, else one per `group_size` input rows.
+    include_embeddings: also quantize `Embed` tables (and so a tied LM head).
+    include_lm_head: also quantize an untied `lm_head` Linear (kept float by default: the
+      logits are the most quantization-sensitive matmul).
+    copy: quantize a clone (default) instead of modifying `model` in place.
+  """
+  if copy:
+    model = nnx.clone(model)
+  targets = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, (Linear, Embed)) and path]
+  for path, module in targets:
+    if isinstance(module, Embed):
+      if include_embeddings:
+        _replace(model, path, QuantizedEmbed(module, bits=bits, group_size=group_size))
+    elif path[-1] != "lm_head" or include_lm_head:
+      _replace(model, path, QuantizedLinear(module, bits=bits, group_size=group_size))
+  return model
