@@ -5,6 +5,16 @@ Submodules: `jaxeff.models` (sharded Llama-family NNX models), `jaxeff.sharding`
 `jaxeff.data`, `jaxeff.train`, `jaxeff.bench`.
 """
 
-from jaxeff.config import ModelConfig
+import os as _os
+
+# XLA:CPU's concurrency-optimized scheduler can run a multi-device program's collectives in a
+# different order on different devices and deadlock (seen with GaLore's SVD gathers on an 8-device
+# CPU mesh). Turning it off costs nothing measurable here; it only affects the CPU backend and only
+# takes effect if jax has not created its CPU client yet.
+_CPU_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_FLAGS", ""):
+  _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") + " " + _CPU_FLAG).strip()
+
+from jaxeff.config import ModelConfig  # noqa: E402
 
 __version__ = "0.1.0"

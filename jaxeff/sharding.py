@@ -120,8 +120,18 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   if mesh.empty:
     return x
   spec = logical_to_spec(axes)
+  manual = {a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Manual}
+  if manual:  # inside shard_map: those axes are already split by hand
+    spec = P(*(_without(e, manual) for e in spec))
   spec = _fit_spec(spec, x.shape, mesh)
   return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _without(entry, names):
+  if entry is None:
+    return None
+  kept = tuple(a for a in ((entry,) if isinstance(entry, str) else entry) if a not in names)
+  return None if not kept else (kept[0] if len(kept) == 1 else kept)
 
 
 def create_sharded(make_model, mesh: Mesh | None, rules: dict[str, Any] | None = None):

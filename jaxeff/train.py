@@ -122,8 +122,12 @@ def config_to_dict(cfg: TrainConfig) -> dict:
 # ---------------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(opt: OptimizerConfig, steps: int, params) -> tuple[optax.GradientTransformation, Any]:
-  """clip -> jaxeff.optim.build(name) with warmup + cosine; weight decay masked to matrices."""
+def make_optimizer(opt: OptimizerConfig, steps: int, params, mesh=None) -> tuple[optax.GradientTransformation, Any]:
+  """clip -> jaxeff.optim.build(name) with warmup + cosine; weight decay masked to matrices.
+
+  `mesh` is for Distributed Lion, which votes over its "data" axis. It gets no clipping: its
+  gradients are per device, and a sign update is insensitive to their scale anyway.
+  """
   from jaxeff import optim
 
   decay_steps = max(opt.decay_steps or steps, 2)
@@ -132,12 +136,14 @@ def make_optimizer(opt: OptimizerConfig, steps: int, params) -> tuple[optax.Grad
       decay_steps=decay_steps, end_value=opt.learning_rate * opt.min_lr_ratio)
   matrices = jax.tree.map(lambda p: p.ndim >= 2, params)
   hyper = dict(weight_decay=opt.weight_decay, mask=matrices, logical_axes=optim.logical_axes_from_state(params))
+  if mesh is not None:
+    hyper["mesh"] = mesh
   hyper.update(opt.hyperparams)
   try:
     tx = optim.build(opt.name, learning_rate=schedule, **hyper)
   except (ValueError, TypeError) as e:
     raise ConfigError(f"optimizer: {e}") from None
-  if opt.clip_norm:
+  if opt.clip_norm and mesh is None:
     tx = optax.chain(optax.clip_by_global_norm(opt.clip_norm), tx)
   return tx, schedule
 
@@ -145,25 +151,61 @@ def make_optimizer(opt: OptimizerConfig, steps: int, params) -> tuple[optax.Grad
 # ---------------------------------------------------------------------------- steps
 
 
+def opt_state_shardings(opt_state, params, param_shardings, mesh):
+  """Moments follow their parameter's sharding; other state (counters, low-rank projectors) is
+  replicated.
+
+  A state leaf belongs to a parameter when its tree path ends with the parameter's path and the
+  shapes agree. (`optax.tree_map_params` does not fit: Muon and GaLore build their inner chains
+  from the real parameter tree, which its placeholder hides.)
+  """
+  flat = lambda tree: jax.tree_util.tree_flatten_with_path(tree)[0]
+  owner = {tuple(path): (leaf.shape, s) for (path, leaf), s in zip(flat(params), jax.tree.leaves(param_shardings))}
+  longest = max(map(len, owner), default=0)
+  replicated = jax.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+  def pick(path, leaf):
+    for n in range(min(len(path), longest), 0, -1):
+      if tuple(path[-n:]) in owner:
+        shape, s = owner[tuple(path[-n:])]
+        return s if shape == leaf.shape else replicated
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(pick, opt_state)
+
+
 def loss_fn(model: Llama, batch: dict) -> jax.Array:
   logits = model(batch["inputs"])
   return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
 
 
-def make_steps(graphdef, tx, shardings=None):
+def make_steps(graphdef, tx, shardings=None, local_grads_mesh=None):
   """Pure functions of (params, opt_state, batch); jitted by the caller.
 
   `shardings=(param_shardings, opt_state_shardings)` pins the updated state to its layout, so
   XLA's propagation cannot drift it between steps (and checkpoints restore to the same layout).
+  `local_grads_mesh`: hand the optimizer per-device gradients ([N, ...] over the mesh's "data"
+  axis, no all-reduce), as Distributed Lion wants.
   """
 
+  def value_and_grad(params, batch):
+    return jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch))(params)
+
   def train_step(params, opt_state, batch):
-    loss, grads = jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch))(params)
+    if local_grads_mesh is None:
+      loss, grads = value_and_grad(params, batch)
+    else:
+      from jaxeff.optim import local_grads
+      per_device = local_grads(lambda p, b: value_and_grad(p, b), params, batch, mesh=local_grads_mesh)
+      loss, grads = jnp.mean(per_device[0]), per_device[1]
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     if shardings is not None:
       params, opt_state = jax.lax.with_sharding_constraint((params, opt_state), shardings)
-    return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    gnorm = optax.global_norm(grads)
+    if local_grads_mesh is not None:  # sqrt(mean_i |g_i|^2) over the N per-device gradients
+      gnorm = gnorm / jnp.sqrt(local_grads_mesh.shape["data"])
+    return params, opt_state, {"loss": loss, "grad_norm": gnorm}
 
   def eval_step(params, batch):
     return loss_fn(nnx.merge(graphdef, params), batch)
@@ -319,17 +361,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
   out_dir.mkdir(parents=True, exist_ok=True)
 
   make_model = lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
+  with_sharding = lambda tree, shard: jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard)
   graphdef, abstract_params = nnx.split(nnx.eval_shape(make_model))
   param_shardings = sharding.state_shardings(abstract_params, mesh)
   with jax.set_mesh(mesh):
     init_params = jax.jit(lambda: nnx.state(make_model()), out_shardings=param_shardings)
-    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params)
-    # Optimizer moments follow their parameter's sharding; counters and scalars are replicated.
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, jax.eval_shape(tx.init, abstract_params), param_shardings,
-        transform_non_params=lambda _: jax.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    local = cfg.optimizer.name == "distributed_lion"
+    tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, abstract_params, mesh=mesh if local else None)
+    if local:
+      # Per-device momentum [N, ...] is placed by the optimizer itself; read the layout it chose.
+      opt_shardings = jax.jit(tx.init).lower(with_sharding(abstract_params, param_shardings)).compile().output_shardings
+    else:
+      opt_shardings = opt_state_shardings(jax.eval_shape(tx.init, abstract_params), abstract_params,
+                                          param_shardings, mesh)
     init_opt = jax.jit(tx.init, out_shardings=opt_shardings)
-    train_step, eval_step = make_steps(graphdef, tx, (param_shardings, opt_shardings))
+    train_step, eval_step = make_steps(graphdef, tx, (param_shardings, opt_shardings), mesh if local else None)
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
     eval_step = jax.jit(eval_step)
 
@@ -337,8 +384,6 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     start = 0
     if resume:
       start = mngr.latest_step()
-      with_sharding = lambda tree, shard: jax.tree.map(
-          lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shard)
       abstract = {"params": with_sharding(abstract_params, param_shardings),
                   "opt_state": with_sharding(jax.eval_shape(tx.init, abstract_params), opt_shardings)}
       state, iter_state = _restore(mngr, start, abstract, cfg)
@@ -386,16 +431,21 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
         params, opt_state, metrics = train_step(params, opt_state, batch)
         pending.append((step, metrics))
         steps_since += 1
+        if step == start + 1 and step % cfg.log_every:
+          # Leave compilation out of the tokens/s and MFU estimates.
+          jax.block_until_ready(metrics)
+          t_last, steps_since = time.perf_counter(), 0
         if step % cfg.log_every == 0 or step == cfg.steps:
           flush_pending()
           dt = time.perf_counter() - t_last
-          tps = steps_since * tokens_per_step / dt
+          tps = max(steps_since, 1) * tokens_per_step / dt
           record = {"loss": losses[-1], "grad_norm": float(metrics["grad_norm"]),
                     "lr": float(schedule(step - 1)), "tokens_per_s": tps, "mfu": tps / tokens_per_step * flops_per_step / peak}
           writer.write(step, record)
           if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{record['mfu']:.1%}")
-            bar.update(steps_since)
+            bar.n = step
+            bar.refresh()
           t_last, steps_since = time.perf_counter(), 0
         if step % cfg.eval_every == 0 or step == cfg.steps:
           flush_pending()

@@ -5,7 +5,11 @@ import os
 # Must happen before jax is imported anywhere in the test session.
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# See jaxeff/__init__.py: XLA:CPU's concurrent scheduler can deadlock multi-device collectives.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
+  _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib

@@ -128,7 +128,7 @@ def test_nnx_logical_axes():
 
   class Tiny(nnx.Module):
     def __init__(self):
-      mk = lambda s, axes: nnx.Param(jnp.ones(s) * 0.1, out_sharding=axes)
+      mk = lambda s, axes: nnx.Param(jnp.ones(s) * 0.1, out_sharding=axes, eager_sharding=False)
       self.emb = mk((64, 32), ("vocab", "embed"))
       self.up = mk((32, 48), ("embed", "mlp"))
       self.stack = mk((2, 48, 32), ("layers", "mlp", "embed"))

@@ -78,18 +78,18 @@ def scale_by_galore(
     vws = _views(updates)
     grads, treedef = jax.tree.flatten(updates)
     refresh = state.count % update_proj_gap == 0
-    new_p, low = [], []
-    for g, v, p in zip(grads, vws, proj.projector_leaves(state.projector)):
-      if v is None:
-        new_p.append(p)
-        low.append(g)
-        continue
-      gc = v.to_canonical(g).astype(jnp.float32)
-      r = p.shape[-2]  # from the state, so a traced `rank` hyperparameter is never needed here
-      # Scalar predicate outside any vmap: a real branch, the SVD runs only on refresh steps.
-      p = jax.lax.cond(refresh, lambda gc=gc, r=r: proj.svd_projector(gc, r), lambda p=p: p)
-      new_p.append(p)
-      low.append(proj.project(gc, p))
+    leaves = list(zip(grads, vws, proj.projector_leaves(state.projector)))
+    canon = [None if v is None else v.to_canonical(g).astype(jnp.float32) for g, v, _ in leaves]
+    old_p = [p for _, _, p in leaves]
+
+    def refreshed():
+      # rank from the state's shapes, so a traced `rank` hyperparameter is never needed here.
+      return [p if gc is None else proj.svd_projector(gc, p.shape[-2]) for gc, p in zip(canon, old_p)]
+
+    # One scalar-predicate cond for all matrices, outside any vmap: the SVDs really run only on
+    # refresh steps.
+    new_p = jax.lax.cond(refresh, refreshed, lambda: old_p)
+    low = [g if gc is None else proj.project(gc, p) for (g, _, _), gc, p in zip(leaves, canon, new_p)]
     n, adam_state = adam.update(jax.tree.unflatten(treedef, low), state.adam)
     out = []
     for g, v, p, nn in zip(grads, vws, new_p, jax.tree.leaves(n)):
