@@ -2,7 +2,7 @@
 
 Submodules: `jaxeff.models` (sharded Llama-family NNX models), `jaxeff.sharding` (logical-axis rules),
 `jaxeff.hf` (Hugging Face checkpoint import/export), `jaxeff.optim` (optax transformations),
-`jaxeff.data`, `jaxeff.train`, `jaxeff.bench`.
+`jaxeff.data`, `jaxeff.train`, `jaxeff.quantization` (`jaxeff.quantize(model, bits=8)`), `jaxeff.bench`.
 """
 
 import os as _os
@@ -18,3 +18,11 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in _os.environ.get("XLA_
 from jaxeff.config import ModelConfig  # noqa: E402
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+  # `jaxeff.quantize(model, bits=...)`, imported lazily so `import jaxeff` stays light.
+  if name == "quantize":
+    from jaxeff.quantization import quantize
+    return quantize
+  raise AttributeError(f"module 'jaxeff' has no attribute {name!r}")

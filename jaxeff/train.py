@@ -378,6 +378,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
     init_opt = jax.jit(tx.init, out_shardings=opt_shardings)
     train_step, eval_step = make_steps(graphdef, tx, (param_shardings, opt_shardings), mesh if local else None)
     train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    # XLA:CPU runs each fake device on a thread of one small pool: with a second step already
+    # queued, a device's share can starve while the others wait in a collective (a deadlock on a
+    # 2-core machine). Accelerators keep asynchronous dispatch.
+    sync_every_step = jax.default_backend() == "cpu" and mesh.size > 1
     eval_step = jax.jit(eval_step)
 
     mngr = _checkpoint_manager(ckpt_dir, cfg)
@@ -429,6 +433,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
       for step in range(start + 1, cfg.steps + 1):
         batch = _global_batch(next(train_iter), batch_sharding)
         params, opt_state, metrics = train_step(params, opt_state, batch)
+        if sync_every_step:
+          jax.block_until_ready(metrics)
         pending.append((step, metrics))
         steps_since += 1
         if step == start + 1 and step % cfg.log_every:

@@ -1,15 +1,16 @@
-"""jaxeff.quantize: a quantized tiny Llama matches the float one, shrinks, jits, checkpoints."""
+"""jaxeff.quantize (jaxeff.quantization): a quantized tiny Llama matches the float one, shrinks, jits, checkpoints."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
 from jaxeff.config import ModelConfig
 from jaxeff.models import Linear, Llama
-from jaxeff.quantize import QuantizedEmbed, QuantizedLinear, quantize
+from jaxeff.quantization import QuantizedEmbed, QuantizedLinear, quantize
 
 CFG = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
 TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
@@ -74,3 +75,30 @@ def test_orbax_round_trip_gives_identical_logits(tmp_path, scan):
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(fresh))
   nnx.update(fresh, ckptr.restore(tmp_path / "q", abstract))
   np.testing.assert_array_equal(np.asarray(fresh(TOKENS)), np.asarray(expected))
+
+
+def _val_perplexity(model, batches):
+  step = nnx.jit(lambda m, b: optax.softmax_cross_entropy_with_integer_labels(m(b["inputs"]), b["targets"]).mean())
+  return float(np.exp(np.mean([float(step(model, b)) for b in batches])))
+
+
+def test_trained_model_perplexity_int8_within_1pct_int4_g128_within_5pct(tmp_path, shakespeare_path, capsys):
+  """The issue's accuracy bar, on a briefly trained model (hidden 256, so group 128 is 2-6 groups)."""
+  from jaxeff import data as data_lib
+  from jaxeff import train as train_lib
+  cfg = train_lib.load_config(None, [
+      f"data.paths=[{shakespeare_path}]", "model.hidden_size=256", "model.intermediate_size=512",
+      "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "batch_size=8", "seq_len=64",
+      "steps=150", "log_every=50", "eval_every=150", "checkpoint_every=150", "progress=false",
+      "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10", f"output_dir={tmp_path}"])
+  model = train_lib.train(cfg).model
+  batches = data_lib.val_batches(cfg.data, seq_len=64, batch_size=16, max_batches=8)
+  ppl = {"f32": _val_perplexity(model, batches),
+         "int8": _val_perplexity(quantize(model, bits=8), batches),
+         "int4 g128": _val_perplexity(quantize(model, bits=4, group_size=128), batches)}
+  with capsys.disabled():
+    print("\nvalidation perplexity:", {k: round(v, 4) for k, v in ppl.items()},
+          {k: f"{v / ppl['f32'] - 1:+.2%}" for k, v in ppl.items()})
+  assert ppl["f32"] < 12  # it learned something (bytes: uniform is 256)
+  assert abs(ppl["int8"] / ppl["f32"] - 1) <= 0.01
+  assert abs(ppl["int4 g128"] / ppl["f32"] - 1) <= 0.05

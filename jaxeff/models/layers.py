@@ -1,7 +1,7 @@
 """Building blocks: Linear, Embed, RMSNorm, RoPE. Parameters carry logical axis names.
 
 `Linear` is the one place a weight meets an activation, so quantized weights
-(`jaxeff.quantize`) plug in by swapping a `Linear` for a module with the same call.
+(`jaxeff.quantize` (`jaxeff.quantization.quantize`)) plug in by swapping a `Linear` for a module with the same call.
 """
 
 from __future__ import annotations
