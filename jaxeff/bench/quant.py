@@ -7,6 +7,10 @@ weight-read bandwidth (weight bytes / time, scales included) and that bandwidth 
 of the device's copy bandwidth (read + write bytes / time of `a + 1` on a large array), measured
 in the same run.
 
+Then a model-level row: a batch-1, one-token forward (the decode step's weight traffic; jaxeff has
+no KV cache yet, so the context is that one token) of a Llama with f32, int8 and int4 weights
+(every Linear quantized, embeddings and LM head kept f32), timed in alternating rounds.
+
 Activations are f32 on CPU (XLA:CPU low-precision dots are slow; the CPU path computes in f32)
 and bf16 on accelerators (f32 for the f32 row).
 """
@@ -102,6 +106,52 @@ def markdown(rows, copy_bw: float, header: str) -> str:
   return "\n".join(lines)
 
 
+MODEL = dict(vocab_size=256, hidden_size=2048, intermediate_size=5632, num_layers=4, num_heads=16,
+             num_kv_heads=4)  # ~200M weights in Linears: weight reads dominate a decode step
+QUICK_MODEL = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
+                   num_kv_heads=2)
+
+
+def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> list[dict]:
+  """Median batch-1 single-token forward time per weight format, alternating rounds."""
+  from flax import nnx
+
+  from jaxeff.config import ModelConfig
+  from jaxeff.models import Llama
+  from jaxeff.quantization import quantize
+
+  cfg = ModelConfig(**cfg_kwargs)
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  models = {"f32": model, "int8": quantize(model, bits=8, group_size=group_size),
+            "int4": quantize(model, bits=4, group_size=group_size or 128)}
+  token = jnp.zeros((1, 1), jnp.int32)
+  fns = {}
+  for name, m in models.items():
+    graphdef, state = nnx.split(m)
+    fn = jax.jit(lambda state, t, g=graphdef: nnx.merge(g, state)(t)[:, -1])
+    fn(state, token).block_until_ready()  # compile
+    fns[name] = (fn, state)
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, (fn, state) in fns.items():
+      t0 = time.perf_counter()
+      fn(state, token).block_until_ready()
+      times[name].append(time.perf_counter() - t0)
+  linear_bytes = lambda m: sum(x.nbytes for path, x in jax.tree.leaves_with_path(nnx.state(m))
+                               if "embed_tokens" not in jax.tree_util.keystr(path) and "lm_head" not in jax.tree_util.keystr(path))
+  f32 = statistics.median(times["f32"])
+  return [dict(kind=name, seconds=statistics.median(ts), linear_weight_bytes=linear_bytes(models[name]),
+               speedup_vs_f32=f32 / statistics.median(ts)) for name, ts in times.items()]
+
+
+def model_markdown(rows, cfg_kwargs: dict) -> str:
+  lines = [f"## batch-1 single-token forward, Llama {cfg_kwargs}", "",
+           "| weights | time (ms) | Linear weight MB | vs f32 |", "|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['kind']} | {r['seconds'] * 1e3:.2f} | {r['linear_weight_bytes'] / 1e6:.0f} | {r['speedup_vs_f32']:.2f}x |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxeff.bench quant", description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
@@ -110,6 +160,7 @@ def main(argv=None) -> int:
                  help="force a quant_matmul implementation (default: by backend)")
   p.add_argument("--group-size", type=int, default=None, help="quantization group size (default per-channel)")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+  p.add_argument("--skip-model", action="store_true", help="matmul table only")
   args = p.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 20)
   shapes = QUICK_SHAPES if args.quick else SHAPES
@@ -119,8 +170,15 @@ def main(argv=None) -> int:
   header = (f"## quant matmul on {jax.default_backend()} ({device.device_kind}), "
             f"group_size={args.group_size or 'per-channel'}, impl={args.impl or 'default'}, median of {repeats}")
   print(markdown(rows, copy_bw, header))
+  model_rows = []
+  if not args.skip_model:
+    cfg_kwargs = QUICK_MODEL if args.quick else MODEL
+    model_rows = model_forward(cfg_kwargs, repeats, args.group_size)
+    print()
+    print(model_markdown(model_rows, cfg_kwargs))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(backend=jax.default_backend(), device=device.device_kind, copy_bandwidth=copy_bw,
-                     group_size=args.group_size, impl=args.impl, repeats=repeats, rows=rows), f, indent=2)
+                     group_size=args.group_size, impl=args.impl, repeats=repeats, rows=rows,
+                     model_rows=model_rows), f, indent=2)
   return 0
