@@ -9,7 +9,7 @@ Distributed Lion needs one (8 workers, majority vote); the others see the all-re
 Per optimizer (its best learning rate by final validation loss) it reports: final validation
 loss; the first evaluation step whose validation loss is <= AdamW's final one (evaluations every
 `--eval-every` steps, no interpolation) as a fraction of AdamW's own; the median step time
-relative to AdamW (same process, so same contention); optimizer-state bytes per device relative
+relative to AdamW (the same train step, timed in alternating rounds after the runs); optimizer-state bytes per device relative
 to AdamW.
 It also times one Online Subspace Descent projector step against one GaLore SVD refresh on the
 model's matrices, and saves the validation curves as a PNG and everything as JSON.
@@ -45,12 +45,17 @@ MODEL = ["model.hidden_size=128", "model.intermediate_size=384", "model.num_laye
          "model.num_heads=4", "model.num_kv_heads=2"]
 
 
-def _low_rank(name: str, rank: int, gap: int) -> list[str]:
+def _hyper(name: str, args) -> dict:
   if name == "galore":
-    return [f"optimizer.hyperparams={{rank: {rank}, update_proj_gap: {gap}}}"]
+    return {"rank": args.rank, "update_proj_gap": args.gap}
   if name == "osd":
-    return [f"optimizer.hyperparams={{rank: {rank}}}"]
-  return []
+    return {"rank": args.rank}
+  return {}
+
+
+def _low_rank(name: str, rank: int, gap: int) -> list[str]:
+  h = _hyper(name, argparse.Namespace(rank=rank, gap=gap))
+  return [f"optimizer.hyperparams={{{', '.join(f'{k}: {v}' for k, v in h.items())}}}"] if h else []
 
 
 def run_one(name: str, lr: float, args, data_path: str | None) -> dict:
@@ -67,12 +72,55 @@ def run_one(name: str, lr: float, args, data_path: str | None) -> dict:
     overrides.append(f"data.paths=[{data_path}]")
   cfg = train_lib.load_config(None, overrides)
   result = train_lib.train(cfg)
-  records = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-  tps = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:]  # first interval has compile
-  step_s = cfg.batch_size * cfg.seq_len / statistics.median(tps)
   return {"name": name, "lr": lr, "val": {int(k): float(v) for k, v in result.val_losses.items()},
-          "final_val": float(result.val_losses[max(result.val_losses)]), "step_s": step_s,
-          "state_bytes": state_bytes(cfg)}
+          "final_val": float(result.val_losses[max(result.val_losses)]), "state_bytes": state_bytes(cfg)}
+
+
+def step_times(best: dict, args, rounds: int = 5, steps: int = 5) -> dict[str, float]:
+  """Median seconds per training step (jaxeff.train's step, same mesh and batch) of each
+  optimizer at its best lr, timed in alternating rounds so machine noise hits all alike."""
+  import jax
+  import numpy as np
+  from flax import nnx
+
+  from jaxeff import sharding
+  from jaxeff import train as train_lib
+  from jaxeff.models import Llama
+
+  cfg = train_lib.load_config(None, MODEL + [f"batch_size={args.batch_size}", f"seq_len={args.seq_len}"])
+  mesh = sharding.make_mesh({"data": -1})
+  make_model = lambda: Llama(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, abstract = nnx.split(nnx.eval_shape(make_model))
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len + 1), dtype=np.int32)
+  fns = {}
+  with jax.set_mesh(mesh):
+    param_sh = sharding.state_shardings(abstract, mesh)
+    batch_sh = jax.NamedSharding(mesh, sharding.logical_to_spec(("batch", None)))
+    batch = {"inputs": jax.device_put(tokens[:, :-1], batch_sh), "targets": jax.device_put(tokens[:, 1:], batch_sh)}
+    for name, r in best.items():
+      opt = train_lib.OptimizerConfig(**{**vars(train_lib.OptimizerConfig()), "name": name, "learning_rate": r["lr"],
+                                         "warmup_steps": 20,
+                                         "hyperparams": _hyper(name, args)})
+      local = mesh if name == "distributed_lion" else None
+      tx, _ = train_lib.make_optimizer(opt, args.steps, abstract, mesh=local)
+      params = jax.jit(lambda: nnx.state(make_model()), out_shardings=param_sh)()
+      state = jax.jit(tx.init)(params)
+      step = jax.jit(train_lib.make_steps(graphdef, tx, None, local)[0])
+      params, state, m = step(params, state, batch)  # compile
+      jax.block_until_ready(m)
+      fns[name] = [step, params, state]
+    times = {name: [] for name in fns}
+    for _ in range(rounds):
+      for name, f in fns.items():
+        step, params, state = f
+        for _ in range(steps):
+          t0 = time.perf_counter()
+          params, state, m = step(params, state, batch)
+          jax.block_until_ready(m)
+          times[name].append(time.perf_counter() - t0)
+        f[1], f[2] = params, state
+  return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def state_bytes(cfg) -> int:
@@ -247,12 +295,14 @@ def main(argv=None) -> int:
   for name in names:
     for lr in SWEEP[name][:args.lrs_per_opt]:
       r = run_one(name, lr, args, data_path)
-      print(f"{name:17s} lr {lr:<8g} final val {r['final_val']:.4f}  step {r['step_s'] * 1e3:.0f} ms", flush=True)
+      print(f"{name:17s} lr {lr:<8g} final val {r['final_val']:.4f}", flush=True)
       runs.append(r)
   best = {}
   for r in runs:
     if r["name"] not in best or r["final_val"] < best[r["name"]]["final_val"]:
       best[r["name"]] = r
+  for name, t in step_times(best, args, rounds=3 if args.quick else 5).items():
+    best[name]["step_s"] = t
   proj = projector_cost(args) if args.repeats and "osd" in names and "galore" in names else {}
   table, summary = report(best, proj, args, time.perf_counter() - t0, data_desc)
   out = pathlib.Path(args.out)
