@@ -8,16 +8,26 @@ so `jaxeff.sharding` shards them like the float weights, and calls `pallas_kerne
 
 Scanned models (`scan_layers=True`) stack each layer's kernel as [layers, in, out]; those are
 quantized per layer (vmap) into [layers, ...] variables, and `nnx.scan` hands each step its 2-D slice.
+
+`save_quantized` / `load_quantized` store a quantized model as one orbax checkpoint (its state plus
+the model config and `quantize` settings), so a training checkpoint is quantized once and served
+from then on without the float weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import os
+import pathlib
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxeff import sharding
+from jaxeff.config import ModelConfig, from_dict
+from jaxeff.models import Llama
 from jaxeff.models.layers import Embed, Linear
 from pallas_kernels import QuantizedWeight, dequantize, quant_matmul, quantize_weight
 
@@ -130,3 +140,103 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
     elif path[-1] != "lm_head" or include_lm_head:
       _replace(model, path, QuantizedLinear(module, bits=bits, group_size=group_size))
   return model
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+FORMAT = "jaxeff-quantized/1"
+# Compute-only settings a loader may change; everything else must match the saved architecture.
+_COMPUTE_ONLY = frozenset({"dtype", "remat", "attention", "max_seq_len"})
+
+
+def quantization_settings(model: nnx.Module) -> dict:
+  """The `quantize` keywords (bits, group_size, include_*) that produced `model`'s quantized layers."""
+  qmods = [m for _, m in nnx.iter_modules(model) if isinstance(m, (QuantizedLinear, QuantizedEmbed))]
+  if not qmods:
+    raise ValueError("model has no quantized layers; quantize it first (jaxeff.quantize(model, bits=...))")
+  kinds = {(m.bits, m.group_size) for m in qmods}
+  if len(kinds) > 1:
+    raise ValueError(f"model mixes quantization settings {sorted(kinds, key=str)} (bits, group_size); "
+                     f"save_quantized stores models made by one jaxeff.quantize call")
+  (bits, group_size), = kinds
+  return dict(bits=bits, group_size=group_size,
+              include_embeddings=any(isinstance(m, QuantizedEmbed) for m in qmods),
+              include_lm_head=isinstance(getattr(model, "lm_head", None), QuantizedLinear))
+
+
+def _abstract_quantized(cfg: ModelConfig, settings: dict) -> nnx.Module:
+  # Shapes only: nothing is initialized or quantized for real.
+  return nnx.eval_shape(lambda: quantize(Llama(cfg, rngs=nnx.Rngs(0)), copy=False, **settings))
+
+
+def _shapes(state) -> dict:
+  return jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype).name), nnx.to_pure_dict(state))
+
+
+def save_quantized(model: Llama, path: str | os.PathLike) -> pathlib.Path:
+  """Writes a quantized `Llama` (from `quantize`) to a new orbax checkpoint directory `path`.
+
+  The checkpoint holds the model state and, as JSON, its `ModelConfig` and quantization settings,
+  so `load_quantized(path)` rebuilds it alone. Orbax writes to a temporary directory and renames it
+  when complete. An existing `path` is never overwritten (FileExistsError).
+  """
+  import orbax.checkpoint as ocp
+
+  path = pathlib.Path(path)
+  if path.exists():
+    raise FileExistsError(f"{path} already exists; save_quantized never overwrites (choose a new path "
+                          f"or delete the old checkpoint)")
+  cfg = getattr(model, "cfg", None)
+  if not isinstance(cfg, ModelConfig):
+    raise TypeError(f"save_quantized takes a quantized jaxeff.models.Llama, got {type(model).__name__}")
+  settings = quantization_settings(model)
+  state = nnx.state(model)
+  # Refuse what load_quantized could not rebuild (e.g. layers swapped by hand).
+  if _shapes(state) != _shapes(nnx.state(_abstract_quantized(cfg, settings))):
+    raise ValueError(f"model's structure is not that of quantize(Llama(model.cfg), **{settings}); "
+                     f"save_quantized stores models made by one jaxeff.quantize call")
+  meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "quantization": settings}
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    ckptr.save(path.absolute(), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)))
+  finally:
+    ckptr.close()
+  return path
+
+
+def load_quantized(path: str | os.PathLike, config: ModelConfig | None = None, *, mesh=None) -> Llama:
+  """The quantized model `save_quantized` wrote to `path`.
+
+  Args:
+    config: None for the saved `ModelConfig`; otherwise one that may differ from it only in
+      compute settings (dtype, remat, attention, max_seq_len).
+    mesh: place the weights by their logical axes on this mesh; None: on the first device.
+  """
+  import orbax.checkpoint as ocp
+
+  path = pathlib.Path(path)
+  if not (path / "meta").is_dir() or not (path / "state").is_dir():
+    raise FileNotFoundError(f"no quantized checkpoint (written by save_quantized) at {path}")
+  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+  try:
+    meta = ckptr.restore(path.absolute(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("format") != FORMAT:
+      raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}")
+    saved = from_dict(ModelConfig, meta["model"], "model")
+    cfg = saved if config is None else config
+    diff = [f"{k}: checkpoint {v!r} vs config {getattr(cfg, k)!r}" for k, v in dataclasses.asdict(saved).items()
+            if k not in _COMPUTE_ONLY and getattr(cfg, k) != v]
+    if diff:
+      raise ValueError(f"config does not match the architecture saved in {path} ({'; '.join(diff)})")
+    graphdef, abstract = nnx.split(_abstract_quantized(cfg, meta["quantization"]))
+    if mesh is not None:
+      shardings = sharding.state_shardings(abstract, mesh)
+      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    else:
+      dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
+    state = ckptr.restore(path.absolute(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
+  finally:
+    ckptr.close()
+  return nnx.merge(graphdef, state)

@@ -1,4 +1,7 @@
-"""jaxeff.quantize (jaxeff.quantization): a quantized tiny Llama matches the float one, shrinks, jits, checkpoints."""
+"""jaxeff.quantize (jaxeff.quantization): a quantized tiny Llama matches the float one, shrinks, jits,
+checkpoints (save_quantized / load_quantized), and a briefly trained model keeps its perplexity."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -8,9 +11,12 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
+from jaxeff import data as data_lib
+from jaxeff import train as train_lib
 from jaxeff.config import ModelConfig
 from jaxeff.models import Linear, Llama
-from jaxeff.quantization import QuantizedEmbed, QuantizedLinear, quantize
+from jaxeff.quantization import QuantizedEmbed, QuantizedLinear, load_quantized, quantize, save_quantized
+from jaxeff.sharding import make_mesh
 
 CFG = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
 TOKENS = jax.random.randint(jax.random.key(1), (2, 8), 0, 256)
@@ -77,28 +83,100 @@ def test_orbax_round_trip_gives_identical_logits(tmp_path, scan):
   np.testing.assert_array_equal(np.asarray(fresh(TOKENS)), np.asarray(expected))
 
 
+def test_save_quantized_round_trip_identical_logits_and_never_overwrites(tmp_path):
+  qmodel = quantize(_model(scan=True, tie_embeddings=True), bits=4, group_size=64, include_embeddings=True)
+  expected = np.asarray(qmodel(TOKENS))
+  save_quantized(qmodel, tmp_path / "q4")
+  np.testing.assert_array_equal(np.asarray(load_quantized(tmp_path / "q4")(TOKENS)), expected)
+  files = lambda: {(p, p.stat().st_mtime_ns) for p in (tmp_path / "q4").rglob("*")}
+  before = files()
+  with pytest.raises(FileExistsError, match="never overwrites"):
+    save_quantized(quantize(_model(seed=3), bits=8), tmp_path / "q4")
+  assert files() == before  # untouched
+
+
+def test_load_quantized_onto_a_mesh_and_with_compute_only_config_changes(tmp_path):
+  qmodel = quantize(_model(), bits=8)
+  save_quantized(qmodel, tmp_path / "q8")
+  mesh = make_mesh({"fsdp": 2, "tensor": 4})
+  loaded = load_quantized(tmp_path / "q8", ModelConfig(**CFG, remat="full"), mesh=mesh)
+  assert loaded.cfg.remat == "full"
+  assert loaded.layers[0].mlp.down_proj.qvalue[...].sharding.mesh.shape == mesh.shape
+  np.testing.assert_allclose(np.asarray(loaded(TOKENS)), np.asarray(qmodel(TOKENS)), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="num_layers: checkpoint 2 vs config 3"):
+    load_quantized(tmp_path / "q8", ModelConfig(**{**CFG, "num_layers": 3}))
+
+
+def test_save_quantized_rejects_float_or_mixed_models(tmp_path):
+  with pytest.raises(ValueError, match="no quantized layers"):
+    save_quantized(_model(), tmp_path / "f")
+  mixed = quantize(_model(), bits=8)
+  mixed.layers[0].mlp.up_proj = QuantizedLinear(_model().layers[0].mlp.up_proj, bits=4, group_size=64)
+  with pytest.raises(ValueError, match="mixes quantization settings"):
+    save_quantized(mixed, tmp_path / "m")
+  with pytest.raises(FileNotFoundError, match="no quantized checkpoint"):
+    load_quantized(tmp_path)
+  assert not any(tmp_path.iterdir())
+
+
+# The shared tiny-shakespeare text when present, else the default corpus (stdlib source), so the
+# accuracy bar runs everywhere.
+SHAKESPEARE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+SEQ = 64
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A briefly trained model (hidden 256: int4 group 128 gives 2 or 4 groups per column), its
+  training run directory, and validation batches. Trained once for the tests below (~30 s)."""
+  out = tmp_path_factory.mktemp("run")
+  data = [f"data.paths=[{SHAKESPEARE}]"] if SHAKESPEARE.exists() else ["data.max_corpus_bytes=2000000"]
+  cfg = train_lib.load_config(None, data + [
+      "model.hidden_size=256", "model.intermediate_size=512", "model.num_layers=2", "model.num_heads=4",
+      "model.num_kv_heads=2", "batch_size=8", f"seq_len={SEQ}", "steps=150", "log_every=50",
+      "eval_every=150", "eval_batches=0", "checkpoint_every=150", "progress=false", "tensorboard=false",
+      "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10", f"output_dir={out}"])
+  train_lib.train(cfg)
+  # From the checkpoint: on one device (the trained copy is replicated over the 8 fake devices,
+  # so every forward would run 8 times on this CPU).
+  model, _ = train_lib.load_checkpoint(out)
+  return model, out, data_lib.val_batches(cfg.data, seq_len=SEQ, batch_size=16, max_batches=8)
+
+
 def _val_perplexity(model, batches):
   step = nnx.jit(lambda m, b: optax.softmax_cross_entropy_with_integer_labels(m(b["inputs"]), b["targets"]).mean())
   return float(np.exp(np.mean([float(step(model, b)) for b in batches])))
 
 
-def test_trained_model_perplexity_int8_within_1pct_int4_g128_within_5pct(tmp_path, shakespeare_path, capsys):
-  """The issue's accuracy bar, on a briefly trained model (hidden 256, so group 128 is 2-6 groups)."""
-  from jaxeff import data as data_lib
-  from jaxeff import train as train_lib
-  cfg = train_lib.load_config(None, [
-      f"data.paths=[{shakespeare_path}]", "model.hidden_size=256", "model.intermediate_size=512",
-      "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2", "batch_size=8", "seq_len=64",
-      "steps=150", "log_every=50", "eval_every=150", "checkpoint_every=150", "progress=false",
-      "optimizer.learning_rate=3e-3", "optimizer.warmup_steps=10", f"output_dir={tmp_path}"])
-  model = train_lib.train(cfg).model
-  batches = data_lib.val_batches(cfg.data, seq_len=64, batch_size=16, max_batches=8)
+def test_trained_model_perplexity_int8_within_1pct_int4_g128_within_5pct(trained, capsys):
+  """The issue's accuracy bar: int8 per-channel within 1% of f32, int4 group-128 within 5%."""
+  model, _, batches = trained
   ppl = {"f32": _val_perplexity(model, batches),
          "int8": _val_perplexity(quantize(model, bits=8), batches),
          "int4 g128": _val_perplexity(quantize(model, bits=4, group_size=128), batches)}
   with capsys.disabled():
-    print("\nvalidation perplexity:", {k: round(v, 4) for k, v in ppl.items()},
-          {k: f"{v / ppl['f32'] - 1:+.2%}" for k, v in ppl.items()})
-  assert ppl["f32"] < 12  # it learned something (bytes: uniform is 256)
+    print(f"\nvalidation perplexity ({'tinyshakespeare' if SHAKESPEARE.exists() else 'stdlib corpus'}, "
+          f"{len(batches)}x16x{SEQ} bytes):",
+          ", ".join(f"{k} {v:.4f} ({v / ppl['f32'] - 1:+.3%})" for k, v in ppl.items()))
+  assert ppl["f32"] < 20  # it learned something (bytes: uniform is 256; ~10.7 shakespeare, ~14.8 stdlib)
   assert abs(ppl["int8"] / ppl["f32"] - 1) <= 0.01
   assert abs(ppl["int4 g128"] / ppl["f32"] - 1) <= 0.05
+
+
+def test_training_checkpoint_quantized_once_then_served(trained, tmp_path):
+  """load_checkpoint -> quantize -> save_quantized; load_quantized alone gives the same logits."""
+  model, run_dir, batches = trained  # model: load_checkpoint(run_dir)
+  qmodel = quantize(model, bits=4, group_size=128)
+  save_quantized(qmodel, tmp_path / "served")
+  served = load_quantized(tmp_path / "served")
+  tokens = jnp.asarray(batches[0]["inputs"][:2])
+  np.testing.assert_array_equal(np.asarray(served(tokens)), np.asarray(qmodel(tokens)))
+
+
+def test_bench_model_only_quick(capsys):
+  from jaxeff.bench import quant
+
+  assert quant.main(["--quick", "--model-only", "--repeats", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "| int8 | per-channel |" in out and "| int4 | 128 |" in out and "int8 / f32 speed" in out
+  assert "copy bandwidth" not in out  # the matmul section was skipped

@@ -301,7 +301,7 @@ def main(argv=None) -> int:
   for r in runs:
     if r["name"] not in best or r["final_val"] < best[r["name"]]["final_val"]:
       best[r["name"]] = r
-  for name, t in step_times(best, args, rounds=3 if args.quick else 5).items():
+  for name, t in step_times(best, args, rounds=1 if args.quick else 5, steps=2 if args.quick else 5).items():
     best[name]["step_s"] = t
   proj = projector_cost(args) if args.repeats and "osd" in names and "galore" in names else {}
   table, summary = report(best, proj, args, time.perf_counter() - t0, data_desc)

@@ -1,5 +1,8 @@
 """Weight-only quantized matmul benchmark: `python -m jaxeff.bench quant [--quick] [--json PATH]`.
 
+Options: `--quick` (small shapes, a smoke test), `--matmul-only` / `--model-only` (one section),
+`--group-size G`, `--impl NAME`, `--repeats N`.
+
 For batch 1 (decode) and batch 16 at LLM weight shapes, times `x @ W` with W in f32, bf16
 (plain `jnp.dot`) and int8 / int4 (`pallas_kernels.quant_matmul`, the backend's default: the
 Pallas kernel on TPU/GPU, the chunked f32 path on CPU). Reports the median time, the achieved
@@ -7,9 +10,12 @@ weight-read bandwidth (weight bytes / time, scales included) and that bandwidth 
 of the device's copy bandwidth (read + write bytes / time of `a + 1` on a large array), measured
 in the same run.
 
-Then a model-level row: a batch-1, one-token forward (the decode step's weight traffic; jaxeff has
-no KV cache yet, so the context is that one token) of a Llama with f32, int8 and int4 weights
-(every Linear quantized, embeddings and LM head kept f32), timed in alternating rounds.
+Then the model level: a jitted batch-1 forward of a one-token context returning the last
+position's logits, i.e. a decode step's weight traffic (jaxeff has no KV cache yet, so the context
+is that one token and attention is negligible), for a Llama whose Linear layers hold float, int8
+(per-channel, or `--group-size`) and int4 (group 128, or `--group-size`) weights; embeddings and
+the LM head stay float (a 256-token vocabulary keeps them small). The formats are timed in
+alternating rounds so machine noise hits them alike; medians are reported.
 
 Activations are f32 on CPU (XLA:CPU low-precision dots are slow; the CPU path computes in f32)
 and bf16 on accelerators (f32 for the f32 row).
@@ -107,7 +113,7 @@ def markdown(rows, copy_bw: float, header: str) -> str:
 
 
 MODEL = dict(vocab_size=256, hidden_size=2048, intermediate_size=5632, num_layers=4, num_heads=16,
-             num_kv_heads=4)  # ~200M weights in Linears: weight reads dominate a decode step
+             num_kv_heads=4)  # 180M weights in Linears (721 MB f32): weight reads dominate a decode step
 QUICK_MODEL = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
                    num_kv_heads=2)
 
@@ -120,9 +126,12 @@ def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> lis
   from jaxeff.models import Llama
   from jaxeff.quantization import quantize
 
-  cfg = ModelConfig(**cfg_kwargs)
+  # f32 on CPU (see the module docstring); bf16 weights and activations elsewhere.
+  float_kind = "f32" if jax.default_backend() == "cpu" else "bf16"
+  dtype = "float32" if float_kind == "f32" else "bfloat16"
+  cfg = ModelConfig(**cfg_kwargs, dtype=dtype, param_dtype=dtype)
   model = Llama(cfg, rngs=nnx.Rngs(0))
-  models = {"f32": model, "int8": quantize(model, bits=8, group_size=group_size),
+  models = {float_kind: model, "int8": quantize(model, bits=8, group_size=group_size),
             "int4": quantize(model, bits=4, group_size=group_size or 128)}
   token = jnp.zeros((1, 1), jnp.int32)
   fns = {}
@@ -137,18 +146,30 @@ def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> lis
       t0 = time.perf_counter()
       fn(state, token).block_until_ready()
       times[name].append(time.perf_counter() - t0)
-  linear_bytes = lambda m: sum(x.nbytes for path, x in jax.tree.leaves_with_path(nnx.state(m))
-                               if "embed_tokens" not in jax.tree_util.keystr(path) and "lm_head" not in jax.tree_util.keystr(path))
-  f32 = statistics.median(times["f32"])
-  return [dict(kind=name, seconds=statistics.median(ts), linear_weight_bytes=linear_bytes(models[name]),
-               speedup_vs_f32=f32 / statistics.median(ts)) for name, ts in times.items()]
+  def linear_bytes(m):  # everything but the (float) embeddings and LM head: Linears plus tiny norms
+    return sum(x.nbytes for path, x in jax.tree.leaves_with_path(nnx.state(m))
+               if not any(name in jax.tree_util.keystr(path) for name in ("embed_tokens", "lm_head")))
+  base = statistics.median(times[float_kind])
+  groups = {float_kind: "-", "int8": group_size or "per-channel", "int4": group_size or 128}
+  return [dict(kind=name, group_size=groups[name], seconds=statistics.median(ts),
+               linear_weight_bytes=linear_bytes(models[name]), speedup_vs_float=base / statistics.median(ts))
+          for name, ts in times.items()]
 
 
-def model_markdown(rows, cfg_kwargs: dict) -> str:
-  lines = [f"## batch-1 single-token forward, Llama {cfg_kwargs}", "",
-           "| weights | time (ms) | Linear weight MB | vs f32 |", "|---|---|---|---|"]
+def model_markdown(rows, cfg_kwargs: dict, repeats: int) -> str:
+  c = cfg_kwargs
+  lines = [f"## batch-1 single-token forward on {jax.default_backend()}: Llama hidden {c['hidden_size']}, "
+           f"intermediate {c['intermediate_size']}, {c['num_layers']} layers, {c['num_heads']}/{c['num_kv_heads']} "
+           f"heads, vocab {c['vocab_size']}; median of {repeats} alternating rounds", "",
+           "| weights | group | time (ms) | tokens/s | Linear weight MB | weight GB/s | vs float |",
+           "|---|---|---|---|---|---|---|"]
   for r in rows:
-    lines.append(f"| {r['kind']} | {r['seconds'] * 1e3:.2f} | {r['linear_weight_bytes'] / 1e6:.0f} | {r['speedup_vs_f32']:.2f}x |")
+    lines.append(f"| {r['kind']} | {r['group_size']} | {r['seconds'] * 1e3:.2f} | {1 / r['seconds']:.1f} "
+                 f"| {r['linear_weight_bytes'] / 1e6:.1f} | {r['linear_weight_bytes'] / r['seconds'] / 1e9:.1f} "
+                 f"| {r['speedup_vs_float']:.2f}x |")
+  ratio = {r["kind"]: r["speedup_vs_float"] for r in rows}
+  lines += ["", f"int8 / {rows[0]['kind']} speed: {ratio['int8']:.2f}x, int4 / {rows[0]['kind']}: "
+            f"{ratio['int4']:.2f}x (goal: int8 >= 1.0x, target 1.5x)"]
   return "\n".join(lines)
 
 
@@ -157,25 +178,29 @@ def main(argv=None) -> int:
   p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
   p.add_argument("--repeats", type=int, default=None, help="timed calls per case (median reported)")
   p.add_argument("--impl", choices=IMPLS, default=None,
-                 help="force a quant_matmul implementation (default: by backend)")
+                 help="force a quant_matmul implementation in the matmul table (default: by backend)")
   p.add_argument("--group-size", type=int, default=None, help="quantization group size (default per-channel)")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
-  p.add_argument("--skip-model", action="store_true", help="matmul table only")
+  only = p.add_mutually_exclusive_group()
+  only.add_argument("--matmul-only", action="store_true", help="the matmul table only")
+  only.add_argument("--model-only", action="store_true", help="the model-level forward table only")
   args = p.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 20)
-  shapes = QUICK_SHAPES if args.quick else SHAPES
-  copy_bw = copy_bandwidth((16 if args.quick else 256) << 20, repeats)
-  rows = run(shapes, BATCHES, repeats, args.impl, args.group_size)
   device = jax.devices()[0]
-  header = (f"## quant matmul on {jax.default_backend()} ({device.device_kind}), "
-            f"group_size={args.group_size or 'per-channel'}, impl={args.impl or 'default'}, median of {repeats}")
-  print(markdown(rows, copy_bw, header))
-  model_rows = []
-  if not args.skip_model:
+  rows, copy_bw, model_rows = [], None, []
+  if not args.model_only:
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    copy_bw = copy_bandwidth((16 if args.quick else 256) << 20, repeats)
+    rows = run(shapes, BATCHES, repeats, args.impl, args.group_size)
+    header = (f"## quant matmul on {jax.default_backend()} ({device.device_kind}), "
+              f"group_size={args.group_size or 'per-channel'}, impl={args.impl or 'default'}, median of {repeats}")
+    print(markdown(rows, copy_bw, header))
+  if not args.matmul_only:
     cfg_kwargs = QUICK_MODEL if args.quick else MODEL
     model_rows = model_forward(cfg_kwargs, repeats, args.group_size)
-    print()
-    print(model_markdown(model_rows, cfg_kwargs))
+    if rows:
+      print()
+    print(model_markdown(model_rows, cfg_kwargs, repeats))
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(backend=jax.default_backend(), device=device.device_kind, copy_bandwidth=copy_bw,
