@@ -2,7 +2,8 @@
 
 Submodules: `jaxeff.models` (sharded Llama-family NNX models), `jaxeff.sharding` (logical-axis rules),
 `jaxeff.hf` (Hugging Face checkpoint import/export), `jaxeff.optim` (optax transformations),
-`jaxeff.data`, `jaxeff.train`, `jaxeff.quantization` (`jaxeff.quantize(model, bits=8)`), `jaxeff.bench`.
+`jaxeff.data`, `jaxeff.train`, `jaxeff.host_malloc` (CPU-host malloc settings),
+`jaxeff.quantization` (`jaxeff.quantize(model, bits=8)`), `jaxeff.bench`.
 """
 
 import os as _os

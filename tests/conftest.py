@@ -12,6 +12,19 @@ if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit
+import shutil
+import tempfile
+
+# Compile time dominates many tests (each CLI run, notebook kernel and process compiles the same
+# small programs again). A persistent XLA cache, fresh for this session and shared with child
+# processes through the environment, cut the every-optimizer CLI test from 101 s to 64 s.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _cache = tempfile.mkdtemp(prefix="jaxeff-tests-xla-cache-")
+  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+
 import pathlib
 
 import pytest

@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxeff.config import ConfigError, ModelConfig
 from jaxeff.models import Llama
-from jaxeff.models.attention import dense_attention
+from jaxeff.models.attention import blocked_attention, dense_attention
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
 
@@ -102,3 +102,60 @@ def test_bad_config():
     ModelConfig(num_heads=6, num_kv_heads=4)
   with pytest.raises(ConfigError, match="remat"):
     ModelConfig(remat="sometimes")
+
+
+def _qkv(b, s, t, h, kvh, d, seed):
+  keys = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(keys[0], (b, s, h, d)), jax.random.normal(keys[1], (b, t, kvh, d)),
+          jax.random.normal(keys[2], (b, t, kvh, d)))
+
+
+@pytest.mark.parametrize("positions", ["sequential", "offset", "shuffled", "different_kv"])
+@pytest.mark.parametrize("window", [None, 20])
+def test_blocked_attention_matches_dense_values_and_grads(positions, window):
+  # Block skipping is exact for growing positions; anything else must fall back, never differ.
+  b, s = 2, 128  # 4 query blocks
+  q, k, v = _qkv(b, s, s, 6, 2, 8, seed=len(positions) + (window or 0))
+  rng = np.random.default_rng(0)
+  seq = np.broadcast_to(np.arange(s), (b, s))
+  q_pos = {"sequential": seq, "offset": seq + 5, "shuffled": np.stack([rng.permutation(s) for _ in range(b)]),
+           "different_kv": seq}[positions]
+  kv_pos = q_pos if positions != "different_kv" else seq + np.array([[0], [3]])
+  q_pos, kv_pos = jnp.asarray(q_pos, jnp.int32), jnp.asarray(kv_pos, jnp.int32)
+  cot = jax.random.normal(jax.random.key(7), q.shape)
+
+  def loss(fn):
+    return lambda q, k, v: jnp.sum(cot * fn(q, k, v, q_positions=q_pos, kv_positions=kv_pos, sliding_window=window))
+
+  want, want_grads = jax.jit(jax.value_and_grad(loss(dense_attention), argnums=(0, 1, 2)))(q, k, v)
+  got, got_grads = jax.jit(jax.value_and_grad(loss(blocked_attention), argnums=(0, 1, 2)))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(g, w, atol=2e-5)
+  out = blocked_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos, sliding_window=window)
+  ref = dense_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos, sliding_window=window)
+  np.testing.assert_allclose(out, ref, atol=2e-6)
+
+
+def test_blocked_attention_decode_shapes_fall_back_to_dense():
+  q, k, v = _qkv(1, 1, 40, 4, 2, 8, seed=3)  # one new token against a 40-entry cache
+  q_pos, kv_pos = jnp.full((1, 1), 39, jnp.int32), jnp.arange(40, dtype=jnp.int32)[None]
+  np.testing.assert_array_equal(blocked_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos),
+                                dense_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos))
+
+
+def test_blocked_attention_model_matches_dense_model():
+  cfg = dataclasses.replace(CFG, attention="dense", num_layers=2)
+  dense = Llama(cfg, rngs=nnx.Rngs(0))
+  blocked = Llama(dataclasses.replace(cfg, attention="blocked"), rngs=nnx.Rngs(0))
+  toks = _tokens(s=128)
+
+  def loss(model):
+    return jnp.mean(jax.nn.log_softmax(model(toks))[..., 0])
+
+  logits = nnx.jit(lambda model: model(toks))
+  np.testing.assert_allclose(logits(blocked), logits(dense), atol=1e-5)
+  grad = nnx.jit(nnx.grad(loss))
+  g_dense, g_blocked = grad(dense), grad(blocked)
+  for a, b in zip(jax.tree.leaves(g_blocked), jax.tree.leaves(g_dense)):
+    np.testing.assert_allclose(a, b, atol=1e-6)

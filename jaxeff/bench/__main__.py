@@ -5,6 +5,7 @@ import pkgutil
 import sys
 
 import jaxeff.bench as _bench
+from jaxeff import host_malloc
 
 
 def _available():
@@ -18,6 +19,7 @@ def main(argv=None):
     print(f"usage: python -m jaxeff.bench {{{','.join(names)}}} [args...]")
     return 0 if argv else 2
   name, rest = argv[0], argv[1:]
+  host_malloc.tune_for_cpu_training()  # same host settings as `python -m jaxeff.train`
   if name not in names:
     print(f"error: unknown benchmark {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
     return 2
