@@ -56,9 +56,8 @@ def tune_for_cpu_training() -> bool:
     return False
   if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
     return False
-  if os.environ.get("JAX_PLATFORMS", "cpu").split(",")[0] not in ("cpu", ""):
-    return False
-  if not os.environ.get("JAX_PLATFORMS") and _accelerator_plugin_installed():
+  platforms = os.environ.get("JAX_PLATFORMS", "")
+  if platforms.split(",")[0] not in ("cpu", "") or (not platforms and _accelerator_plugin_installed()):
     return False
   if _jax_backend_started():  # too late to help (measured), so leave this process alone
     return False

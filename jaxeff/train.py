@@ -90,8 +90,8 @@ _NESTED = {"model": ModelConfig, "data": data_lib.DataConfig, "optimizer": Optim
 
 def config_from_dict(values: dict) -> TrainConfig:
   values = dict(values)
-  if isinstance(values.get("model"), dict):
-    values["model"] = {"attention": TRAIN_ATTENTION, **values["model"]}
+  if "model" in values and (values["model"] is None or isinstance(values["model"], dict)):
+    values["model"] = {"attention": TRAIN_ATTENTION, **(values["model"] or {})}
   nested = {k: from_dict(cls, values.pop(k) or {}, k) for k, cls in _NESTED.items() if k in values}
   cfg = from_dict(TrainConfig, values)
   for k, v in nested.items():

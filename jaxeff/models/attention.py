@@ -132,9 +132,11 @@ def _can_skip_blocks(q_pos, kv_pos):
 
 
 def _checked_forward(q, k, v, q_pos, kv_pos, window, num_blocks):
-  return jax.lax.cond(_can_skip_blocks(q_pos, kv_pos),
-                      lambda: _forward(q, k, v, q_pos, kv_pos, window, num_blocks),
-                      lambda: _forward(q, k, v, q_pos, kv_pos, window, 1))
+  skip = _can_skip_blocks(q_pos, kv_pos)
+  out, stats = jax.lax.cond(skip,
+                            lambda: _forward(q, k, v, q_pos, kv_pos, window, num_blocks),
+                            lambda: _forward(q, k, v, q_pos, kv_pos, window, 1))
+  return out, stats, skip
 
 
 # The run-time choice lives inside the custom VJP, so differentiating it never stores the
@@ -145,13 +147,13 @@ def _blocked(q, k, v, q_pos, kv_pos, window, num_blocks):
 
 
 def _blocked_fwd(q, k, v, q_pos, kv_pos, window, num_blocks):
-  out, stats = _checked_forward(q, k, v, q_pos, kv_pos, window, num_blocks)
-  return out, (q, k, v, q_pos, kv_pos, out, stats)
+  out, stats, skip = _checked_forward(q, k, v, q_pos, kv_pos, window, num_blocks)
+  return out, (q, k, v, q_pos, kv_pos, out, stats, skip)
 
 
 def _blocked_bwd(window, num_blocks, res, d_out):
-  q, k, v, q_pos, kv_pos, out, stats = res
-  dq, dk, dv = jax.lax.cond(_can_skip_blocks(q_pos, kv_pos),
+  q, k, v, q_pos, kv_pos, out, stats, skip = res
+  dq, dk, dv = jax.lax.cond(skip,
                             lambda: _backward(q, k, v, q_pos, kv_pos, out, stats, d_out, window, num_blocks),
                             lambda: _backward(q, k, v, q_pos, kv_pos, out, stats, d_out, window, 1))
   no_grad = np.zeros(q_pos.shape, jax.dtypes.float0)
