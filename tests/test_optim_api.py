@@ -68,7 +68,7 @@ def test_composition_and_sharding(name, mesh):
   params = _tree(0, 0.1)
   grads = [_tree(s) for s in range(1, 5)]
   sched = optax.cosine_decay_schedule(LR, 10)
-  factory = optim.OPTIMIZERS[name]
+  factory = optim.OPTIMIZERS[name].factory
   plain = _runner(factory(learning_rate=sched, **_kw(name)))
   want, _ = plain(params, grads[:2])
 
@@ -144,3 +144,15 @@ def test_nnx_logical_axes():
   leaves = jax.tree.leaves(mu)
   assert sorted(x.shape for x in leaves) == [(2, 48, 32), (32, 48)]  # emb and norm -> AdamW
   assert bool(jnp.all(jnp.isfinite(model.up[...])))
+
+
+def test_specs_say_what_the_loop_must_do():
+  per_device = [n for n, s in optim.OPTIMIZERS.items() if s.gradients == "per_device"]
+  assert per_device == ["distributed_lion"]
+  assert not optim.spec("distributed_lion").clip and optim.spec("distributed_lion").takes_mesh
+  assert all(s.clip and not s.takes_mesh for n, s in optim.OPTIMIZERS.items() if n != "distributed_lion")
+  assert {n for n, s in optim.OPTIMIZERS.items() if s.takes_logical_axes} == {"muon", "c_muon", "galore", "osd"}
+  with pytest.raises(ValueError, match="valid names"):
+    optim.spec("sgdd")
+  with pytest.raises(ValueError, match="gradients must be one of"):
+    optim.OptimizerSpec(optax.sgd, gradients="sum")

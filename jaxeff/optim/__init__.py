@@ -5,7 +5,7 @@
 - `distributed_lion`, `local_grads`: Distributed Lion with bit-packed sign votes.
 - `galore`: reference-faithful GaLore (smaller side projected, scale 0.25).
 - `online_subspace_descent` / `osd`: Online Subspace Descent (online-PCA projector).
-- `build(name, **hyperparams)`: the CLI entry point.
+- `build(name, **hyperparams)`: the CLI entry point; `spec(name)`: what a training loop must do for it.
 - `logical_axes_from_state(state)`: logical names of an `nnx.State` for `logical_axes=`.
 """
 
@@ -15,11 +15,11 @@ from jaxeff.optim.distributed_lion import distributed_lion, hlo_collective_bytes
 from jaxeff.optim.galore import galore, scale_by_galore
 from jaxeff.optim.muon import c_muon, muon
 from jaxeff.optim.osd import online_subspace_descent, osd, scale_by_osd
-from jaxeff.optim.registry import OPTIMIZERS, build
+from jaxeff.optim.registry import OPTIMIZERS, OptimizerSpec, build, spec
 
 __all__ = [
     "BATCH_AXES", "PROJECTED_AXES", "VOCAB_AXES", "MatrixDims", "logical_axes_from_state",
     "cautious", "c_adamw", "c_lion", "muon", "c_muon", "distributed_lion", "local_grads",
     "hlo_collective_bytes", "galore", "scale_by_galore", "online_subspace_descent", "osd",
-    "scale_by_osd", "build", "OPTIMIZERS",
+    "scale_by_osd", "build", "spec", "OptimizerSpec", "OPTIMIZERS",
 ]
