@@ -20,7 +20,7 @@ EXTRA = {"galore": {"rank": 4, "update_proj_gap": 2}, "osd": {"rank": 4}}
 
 
 def _kw(name):
-  axes = {"logical_axes": AXES} if name in ("muon", "c_muon", "galore", "osd") else {}
+  axes = {"logical_axes": AXES} if optim.spec(name).takes_logical_axes else {}
   return dict(EXTRA.get(name, {}), **axes)
 
 
@@ -151,7 +151,8 @@ def test_specs_say_what_the_loop_must_do():
   assert per_device == ["distributed_lion"]
   assert not optim.spec("distributed_lion").clip and optim.spec("distributed_lion").takes_mesh
   assert all(s.clip and not s.takes_mesh for n, s in optim.OPTIMIZERS.items() if n != "distributed_lion")
-  assert {n for n, s in optim.OPTIMIZERS.items() if s.takes_logical_axes} == {"muon", "c_muon", "galore", "osd"}
+  assert {n for n, s in optim.OPTIMIZERS.items() if s.takes_logical_axes} == {
+      "c_adamw", "c_lion", "muon", "c_muon", "galore", "osd"}
   with pytest.raises(ValueError, match="valid names"):
     optim.spec("sgdd")
   with pytest.raises(ValueError, match="gradients must be one of"):

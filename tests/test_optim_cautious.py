@@ -115,3 +115,48 @@ def test_clamp_rescales_few_survivors():
   # mean(phi) = 1e-3 -> scale 1000; the 1e-3 clamp bounds it for fewer survivors.
   np.testing.assert_allclose(masked[0], 1000.0, rtol=1e-5)
   np.testing.assert_array_equal(masked[1:], 0.0)
+
+
+def test_wrapper_keeps_weight_decay_outside_the_mask():
+  """The issue's example: p = 1, g = [1, -1, 0, 0], lr 0.1, wd 0.5. Adam's first direction is
+  sign(g); two of four coordinates agree (scale 2); the decay -lr*wd*p applies everywhere."""
+  params, g = jnp.ones(4), jnp.array([1.0, -1.0, 0.0, 0.0])
+  want = np.array([-0.25, 0.15, -0.05, -0.05])
+  composed = optax.chain(optim.cautious(optax.scale_by_adam(), negated=False),
+                         optax.add_decayed_weights(0.5), optax.scale_by_learning_rate(0.1))
+  for tx in (composed, optim.c_adamw(0.1, weight_decay=0.5)):
+    u, _ = tx.update(g, tx.init(params), params)
+    np.testing.assert_allclose(u, want, rtol=1e-5)
+  # Around a full optimizer with decay the mask would swallow the decay ([-0.3, 0.1, 0, 0]):
+  # the wrapper refuses any inner transformation that reads the parameters.
+  tx = optim.cautious(optax.adamw(0.1, weight_decay=0.5))
+  with pytest.raises(ValueError, match="add_decayed_weights"):
+    tx.update(g, tx.init(params), params)
+
+
+def _stack_vs_slices(make, steps_grads):
+  """Runs `make(logical_axes)` on a [2, 4, 6] stack with a "layers" axis and on its two slices as
+  separate leaves (the reference's per-tensor view); returns both final params."""
+  rng = np.random.default_rng(0)
+  stack = jnp.asarray(rng.standard_normal((2, 4, 6)), jnp.float32)
+  got = _run(make({"s": ("layers", "embed", "mlp")}), {"s": stack}, [{"s": g} for g in steps_grads])
+  want = _run(make({"l0": ("embed", "mlp"), "l1": ("embed", "mlp")}), {"l0": stack[0], "l1": stack[1]},
+              [{"l0": g[0], "l1": g[1]} for g in steps_grads])
+  return got["s"], jnp.stack([want["l0"], want["l1"]])
+
+
+@pytest.mark.parametrize("name", ["c_adamw", "c_lion", "wrapper"])
+def test_mask_normalised_per_layer_of_a_scanned_stack(name):
+  """Layer 0's second gradient is small and flipped, so the momentum still points the old way
+  (nothing agrees: clamp); layer 1's repeats (all agree: scale 1). One mean over the whole stack
+  would scale layer 1 by 2."""
+  g1 = np.random.default_rng(1).standard_normal((2, 4, 6)).astype(np.float32)
+  g2 = np.stack([-0.05 * g1[0], g1[1]])
+
+  def make(axes):
+    if name == "wrapper":
+      return optim.cautious(optax.sgd(LR, momentum=0.9), logical_axes=axes)
+    return optim.build(name, learning_rate=LR, weight_decay=WD, logical_axes=axes)
+
+  got, want = _stack_vs_slices(make, [jnp.asarray(g1), jnp.asarray(g2)])
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)

@@ -1,4 +1,11 @@
-"""GaLore and Online Subspace Descent vs NumPy implementations of the reference update rules."""
+"""GaLore and Online Subspace Descent vs NumPy implementations of the reference update rules.
+
+The references are written in PyTorch's layout: a Linear weight is [out, in], jaxeff's [in, out].
+Each NumPy reference transposes the jaxeff gradient to [out, in], applies the reference code's
+rule there ("m >= n: right projector" on the torch shape) and transposes the update back, so the
+projected side is derived from the torch layout, never from jaxeff's. Square matrices are where a
+wrong translation hides: they are in every test here.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -9,10 +16,12 @@ import pytest
 from jaxeff import optim
 
 LR, WD, RANK, GAP, SCALE, STEPS = 1e-2, 0.1, 4, 2, 0.25, 5
-SHAPES = {"wq": (32, 48), "wo": (48, 32), "stack": (2, 32, 48), "embed": (64, 32), "norm": (32,)}
-AXES = {"wq": ("embed", "heads"), "wo": ("mlp", "embed"), "stack": ("layers", "embed", "mlp"),
+SHAPES = {"wq": (32, 48), "wo": (48, 32), "wsq": (32, 32), "stack": (2, 32, 48), "sqstack": (2, 32, 32),
+          "embed": (64, 32), "norm": (32,)}
+AXES = {"wq": ("embed", "heads"), "wo": ("mlp", "embed"), "wsq": ("embed", "heads"),
+        "stack": ("layers", "embed", "mlp"), "sqstack": ("layers", "heads", "embed"),
         "embed": ("vocab", "embed"), "norm": ("norm",)}
-PROJECTED = {"wq", "wo", "stack"}
+PROJECTED = {"wq", "wo", "wsq", "stack", "sqstack"}
 
 
 def _tree(seed, scale=1.0):
@@ -43,12 +52,16 @@ def _fix_sign(p, axis):
 
 
 class NpGaLore:
-  """Reference projector ('std'): m >= n -> P = Vh[:r], R = G P^T; else P = U[:, :r], R = P^T G."""
+  """Reference projector ('std') on the torch-layout gradient G [out, in]:
+  m >= n -> P = Vh[:r], R = G P^T; else P = U[:, :r], R = P^T G."""
 
   def __init__(self):
     self.p, self.adam = None, NpAdam()
 
-  def __call__(self, g, t):
+  def __call__(self, g_jax, t):
+    return self.torch_update(g_jax.T, t).T
+
+  def torch_update(self, g, t):
     m, n = g.shape
     if t % GAP == 0:
       u, _, vh = np.linalg.svd(g, full_matrices=False)
@@ -59,15 +72,19 @@ class NpGaLore:
 
 
 class NpOSD:
-  """Reference 'continuous' projector: SVD once, then one torch-AdamW step per step on
-  ||G_n P^T P - G_n||^2 (or ||P P^T G_n - G_n||^2 for m < n), after projecting back."""
+  """Reference 'continuous' projector on the torch-layout gradient G [out, in]: SVD once, then one
+  torch-AdamW step per step on ||G_n P^T P - G_n||^2 (or ||P P^T G_n - G_n||^2 for m < n), after
+  projecting back."""
 
   def __init__(self, lr_scale=0.5, wd_p=0.01):
     self.p, self.adam, self.lr_scale, self.wd_p = None, NpAdam(), lr_scale, wd_p
     self.pm = self.pv = None
     self.pt = 0
 
-  def __call__(self, g, t, lr):
+  def __call__(self, g_jax, t, lr):
+    return self.torch_update(g_jax.T, t, lr).T
+
+  def torch_update(self, g, t, lr):
     m, n = g.shape
     if self.p is None:
       u, _, vh = np.linalg.svd(g, full_matrices=False)
@@ -142,22 +159,45 @@ def test_matches_numpy(kind):
 
 
 def _state_bytes(state):
-  return sum(x.nbytes for x in jax.tree.leaves(state))
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 @pytest.mark.parametrize("kind", ["galore", "osd"])
-def test_state_smaller_than_adamw(kind):
-  params = {"w": jnp.zeros((32, 48))}
-  r = 8
-  tx = (optim.galore(LR, rank=r) if kind == "galore" else optim.osd(LR, rank=r))
-  state = tx.init(params)
-  adamw = _state_bytes(optax.adamw(LR).init(params))
-  ours = _state_bytes(state)
-  # Moments r x max(m, n) (the smaller side projected) + P r x min(m, n) (+ P's Adam for OSD).
-  per_p = r * 32 * 4
+def test_square_matrix_projects_the_torch_input_side(kind):
+  """The reference's rule on torch's [out, in] G: out >= in -> right projector Vh[:r], so a
+  square matrix is projected on its INPUT side. Adam's first step is a sign, so at rank 1 the
+  update is sign(G_t v1) v1^T in torch layout, which differs from the output-side u1 sign(u1^T G_t)."""
+  g = np.random.default_rng(3).standard_normal((4, 4)).astype(np.float32)  # jaxeff [in, out]
+  kw = dict(rank=1, scale=1.0, weight_decay=0.0, eps=1e-12, dimension_numbers=optim.MatrixDims(0, 1))
+  tx = optim.galore(1.0, **kw) if kind == "galore" else optim.osd(1.0, **kw)
+  u, _ = tx.update(g, tx.init(g), g)
+  g_t = g.T.astype(np.float64)  # torch layout [out, in]
+  v1 = np.linalg.svd(g_t)[2][:1]  # right projector (1 x in)
+  want = -(np.sign(g_t @ v1.T) @ v1).T  # back to [in, out]
+  np.testing.assert_allclose(np.asarray(u), want, atol=1e-5)
+  wrong_side = -(np.linalg.svd(g_t)[0][:, :1] @ np.sign(np.linalg.svd(g_t)[0][:, :1].T @ g_t)).T
+  assert np.abs(want - wrong_side).max() > 0.1  # the two sides really differ here
+
+
+# (shape, rank): GaLore's state is moments r x big + P r x small; OSD adds P's two AdamW moments.
+# Square at rank d/4: GaLore 3r/(2d) = 37.5%, OSD 5r/(2d) = 62.5%; 128x64 at rank 32: 62.5%, 87.5%.
+STATE_CASES = [((32, 48), 8, 1 / 3, 0.5), ((128, 128), 32, 0.375, 0.625), ((128, 64), 32, 0.625, 0.875),
+               ((64, 128), 32, 0.625, 0.875)]
+
+
+@pytest.mark.parametrize("kind", ["galore", "osd"])
+@pytest.mark.parametrize("shape,r,galore_ratio,osd_ratio", STATE_CASES)
+def test_state_bytes(kind, shape, r, galore_ratio, osd_ratio):
+  params = {"w": jax.ShapeDtypeStruct(shape, jnp.float32)}
+  tx = optim.galore(LR, rank=r) if kind == "galore" else optim.osd(LR, rank=r)
+  state = jax.eval_shape(tx.init, params)
+  adamw = _state_bytes(jax.eval_shape(optax.adamw(LR).init, params))
   counters = 4 * (2 if kind == "galore" else 3)  # int32 step counts
-  expected = 2 * r * 48 * 4 + per_p * (1 if kind == "galore" else 3) + counters
-  assert ours == expected and ours < adamw, (ours, adamw)
+  big, small = max(shape), min(shape)
+  expected = 4 * (2 * r * big + r * small * (1 if kind == "galore" else 3)) + counters
+  assert _state_bytes(state) == expected
+  ratio = (_state_bytes(state) - counters) / (adamw - 4)
+  assert ratio == pytest.approx(galore_ratio if kind == "galore" else osd_ratio, abs=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["galore", "osd"])

@@ -1,11 +1,15 @@
 """Optimizers as optax GradientTransformations (one per module, like optax).
 
-- `cautious(inner)`, `c_adamw`, `c_lion`: cautious masking (Liang et al. 2024).
-- `muon`, `c_muon`: Muon with the Moonlight recipe, routed by logical axes.
-- `distributed_lion`, `local_grads`: Distributed Lion with bit-packed sign votes.
-- `galore`: reference-faithful GaLore (smaller side projected, scale 0.25).
+- `cautious(direction)`, `c_adamw`, `c_lion`: cautious masking (Liang et al. 2024), decay outside
+  the mask, one mean per layer of a scanned stack.
+- `muon`, `c_muon`: Muon with the Moonlight recipe, routed by logical axes; c_muon is C-Optim's.
+- `distributed_lion`, `local_grads`: Distributed Lion with packed three-valued votes.
+- `galore`: reference-faithful GaLore (smaller side projected, the references' side for square
+  matrices, scale 0.25).
 - `online_subspace_descent` / `osd`: Online Subspace Descent (online-PCA projector).
 - `build(name, **hyperparams)`: the CLI entry point; `spec(name)`: what a training loop must do for it.
+
+Every `update` accepts and ignores extra keywords (optax's `with_extra_args_support` convention).
 - `logical_axes_from_state(state)`: logical names of an `nnx.State` for `logical_axes=`.
 """
 

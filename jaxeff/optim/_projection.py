@@ -1,10 +1,11 @@
 """Low-rank gradient projection shared by GaLore and Online Subspace Descent.
 
 Every projected leaf is viewed as a batch of canonical matrices G [batch, big, small] (see
-`_util.MatrixView`): the reference projects the SMALLER side, so the projector is P [r, small]
+`_util.MatrixView`): the references project the SMALLER side, so the projector is P [r, small]
 with orthonormal rows, the projected gradient R = G P^T [big, r] and the way back R P.
-(For W [m, n] with m >= n this is the reference's right projector; for m < n it is the
-reference's left projector U[:, :r], stored transposed.) All projector math is f32.
+In the references' PyTorch layout G_t [out, in]: out >= in (square included) -> right projector
+Vh[:r] on the input side; out < in -> left projector U[:, :r] on the output side, stored here
+transposed. All projector math is f32.
 """
 
 from __future__ import annotations

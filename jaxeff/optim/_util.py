@@ -54,12 +54,13 @@ def per_leaf(spec, tree, is_leaf: Callable[[Any], bool], what: str) -> list:
   """Entries of `spec` (a pytree matching `tree`, or a callable of `tree`) in `tree`'s leaf order.
 
   Matching is by leaf order, so `spec` may use a different container type than `tree`
-  (e.g. an `nnx.State` of tuples for an `nnx.State` of Variables).
+  (e.g. an `nnx.State` of tuples for an `nnx.State` of Variables). `optax.MaskedNode`s in `tree`
+  (what `optax.partition` / `optax.masked` hand an inner transformation) count as leaves.
   """
   if callable(spec):
     spec = spec(tree)
   entries = jax.tree.leaves(spec, is_leaf=is_leaf)
-  n = len(jax.tree.leaves(tree))
+  n = len(jax.tree.leaves(tree, is_leaf=is_masked))
   if len(entries) != n:
     raise ValueError(f"{what} has {len(entries)} leaves but the parameter tree has {n}; "
                      f"give one entry per parameter (None for 'no names')")
@@ -124,7 +125,14 @@ def _axes_tuple(a, ndim):
 
 
 class MatrixView:
-  """Canonical [batch, big, small] view of a leaf; `small` is the side GaLore/OSD project."""
+  """A leaf as a batch of matrices: `to_matrix` gives [batch, fan_in, fan_out] (Muon), and
+  `to_canonical` gives [batch, big, small] with `small` the side GaLore/OSD project.
+
+  Which side is projected comes from the references' rule on PyTorch's [out, in] layout: out >= in
+  -> right projector (the input side), else left (the output side). In jaxeff's [in, out] layout
+  that is: project fan-in when fan_in <= fan_out (so a square matrix is projected on its input
+  side, as in the references), fan-out otherwise. Either way the smaller side is projected.
+  """
 
   def __init__(self, shape: Sequence[int], dims: MatrixDims):
     ndim = len(shape)
@@ -135,23 +143,47 @@ class MatrixView:
     self.shape = tuple(shape)
     self.perm = batch + red + out
     self.inv_perm = tuple(sorted(range(ndim), key=lambda i: self.perm[i]))
+    self.batch_axes = batch
     self.batch = math.prod(shape[i] for i in batch)
     self.m = math.prod(shape[i] for i in red)  # fan-in
     self.n = math.prod(shape[i] for i in out)  # fan-out
-    # Reference GaLore: m >= n -> right projector (r x n); else left (m x r). Transposing the
-    # m < n case makes both "project the last (smaller) axis".
-    self.transposed = self.m < self.n
+    # Torch [out, in] = [n, m]: n >= m -> right projector on the input side. Canonical [big, small]
+    # puts the projected side last, so fan-in must be last: transpose when m <= n.
+    self.transposed = self.m <= self.n
     self.big, self.small = max(self.m, self.n), min(self.m, self.n)
     self._permuted = tuple(shape[i] for i in self.perm)
 
+  def to_matrix(self, x: jax.Array) -> jax.Array:
+    return x.transpose(self.perm).reshape(self.batch, self.m, self.n)
+
+  def from_matrix(self, y: jax.Array) -> jax.Array:
+    return y.reshape(self._permuted).transpose(self.inv_perm)
+
   def to_canonical(self, x: jax.Array) -> jax.Array:
-    y = x.transpose(self.perm).reshape(self.batch, self.m, self.n)
+    y = self.to_matrix(x)
     return jnp.swapaxes(y, -1, -2) if self.transposed else y
 
   def from_canonical(self, y: jax.Array) -> jax.Array:
-    if self.transposed:
-      y = jnp.swapaxes(y, -1, -2)
-    return y.reshape(self._permuted).transpose(self.inv_perm)
+    return self.from_matrix(jnp.swapaxes(y, -1, -2) if self.transposed else y)
+
+
+def batch_axes(names, ndim: int) -> tuple[int, ...]:
+  """Positions of the stacked-layer axes ("layers") in a leaf's logical names; () without names."""
+  if names is None:
+    return ()
+  if len(names) != ndim:
+    raise ValueError(f"logical axes {names} do not match a parameter of rank {ndim}")
+  return tuple(i for i, n in enumerate(names) if n in BATCH_AXES)
+
+
+def batch_axes_per_leaf(tree, logical_axes) -> list[tuple[int, ...]]:
+  """Per-leaf stacked-layer axes from optional logical axes (pytree or callable), in the order of
+  `jax.tree.leaves(tree)` (entries of `optax.MaskedNode` leaves are dropped)."""
+  leaves = jax.tree.leaves(tree, is_leaf=is_masked)
+  if logical_axes is None:
+    return [() for x in leaves if not is_masked(x)]
+  names = per_leaf(logical_axes, tree, is_axes_leaf, "logical_axes")
+  return [batch_axes(n, x.ndim) for n, x in zip(names, leaves) if not is_masked(x)]
 
 
 def static_int(x, name: str, factory: str) -> int:

@@ -4,7 +4,7 @@ Liu, Wu, Chen, Liu, "Communication Efficient Distributed Training with Distribut
 (arXiv 2404.00438). N data-parallel workers, worker i with its OWN momentum m_i and only its
 local gradient g_i (there is no gradient all-reduce):
 
-    d_i = sign(b1 * m_i + (1 - b1) * g_i)              (1 bit per parameter on the wire)
+    d_i = sign(b1 * m_i + (1 - b1) * g_i)              (in {-1, 0, +1}: an exact zero abstains)
     m_i = b2 * m_i + (1 - b2) * g_i
     D   = sign(sum_i d_i)  ("majority", ties -> 0)  or  D = mean_i d_i  ("average")
     p   = p - lr * (D + wd * p)                        (every worker applies the same D)
@@ -20,24 +20,27 @@ with the same leading axis, sharded over `axis_name` (never averaged). A train s
     updates, opt_state = tx.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
 
-Communication (one shard_map over `axis_name`, all leaves concatenated into one bit vector):
-every worker packs its N slices of sign bits 32 per uint32 and sends slice j to worker j
-(all-to-all, 1 bit/param); worker j counts the votes for its slice and all-gathers the result
-as bit-planes (majority: 2 bits/param for +1/0/-1; average: the +1 count, bit_length(N) bits). This is the paper's
-worker->server->worker exchange with the server role split over the N workers.
+Communication (one shard_map over `axis_name`, all leaves concatenated into one vote vector):
+every worker packs its three-valued votes 20 per uint32 word (3^20 < 2^32: 1.6 bits per
+parameter, so an exact zero can abstain as the paper's sign(0) = 0 does) and sends slice j of the
+vector to worker j (all-to-all); worker j counts the +1 and -1 votes for its slice and
+all-gathers the result as bit-planes (majority: 2 bits/param for +1/0/-1; average: the vote sum
++ N, bit_length(2N) bits). This is the paper's worker->server->worker exchange with the server
+role split over the N workers. Exact zeros are common: embedding rows absent from a worker's
+batches keep m_i = 0 and g_i = 0.
 
-Exact zeros: Lion's sign(0) = 0 cannot travel in 1 bit. A worker whose b1*m + (1-b1)*g is exactly
-0 (e.g. embedding rows absent from its batch, at the start) votes +1 on even and -1 on odd worker
-indices, so when all workers of an even-sized group have 0 the votes cancel and the parameter only
-decays, as the paper's rule would; with an odd count, or mixed zeros, it differs by one vote.
+Other mesh axes (e.g. "fsdp") stay automatic inside the shard_map: each worker's gradient is
+gathered over them for the vote, every device of a worker computes the same vote (the exchange
+crosses `axis_name` only), and the momentum is sharded over `axis_name`, replicated over the rest.
 
-`optax.inject_hyperparams(distributed_lion, static_args=("mesh",))`: a `Mesh` is callable, so
-inject_hyperparams would otherwise take it for a schedule.
+`mesh=None` takes the mesh set with `jax.set_mesh` when it has `axis_name`, else all devices on
+one `axis_name` axis. `optax.inject_hyperparams(distributed_lion, static_args=("mesh",))`: a
+`Mesh` is callable, so inject_hyperparams would otherwise take it for a schedule.
 
 Not composable with `optax.MultiSteps` (its accumulator has the parameter's shape, not [N, ...]):
 accumulate local micro-batch gradients in the train step instead. `chain`, `inject_hyperparams`
-and `jit` work. NaN gradients: the sign bits of NaN are "not > 0", so a NaN does not propagate
-through the vote; the worker's momentum does become NaN. Zero gradients give D = 0 (see above).
+and `jit` work. NaN gradients: a NaN local update counts as an abstention (no NaN crosses the
+vote); the worker's momentum does become NaN. Zero gradients everywhere give D = 0.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 VOTES = ("majority", "average")
+TRITS_PER_WORD = 20  # 3**20 < 2**32
 
 
 class DistributedLionState(NamedTuple):
@@ -72,6 +76,29 @@ def _unpack(words: jax.Array) -> jax.Array:
   return b.reshape(*words.shape[:-1], -1).astype(bool)
 
 
+_POW3 = 3 ** np.arange(TRITS_PER_WORD, dtype=np.uint64)
+
+
+def _pack_trits(trits: jax.Array) -> jax.Array:
+  """uint32 values in {0, 1, 2} [..., 20k] -> uint32 [..., k], word w = sum_j trits[20 w + j] 3^j."""
+  t = trits.reshape(*trits.shape[:-1], -1, TRITS_PER_WORD).astype(jnp.uint32)
+  return jnp.sum(t * jnp.asarray(_POW3, jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+def _unpack_trits(words: jax.Array) -> jax.Array:
+  """uint32 [..., k] -> uint32 trits [..., 20k]."""
+  t = (words[..., None] // jnp.asarray(_POW3, jnp.uint32)) % jnp.uint32(3)
+  return t.reshape(*words.shape[:-1], -1)
+
+
+def default_mesh(axis_name: str = "data") -> Mesh:
+  """The `jax.set_mesh` mesh if it has `axis_name`, else every device on one `axis_name` axis."""
+  current = jax.sharding.get_mesh()
+  if not current.empty and axis_name in current.axis_names:
+    return current
+  return jax.make_mesh((jax.device_count(),), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def scale_by_distributed_lion(
     mesh: Mesh,
     axis_name: str = "data",
@@ -79,48 +106,53 @@ def scale_by_distributed_lion(
     b2: float = 0.99,
     vote: str = "majority",
     mu_dtype: Optional[Any] = None,
-) -> optax.GradientTransformation:
-  """The voted direction D (gradient space, no lr, no decay); see module docstring."""
+) -> optax.GradientTransformationExtraArgs:
+  """The voted direction D (gradient space, no lr, no decay); see the module docstring."""
   if vote not in VOTES:
     raise ValueError(f"vote must be one of {VOTES}, got {vote!r}")
+  if axis_name not in mesh.axis_names:
+    raise ValueError(f"distributed_lion: the mesh has no axis {axis_name!r} (axes: {mesh.axis_names})")
   n = mesh.shape[axis_name]
+  sum_bits = (2 * n).bit_length()  # the vote sum + n is in [0, 2n]
 
   def init_fn(params):
     def one(p):
       m = jnp.zeros((n,) + p.shape, mu_dtype or p.dtype)
       return jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(axis_name)))
-    return DistributedLionState(count=jnp.zeros([], jnp.int32), mu=jax.tree.map(one, params))
+    # The counter too lives on the mesh, so the state an update returns has init's placement.
+    count = jax.lax.with_sharding_constraint(jnp.zeros([], jnp.int32), NamedSharding(mesh, P()))
+    return DistributedLionState(count=count, mu=jax.tree.map(one, params))
 
   def body(grads, mus):
-    # One device: grads / mus leaves are [1, ...] (this worker's slice).
-    idx = jax.lax.axis_index(axis_name)
+    # One worker: grads / mus leaves are [1, ...] (this worker's slice).
     gs, treedef = jax.tree.flatten(grads)
     ms = jax.tree.leaves(mus)
-    bits, new_ms, sizes = [], [], []
+    trits, new_ms, sizes = [], [], []
     for g, m in zip(gs, ms):
       g32, m32 = g[0].astype(jnp.float32), m[0].astype(jnp.float32)
       c = b1 * m32 + (1 - b1) * g32
-      # sign(c) as one bit; exact zeros split by worker parity (see module docstring).
-      bits.append(jnp.where(c == 0, idx % 2 == 0, c > 0).reshape(-1))
+      # sign(c) + 1 in {0, 1, 2}: 1 (abstain) for exact zeros and NaN.
+      trits.append(jnp.where(c > 0, 2, jnp.where(c < 0, 0, 1)).astype(jnp.uint32).reshape(-1))
       new_ms.append((b2 * m32 + (1 - b2) * g32).astype(m.dtype)[None])
       sizes.append(c.size)
     total = sum(sizes)
-    chunk = -(-total // (32 * n)) * 32  # bits per destination, a multiple of 32
-    flat = jnp.pad(jnp.concatenate(bits), (0, chunk * n - total))
-    packed = _pack(flat.reshape(n, chunk))  # [n, chunk/32] uint32: row j goes to worker j
-    recv = jax.lax.all_to_all(packed, axis_name, 0, 0, tiled=False)  # row i: worker i's bits
-    ups = jnp.sum(_unpack(recv), axis=0, dtype=jnp.int32)  # [chunk]: +1 votes for my slice
+    chunk = -(-total // (TRITS_PER_WORD * n)) * TRITS_PER_WORD  # votes per destination worker
+    flat = jnp.pad(jnp.concatenate(trits), (0, chunk * n - total), constant_values=1)
+    packed = _pack_trits(flat.reshape(n, chunk))  # [n, chunk/20] uint32: row j goes to worker j
+    recv = _unpack_trits(jax.lax.all_to_all(packed, axis_name, 0, 0, tiled=False))  # row i: worker i's
+    total_vote = (jnp.sum(recv == 2, axis=0, dtype=jnp.int32) - jnp.sum(recv == 0, axis=0, dtype=jnp.int32))
     if vote == "majority":
-      planes = jnp.stack([2 * ups > n, 2 * ups < n])  # 2 bits/param: +1, -1 (tie -> 0)
+      planes = jnp.stack([total_vote > 0, total_vote < 0])  # 2 bits/param: +1, -1 (tie -> 0)
     else:
-      # The +1 count k in [0, n] as bit-planes: bit_length(n) bits/param (4 for n = 8).
-      planes = jnp.stack([(ups >> j) & 1 for j in range(n.bit_length())]).astype(bool)
-    allp = _unpack(jax.lax.all_gather(_pack(planes), axis_name, tiled=False))  # [n, planes, chunk]
+      shifted = total_vote + n  # in [0, 2n], bit_length(2n) bit-planes
+      planes = jnp.stack([(shifted >> j) & 1 for j in range(sum_bits)]).astype(bool)
+    planes = jnp.pad(planes, ((0, 0), (0, -chunk % 32)))  # whole 32-bit words
+    allp = _unpack(jax.lax.all_gather(_pack(planes), axis_name, tiled=False))[..., :chunk]  # [n, planes, chunk]
     if vote == "majority":
       d = allp[:, 0].astype(jnp.float32) - allp[:, 1].astype(jnp.float32)
     else:
-      k = sum(allp[:, j].astype(jnp.int32) << j for j in range(n.bit_length()))
-      d = (2 * k - n).astype(jnp.float32) / n  # mean of the +-1 votes
+      s = sum(allp[:, j].astype(jnp.int32) << j for j in range(sum_bits))
+      d = (s - n).astype(jnp.float32) / n  # mean of the votes, abstentions counted as 0
     d = d.reshape(-1)
     out, off = [], 0
     for g, size in zip(gs, sizes):
@@ -128,8 +160,8 @@ def scale_by_distributed_lion(
       off += size
     return jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, new_ms)
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(state.mu)):
       if u.shape != m.shape:
         raise ValueError(f"distributed_lion expects local gradients stacked as [{n}, *param.shape] "
@@ -139,7 +171,7 @@ def scale_by_distributed_lion(
     d, mu = f(updates, state.mu)
     return d, DistributedLionState(count=optax.safe_increment(state.count), mu=mu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def distributed_lion(
@@ -150,11 +182,47 @@ def distributed_lion(
     mask: Optional[Any | Callable[[optax.Params], Any]] = None,
     mu_dtype: Optional[Any] = None,
     *,
-    mesh: Mesh,
+    mesh: Optional[Mesh] = None,
     axis_name: str = "data",
     vote: str = "majority",
-) -> optax.GradientTransformation:
-  """Distributed Lion (see module docstring): updates = -lr * (D + wd * p)."""
+) -> optax.GradientTransformationExtraArgs:
+  r"""Distributed Lion (Liu et al. 2024): Lion with per-worker momenta and a sign vote.
+
+  .. math::
+
+    d_{i,t} = \mathrm{sign}(\beta_1 m_{i,t-1} + (1 - \beta_1) g_{i,t}), \quad
+    m_{i,t} = \beta_2 m_{i,t-1} + (1 - \beta_2) g_{i,t} \\
+    D_t = \mathrm{sign}\left(\textstyle\sum_i d_{i,t}\right) \ (\text{majority}) \ \text{or} \
+    \tfrac{1}{N} \textstyle\sum_i d_{i,t} \ (\text{average}), \quad
+    p_t = p_{t-1} - \eta_t (D_t + \lambda p_{t-1})
+
+  Worker i sees only its local gradient g_i; votes travel bit-packed (see the module docstring).
+  `update` takes the local gradients stacked [N, ...] (`local_grads`) and returns the same update
+  on every device.
+
+  Args:
+    learning_rate: the step size eta (Lion's: 3-10x below AdamW's), a float or an optax schedule.
+    b1: interpolation between momentum and gradient inside the sign.
+    b2: decay of each worker's momentum.
+    weight_decay: decoupled weight decay lambda.
+    mask: pytree of bools (or callable of the params) choosing the decayed leaves.
+    mu_dtype: dtype of the momenta; None keeps the parameters' dtype.
+    mesh: the device mesh; its `axis_name` axis holds the N workers. None: the `jax.set_mesh`
+      mesh if it has `axis_name`, else every device on one `axis_name` axis.
+    axis_name: the mesh axis of the data-parallel workers.
+    vote: "majority" (D = sign of the vote sum, 2 bits back per parameter) or "average" (the
+      mean vote, bit_length(2N) bits back).
+
+  Example::
+
+    mesh = jax.make_mesh((8,), ("data",))
+    tx = jaxeff.optim.distributed_lion(3e-4, weight_decay=0.1, mesh=mesh)
+    grads = jaxeff.optim.local_grads(jax.grad(loss), params, batch, mesh=mesh)  # [8, ...]
+    updates, state = tx.update(grads, state, params)
+
+  Reference: arXiv 2404.00438 (Algorithm 1).
+  """
+  mesh = default_mesh(axis_name) if mesh is None else mesh
   return optax.chain(
       scale_by_distributed_lion(mesh, axis_name, b1, b2, vote, mu_dtype),
       optax.add_decayed_weights(weight_decay, mask),
@@ -162,12 +230,22 @@ def distributed_lion(
   )
 
 
-def local_grads(grad_fn: Callable, params, batch, *, mesh: Mesh, axis_name: str = "data"):
+def local_grads(grad_fn: Callable, params, batch, *, mesh: Optional[Mesh] = None, axis_name: str = "data"):
   """Per-device gradients, stacked [N, ...] and sharded over `axis_name`, with no all-reduce.
 
-  `grad_fn(params, local_batch)` runs once per device on its shard of `batch` (leading batch axis
-  split over `axis_name`); `params` are replicated over `axis_name` (other mesh axes stay auto).
+  Args:
+    grad_fn: `grad_fn(params, local_batch)` -> a gradient pytree (or any pytree, e.g.
+      `jax.value_and_grad`'s (loss, grads)); runs once per worker on its shard of `batch`.
+    params: replicated over `axis_name` (other mesh axes stay automatic).
+    batch: pytree whose leading axis is split over `axis_name`.
+    mesh: the mesh; None as in `distributed_lion` (the `jax.set_mesh` mesh or all devices).
+    axis_name: the workers' mesh axis.
+
+  Returns:
+    `grad_fn`'s output with every leaf stacked [N, ...] over the workers.
   """
+  mesh = default_mesh(axis_name) if mesh is None else mesh
+
   def per_device(p, b):
     return jax.tree.map(lambda g: g[None], grad_fn(p, b))
 

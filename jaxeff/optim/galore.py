@@ -1,10 +1,11 @@
 """GaLore: `galore(...)`, reference-faithful (jiaweizzhao/GaLore, "std" projection).
 
 Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024
-(arXiv 2403.03507). For an attention/MLP matrix G [m, n]:
+(arXiv 2403.03507). For an attention/MLP matrix G [m, n] in the reference's PyTorch layout
+[out, in] (jaxeff stores [in, out]; `_util.MatrixView` translates):
 
     every T steps (t % T == 0): U, S, Vh = svd(f32(G))
-        m >= n: P = Vh[:r]        (r x n),  R = G P^T  (m x r),  back: N P
+        m >= n: P = Vh[:r]        (r x n),  R = G P^T  (m x r),  back: N P     (square: this one)
         m <  n: P = U[:, :r]      (m x r),  R = P^T G  (r x n),  back: P N
     N = Adam(R)        moments kept across projector refreshes (as the reference does)
     p = p * (1 - lr * wd) - lr * scale * back(N)
@@ -56,8 +57,8 @@ def scale_by_galore(
     logical_axes: Any = None,
     projection_mask: Any = None,
     dimension_numbers: Any = None,
-) -> optax.GradientTransformation:
-  """GaLore direction in gradient space (no lr, no decay); see module docstring."""
+) -> optax.GradientTransformationExtraArgs:
+  """GaLore's direction scale * back(Adam(R)) in gradient space (no lr, no decay); Args as `galore`."""
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
 
   def _views(tree):
@@ -73,8 +74,8 @@ def scale_by_galore(
                        projector=jax.tree.unflatten(treedef, projectors),
                        adam=adam.init(jax.tree.unflatten(treedef, proxies)))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     vws = _views(updates)
     grads, treedef = jax.tree.flatten(updates)
     refresh = state.count % update_proj_gap == 0
@@ -101,7 +102,7 @@ def scale_by_galore(
         count=optax.safe_increment(state.count),
         projector=jax.tree.unflatten(treedef, new_p), adam=adam_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def galore(
@@ -119,9 +120,45 @@ def galore(
     logical_axes: Any = None,
     projection_mask: Any = None,
     dimension_numbers: Any = None,
-) -> optax.GradientTransformation:
-  """GaLore-AdamW. `mask` is the weight-decay mask; `projection_mask` (bool pytree) or
-  `logical_axes` choose which matrices are projected."""
+) -> optax.GradientTransformationExtraArgs:
+  r"""GaLore-AdamW: Adam on low-rank projections of the attention/MLP gradients (Zhao et al. 2024).
+
+  For each projected matrix, with P refreshed by SVD every `update_proj_gap` steps:
+
+  .. math::
+
+    R_t = G_t P_t^\top, \quad N_t = \mathrm{Adam}(R_t), \quad
+    W_t = W_{t-1} - \eta_t (\alpha N_t P_t + \lambda W_{t-1})
+
+  where P_t holds the top-r singular vectors of the smaller side (the input side in PyTorch's
+  [out, in] layout when out >= in, square matrices included) and alpha is `scale`. Other leaves
+  get AdamW with the same hyperparameters. State per matrix: moments r x max(m, n) and P r x
+  min(m, n), against AdamW's 2 m n.
+
+  Args:
+    learning_rate: the step size eta, a float or an optax schedule.
+    rank: r; min(r, smaller side) per matrix. Sets state shapes: with
+      `optax.inject_hyperparams` pass `static_args=("rank",)`.
+    update_proj_gap: T, steps between SVD refreshes of P (the reference's 200).
+    scale: alpha, multiplies the projected-back update (the reference's 0.25).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: added to sqrt(v_hat).
+    weight_decay: decoupled weight decay lambda.
+    mask: the weight-decay mask (pytree of bools or callable), optax's.
+    mu_dtype: dtype of Adam's first moment; None: f32 for projected matrices, else the parameter's.
+    logical_axes: logical-axis names per leaf; leaves with "heads", "kv_heads" or "mlp" (and no
+      "vocab") are projected, "layers" axes are batch axes (one projector per layer).
+    projection_mask: instead of names, a bool pytree: True -> project the last two axes.
+    dimension_numbers: instead of names, a pytree of `MatrixDims` or None per leaf.
+
+  Example::
+
+    axes = jaxeff.optim.logical_axes_from_state(nnx.state(model, nnx.Param))
+    tx = jaxeff.optim.galore(1e-2, rank=128, update_proj_gap=200, logical_axes=axes)
+
+  Reference: https://github.com/jiaweizzhao/GaLore (galore_torch/galore_projector.py, "std").
+  """
   return optax.chain(
       scale_by_galore(rank, update_proj_gap, scale, b1, b2, eps, mu_dtype, logical_axes=logical_axes,
                       projection_mask=projection_mask, dimension_numbers=dimension_numbers),

@@ -1,4 +1,4 @@
-"""Muon with the Moonlight recipe: `muon`, `c_muon` (cautious mask before orthogonalization).
+"""Muon with the Moonlight recipe: `muon`, `c_muon` (C-Optim's cautious Muon).
 
 Jordan, "Muon: An optimizer for hidden layers" (2024); Liu et al., "Muon is Scalable for LLM
 Training" (Moonlight, arXiv 2502.16982). For a matrix parameter W [fan_in, fan_out]:
@@ -14,12 +14,11 @@ Everything that is not a hidden matrix (embeddings, LM head, norm scales, biases
 betas (0.9, 0.95), eps 1e-8, the same lr and the same weight decay. Defaults: beta 0.95, nesterov,
 5 Newton-Schulz steps (`ns_coeffs`, one row per step, run in f32), weight_decay 0.1, consistent_rms 0.2.
 
-Built from optax.contrib's Muon pieces (Newton-Schulz, `MuonDimensionNumbers`, consistent-RMS
-scaling). Differences from `optax.contrib.muon` defaults, on purpose: the Adam side is plain AdamW
-(0.9, 0.95) with weight decay (optax: NAdam-like, b2 0.999, wd 0); embeddings and the LM head go
-to AdamW when logical axes say so (optax: every 2-D leaf to Muon); stacked 3-D "layers" weights
-go to Muon (optax: silently to Adam); the momentum is Moonlight's `m = beta m + g` (optax: EMA with
-bias correction, which weighs g and m differently during the first ~1/(1-beta) steps).
+Differences from `optax.contrib.muon` defaults, on purpose: the Adam side is plain AdamW (0.9, 0.95)
+with weight decay (optax: NAdam-like, b2 0.999, wd 0); embeddings and the LM head go to AdamW when
+logical axes say so (optax: every 2-D leaf to Muon); stacked 3-D "layers" weights go to Muon, one
+matrix per layer (optax: silently to Adam); the momentum is Moonlight's `m = beta m + g` (optax: EMA
+with bias correction, which weighs g and m differently during the first ~1/(1-beta) steps).
 
 Which leaves are Muon matrices (see `jaxeff.optim._util`), pass at most one of:
   * `logical_axes`: pytree (or callable of params) of name tuples, e.g. from
@@ -38,10 +37,9 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
-from optax.contrib._muon import orthogonalize_via_newton_schulz, scale_by_shape
 
 from jaxeff.optim import _util
-from jaxeff.optim.cautious import cautious
+from jaxeff.optim.cautious import c_adamw, mask_scale
 
 NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 5  # one (a, b, c) per Newton-Schulz step
 
@@ -50,44 +48,88 @@ class MomentumState(NamedTuple):
   mu: optax.Updates
 
 
-def scale_by_moonlight_momentum(beta: float = 0.95, nesterov: bool = True,
-                                mu_dtype: Optional[Any] = None) -> optax.GradientTransformation:
-  """m = beta m + g; returns g + beta m (nesterov) or m. Gradient-space direction."""
+def _view_leaves(views_tree) -> list:
+  return jax.tree.leaves(views_tree, is_leaf=lambda x: isinstance(x, _util.MatrixView))
+
+
+def scale_by_moonlight_momentum(beta: float = 0.95, nesterov: bool = True, mu_dtype: Optional[Any] = None,
+                                *, caution: bool = False, views: Any = None
+                                ) -> optax.GradientTransformationExtraArgs:
+  """m = beta m + g; returns g + beta m (nesterov) or m, in gradient space.
+
+  `caution=True` is C-Optim's c_muon: the returned direction is multiplied by
+  1[m * g > 0] / max(mean, 1e-3) with m the updated momentum (its sign is the sign of C-Optim's EMA
+  momentum), the mean taken per matrix of `views` (a pytree of `MatrixView`s matching the updates).
+  """
 
   def init_fn(params):
     return MomentumState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
-  def update_fn(updates, state, params=None):
-    del params
-    mu = jax.tree.map(lambda m, g: beta * m.astype(jnp.float32) + g.astype(jnp.float32), state.mu, updates)
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    f32 = lambda x: x.astype(jnp.float32)
+    mu = jax.tree.map(lambda m, g: beta * f32(m) + f32(g), state.mu, updates)
     if nesterov:
-      out = jax.tree.map(lambda m, g: (g.astype(jnp.float32) + beta * m).astype(g.dtype), mu, updates)
+      out = jax.tree.map(lambda m, g: f32(g) + beta * m, mu, updates)
     else:
-      out = jax.tree.map(lambda m, g: m.astype(g.dtype), mu, updates)
+      out = mu
+    if caution:
+      leaves, treedef = jax.tree.flatten(out)
+      masked = [u * mask_scale(m * f32(g) > 0, v.batch_axes) for u, m, g, v in
+                zip(leaves, jax.tree.leaves(mu), jax.tree.leaves(updates), _view_leaves(views))]
+      out = jax.tree.unflatten(treedef, masked)
+    out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates)
     mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
     return out, MomentumState(mu=mu)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-def orthogonalize(dims_tree, ns_coeffs=NS_COEFFS, eps: float = 1e-7) -> optax.GradientTransformation:
-  """Newton-Schulz orthogonalization (optax's), in f32, per matrix (batch axes independent).
+def newton_schulz(x: jax.Array, coeffs: jax.Array, eps: float = 1e-7) -> jax.Array:
+  """Approximate orthogonalization U V^T of each matrix in x [B, m, n] (f32), one (a, b, c) row
+  of `coeffs` per step: X = x / (||x||_F + eps); X = a X + (b A + c A^2) X with A = X X^T.
 
-  `ns_coeffs` is one (a, b, c) row per step: the step count is a shape, not an int argument, so
-  `optax.inject_hyperparams` (which turns every int into an array) cannot make it dynamic.
+  Works on the wide orientation (m <= n), so A is the smaller Gram matrix.
+  """
+  transposed = x.shape[-2] > x.shape[-1]
+  if transposed:
+    x = jnp.swapaxes(x, -1, -2)
+  x = x / (jnp.sqrt(jnp.sum(x * x, axis=(-2, -1), keepdims=True)) + eps)
+  for i in range(coeffs.shape[0]):  # a handful of steps: unrolled
+    a, b, c = coeffs[i, 0], coeffs[i, 1], coeffs[i, 2]
+    gram = x @ jnp.swapaxes(x, -1, -2)
+    x = a * x + (b * gram + c * gram @ gram) @ x
+  return jnp.swapaxes(x, -1, -2) if transposed else x
+
+
+def shape_scale(fan_in: int, fan_out: int, consistent_rms: Optional[float]) -> float:
+  """Moonlight's consistent_rms * sqrt(max(fan_in, fan_out)), or Keller Jordan's
+  sqrt(max(1, fan_out / fan_in)) when `consistent_rms` is None."""
+  if consistent_rms is None:
+    return max(1.0, fan_out / fan_in) ** 0.5
+  return consistent_rms * max(fan_in, fan_out) ** 0.5
+
+
+def orthogonalize(views, ns_coeffs=NS_COEFFS, eps: float = 1e-7,
+                  consistent_rms: Optional[float] = 0.2) -> optax.GradientTransformationExtraArgs:
+  """Newton-Schulz per matrix (f32, batch axes independent), then the shape scale.
+
+  `views` is a pytree of `MatrixView`s matching the updates. `ns_coeffs` is one (a, b, c) row per
+  step: the step count is a shape, not an int argument, so `optax.inject_hyperparams` (which turns
+  every int into an array) cannot make it dynamic.
   """
   coeffs = jnp.asarray(ns_coeffs, jnp.float32).reshape(-1, 3)
-  ns_steps = coeffs.shape[0]
 
-  def update_fn(updates, state, params=None):
-    del params
-    out = jax.tree.map(
-        lambda u, d: orthogonalize_via_newton_schulz(u.astype(jnp.float32), coeffs, ns_steps,
-                                                     eps=eps, dimension_numbers=d).astype(u.dtype),
-        updates, dims_tree)
-    return out, state
+  def one(u, v):
+    x = newton_schulz(v.to_matrix(u.astype(jnp.float32)), coeffs, eps)
+    return (shape_scale(v.m, v.n, consistent_rms) * v.from_matrix(x)).astype(u.dtype)
 
-  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
+    leaves, treedef = jax.tree.flatten(updates)
+    return jax.tree.unflatten(treedef, [one(u, v) for u, v in zip(leaves, _view_leaves(views))]), state
+
+  return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
 
 
 def _muon_impl(learning_rate, beta, nesterov, ns_coeffs, ns_eps, consistent_rms,
@@ -99,31 +141,60 @@ def _muon_impl(learning_rate, beta, nesterov, ns_coeffs, ns_eps, consistent_rms,
     # Roles depend only on static shapes and names, so the partition is rebuilt per call (pure).
     dims = _util.matrix_dims(tree, logical_axes=logical_axes, dimension_numbers=dimension_numbers,
                              matrix_mask=muon_mask, rule="muon")
-    treedef = jax.tree.structure(tree)
+    leaves, treedef = jax.tree.flatten(tree)
     labels = jax.tree.unflatten(treedef, ["muon" if d is not None else "adam" for d in dims])
     # Same structure as the masked tree optax.partition hands the Muon branch.
-    dims_tree = jax.tree.unflatten(treedef, [d if d is not None else optax.MaskedNode() for d in dims])
-    momentum = scale_by_moonlight_momentum(beta, nesterov, mu_dtype)
-    if caution:
-      momentum = cautious(momentum, negated=False)  # C-Muon: mask before Newton-Schulz
+    views = jax.tree.unflatten(treedef, [optax.MaskedNode() if d is None else _util.MatrixView(x.shape, d)
+                                         for x, d in zip(leaves, dims)])
     muon_tx = optax.chain(
-        momentum,
-        orthogonalize(dims_tree, ns_coeffs, ns_eps),
-        scale_by_shape(weight_dimension_numbers=dims_tree, consistent_rms=consistent_rms),
+        scale_by_moonlight_momentum(beta, nesterov, mu_dtype, caution=caution, views=views),
+        orthogonalize(views, ns_coeffs, ns_eps, consistent_rms),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate),
     )
-    adam_tx = optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=eps, weight_decay=weight_decay,
-                          mask=mask, mu_dtype=mu_dtype)
+    if caution:  # C-Optim masks its auxiliary AdamW too (adam_update in c_muon.py)
+      adam_tx = c_adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=eps, weight_decay=weight_decay, mask=mask,
+                        mu_dtype=mu_dtype, logical_axes=logical_axes)
+    else:
+      adam_tx = optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=eps, weight_decay=weight_decay,
+                            mask=mask, mu_dtype=mu_dtype)
     return optax.partition({"muon": muon_tx, "adam": adam_tx}, labels)
 
   def init_fn(params):
     return build(params).init(params)
 
-  def update_fn(updates, state, params=None):
-    return build(updates).update(updates, state, params)
+  def update_fn(updates, state, params=None, **extra_args):
+    return build(updates).update(updates, state, params, **extra_args)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_ARGS_DOC = """
+  Args:
+    learning_rate: the step size eta, a float or an optax schedule; with the default
+      `consistent_rms` AdamW's learning rate carries over.
+    beta: momentum decay.
+    weight_decay: decoupled weight decay lambda, on both the Muon and the AdamW side.
+    mask: pytree of bools (or callable of the params) choosing the decayed leaves (optax's).
+    adam_b1: first-moment decay of the AdamW side (embeddings, LM head, norms, biases).
+    adam_b2: second-moment decay of the AdamW side.
+    eps: the AdamW side's epsilon, added to sqrt(v_hat).
+    mu_dtype: dtype of the momenta (e.g. `jnp.bfloat16`); None keeps the parameters' dtype.
+    nesterov: use g + beta m (True) or m (False) as the direction.
+    ns_coeffs: one (a, b, c) row per Newton-Schulz step; the default is 5 steps of Keller
+      Jordan's quintic (3.4445, -4.7750, 2.0315).
+    ns_eps: added to ||u||_F before Newton-Schulz (a zero gradient gives a zero update).
+    consistent_rms: scale the orthogonalized update by consistent_rms * sqrt(max(fan_in,
+      fan_out)) (Moonlight, 0.2 matches AdamW's update RMS); None gives Keller Jordan's
+      sqrt(max(1, fan_out / fan_in)).
+    adam_learning_rate: a separate learning rate (or schedule) for the AdamW side; None shares eta.
+    logical_axes: logical-axis names per leaf (pytree or callable of the params), e.g.
+      `logical_axes_from_state(nnx.state(model, nnx.Param))`: "vocab" leaves go to AdamW, "layers"
+      axes are batch axes (one matrix per layer).
+    muon_mask: instead of names, a bool pytree: True -> Muon on the last two axes.
+    dimension_numbers: instead of names, a pytree of `MatrixDims` (optax's
+      `MuonDimensionNumbers`) or None per leaf.
+"""
 
 
 def muon(
@@ -144,15 +215,35 @@ def muon(
     logical_axes: Any = None,
     muon_mask: Any = None,
     dimension_numbers: Any = None,
-) -> optax.GradientTransformation:
-  """Moonlight Muon: Muon on hidden matrices, AdamW(0.9, 0.95) on the rest; see module docstring.
-
-  `mask` is the weight-decay mask (optax convention), applied on both sides.
-  `consistent_rms=None` gives Keller Jordan's sqrt(max(1, fan_out/fan_in)) scale instead.
-  """
+) -> optax.GradientTransformationExtraArgs:
   return _muon_impl(learning_rate, beta, nesterov, ns_coeffs, ns_eps, consistent_rms,
                     weight_decay, mask, adam_b1, adam_b2, eps, adam_learning_rate, mu_dtype,
                     logical_axes, muon_mask, dimension_numbers, caution=False)
+
+
+muon.__doc__ = r"""Muon with the Moonlight recipe: Muon on hidden matrices, AdamW(0.9, 0.95) on the rest.
+
+  For each hidden matrix W [fan_in, fan_out] (one per layer of a scanned stack):
+
+  .. math::
+
+    m_t = \beta m_{t-1} + g_t, \quad u_t = g_t + \beta m_t \ (\text{nesterov}) \\
+    O_t = \mathrm{NS}_5(u_t / (\|u_t\|_F + \epsilon_{NS})) \approx U V^\top \\
+    W_t = W_{t-1} - \eta_t \left( 0.2 \sqrt{\max(\text{fan\_in}, \text{fan\_out})}\, O_t
+          + \lambda W_{t-1} \right)
+
+  NS_5 is five steps of X <- aX + (b XX^T + c (XX^T)^2) X in f32. Every other leaf gets AdamW with
+  betas (adam_b1, adam_b2), the same learning rate and weight decay.
+""" + _ARGS_DOC + """
+  Example::
+
+    axes = jaxeff.optim.logical_axes_from_state(nnx.state(model, nnx.Param))
+    tx = jaxeff.optim.muon(3e-3, weight_decay=0.1, logical_axes=axes)
+
+  References: Jordan, "Muon: An optimizer for hidden layers" (2024),
+  https://kellerjordan.github.io/posts/muon/; Liu et al., "Muon is Scalable for LLM Training"
+  (arXiv 2502.16982), https://github.com/MoonshotAI/Moonlight (toy_train.py).
+"""
 
 
 def c_muon(
@@ -173,9 +264,31 @@ def c_muon(
     logical_axes: Any = None,
     muon_mask: Any = None,
     dimension_numbers: Any = None,
-) -> optax.GradientTransformation:
-  """Cautious Muon (experimental in the paper): the momentum direction u is masked by
-  1[u * g > 0] / max(mean, 1e-3) BEFORE Newton-Schulz; the AdamW side is unchanged."""
+) -> optax.GradientTransformationExtraArgs:
   return _muon_impl(learning_rate, beta, nesterov, ns_coeffs, ns_eps, consistent_rms,
                     weight_decay, mask, adam_b1, adam_b2, eps, adam_learning_rate, mu_dtype,
                     logical_axes, muon_mask, dimension_numbers, caution=True)
+
+
+c_muon.__doc__ = r"""Cautious Muon (C-Optim's c_muon.py; "experimental" in the cautious-optimizers paper).
+
+  As `muon`, with C-Optim's mask on both sides. On the Muon side the mask comes from the
+  momentum and the gradient and is applied before Newton-Schulz:
+
+  .. math::
+
+    m_t = \beta m_{t-1} + g_t, \quad \phi_t = 1[m_t g_t > 0] \\
+    u_t = (g_t + \beta m_t)\, \phi_t / \max(\mathrm{mean}(\phi_t), 10^{-3}), \quad
+    W_t = W_{t-1} - \eta_t (s\, \mathrm{NS}_5(u_t) + \lambda W_{t-1})
+
+  (C-Optim's EMA momentum has the sign of m_t, and Newton-Schulz is scale-invariant, so this is
+  its rule.) The mean is per matrix (per layer of a stack). The AdamW side is `c_adamw` (mask
+  1[m g > 0] on Adam's direction), as C-Optim's auxiliary Adam. The shape scale s is Moonlight's
+  by default; `consistent_rms=None` gives C-Optim's (Keller Jordan's) sqrt(max(1, fan_out/fan_in)).
+""" + _ARGS_DOC + """
+  Example::
+
+    tx = jaxeff.optim.c_muon(3e-3, logical_axes=axes)
+
+  Reference: https://github.com/kyleliang919/C-Optim (c_muon.py: muon_update, adam_update).
+"""

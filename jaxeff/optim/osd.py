@@ -2,8 +2,9 @@
 
 Liang, Liu, Chen, Liu et al., "Memory-Efficient LLM Training with Online Subspace Descent", 2024
 (arXiv 2408.12857; reference kyleliang919/Online-Subspace-Descent, proj_type "continuous").
-Same projection as GaLore (the smaller side, P [r, small] with G viewed as [big, small]), but the
-projector follows the gradient online instead of by periodic SVD:
+Same projection as GaLore (the smaller side, P [r, small] with G viewed as [big, small]; in the
+reference's PyTorch layout [out, in] the input side when out >= in, square matrices included), but
+the projector follows the gradient online instead of by periodic SVD:
 
     step 0:  P = top-r right singular vectors of the first gradient (the only SVD)
     each step t:
@@ -72,8 +73,9 @@ def scale_by_osd(
     logical_axes: Any = None,
     projection_mask: Any = None,
     dimension_numbers: Any = None,
-) -> optax.GradientTransformation:
-  """OSD direction in gradient space (no lr, no decay on p). `learning_rate` only sets lr_P."""
+) -> optax.GradientTransformationExtraArgs:
+  """OSD's direction in gradient space (no lr, no decay on p); `learning_rate` only sets lr_P.
+  Args as `online_subspace_descent`, plus P's AdamW betas and eps (`projector_b1/b2/eps`)."""
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
   p_adam = optax.scale_by_adam(b1=projector_b1, b2=projector_b2, eps=projector_eps)
 
@@ -91,8 +93,8 @@ def scale_by_osd(
                     adam=adam.init(jax.tree.unflatten(treedef, proxies)),
                     projector_adam=p_adam.init(projector_tree))
 
-  def update_fn(updates, state, params=None):
-    del params
+  def update_fn(updates, state, params=None, **extra_args):
+    del params, extra_args
     vws = _views(updates)
     grads, treedef = jax.tree.flatten(updates)
     first = state.count == 0
@@ -130,7 +132,7 @@ def scale_by_osd(
         count=optax.safe_increment(state.count), projector=new_projector, adam=adam_state,
         projector_adam=p_adam_state)
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def online_subspace_descent(
@@ -149,8 +151,44 @@ def online_subspace_descent(
     logical_axes: Any = None,
     projection_mask: Any = None,
     dimension_numbers: Any = None,
-) -> optax.GradientTransformation:
-  """OSD-AdamW (see module docstring). `mask` is the weight-decay mask."""
+) -> optax.GradientTransformationExtraArgs:
+  r"""OSD-AdamW: GaLore's projected Adam with an online-PCA projector (Liang et al. 2024).
+
+  .. math::
+
+    R_t = G_t P_t^\top, \quad W_t = W_{t-1} - \eta_t (\alpha\, \mathrm{Adam}(R_t) P_t + \lambda W_{t-1}) \\
+    P_{t+1} = \mathrm{AdamW}_{\eta_P}\left(P_t, \nabla_P \|\hat G_t P^\top P - \hat G_t\|_F^2\right),
+    \quad \hat G_t = G_t / \|G_t\|_F, \ \eta_P = \text{projector\_lr\_scale} \cdot \eta_t
+
+  P_0 is the top-r SVD of the first gradient (the only SVD). State per matrix: Adam moments
+  r x max(m, n), P r x min(m, n) and P's two AdamW moments: 2 r max + 3 r min against AdamW's
+  2 m n (62.5% of AdamW for a square matrix at r = d/4).
+
+  Args:
+    learning_rate: the step size eta, a float or an optax schedule (also drives eta_P).
+    rank: r; min(r, smaller side) per matrix. Sets state shapes: with
+      `optax.inject_hyperparams` pass `static_args=("rank",)`.
+    scale: alpha, multiplies the projected-back update (GaLore's 0.25).
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    eps: added to sqrt(v_hat).
+    weight_decay: decoupled weight decay lambda on the parameters.
+    mask: the weight-decay mask (pytree of bools or callable), optax's.
+    mu_dtype: dtype of Adam's first moment; None: f32 for projected matrices, else the parameter's.
+    projector_lr_scale: eta_P / eta. The reference uses eta_P = eta_t / (eta_peak * gap); 0.5
+      equals it at eta_peak 0.01 and gap 200.
+    projector_weight_decay: P's AdamW weight decay (torch's default 0.01).
+    logical_axes: logical-axis names per leaf, as in `galore`.
+    projection_mask: instead of names, a bool pytree: True -> project the last two axes.
+    dimension_numbers: instead of names, a pytree of `MatrixDims` or None per leaf.
+
+  Example::
+
+    tx = jaxeff.optim.osd(1e-2, rank=64, logical_axes=axes)
+
+  Reference: https://github.com/kyleliang919/Online-Subspace-Descent (galore_projector.py,
+  proj_type "continuous"); arXiv 2408.12857.
+  """
   return optax.chain(
       scale_by_osd(learning_rate, rank, scale, b1, b2, eps, mu_dtype, projector_lr_scale,
                    projector_weight_decay=projector_weight_decay, logical_axes=logical_axes,
