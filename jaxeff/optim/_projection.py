@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxeff.optim import _util
 
@@ -36,6 +37,25 @@ def svd_projector(gc: jax.Array, rank: int) -> jax.Array:
   idx = jnp.argmax(jnp.abs(p), axis=-1, keepdims=True)
   sign = jnp.where(jnp.take_along_axis(p, idx, axis=-1) < 0, -1.0, 1.0)
   return p * sign
+
+
+def svd_projectors(canon: list, old: list) -> list:
+  """Fresh projectors for every matrix: `canon` holds canonical gradients (None for full-rank
+  leaves, whose `old` entry is returned as is), `old` the current projectors (their shapes give
+  the rank). Matrices of the same shape and rank share one batched SVD, so a model's q/k/v/o and
+  MLP kernels compile to a handful of SVDs instead of one per matrix.
+  """
+  groups: dict[tuple, list[int]] = {}
+  for i, (gc, p) in enumerate(zip(canon, old)):
+    if gc is not None:
+      groups.setdefault((gc.shape[1:], p.shape[-2]), []).append(i)
+  out = list(old)
+  for (_, rank), idx in groups.items():
+    stacked = svd_projector(jnp.concatenate([canon[i] for i in idx]), rank)
+    offsets = np.cumsum([0] + [canon[i].shape[0] for i in idx])
+    for i, a, b in zip(idx, offsets[:-1], offsets[1:]):
+      out[i] = stacked[a:b]
+  return out
 
 
 def project(gc: jax.Array, p: jax.Array) -> jax.Array:

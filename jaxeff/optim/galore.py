@@ -83,13 +83,9 @@ def scale_by_galore(
     canon = [None if v is None else v.to_canonical(g).astype(jnp.float32) for g, v, _ in leaves]
     old_p = [p for _, _, p in leaves]
 
-    def refreshed():
-      # rank from the state's shapes, so a traced `rank` hyperparameter is never needed here.
-      return [p if gc is None else proj.svd_projector(gc, p.shape[-2]) for gc, p in zip(canon, old_p)]
-
     # One scalar-predicate cond for all matrices, outside any vmap: the SVDs really run only on
-    # refresh steps.
-    new_p = jax.lax.cond(refresh, refreshed, lambda: old_p)
+    # refresh steps. The rank comes from the state's shapes (a traced `rank` is never needed).
+    new_p = jax.lax.cond(refresh, lambda: proj.svd_projectors(canon, old_p), lambda: old_p)
     low = [g if gc is None else proj.project(gc, p) for (g, _, _), gc, p in zip(leaves, canon, new_p)]
     n, adam_state = adam.update(jax.tree.unflatten(treedef, low), state.adam)
     out = []

@@ -56,6 +56,11 @@ def _normalize(gc: jax.Array) -> jax.Array:
   return gc / jnp.maximum(norm, TINY)  # zero gradient -> G_n = 0, not NaN
 
 
+def projector_gradient(p: jax.Array, gc: jax.Array) -> jax.Array:
+  """dL/dP of the online-PCA loss for P [B, r, small] and canonical gradients G [B, big, small]."""
+  return jax.vmap(jax.grad(pca_loss))(p, _normalize(gc))
+
+
 def scale_by_osd(
     learning_rate: optax.ScalarOrSchedule,
     rank: int = 128,
@@ -99,19 +104,12 @@ def scale_by_osd(
     grads, treedef = jax.tree.flatten(updates)
     first = state.count == 0
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    cur_p, low, p_grads = [], [], []
-    for g, v, p in zip(grads, vws, proj.projector_leaves(state.projector)):
-      if v is None:
-        cur_p.append(p)
-        low.append(g)
-        p_grads.append(p)
-        continue
-      gc = v.to_canonical(g).astype(jnp.float32)
-      r = p.shape[-2]
-      p = jax.lax.cond(first, lambda gc=gc, r=r: proj.svd_projector(gc, r), lambda p=p: p)
-      cur_p.append(p)
-      low.append(proj.project(gc, p))
-      p_grads.append(jax.vmap(jax.grad(pca_loss))(p, _normalize(gc)))
+    canon = [None if v is None else v.to_canonical(g).astype(jnp.float32) for g, v in zip(grads, vws)]
+    old_p = proj.projector_leaves(state.projector)
+    # Step 0: P from the first gradient's SVD (one cond for all matrices, batched by shape).
+    cur_p = jax.lax.cond(first, lambda: proj.svd_projectors(canon, old_p), lambda: old_p)
+    low = [g if gc is None else proj.project(gc, p) for g, gc, p in zip(grads, canon, cur_p)]
+    p_grads = [p if gc is None else projector_gradient(p, gc) for gc, p in zip(canon, cur_p)]
     n, adam_state = adam.update(jax.tree.unflatten(treedef, low), state.adam)
     out = []
     for g, v, p, nn in zip(grads, vws, cur_p, jax.tree.leaves(n)):
