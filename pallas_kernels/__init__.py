@@ -15,5 +15,8 @@ from pallas_kernels.quant_matmul import (
     quant_matmul_reference,
     quantize_weight,
 )
+from pallas_kernels.sparse_attention import (BlockSizes as SparseAttentionBlockSizes, sparse_attention,
+                                            sparse_attention_reference, topk_block_indices)
 
 __all__ = ["QuantizedWeight", "dequantize", "quant_matmul", "quant_matmul_reference", "quantize_weight"]
+__all__ += ["SparseAttentionBlockSizes", "sparse_attention", "sparse_attention_reference", "topk_block_indices"]

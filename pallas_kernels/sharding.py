@@ -99,6 +99,14 @@ def _spec(dims: str, split: Mapping[str, tuple[str, ...]]) -> P:
   return P(*entries)
 
 
+def _sum_over(x, axes: tuple[str, ...], out_spec: P):
+  """psum over `axes`, except the ones the output is split over: a letter absent from the output
+  but tied to one in it (kv heads on the query heads' axis) is not a contraction."""
+  split_out = {a for e in out_spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+  axes = tuple(a for a in axes if a not in split_out)
+  return jax.lax.psum(x, axes) if axes else x
+
+
 def shard_kernel(fn: Callable, *operands, in_dims: Sequence[str], out_dims: str | Sequence[str],
                  axes: Mapping[str, Axes], mesh=None):
   """`fn(*operands)` run per shard over the mesh (see the module docstring).
@@ -124,7 +132,7 @@ def shard_kernel(fn: Callable, *operands, in_dims: Sequence[str], out_dims: str 
   def body(*local):
     result = fn(*local)
     results = result if multi else (result,)
-    results = tuple(jax.lax.psum(r, c) if c else r for r, c in zip(results, contracted))
+    results = tuple(_sum_over(r, c, o) for r, c, o in zip(results, contracted, out_specs))
     return results if multi else results[0]
 
   return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs if multi else out_specs[0],
