@@ -51,19 +51,25 @@ T_VALID, T_FIRST, T_LAST, T_FULL, T_SELECTED, T_FLAG_BITS = 1, 2, 4, 8, 16, 5
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
   """Tile sizes. `block_q` query positions and `block_kv` keys per block; `block_kv` is also the
-  granularity of `block_indices` (NSA's selection block). num_warps / num_stages: GPU only.
+  granularity of `block_indices` (NSA's selection block).
 
-  Defaults per backend live next to each kernel (tpu.py, gpu.py, cpu.py).
+  GPU only: num_warps / num_stages for the Triton kernels; block_q_dkv, the rows of a query block
+  the dk/dv kernel processes at a time, and num_stages_dkv, its pipelining depth (both keep its
+  dk and dv accumulators in registers without spilling; None: block_q / num_stages). Defaults per
+  backend live next to each kernel (tpu.py, gpu.py, cpu.py).
   """
   block_q: int = 128
   block_kv: int = 128
   num_warps: int = 4
   num_stages: int = 2
+  block_q_dkv: int | None = None
+  num_stages_dkv: int | None = None
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv", "num_warps", "num_stages"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got {getattr(self, name)!r}")
+    for name in ("block_q", "block_kv", "num_warps", "num_stages", "block_q_dkv", "num_stages_dkv"):
+      value = getattr(self, name)
+      if not (value is None and name.endswith("_dkv")) and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,16 +139,16 @@ def _compact(flags, size: int):
 
   Slots past the count repeat the last index (0 for an empty row).
   """
-  lead, n = flags.shape[:-1], flags.shape[-1]
-  flat = flags.reshape(-1, n)
-  pos = jnp.cumsum(flat, axis=-1, dtype=jnp.int32) - 1
-  target = jnp.where(flat & (pos < size), pos, size)
-  src = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), flat.shape)
-  out = jax.vmap(lambda t, s: jnp.zeros(size + 1, jnp.int32).at[t].set(s, mode="drop"))(target, src)[:, :size]
-  count = jnp.minimum(jnp.sum(flat, axis=-1, dtype=jnp.int32), size)
-  last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[:, None], axis=-1)
-  out = jnp.where(jnp.arange(size) < count[:, None], out, last)
-  return out.reshape(*lead, size), count.reshape(lead)
+  n = flags.shape[-1]
+  iota = jnp.arange(n, dtype=jnp.int32)
+  # top_k of (n - index) over the True entries lists them in increasing index order.
+  _, out = jax.lax.top_k(jnp.where(flags, n - iota, -1), min(size, n))
+  if size > n:
+    out = jnp.concatenate([out, jnp.zeros((*out.shape[:-1], size - n), out.dtype)], axis=-1)
+  count = jnp.minimum(jnp.sum(flags, axis=-1, dtype=jnp.int32), size)
+  last = jnp.take_along_axis(out, jnp.maximum(count - 1, 0)[..., None], axis=-1)
+  out = jnp.where(jnp.arange(size) < count[..., None], out, jnp.where(count[..., None] > 0, last, 0))
+  return out.astype(jnp.int32), count
 
 
 def _block_bounds(pos, valid_len: int, block: int):
@@ -180,12 +186,8 @@ def block_masks(mask: Mask, q_pos, kv_pos, block_indices, *, seq_q: int, seq_kv:
   key_whole = (jnp.arange(nk) + 1) * block_kv <= seq_kv  # the last block may be partly padding
   full = full & key_whole
   if block_indices is not None:
-    idx = block_indices.astype(jnp.int32)
-    ok = (idx >= 0) & (idx < nk)
-    onehot = jnp.zeros((*idx.shape[:-1], nk + 1), bool)
-    flat_oh = onehot.reshape(-1, nk + 1)
-    flat_idx = jnp.where(ok, idx, nk).reshape(flat_oh.shape[0], -1)
-    selected = jax.vmap(lambda o, i: o.at[i].set(True))(flat_oh, flat_idx).reshape(onehot.shape)[..., :nk]
+    # [B, KVH, nq, k] -> [B, KVH, nq, nk]; entries < 0 or >= nk match no block (padding).
+    selected = (block_indices.astype(jnp.int32)[..., None] == jnp.arange(nk)).any(-2)
   else:
     selected = jnp.zeros((1, 1, 1, 1), bool)
   if mask.restricted:
@@ -282,4 +284,6 @@ class Problem:
   groups: int  # query heads per kv head
   num_warps: int = 4
   num_stages: int = 2
+  block_q_dkv: int | None = None
+  num_stages_dkv: int | None = None
   interpret: object = False

@@ -21,10 +21,12 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.sparse_attention.block_lists import (DEAD_LSE, FLAG_BITS, MASK_VALUE, SELECTED,
                                                          T_FLAG_BITS, T_SELECTED, BlockSizes, token_visible)
 
-# (block_q, block_kv, num_warps, num_stages). Chosen by compiling with triton 3.8.0 for sm_80 and
-# sm_90 (ptxas: no spills, shared memory within sm_80's 163 KB); see BENCHMARKS.md. Not timed on
-# hardware (no GPU on the development machines).
-DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_kv=64, num_warps=4, num_stages=2)
+# Chosen by compiling the kernels with triton 3.8.0 for sm_80 and sm_90 at head dim 128, bf16
+# (ptxas: no register spills, shared memory within sm_80's 163 KB): 8 warps keep the forward at
+# 174 / 128 registers (4 warps: 255); the dk/dv kernel spills on sm_80 with 2 pipeline stages and
+# none with 1. See BENCHMARKS.md. Not timed on hardware (no GPU on the development machines).
+DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_kv=64, num_warps=8, num_stages=2, block_q_dkv=32,
+                                 num_stages_dkv=1)
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -93,8 +95,8 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, *
   lse_ref[...] = jnp.where(dead, DEAD_LSE, m + jnp.log(l_safe))
 
 
-def _params(pb):
-  return plgpu.CompilerParams(num_warps=pb.num_warps, num_stages=pb.num_stages)
+def _params(pb, stages=None):
+  return plgpu.CompilerParams(num_warps=pb.num_warps, num_stages=stages or pb.num_stages)
 
 
 def _whole(shape):
@@ -163,26 +165,35 @@ def _dkv_kernel(tinfo_ref, tstart_ref, tcount_ref, q_ref, k_ref, v_ref, qpos_ref
                 do_ref, dk_ref, dv_ref, *, pb, head_dim, groups, pair_index, kv_index, qpos_batched, kvpos_batched):
   kb, b, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   bq, bk, scale = pb.block_q, pb.block_kv, head_dim ** -0.5
-  k, v = k_ref[...], v_ref[...]
   kv_pos = kvpos_ref[(b if kvpos_batched else 0), pl.ds(kb * bk, bk)]
   q_row = b if qpos_batched else 0
   start = tstart_ref[kv_index(b, g, kb)]
 
+  sub = pb.block_q_dkv or bq
+
   def body(n, carry):
-    dk, dv = carry
     info = tinfo_ref[pair_index(b, g, start + n)]
     qb = info >> T_FLAG_BITS
-    rows = pl.ds(qb * bq, bq)
-    vis = _visible(pb, qpos_ref[q_row, rows], kv_pos, kb, (info & T_SELECTED) != 0)
-    for hh in range(groups):  # the G query heads of this kv head share the block lists
-      h = g * groups + hh
-      q, do = q_ref[h, rows, :], do_ref[h, rows, :]
-      s = jnp.where(vis, _dot(q, k, NT) * scale, MASK_VALUE)
-      p = jnp.exp(s - lse_ref[h, rows][:, None])
-      dv = dv + _dot(p.astype(do.dtype), do, TN)
-      ds = p * (_dot(do, v, NT) - delta_ref[h, rows][:, None]) * scale
-      dk = dk + _dot(ds.astype(q.dtype), q, TN)
-    return dk, dv
+    selected = (info & T_SELECTED) != 0
+
+    def chunk(c, carry):  # the query block in chunks of `sub` rows ...
+      rows = pl.ds(qb * bq + c * sub, sub)
+      vis = _visible(pb, qpos_ref[q_row, rows], kv_pos, kb, selected)
+
+      def head(hh, carry):  # ... each for the G query heads of the group
+        dk, dv = carry
+        h = g * groups + hh
+        q, do = q_ref[h, rows, :], do_ref[h, rows, :]
+        k, v = k_ref[...], v_ref[...]  # re-read (cache-resident) rather than held: fewer registers
+        s = jnp.where(vis, _dot(q, k, NT) * scale, MASK_VALUE)
+        p = jnp.exp(s - lse_ref[h, rows][:, None])
+        dv = dv + _dot(p.astype(do.dtype), do, TN)
+        ds = p * (_dot(do, v, NT) - delta_ref[h, rows][:, None]) * scale
+        return dk + _dot(ds.astype(q.dtype), q, TN), dv
+
+      return lax.fori_loop(0, groups, head, carry)
+
+    return lax.fori_loop(0, bq // sub, chunk, carry)
 
   zeros = jnp.zeros((bk, head_dim), jnp.float32)
   dk, dv = lax.fori_loop(0, tcount_ref[kv_index(b, g, kb)], body, (zeros, zeros))
@@ -228,7 +239,7 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
                 _whole(q_pos.shape), _whole(kv_pos.shape), group_vec, group_vec, group_rows],
       out_specs=[kv_block, kv_block],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(pb),
+      compiler_params=_params(pb, pb.num_stages_dkv),
       interpret=pb.interpret,
       name="sparse_attention_dkv",
   )(tinfo, tstart, tcount, q, k, v, q_pos, kv_pos, lse, delta, d_out)

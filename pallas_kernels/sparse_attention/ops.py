@@ -61,6 +61,10 @@ def resolve_block_sizes(impl: str, seq_q: int, seq_kv: int, block_sizes: BlockSi
         raise ValueError(f"GPU sparse_attention needs power-of-two {name} >= 16, got {b}")
     bq = min(bq, max(16, gpu_next_pow2(seq_q)))
     bk = min(bk, max(16, gpu_next_pow2(seq_kv)))
+    sub = min(bs.block_q_dkv or bq, bq)
+    if sub < 16 or sub & (sub - 1):
+      raise ValueError(f"GPU sparse_attention needs power-of-two block_q_dkv >= 16, got {sub}")
+    return BlockSizes(bq, bk, bs.num_warps, bs.num_stages, sub, bs.num_stages_dkv)
   else:
     bq, bk = min(bq, seq_q), min(bk, seq_kv)
   return BlockSizes(bq, bk, bs.num_warps, bs.num_stages)
@@ -153,7 +157,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     operands += [qp, kp]
     dims += ["bs"[2 - qp.ndim:], "bt"[2 - kp.ndim:]]
   mask = Mask(bool(causal), window, sinks, block_indices is not None)
-  pb = Problem(mask, s, t, bs.block_q, bs.block_kv, h // kvh, bs.num_warps, bs.num_stages, interpret)
+  pb = Problem(mask, s, t, bs.block_q, bs.block_kv, h // kvh, bs.num_warps, bs.num_stages, bs.block_q_dkv,
+               bs.num_stages_dkv, interpret)
   flags = (block_indices is not None, sink_logits is not None, explicit)
   axes = (("b", batch_axes), ("h", head_axes), ("g", head_axes))
   return _sharded(tuple(operands), pb=pb, impl=impl, flags=flags, dims=tuple(dims), axes=axes, mesh=mesh)
