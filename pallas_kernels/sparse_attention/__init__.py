@@ -6,7 +6,7 @@
 """
 
 from pallas_kernels.sparse_attention.block_lists import BlockSizes, topk_block_indices
-from pallas_kernels.sparse_attention.ops import IMPLS, sparse_attention
+from pallas_kernels.sparse_attention.ops import IMPLS, block_stats, sparse_attention
 from pallas_kernels.sparse_attention.reference import sparse_attention_reference
 
-__all__ = ["IMPLS", "BlockSizes", "sparse_attention", "sparse_attention_reference", "topk_block_indices"]
+__all__ = ["IMPLS", "BlockSizes", "block_stats", "sparse_attention", "sparse_attention_reference", "topk_block_indices"]

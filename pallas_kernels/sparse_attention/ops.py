@@ -125,8 +125,8 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     raise ValueError(f"k and v must be [{b}, kv_heads, seq_kv, {d}] and equal, got {k.shape}, {v.shape}")
   if kvh == 0 or h % kvh:
     raise ValueError(f"heads ({h}) must be a multiple of kv_heads ({kvh})")
-  if not all(jnp.issubdtype(x.dtype, jnp.floating) for x in (q, k, v)):
-    raise ValueError(f"q, k, v must be floating point, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if not jnp.issubdtype(q.dtype, jnp.floating) or not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"q, k, v must share one floating-point dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
   if window is not None and (not isinstance(window, int) or window < 1):
     raise ValueError(f"window must be a positive int or None, got {window!r}")
   if not isinstance(sinks, int) or sinks < 0:
@@ -236,3 +236,33 @@ def _core_bwd(pb, impl, res, d_out):
 
 
 _core.defvjp(_core_fwd, _core_bwd)
+
+
+def block_stats(seq_q: int, seq_kv: int, *, causal: bool = True, window: int | None = None, sinks: int = 0,
+                block_indices=None, q_positions=None, kv_positions=None, block_sizes: BlockSizes | None = None,
+                impl: str | None = None) -> dict:
+  """How much of the attention the block lists compute (jnp; for benchmarks and notebooks).
+
+  Returns a dict of ints/floats: `computed` (query-block x key-block pairs in the lists, summed
+  over batch and kv heads), `causal` (pairs a dense causal flash kernel computes: key blocks that
+  start at or before the query block's end), `total` (all pairs) and the fractions
+  `vs_causal` = computed / causal and `vs_full` = computed / total.
+  """
+  impl = impl or default_impl()
+  bs = resolve_block_sizes(impl, seq_q, seq_kv, block_sizes)
+  mask = Mask(bool(causal), window, sinks, block_indices is not None)
+  q_pos = jnp.atleast_2d(jnp.arange(seq_q) if q_positions is None else jnp.asarray(q_positions))
+  kv_pos = jnp.atleast_2d(jnp.arange(seq_kv) if kv_positions is None else jnp.asarray(kv_positions))
+  nq, nk = -(-seq_q // bs.block_q), -(-seq_kv // bs.block_kv)
+  q_pos = jnp.pad(q_pos, ((0, 0), (0, nq * bs.block_q - seq_q)), mode="edge")
+  kv_pos = jnp.pad(kv_pos, ((0, 0), (0, nk * bs.block_kv - seq_kv)), mode="edge")
+  need, _, _ = bl.block_masks(mask, q_pos, kv_pos, block_indices, seq_q=seq_q, seq_kv=seq_kv,
+                              block_q=bs.block_q, block_kv=bs.block_kv)
+  copies = need.shape[0] * need.shape[1]
+  dense, _, _ = bl.block_masks(Mask(True), q_pos, kv_pos, None, seq_q=seq_q, seq_kv=seq_kv,
+                               block_q=bs.block_q, block_kv=bs.block_kv)
+  computed = int(need.sum())
+  causal_pairs = int(dense.sum()) * copies
+  total = nq * nk * copies
+  return dict(computed=computed, causal=causal_pairs, total=total, vs_causal=computed / causal_pairs,
+              vs_full=computed / total, block_q=bs.block_q, block_kv=bs.block_kv)
