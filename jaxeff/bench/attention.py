@@ -149,7 +149,7 @@ def _load() -> str:
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxeff.bench attention", description=__doc__.splitlines()[0])
-  p.add_argument("--quick", action="store_true", help="tiny shapes, one round: a smoke test")
+  p.add_argument("--quick", action="store_true", help="tiny shapes, one target, one round: a smoke test")
   p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: 4k-8k on CPU, 4k-64k else)")
   p.add_argument("--skips", type=float, nargs="+", default=SKIPS, help="target shares of skipped blocks")
   p.add_argument("--batch", type=int, default=1)
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   cpu = jax.default_backend() == "cpu"
   if args.quick:
-    args.lengths, args.rounds = args.lengths or [512], 1
+    args.lengths, args.rounds, args.skips = args.lengths or [512], 1, [0.9]
     args.heads, args.kv_heads, args.head_dim = args.heads or 2, args.kv_heads or 1, args.head_dim or 32
   args.lengths = args.lengths or (CPU_LENGTHS if cpu else ACCEL_LENGTHS)
   args.heads = args.heads or (4 if cpu else 32)
