@@ -170,8 +170,11 @@ def _case_inputs(case):
                                              -1, c["nk"] + 1)
   if c["sink_logits"]:
     kw["sink_logits"] = _normal(jax.random.key(7), (c["kvh"] * c["groups"],))
-  if c["decode"]:  # a static KV cache: slots 0..t-1 in order, the new queries at offset..offset+s-1
-    kw["q_positions"] = jnp.arange(c["s"]) + c["offset"]
+  if c["decode"]:
+    # A static KV cache: slots 0..t-1 in order; batch row r's new queries at offset - 7r ... (a
+    # ragged batch: each row has filled a different part of its cache).
+    back = (7 * jnp.arange(c["b"]) % (c["offset"] + 1))[:, None]
+    kw["q_positions"] = jnp.arange(c["s"])[None] + c["offset"] - back
     kw["kv_positions"] = jnp.broadcast_to(jnp.arange(c["t"]), (c["b"], c["t"]))
   return q, k, v, kw
 

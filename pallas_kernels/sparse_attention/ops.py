@@ -43,6 +43,10 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
+def _next_pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
 def resolve_block_sizes(impl: str, seq_q: int, seq_kv: int, block_sizes: BlockSizes | None) -> BlockSizes:
   """The impl's defaults (or `block_sizes`), shrunk for short sequences and checked for the backend.
 
@@ -59,8 +63,8 @@ def resolve_block_sizes(impl: str, seq_q: int, seq_kv: int, block_sizes: BlockSi
     for name, b in (("block_q", bq), ("block_kv", bk)):
       if b < 16 or b & (b - 1):
         raise ValueError(f"GPU sparse_attention needs power-of-two {name} >= 16, got {b}")
-    bq = min(bq, max(16, gpu_next_pow2(seq_q)))
-    bk = min(bk, max(16, gpu_next_pow2(seq_kv)))
+    bq = min(bq, max(16, _next_pow2(seq_q)))
+    bk = min(bk, max(16, _next_pow2(seq_kv)))
     sub = min(bs.block_q_dkv or bq, bq)
     if sub < 16 or sub & (sub - 1):
       raise ValueError(f"GPU sparse_attention needs power-of-two block_q_dkv >= 16, got {sub}")
@@ -68,10 +72,6 @@ def resolve_block_sizes(impl: str, seq_q: int, seq_kv: int, block_sizes: BlockSi
   else:
     bq, bk = min(bq, seq_q), min(bk, seq_kv)
   return BlockSizes(bq, bk, bs.num_warps, bs.num_stages)
-
-
-def gpu_next_pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
 
 
 def _positions(pos, batch: int, length: int, name: str):
