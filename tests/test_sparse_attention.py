@@ -317,8 +317,9 @@ def test_tpu_kernels_in_tpu_simulator_find_no_race(capfd):
   assert "RACE DETECTED" in capfd.readouterr().out  # the detector works and its report is seen here
   params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2,
                                  random_seed=3)
-  op, ref, args, do = grad_case("tpu", BlockSizes(32, 128), dict(window=40, sinks=2, sink_logits=True), 90, 2,
-                                batch=1, kv_heads=1)
+  # 2 kv heads: every kernel's parallel grid has >= 2 points to spread over the 2 simulated cores.
+  op, ref, args, do = grad_case("tpu", BlockSizes(32, 128), dict(window=40, sinks=2, sink_logits=True), 70, 2,
+                                batch=1, kv_heads=2)
   op = lambda q, k, v, sink: pk.sparse_attention(q, k, v, sink_logits=sink, window=40, sinks=2, impl="tpu",
                                                  interpret=params, block_sizes=BlockSizes(32, 128))
   got, want = jax.block_until_ready(
