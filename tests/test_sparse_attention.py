@@ -218,7 +218,7 @@ _EXAMPLES = [
 ]
 
 
-@settings(deadline=None, max_examples=2, derandomize=True)
+@settings(deadline=None, max_examples=1, derandomize=True)
 @given(_cases())
 @example(_EXAMPLES[0])
 @example(_EXAMPLES[1])
@@ -362,6 +362,6 @@ def test_bad_arguments_raise_clear_errors(kw, shapes, match):
 def test_bench_quick_smoke(capsys):
   from jaxeff.bench import attention
 
-  assert attention.main(["--quick"]) == 0
+  assert attention.main(["--quick", "--forward-only"]) == 0  # (forward+backward: the gradient tests)
   out = capsys.readouterr().out
-  assert "| window |" in out and "| top-k |" in out and "computed" in out
+  assert "| 512 | window |" in out and "| 512 | top-k |" in out and "unmeasured" in out

@@ -1,7 +1,7 @@
 """Block-sparse attention benchmark: `python -m jaxeff.bench attention [--quick] [--json PATH]`.
 
 Options: `--lengths 4096 8192`, `--skips 0.5 0.9 0.97`, `--batch`, `--heads`, `--kv-heads`,
-`--head-dim`, `--rounds N`, `--impl NAME` (sparse implementation; default the backend's),
+`--head-dim`, `--rounds N`, `--forward-only`, `--impl NAME` (sparse implementation; default the backend's),
 `--max-dense-len L` (longer sequences time the sparse op only: dense attention would not fit).
 
 For each sequence length and target share of skipped blocks it builds two masks:
@@ -99,16 +99,18 @@ def run(args) -> list[dict]:
     with_dense = s <= args.max_dense_len
     if with_dense:
       fns["dense_fwd"] = lambda: dense_fwd(qt, kt, vt)
-      fns["dense_fb"] = lambda: dense_fb(qt, kt, vt, dot_)
+      if not args.forward_only:
+        fns["dense_fb"] = lambda: dense_fb(qt, kt, vt, dot_)
     for n, (_, _, _, _, fwd, fb) in enumerate(configs):
       fns[f"{n}_fwd"] = lambda fwd=fwd: fwd(q, k, v)
-      fns[f"{n}_fb"] = lambda fb=fb: fb(q, k, v, do)
+      if not args.forward_only:
+        fns[f"{n}_fb"] = lambda fb=fb: fb(q, k, v, do)
     print(f"seq {s}: timing {len(fns)} programs x {args.rounds} rounds ...", file=sys.stderr, flush=True)
     med = _median_times(fns, args.rounds)
     for n, (skip, label, param, stats, _, _) in enumerate(configs):
       row = dict(seq=s, pattern=label, param=param, target_skip=skip, skipped=1 - stats["vs_causal"],
                  vs_causal=stats["vs_causal"], vs_full=stats["vs_full"], block_q=stats["block_q"],
-                 block_kv=stats["block_kv"], sparse_fwd=med[f"{n}_fwd"], sparse_fb=med[f"{n}_fb"],
+                 block_kv=stats["block_kv"], sparse_fwd=med[f"{n}_fwd"], sparse_fb=med.get(f"{n}_fb"),
                  dense_fwd=med.get("dense_fwd"), dense_fb=med.get("dense_fb"))
       # Ideal: dense's time x the share of dense's work the lists keep (XLA:CPU dense computes all
       # S x T scores; a causal flash kernel computes the causal blocks).
@@ -150,6 +152,7 @@ def _load() -> str:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxeff.bench attention", description=__doc__.splitlines()[0])
   p.add_argument("--quick", action="store_true", help="tiny shapes, one target, one round: a smoke test")
+  p.add_argument("--forward-only", action="store_true", help="skip the forward+backward timings")
   p.add_argument("--lengths", type=int, nargs="+", help="sequence lengths (default: 4k-8k on CPU, 4k-64k else)")
   p.add_argument("--skips", type=float, nargs="+", default=SKIPS, help="target shares of skipped blocks")
   p.add_argument("--batch", type=int, default=1)

@@ -253,16 +253,20 @@ def block_stats(seq_q: int, seq_kv: int, *, causal: bool = True, window: int | N
   mask = Mask(bool(causal), window, sinks, block_indices is not None)
   q_pos = jnp.atleast_2d(jnp.arange(seq_q) if q_positions is None else jnp.asarray(q_positions))
   kv_pos = jnp.atleast_2d(jnp.arange(seq_kv) if kv_positions is None else jnp.asarray(kv_positions))
-  nq, nk = -(-seq_q // bs.block_q), -(-seq_kv // bs.block_kv)
-  q_pos = jnp.pad(q_pos, ((0, 0), (0, nq * bs.block_q - seq_q)), mode="edge")
-  kv_pos = jnp.pad(kv_pos, ((0, 0), (0, nk * bs.block_kv - seq_kv)), mode="edge")
-  need, _, _ = bl.block_masks(mask, q_pos, kv_pos, block_indices, seq_q=seq_q, seq_kv=seq_kv,
-                              block_q=bs.block_q, block_kv=bs.block_kv)
-  copies = need.shape[0] * need.shape[1]
-  dense, _, _ = bl.block_masks(Mask(True), q_pos, kv_pos, None, seq_q=seq_q, seq_kv=seq_kv,
-                               block_q=bs.block_q, block_kv=bs.block_kv)
-  computed = int(need.sum())
-  causal_pairs = int(dense.sum()) * copies
-  total = nq * nk * copies
+  computed, causal_pairs, copies = (int(x) for x in _block_counts(mask, bs.block_q, bs.block_kv, q_pos, kv_pos,
+                                                                   block_indices))
+  total = -(-seq_q // bs.block_q) * -(-seq_kv // bs.block_kv) * copies
+  causal_pairs *= copies
   return dict(computed=computed, causal=causal_pairs, total=total, vs_causal=computed / causal_pairs,
               vs_full=computed / total, block_q=bs.block_q, block_kv=bs.block_kv)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _block_counts(mask, bq, bk, q_pos, kv_pos, block_indices):
+  seq_q, seq_kv = q_pos.shape[-1], kv_pos.shape[-1]
+  nq, nk = -(-seq_q // bq), -(-seq_kv // bk)
+  q_pos = jnp.pad(q_pos, ((0, 0), (0, nq * bq - seq_q)), mode="edge")
+  kv_pos = jnp.pad(kv_pos, ((0, 0), (0, nk * bk - seq_kv)), mode="edge")
+  need, _, _ = bl.block_masks(mask, q_pos, kv_pos, block_indices, seq_q=seq_q, seq_kv=seq_kv, block_q=bq, block_kv=bk)
+  dense, _, _ = bl.block_masks(Mask(True), q_pos, kv_pos, None, seq_q=seq_q, seq_kv=seq_kv, block_q=bq, block_kv=bk)
+  return need.sum(), dense.sum(), need.shape[0] * need.shape[1]
