@@ -134,6 +134,17 @@ class BlockLists(NamedTuple):
   fits: jax.Array  # [] bool: no row was cut off at maxb
 
 
+def list_offset(lb: int, lg: int, *dims: int):
+  """offset(b, g, *rest) into a list flattened from [lb, lg, *dims] (kernels read lists as 1-D);
+  batch / head index 0 when the list is shared (lb or lg == 1)."""
+  def offset(b, g, *rest):
+    off = (b if lb > 1 else 0) * lg + (g if lg > 1 else 0)
+    for r, n in zip(rest, dims):
+      off = off * n + r
+    return off
+  return offset
+
+
 def _compact(flags, size: int):
   """Indices of the True entries of each row (in order) in `size` slots, and their count.
 

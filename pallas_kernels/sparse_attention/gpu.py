@@ -19,7 +19,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.sparse_attention.block_lists import (DEAD_LSE, FLAG_BITS, MASK_VALUE, SELECTED,
-                                                         T_FLAG_BITS, T_SELECTED, BlockSizes, token_visible)
+                                                         T_FLAG_BITS, T_SELECTED, BlockSizes, list_offset,
+                                                         token_visible)
 
 # Chosen by compiling the kernels with triton 3.8.0 for sm_80 and sm_90 at head dim 128, bf16
 # (ptxas: no register spills, shared memory within sm_80's 163 KB): 8 warps keep the forward at
@@ -37,14 +38,6 @@ def _dot(a, b, dims=None):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _flat_index(lb: int, lg: int, *dims: int):
-  def index(b, g, *rest):
-    off = (b if lb > 1 else 0) * lg + (g if lg > 1 else 0)
-    for r, n in zip(rest, dims):
-      off = off * n + r
-    return off
-  return index
-
 
 def _visible(pb, q_pos, kv_pos, kb, selected):
   """[bq, bk] token mask: q_pos [bq], kv_pos [bk] of key block kb."""
@@ -55,6 +48,16 @@ def _visible(pb, q_pos, kv_pos, kb, selected):
   return vis
 
 
+def _listed_block(pb, entry, k_ref, v_ref, kvpos_ref, kv_row, q, q_pos, scale):
+  """(k, v, masked scores q @ k.T * scale) of the key block a list entry names."""
+  bk = pb.block_kv
+  kb = entry >> FLAG_BITS
+  keys = pl.ds(kb * bk, bk)
+  k, v = k_ref[keys, :], v_ref[keys, :]
+  vis = _visible(pb, q_pos, kvpos_ref[kv_row, keys], kb, (entry & SELECTED) != 0)
+  return k, v, jnp.where(vis, _dot(q, k, NT) * scale, MASK_VALUE)
+
+
 def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, *refs, pb, head_dim, groups,
                 list_index, count_index, has_sink, qpos_batched, kvpos_batched):
   if has_sink:
@@ -63,20 +66,14 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, *
     sink_ref, (o_ref, lse_ref) = None, refs
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = h // groups
-  bq, bk, scale = pb.block_q, pb.block_kv, head_dim ** -0.5
+  bq, scale = pb.block_q, head_dim ** -0.5
   q = q_ref[...]
   q_pos = qpos_ref[(b if qpos_batched else 0), pl.ds(i * bq, bq)]
   kv_row = b if kvpos_batched else 0
 
   def body(j, carry):
     acc, m_prev, l_prev = carry
-    entry = ids_ref[list_index(b, g, i, j)]
-    kb = entry >> FLAG_BITS
-    keys = pl.ds(kb * bk, bk)
-    k, v = k_ref[keys, :], v_ref[keys, :]
-    s = _dot(q, k, NT) * scale
-    vis = _visible(pb, q_pos, kvpos_ref[kv_row, keys], kb, (entry & SELECTED) != 0)
-    s = jnp.where(vis, s, MASK_VALUE)
+    k, v, s = _listed_block(pb, ids_ref[list_index(b, g, i, j)], k_ref, v_ref, kvpos_ref, kv_row, q, q_pos, scale)
     m_next = jnp.maximum(m_prev, s.max(axis=-1))
     p = jnp.exp(s - m_next[:, None])
     alpha = jnp.exp(m_prev - m_next)
@@ -110,8 +107,8 @@ def forward(pb, q, k, v, sink, q_pos, kv_pos, lists):
   nq, maxb = s // bq, lists.ids.shape[-1]
   lb, lg = lists.ids.shape[:2]
   kernel = functools.partial(
-      _fwd_kernel, pb=pb, head_dim=d, groups=groups, list_index=_flat_index(lb, lg, nq, maxb),
-      count_index=_flat_index(lb, lg, nq), has_sink=sink is not None, qpos_batched=q_pos.shape[0] > 1,
+      _fwd_kernel, pb=pb, head_dim=d, groups=groups, list_index=list_offset(lb, lg, nq, maxb),
+      count_index=list_offset(lb, lg, nq), has_sink=sink is not None, qpos_batched=q_pos.shape[0] > 1,
       kvpos_batched=kv_pos.shape[0] > 1)
   ids, counts = lists.ids.reshape(-1), lists.counts.reshape(-1)
   kv_spec = pl.BlockSpec((None, None, t, d), lambda i, b_, h_: (b_, h_ // groups, 0, 0))
@@ -140,20 +137,15 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, ls
                *, pb, head_dim, groups, list_index, count_index, qpos_batched, kvpos_batched):
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = h // groups
-  bq, bk, scale = pb.block_q, pb.block_kv, head_dim ** -0.5
+  bq, scale = pb.block_q, head_dim ** -0.5
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_pos = qpos_ref[(b if qpos_batched else 0), pl.ds(i * bq, bq)]
   kv_row = b if kvpos_batched else 0
 
   def body(j, acc):
-    entry = ids_ref[list_index(b, g, i, j)]
-    kb = entry >> FLAG_BITS
-    keys = pl.ds(kb * bk, bk)
-    k, v = k_ref[keys, :], v_ref[keys, :]
-    s = _dot(q, k, NT) * scale
-    vis = _visible(pb, q_pos, kvpos_ref[kv_row, keys], kb, (entry & SELECTED) != 0)
-    p = jnp.exp(jnp.where(vis, s, MASK_VALUE) - lse[:, None])
+    k, v, s = _listed_block(pb, ids_ref[list_index(b, g, i, j)], k_ref, v_ref, kvpos_ref, kv_row, q, q_pos, scale)
+    p = jnp.exp(s - lse[:, None])
     ds = p * (_dot(do, v, NT) - delta[:, None]) * scale
     return acc + _dot(ds.astype(k.dtype), k)
 
@@ -214,8 +206,8 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   q_spec = pl.BlockSpec((None, None, bq, d), lambda i, b_, h_: (b_, h_, i, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, pb=pb, head_dim=d, groups=groups, list_index=_flat_index(lb, lg, nq, maxb),
-                        count_index=_flat_index(lb, lg, nq), **batched),
+      functools.partial(_dq_kernel, pb=pb, head_dim=d, groups=groups, list_index=list_offset(lb, lg, nq, maxb),
+                        count_index=list_offset(lb, lg, nq), **batched),
       grid=(nq, b, h),
       in_specs=[_whole(ids.shape), _whole(counts.shape), q_spec, kv_spec, kv_spec, _whole(q_pos.shape),
                 _whole(kv_pos.shape), row_spec, row_spec, q_spec],
@@ -232,7 +224,7 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   kv_block = pl.BlockSpec((None, None, bk, d), lambda kb, b_, g_: (b_, g_, kb, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, pb=pb, head_dim=d, groups=groups,
-                        pair_index=_flat_index(lb, lg, lists.t_info.shape[-1]), kv_index=_flat_index(lb, lg, nk),
+                        pair_index=list_offset(lb, lg, lists.t_info.shape[-1]), kv_index=list_offset(lb, lg, nk),
                         **batched),
       grid=(nk, b, kvh),
       in_specs=[_whole(tinfo.shape), _whole(tstart.shape), _whole(tcount.shape), group_rows, kv_block, kv_block,

@@ -31,7 +31,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.sparse_attention.block_lists import (DEAD_LSE, FLAG_BITS, FULL, MASK_VALUE, SELECTED,
                                                          T_FIRST, T_FLAG_BITS, T_FULL, T_LAST, T_SELECTED,
-                                                         T_VALID, BlockSizes, token_visible)
+                                                         T_VALID, BlockSizes, list_offset, token_visible)
 
 LANES, SUBLANES = 128, 8
 # bq query positions x G heads per step; bk = 128 keys (NSA-size selection blocks, one MXU tile
@@ -57,14 +57,11 @@ def _dot(a, b, dims=None):
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
 
 
-def _flat_index(lb: int, lg: int, *dims: int):
-  """Offset into a flattened [lb, lg, *dims] list; batch / head index 0 when shared."""
-  def index(b, g, *rest):
-    off = (b if lb > 1 else 0) * lg + (g if lg > 1 else 0)
-    for r, n in zip(rest, dims):
-      off = off * n + r
-    return off
-  return index
+
+def _scores(q, k, scale, vis):
+  """q @ k.T * scale in f32, masked where `vis` is False (vis None: a full block, no mask)."""
+  s = _dot(q, k, NT) * scale
+  return s if vis is None else jnp.where(vis, s, MASK_VALUE)
 
 
 def _visible(pb, qpos_ref, kvpos_ref, kb, selected):
@@ -123,9 +120,7 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, *
     k, v = k_ref[...], v_ref[...]
     vis = _visible(pb, qpos_ref, kvpos_ref, kb, (entry & SELECTED) != 0) if masked else None
     for h in range(groups):
-      s = _dot(q_ref[h], k, NT) * scale
-      if masked:
-        s = jnp.where(vis, s, MASK_VALUE)
+      s = _scores(q_ref[h], k, scale, vis)
       m_prev, l_prev = m_ref[h], l_ref[h]
       m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
       p = jnp.exp(s - _expand(m_next, bk))
@@ -155,8 +150,8 @@ def forward(pb, q, k, v, sink, q_pos, kv_pos, lists):
   bq, bk, groups = pb.block_q, pb.block_kv, pb.groups
   nq, maxb = s // bq, lists.ids.shape[-1]
   lb, lg = lists.ids.shape[:2]
-  list_index = _flat_index(lb, lg, nq, maxb)
-  count_index = _flat_index(lb, lg, nq)
+  list_index = list_offset(lb, lg, nq, maxb)
+  count_index = list_offset(lb, lg, nq)
   pbq, pbk = q_pos.shape[0] > 1, kv_pos.shape[0] > 1
   q_lanes, kv_sub = _positions(q_pos, kv_pos)
 
@@ -220,9 +215,7 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, ls
     k, v = k_ref[...], v_ref[...]
     vis = _visible(pb, qpos_ref, kvpos_ref, kb, (entry & SELECTED) != 0) if masked else None
     for h in range(groups):
-      s = _dot(q_ref[h], k, NT) * scale
-      if masked:
-        s = jnp.where(vis, s, MASK_VALUE)
+      s = _scores(q_ref[h], k, scale, vis)
       p = jnp.exp(s - _expand(lse_ref[h], bk))
       dp = _dot(do_ref[h], v, NT)
       ds = p * (dp - _expand(delta_ref[h], bk)) * scale
@@ -253,9 +246,7 @@ def _dkv_kernel(tkv_ref, tinfo_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, ls
     vis = _visible(pb, qpos_ref, kvpos_ref, kb, (info & T_SELECTED) != 0) if masked else None
     for h in range(groups):
       q, do = q_ref[h], do_ref[h]
-      s = _dot(q, k, NT) * scale
-      if masked:
-        s = jnp.where(vis, s, MASK_VALUE)
+      s = _scores(q, k, scale, vis)
       p = jnp.exp(s - _expand(lse_ref[h], bk))
       dv_acc[...] += _dot(p.T.astype(do.dtype), do)
       dp = _dot(do, v, NT)
@@ -287,8 +278,8 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   semantics = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
   # dq: the forward's lists and grid.
-  list_index = _flat_index(lb, lg, nq, maxb)
-  count_index = _flat_index(lb, lg, nq)
+  list_index = list_offset(lb, lg, nq, maxb)
+  count_index = list_offset(lb, lg, nq)
 
   def kv_map(b_, g_, i, j, ids, counts):
     return b_, g_, ids[list_index(b_, g_, i, j)] >> FLAG_BITS, 0
@@ -318,7 +309,7 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
 
   # dk / dv: the transposed pairs, one grid step each.
   num_pairs = lists.t_kv.shape[-1]
-  t_index = _flat_index(lb, lg, num_pairs)
+  t_index = list_offset(lb, lg, num_pairs)
 
   def tq_map(b_, g_, p_, tkv, tinfo):
     return b_, g_, tinfo[t_index(b_, g_, p_)] >> T_FLAG_BITS, 0
