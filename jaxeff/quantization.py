@@ -97,16 +97,16 @@ def quantized_matmul(x: jax.Array, qw: QuantizedWeight, logical_axes, *, impl: s
   """x @ dequant(qw) for a weight with logical axes (in, out), partitioned on the context mesh.
 
   One device: `quant_matmul` as is. On a mesh: the kernel per shard, split as the weight is
-  stored; or, where that has no clean shard_map form, dequantize-and-dot in XLA (GSPMD
-  partitions it without gathering the weight; it does materialize the dequantized shard).
+  stored; or, where that has no clean shard_map form, dequantize-and-dot in XLA in storage-row
+  order (impl "xla": GSPMD partitions it without moving the weight; it does materialize each
+  device's dequantized shard).
   """
   mesh = current_mesh()
   if mesh is None or math.prod(mesh.shape[a] for a in free_axes(mesh)) == 1:
     return quant_matmul(x, qw, impl=impl, interpret=interpret)
   if kernel_takes_stored_split(x.shape, qw, logical_axes, mesh):
     return quant_matmul(x, qw, impl=impl, interpret=interpret, axes=matmul_axes(logical_axes))
-  w = dequantize(qw, x.dtype)
-  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+  return quant_matmul(x, qw, impl="xla")
 
 
 class QuantizedLinear(nnx.Module):

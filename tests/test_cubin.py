@@ -95,3 +95,12 @@ def test_table_entry_compiles_for_a100_and_h100_without_spills(case):
     assert r.occupancy.warps_per_sm >= r.num_warps  # at least one block fits on an SM
     if case.num_warps is not None:
       assert (r.num_warps, r.num_stages) == (case.num_warps, case.num_stages)
+
+
+def test_bench_kernels_smoke(capsys):
+  from jaxeff.bench import kernels
+
+  assert kernels.main(["--only", "decode int8 per-channel", "--targets", "sm_90"]) == 0
+  out = capsys.readouterr().out
+  assert "| quant_matmul decode int8 per-channel | quant_matmul | sm_90 |" in out and "waves" in out
+  assert kernels.main(["--targets", "sm_75"]) == 2 and "error: unknown targets" in capsys.readouterr().err

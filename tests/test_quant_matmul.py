@@ -66,7 +66,7 @@ def test_quantize_round_trip_within_half_step(bits, group_size, k):
   assert int(jnp.abs(weights_lib.unpacked_qvalue(qw)).max()) <= weights_lib.QMAX[bits]
 
 
-@pytest.mark.parametrize("kp,half", [(256, 128), (1024, 128), (576, 32), (640, 64), (96, 16)])
+@pytest.mark.parametrize("kp,half", [(1024, 128), (576, 32), (96, 16)])
 def test_int4_tile_layout_pairs_rows_of_a_tile(kp, half):
   """Storage row r of tile t: low nibble = logical row 2Ht + r, high nibble = 2Ht + H + r."""
   assert weights_lib.int4_half_rows(kp) == half
@@ -191,17 +191,18 @@ def test_cpu_path_matches_reference(case):
   _check_against_reference(pk.quant_matmul(x, qw, impl="cpu", block_sizes=rows), x, qw, w)
 
 
-@pytest.mark.parametrize("bits,group_size,rows,ok", [
-    (8, 64, 32, True), (8, 64, 128, True), (8, 64, 48, False), (8, 64, 96, False),
-    (4, 64, 128, True), (4, 64, 64, False),  # int4: whole 128-row half tiles
-    (4, 512, 256, True), (4, 512, 384, False), (8, None, 7, True), (8, None, 0, False)])
-def test_cpu_rows_per_step_is_validated(bits, group_size, rows, ok):
+@pytest.mark.parametrize("bits,group_size,good,bad", [
+    (8, 64, [32, 192], [48, 96]),  # inside a group, or whole groups
+    (4, 64, [256], [64, 96]),  # int4: whole 128-row half tiles
+    (4, 512, [256], [384]),  # 256 storage rows per group: a divisor or a multiple
+    (8, None, [7], [0, -8])])
+def test_cpu_rows_per_step_is_validated(bits, group_size, good, bad):
   """A step straddling two groups would use the wrong scale (93% error before this check)."""
   x, w = _data(2, 1024, 64)
   qw = pk.quantize_weight(w, bits=bits, group_size=group_size)
-  if ok:
+  for rows in good:
     _check_against_reference(pk.quant_matmul(x, qw, impl="cpu", block_sizes=rows), x, qw, w)
-  else:
+  for rows in bad:
     with pytest.raises(ValueError, match="rows_per_step"):
       pk.quant_matmul(x, qw, impl="cpu", block_sizes=rows)
 
@@ -340,18 +341,21 @@ def test_unwrapped_mosaic_call_is_refused_on_a_mesh():
     jax.jit(lambda x, qw: pk.quant_matmul(x, qw, impl="tpu")).trace(x, qw).lower(lowering_platforms=("tpu",))
 
 
-@pytest.mark.parametrize("mesh_name", ["tensor", "fsdp", "data", "mixed"])
-def test_interpret_mode_on_a_mesh_equals_unsharded(mesh_name):
+@pytest.mark.parametrize("mesh_name,layer,bits,group_size,split", [
+    ("tensor", "row", 4, 128, {"k": ("tensor",)}),  # K split: f32 partial products summed (psum)
+    ("fsdp", "column", 4, 128, {"k": ("fsdp",)}),  # int4 tiles and groups split with K
+    ("data", "column", 8, 64, {"m": ("data",)}),  # rows of x split
+    ("mixed", "row", 8, None, {"m": ("data",), "k": ("tensor",), "n": ("fsdp",)}),
+])
+def test_interpret_mode_on_a_mesh_equals_unsharded(mesh_name, layer, bits, group_size, split):
   """The Pallas TPU kernel (interpret mode) per shard == the same kernel on one device."""
   mesh = sharding.make_mesh(MESHES[mesh_name])
-  for layer, (bits, group_size) in [("column", (4, 128)), ("row", (8, 64))]:
-    x, qw, axes = _placed(mesh, LAYERS[layer], bits, group_size, k=2048, n=128, abstract=False)
-    want = pk.quant_matmul(jax.device_get(x), jax.tree.map(jax.device_get, qw), impl="tpu", interpret=True)
-    with jax.set_mesh(mesh):
-      split = pk.partition(x.shape, qw, axes)
-      got = jax.jit(lambda x, qw: pk.quant_matmul(x, qw, impl="tpu", interpret=True, axes=axes))(x, qw)
-    assert split, f"nothing split on {mesh_name}"
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
+  x, qw, axes = _placed(mesh, LAYERS[layer], bits, group_size, k=2048, n=128, abstract=False)
+  want = pk.quant_matmul(jax.device_get(x), jax.tree.map(jax.device_get, qw), impl="tpu", interpret=True)
+  with jax.set_mesh(mesh):
+    assert pk.partition(x.shape, qw, axes) == split
+    got = jax.jit(lambda x, qw: pk.quant_matmul(x, qw, impl="tpu", interpret=True, axes=axes))(x, qw)
+  np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("layer", list(LAYERS))
@@ -376,6 +380,26 @@ def test_int4_k_split_that_would_cut_a_tile_is_dropped():
   with jax.set_mesh(mesh):
     assert pk.partition((1, 512), qw, {"k": "tensor"}) == {}
     assert pk.partition((1, 2048), _abstract_weight(2048, 256, 4, None), {"k": "tensor"}) == {"k": ("tensor",)}
+
+
+def test_layers_the_kernel_cannot_split_fall_back_to_xla_without_moving_the_weight():
+  """int4 row-parallel, 512 storage rows over 8 shards = 64 < the 128-row half tile: the quantized
+  model's matmul takes the storage-order XLA path; collectives move only activation-sized data."""
+  import re
+
+  from jaxeff.quantization import kernel_takes_stored_split, quantized_matmul
+
+  mesh = sharding.make_mesh(MESHES["tensor"])
+  x, qw, _ = _placed(mesh, LAYERS["row"], 4, 128, k=1024, n=256, m=1, x_dtype=jnp.float32, abstract=False)
+  with jax.set_mesh(mesh):
+    assert not kernel_takes_stored_split(x.shape, qw, LAYERS["row"], mesh)
+    compiled = jax.jit(lambda x, qw: quantized_matmul(x, qw, LAYERS["row"])).lower(x, qw).compile()
+    y = compiled(x, qw)
+  want = pk.quant_matmul_reference(jax.device_get(x), jax.tree.map(jax.device_get, qw))
+  np.testing.assert_allclose(np.asarray(y), np.asarray(want), rtol=1e-4, atol=1e-4)
+  moved = [int(np.prod([int(d) for d in dims.split(",") if d]))
+           for dims in re.findall(r"\[([\d,]*)\][^ ]* (?:all-gather|all-to-all|collective-permute|all-reduce)", compiled.as_text())]
+  assert moved and max(moved) <= 1024  # x's 1024 values at most; the weight has 131072 bytes
 
 
 def test_bench_quick_smoke(capsys):

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.quant_matmul.weights import QuantizedWeight, activation_planes, unpack_int4
+from pallas_kernels.quant_matmul.weights import QuantizedWeight, activation_planes, plane_scales, unpack_int4
 
 # f32 bytes of one dequantized chunk. Decode (small M) is bandwidth-bound: the chunk should stay in
 # L2 (1 MiB/core here; 256 KiB measured best for N=4096 and N=11008). Prefill is FLOP-bound: bigger
@@ -64,20 +64,6 @@ def chunk_rows(m: int, n: int, qw: QuantizedWeight) -> int:
   return max(d for d in range(unit, rows + 1, unit) if group % d == 0)
 
 
-def _row_scales(s: jax.Array, rows: int, qw: QuantizedWeight) -> list[jax.Array]:
-  """Per plane, [rows, N] scales for a chunk of whole groups; `s` is the chunk's [groups, N]."""
-  n = s.shape[-1]
-  if qw.bits == 8:
-    return [jnp.broadcast_to(s[:, None, :], (s.shape[0], qw.group_size, n)).reshape(rows, n)]
-  h, g = qw.half_rows, qw.group_size
-  if g <= h:  # each half tile holds h // g groups: the halves of a tile take alternate runs
-    runs = s.reshape(rows // h, 2, h // g, 1, n)
-    return [jnp.broadcast_to(runs[:, p], (rows // h, h // g, g, n)).reshape(rows, n) for p in (0, 1)]
-  # g >= 2h: a group holds whole tiles, both halves of a tile share its scale
-  both = jnp.broadcast_to(s[:, None, :], (s.shape[0], g // 2, n)).reshape(rows, n)
-  return [both, both]
-
-
 @functools.partial(jax.jit, static_argnames=("rows_per_step",))
 def quant_matmul_cpu(x: jax.Array, qw: QuantizedWeight, *, rows_per_step: int | None = None) -> jax.Array:
   """x [M, K] @ dequant(qw) -> [M, N] in x.dtype, computed in f32.
@@ -112,7 +98,7 @@ def quant_matmul_cpu(x: jax.Array, qw: QuantizedWeight, *, rows_per_step: int | 
       return acc + part * lax.dynamic_slice_in_dim(scale, g0, 1, axis=0)
     groups = rows * logical_per_row // qw.group_size  # whole groups: scale each weight row
     s = lax.dynamic_slice_in_dim(scale, row0 * logical_per_row // qw.group_size, groups, axis=0)
-    w = [wp * sp for wp, sp in zip(w, _row_scales(s, rows, qw))]
+    w = [wp * sp for wp, sp in zip(w, plane_scales(s, rows, qw))]
     return acc + sum(jnp.dot(xp, wp) for xp, wp in zip(xc, w))
 
   # Independent loops over disjoint row ranges: XLA:CPU runs independent ops concurrently, while

@@ -6,7 +6,8 @@
   cpu      "cpu"           chunked f32 XLA path (cpu.py); with interpret=... the "tpu" kernel
                            runs in the Pallas interpreter instead (tests, debugging)
 
-`impl=` forces one of IMPLS ("reference" is the dequantize-then-dot definition).
+`impl=` forces one of IMPLS ("reference" is the dequantize-then-dot definition; "xla" the same
+in storage-row order, which GSPMD partitions without moving a weight: xla.py).
 
 On a mesh (`jax.set_mesh` or `mesh=`), `axes` says which mesh axes each matmul letter may be split
 over: "m" (rows of x), "k" (the contraction) and "n" (output columns); the caller derives them
@@ -24,11 +25,11 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.quant_matmul import cpu, gpu, reference, tpu
+from pallas_kernels.quant_matmul import cpu, gpu, reference, tpu, xla
 from pallas_kernels.quant_matmul.weights import QuantizedWeight
 from pallas_kernels.sharding import current_mesh, free_axes, resolve_axes, shard_kernel
 
-IMPLS = ("tpu", "gpu", "cpu", "reference")
+IMPLS = ("tpu", "gpu", "cpu", "xla", "reference")
 
 
 def default_impl(interpret=False) -> str:
@@ -86,6 +87,8 @@ def _local(x, qvalue, scale, *, bits, group_size, impl, interpret, block_sizes, 
                                 out_dtype=out_dtype)
   if impl == "cpu":
     return cpu.quant_matmul_cpu(x.astype(jnp.float32), qw, rows_per_step=block_sizes).astype(out_dtype)
+  if impl == "xla":
+    return xla.quant_matmul_xla(x.astype(out_dtype), qw, cdt)
   return reference.quant_matmul_reference(x.astype(jnp.float32), qw, cdt).astype(out_dtype)
 
 

@@ -181,6 +181,24 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
   return w[..., : qw.in_features, :].astype(dtype)
 
 
+def plane_scales(s: jax.Array, rows: int, qw: QuantizedWeight) -> list[jax.Array]:
+  """Per nibble plane, [rows, N] scales for `rows` storage rows of whole tiles and whole groups.
+
+  `s` is their [groups, N] scale rows. int8: each group's row repeated over its rows. int4 with
+  groups no longer than a half tile: the two halves of a tile take alternate runs of groups; with
+  longer groups both halves of a tile share one.
+  """
+  n = s.shape[-1]
+  if qw.bits == 8:
+    return [jnp.broadcast_to(s[:, None, :], (s.shape[0], qw.group_size, n)).reshape(rows, n)]
+  h, g = qw.half_rows, qw.group_size
+  if g <= h:
+    runs = s.reshape(rows // h, 2, h // g, 1, n)
+    return [jnp.broadcast_to(runs[:, p], (rows // h, h // g, g, n)).reshape(rows, n) for p in (0, 1)]
+  both = jnp.broadcast_to(s[:, None, :], (s.shape[0], g // 2, n)).reshape(rows, n)
+  return [both, both]
+
+
 def activation_planes(x: jax.Array, qw: QuantizedWeight) -> list[jax.Array]:
   """x [M, K] -> one activation operand per nibble plane, each [M, Ks] in storage-row order.
 
