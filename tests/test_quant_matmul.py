@@ -1,6 +1,8 @@
 """pallas_kernels.quant_matmul: the weight format, the kernels (interpret mode, TPU simulator), the
 CPU path, lowering for TPU and CUDA on one device and on 8-device meshes, and sharded execution."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -184,17 +186,17 @@ def test_cpu_path_matches_reference(case):
   x, w = _data(case["m"], case["k"], case["n"], case["dtype"])
   qw = pk.quantize_weight(w, bits=case["bits"], group_size=case["group_size"])
   rows = cpu_lib.chunk_rows(case["m"], case["n"], qw) if not case["small_blocks"] else None
-  if case["small_blocks"]:  # the smallest valid step: several steps and a ragged tail
-    unit, group = cpu_lib._step_unit(qw)
-    rows = unit if group is None else max(unit, min(group, 2 * unit))
+  if case["small_blocks"]:  # a few rows per step: many steps (and a ragged tail when per-channel)
+    run = cpu_lib.group_run(qw)
+    rows = 7 if run is None else math.gcd(run, 16)
     cpu_lib.check_rows_per_step(rows, qw)
   _check_against_reference(pk.quant_matmul(x, qw, impl="cpu", block_sizes=rows), x, qw, w)
 
 
 @pytest.mark.parametrize("bits,group_size,good,bad", [
     (8, 64, [32, 192], [48, 96]),  # inside a group, or whole groups
-    (4, 64, [256], [64, 96]),  # int4: whole 128-row half tiles
-    (4, 512, [256], [384]),  # 256 storage rows per group: a divisor or a multiple
+    (4, 64, [8, 128], [48, 96]),  # int4: inside a group, or whole 128-row half tiles and groups
+    (4, 512, [128], [384]),  # a group spans tiles: 256 storage rows; a divisor or a multiple
     (8, None, [7], [0, -8])])
 def test_cpu_rows_per_step_is_validated(bits, group_size, good, bad):
   """A step straddling two groups would use the wrong scale (93% error before this check)."""

@@ -14,6 +14,7 @@ dequantize pass costs about what the 4x fewer weight bytes save); at batch 16 ~2
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -31,37 +32,56 @@ MIN_ROWS = 8
 LOOPS = 2  # independent loops XLA:CPU may run on two cores; see quant_matmul_cpu
 
 
-def _step_unit(qw: QuantizedWeight) -> tuple[int, int | None]:
-  """(unit, group) of storage rows: a chunk is a multiple of `unit`; with group scales it is also a
-  divisor of the group's storage rows or a multiple of them (`group`, None when per-channel)."""
-  unit = qw.half_rows if qw.bits == 4 else 1  # int4: whole tiles, so a chunk is a contiguous K range
-  if qw.group_size is None:
-    return unit, None
-  return unit, max(1, qw.group_size // qw.planes)
+def group_run(qw: QuantizedWeight) -> int | None:
+  """Storage rows in a row of one nibble plane that share a scale group (None: per-channel).
+
+  int8: the group. int4: a half tile holds whole groups of `group_size` rows (group <= half
+  tile), or a group spans whole tiles and both halves share it (group_size / 2 storage rows).
+  """
+  g = qw.group_size
+  if g is None:
+    return None
+  if qw.bits == 8 or g <= qw.half_rows:
+    return g
+  return g // 2
+
+
+def _whole_groups(rows: int, qw: QuantizedWeight) -> bool:
+  """A chunk of whole int4 tiles and whole groups (so `plane_scales` applies)."""
+  tiles = qw.bits == 8 or rows % qw.half_rows == 0
+  return tiles and (rows * qw.planes) % qw.group_size == 0
 
 
 def check_rows_per_step(rows: int, qw: QuantizedWeight) -> None:
-  """Raises ValueError unless `rows` storage rows per step line up with tiles and scale groups."""
-  unit, group = _step_unit(qw)
+  """Raises ValueError unless `rows` storage rows per step line up with the scale groups."""
   if not isinstance(rows, int) or rows <= 0:
     raise ValueError(f"rows_per_step must be a positive int, got {rows!r}")
-  if rows % unit:
-    raise ValueError(f"rows_per_step={rows} must be a multiple of the int4 half tile ({unit} storage rows)")
-  if group is not None and rows % group and group % rows:
-    raise ValueError(f"rows_per_step={rows} straddles scale groups: with group_size={qw.group_size} "
-                     f"(bits={qw.bits}) it must divide {group} storage rows or be a multiple of them")
+  run = group_run(qw)
+  if run is None or run % rows == 0 or _whole_groups(rows, qw):
+    return
+  tiles = "" if qw.bits == 8 else f" (and of the {qw.half_rows}-row int4 half tile)"
+  raise ValueError(f"rows_per_step={rows} straddles scale groups: with group_size={qw.group_size} "
+                   f"(bits={qw.bits}) it must divide {run} storage rows or be a multiple of the group{tiles}")
 
 
 def chunk_rows(m: int, n: int, qw: QuantizedWeight) -> int:
   """The default storage rows per loop step (valid for `check_rows_per_step`)."""
   target = max(MIN_ROWS, CHUNK_BYTES["decode" if m <= DECODE_MAX_M else "prefill"] // (4 * n * qw.planes))
-  unit, group = _step_unit(qw)
-  rows = max(unit, target // unit * unit)
-  if group is None or rows % group == 0 or group % rows == 0:
-    return rows
-  if rows > group:
-    return rows // group * group
-  return max(d for d in range(unit, rows + 1, unit) if group % d == 0)
+  run = group_run(qw)
+  if run is None:
+    return target
+  if target <= run:
+    return max(d for d in range(1, target + 1) if run % d == 0)
+  unit = math.lcm(run, qw.half_rows) if qw.bits == 4 else run
+  return max(unit, target // unit * unit)
+
+
+def _logical_row(row, plane: int, qw: QuantizedWeight):
+  """The logical K row of (storage row, plane); `row` may be traced."""
+  if qw.bits == 8:
+    return row
+  h = qw.half_rows
+  return (row // h) * 2 * h + plane * h + row % h
 
 
 @functools.partial(jax.jit, static_argnames=("rows_per_step",))
@@ -69,8 +89,9 @@ def quant_matmul_cpu(x: jax.Array, qw: QuantizedWeight, *, rows_per_step: int | 
   """x [M, K] @ dequant(qw) -> [M, N] in x.dtype, computed in f32.
 
   Args:
-    rows_per_step: storage rows of `qvalue` per loop step (default `chunk_rows`); must line up
-      with int4 tiles and scale groups (`check_rows_per_step`), else ValueError.
+    rows_per_step: storage rows of `qvalue` per loop step (default `chunk_rows`); with group
+      scales it must lie inside a group or cover whole groups (`check_rows_per_step`), else
+      ValueError.
   """
   xs = activation_planes(x.astype(jnp.float32), qw)  # [M, Ks] per plane
   q, scale = qw.qvalue, qw.scale
@@ -80,24 +101,23 @@ def quant_matmul_cpu(x: jax.Array, qw: QuantizedWeight, *, rows_per_step: int | 
   if rows_per_step is not None:
     check_rows_per_step(rows_per_step, qw)
   ck = min(ks, rows_per_step or chunk_rows(m, n, qw))
-  logical_per_row = qw.planes  # a chunk of whole tiles covers planes * rows contiguous K rows
-
   def step(acc, row0, rows):
     qc = lax.dynamic_slice_in_dim(q, row0, rows, axis=0)
     w = [p.astype(jnp.float32) for p in (unpack_int4(qc) if qw.bits == 4 else (qc,))]
     xc = [lax.dynamic_slice_in_dim(xp, row0, rows, axis=1) for xp in xs]
-    if per_channel or rows * logical_per_row <= qw.group_size:
-      # One dot per plane: concatenating the planes into one dot measured 8x slower (the
-      # concatenate fusion is not vectorized on XLA:CPU).
-      part = sum(jnp.dot(xp, wp) for xp, wp in zip(xc, w))
-      if per_channel:
-        return acc + part
-      # The chunk lies inside one group: scale the [M, N] partial product, not the [rows, N]
+    # One dot per plane: concatenating the planes into one dot measured 8x slower (the
+    # concatenate fusion is not vectorized on XLA:CPU).
+    if per_channel:
+      return acc + sum(jnp.dot(xp, wp) for xp, wp in zip(xc, w))
+    if group_run(qw) % rows == 0:
+      # Inside one group per plane: scale each plane's [M, N] partial product, not its [rows, N]
       # weights (a gather of per-row scales measured 2x slower than the whole f32 matvec).
-      g0 = row0 * logical_per_row // qw.group_size
-      return acc + part * lax.dynamic_slice_in_dim(scale, g0, 1, axis=0)
-    groups = rows * logical_per_row // qw.group_size  # whole groups: scale each weight row
-    s = lax.dynamic_slice_in_dim(scale, row0 * logical_per_row // qw.group_size, groups, axis=0)
+      for p, (xp, wp) in enumerate(zip(xc, w)):
+        group = _logical_row(row0, p, qw) // qw.group_size
+        acc = acc + jnp.dot(xp, wp) * lax.dynamic_slice_in_dim(scale, group, 1, axis=0)
+      return acc
+    groups = rows * qw.planes // qw.group_size  # whole tiles and groups: scale each weight row
+    s = lax.dynamic_slice_in_dim(scale, row0 * qw.planes // qw.group_size, groups, axis=0)
     w = [wp * sp for wp, sp in zip(w, plane_scales(s, rows, qw))]
     return acc + sum(jnp.dot(xp, wp) for xp, wp in zip(xc, w))
 

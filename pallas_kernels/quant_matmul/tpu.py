@@ -22,8 +22,9 @@ ragged last K block masks the x columns and weight rows past K with a select (ga
 cannot leak into the sum), and skips segments wholly past K.
 
 Not verifiable without a TPU: speed, and whether Mosaic's layout passes accept every slice (the
-lowering tests run on CPU; unaligned lane slices appear only for int4 weights whose K gives half
-tiles shorter than 128).
+lowering tests run on CPU, Mosaic's layout passes run only in the TPU compiler). x slices are
+whole 128-lane vregs except for groups smaller than 128 and int4 weights whose K gives half tiles
+shorter than 128 (static 16-64-lane slices); each such dot is also shallower than the MXU.
 """
 
 from __future__ import annotations
@@ -131,7 +132,7 @@ def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None
     bn = n if n <= bn else bn
     bk = ks if ks <= max(bk, align) else max(align, bk // align * align)
   else:
-    kind, _ = shape_class(m, qw)
+    kind = shape_class(m, qw)[0]
     bm, bn, budget = BLOCK_SIZES[shape_class(m, qw)]
     bm = m if bm is None or m <= bm else bm
     bn = n if n <= bn else bn
