@@ -40,7 +40,8 @@ from typing import Any, Callable, Sequence
 import jax
 
 # jaxlib version -> the `triton` release (from the package registry) that parses its Triton IR.
-# Found by trying releases: for jaxlib 0.10.2, 3.5.1, 3.6.0, 3.7.1 and 3.9.0 reject the IR.
+# Found by trying releases (2026-11-23): for jaxlib 0.10.2, triton 3.5.1, 3.6.0, 3.7.1 and 3.9.0
+# rejected the IR's bytecode; 3.8.0 reads it (and the text this module prints from it).
 TRITON_FOR_JAXLIB = {"0.10.2": "3.8.0"}
 
 TRITON_CALL_TARGET = "__gpu$xla.gpu.triton"

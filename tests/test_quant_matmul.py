@@ -56,7 +56,7 @@ def _check_against_reference(y, x, qw, w, compute_dtype=None):
 
 
 @pytest.mark.parametrize("bits,group_size,k", [(8, None, 100), (4, None, 101), (8, 32, 100), (4, 128, 384),
-                                               (8, 96, 200), (4, 512, 600)])
+                                               (8, 96, 200)])
 def test_quantize_round_trip_within_half_step(bits, group_size, k):
   _, w = _data(1, k, 48)
   qw = pk.quantize_weight(w, bits=bits, group_size=group_size)
@@ -68,7 +68,7 @@ def test_quantize_round_trip_within_half_step(bits, group_size, k):
   assert int(jnp.abs(weights_lib.unpacked_qvalue(qw)).max()) <= weights_lib.QMAX[bits]
 
 
-@pytest.mark.parametrize("kp,half", [(1024, 128), (576, 32), (96, 16)])
+@pytest.mark.parametrize("kp,half", [(1024, 128), (576, 32)])
 def test_int4_tile_layout_pairs_rows_of_a_tile(kp, half):
   """Storage row r of tile t: low nibble = logical row 2Ht + r, high nibble = 2Ht + H + r."""
   assert weights_lib.int4_half_rows(kp) == half
@@ -141,10 +141,10 @@ def test_kernels_in_interpret_mode_match_reference(case):
     _check_against_reference(pk.quant_matmul(x, qw, impl=impl, interpret=True, block_sizes=blocks), x, qw, w)
 
 
-@pytest.mark.parametrize("group_size", [32, 64, 128, 256, 512])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits,group_size", [(4, 32), (8, 256), (4, 256), (8, 512), (4, 512)])
 def test_group_sizes_32_to_512(bits, group_size):
-  """Blocks of several groups, and groups longer than a block (GPU: bk independent of the group)."""
+  """Blocks of several groups, and groups longer than a block (GPU: bk independent of the group).
+  Groups of 32, 64 and 128 also run in the randomized tests above."""
   x, w = _data(2, 1024, 128, seed=group_size)
   qw = pk.quantize_weight(w, bits=bits, group_size=group_size)
   blocks = {"tpu": (8, 128, 256), "gpu": (16, 64, 64, 4, 1), "cpu": None}
@@ -156,10 +156,10 @@ def test_group_sizes_32_to_512(bits, group_size):
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 128)])
 def test_prefill_blocks_run_in_interpret_mode(bits, group_size):
   """M > 256: the TPU prefill table entry (256-row blocks, a ragged last one), and GPU prefill."""
-  x, w = _data(300, 256, 256)
+  x, w = _data(300, 256, 64)
   qw = pk.quantize_weight(w, bits=bits, group_size=group_size)
   assert tpu_lib.shape_class(300, qw)[0] == "prefill"
-  bm, _, _, _ = tpu_lib.choose_blocks(300, qw.qvalue.shape[0], 256, qw)
+  bm, _, _, _ = tpu_lib.choose_blocks(300, qw.qvalue.shape[0], 64, qw)
   assert bm == 256  # two M blocks, the second ragged
   for impl in ("tpu", "gpu"):
     _check_against_reference(pk.quant_matmul(x, qw, impl=impl, interpret=True), x, qw, w)
@@ -170,7 +170,7 @@ def test_bf16_compute_by_default_on_accelerators_f32_in_interpret_mode():
   assert pk.default_compute_dtype(jnp.float32, "tpu") == jnp.bfloat16
   assert pk.default_compute_dtype(jnp.float32, "gpu", interpret=True) == jnp.float32
   assert pk.default_compute_dtype(jnp.float32, "cpu") == jnp.float32
-  x, w = _data(4, 256, 128)
+  x, w = _data(4, 128, 64)
   qw = pk.quantize_weight(w, bits=8, group_size=64)
   for impl in ("tpu", "gpu"):
     y = pk.quant_matmul(x, qw, impl=impl, interpret=True, compute_dtype=jnp.bfloat16)
@@ -194,10 +194,10 @@ def test_cpu_path_matches_reference(case):
 
 
 @pytest.mark.parametrize("bits,group_size,good,bad", [
-    (8, 64, [32, 192], [48, 96]),  # inside a group, or whole groups
-    (4, 64, [8, 128], [48, 96]),  # int4: inside a group, or whole 128-row half tiles and groups
+    (8, 64, [192], [48, 96]),  # inside a group (the randomized tests), or whole groups
+    (4, 64, [8], [48, 96]),  # int4: inside a group, or whole 128-row half tiles and groups
     (4, 512, [128], [384]),  # a group spans tiles: 256 storage rows; a divisor or a multiple
-    (8, None, [7], [0, -8])])
+    (8, None, [], [0, -8])])
 def test_cpu_rows_per_step_is_validated(bits, group_size, good, bad):
   """A step straddling two groups would use the wrong scale (93% error before this check)."""
   x, w = _data(2, 1024, 64)
@@ -246,7 +246,7 @@ def _racy_kernel(x):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits,group_size,m,k,n", [(8, None, 9, 300, 200), (4, 64, 20, 512, 256)])
+@pytest.mark.parametrize("bits,group_size,m,k,n", [(4, 64, 20, 520, 200)])
 def test_tpu_kernel_in_tpu_simulator_finds_no_race(capfd, bits, group_size, m, k, n):
   """TPU semantics on two simulated cores: race detection, NaN-filled uninitialized memory, edge
   blocks on every axis. The detector only prints, so the test reads what it printed, and a
@@ -346,8 +346,7 @@ def test_unwrapped_mosaic_call_is_refused_on_a_mesh():
 @pytest.mark.parametrize("mesh_name,layer,bits,group_size,split", [
     ("tensor", "row", 4, 128, {"k": ("tensor",)}),  # K split: f32 partial products summed (psum)
     ("fsdp", "column", 4, 128, {"k": ("fsdp",)}),  # int4 tiles and groups split with K
-    ("data", "column", 8, 64, {"m": ("data",)}),  # rows of x split
-    ("mixed", "row", 8, None, {"m": ("data",), "k": ("tensor",), "n": ("fsdp",)}),
+    ("mixed", "row", 8, 64, {"m": ("data",), "k": ("tensor",), "n": ("fsdp",)}),  # and rows of x split
 ])
 def test_interpret_mode_on_a_mesh_equals_unsharded(mesh_name, layer, bits, group_size, split):
   """The Pallas TPU kernel (interpret mode) per shard == the same kernel on one device."""

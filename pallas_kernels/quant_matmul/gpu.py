@@ -57,10 +57,6 @@ def shape_class(m: int) -> str:
   return "decode" if m <= DECODE_MAX_M else "prefill"
 
 
-def _pow2_at_most(n: int) -> int:
-  return 1 << (max(n, 1).bit_length() - 1)
-
-
 def sub_rows(bk: int, qw: QuantizedWeight) -> int:
   """Rows per sub-block: a power of two dividing bk, inside one int4 half tile, and dividing the
   group (one scale row) or a multiple of it (a scale tile)."""
@@ -92,7 +88,7 @@ def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None
 
 
 def _kernel(x_ref, q_ref, s_ref, o_ref, *, bits, half_rows, group_size, m, n, k, ks, bm, bn, bk, sub,
-            steps_per_split, splits, cdt):
+            steps_per_split, cdt):
   n0, m0, split = pl.program_id(0) * bn, pl.program_id(1) * bm, pl.program_id(2)
   m_ok = (m0 + jnp.arange(bm)) < m
   n_ok = (n0 + jnp.arange(bn)) < n
@@ -155,10 +151,10 @@ def quant_matmul_gpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, bloc
   out_dtype = jnp.dtype(out_dtype or x.dtype)
   (m, k), (ks, n) = x.shape, qw.qvalue.shape
   bm, bn, bk, sub, splits, warps, stages = choose_blocks(m, ks, n, qw, block_sizes)
-  steps_per_split = pl.cdiv(ks, bk) // splits if splits > 1 else pl.cdiv(ks, bk)
+  steps_per_split = pl.cdiv(ks, bk) // splits  # splits divides the steps
   kernel = functools.partial(_kernel, bits=qw.bits, half_rows=qw.half_rows, group_size=qw.group_size,
                              m=m, n=n, k=k, ks=ks, bm=bm, bn=bn, bk=bk, sub=sub,
-                             steps_per_split=steps_per_split, splits=splits, cdt=cdt)
+                             steps_per_split=steps_per_split, cdt=cdt)
   partial_dtype = jnp.float32 if splits > 1 else out_dtype
   y = pl.pallas_call(
       kernel,
