@@ -1,7 +1,7 @@
 """Weight-only quantized matmul benchmark: `python -m jaxeff.bench quant [--quick] [--json PATH]`.
 
-Options: `--quick` (small shapes, a smoke test), `--matmul-only` / `--model-only` (one section),
-`--group-size G`, `--impl NAME`, `--repeats N`.
+Options: `--quick` (small shapes, a smoke test), `--matmul-only` / `--groups-only` /
+`--sharded-only` / `--model-only` (one section), `--group-size G`, `--impl NAME`, `--repeats N`.
 
 For batch 1 (decode) and batch 16 at LLM weight shapes, times `x @ W` with W in f32, bf16
 (plain `jnp.dot`) and int8 / int4 (`pallas_kernels.quant_matmul`, the backend's default: the
