@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -120,13 +121,14 @@ def _check_layout(cfg: TrainConfig, mesh) -> None:
     raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {jax.process_count()} processes")
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
+def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.Hook] = ()) -> TrainResult:
   """Trains as `cfg` says: sharded over `cfg.mesh`, checkpointed, logged.
 
   Args:
     cfg: the run (`load_config`).
     resume: continue from the latest checkpoint in `cfg.output_dir` (bit for bit on CPU); without
       it, existing checkpoints there are an error, never overwritten.
+    hooks: extra `Hook`s, called after the built-in ones (NaN guard, metrics, eval, checkpoint).
 
   Returns:
     `TrainResult` with the model and this run's losses.
@@ -183,7 +185,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
     evaluator = hooks_lib.Evaluator(cfg.eval_every, eval_fn, val, to_global)
-    hooks = [hooks_lib.NaNGuard(ckpt.latest_step, ckpt_dir),
+    extra_hooks, hooks = hooks, [hooks_lib.NaNGuard(ckpt.latest_step, ckpt_dir),
              hooks_lib.MetricsLogger(out_dir, cfg.log_every, tensorboard=cfg.tensorboard,
                                      tokens_per_step=tokens_per_step,
                                      flops_per_step=cfg.model.flops_per_token(cfg.seq_len) * tokens_per_step,
@@ -191,6 +193,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> TrainResult:
              evaluator, hooks_lib.CheckpointSaver(cfg.checkpoint_every, save)]
     if cfg.progress and jax.process_index() == 0:
       hooks.append(hooks_lib.ProgressBar(cfg.steps, start))
+    hooks += list(extra_hooks)
     # XLA:CPU runs each fake device on a thread of one small pool: with a second step already
     # queued, a device's share can starve while the others wait in a collective (a deadlock on a
     # 2-core machine). Accelerators keep asynchronous dispatch.
