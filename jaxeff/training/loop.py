@@ -11,6 +11,7 @@ state's signature, from which a resumed run checks that architecture and optimiz
 from __future__ import annotations
 
 import dataclasses
+import functools
 import pathlib
 import time
 from typing import Sequence
@@ -71,7 +72,12 @@ def peak_flops_per_device(cfg: TrainConfig) -> float:
   for name, flops in _PEAK_FLOPS.items():
     if name.lower() in kind.lower():
       return flops
-  # CPU and unknown devices: measure a f32 matmul once (a few ms) instead of guessing.
+  return _measured_peak_flops()
+
+
+@functools.cache
+def _measured_peak_flops() -> float:
+  # CPU and unknown devices: measure a f32 matmul once per process (a few ms) instead of guessing.
   n = 1024
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
