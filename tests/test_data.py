@@ -166,6 +166,7 @@ def test_packing_rows_are_shifted_corpus_windows(corpus):
 def test_train_and_val_are_disjoint_positional_split(corpus):
   data = TextData.load(corpus)
   tokens = data_lib.load_tokens(corpus)
+  assert data.train.dtype == np.uint16  # held compactly; batches are int32
   assert len(data.val) == 100
   np.testing.assert_array_equal(np.concatenate([data.train, data.val]), tokens)
   val = data_lib.val_batches(data, seq_len=16, batch_size=2)

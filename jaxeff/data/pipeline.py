@@ -29,7 +29,7 @@ import pathlib
 import grain
 import numpy as np
 
-from jaxeff.data.prepared import TokenFile, check_tokenizer, read_index
+from jaxeff.data.prepared import TokenFile, check_tokenizer, read_index, token_dtype
 from jaxeff.data.sources import DataConfig, DataError, corpus_files, iter_documents
 from jaxeff.data.tokenizer import get_tokenizer
 
@@ -53,8 +53,8 @@ def load_tokens(cfg: DataConfig, tokenizer=None) -> np.ndarray:
 class TextData:
   """A token stream split by position: `train` is the head, `val` the tail.
 
-  `train` / `val` are int32 arrays (corpora tokenized in memory) or `TokenFile` ranges (a prepared
-  directory, read on demand). Build it once per run (`TextData.load`): the tokenizer is built once.
+  `train` / `val` are token arrays (corpora tokenized in memory, uint16 or uint32) or `TokenFile`
+  ranges (a prepared directory, read on demand); batches are int32 either way. Build it once per run (`TextData.load`): the tokenizer is built once.
   """
 
   train: np.ndarray | TokenFile
@@ -73,7 +73,9 @@ class TextData:
         check_tokenizer(index, tokenizer, directory)
       tokens, vocab = TokenFile(directory), index["vocab_size"]
     else:
-      tokens, vocab = load_tokens(cfg, tokenizer), tokenizer.vocab_size
+      # Held as the smallest dtype that fits (uint16 for most vocabularies): half of int32's RAM.
+      vocab = tokenizer.vocab_size
+      tokens = load_tokens(cfg, tokenizer).astype(token_dtype(vocab))
     num_val = round(len(tokens) * cfg.val_fraction)
     if cfg.val_fraction > 0:
       num_val = max(num_val, 1)  # too small a split should fail loudly in val_batches, not vanish
