@@ -168,21 +168,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.H
   tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, params, mesh)
   abstract = abstract_state(params, tx)
   shardings = state_shardings(abstract, mesh, per_device=spec.gradients == "per_device")
-  ckpt = Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints, async_save=True)
-  with jax.set_mesh(mesh):
+  with Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints, async_save=True) as ckpt, jax.set_mesh(mesh):
     if resume:
       state, iter_state = _restore(ckpt, cfg, abstract, shardings)
       train_iter.set_state(iter_state)
     else:
       state = init_state(make_model, tx, shardings, cfg.seed)
-    step_fn = jax.jit(make_train_step(graphdef, tx, spec, mesh, shardings), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(graphdef))
-    batch_sharding = jax.NamedSharding(mesh, sharding.logical_to_spec(("batch", None)))
-    to_global = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in b.items()}
-    start = int(state.step)
     out_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    batch_sharding = jax.NamedSharding(mesh, sharding.logical_to_spec(("batch", None)))
+    to_global = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in b.items()}
 
     def save(s: TrainState):
       step = int(s.step)
@@ -190,52 +186,59 @@ def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.H
                 documents={"data": train_iter.get_state(), "meta": _meta(cfg, step, abstract)})
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    evaluator = hooks_lib.Evaluator(cfg.eval_every, eval_fn, val, to_global)
-    extra_hooks, hooks = hooks, [hooks_lib.NaNGuard(ckpt.latest_step, ckpt_dir),
-             hooks_lib.MetricsLogger(out_dir, cfg.log_every, tensorboard=cfg.tensorboard,
-                                     tokens_per_step=tokens_per_step,
-                                     flops_per_step=cfg.model.flops_per_token(cfg.seq_len) * tokens_per_step,
-                                     peak_flops=peak_flops_per_device(cfg) * len(jax.devices()), schedule=schedule),
-             evaluator, hooks_lib.CheckpointSaver(cfg.checkpoint_every, save)]
+    evaluator = hooks_lib.Evaluator(cfg.eval_every, jax.jit(make_eval_step(graphdef)), val, to_global)
+    all_hooks = [hooks_lib.NaNGuard(ckpt.latest_step, ckpt_dir),  # first: nothing sees a diverged state
+                 hooks_lib.MetricsLogger(out_dir, cfg.log_every, tensorboard=cfg.tensorboard, schedule=schedule,
+                                         tokens_per_step=tokens_per_step,
+                                         flops_per_step=cfg.model.flops_per_token(cfg.seq_len) * tokens_per_step,
+                                         peak_flops=peak_flops_per_device(cfg) * len(jax.devices())),
+                 evaluator, hooks_lib.CheckpointSaver(cfg.checkpoint_every, save)]
     if cfg.progress and jax.process_index() == 0:
-      hooks.append(hooks_lib.ProgressBar(cfg.steps, start))
-    hooks += list(extra_hooks)
-    # XLA:CPU runs each fake device on a thread of one small pool: with a second step already
-    # queued, a device's share can starve while the others wait in a collective (a deadlock on a
-    # 2-core machine). Accelerators keep asynchronous dispatch.
-    sync_every_step = jax.default_backend() == "cpu" and mesh.size > 1
-    losses: list[float] = []
-    pending: list[tuple[int, dict]] = []  # device metrics, fetched only when a hook is due
-
-    def log(step: int, record: dict):
-      for h in hooks:
-        h.on_log(step, record)
-
-    clock = hooks_lib.StepClock()
-    try:
-      clock.start()
-      for step in range(start + 1, cfg.steps + 1):
-        state, metrics = step_fn(state, to_global(next(train_iter)))
-        if sync_every_step:
-          jax.block_until_ready(metrics)
-        pending.append((step, metrics))
-        due = [h for h in hooks if h.due(step, cfg.steps)]
-        if due or step == start + 1:  # the first step compiles: keep it out of tokens/s
-          records, pending = hooks_lib.host_records(pending), []
-          clock.stop(len(records), compiling=step == start + 1)
-          losses += [r["loss"] for r in records]
-          for h in hooks:
-            h.on_metrics(records)
-          ctx = hooks_lib.StepContext(step, state, log, clock, cfg.steps)
-          for h in due:
-            h.on_step(ctx)
-          clock.start()
-    finally:
-      for h in hooks:
-        h.close()
-      ckpt.close()
+      all_hooks.append(hooks_lib.ProgressBar(cfg.steps, int(state.step)))
+    step_fn = jax.jit(make_train_step(graphdef, tx, spec, mesh, shardings), donate_argnums=0)
+    state, losses = _loop(step_fn, state, train_iter, to_global, all_hooks + list(hooks), cfg.steps,
+                          # XLA:CPU runs each fake device on a thread of one small pool: with a second
+                          # step queued, a device's share can starve while the others wait in a
+                          # collective (a deadlock on 2 cores). Accelerators keep async dispatch.
+                          sync_every_step=jax.default_backend() == "cpu" and mesh.size > 1)
     model = nnx.merge(graphdef, state.params)
   return TrainResult(model=model, step=cfg.steps, losses=losses, val_losses=evaluator.val_losses, output_dir=out_dir)
+
+
+def _loop(step_fn, state: TrainState, batches, to_global, hooks: list[hooks_lib.Hook], last_step: int,
+          sync_every_step: bool) -> tuple[TrainState, list[float]]:
+  """Steps until `last_step`; device metrics are fetched only when some hook is due."""
+  start = int(state.step)
+  losses: list[float] = []
+  pending: list[tuple[int, dict]] = []
+  clock = hooks_lib.StepClock()
+
+  def log(step: int, record: dict):
+    for h in hooks:
+      h.on_log(step, record)
+
+  try:
+    clock.start()
+    for step in range(start + 1, last_step + 1):
+      state, metrics = step_fn(state, to_global(next(batches)))
+      if sync_every_step:
+        jax.block_until_ready(metrics)
+      pending.append((step, metrics))
+      due = [h for h in hooks if h.due(step, last_step)]
+      if due or step == start + 1:  # the first step compiles: keep it out of tokens/s
+        records, pending = hooks_lib.host_records(pending), []
+        clock.stop(len(records), compiling=step == start + 1)
+        losses += [r["loss"] for r in records]
+        for h in hooks:
+          h.on_metrics(records)
+        ctx = hooks_lib.StepContext(step, state, log, clock, last_step)
+        for h in due:
+          h.on_step(ctx)
+        clock.start()
+  finally:
+    for h in hooks:
+      h.close()
+  return state, losses
 
 
 def _restore(ckpt: Checkpointer, cfg: TrainConfig, abstract: TrainState, shardings: TrainState):
