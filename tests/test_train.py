@@ -75,7 +75,8 @@ def test_resume_is_bit_exact_with_blocked_attention(tmp_path):
   """Resume at a length where the default (blocked) attention splits into blocks, sharded 8 ways."""
   assert train_lib.TrainConfig().model.attention == "blocked"
   assert attention_lib._num_query_blocks(BLOCKING_SEQ_LEN) > 1
-  common = ["optimizer.decay_steps=6", "checkpoint_every=100", f"seq_len={BLOCKING_SEQ_LEN}", "mesh={data: 8}"]
+  common = ["optimizer.decay_steps=6", "checkpoint_every=100", f"seq_len={BLOCKING_SEQ_LEN}", "mesh={data: 8}",
+            "model.num_layers=1", "eval_batches=0"]
   straight = train_lib.train(_cfg(tmp_path, "steps=6", *common, name="straight"))
   first = train_lib.train(_cfg(tmp_path, "steps=3", *common, name="split"))
   second = train_lib.train(_cfg(tmp_path, "steps=6", *common, name="split"), resume=True)
@@ -284,18 +285,17 @@ def _word_tokenizer(path):
 
 
 def test_prepared_dataset_and_tokenizer_built_once(tmp_path, monkeypatch):
+  """`data.dataset=` trains from a prepared directory; the run builds its tokenizer once (to check
+  it is the one the dataset was made with). Batches equal the in-memory path's: tests/test_data.py."""
   rng = np.random.default_rng(0)
   for i in range(3):
     (tmp_path / f"doc{i}.txt").write_text(" ".join(rng.choice(list("abcdefghij"), 2000)))
   tok = _word_tokenizer(tmp_path / "tokenizer.json")
+  data_lib.prepare([str(tmp_path / "*.txt")], tmp_path / "prepared", tokenizer=str(tok), workers=1, progress=False)
   built = []
   init = data_lib.HFTokenizer.__init__
   monkeypatch.setattr(data_lib.HFTokenizer, "__init__", lambda self, p: (built.append(p), init(self, p))[1])
-  result = train_lib.train(_cfg(tmp_path, "steps=3", f"data.paths=[{tmp_path}/*.txt]", f"data.tokenizer={tok}",
-                                "model.vocab_size=16", name="text"))
-  assert len(built) == 1 and np.isfinite(result.losses).all()  # the run's tokenizer is built once
-
-  data_lib.prepare([str(tmp_path / "*.txt")], tmp_path / "prepared", tokenizer=str(tok), workers=1, progress=False)
-  prepared = train_lib.train(_cfg(tmp_path, "steps=3", f"data.dataset={tmp_path / 'prepared'}",
-                                  "model.vocab_size=16", name="disk"))
-  assert prepared.losses == result.losses  # same tokens, same windows, same model
+  result = train_lib.train(_cfg(tmp_path, "steps=3", f"data.dataset={tmp_path / 'prepared'}", f"data.tokenizer={tok}",
+                                "model.vocab_size=16", "model.num_layers=1", name="disk"))
+  assert len(built) == 1 and len(result.losses) == 3 and np.isfinite(result.losses).all()
+  assert result.losses[0] == pytest.approx(np.log(16), abs=0.3)  # a 12-token vocabulary, not bytes

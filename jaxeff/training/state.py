@@ -103,15 +103,13 @@ def state_shardings(abstract: TrainState, mesh: Mesh, per_device: bool = False) 
 def init_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
                shardings: TrainState, seed: int) -> TrainState:
   """A fresh state, each array created directly in its sharding (no device holds it whole)."""
-
-  def init():
-    params = nnx.state(make_model())
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      rng=jax.random.key_data(jax.random.key(seed)))
-
   mesh = jax.tree.leaves(shardings)[0].mesh
   with jax.set_mesh(mesh):
-    return jax.jit(init, out_shardings=shardings)()
+    # Two programs, not one: the parameters' is the same for every optimizer (compiled once).
+    params = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings.params)()
+    opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
+  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
+                    opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng))
 
 
 def signature(tree: Any) -> list[list]:
