@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from test_train import BLOCKING_SEQ_LEN, TINY
+from test_train import BLOCKING, BLOCKING_SEQ_LEN, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def _losses(out_dir):
 
 
 def test_two_processes_match_one(tmp_path):
-  args = [*TINY, "steps=4", "mesh={data: -1}", f"seq_len={BLOCKING_SEQ_LEN}", "eval_batches=0", "model.num_layers=1"]
+  args = [*TINY, *BLOCKING, "steps=4", "mesh={data: -1}"]
   cmd = [sys.executable, "-m", "jaxeff.train", *args]
   single = subprocess.run(cmd + [f"output_dir={tmp_path / 'single'}"], env=_env(8),
                           capture_output=True, text=True, timeout=300)

@@ -26,8 +26,11 @@ TINY = [
     "log_every=1", "eval_every=1000", "eval_batches=2", "tensorboard=false", "progress=false",
     "optimizer.warmup_steps=2",
 ]
-# The default attention at a length where it really splits the sequence into blocks.
+# The default attention at a length where it really splits the sequence into blocks. The resume
+# test and tests/test_multiprocess.py share these settings, so their steps compile to the same
+# program (one compilation through the suite's persistent cache).
 BLOCKING_SEQ_LEN = 128
+BLOCKING = [f"seq_len={BLOCKING_SEQ_LEN}", "model.num_layers=1", "eval_batches=0", "optimizer.decay_steps=6"]
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -75,8 +78,7 @@ def test_resume_is_bit_exact_with_blocked_attention(tmp_path):
   """Resume at a length where the default (blocked) attention splits into blocks, sharded 8 ways."""
   assert train_lib.TrainConfig().model.attention == "blocked"
   assert attention_lib._num_query_blocks(BLOCKING_SEQ_LEN) > 1
-  common = ["optimizer.decay_steps=6", "checkpoint_every=100", f"seq_len={BLOCKING_SEQ_LEN}", "mesh={data: 8}",
-            "model.num_layers=1", "eval_batches=0"]
+  common = [*BLOCKING, "checkpoint_every=100", "mesh={data: 8}"]
   straight = train_lib.train(_cfg(tmp_path, "steps=6", *common, name="straight"))
   first = train_lib.train(_cfg(tmp_path, "steps=3", *common, name="split"))
   second = train_lib.train(_cfg(tmp_path, "steps=6", *common, name="split"), resume=True)
@@ -251,7 +253,7 @@ def test_configs_parse_and_attention_defaults(tmp_path):
 
 
 def test_import_has_no_side_effects():
-  code = "import os; before = dict(os.environ); import jaxeff, jaxeff.train, jaxeff.data; print(before == dict(os.environ))"
+  code = "import os; before = dict(os.environ); import jaxeff; print(before == dict(os.environ))"
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
   assert proc.stdout.strip() == "True"
 
