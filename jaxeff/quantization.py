@@ -17,9 +17,9 @@ partitions (`kernel_takes_stored_split` says which layers do).
 Scanned models (`scan_layers=True`) stack each layer's kernel as [layers, in, out]; those are
 quantized per layer (vmap) into [layers, ...] variables, and `nnx.scan` hands each step its 2-D slice.
 
-`save_quantized` / `load_quantized` store a quantized model as one orbax checkpoint (its state plus
-the model config and `quantize` settings), so a training checkpoint is quantized once and served
-from then on without the float weights.
+`save_quantized` / `load_quantized` store a quantized model as one checkpoint (the training
+engine's `Checkpointer`: its state plus the model config and `quantize` settings), so a training
+checkpoint is quantized once and served from then on without the float weights.
 """
 
 from __future__ import annotations
@@ -218,8 +218,9 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
 
 # ---------------------------------------------------------------------------- checkpoints
 
-# /2: int4 nibbles pair rows of a 2H-row tile (pallas_kernels/quant_matmul/weights.py), not
-# neighbouring rows as in /1; a /1 checkpoint would load with scrambled int4 weights, so it is refused.
+# /2 (from /1): a Checkpointer directory (step 0: params + meta), and int4 nibbles that pair rows of
+# a 2H-row tile (pallas_kernels/quant_matmul/weights.py) instead of neighbouring rows: a /1
+# checkpoint would load with scrambled int4 weights, so it is refused.
 FORMAT = "jaxeff-quantized/2"
 # Compute-only settings a loader may change; everything else must match the saved architecture.
 _COMPUTE_ONLY = frozenset({"dtype", "remat", "attention", "max_seq_len"})
@@ -250,13 +251,14 @@ def _shapes(state) -> dict:
 
 
 def save_quantized(model: Llama, path: str | os.PathLike) -> pathlib.Path:
-  """Writes a quantized `Llama` (from `quantize`) to a new orbax checkpoint directory `path`.
+  """Writes a quantized `Llama` (from `quantize`) to a new checkpoint directory `path`.
 
-  The checkpoint holds the model state and, as JSON, its `ModelConfig` and quantization settings,
-  so `load_quantized(path)` rebuilds it alone. Orbax writes to a temporary directory and renames it
-  when complete. An existing `path` is never overwritten (FileExistsError).
+  One `jaxeff.training.Checkpointer` step: the model state (item `params`) and, as JSON (`meta`),
+  its `ModelConfig` and quantization settings, so `load_quantized(path)` rebuilds it alone. Orbax
+  writes to a temporary directory and renames it when complete. An existing `path` is never
+  overwritten (FileExistsError).
   """
-  import orbax.checkpoint as ocp
+  from jaxeff.training.checkpoint import Checkpointer
 
   path = pathlib.Path(path)
   if path.exists():
@@ -272,31 +274,28 @@ def save_quantized(model: Llama, path: str | os.PathLike) -> pathlib.Path:
     raise ValueError(f"model's structure is not that of quantize(Llama(model.cfg), **{settings}); "
                      f"save_quantized stores models made by one jaxeff.quantize call")
   meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "quantization": settings}
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  try:
-    ckptr.save(path.absolute(), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
-  finally:
-    ckptr.close()
+  with Checkpointer(path) as ckpt:
+    ckpt.save(0, arrays={"params": state}, documents={"meta": meta})
   return path
 
 
 def load_quantized(path: str | os.PathLike, config: ModelConfig | None = None, *, mesh=None) -> Llama:
-  """The quantized model `save_quantized` wrote to `path`.
+  """The quantized model `save_quantized` wrote to `path`, born sharded.
 
   Args:
+    path: the directory `save_quantized` wrote.
     config: None for the saved `ModelConfig`; otherwise one that may differ from it only in
       compute settings (dtype, remat, attention, max_seq_len).
-    mesh: place the weights by their logical axes on this mesh; None: on the first device.
+    mesh: place the weights by their logical axes on this mesh (each device reads only its
+      shards); None: on the first device.
   """
-  import orbax.checkpoint as ocp
+  from jaxeff.training.checkpoint import Checkpointer
 
   path = pathlib.Path(path)
-  if not (path / "meta").is_dir() or not (path / "state").is_dir():
+  if not (path / "0" / "meta").is_dir() or not (path / "0" / "params").is_dir():
     raise FileNotFoundError(f"no quantized checkpoint (written by save_quantized) at {path}")
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  try:
-    meta = ckptr.restore(path.absolute(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  with Checkpointer(path) as ckpt:
+    meta = ckpt.document(0, "meta")
     if meta.get("format") != FORMAT:
       raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}"
                        + ("; the int4 layout changed since /1: quantize the float checkpoint again"
@@ -308,13 +307,6 @@ def load_quantized(path: str | os.PathLike, config: ModelConfig | None = None, *
     if diff:
       raise ValueError(f"config does not match the architecture saved in {path} ({'; '.join(diff)})")
     graphdef, abstract = nnx.split(_abstract_quantized(cfg, meta["quantization"]))
-    if mesh is not None:
-      shardings = sharding.state_shardings(abstract, mesh)
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    else:
-      dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
-    state = ckptr.restore(path.absolute(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  finally:
-    ckptr.close()
+    target = sharding.with_shardings(abstract, sharding.model_shardings(abstract, mesh))
+    state = ckpt.restore(0, {"params": target})["params"]
   return nnx.merge(graphdef, state)
