@@ -46,9 +46,9 @@ def test_cached_decode_equals_full_forward(scan_layers, window):
   np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
   assert cache.stacked == scan_layers
   k0 = cache.k[0]  # layer 0 (stacked or per layer)
-  assert k0.shape == (2, MAX_LEN, cfg.num_kv_heads, cfg.head_dim)
+  assert k0.shape == (2, cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
   # Slots past the last position were never written.
-  assert not np.asarray(k0[:, TOTAL:]).any() and np.asarray(k0[:, :TOTAL]).any()
+  assert not np.asarray(k0[:, :, TOTAL:]).any() and np.asarray(k0[:, :, :TOTAL]).all(axis=-1).all()
   if window is not None:  # the window actually changes the result (so it was applied)
     assert np.abs(np.asarray(Llama(dataclasses.replace(cfg, sliding_window=None), rngs=nnx.Rngs(0))(tokens)
                              - full)).max() > 1e-4
@@ -110,6 +110,6 @@ def test_cache_is_sharded_by_logical_axes():
   with jax.set_mesh(mesh):
     cache = jax.jit(lambda: init_cache(cfg, 2, 8))()
     logits, cache = nnx.jit(lambda m, t, p, c: m(t, p, cache=c))(model, tokens, positions, cache)
-  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", None, "tensor", None))
+  want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", "tensor", None, None))
   assert cache.k.sharding.is_equivalent_to(want, 5) and cache.v.sharding.is_equivalent_to(want, 5)
   np.testing.assert_allclose(logits, model(tokens), rtol=1e-5, atol=1e-5)

@@ -147,7 +147,6 @@ class Generator:
   def _loop_fn(self, state, cache, first, positions, keys, done, stop_tokens, num_tokens, values, *, sampling):
     """Up to `num_tokens` tokens per row on the device: [B, max_seq_len] ids, -1 after a row stops."""
     self.traces["loop", sampling] += 1
-    model = self._model(state)
     out = jnp.full((first.shape[0], self.max_seq_len), -1, jnp.int32)
 
     def record(out, t, tok, done):
@@ -156,18 +155,21 @@ class Generator:
 
     out, done = record(out, 0, first, done)
 
+    # The weights ride in the carry (unchanged): nnx modules must live at the loop body's trace
+    # level for the nnx.scan over layers inside.
     def cond(carry):
-      _, _, _, t, done, _ = carry
+      _, _, _, _, t, done, _ = carry
       return (t < num_tokens) & ~jnp.all(done)
 
     def body(carry):
-      cache, tok, pos, t, done, out = carry
-      logits, cache = model(tok[:, None], pos[:, None], cache=cache)
+      state, cache, tok, pos, t, done, out = carry
+      logits, cache = self._model(state)(tok[:, None], pos[:, None], cache=cache)
       tok = sample(logits[:, 0], _fold_positions(keys, pos + 1), sampling, values)
       out, done = record(out, t, tok, done)
-      return cache, tok, pos + 1, t + 1, done, out
+      return state, cache, tok, pos + 1, t + 1, done, out
 
-    cache, _, _, steps, _, out = jax.lax.while_loop(cond, body, (cache, first, positions, jnp.int32(1), done, out))
+    init = (state, cache, first, positions, jnp.int32(1), done, out)
+    _, cache, _, _, steps, _, out = jax.lax.while_loop(cond, body, init)
     return out, steps - 1, cache
 
   # ------------------------------------------------------------------ requests

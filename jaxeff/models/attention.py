@@ -55,16 +55,19 @@ def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_win
     if (q_positions is None) != (kv_positions is None) or k.shape[1] != s:
       raise ValueError("positions may be None only on both sides of a self-attention (q and k of one length)")
     q_positions = kv_positions = index_positions(b, s)
-  q = q.reshape(b, s, kvh, h // kvh, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+  # Heads-major operands, each matmul in the [batch, m, k] x [batch, k, n] form: a KV cache stored
+  # heads-major ([B, KVH, T, D]) is then read in place (XLA cancels the transposes).
+  q = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
   kv_pos, q_pos = kv_positions[:, None, None, None, :], q_positions[:, None, None, :, None]
   visible = kv_pos <= q_pos
   if sliding_window is not None:
     visible &= q_pos - kv_pos < sliding_window
   scores = jnp.where(visible, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, h, d)
+  out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 register_attention("dense", dense_attention)

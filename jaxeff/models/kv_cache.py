@@ -11,9 +11,11 @@ an earlier or padded sequence, sit at positions after the query's and are masked
 written before any query at or after its position reads it. Each row advances on its own, which is
 what a ragged batch needs. Going back (a rejected speculation) is writing at an earlier position.
 
-Layout: per layer [batch, max_len, kv_heads, head_dim] (the attention's k/v layout), with logical
-axes ("batch", "seq", "kv_heads", "head_dim"), so it shards like the activations (batch over
-data/fsdp, kv heads over tensor). Models with `scan_layers` keep one stacked array per k and v
+Layout: per layer [batch, kv_heads, max_len, head_dim], heads-major like gpt-fast's and the layout
+attention's score matmul reads (a [batch, max_len, kv_heads, head_dim] cache was transposed-copied in
+full by XLA every decode step), with logical axes ("batch", "kv_heads", "seq", "head_dim"), so it
+shards like the activations (batch over data/fsdp, kv heads over tensor). `as_attention_layout` gives
+the attention registry's [batch, max_len, kv_heads, head_dim] view; XLA cancels the two transposes. Models with `scan_layers` keep one stacked array per k and v
 with a leading "layers" axis, which `nnx.scan` slices like the stacked parameters.
 """
 
@@ -27,12 +29,12 @@ import jax.numpy as jnp
 from jaxeff.config import ModelConfig
 from jaxeff.sharding import constrain
 
-CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
 STACKED_CACHE_AXES = ("layers",) + CACHE_AXES
 
 
 class KVCache(NamedTuple):
-  """Keys and values: tuples of per-layer [B, T, KVH, D] arrays, or [L, B, T, KVH, D] when stacked."""
+  """Keys and values: tuples of per-layer [B, KVH, T, D] arrays, or [L, B, KVH, T, D] when stacked."""
 
   k: tuple[jax.Array, ...] | jax.Array
   v: tuple[jax.Array, ...] | jax.Array
@@ -47,7 +49,7 @@ class KVCache(NamedTuple):
 
   @property
   def max_len(self) -> int:
-    return self._first.shape[-3]
+    return self._first.shape[-2]
 
   @property
   def nbytes(self) -> int:
@@ -82,7 +84,7 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> K
   if batch_size < 1 or max_len < 1:
     raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
   dtype = cache_dtype(cfg) if dtype is None else jnp.dtype(dtype)
-  shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
   if cfg.scan_layers:
     zeros = lambda: constrain(jnp.zeros((cfg.num_layers,) + shape, dtype), STACKED_CACHE_AXES)
     return KVCache(zeros(), zeros())
@@ -97,11 +99,17 @@ def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> 
 
 
 def write(cache_kv: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-  """Writes `new` [B, S, KVH, D] into one layer's `cache_kv` [B, T, KVH, D] at `positions` [B, S].
+  """Writes `new` [B, S, KVH, D] into one layer's `cache_kv` [B, KVH, T, D] at `positions` [B, S].
 
   Each row writes at its own positions. Positions past the cache are dropped (a finished row of a
   ragged batch may run past its end; its output is discarded).
   """
   rows = jnp.arange(new.shape[0])[:, None]
-  out = cache_kv.at[rows, positions].set(new.astype(cache_kv.dtype), mode="drop", unique_indices=True)
+  # Advanced indices on dims 0 and 2 put them first: the indexed view is [B, S, KVH, D], like `new`.
+  out = cache_kv.at[rows, :, positions].set(new.astype(cache_kv.dtype), mode="drop", unique_indices=True)
   return constrain(out, CACHE_AXES)
+
+
+def as_attention_layout(cache_kv: jax.Array) -> jax.Array:
+  """[B, KVH, T, D] -> [B, T, KVH, D], the attention registry's key/value layout."""
+  return cache_kv.transpose(0, 2, 1, 3)

@@ -60,9 +60,9 @@ class Attention(nnx.Module):
       out = attend(q, k, v, q_positions=positions, kv_positions=positions, sliding_window=cfg.sliding_window)
       return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim))
     k_cache, v_cache = (kv_cache_lib.write(c, new, positions) for c, new in zip(kv, (k, v)))
-    kv_positions = attention_lib.index_positions(b, k_cache.shape[1])  # slot t holds position t
-    out = attend(q, k_cache, v_cache, q_positions=positions, kv_positions=kv_positions,
-                 sliding_window=cfg.sliding_window)
+    kv_positions = attention_lib.index_positions(b, k_cache.shape[2])  # slot t holds position t
+    out = attend(q, kv_cache_lib.as_attention_layout(k_cache), kv_cache_lib.as_attention_layout(v_cache),
+                 q_positions=positions, kv_positions=kv_positions, sliding_window=cfg.sliding_window)
     return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
 
 
