@@ -69,9 +69,16 @@ class GGUFError(HFError):
 # ---------------------------------------------------------------------------- reading
 
 
-def _reader(path: str | os.PathLike):
-  import gguf
+def _gguf():
+  try:
+    import gguf
+  except ImportError:
+    raise GGUFError("reading .gguf files needs the gguf package: pip install gguf") from None
+  return gguf
 
+
+def _reader(path: str | os.PathLike):
+  gguf = _gguf()
   path = pathlib.Path(path)
   if not path.is_file():
     raise GGUFError(f"GGUF file not found: {path}")
@@ -159,7 +166,7 @@ def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def _read(reader, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
-  import gguf
+  gguf = _gguf()
 
   cfg = hf_config(meta, (t.name for t in reader.tensors))
   tensors = {}

@@ -23,9 +23,23 @@ CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_laye
 PROMPTS = [[5, 17, 3, 88, 41], [7, 8], [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]]
 
 
+# One sampled configuration for every sampling test, so its programs compile once per module.
+SAMPLED = dict(temperature=0.9, top_k=20, top_p=0.9, min_p=0.02)
+
+
 @pytest.fixture(scope="module")
 def model():
   return Llama(CFG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def gen(model):
+  return Generator(model, max_batch=4, max_seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def host_gen(model):
+  return Generator(model, max_batch=4, max_seq_len=32, loop="host")
 
 
 def reference_greedy(model, prompt, n, width=32):
@@ -39,66 +53,59 @@ def reference_greedy(model, prompt, n, width=32):
   return seq[len(prompt):]
 
 
+@pytest.fixture(scope="module")
+def reference(model):
+  return [reference_greedy(model, p, 8) for p in PROMPTS]
+
+
 @pytest.mark.parametrize("loop", ["device", "host"])
-def test_greedy_matches_full_forward_reference(model, loop):
-  gen = Generator(model, max_batch=4, max_seq_len=32, loop=loop)
-  out = gen.generate(PROMPTS, max_new_tokens=8)
-  assert out == [reference_greedy(model, p, 8) for p in PROMPTS]
-  assert gen.stats.new_tokens == 24 and gen.stats.decode_tokens == 21 and gen.stats.prompt_tokens == 18
+def test_greedy_matches_full_forward_reference(gen, host_gen, reference, loop):
+  g = gen if loop == "device" else host_gen
+  assert g.generate(PROMPTS, max_new_tokens=8) == reference
+  assert g.stats.new_tokens == 24 and g.stats.decode_tokens == 21 and g.stats.prompt_tokens == 18
 
 
-def test_ragged_batch_equals_each_prompt_alone(model):
-  gen = Generator(model, max_batch=4, max_seq_len=32)
-  for kw in (dict(), dict(temperature=0.9, top_k=20, seed=5)):
+def test_ragged_batch_equals_each_prompt_alone(gen):
+  for kw in (dict(), dict(SAMPLED, seed=5)):
     batch = gen.generate(PROMPTS, max_new_tokens=6, **kw)
     alone = [gen.generate([p], max_new_tokens=6, **kw)[0] for p in PROMPTS]
     assert batch == alone
   # Per-prompt seeds: row i gets what it gets alone with seed i.
-  batch = gen.generate(PROMPTS, max_new_tokens=6, temperature=1.0, seed=[0, 1, 2])
-  assert batch == [gen.generate([p], max_new_tokens=6, temperature=1.0, seed=s)[0] for s, p in enumerate(PROMPTS)]
+  batch = gen.generate(PROMPTS, max_new_tokens=6, seed=[0, 1, 2], **SAMPLED)
+  assert batch == [gen.generate([p], max_new_tokens=6, seed=s, **SAMPLED)[0] for s, p in enumerate(PROMPTS)]
 
 
-def test_more_prompts_than_max_batch_run_in_chunks(model):
-  gen = Generator(model, max_batch=2, max_seq_len=32)
-  assert gen.generate(PROMPTS, max_new_tokens=4) == [reference_greedy(model, p, 4) for p in PROMPTS]
+def test_seeded_sampling_repeats_and_host_equals_device(gen, host_gen, reference):
+  kw = dict(max_new_tokens=8, seed=3, **SAMPLED)
+  a, b = gen.generate(PROMPTS, **kw), gen.generate(PROMPTS, **kw)
+  assert a == b == host_gen.generate(PROMPTS, **kw)
+  assert a != gen.generate(PROMPTS, **{**kw, "seed": 4})
+  assert a != reference  # it does sample
 
 
-def test_seeded_sampling_repeats_and_host_equals_device(model):
-  kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, min_p=0.02, seed=3)
-  device = Generator(model, max_batch=4, max_seq_len=32, loop="device")
-  host = Generator(model, max_batch=4, max_seq_len=32, loop="host")
-  a, b = device.generate(PROMPTS, **kw), device.generate(PROMPTS, **kw)
-  assert a == b == host.generate(PROMPTS, **kw)
-  assert a != device.generate(PROMPTS, **{**kw, "seed": 4})
-  assert a != device.generate(PROMPTS, max_new_tokens=10)  # it does sample
-
-
-def test_stop_tokens_end_each_row_on_its_own(model):
-  gen = Generator(model, max_batch=4, max_seq_len=32)
-  full = gen.generate(PROMPTS, max_new_tokens=8)
-  stop = full[0][3]  # row 0 stops before its 4th token; the others stop at their first `stop`, if any
+def test_stop_tokens_end_each_row_on_its_own(gen, host_gen, reference):
+  stop = reference[0][3]  # row 0 stops before its 4th token; the others stop at their first `stop`, if any
   out = gen.generate(PROMPTS, max_new_tokens=8, stop_tokens=[stop, 95])
-  for row, ref in zip(out, full):
+  for row, ref in zip(out, reference):
     want = ref[:ref.index(stop)] if stop in ref else ref
     want = want[:want.index(95)] if 95 in want else want
     assert row == want
   assert len(out[0]) == 3
   # The host loop (stream) agrees, and yields None for stopped rows.
-  steps = list(gen.stream(PROMPTS, max_new_tokens=8, stop_tokens=[stop, 95]))
+  steps = list(host_gen.stream(PROMPTS, max_new_tokens=8, stop_tokens=[stop, 95]))
   streamed = [[s[i] for s in steps if s[i] is not None] for i in range(len(PROMPTS))]
   assert streamed == out
   assert steps[3][0] is None
 
 
-def test_stream_yields_one_token_per_row_per_step(model):
-  gen = Generator(model, max_batch=4, max_seq_len=32)
-  steps = list(gen.stream(PROMPTS[:2], max_new_tokens=5))
+def test_stream_yields_one_token_per_row_per_step(host_gen, reference):
+  steps = list(host_gen.stream(PROMPTS[:2], max_new_tokens=5))
   assert len(steps) == 5 and all(len(s) == 2 for s in steps)
-  assert [list(t) for t in zip(*steps)] == gen.generate(PROMPTS[:2], max_new_tokens=5)
+  assert [list(t) for t in zip(*steps)] == [r[:5] for r in reference[:2]]
 
 
-def test_one_call_generate(model):
-  assert generate(model, PROMPTS, 5) == [reference_greedy(model, p, 5) for p in PROMPTS]
+def test_one_call_generate(model, reference):
+  assert generate(model, PROMPTS, 5) == [r[:5] for r in reference]
 
 
 class CompileCounter:
@@ -121,20 +128,20 @@ class CompileCounter:
     jax.monitoring.unregister_event_duration_listener(self)
 
 
-def test_no_recompilation_within_a_prefill_bucket(model):
+def test_no_recompilation_within_a_prefill_bucket(model, reference):
   gen = Generator(model, max_batch=2, max_seq_len=64)
-  gen.generate([[1, 2, 3, 4, 5]], max_new_tokens=4)  # compiles prefill (bucket 16) and the decode loop
+  # Three prompts on max_batch=2: served in two chunks. Compiles prefill (bucket 16) and the decode loop.
+  assert gen.generate(PROMPTS, max_new_tokens=4) == [r[:4] for r in reference]
   traces = dict(gen.traces)
   assert traces == {("prefill", 16, SamplingParams().static): 1, ("loop", SamplingParams().static): 1}
   with CompileCounter() as counter:
-    gen.generate([[7] * 9, [3] * 14], max_new_tokens=6)  # other lengths, same bucket, other batch/new tokens
+    gen.generate([[7] * 9, [3] * 14], max_new_tokens=6)  # other lengths, same bucket, other new tokens
     gen.generate([[2]], max_new_tokens=3, temperature=0.0)
   assert sum(counter.names.values()) == 0, counter.names
   assert dict(gen.traces) == traces
   with CompileCounter() as counter:  # a longer prompt: exactly one new program (the 32-token prefill)
     gen.generate([[4] * 20], max_new_tokens=2)
-  assert sum(n for name, n in counter.names.items() if "prefill" in name) == 1, counter.names
-  assert gen.traces["prefill", 32, SamplingParams().static] == 1
+  assert sum(counter.names.values()) == 1 and gen.traces["prefill", 32, SamplingParams().static] == 1, counter.names
   gen.generate([[1, 2]], max_new_tokens=3, temperature=0.5, top_p=0.8, seed=1)
   with CompileCounter() as counter:  # other temperature / top-p values: same programs
     gen.generate([[1, 2]], max_new_tokens=3, temperature=1.5, top_p=0.3, seed=2)
@@ -147,8 +154,7 @@ def test_prefill_buckets():
   assert prefill_bucket(40, 48) == 48
 
 
-def test_cache_buffers_are_donated_and_reused(model):
-  gen = Generator(model, max_batch=1, max_seq_len=32)
+def test_cache_buffers_are_donated_and_reused(gen):
   gen.generate([[1, 2, 3]], max_new_tokens=3)
   old = jax.tree.leaves(gen._cache)[0]
   gen.generate([[1, 2, 3]], max_new_tokens=3)
@@ -209,7 +215,7 @@ def test_bad_sampling_settings():
 
 
 def test_bad_requests(model):
-  gen = Generator(model, max_batch=2, max_seq_len=16)
+  gen = Generator(model, max_batch=2, max_seq_len=16)  # nothing compiles: every request is refused first
   cases = [([], "non-empty"), ([[]], "empty"), ([[1, 2, 500]], "outside"), ([[1] * 14], "more than max_seq_len"),
            ([1, 2, 3], "list of token ids")]
   for prompts, match in cases:
@@ -231,19 +237,23 @@ def test_bad_requests(model):
 @pytest.mark.parametrize("bits,group_size", [(8, None), (4, 32)])
 def test_quantized_model_generates(model, bits, group_size):
   qmodel = jaxeff.quantize(model, bits=bits, group_size=group_size)
-  out = Generator(qmodel, max_batch=4, max_seq_len=32).generate(PROMPTS, max_new_tokens=6)
-  assert out == [reference_greedy(qmodel, p, 6) for p in PROMPTS]
+  assert type(qmodel.layers[0].mlp.up_proj).__name__ == "QuantizedLinear"
+  out = Generator(qmodel, max_batch=4, max_seq_len=32).generate(PROMPTS, max_new_tokens=5)
+  assert out == [reference_greedy(qmodel, p, 5) for p in PROMPTS]
 
 
-def test_bf16_generation_close_to_f32(model):
-  bf16 = Llama(dataclasses.replace(CFG, dtype="bfloat16"), rngs=nnx.Rngs(0))
+def test_bf16_generation_close_to_f32(model, reference):
+  # The f32 model's weights rounded to bf16, bf16 math.
+  bf16 = nnx.eval_shape(lambda: Llama(dataclasses.replace(CFG, dtype="bfloat16", param_dtype="bfloat16"),
+                                      rngs=nnx.Rngs(0)))
+  nnx.update(bf16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model)))
   gen = Generator(bf16, max_batch=4, max_seq_len=32)
   assert jax.tree.leaves(gen._cache)[0].dtype == jnp.bfloat16
   out = gen.generate(PROMPTS, max_new_tokens=6)
   assert [len(r) for r in out] == [6, 6, 6]
-  # The first token comes from logits that differ from f32 only by bf16 rounding.
-  f32_first = [reference_greedy(model, p, 1)[0] for p in PROMPTS]
-  assert sum(a[0] == b for a, b in zip(out, f32_first)) >= 2
+  # bf16 weights and math: the same model up to rounding, so the greedy tokens mostly agree with f32's.
+  agree = sum(a == b for o, r in zip(out, reference) for a, b in zip(o, r))
+  assert agree >= 12, (out, reference)
 
 
 def test_tensor_parallel_decode_equals_one_device():

@@ -111,7 +111,7 @@ def test_smollm2_cli_subprocess():
                         capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith(" Paris"), proc.stdout
-  assert "decode: 3 tokens" in proc.stderr
+  assert "decode: 3 new tokens" in proc.stderr
   bad = subprocess.run([sys.executable, "-m", "jaxeff.generate", "--hf", "/nope.gguf", "--prompt", "x"],
                        capture_output=True, text=True, timeout=600, env=env)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --hf /nope.gguf: no such file or directory"]

@@ -49,7 +49,7 @@ def parse_args(argv):
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="compute and weight dtype (default float32: XLA:CPU runs bf16 matmuls slowly)")
   p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
-                 help="KV cache length (default: prompt + max-new-tokens; 2048 with --chat)")
+                 help="KV cache length (default: prompt + max-new-tokens; 1024 with --chat)")
   args = p.parse_args(argv)
   if not args.chat and args.prompt is None:
     p.error("give --prompt TEXT (or --chat for an interactive session)")
@@ -143,7 +143,7 @@ def _generate_one(gen, tok, ids, args, out):
 
 def _stats_line(gen) -> str:
   s = gen.stats
-  return (f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} tokens, "
+  return (f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} new tokens, "
           f"{s.decode_tokens_per_s:.1f} tok/s | KV cache: {s.cache_bytes / 2**20:.1f} MiB "
           f"({gen.max_batch} x {gen.max_seq_len} positions)")
 
@@ -168,7 +168,8 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     return 0
   if not tok.chat_template:
     raise ValueError("--chat needs a model with a chat template (this one has none); use --prompt")
-  gen = Generator(model, max_batch=1, max_seq_len=args.max_seq_len or 2048)
+  # Decode reads the whole static cache every step, so the chat default stays moderate.
+  gen = Generator(model, max_batch=1, max_seq_len=args.max_seq_len or 1024)
   messages = []
   first = args.prompt
   while True:

@@ -279,6 +279,7 @@ class Generator:
     tok, positions, keys, done, values = self._start(prompts, sampling, seed, stop_tokens)
     stop = set(int(s) for s in stop_tokens)
     n = len(prompts)
+    decode_start = self.stats.decode_seconds
     t0 = time.perf_counter()
     pending = tok
     for t in range(max_new_tokens):
@@ -296,7 +297,8 @@ class Generator:
           step.append(x)
           self.stats.new_tokens += 1
           self.stats.decode_tokens += t > 0
-      self.stats.decode_seconds = time.perf_counter() - t0
+      # Time spent by the consumer of `stream` between steps counts too: it is a host loop.
+      self.stats.decode_seconds = decode_start + time.perf_counter() - t0
       if all(done[:n]):
         return
       yield step
