@@ -106,8 +106,8 @@ def test_bad_model_and_prompt(tiny_gguf, tmp_path):
 
 def test_smollm2_cli_subprocess():
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-  proc = subprocess.run([sys.executable, "-m", "jaxeff.generate", "--hf", str(smollm2_path()), "--prompt",
-                         "The capital of France is", "--max-new-tokens", "3"],
+  proc = subprocess.run([sys.executable, "-m", "jaxeff.generate", "--hf", str(smollm2_path()), "--scan-layers",
+                         "--prompt", "The capital of France is", "--max-new-tokens", "3"],
                         capture_output=True, text=True, timeout=600, env=env)
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith(" Paris"), proc.stdout
@@ -115,3 +115,16 @@ def test_smollm2_cli_subprocess():
   bad = subprocess.run([sys.executable, "-m", "jaxeff.generate", "--hf", "/nope.gguf", "--prompt", "x"],
                        capture_output=True, text=True, timeout=600, env=env)
   assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --hf /nope.gguf: no such file or directory"]
+
+
+def test_stream_decoder_holds_back_partial_characters(tiny_gguf):
+  from jaxeff.generate.tokenizer import StreamDecoder
+
+  tok = load_tokenizer(tiny_gguf)
+  text = "über 日本 the cat"
+  ids = tok.encode(text)
+  assert len(ids) > len(text.split())  # the tiny vocabulary spells most of it byte by byte
+  decoder = StreamDecoder(tok)
+  pieces = [decoder.push(i) for i in ids]
+  assert "".join(pieces) == text and "\ufffd" not in "".join(pieces)
+  assert "" in pieces  # a multi-byte character waited for its last byte

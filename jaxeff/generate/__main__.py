@@ -48,6 +48,9 @@ def parse_args(argv):
                  help="quantization group size (default: per channel for int8, 32 for int4)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                  help="compute and weight dtype (default float32: XLA:CPU runs bf16 matmuls slowly)")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="--hf: run the layers as one scanned block (compiles several times faster, decodes "
+                      "slower); a --checkpoint keeps its own layout")
   p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
                  help="KV cache length (default: prompt + max-new-tokens; 1024 with --chat)")
   args = p.parse_args(argv)
@@ -80,7 +83,7 @@ def load(args):
     path = pathlib.Path(args.hf)
     if not path.exists():
       raise FileNotFoundError(f"--hf {path}: no such file or directory")
-    model, _ = hf.load(path, **dtypes)
+    model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
     tok = tokenizer_lib.load_tokenizer(path)
   else:
     import dataclasses
