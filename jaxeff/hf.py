@@ -163,10 +163,10 @@ def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
     file = path / name
     if not file.exists():
       raise HFError(f"shard {name} named in model.safetensors.index.json is missing from {path}")
-    # The "flax" framework reads bf16 too (NumPy has no bf16).
-    with safe_open(str(file), framework="flax") as f:
+    # Host memory only (bf16 arrives as ml_dtypes.bfloat16): no tensor passes through a device.
+    with safe_open(str(file), framework="numpy") as f:
       for key in f.keys():
-        tensors[key] = np.asarray(f.get_tensor(key).astype(jnp.float32))
+        tensors[key] = f.get_tensor(key).astype(np.float32)
   return tensors
 
 
@@ -178,7 +178,11 @@ def _get(d, path):
 
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides) -> tuple[Llama, ModelConfig]:
   """Loads a local HF checkpoint directory, or a llama.cpp `.gguf` file (dequantized to float once and
-  cached, see `jaxeff.gguf`); `overrides` set ModelConfig fields (e.g. scan_layers=True)."""
+  cached, see `jaxeff.gguf`); `overrides` set ModelConfig fields (e.g. scan_layers=True).
+
+  With `mesh`, every weight is placed by its logical axes and each device receives only its shard
+  (no device ever holds the whole model); without, everything goes to the first device.
+  """
   path = pathlib.Path(path)
   if path.suffix == ".gguf":
     from jaxeff import gguf  # here, not at the top: jaxeff.gguf imports this module
@@ -233,11 +237,10 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides) -> t
     raise HFError(f"checkpoint has tensors this config does not use: {', '.join(unexpected[:5])}"
                   + (" ..." if len(unexpected) > 5 else ""))
 
+  # Born sharded: each device receives only its shards, straight from the host arrays.
+  shardings = sharding.model_shardings(state, mesh)
   nnx.replace_by_pure_dict(state, params)
-  state = jax.tree.map(jnp.asarray, state)
-  if mesh is not None:
-    state = jax.device_put(state, sharding.state_shardings(state, mesh))
-  return nnx.merge(graphdef, state), cfg
+  return nnx.merge(graphdef, sharding.place(state, shardings)), cfg
 
 
 def save(model: Llama, cfg: ModelConfig, path: str | os.PathLike, *, architecture: str | None = None,

@@ -1,4 +1,13 @@
-"""glibc malloc settings for XLA:CPU, applied by the `jaxeff.train` and `jaxeff.bench` CLIs.
+"""Host settings for XLA:CPU, applied by the `jaxeff.train` and `jaxeff.bench` CLIs (never on import).
+
+`prepare_cpu_host()` = `set_cpu_xla_flags()` + `tune_for_cpu_training()`.
+
+XLA flag: XLA:CPU's concurrency-optimized scheduler can run a multi-device program's collectives
+in a different order on different devices and deadlock (seen with GaLore's SVD gathers on an
+8-device CPU mesh); turning it off costs nothing measurable. It only affects the CPU backend and
+only takes effect before jax creates its CPU client.
+
+malloc:
 
 Why: an XLA:CPU train step allocates and frees hundreds of MB of temporaries. With glibc's
 defaults, large blocks go to fresh mmap()s (or are trimmed back to the OS) and every step
@@ -9,7 +18,7 @@ them; the step gets ~15-20% faster. See BENCHMARKS.md.
 
 The settings only take effect for threads that have not yet allocated, so call
 `tune_for_cpu_training()` before jax starts its backend (before `jax.devices()` or the first
-computation); once it has started the call does nothing. It is also skipped where the settings
+computation); once XLA's CPU worker threads run (seen in /proc/self/task) the call does nothing. It is also skipped where the settings
 could hurt or cannot apply: non-glibc systems, hosts with a TPU or GPU plugin installed (host
 memory there feeds input pipelines, not XLA temporaries), and when the user set
 `JAXEFF_TUNE_MALLOC=0` or any `MALLOC_*` variable themselves.
@@ -40,14 +49,38 @@ def _accelerator_plugin_installed() -> bool:
   return any(True for _ in importlib.metadata.entry_points(group="jax_plugins"))
 
 
-def _jax_backend_started() -> bool:
-  if "jax" not in sys.modules:
-    return False
+# XLA's CPU client names its worker threads after its Eigen pool ("tf_XLAEigen").
+_XLA_THREAD_PREFIX = "tf_XLA"
+_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+
+def _xla_threads_running() -> bool:
+  """Whether XLA's CPU worker threads exist yet (their names, from /proc, are public facts)."""
   try:
-    from jax._src import xla_bridge
-    return xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):  # private API moved: assume not started
+    tasks = os.listdir("/proc/self/task")
+  except OSError:
     return False
+  for tid in tasks:
+    try:
+      with open(f"/proc/self/task/{tid}/comm") as f:
+        if f.read().startswith(_XLA_THREAD_PREFIX):
+          return True
+    except OSError:  # the thread ended meanwhile
+      continue
+  return False
+
+
+def set_cpu_xla_flags() -> None:
+  """Adds the scheduler flag to XLA_FLAGS unless the user set it (see the module docstring)."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags:
+    os.environ["XLA_FLAGS"] = (flags + " " + _SCHEDULER_FLAG).strip()
+
+
+def prepare_cpu_host() -> bool:
+  """What a jaxeff CLI does first: the XLA:CPU flag, then the malloc settings (returned)."""
+  set_cpu_xla_flags()
+  return tune_for_cpu_training()
 
 
 def tune_for_cpu_training() -> bool:
@@ -59,7 +92,7 @@ def tune_for_cpu_training() -> bool:
   platforms = os.environ.get("JAX_PLATFORMS", "")
   if platforms.split(",")[0] not in ("cpu", "") or (not platforms and _accelerator_plugin_installed()):
     return False
-  if _jax_backend_started():  # too late to help (measured), so leave this process alone
+  if _xla_threads_running():  # too late to help (measured), so leave this process alone
     return False
   try:
     mallopt = ctypes.CDLL(None).mallopt

@@ -6,18 +6,27 @@ swapping each `Linear` for a `QuantizedLinear` with the same call: it stores the
 so `jaxeff.sharding` shards them like the float weights, and calls `pallas_kernels.quant_matmul`
 (the Pallas kernel on TPU/GPU, the chunked f32 path on CPU).
 
+On a mesh (`jax.set_mesh`), `quantized_matmul` turns the weight's logical axes into the op's
+matmul letters through `jaxeff.sharding.LOGICAL_RULES`, so the kernel runs per shard
+(`shard_map`): column-parallel layers (out axis on "tensor") split N, row-parallel ones (in axis
+on "tensor", or on "fsdp") split K and sum partial products, the batch splits over data/fsdp.
+Weights never move: where the kernel cannot take the weight's stored split (an int4 weight
+whose K shards would cut a tile), that layer falls back to an XLA dequantize-and-dot that GSPMD
+partitions (`kernel_takes_stored_split` says which layers do).
+
 Scanned models (`scan_layers=True`) stack each layer's kernel as [layers, in, out]; those are
 quantized per layer (vmap) into [layers, ...] variables, and `nnx.scan` hands each step its 2-D slice.
 
-`save_quantized` / `load_quantized` store a quantized model as one orbax checkpoint (its state plus
-the model config and `quantize` settings), so a training checkpoint is quantized once and served
-from then on without the float weights.
+`save_quantized` / `load_quantized` store a quantized model as one checkpoint (the training
+engine's `Checkpointer`: its state plus the model config and `quantize` settings), so a training
+checkpoint is quantized once and served from then on without the float weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 import pathlib
 
@@ -30,6 +39,8 @@ from jaxeff.config import ModelConfig, from_dict
 from jaxeff.models import Llama
 from jaxeff.models.layers import Embed, Linear
 from pallas_kernels import QuantizedWeight, dequantize, quant_matmul, quantize_weight
+from pallas_kernels.quant_matmul import partition
+from pallas_kernels.sharding import current_mesh, free_axes
 
 
 class QuantizedParam(nnx.Variable):
@@ -52,19 +63,69 @@ def _quantize_stacked(w: jax.Array, bits: int, group_size: int | None) -> Quanti
   return jax.jit(fn)(w)
 
 
+def _rule(name):
+  return sharding.LOGICAL_RULES.get(name) if name is not None else None
+
+
+def matmul_axes(logical_axes) -> dict:
+  """The op's letters -> mesh axes for a weight with logical axes (in, out), from the rules.
+
+  The weight's letters come first, so where a mesh axis could split either the weight or the
+  batch (fsdp), it splits the weight: activations move, weights never do.
+  """
+  in_axis, out_axis = logical_axes
+  return {"k": _rule(in_axis), "n": _rule(out_axis), "m": _rule("batch")}
+
+
+def stored_split(logical_axes, qw: QuantizedWeight, mesh) -> dict:
+  """letter ("k", "n") -> the mesh axes the weight's storage is split over by the rules."""
+  spec = sharding._fit_spec(sharding.logical_to_spec(logical_axes), qw.qvalue.shape[-2:], mesh)
+  # Axes an enclosing shard_map made manual are already local; size-1 axes split nothing.
+  free = {a for a in free_axes(mesh) if mesh.shape[a] > 1}
+  as_tuple = lambda e: () if e is None else ((e,) if isinstance(e, str) else tuple(e))
+  return {"k": tuple(a for a in as_tuple(spec[0]) if a in free), "n": tuple(a for a in as_tuple(spec[1]) if a in free)}
+
+
+def kernel_takes_stored_split(x_shape, qw: QuantizedWeight, logical_axes, mesh) -> bool:
+  """Whether the kernel can run on each shard of the weight as stored (else the XLA fallback)."""
+  split = partition(x_shape, qw, matmul_axes(logical_axes), mesh)
+  return all(set(axes) <= set(split.get(letter, ())) for letter, axes in stored_split(logical_axes, qw, mesh).items())
+
+
+def quantized_matmul(x: jax.Array, qw: QuantizedWeight, logical_axes, *, impl: str | None = None,
+                     interpret=False) -> jax.Array:
+  """x @ dequant(qw) for a weight with logical axes (in, out), partitioned on the context mesh.
+
+  One device: `quant_matmul` as is. On a mesh: the kernel per shard, split as the weight is
+  stored; or, where that has no clean shard_map form, dequantize-and-dot in XLA in storage-row
+  order (impl "xla": GSPMD partitions it without moving the weight; it does materialize each
+  device's dequantized shard).
+  """
+  mesh = current_mesh()
+  if mesh is None or math.prod(mesh.shape[a] for a in free_axes(mesh)) == 1:
+    return quant_matmul(x, qw, impl=impl, interpret=interpret)
+  if kernel_takes_stored_split(x.shape, qw, logical_axes, mesh):
+    return quant_matmul(x, qw, impl=impl, interpret=interpret, axes=matmul_axes(logical_axes))
+  return quant_matmul(x, qw, impl="xla")
+
+
 class QuantizedLinear(nnx.Module):
   """Drop-in for `layers.Linear`: y = x @ dequant(W) (+ bias), with W stored int8 or packed int4.
 
   Variables: `qvalue` int8 [.., Ks, out] with the kernel's logical axes (int4 packs along `in`,
   so the axes still apply), `scale` f32 [.., groups, out] with the `out` axis, `bias` unchanged.
+  `impl` / `interpret` pick the `quant_matmul` implementation (default: by backend).
   """
 
-  def __init__(self, linear: Linear, *, bits: int = 8, group_size: int | None = None):
+  def __init__(self, linear: Linear, *, bits: int = 8, group_size: int | None = None, impl: str | None = None,
+               interpret=False):
     self.in_features, self.out_features = linear.in_features, linear.out_features
     self.dtype = linear.dtype
     self.bits, self.group_size = bits, group_size
+    self.impl, self.interpret = impl, interpret
     w = linear.kernel[...]
     axes = _axes(linear.kernel, w.ndim)
+    self.logical_axes = tuple(axes[-2:])
     qw = _quantize_stacked(w, bits, group_size)
     self.qvalue = _variable(qw.qvalue, axes)
     self.scale = _variable(qw.scale, axes[:-2] + (None, axes[-1]))
@@ -75,7 +136,8 @@ class QuantizedLinear(nnx.Module):
                            in_features=self.in_features)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = quant_matmul(x.astype(self.dtype), self.weight())
+    y = quantized_matmul(x.astype(self.dtype), self.weight(), self.logical_axes, impl=self.impl,
+                         interpret=self.interpret)
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -83,15 +145,18 @@ class QuantizedLinear(nnx.Module):
 
 class QuantizedEmbed(nnx.Module):
   """Drop-in for `layers.Embed`: the table is stored transposed as a [embed, vocab] quantized
-  weight (one scale per token with group_size None), so `attend` (a tied LM head) is a
-  `quant_matmul` and a lookup dequantizes just the gathered columns."""
+  weight (one scale per token with group_size None), so `attend` (a tied LM head) is the same
+  `quantized_matmul` as every Linear, and a lookup dequantizes just the gathered columns."""
 
-  def __init__(self, embed: Embed, *, bits: int = 8, group_size: int | None = None):
+  def __init__(self, embed: Embed, *, bits: int = 8, group_size: int | None = None, impl: str | None = None,
+               interpret=False):
     self.dtype = embed.dtype
     self.bits, self.group_size = bits, group_size
+    self.impl, self.interpret = impl, interpret
     table = embed.embedding[...]
     self.features = table.shape[1]
     vocab_axis, embed_axis = _axes(embed.embedding, 2)
+    self.logical_axes = (embed_axis, vocab_axis)
     qw = quantize_weight(table.T, bits=bits, group_size=group_size)
     self.qvalue = _variable(qw.qvalue, (embed_axis, vocab_axis))
     self.scale = _variable(qw.scale, (None, vocab_axis))
@@ -105,7 +170,8 @@ class QuantizedEmbed(nnx.Module):
     return dequantize(cols, self.dtype).T.reshape(*tokens.shape, self.features)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return quant_matmul(x.astype(self.dtype), self._weight(self.qvalue[...], self.scale[...]))
+    return quantized_matmul(x.astype(self.dtype), self._weight(self.qvalue[...], self.scale[...]),
+                            self.logical_axes, impl=self.impl, interpret=self.interpret)
 
 
 def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
@@ -119,32 +185,43 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
 
 
 def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
-             include_embeddings: bool = False, include_lm_head: bool = False, copy: bool = True) -> nnx.Module:
+             include_embeddings: bool = False, include_lm_head: bool = False, copy: bool = True,
+             impl: str | None = None, interpret=False) -> nnx.Module:
   """Returns `model` with its `Linear` layers replaced by `QuantizedLinear` (weight-only).
 
   Args:
     bits: 8 or 4 (symmetric; int4 packed two per byte).
-    group_size: None for one scale per output channel, else one per `group_size` input rows.
+    group_size: None for one scale per output channel, else one per `group_size` input rows
+      (a power of two for int4).
     include_embeddings: also quantize `Embed` tables (and so a tied LM head).
     include_lm_head: also quantize an untied `lm_head` Linear (kept float by default: the
       logits are the most quantization-sensitive matmul).
     copy: quantize a clone (default) instead of modifying `model` in place.
+    impl, interpret: `pallas_kernels.quant_matmul`'s implementation choice for every quantized
+      layer (default: by backend; `impl="tpu", interpret=True` runs the Pallas kernel on CPU).
   """
+  from pallas_kernels.quant_matmul.weights import check_group_size
+
+  check_group_size(bits, group_size)  # before cloning anything
   if copy:
     model = nnx.clone(model)
+  kw = dict(bits=bits, group_size=group_size, impl=impl, interpret=interpret)
   targets = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, (Linear, Embed)) and path]
   for path, module in targets:
     if isinstance(module, Embed):
       if include_embeddings:
-        _replace(model, path, QuantizedEmbed(module, bits=bits, group_size=group_size))
+        _replace(model, path, QuantizedEmbed(module, **kw))
     elif path[-1] != "lm_head" or include_lm_head:
-      _replace(model, path, QuantizedLinear(module, bits=bits, group_size=group_size))
+      _replace(model, path, QuantizedLinear(module, **kw))
   return model
 
 
 # ---------------------------------------------------------------------------- checkpoints
 
-FORMAT = "jaxeff-quantized/1"
+# /2 (from /1): a Checkpointer directory (step 0: params + meta), and int4 nibbles that pair rows of
+# a 2H-row tile (pallas_kernels/quant_matmul/weights.py) instead of neighbouring rows: a /1
+# checkpoint would load with scrambled int4 weights, so it is refused.
+FORMAT = "jaxeff-quantized/2"
 # Compute-only settings a loader may change; everything else must match the saved architecture.
 _COMPUTE_ONLY = frozenset({"dtype", "remat", "attention", "max_seq_len"})
 
@@ -174,13 +251,14 @@ def _shapes(state) -> dict:
 
 
 def save_quantized(model: Llama, path: str | os.PathLike) -> pathlib.Path:
-  """Writes a quantized `Llama` (from `quantize`) to a new orbax checkpoint directory `path`.
+  """Writes a quantized `Llama` (from `quantize`) to a new checkpoint directory `path`.
 
-  The checkpoint holds the model state and, as JSON, its `ModelConfig` and quantization settings,
-  so `load_quantized(path)` rebuilds it alone. Orbax writes to a temporary directory and renames it
-  when complete. An existing `path` is never overwritten (FileExistsError).
+  One `jaxeff.training.Checkpointer` step: the model state (item `params`) and, as JSON (`meta`),
+  its `ModelConfig` and quantization settings, so `load_quantized(path)` rebuilds it alone. Orbax
+  writes to a temporary directory and renames it when complete. An existing `path` is never
+  overwritten (FileExistsError).
   """
-  import orbax.checkpoint as ocp
+  from jaxeff.training.checkpoint import Checkpointer
 
   path = pathlib.Path(path)
   if path.exists():
@@ -196,33 +274,32 @@ def save_quantized(model: Llama, path: str | os.PathLike) -> pathlib.Path:
     raise ValueError(f"model's structure is not that of quantize(Llama(model.cfg), **{settings}); "
                      f"save_quantized stores models made by one jaxeff.quantize call")
   meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "quantization": settings}
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  try:
-    ckptr.save(path.absolute(), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        meta=ocp.args.JsonSave(meta)))
-  finally:
-    ckptr.close()
+  with Checkpointer(path) as ckpt:
+    ckpt.save(0, arrays={"params": state}, documents={"meta": meta})
   return path
 
 
 def load_quantized(path: str | os.PathLike, config: ModelConfig | None = None, *, mesh=None) -> Llama:
-  """The quantized model `save_quantized` wrote to `path`.
+  """The quantized model `save_quantized` wrote to `path`, born sharded.
 
   Args:
+    path: the directory `save_quantized` wrote.
     config: None for the saved `ModelConfig`; otherwise one that may differ from it only in
       compute settings (dtype, remat, attention, max_seq_len).
-    mesh: place the weights by their logical axes on this mesh; None: on the first device.
+    mesh: place the weights by their logical axes on this mesh (each device reads only its
+      shards); None: on the first device.
   """
-  import orbax.checkpoint as ocp
+  from jaxeff.training.checkpoint import Checkpointer
 
   path = pathlib.Path(path)
-  if not (path / "meta").is_dir() or not (path / "state").is_dir():
+  if not (path / "0" / "meta").is_dir() or not (path / "0" / "params").is_dir():
     raise FileNotFoundError(f"no quantized checkpoint (written by save_quantized) at {path}")
-  ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
-  try:
-    meta = ckptr.restore(path.absolute(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  with Checkpointer(path) as ckpt:
+    meta = ckpt.document(0, "meta")
     if meta.get("format") != FORMAT:
-      raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}")
+      raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}"
+                       + ("; the int4 layout changed since /1: quantize the float checkpoint again"
+                          if meta.get("format") == "jaxeff-quantized/1" else ""))
     saved = from_dict(ModelConfig, meta["model"], "model")
     cfg = saved if config is None else config
     diff = [f"{k}: checkpoint {v!r} vs config {getattr(cfg, k)!r}" for k, v in dataclasses.asdict(saved).items()
@@ -230,13 +307,6 @@ def load_quantized(path: str | os.PathLike, config: ModelConfig | None = None, *
     if diff:
       raise ValueError(f"config does not match the architecture saved in {path} ({'; '.join(diff)})")
     graphdef, abstract = nnx.split(_abstract_quantized(cfg, meta["quantization"]))
-    if mesh is not None:
-      shardings = sharding.state_shardings(abstract, mesh)
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    else:
-      dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-      abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=dev), abstract)
-    state = ckptr.restore(path.absolute(), args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  finally:
-    ckptr.close()
+    target = sharding.with_shardings(abstract, sharding.model_shardings(abstract, mesh))
+    state = ckpt.restore(0, {"params": target})["params"]
   return nnx.merge(graphdef, state)

@@ -30,6 +30,8 @@ LOGICAL_RULES: dict[str, Any] = {
     "head_dim": None,
     "layers": None,
     "norm": None,
+    # Optimizer state kept per data-parallel device ([N, ...], e.g. Distributed Lion's momentum).
+    "devices": "data",
 }
 
 
@@ -99,6 +101,12 @@ def _fit_spec(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
   return P(*out)
 
 
+def logical_sharding(axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                     rules: dict[str, Any] | None = None) -> NamedSharding:
+  """The NamedSharding of an array of `shape` whose dimensions have logical names `axes`."""
+  return NamedSharding(mesh, _fit_spec(logical_to_spec(axes, rules), shape, mesh))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh, rules: dict[str, Any] | None = None):
   """`state` with each variable's value replaced by its NamedSharding (from its logical names).
 
@@ -107,11 +115,33 @@ def state_shardings(state: nnx.State, mesh: Mesh, rules: dict[str, Any] | None =
   """
 
   def one(var):
-    axes = var.get_metadata().get("out_sharding")
-    spec = _fit_spec(logical_to_spec(axes, rules), var.get_value().shape, mesh)
-    return var.replace(NamedSharding(mesh, spec))
+    return var.replace(logical_sharding(var.get_metadata().get("out_sharding"), var.get_value().shape, mesh, rules))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def model_shardings(state: nnx.State, mesh: Mesh | None = None, rules: dict[str, Any] | None = None):
+  """`state_shardings` on `mesh`, or, with `mesh=None`, every variable on the first device."""
+  if mesh is not None:
+    return state_shardings(state, mesh, rules)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda v: v.replace(device), state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def with_shardings(abstract, shardings):
+  """ShapeDtypeStructs of `abstract` that carry the matching leaf of `shardings` (a restore or
+  `jax.jit` target that says where every array goes)."""
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def place(host_arrays, shardings):
+  """Host (NumPy) arrays -> jax Arrays in `shardings`, each device receiving only its shard.
+
+  Nothing is first gathered on one device (unlike `jax.device_put(jnp.asarray(x), s)`), so a
+  model too large for one device loads straight into its sharded layout.
+  """
+  return jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda index: x[index]),
+                      host_arrays, shardings)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
@@ -147,10 +177,3 @@ def create_sharded(make_model, mesh: Mesh | None, rules: dict[str, Any] | None =
   with jax.set_mesh(mesh):
     state = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings)()
   return nnx.merge(graphdef, state)
-
-
-def shard_model(model, mesh: Mesh, rules: dict[str, Any] | None = None):
-  """Places an existing model's variables on `mesh` as the rules say (in place)."""
-  state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, state_shardings(state, mesh, rules)))
-  return model

@@ -17,8 +17,8 @@ jaxeff):
   and kv heads on "tensor") are kept or dropped together, so their shards stay aligned.
 - A letter split in the inputs but absent from an output is a contraction: that output is summed
   over the letter's mesh axes (`psum`), e.g. a row-parallel matmul.
-- Each mesh axis is used by at most one letter of an operand; letters are resolved in the order
-  `axes` lists them.
+- Each mesh axis is used by at most one letter of an operand (or of an output: `out_dims`);
+  letters are resolved in the order `axes` lists them.
 - The mesh is `mesh=` or the one set with `jax.set_mesh` (what the jaxeff models run under).
   With no mesh, a one-device mesh, or inside a shard_map that is already manual over every mesh
   axis, `fn` is called directly. Inside a partly manual shard_map only the remaining axes are used.
@@ -56,8 +56,12 @@ def free_axes(mesh) -> tuple[str, ...]:
 
 
 def resolve_axes(operands: Sequence[Any], in_dims: Sequence[str], axes: Mapping[str, Axes],
-                 mesh) -> dict[str, tuple[str, ...]]:
-  """letter -> the mesh axes it is actually split over (see the module docstring)."""
+                 mesh, out_dims: str | Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
+  """letter -> the mesh axes it is actually split over (see the module docstring).
+
+  `out_dims` (optional) names the outputs' letters: letters that meet only in an output (a
+  matmul's m and n) must not share a mesh axis either.
+  """
   usable = set(free_axes(mesh))
   sizes: dict[str, list[int]] = {}
   for x, dims in zip(operands, in_dims):
@@ -65,7 +69,8 @@ def resolve_axes(operands: Sequence[Any], in_dims: Sequence[str], axes: Mapping[
       raise ValueError(f"dims {dims!r} name {len(dims)} dimensions, operand has shape {x.shape}")
     for letter, n in zip(dims, x.shape):
       sizes.setdefault(letter, []).append(n)
-  together = lambda a, b: any(a in d and b in d for d in in_dims)
+  all_dims = list(in_dims) + ([out_dims] if isinstance(out_dims, str) else list(out_dims))
+  together = lambda a, b: any(a in d and b in d for d in all_dims)
   out: dict[str, list[str]] = {}
   for letter, names in axes.items():
     if letter not in sizes:
@@ -99,6 +104,14 @@ def _spec(dims: str, split: Mapping[str, tuple[str, ...]]) -> P:
   return P(*entries)
 
 
+def _sum_over(x, axes: tuple[str, ...], out_spec: P):
+  """psum over `axes`, except the ones the output is split over: a letter absent from the output
+  but tied to one in it (kv heads on the query heads' axis) is not a contraction."""
+  split_out = {a for e in out_spec if e is not None for a in ((e,) if isinstance(e, str) else e)}
+  axes = tuple(a for a in axes if a not in split_out)
+  return jax.lax.psum(x, axes) if axes else x
+
+
 def shard_kernel(fn: Callable, *operands, in_dims: Sequence[str], out_dims: str | Sequence[str],
                  axes: Mapping[str, Axes], mesh=None):
   """`fn(*operands)` run per shard over the mesh (see the module docstring).
@@ -114,17 +127,19 @@ def shard_kernel(fn: Callable, *operands, in_dims: Sequence[str], out_dims: str 
   mesh = current_mesh(mesh)
   if mesh is None or math.prod(mesh.shape[a] for a in free_axes(mesh)) == 1:
     return fn(*operands)
-  split = resolve_axes(operands, in_dims, axes, mesh)
+  split = resolve_axes(operands, in_dims, axes, mesh, out_dims)
   multi = not isinstance(out_dims, str)
   outs = tuple(out_dims) if multi else (out_dims,)
   in_specs = tuple(_spec(d, split) for d in in_dims)
   out_specs = tuple(_spec(d, split) for d in outs)
-  contracted = [tuple(a for letter, names in split.items() if letter not in d for a in names) for d in outs]
+  # Letters tied to one mesh axis (k and its scale groups) sum over it once.
+  contracted = [tuple(dict.fromkeys(a for letter, names in split.items() if letter not in d for a in names))
+                for d in outs]
 
   def body(*local):
     result = fn(*local)
     results = result if multi else (result,)
-    results = tuple(jax.lax.psum(r, c) if c else r for r, c in zip(results, contracted))
+    results = tuple(_sum_over(r, c, o) for r, c, o in zip(results, contracted, out_specs))
     return results if multi else results[0]
 
   return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs if multi else out_specs[0],

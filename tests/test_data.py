@@ -1,6 +1,8 @@
 """Tests for jaxeff.data: tokenizing, packing, shuffling, splitting, resuming, sharding."""
 
 import itertools
+import subprocess
+import sys
 import json
 import pathlib
 import sysconfig
@@ -85,7 +87,7 @@ def test_hf_tokenizer_json(tmp_path):
   (tmp_path / "b.txt").write_text("jax hello pytorch")
   cfg = DataConfig(paths=[str(tmp_path / "*.txt")], tokenizer=str(tok_path))
 
-  hf = data_lib.get_tokenizer(cfg)
+  hf = data_lib.get_tokenizer(cfg.tokenizer)
   assert hf.encode("world jax hello").tolist() == [3, 4, 2]
   assert hf.eod_id == 1
   assert data_lib.vocab_size(cfg) == 5
@@ -107,7 +109,7 @@ def test_hf_tokenizer_trained_bpe(tmp_path):
   cfg = DataConfig(paths=[str(tmp_path / "a.txt")], tokenizer=str(tmp_path / "tokenizer.json"))
 
   tokens = data_lib.load_tokens(cfg)
-  hf = data_lib.get_tokenizer(cfg)
+  hf = data_lib.get_tokenizer(cfg.tokenizer)
   assert hf.eod_id == 0 and tokens[-1] == 0 and 0 not in tokens[:-1]
   assert len(tokens) < len(text)  # merges were learned
   assert hf.decode(tokens[:-1]) == text
@@ -125,7 +127,6 @@ def test_default_corpus_is_stdlib_bytes():
 
   cfg = DataConfig(max_corpus_bytes=200_000)
   tokens = data_lib.load_tokens(cfg)
-  data_lib._load_tokens_cached.cache_clear()
   np.testing.assert_array_equal(tokens, data_lib.load_tokens(cfg))
   assert len(tokens) == sum(f.stat().st_size for f in small) + len(small)  # bytes + one EOD each
   assert 0 <= tokens.min() and tokens.max() < 256
@@ -165,6 +166,7 @@ def test_packing_rows_are_shifted_corpus_windows(corpus):
 def test_train_and_val_are_disjoint_positional_split(corpus):
   data = TextData.load(corpus)
   tokens = data_lib.load_tokens(corpus)
+  assert data.train.dtype == np.uint16  # held compactly; batches are int32
   assert len(data.val) == 100
   np.testing.assert_array_equal(np.concatenate([data.train, data.val]), tokens)
   val = data_lib.val_batches(data, seq_len=16, batch_size=2)
@@ -216,7 +218,6 @@ def test_exact_resume_through_json(corpus):
   saved = json.dumps(it.get_state())
   assert json.loads(saved) == {"next_index": 25}
 
-  data_lib._load_tokens_cached.cache_clear()  # a fresh process rereads the files
   fresh = data_lib.train_iterator(DataConfig(paths=list(corpus.paths)), **kw)
   fresh.set_state(json.loads(saved))
   _assert_batches_equal(_take(fresh, 15), reference[25:])
@@ -309,3 +310,159 @@ def test_bad_settings_raise_data_error(tmp_path):
     DataConfig(val_fraction=1.0)
   with pytest.raises(DataError, match="tokenizer file not found"):
     data_lib.vocab_size(DataConfig(tokenizer=str(tmp_path / "missing.json")))
+
+
+# ---------------------------------------------------------------------------- prepared datasets
+
+
+def _bpe(tmp_path):
+  tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+  trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+  tok.save(str(tmp_path / "tokenizer.json"))
+  return str(tmp_path / "tokenizer.json")
+
+
+def _mixed_corpus(tmp_path):
+  """The same 6 documents as 2 text files, a jsonl file and a parquet file (in that order)."""
+  import pyarrow as pa
+  import pyarrow.parquet as pq
+
+  docs = [f"doc {i}: the quick brown fox {'jumps ' * i}over the lazy dog\n" for i in range(6)]
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "a.txt").write_text(docs[0])
+  (src / "b.txt").write_text(docs[1])
+  (src / "c.jsonl").write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs[2:4])))
+  pq.write_table(pa.table({"text": docs[4:]}), src / "d.parquet", row_group_size=1)
+  return docs, [str(src / "*")]
+
+
+@pytest.mark.parametrize("tokenizer", [None, "bpe"])
+def test_prepare_text_jsonl_parquet_matches_in_memory_tokens(tmp_path, tokenizer):
+  docs, inputs = _mixed_corpus(tmp_path)
+  tok_path = _bpe(tmp_path) if tokenizer else None
+  index = data_lib.prepare(inputs, tmp_path / "out", tokenizer=tok_path, workers=1, progress=False)
+  tok = data_lib.get_tokenizer(tok_path)
+  expected = tok.encode_documents([d.encode() for d in docs])  # one stream, EOD after each document
+  on_disk = data_lib.TokenFile(tmp_path / "out")
+  np.testing.assert_array_equal(on_disk[:], expected)
+  assert index["num_tokens"] == len(expected) and index["num_documents"] == 6
+  assert index["dtype"] == "uint16" and index["vocab_size"] == tok.vocab_size
+  starts = np.fromfile(tmp_path / "out" / "documents.bin", "<i8")
+  ends = np.append(starts[1:], len(expected))
+  assert all(expected[e - 1] == tok.eod_id for e in ends)  # each document ends at its EOD
+  # Training from `paths` reads the same documents from the same file types.
+  cfg = DataConfig(paths=inputs, tokenizer=tok_path)
+  np.testing.assert_array_equal(data_lib.load_tokens(cfg), expected)
+
+
+def test_prepare_in_parallel_equals_serial_and_splits_jsonl(tmp_path, monkeypatch):
+  from jaxeff.data import prepared as prepared_lib
+
+  rng = np.random.default_rng(0)
+  lines = [json.dumps({"text": "".join(rng.choice(list("abcdefgh \n"), rng.integers(1, 300)))}) for _ in range(200)]
+  (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+  (tmp_path / "small.txt").write_text("a text file")
+  monkeypatch.setattr(prepared_lib, "CHUNK_BYTES", 4096)  # many jsonl pieces, cut mid-line
+  inputs = [str(tmp_path / "big.jsonl"), str(tmp_path / "small.txt")]
+  serial = data_lib.prepare(inputs, tmp_path / "serial", workers=1, progress=False)
+  parallel = data_lib.prepare(inputs, tmp_path / "parallel", workers=2, progress=False)
+  assert serial == parallel and serial["num_documents"] == 201
+  for name in ("tokens.bin", "documents.bin"):
+    assert (tmp_path / "serial" / name).read_bytes() == (tmp_path / "parallel" / name).read_bytes()
+
+
+def test_dataset_batches_equal_in_memory_batches_and_resume_exactly(tmp_path, corpus):
+  data_lib.prepare(corpus.paths, tmp_path / "prepared", workers=1, progress=False)
+  disk = TextData.load(DataConfig(dataset=str(tmp_path / "prepared"), val_fraction=0.05))
+  memory = TextData.load(corpus)
+  assert isinstance(disk.train, data_lib.TokenFile) and len(disk.train) == len(memory.train)
+  kw = dict(seq_len=16, batch_size=4)
+  reference = _take(data_lib.train_iterator(memory, **kw), 40)
+  it = data_lib.train_iterator(disk, **kw)
+  _assert_batches_equal(_take(it, 25), reference[:25])
+  state = json.loads(json.dumps(it.get_state()))
+  fresh = data_lib.train_iterator(TextData.load(DataConfig(dataset=str(tmp_path / "prepared"))), **kw)
+  fresh.set_state(state)
+  _assert_batches_equal(_take(fresh, 15), reference[25:])
+  _assert_batches_equal(data_lib.val_batches(disk, seq_len=16, batch_size=2),
+                        data_lib.val_batches(memory, seq_len=16, batch_size=2))
+
+
+def test_each_process_reads_only_its_rows(tmp_path, corpus, monkeypatch):
+  data_lib.prepare(corpus.paths, tmp_path / "prepared", workers=1, progress=False)
+  data = TextData.load(DataConfig(dataset=str(tmp_path / "prepared")))
+  read = []
+  original = data_lib.TokenFile._read
+  monkeypatch.setattr(data_lib.TokenFile, "_read", lambda self, offset, count: (read.append(count), original(self, offset, count))[1])
+  _take(data_lib.train_iterator(data, seq_len=16, batch_size=8, process_index=1, process_count=4), 10)
+  assert sum(read) == 10 * (8 // 4) * 17  # 10 batches x 2 local rows x (seq_len + 1) tokens
+
+
+def test_memory_stays_flat_on_a_corpus_many_times_the_batch(tmp_path):
+  psutil = pytest.importorskip("psutil")
+  from jaxeff.data import prepared as prepared_lib
+
+  # A prepared directory written directly (prepare's own output is tested above): 128 MB of tokens.
+  out = tmp_path / "prepared"
+  out.mkdir()
+  rng = np.random.default_rng(0)
+  with open(out / "tokens.bin", "wb") as f:
+    for _ in range(8):
+      f.write(rng.integers(1, 256, 8 << 20, dtype=np.uint16).tobytes())
+  num_tokens = 8 * (8 << 20)
+  np.zeros(1, "<i8").tofile(out / "documents.bin")
+  (out / "index.json").write_text(json.dumps({
+      "format": prepared_lib.FORMAT, "dtype": "uint16", "num_tokens": num_tokens, "num_documents": 1,
+      "vocab_size": 256, "eod_id": 0, "tokenizer_sha256": None, "inputs": []}))
+  before = psutil.Process().memory_info().rss
+  data = TextData.load(DataConfig(dataset=str(out)))
+  batches = _take(data_lib.train_iterator(data, seq_len=128, batch_size=8), 2000)  # ~2M tokens, random places
+  grown = psutil.Process().memory_info().rss - before
+  batch_bytes = sum(b["inputs"].nbytes + b["targets"].nbytes for b in batches)
+  assert 2 * num_tokens > 10_000 * batches[0]["inputs"].nbytes  # the corpus is many times the batch
+  # Neither the corpus (a memory-mapped reader would keep every touched page) nor a copy of it.
+  assert grown < batch_bytes + (16 << 20), (grown, batch_bytes)
+
+
+def test_prepare_cli_and_its_errors(tmp_path, capsys):
+  from jaxeff.data.__main__ import main
+
+  (tmp_path / "a.txt").write_text("hello world")
+  (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"title": "no text"}\n')
+  assert main(["prepare", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out"), "--quiet"]) == 0
+  assert "12 tokens" in capsys.readouterr().out
+  assert data_lib.TokenFile(tmp_path / "out")[:].tolist() == [*b"hello world", 0]
+  cases = [
+      (["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out")], "never overwrites"),
+      (["--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o2")], "has no string field 'text'"),
+      (["--input", str(tmp_path / "*.md"), "--output", str(tmp_path / "o3")], "matches no files"),
+      (["--input", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "t.json"), "--output", str(tmp_path / "o4")],
+       "tokenizer file not found"),
+      (["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "o5"), "--workers", "0"], "--workers must be"),
+  ]
+  for args, message in cases:
+    code = main(["prepare", "--quiet", *args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+  # Nothing half-written: no output directories, no temporary ones left behind.
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "bad.jsonl", "out"]
+
+
+def test_dataset_errors(tmp_path):
+  (tmp_path / "a.txt").write_text("some text " * 50)
+  data_lib.prepare([str(tmp_path / "a.txt")], tmp_path / "prepared", workers=1, progress=False)
+  with pytest.raises(DataError, match="not both"):
+    DataConfig(paths=[str(tmp_path / "a.txt")], dataset=str(tmp_path / "prepared"))
+  with pytest.raises(DataError, match="no index.json"):
+    TextData.load(DataConfig(dataset=str(tmp_path)))
+  tok = _bpe(tmp_path)
+  with pytest.raises(DataError, match="prepared with bytes, but data.tokenizer is"):
+    TextData.load(DataConfig(dataset=str(tmp_path / "prepared"), tokenizer=tok))
+  with open(tmp_path / "prepared" / "tokens.bin", "r+b") as f:
+    f.truncate(10)
+  with pytest.raises(DataError, match="tokens.bin is missing or not"):
+    TextData.load(DataConfig(dataset=str(tmp_path / "prepared")))

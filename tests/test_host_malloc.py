@@ -37,3 +37,20 @@ def test_does_nothing_once_the_backend_started():
 
 def test_settings_are_valid_mallopt_values():
   assert all(isinstance(v, int) and 0 < v < 2**31 for v in host_malloc.SETTINGS.values())
+
+
+def test_xla_threads_are_what_decides_too_late():
+  out = subprocess.run([sys.executable, "-c", "from jaxeff import host_malloc as h; import jax; a = h._xla_threads_running(); "
+                        "jax.devices(); print(a, h._xla_threads_running())"],
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, check=True)
+  assert out.stdout.split() == ["False", "True"]  # import jax starts no XLA threads; the backend does
+
+
+def test_cli_sets_the_cpu_scheduler_flag_but_keeps_the_users(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+  host_malloc.set_cpu_xla_flags()
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=2 "
+                                     "--xla_cpu_enable_concurrency_optimized_scheduler=false")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_concurrency_optimized_scheduler=true")
+  host_malloc.set_cpu_xla_flags()
+  assert os.environ["XLA_FLAGS"] == "--xla_cpu_enable_concurrency_optimized_scheduler=true"

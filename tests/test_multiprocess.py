@@ -1,4 +1,5 @@
-"""Multi-process training: 2 processes x 4 CPU devices (jax.distributed, gloo collectives) match 1 x 8."""
+"""Multi-process training: 2 processes x 4 CPU devices (jax.distributed, gloo collectives) match 1 x 8,
+with the default (blocked) attention at a length where it splits the sequence into blocks."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 
-from test_train import TINY
+from test_train import BLOCKING, BLOCKING_SEQ_LEN, TINY
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +21,8 @@ def _free_port():
 
 
 def _env(devices):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_cpu_enable_concurrency_optimized_scheduler=false")
-  return env
+  # The CLI adds the XLA:CPU scheduler flag itself (jaxeff.host_malloc.set_cpu_xla_flags).
+  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def _losses(out_dir):
@@ -30,7 +31,7 @@ def _losses(out_dir):
 
 
 def test_two_processes_match_one(tmp_path):
-  args = [*TINY, "steps=4", "mesh={data: -1}"]
+  args = [*TINY, *BLOCKING, "steps=4", "mesh={data: -1}"]
   cmd = [sys.executable, "-m", "jaxeff.train", *args]
   single = subprocess.run(cmd + [f"output_dir={tmp_path / 'single'}"], env=_env(8),
                           capture_output=True, text=True, timeout=300)
@@ -54,3 +55,5 @@ def test_two_processes_match_one(tmp_path):
   for a, b in zip(one, two):
     assert abs(a - b) <= 1e-5 * abs(a), (one, two)
   assert (tmp_path / "multi" / "checkpoints" / "4").exists()
+  config = (tmp_path / "multi" / "config.yaml").read_text()
+  assert "attention: blocked" in config and f"seq_len: {BLOCKING_SEQ_LEN}" in config

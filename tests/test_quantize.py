@@ -16,6 +16,7 @@ from jaxeff import train as train_lib
 from jaxeff.config import ModelConfig
 from jaxeff.models import Linear, Llama
 from jaxeff.quantization import QuantizedEmbed, QuantizedLinear, load_quantized, quantize, save_quantized
+from jaxeff import sharding
 from jaxeff.sharding import make_mesh
 
 CFG = dict(vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=4, num_kv_heads=2)
@@ -105,6 +106,42 @@ def test_load_quantized_onto_a_mesh_and_with_compute_only_config_changes(tmp_pat
   np.testing.assert_allclose(np.asarray(loaded(TOKENS)), np.asarray(qmodel(TOKENS)), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="num_layers: checkpoint 2 vs config 3"):
     load_quantized(tmp_path / "q8", ModelConfig(**{**CFG, "num_layers": 3}))
+
+
+def test_quantized_model_on_a_mesh_through_the_pallas_kernel():
+  """The model's forward on 8 devices (fsdp 2 x tensor 4), every quantized matmul (the tied LM head
+  too) through the Pallas TPU kernel in interpret mode, per shard: column-parallel layers split K
+  over fsdp and N over tensor, row-parallel ones K over tensor and N over fsdp. Within the
+  quantization tolerance of the float model; equal to the quantized model on one device."""
+  from jaxeff.quantization import kernel_takes_stored_split
+
+  cfg = ModelConfig(**{**CFG, "num_layers": 1}, tie_embeddings=True)  # one layer: compile time
+  float_model = Llama(cfg, rngs=nnx.Rngs(0))
+  forward = nnx.jit(lambda m, t: m(t))
+  ref = forward(float_model, TOKENS)
+  one_device = forward(quantize(float_model, bits=8, include_embeddings=True), TOKENS)
+  qmodel = quantize(float_model, bits=8, include_embeddings=True, impl="tpu", interpret=True)
+  mesh = make_mesh({"fsdp": 2, "tensor": 4})
+  with jax.set_mesh(mesh):
+    state = nnx.state(qmodel)
+    nnx.update(qmodel, jax.device_put(state, sharding.state_shardings(state, mesh)))
+    y = forward(qmodel, TOKENS)
+    layers = [m for _, m in nnx.iter_modules(qmodel) if isinstance(m, QuantizedLinear)]
+    assert all(kernel_takes_stored_split((16, m.in_features), m.weight(), m.logical_axes, mesh) for m in layers)
+  assert y.shape == ref.shape and _rel_err(y, ref) < 0.03
+  np.testing.assert_allclose(np.asarray(y), np.asarray(one_device), rtol=2e-4, atol=2e-4)
+
+
+def test_quantize_checks_group_size_and_refuses_old_int4_checkpoints(tmp_path, monkeypatch):
+  from jaxeff import quantization
+
+  with pytest.raises(ValueError, match="power of two"):
+    quantize(_model(), bits=4, group_size=96)
+  monkeypatch.setattr(quantization, "FORMAT", "jaxeff-quantized/1")
+  save_quantized(quantize(_model(), bits=4, group_size=64), tmp_path / "v1")
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match="int4 layout changed"):
+    load_quantized(tmp_path / "v1")
 
 
 def test_save_quantized_rejects_float_or_mixed_models(tmp_path):

@@ -19,7 +19,7 @@ def main(argv=None):
     print(f"usage: python -m jaxeff.bench {{{','.join(names)}}} [args...]")
     return 0 if argv else 2
   name, rest = argv[0], argv[1:]
-  host_malloc.tune_for_cpu_training()  # same host settings as `python -m jaxeff.train`
+  host_malloc.prepare_cpu_host()  # same host settings as `python -m jaxeff.train`
   if name not in names:
     print(f"error: unknown benchmark {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
     return 2

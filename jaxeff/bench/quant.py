@@ -1,7 +1,7 @@
 """Weight-only quantized matmul benchmark: `python -m jaxeff.bench quant [--quick] [--json PATH]`.
 
-Options: `--quick` (small shapes, a smoke test), `--matmul-only` / `--model-only` (one section),
-`--group-size G`, `--impl NAME`, `--repeats N`.
+Options: `--quick` (small shapes, a smoke test), `--matmul-only` / `--groups-only` /
+`--sharded-only` / `--model-only` (one section), `--group-size G`, `--impl NAME`, `--repeats N`.
 
 For batch 1 (decode) and batch 16 at LLM weight shapes, times `x @ W` with W in f32, bf16
 (plain `jnp.dot`) and int8 / int4 (`pallas_kernels.quant_matmul`, the backend's default: the
@@ -19,13 +19,28 @@ alternating rounds so machine noise hits them alike; medians are reported.
 
 Activations are f32 on CPU (XLA:CPU low-precision dots are slow; the CPU path computes in f32)
 and bf16 on accelerators (f32 for the f32 row).
+
+Per group size: batch-1 `x @ W` at 4096x4096 for per-channel and group sizes 32-512, int8 and
+int4, against f32, in alternating rounds.
+
+Sharded (`--sharded-only` runs just this; the full run starts it in a subprocess with 8 CPU
+devices): the column-parallel (4096 -> 11008) and row-parallel (11008 -> 4096) layers of a
+tensor-parallel mesh {"tensor": 8}, placed by jaxeff's sharding rules and called as the quantized
+model calls them (`jaxeff.quantization.quantized_matmul`). Reports the time (8 fake devices
+share this machine's cores: not a speed-up measurement) and the bytes every collective in the
+compiled HLO moves, against the weight's bytes: "weight moved" would flag any collective as large
+as a device's weight shard.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import statistics
+import subprocess
+import sys
 import time
 
 import jax
@@ -112,6 +127,141 @@ def markdown(rows, copy_bw: float, header: str) -> str:
   return "\n".join(lines)
 
 
+def alternating(fns: dict, repeats: int) -> dict:
+  """name -> median seconds of `fn()`, timed in alternating rounds after one warm-up call each."""
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+GROUP_SIZES = [None, 32, 64, 128, 256, 512]
+
+
+def group_rows(k: int, n: int, repeats: int, impl: str | None) -> list[dict]:
+  """Batch-1 layer time per (bits, group size) against f32, alternating rounds."""
+  w32 = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) * 0.02
+  x = jax.random.normal(jax.random.key(1), (1, k), jnp.float32)
+  act = x if jax.default_backend() == "cpu" else x.astype(jnp.bfloat16)
+  dot = jax.jit(lambda x, w: jnp.dot(x, w))
+  qdot = jax.jit(lambda x, qw: pk.quant_matmul(x, qw, impl=impl))
+  weights = {("f32", "-"): w32}
+  for bits in (8, 4):
+    for g in GROUP_SIZES:
+      weights[(f"int{bits}", g or "per-channel")] = jax.jit(lambda w, b=bits, g=g: pk.quantize_weight(w, b, g))(w32)
+  fns = {key: (lambda w=w: dot(x, w)) if key[0] == "f32" else (lambda w=w: qdot(act, w)) for key, w in weights.items()}
+  secs = alternating(fns, repeats)
+  base = secs[("f32", "-")]
+  return [dict(k=k, n=n, kind=kind, group_size=g, seconds=secs[(kind, g)], weight_bytes=weight_bytes(weights[(kind, g)]),
+               speedup_vs_f32=base / secs[(kind, g)]) for kind, g in weights]
+
+
+def group_markdown(rows, repeats: int) -> str:
+  r0 = rows[0]
+  lines = [f"## batch-1 layer time per group size, {r0['k']}x{r0['n']} on {jax.default_backend()}, "
+           f"median of {repeats} alternating rounds", "",
+           "| weights | group | time (ms) | weight MB | weight GB/s | vs f32 |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['kind']} | {r['group_size']} | {r['seconds'] * 1e3:.3f} | {r['weight_bytes'] / 1e6:.1f} "
+                 f"| {r['weight_bytes'] / r['seconds'] / 1e9:.1f} | {r['speedup_vs_f32']:.2f}x |")
+  return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- sharded
+
+SHARDED_LAYERS = [("column-parallel", ("embed", "mlp"), 4096, 11008), ("row-parallel", ("mlp", "embed"), 11008, 4096)]
+QUICK_SHARDED_LAYERS = [("column-parallel", ("embed", "mlp"), 512, 1024), ("row-parallel", ("mlp", "embed"), 1024, 512)]
+_COLLECTIVE = re.compile(r"= (\(?[^=]*?\)?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
+                         r"(?:-start)?\(")
+_SHAPE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\]")
+
+
+def collective_bytes(hlo: str) -> dict[str, list[int]]:
+  """op kind -> the result bytes of each collective of that kind in compiled HLO text."""
+  out: dict[str, list[int]] = {}
+  for shapes, op in _COLLECTIVE.findall(hlo):
+    found = _SHAPE.findall(shapes)
+    if not found:
+      continue
+    dtype, dims = found[-1]  # an async start's tuple ends with its result
+    size = 1
+    for d in filter(None, dims.split(",")):
+      size *= int(d)
+    itemsize = 1 if dtype == "pred" else int(re.search(r"\d+$", dtype).group()) // 8  # f32, bf16, s8, ...
+    out.setdefault(op, []).append(size * itemsize)
+  return out
+
+
+def sharded_rows(repeats: int, quick: bool) -> list[dict]:
+  """The tensor-parallel layers on an 8-device mesh (needs 8 devices: see the module docstring)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from jaxeff import sharding
+  from jaxeff.quantization import kernel_takes_stored_split, quantized_matmul
+
+  mesh = sharding.make_mesh({"tensor": 8})
+  rows = []
+  for name, logical, k, n in (QUICK_SHARDED_LAYERS if quick else SHARDED_LAYERS):
+    w32 = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) * 0.02
+    x = jax.random.normal(jax.random.key(1), (1, k), jnp.float32)
+    for bits, group in [(8, None), (4, 128)]:
+      qw = jax.jit(lambda w, b=bits, g=group: pk.quantize_weight(w, b, g))(w32)
+      spec = sharding._fit_spec(sharding.logical_to_spec(logical), qw.qvalue.shape, mesh)
+      placed = pk.QuantizedWeight(jax.device_put(qw.qvalue, NamedSharding(mesh, spec)),
+                                  jax.device_put(qw.scale, NamedSharding(mesh, P(None, spec[1]))),
+                                  bits=bits, group_size=group, in_features=k)
+      x_spec = sharding._fit_spec(sharding.logical_to_spec(("batch", logical[0])), x.shape, mesh)
+      xs = jax.device_put(x, NamedSharding(mesh, x_spec))
+      with jax.set_mesh(mesh):
+        step = jax.jit(lambda x, qw, lg=logical: quantized_matmul(x, qw, lg))
+        compiled = step.lower(xs, placed).compile()
+        kernel = kernel_takes_stored_split(xs.shape, placed, logical, mesh)
+      one = jax.jit(lambda x, qw: pk.quant_matmul(x, qw))
+      local_x, local_qw = jax.device_put(x, jax.devices()[0]), jax.device_put(qw, jax.devices()[0])
+      secs = alternating({"mesh": lambda: compiled(xs, placed), "one": lambda: one(local_x, local_qw)}, repeats)
+      moved = collective_bytes(compiled.as_text())
+      rows.append(dict(layer=name, k=k, n=n, bits=bits, group_size=group, path="kernel" if kernel else "XLA fallback",
+                       spec=str(spec), seconds=secs["mesh"], one_device_seconds=secs["one"], collectives=moved,
+                       weight_bytes=qw.nbytes, weight_bytes_per_device=qw.nbytes // 8,
+                       # a collective as large as a device's weight shard would be moving weights
+                       weight_moved=any(b >= qw.nbytes // 8 for sizes in moved.values() for b in sizes)))
+  return rows
+
+
+def sharded_markdown(rows, repeats: int) -> str:
+  lines = ["## tensor-parallel layers on 8 CPU devices (mesh {tensor: 8}), batch 1, "
+           f"median of {repeats} alternating rounds", "",
+           "| layer | K x N | weights | weight spec | path | time on mesh (ms) | one device (ms) "
+           "| weight MB (per device) | bytes moved between devices | weight moved |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    moved = ", ".join(f"{op} {sum(b):,} B" for op, b in sorted(r["collectives"].items())) or "none"
+    lines.append(f"| {r['layer']} | {r['k']}x{r['n']} | int{r['bits']} {r['group_size'] or 'per-channel'} "
+                 f"| {r['spec']} | {r['path']} | {r['seconds'] * 1e3:.2f} | {r['one_device_seconds'] * 1e3:.2f} "
+                 f"| {r['weight_bytes'] / 1e6:.1f} ({r['weight_bytes_per_device'] / 1e6:.2f}) | {moved} "
+                 f"| {'yes' if r['weight_moved'] else 'no'} |")
+  return "\n".join(lines)
+
+
+def _sharded_in_subprocess(argv_rest: list[str]) -> tuple[str, list[dict]]:
+  """Runs the sharded section with 8 CPU devices (the device count is fixed when jax starts)."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  with subprocess.Popen([sys.executable, "-m", "jaxeff.bench", "quant", "--sharded-only", "--json", "-", *argv_rest],
+                        env=env, stdout=subprocess.PIPE, text=True) as proc:
+    out, _ = proc.communicate()
+  if proc.returncode:
+    raise RuntimeError(f"the sharded benchmark subprocess failed (exit {proc.returncode})")
+  table, _, payload = out.partition("\n@@json@@\n")
+  return table.strip(), json.loads(payload)["sharded_rows"]
+
+
 MODEL = dict(vocab_size=256, hidden_size=2048, intermediate_size=5632, num_layers=4, num_heads=16,
              num_kv_heads=4)  # 180M weights in Linears (721 MB f32): weight reads dominate a decode step
 QUICK_MODEL = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
@@ -178,32 +328,56 @@ def main(argv=None) -> int:
   p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
   p.add_argument("--repeats", type=int, default=None, help="timed calls per case (median reported)")
   p.add_argument("--impl", choices=IMPLS, default=None,
-                 help="force a quant_matmul implementation in the matmul table (default: by backend)")
+                 help="force a quant_matmul implementation in the matmul tables (default: by backend)")
   p.add_argument("--group-size", type=int, default=None, help="quantization group size (default per-channel)")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   only = p.add_mutually_exclusive_group()
   only.add_argument("--matmul-only", action="store_true", help="the matmul table only")
+  only.add_argument("--groups-only", action="store_true", help="the per-group-size table only")
+  only.add_argument("--sharded-only", action="store_true", help="the sharded rows only (needs 8 devices)")
   only.add_argument("--model-only", action="store_true", help="the model-level forward table only")
   args = p.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 20)
+  sections = [name for name in ("matmul", "groups", "sharded", "model") if getattr(args, f"{name}_only")]
+  sections = sections or ["matmul", "groups", "sharded", "model"]
   device = jax.devices()[0]
-  rows, copy_bw, model_rows = [], None, []
-  if not args.model_only:
+  result = dict(backend=jax.default_backend(), device=device.device_kind, group_size=args.group_size,
+                impl=args.impl, repeats=repeats)
+  printed = []
+
+  def emit(text):
+    print(("\n" if printed else "") + text, flush=True)
+    printed.append(text)
+
+  if "matmul" in sections:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     copy_bw = copy_bandwidth((16 if args.quick else 256) << 20, repeats)
     rows = run(shapes, BATCHES, repeats, args.impl, args.group_size)
     header = (f"## quant matmul on {jax.default_backend()} ({device.device_kind}), "
               f"group_size={args.group_size or 'per-channel'}, impl={args.impl or 'default'}, median of {repeats}")
-    print(markdown(rows, copy_bw, header))
-  if not args.matmul_only:
+    emit(markdown(rows, copy_bw, header))
+    result.update(copy_bandwidth=copy_bw, rows=rows)
+  if "groups" in sections:
+    k = 512 if args.quick else 4096
+    rows = group_rows(k, k, repeats, args.impl)
+    emit(group_markdown(rows, repeats))
+    result["group_rows"] = rows
+  if "sharded" in sections:
+    if len(jax.devices()) >= 8:
+      rows = sharded_rows(repeats, args.quick)
+      table = sharded_markdown(rows, repeats)
+    else:
+      table, rows = _sharded_in_subprocess((["--quick"] if args.quick else []) + ["--repeats", str(repeats)])
+    emit(table)
+    result["sharded_rows"] = rows
+  if "model" in sections:
     cfg_kwargs = QUICK_MODEL if args.quick else MODEL
-    model_rows = model_forward(cfg_kwargs, repeats, args.group_size)
-    if rows:
-      print()
-    print(model_markdown(model_rows, cfg_kwargs, repeats))
-  if args.json:
+    rows = model_forward(cfg_kwargs, repeats, args.group_size)
+    emit(model_markdown(rows, cfg_kwargs, repeats))
+    result["model_rows"] = rows
+  if args.json == "-":  # for the parent process of the sharded subprocess
+    print("\n@@json@@\n" + json.dumps(result, default=str))
+  elif args.json:
     with open(args.json, "w") as f:
-      json.dump(dict(backend=jax.default_backend(), device=device.device_kind, copy_bandwidth=copy_bw,
-                     group_size=args.group_size, impl=args.impl, repeats=repeats, rows=rows,
-                     model_rows=model_rows), f, indent=2)
+      json.dump(result, f, indent=2, default=str)
   return 0

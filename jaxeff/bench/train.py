@@ -21,23 +21,32 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff import sharding
 from jaxeff import train as train_lib
 from jaxeff.hf import config_to_hf
 from jaxeff.models import Llama
 
 
 def _jax_step(cfg: train_lib.TrainConfig):
-  graphdef, params = nnx.split(Llama(cfg.model, rngs=nnx.Rngs(0)))
-  tx, _ = train_lib.make_optimizer(cfg.optimizer, cfg.steps, params)
-  opt_state = tx.init(params)
-  step = jax.jit(train_lib.make_steps(graphdef, tx)[0], donate_argnums=(0, 1))
+  """`jaxeff.train`'s own step (TrainState, spec-driven gradients, clipping) on one device."""
+  from jaxeff import training
+
+  make_model = lambda: Llama(cfg.model, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(nnx.eval_shape(make_model))
+  mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
+  tx, _ = training.make_optimizer(cfg.optimizer, cfg.steps, params, mesh)
+  spec = training.optimizer_spec(cfg.optimizer)
+  shardings = training.state_shardings(training.abstract_state(params, tx), mesh, spec.gradients == "per_device")
+  state = [training.init_state(make_model, tx, shardings, seed=0)]
+  with jax.set_mesh(mesh):
+    step = jax.jit(training.make_train_step(graphdef, tx, spec, mesh, shardings), donate_argnums=0)
   rng = np.random.default_rng(0)
   batch = {k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len)), jnp.int32)
            for k in ("inputs", "targets")}
-  state = [params, opt_state]
 
   def run():
-    state[0], state[1], m = step(state[0], state[1], batch)
+    with jax.set_mesh(mesh):
+      state[0], m = step(state[0], batch)
     m["loss"].block_until_ready()
 
   return run

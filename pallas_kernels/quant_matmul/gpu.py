@@ -1,11 +1,26 @@
-"""Pallas GPU (Triton) kernel: x [M, K] @ dequant(W) with an in-kernel loop over K.
+"""Pallas GPU (Triton) kernel: x [M, K] @ dequant(W) with an in-kernel loop over K, split-K at decode.
 
-Grid (N blocks, M blocks); each program owns a [bm, bn] f32 accumulator in registers and walks
-K with `fori_loop`, loading [bk, bn] int8 weight blocks (int4: packed, half the bytes) with masked
-loads, so ragged M, N and K need no padding of the weight. Triton blocks must be powers of two
-and `dot` needs every dim >= 16, so M is covered by blocks of at least 16 rows (masked).
+Grid (N blocks, M blocks, K splits). Each program owns a [bm, bn] f32 accumulator in registers
+and walks its share of K with `fori_loop`, `bk` storage rows of `qvalue` per step (int4: half the
+bytes of int8), with masked loads, so ragged M, N and K need no padding of the weight or of x.
+A step is cut into sub-blocks of `sub` rows that lie inside one int4 half tile, so each sub-block
+meets one contiguous slice of x. Triton blocks are powers of two and `dot` needs every dim >= 16:
+M is covered by blocks of at least 16 rows (masked).
 
-Group scales: bk divides the group's storage rows, so each K step uses one scale row.
+Scales: a sub-block inside one group scales its partial product by the group's [1, bn] row (exact:
+the int8 values are exact in bf16); a sub-block holding several groups loads a [sub/group, bn]
+scale tile, broadcasts it down the rows and dequantizes before its dot. So `bk` does not depend on
+the group size. Per-channel scales multiply the accumulator once.
+
+Split-K: at decode a GEMV over N = 1024 (GQA k/v projections) has too few N blocks to fill ~132 SMs,
+so K is split until the grid has about `TARGET_PROGRAMS` programs; each split writes an f32
+partial [M, N] and XLA sums the partials (deterministic, no atomics).
+
+Compute dtype: bf16 by default for f32 activations (f32 dots at HIGHEST precision would run on
+CUDA cores); `compute_dtype=jnp.float32` keeps IEEE f32.
+
+Block sizes (`BLOCK_SIZES`) were chosen with `pallas_kernels.cubin` (registers, spills, shared
+memory and occupancy for sm_80 / sm_90, see BENCHMARKS.md); speed is not measured (no GPU).
 """
 
 from __future__ import annotations
@@ -17,82 +32,160 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.quant_matmul.weights import QuantizedWeight, activation_planes, unpack_int4
+from pallas_kernels.quant_matmul.weights import QuantizedWeight, quantize_weight, unpack_int4
 
-# (bm, bn, bk, num_warps, num_stages); bk in storage rows of `qvalue`. Decode (M <= 16) is a
-# bandwidth-bound GEMV: narrow N blocks give enough programs to fill ~132 SMs at N = 4096, and
-# long K steps with deep pipelining keep loads in flight. Prefill tiles like a plain GEMM.
-# Not yet tuned on hardware (no GPU on the development machines).
+# (shape class, bits) -> (bm, bn, bk, num_warps, num_stages); bk in storage rows of `qvalue`.
+# Chosen by compiling candidates to cubin for sm_80 and sm_90 (`python -m jaxeff.bench kernels`,
+# BENCHMARKS.md): no spills, registers and shared memory leaving 16-40 warps per SM; not timed.
+# Decode (M <= 16) is a bandwidth-bound GEMV: 64-column blocks plus split-K give enough programs;
+# 8 warps halve the registers per thread that the unpacked weight tile takes (4 warps: 96-168
+# registers, 8-12 warps/SM; 8 warps: 44-94, 16-32), 3 stages keep two 16 KiB weight tiles in
+# flight. Prefill tiles like a GEMM; int4's two unpacked int32 planes need a shorter M tile on
+# sm_80 (64-row tiles: 248-255 registers, one block per SM).
 BLOCK_SIZES = {
-    "decode": (16, 32, 256, 4, 4),
-    "prefill": (64, 128, 64, 4, 3),
+    ("decode", 8): (16, 64, 256, 8, 3),
+    ("decode", 4): (16, 64, 256, 8, 3),
+    ("prefill", 8): (64, 64, 64, 8, 3),
+    ("prefill", 4): (32, 64, 64, 4, 3),
 }
 DECODE_MAX_M = 16
 MIN_DOT_DIM = 16
+TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
 
 
-def _largest_pow2_divisor(n: int) -> int:
-  return n & -n
+def shape_class(m: int) -> str:
+  return "decode" if m <= DECODE_MAX_M else "prefill"
+
+
+def sub_rows(bk: int, qw: QuantizedWeight) -> int:
+  """Rows per sub-block: a power of two dividing bk, inside one int4 half tile, and dividing the
+  group (one scale row) or a multiple of it (a scale tile)."""
+  sub = bk if qw.bits == 8 else min(bk, qw.half_rows)
+  g = qw.group_size  # in logical rows, as are a sub-block's rows in each plane
+  if g is not None and g % sub and sub % g:
+    sub = min(sub, g & -g)  # the largest power of two dividing the group
+  return sub
 
 
 def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None):
-  """(bm, bn, bk, num_warps, num_stages): powers of two, >= 16, bk dividing a group."""
-  bm, bn, bk, warps, stages = block_sizes or BLOCK_SIZES["decode" if m <= DECODE_MAX_M else "prefill"]
+  """(bm, bn, bk, sub, splits, num_warps, num_stages): powers of two >= 16 (Triton's rules)."""
+  bm, bn, bk, warps, stages = block_sizes or BLOCK_SIZES[shape_class(m), qw.bits]
   bm = min(bm, max(MIN_DOT_DIM, pl.next_power_of_2(m)))
   bn = min(bn, max(MIN_DOT_DIM, pl.next_power_of_2(n)))
   bk = min(bk, max(MIN_DOT_DIM, pl.next_power_of_2(ks)))
-  if qw.group_size is not None:
-    bk = min(bk, _largest_pow2_divisor(qw.group_rows))
-    if bk < MIN_DOT_DIM:
-      raise NotImplementedError(
-          f"GPU quant_matmul needs group_size with a power-of-two factor >= {MIN_DOT_DIM * 8 // qw.bits}, "
-          f"got group_size={qw.group_size} (bits={qw.bits})")
-  return bm, bn, bk, warps, stages
+  sub = sub_rows(bk, qw)
+  if sub < MIN_DOT_DIM:
+    raise NotImplementedError(
+        f"GPU quant_matmul needs sub-blocks of >= {MIN_DOT_DIM} rows; group_size={qw.group_size} with "
+        f"bits={qw.bits} (int4 half tile {qw.half_rows}) gives {sub}")
+  steps = pl.cdiv(ks, bk)
+  splits = 1
+  if shape_class(m) == "decode":
+    programs = pl.cdiv(n, bn) * pl.cdiv(m, bm)
+    want = min(steps, max(1, TARGET_PROGRAMS // programs))
+    splits = max(d for d in range(1, want + 1) if steps % d == 0)  # equal shares of K
+  return bm, bn, bk, sub, splits, warps, stages
 
 
-def _kernel(*refs, bits, num_planes, per_channel, group_rows, m, n, ks, bm, bn, bk):
-  x_refs, (q_ref, s_ref, o_ref) = refs[:num_planes], refs[num_planes:]
-  m0, n0 = pl.program_id(1) * bm, pl.program_id(0) * bn
+def _kernel(x_ref, q_ref, s_ref, o_ref, *, bits, half_rows, group_size, m, n, k, ks, bm, bn, bk, sub,
+            steps_per_split, cdt):
+  n0, m0, split = pl.program_id(0) * bn, pl.program_id(1) * bm, pl.program_id(2)
   m_ok = (m0 + jnp.arange(bm)) < m
   n_ok = (n0 + jnp.arange(bn)) < n
-  cdt = x_refs[0].dtype
   precision = jax.lax.Precision.HIGHEST if cdt == jnp.float32 else None
+  groups_total = s_ref.shape[0]
 
-  def body(kb, acc):
-    k0 = kb * bk
-    k_ok = (k0 + jnp.arange(bk)) < ks
-    q = plgpu.load(q_ref.at[pl.ds(k0, bk), pl.ds(n0, bn)], mask=k_ok[:, None] & n_ok[None, :], other=0)
+  def sub_block(r0, acc):
+    """Rows [r0, r0 + sub) of qvalue (inside one half tile) into the accumulator."""
+    rows_ok = (r0 + jnp.arange(sub)) < ks
+    q = plgpu.load(q_ref.at[pl.ds(r0, sub), pl.ds(n0, bn)], mask=rows_ok[:, None] & n_ok[None, :], other=0)
     planes = unpack_int4(q) if bits == 4 else (q,)
-    if per_channel:
-      w = [p.astype(cdt) for p in planes]
-    else:
-      s = plgpu.load(s_ref.at[pl.ds(k0 // group_rows, 1), pl.ds(n0, bn)], mask=n_ok[None, :], other=0.0)
-      w = [(p.astype(jnp.float32) * s).astype(cdt) for p in planes]
-    for x_ref, wv in zip(x_refs, w):
-      xv = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(k0, bk)], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-      acc += jnp.dot(xv, wv, preferred_element_type=jnp.float32, precision=precision)
+    for plane, w in enumerate(planes):
+      # Logical K row of the sub-block's first row for this plane (see weights.py's layout).
+      c0 = r0 if bits == 8 else (r0 // half_rows) * 2 * half_rows + plane * half_rows + r0 % half_rows
+      cols_ok = (c0 + jnp.arange(sub)) < k
+      xv = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, sub)], mask=m_ok[:, None] & cols_ok[None, :],
+                      other=0).astype(cdt)
+      if group_size is None:
+        acc += jnp.dot(xv, w.astype(cdt), preferred_element_type=jnp.float32, precision=precision)
+      elif group_size % sub == 0:  # one group: scale the partial product
+        g0 = c0 // group_size
+        s = plgpu.load(s_ref.at[pl.ds(g0, 1), pl.ds(n0, bn)], mask=(g0 < groups_total) & n_ok[None, :],
+                       other=0.0)
+        acc += jnp.dot(xv, w.astype(cdt), preferred_element_type=jnp.float32, precision=precision) * s
+      else:  # several groups: dequantize with the scale tile broadcast down its rows
+        per = sub // group_size
+        g0 = c0 // group_size
+        g_ok = (g0 + jnp.arange(per)) < groups_total
+        s = plgpu.load(s_ref.at[pl.ds(g0, per), pl.ds(n0, bn)], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
+        s = jnp.broadcast_to(s[:, None, :], (per, group_size, bn)).reshape(sub, bn)
+        wv = (w.astype(jnp.float32) * s).astype(cdt)
+        acc += jnp.dot(xv, wv, preferred_element_type=jnp.float32, precision=precision)
     return acc
 
-  acc = jax.lax.fori_loop(0, pl.cdiv(ks, bk), body, jnp.zeros((bm, bn), jnp.float32))
-  if per_channel:
+  def step(i, acc):
+    k0 = (split * steps_per_split + i) * bk
+    for j in range(bk // sub):
+      acc = sub_block(k0 + j * sub, acc)
+    return acc
+
+  acc = jax.lax.fori_loop(0, steps_per_split, step, jnp.zeros((bm, bn), jnp.float32))
+  if group_size is None:
     acc = acc * plgpu.load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], mask=n_ok[None, :], other=0.0)
-  plgpu.store(o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype),
+  row0 = split * m + m0  # split partials are stacked along M
+  plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype),
               mask=m_ok[:, None] & n_ok[None, :])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes"))
-def quant_matmul_gpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, block_sizes=None) -> jax.Array:
-  """x [M, K] @ dequant(qw) [K, N] -> [M, N] in x.dtype."""
-  xs = activation_planes(x, qw)
-  (m, ks), n = xs[0].shape, qw.out_features
-  bm, bn, bk, warps, stages = choose_blocks(m, ks, n, qw, block_sizes)
-  kernel = functools.partial(_kernel, bits=qw.bits, num_planes=len(xs), per_channel=qw.group_size is None,
-                             group_rows=qw.group_rows, m=m, n=n, ks=ks, bm=bm, bn=bn, bk=bk)
-  return pl.pallas_call(
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "compute_dtype", "out_dtype"))
+def quant_matmul_gpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, block_sizes=None,
+                     compute_dtype=None, out_dtype=None) -> jax.Array:
+  """x [M, K] @ dequant(qw) [K, N] -> [M, N] in `out_dtype` (default x.dtype).
+
+  Args:
+    interpret: as for `pl.pallas_call`.
+    block_sizes: (bm, bn, bk, num_warps, num_stages) instead of the table (bk in storage rows).
+    compute_dtype: the dot's input dtype (default x.dtype); accumulation is f32.
+  """
+  cdt = jnp.dtype(compute_dtype or x.dtype)
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  (m, k), (ks, n) = x.shape, qw.qvalue.shape
+  bm, bn, bk, sub, splits, warps, stages = choose_blocks(m, ks, n, qw, block_sizes)
+  steps_per_split = pl.cdiv(ks, bk) // splits  # splits divides the steps
+  kernel = functools.partial(_kernel, bits=qw.bits, half_rows=qw.half_rows, group_size=qw.group_size,
+                             m=m, n=n, k=k, ks=ks, bm=bm, bn=bn, bk=bk, sub=sub,
+                             steps_per_split=steps_per_split, cdt=cdt)
+  partial_dtype = jnp.float32 if splits > 1 else out_dtype
+  y = pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
-      grid=(pl.cdiv(n, bn), pl.cdiv(m, bm)),
+      out_shape=jax.ShapeDtypeStruct((splits * m, n), partial_dtype),
+      grid=(pl.cdiv(n, bn), pl.cdiv(m, bm), splits),
       compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
       interpret=interpret,
       name="quant_matmul",
-  )(*xs, qw.qvalue, qw.scale)
+  )(x, qw.qvalue, qw.scale)
+  if splits > 1:
+    y = y.reshape(splits, m, n).sum(axis=0).astype(out_dtype)
+  return y
+
+
+def resource_cases():
+  """One `pallas_kernels.cubin.KernelCase` per `BLOCK_SIZES` entry and scaling (per-channel; groups
+  of 128, one scale row per sub-block; at decode also groups of 32, a broadcast scale tile), at
+  Llama-7B-like K = N = 4096: decode M = 1 (split-K on), prefill M = 512."""
+  from pallas_kernels.cubin import KernelCase
+
+  def make(m, bits, group):
+    def args():
+      qw = jax.eval_shape(lambda w: quantize_weight(w, bits, group), jax.ShapeDtypeStruct((4096, 4096), jnp.float32))
+      return jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16), qw
+    return args
+
+  cases = []
+  for (kind, bits), (_, _, _, warps, stages) in BLOCK_SIZES.items():
+    m = 1 if kind == "decode" else 512
+    for group in (None, 128) + ((32,) if kind == "decode" else ()):
+      cases.append(KernelCase(label=f"quant_matmul {kind} int{bits} {f'g{group}' if group else 'per-channel'}",
+                              fn=quant_matmul_gpu, make_args=make(m, bits, group), entry=(kind, bits),
+                              num_warps=warps, num_stages=stages))
+  return cases

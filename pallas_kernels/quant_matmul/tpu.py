@@ -1,14 +1,30 @@
 """Pallas TPU (Mosaic) kernel: x [M, K] @ dequant(W), dequantized block by block in VMEM.
 
 Grid (M blocks "parallel", N blocks "parallel", K blocks "arbitrary"); an f32 [bm, bn] VMEM
-accumulator lives across the K axis. Each step reads one int8 block of `qvalue` ([bk, bn] storage
-rows, so int4 moves half the bytes), unpacks int4 with shifts, applies group scales in f32,
-casts to the activation dtype and runs one MXU dot per plane (int4: even and odd K rows).
-Per-channel scales are applied once to the accumulator at the last K step.
+accumulator lives across the K axis. A K block is `bk` storage rows of `qvalue` (int4: whole
+tiles, so the matching x block is the contiguous 2 * bk columns).
 
-Edges: M and N edge blocks compute garbage rows/columns that the pipeline never writes back;
-a ragged last K block is masked (x columns and weight rows past K set to 0 with a select, so
-garbage, even NaN, cannot leak into the sum).
+Inside a step the block is cut into segments, each inside one int4 half tile (or <= 512 int8
+rows) and one scale group. Each segment's int8 values (int4: nibbles unpacked with shifts) are
+cast to the compute dtype, exact for |q| <= 127, and meet their slice of x in one MXU dot; the
+partial products of a group are summed and multiplied by the group's [1, bn] scale row. Scales
+reach the kernel as [groups, 1, N] (a free reshape of the stored [groups, N]), so the scale
+block's last two dims are (1, bn) for any number of groups per block. Per-channel scales multiply
+the accumulator once, at the last K step. No [bk, bn] f32 weight temporary is ever formed.
+
+Block sizes come from `BLOCK_SIZES`, keyed by shape class: decode (M <= 256: all of M in one
+block, bandwidth-bound) moves MiB-sized weight blocks, all of K per step where it fits, so the
+~0.35 us per-step overhead stays small; prefill is MXU-bound. `vmem_limit_bytes` is set from the
+chosen blocks (`vmem_bytes`).
+
+Edges: M and N edge blocks compute garbage rows/columns that the pipeline never writes back; a
+ragged last K block masks the x columns and weight rows past K with a select (garbage, even NaN,
+cannot leak into the sum), and skips segments wholly past K.
+
+Not verifiable without a TPU: speed, and whether Mosaic's layout passes accept every slice (the
+lowering tests run on CPU, Mosaic's layout passes run only in the TPU compiler). x slices are
+whole 128-lane vregs except for groups smaller than 128 and int4 weights whose K gives half tiles
+shorter than 128 (static 16-64-lane slices); each such dot is also shallower than the MXU.
 """
 
 from __future__ import annotations
@@ -21,71 +37,162 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.quant_matmul.weights import QuantizedWeight, activation_planes, unpack_int4
+from pallas_kernels.quant_matmul.weights import QuantizedWeight, unpack_int4
 
-# (bm, bn, bk), bk in storage rows of `qvalue` (int4: 2 K rows each). Decode is bandwidth-bound:
-# big weight blocks amortize the ~0.35 us per-grid-step overhead (a 1024x512 int8 block is 512 KiB,
-# ~0.6 us of HBM time on v5e). Prefill is MXU-bound: the activation block gets taller instead.
-# int4 blocks have half the storage rows: the unpacked f32 planes then take the same VMEM.
-BLOCK_SIZES = {
-    ("decode", 8): (None, 512, 1024),  # bm None: all of M in one block
-    ("decode", 4): (None, 512, 512),
-    ("prefill", 8): (256, 512, 512),
-    ("prefill", 4): (256, 512, 256),
-}
 DECODE_MAX_M = 256
+# (shape class, scaling) -> (bm, bn, weight bytes per step). bm None: all of M in one block.
+# Decode: JAX's tuned quantized-matmul tables use ~2 MiB+ weight blocks (e.g. (128, 512, 4096) for
+# 4096x4096 int8: all of K at once); 4 MiB lets 14336-deep K take two steps. Grouped weights keep
+# 2 MiB: their steps hold more (smaller) dots. Prefill: M rows reuse each weight block.
+BLOCK_SIZES = {
+    ("decode", "per-channel"): (None, 512, 4 << 20),
+    ("decode", "grouped"): (None, 512, 2 << 20),
+    ("prefill", "per-channel"): (256, 512, 1 << 20),
+    ("prefill", "grouped"): (256, 512, 1 << 20),
+}
+SEGMENT_ROWS = 512  # int8 storage rows per dot: bounds one dot's int32 / compute-dtype temporaries
+MAX_DOTS_PER_STEP = 64  # a step's dots are unrolled: bounds code size for small groups
+VMEM_LIMITS = (16 << 20, 64 << 20)  # the default scoped limit .. v7x's 64 MiB of VMEM per core
 
 
-def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None) -> tuple[int, int, int]:
-  """(bm, bn, bk) obeying Mosaic's rule: the last two block dims divisible by (8, 128) or full."""
-  bm, bn, bk = block_sizes or BLOCK_SIZES[("decode" if m <= DECODE_MAX_M else "prefill", qw.bits)]
-  bm = m if bm is None or m <= bm else bm
-  bn = n if n <= bn else bn
-  # bk is x's lane dim (multiple of 128); with group scales, whole groups per block and the
-  # scale block's sublane dim (groups per block) a multiple of 8.
-  align = 128 if qw.group_size is None else math.lcm(128, 8 * qw.group_rows)
-  bk = ks if ks <= max(bk, align) else max(align, bk // align * align)
-  return bm, bn, bk
+def shape_class(m: int, qw: QuantizedWeight) -> tuple[str, str]:
+  return ("decode" if m <= DECODE_MAX_M else "prefill", "per-channel" if qw.group_size is None else "grouped")
 
 
-def _kernel(*refs, bits, num_planes, per_channel, group_rows, ks, bk, nk):
-  x_refs, (q_ref, s_ref, o_ref, acc_ref) = refs[:num_planes], refs[num_planes:]
+def segments(bk: int, qw: QuantizedWeight) -> list[tuple[int | None, list[tuple[int, int, int, int]]]]:
+  """A K block's dots, grouped by scale group: [(group in block or None, [(plane, row0, col0, rows)])].
+
+  row0 indexes the block's storage rows, col0 its x columns (logical rows); blocks start on a tile
+  and group boundary, so this depends on `bk` and the weight's layout only.
+  """
+  if qw.bits == 8:
+    pieces = [(0, r, r, min(SEGMENT_ROWS, bk - r)) for r in range(0, bk, SEGMENT_ROWS)]
+  else:
+    h = qw.half_rows
+    pieces = [(p, t * h, 2 * h * t + p * h, h) for t in range(bk // h) for p in (0, 1)]
+  if qw.group_size is None:
+    return [(None, pieces)]
+  g = qw.group_size
+  out: list[tuple[int | None, list]] = []
+  for plane, row0, col0, rows in pieces:
+    c = col0
+    while c < col0 + rows:  # cut at group boundaries
+      end = min(col0 + rows, (c // g + 1) * g)
+      piece = (plane, row0 + c - col0, c, end - c)
+      if out and out[-1][0] == c // g:
+        out[-1][1].append(piece)
+      else:
+        out.append((c // g, [piece]))
+      c = end
+  return out
+
+
+def vmem_bytes(bm: int, bn: int, bk: int, qw: QuantizedWeight, compute_dtype, out_dtype) -> int:
+  """VMEM the kernel needs: double-buffered blocks, the accumulator and one segment's temporaries."""
+  cb, ob = jnp.dtype(compute_dtype).itemsize, jnp.dtype(out_dtype).itemsize
+  rows = max(bm, 16)  # sublane padding of small M blocks
+  groups = 1 if qw.group_size is None else max(1, bk * qw.planes // qw.group_size)
+  x = rows * qw.planes * bk * cb
+  q = bk * bn
+  s = groups * 8 * bn * 4  # a [groups, 1, bn] block pads the unit dim to 8 sublanes
+  o = rows * bn * ob
+  seg = min(bk, SEGMENT_ROWS if qw.bits == 8 else qw.half_rows)
+  temporaries = seg * bn * (4 + 4 + cb) + 2 * rows * bn * 4  # int32 + select + cast; partial + dot
+  return 2 * (x + q + s + o) + rows * bn * 4 + temporaries
+
+
+def _k_alignment(qw: QuantizedWeight) -> int:
+  """bk (storage rows) must be a multiple of this unless it is all of K."""
+  align = math.lcm(128 // qw.planes, 32)  # x lanes a multiple of 128; int8 sublane tiles of 32
+  if qw.bits == 4:
+    align = math.lcm(align, qw.half_rows)
+  if qw.group_size is not None:
+    align = math.lcm(align, max(1, qw.group_size // qw.planes))
+  return align
+
+
+def _rows_per_dot(qw: QuantizedWeight) -> int:
+  """Storage rows one of `segments`' dots covers (the last one of a block may cover fewer)."""
+  if qw.bits == 8:
+    return min(qw.group_size or SEGMENT_ROWS, SEGMENT_ROWS)
+  return min(qw.half_rows, qw.group_size or qw.half_rows) // 2  # two planes per storage row
+
+
+def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None, compute_dtype=jnp.bfloat16,
+                  out_dtype=jnp.float32) -> tuple[int, int, int, int]:
+  """(bm, bn, bk, vmem_limit_bytes) from the table, obeying Mosaic's (8, 128) block rule.
+
+  `block_sizes` overrides the table entry: (bm, bn, bk) with bk in storage rows (tests use small
+  blocks to get many grid steps).
+  """
+  align = _k_alignment(qw)
+  if block_sizes is not None:
+    bm, bn, bk = block_sizes
+    bm = m if bm is None or m <= bm else bm
+    bn = n if n <= bn else bn
+    bk = ks if ks <= max(bk, align) else max(align, bk // align * align)
+  else:
+    kind = shape_class(m, qw)[0]
+    bm, bn, budget = BLOCK_SIZES[shape_class(m, qw)]
+    bm = m if bm is None or m <= bm else bm
+    bn = n if n <= bn else bn
+    # All of K if it fits the budget (bytes and unrolled dots), else the largest aligned divisor
+    # of K that does, else the largest aligned size (a ragged, masked last block).
+    limit = max(align, min(budget // bn, MAX_DOTS_PER_STEP * _rows_per_dot(qw)))
+    fits = [d for d in range(align, min(limit, ks) + 1, align) if ks % d == 0]
+    bk = ks if ks <= limit else fits[-1] if fits else limit // align * align
+    if kind == "decode" and bk == ks:  # spend the rest of the budget on wider N blocks
+      while bn * 2 <= n // 2 and n % (bn * 2) == 0 and ks * bn * 2 <= budget:
+        bn *= 2
+  need = vmem_bytes(bm, bn, bk, qw, compute_dtype, out_dtype)
+  while need > VMEM_LIMITS[1] and bk > align:
+    bk = max(align, bk // 2 // align * align)
+    need = vmem_bytes(bm, bn, bk, qw, compute_dtype, out_dtype)
+  if need > VMEM_LIMITS[1]:
+    raise ValueError(f"quant_matmul TPU blocks ({bm}, {bn}, {bk}) need {need >> 20} MiB of VMEM "
+                     f"(limit {VMEM_LIMITS[1] >> 20} MiB); pass smaller block_sizes")
+  return bm, bn, bk, min(VMEM_LIMITS[1], max(VMEM_LIMITS[0], int(need * 1.25) + (2 << 20)))
+
+
+def _kernel(x_ref, q_ref, s_ref, o_ref, acc_ref, *, bits, blocks, per_channel, ks, bk, nk, cdt):
   k = pl.program_id(2)
 
   @pl.when(k == 0)
   def _init():
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
-  def accumulate(masked: bool):
-    q = q_ref[...]
-    planes = unpack_int4(q) if bits == 4 else (q,)
-    cdt = x_refs[0].dtype
-    if per_channel:
-      w = [p.astype(cdt) for p in planes]  # exact: |q| <= 127 fits bf16's mantissa
-    else:
-      # One scale row per group of `group_rows` rows, broadcast down the sublanes; q * s in f32
-      # and then cast, exactly as `dequantize` rounds.
-      s = s_ref[...]
-      gpb, bn = s.shape
-      s_rows = jnp.broadcast_to(s[:, None, :], (gpb, group_rows, bn)).reshape(bk, bn)
-      w = [(p.astype(jnp.float32) * s_rows).astype(cdt) for p in planes]
-    xs = [r[...] for r in x_refs]
-    if masked:
-      w_rows = k * bk + jax.lax.broadcasted_iota(jnp.int32, w[0].shape, 0)
-      x_cols = k * bk + jax.lax.broadcasted_iota(jnp.int32, xs[0].shape, 1)
-      w = [jnp.where(w_rows < ks, p, 0) for p in w]
-      xs = [jnp.where(x_cols < ks, xv, 0) for xv in xs]
-    precision = jax.lax.Precision.HIGHEST if cdt == jnp.float32 else None
+  def accumulate(valid_rows: int):
+    planes_of = {}  # storage rows -> unpacked planes, shared by a tile's two halves
+
+    def weights(plane, row0, rows):
+      if (row0, rows) not in planes_of:
+        q = q_ref[row0:row0 + rows, :]
+        planes_of[row0, rows] = unpack_int4(q) if bits == 4 else (q,)
+      return planes_of[row0, rows][plane].astype(cdt)
+
     acc = acc_ref[...]
-    for xv, wv in zip(xs, w):
-      acc += jnp.dot(xv, wv, preferred_element_type=jnp.float32, precision=precision)
+    for group, pieces in blocks:
+      part = None
+      for plane, row0, col0, rows in pieces:
+        if row0 >= valid_rows:
+          continue  # wholly past K (ragged last block)
+        w, xv = weights(plane, row0, rows), x_ref[:, col0:col0 + rows]
+        if row0 + rows > valid_rows:  # straddles K's end: zero both sides of the garbage
+          w = jnp.where(jax.lax.broadcasted_iota(jnp.int32, w.shape, 0) < valid_rows - row0, w, 0)
+          xv = jnp.where(jax.lax.broadcasted_iota(jnp.int32, xv.shape, 1) < valid_rows - row0, xv, 0)
+        precision = jax.lax.Precision.HIGHEST if cdt == jnp.float32 else None
+        d = jnp.dot(xv, w, preferred_element_type=jnp.float32, precision=precision)
+        part = d if part is None else part + d
+      if part is not None:
+        acc += part if per_channel else part * s_ref[group]
     acc_ref[...] = acc
 
-  if ks % bk:  # only the last K block pays for the mask
-    pl.when(k < nk - 1)(lambda: accumulate(False))
-    pl.when(k == nk - 1)(lambda: accumulate(True))
+  tail = ks - (nk - 1) * bk
+  if tail != bk:  # only the last K block pays for the masks
+    pl.when(k < nk - 1)(lambda: accumulate(bk))
+    pl.when(k == nk - 1)(lambda: accumulate(tail))
   else:
-    accumulate(False)
+    accumulate(bk)
 
   @pl.when(k == nk - 1)
   def _finish():
@@ -95,31 +202,44 @@ def _kernel(*refs, bits, num_planes, per_channel, group_rows, ks, bk, nk):
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes"))
-def quant_matmul_tpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, block_sizes=None) -> jax.Array:
-  """x [M, K] @ dequant(qw) [K, N] -> [M, N] in x.dtype. `interpret` as for `pl.pallas_call`."""
-  xs = activation_planes(x, qw)
-  (m, ks), n = xs[0].shape, qw.out_features
-  bm, bn, bk = choose_blocks(m, ks, n, qw, block_sizes)
+@functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "compute_dtype", "out_dtype"))
+def quant_matmul_tpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, block_sizes=None,
+                     compute_dtype=None, out_dtype=None) -> jax.Array:
+  """x [M, K] @ dequant(qw) [K, N] -> [M, N] in `out_dtype` (default x.dtype).
+
+  Args:
+    interpret: as for `pl.pallas_call` (True, or `pltpu.InterpretParams(...)` for the simulator).
+    block_sizes: (bm, bn, bk) instead of the table (bk in storage rows of `qvalue`).
+    compute_dtype: the dot's input dtype (default x.dtype); accumulation is f32.
+  """
+  cdt = jnp.dtype(compute_dtype or x.dtype)
+  out_dtype = jnp.dtype(out_dtype or x.dtype)
+  kp, (ks, n), m = qw.padded_in_features, qw.qvalue.shape, x.shape[0]
+  x = jnp.pad(x.astype(cdt), ((0, 0), (0, kp - x.shape[1])))
+  bm, bn, bk, vmem_limit = choose_blocks(m, ks, n, qw, block_sizes, cdt, out_dtype)
   nk = pl.cdiv(ks, bk)
   per_channel = qw.group_size is None
   if per_channel:
+    scale = qw.scale
     s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (0, j))
   else:
-    s_spec = pl.BlockSpec((bk // qw.group_rows, bn), lambda i, j, k: (k, j))
-  kernel = functools.partial(_kernel, bits=qw.bits, num_planes=len(xs), per_channel=per_channel,
-                             group_rows=qw.group_rows, ks=ks, bk=bk, nk=nk)
+    scale = qw.scale.reshape(qw.scale.shape[0], 1, n)
+    s_spec = pl.BlockSpec((bk * qw.planes // qw.group_size, 1, bn), lambda i, j, k: (k, 0, j))
+  kernel = functools.partial(_kernel, bits=qw.bits, blocks=segments(bk, qw), per_channel=per_channel,
+                             ks=ks, bk=bk, nk=nk, cdt=cdt)
   return pl.pallas_call(
       kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), x.dtype),
+      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), nk),
-      in_specs=[pl.BlockSpec((bm, bk), lambda i, j, k: (i, k))] * len(xs) + [
+      in_specs=[
+          pl.BlockSpec((bm, bk * qw.planes), lambda i, j, k: (i, k)),
           pl.BlockSpec((bk, bn), lambda i, j, k: (k, j)),
           s_spec,
       ],
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
       scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                           vmem_limit_bytes=vmem_limit),
       interpret=interpret,
       name="quant_matmul",
-  )(*xs, qw.qvalue, qw.scale)
+  )(x, qw.qvalue, scale)

@@ -4,17 +4,22 @@ W is [K, N] (in, out); N is the lane dimension on TPU and the contiguous one eve
 
 Storage (`QuantizedWeight`):
   qvalue  int8 [Ks, N]. bits=8: Ks = Kp, one value per byte.
-          bits=4: Ks = Kp // 2, two values per byte packed along K: storage row i holds logical
-          row 2i in the low nibble and row 2i+1 in the high nibble (both signed, two's complement).
-  scale   f32 [G, N]: G = 1 (per output channel) or ceil(K / group_size) (per group along K).
-  Kp      K padded with zero rows to a multiple of the group size (and to even for int4), so
-          every group is whole and every byte holds two rows; `in_features` keeps the real K.
+          bits=4: Ks = Kp // 2, two values per byte. K is cut into tiles of 2H rows (H =
+          `half_rows`, 128 when K allows); storage row r of tile t holds logical row 2Ht + r in its
+          low nibble and row 2Ht + H + r in its high nibble (both signed, two's complement). So a
+          block of whole tiles needs two contiguous slices of x per tile, never an even/odd gather,
+          and a shard of whole tiles is a contiguous range of K.
+  scale   f32 [G, N]: G = 1 (per output channel) or Kp / group_size (per group along K).
+  Kp      K padded with zero rows: to a multiple of the group size, and for int4 to a multiple of
+          32 as well (tiles of at least 2 x 16 rows, the smallest GPU dot); `in_features` keeps K.
 
   dequant(W)[k, n] = q[k, n] * scale[k // group_size, n]      (symmetric, no zero point)
 
+int4 group sizes are powers of two, so each half tile lies inside one group or holds whole groups.
+
 Why not qwix's `QArray`: it requires `qvalue.shape == original.shape` (int4 as the logical
-`jnp.int4` dtype, whose packing XLA decides), so it cannot carry the explicit two-per-byte layout
-a kernel unpacks with shifts, nor the K padding that makes odd shapes and partial groups whole.
+`jnp.int4` dtype, whose packing XLA decides), so it cannot carry an explicit nibble layout a
+kernel unpacks with shifts, nor the K padding that makes odd shapes and partial groups whole.
 `QuantizedWeight` is a plain pytree of two arrays, so it jits, vmaps, shards and checkpoints.
 """
 
@@ -27,6 +32,8 @@ import jax.numpy as jnp
 from jax import lax
 
 QMAX = {8: 127, 4: 7}  # symmetric ranges; -128 / -8 are never produced
+INT4_HALF_ROWS = 128  # the largest int4 half tile: a TPU lane width of x per slice
+INT4_K_MULTIPLE = 32  # int4 K padding: half tiles of >= 16 rows
 
 
 @jax.tree_util.register_dataclass
@@ -54,39 +61,69 @@ class QuantizedWeight:
 
   @property
   def padded_in_features(self) -> int:
-    """Kp: K after padding to whole groups (and to even for int4)."""
+    """Kp: K after padding (see the module docstring)."""
     return self.qvalue.shape[-2] * (8 // self.bits)
 
   @property
-  def group_rows(self) -> int:
-    """Storage rows (of `qvalue`) that share one scale row."""
-    g = self.padded_in_features if self.group_size is None else self.group_size
-    return g * self.bits // 8
+  def planes(self) -> int:
+    """Values per byte of `qvalue`: 1 (int8) or 2 (int4)."""
+    return 8 // self.bits
+
+  @property
+  def half_rows(self) -> int:
+    """H: storage rows per int4 half tile (the tile is 2H logical rows); Kp for int8."""
+    if self.bits == 8:
+      return self.padded_in_features
+    return int4_half_rows(self.padded_in_features)
 
   @property
   def nbytes(self) -> int:
     return self.qvalue.size * self.qvalue.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
 
 
-def _padded_k(k: int, bits: int, group_size: int | None) -> int:
-  multiple = group_size or (2 if bits == 4 else 1)
+def int4_half_rows(kp: int) -> int:
+  """The largest power of two H <= INT4_HALF_ROWS with Kp a multiple of 2H."""
+  h = INT4_HALF_ROWS
+  while kp % (2 * h):
+    h //= 2
+  return h
+
+
+def padded_k(k: int, bits: int, group_size: int | None) -> int:
+  multiple = group_size or 1
+  if bits == 4:
+    multiple = max(multiple, INT4_K_MULTIPLE)  # group sizes are powers of two: max == lcm
   return -(-k // multiple) * multiple
+
+
+def check_group_size(bits: int, group_size: int | None) -> None:
+  if bits not in QMAX:
+    raise ValueError(f"bits must be 8 or 4, got {bits}")
+  if group_size is None:
+    return
+  if group_size <= 0:
+    raise ValueError(f"group_size must be positive or None, got {group_size}")
+  if bits == 4 and group_size & (group_size - 1):
+    raise ValueError(f"int4 group_size must be a power of two (the int4 tiles split K in powers of two), "
+                     f"got {group_size}")
 
 
 def quantize_weight(w: jax.Array, bits: int = 8, group_size: int | None = None) -> QuantizedWeight:
   """Symmetric weight-only quantization of w [K, N] (in, out); jit- and vmap-friendly.
 
-  group_size None: one scale per output column; otherwise one per `group_size` rows of K.
+  Args:
+    w: the float weight, [in, out].
+    bits: 8 or 4.
+    group_size: None for one scale per output column; otherwise one per `group_size` rows of K
+      (any positive size for int8, a power of two for int4).
+
   A column (or group) of zeros gets scale 0 and q 0, so dequantizes to exact zeros, never NaN.
   """
-  if bits not in QMAX:
-    raise ValueError(f"bits must be 8 or 4, got {bits}")
+  check_group_size(bits, group_size)
   if w.ndim != 2:
     raise ValueError(f"quantize_weight expects a 2-D [in, out] weight (vmap for stacks), got {w.shape}")
-  if group_size is not None and (group_size <= 0 or (bits == 4 and group_size % 2)):
-    raise ValueError(f"group_size must be positive (and even for int4), got {group_size}")
   k, n = w.shape
-  kp = _padded_k(k, bits, group_size)
+  kp = padded_k(k, bits, group_size)
   wf = jnp.pad(w.astype(jnp.float32), ((0, kp - k), (0, 0)))  # zero rows never change a max
   groups = wf.reshape(-1, group_size or kp, n)
   scale = jnp.max(jnp.abs(groups), axis=1) / QMAX[bits]  # [G, N]
@@ -98,13 +135,16 @@ def quantize_weight(w: jax.Array, bits: int = 8, group_size: int | None = None) 
 
 
 def pack_int4(q: jax.Array) -> jax.Array:
-  """int8 values in [-8, 7], [2R, N] -> int8 [R, N]: row 2i in the low nibble, 2i+1 in the high."""
-  lo, hi = q[0::2].astype(jnp.int32), q[1::2].astype(jnp.int32)
-  return ((lo & 0xF) | (hi << 4)).astype(jnp.int8)
+  """int8 values in [-8, 7], logical rows [Kp, N] -> int8 [Kp // 2, N] in the tiled nibble layout."""
+  kp, n = q.shape
+  h = int4_half_rows(kp)
+  tiles = q.reshape(kp // (2 * h), 2, h, n).astype(jnp.int32)
+  lo, hi = tiles[:, 0], tiles[:, 1]
+  return ((lo & 0xF) | (hi << 4)).astype(jnp.int8).reshape(kp // 2, n)
 
 
 def unpack_int4(p: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """int8 packed [R, N] -> (even rows, odd rows) as int32 [R, N] each.
+  """int8 packed [R, N] -> (low nibbles, high nibbles) as int32 [R, N] each.
 
   Only shifts on int32 (sign extension by arithmetic right shift), which Mosaic, Triton and XLA
   all lower; kernels call this on their block.
@@ -115,12 +155,21 @@ def unpack_int4(p: jax.Array) -> tuple[jax.Array, jax.Array]:
   return lo, hi
 
 
+def logical_row(storage_row: int, plane: int, half_rows: int) -> int:
+  """The logical K row of an int4 storage row's nibble `plane` (0 low, 1 high)."""
+  tile, r = divmod(storage_row, half_rows)
+  return 2 * half_rows * tile + plane * half_rows + r
+
+
 def unpacked_qvalue(qw: QuantizedWeight) -> jax.Array:
-  """int32 [Kp, N] quantized values (int4 un-interleaved back to row order)."""
+  """int32 [..., Kp, N] quantized values in logical row order."""
   if qw.bits == 8:
     return qw.qvalue.astype(jnp.int32)
   lo, hi = unpack_int4(qw.qvalue)
-  return jnp.stack([lo, hi], axis=-2).reshape(*lo.shape[:-2], 2 * lo.shape[-2], lo.shape[-1])
+  *lead, ks, n = lo.shape
+  h = qw.half_rows
+  tiles = jnp.stack([lo.reshape(*lead, ks // h, h, n), hi.reshape(*lead, ks // h, h, n)], axis=-3)
+  return tiles.reshape(*lead, 2 * ks, n)
 
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
@@ -132,16 +181,35 @@ def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
   return w[..., : qw.in_features, :].astype(dtype)
 
 
-def activation_planes(x: jax.Array, qw: QuantizedWeight) -> list[jax.Array]:
-  """x [M, K] -> the activation operands matching qvalue's storage rows.
+def plane_scales(s: jax.Array, rows: int, qw: QuantizedWeight) -> list[jax.Array]:
+  """Per nibble plane, [rows, N] scales for `rows` storage rows of whole tiles and whole groups.
 
-  bits=8: [x padded to Kp]. bits=4: [x's even columns, x's odd columns], each [M, Kp // 2], so
-  y = x_even @ low_nibbles + x_odd @ high_nibbles and no kernel has to interleave weights.
-  Activations are small next to weights at decode, so this rearranging is cheap.
+  `s` is their [groups, N] scale rows. int8: each group's row repeated over its rows. int4 with
+  groups no longer than a half tile: the two halves of a tile take alternate runs of groups; with
+  longer groups both halves of a tile share one.
+  """
+  n = s.shape[-1]
+  if qw.bits == 8:
+    return [jnp.broadcast_to(s[:, None, :], (s.shape[0], qw.group_size, n)).reshape(rows, n)]
+  h, g = qw.half_rows, qw.group_size
+  if g <= h:
+    runs = s.reshape(rows // h, 2, h // g, 1, n)
+    return [jnp.broadcast_to(runs[:, p], (rows // h, h // g, g, n)).reshape(rows, n) for p in (0, 1)]
+  both = jnp.broadcast_to(s[:, None, :], (s.shape[0], g // 2, n)).reshape(rows, n)
+  return [both, both]
+
+
+def activation_planes(x: jax.Array, qw: QuantizedWeight) -> list[jax.Array]:
+  """x [M, K] -> one activation operand per nibble plane, each [M, Ks] in storage-row order.
+
+  bits=8: [x padded to Kp]. bits=4: [x's low-nibble columns, x's high-nibble columns], so
+  y = x_lo @ low_nibbles + x_hi @ high_nibbles. The CPU path and the reference use this; the
+  Pallas kernels slice x per tile instead.
   """
   kp = qw.padded_in_features
   x = jnp.pad(x, ((0, 0), (0, kp - x.shape[-1])))
   if qw.bits == 8:
     return [x]
-  pairs = x.reshape(x.shape[0], kp // 2, 2)
-  return [pairs[..., 0], pairs[..., 1]]
+  h = qw.half_rows
+  tiles = x.reshape(x.shape[0], kp // (2 * h), 2, h)
+  return [tiles[:, :, 0].reshape(x.shape[0], kp // 2), tiles[:, :, 1].reshape(x.shape[0], kp // 2)]

@@ -1,0 +1,125 @@
+"""What a training run is: `TrainConfig` (model, data, optimizer, mesh, run settings) and its loaders.
+
+  cfg = load_config("configs/125m.yaml", ["steps=100", "model.num_layers=2"])
+  cfg = load_config(None, ["steps=100"])          # the built-in small CPU config plus overrides
+
+Every key is checked against the dataclass fields (unknown keys and wrong types raise
+`ConfigError` naming the key), and `config_to_dict(cfg)` is what checkpoints record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import yaml
+
+from jaxeff.config import ConfigError, ModelConfig, from_dict, load_yaml
+from jaxeff.data import DataConfig
+
+# The CPU training default: exact like "dense", but its backward recomputes instead of storing
+# probabilities and skips masked blocks (BENCHMARKS.md). Only the built-in config (no --config)
+# gets it; accelerator configs name their attention themselves.
+CPU_ATTENTION = "blocked"
+
+
+class TrainError(RuntimeError):
+  """Training cannot start or continue (bad checkpoint, diverged loss, ...); the message says why."""
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+  """The optax chain: [global-norm clipping] -> optimizer `name` with warmup + cosine decay."""
+
+  name: str = "adamw"  # any name in jaxeff.optim.OPTIMIZERS
+  learning_rate: float = 3e-3
+  warmup_steps: int = 30
+  decay_steps: int | None = None  # length of the cosine schedule; None -> steps
+  min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  clip_norm: float | None = 1.0  # applied when the optimizer's spec says clipping fits it
+  weight_decay: float = 0.1  # applied to matrices only (ndim >= 2), never to norms or biases
+  hyperparams: dict = dataclasses.field(default_factory=dict)  # extra keywords for jaxeff.optim.build
+
+
+@dataclasses.dataclass
+class TrainConfig:
+  """One training run. The defaults are `configs/small.yaml`: a ~3M-parameter byte-level model."""
+
+  model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(attention=CPU_ATTENTION))
+  data: DataConfig = dataclasses.field(default_factory=DataConfig)
+  optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1})  # axes data, fsdp, tensor
+  steps: int = 200
+  batch_size: int = 16  # global, across all processes
+  seq_len: int = 256
+  seed: int = 0  # parameter initialization and the state's RNG
+  log_every: int = 10
+  eval_every: int = 100
+  eval_batches: int = 8
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 2
+  output_dir: str = "runs/default"
+  tensorboard: bool = True
+  progress: bool = True
+  peak_flops_per_device: float | None = None  # for MFU; None -> a table by device kind (measured on CPU)
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_batches < 0:
+      raise ConfigError(f"eval_batches must be >= 0, got {self.eval_batches}")
+
+
+_NESTED = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig}
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+  """A `TrainConfig` from nested dicts (as YAML or `config_to_dict` give); missing keys take the
+  dataclass defaults, a given `model` section those of `ModelConfig`."""
+  values = dict(values)
+  nested = {k: from_dict(cls, values.pop(k) or {}, k) for k, cls in _NESTED.items() if k in values}
+  cfg = from_dict(TrainConfig, values)
+  for k, v in nested.items():
+    setattr(cfg, k, v)
+  return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+  """Plain nested dicts (YAML/JSON-safe); `config_from_dict` inverts it."""
+  return dataclasses.asdict(cfg)
+
+
+def _set_path(d: dict, dotted: str, value: Any):
+  keys = dotted.split(".")
+  for k in keys[:-1]:
+    d = d.setdefault(k, {})
+    if not isinstance(d, dict):
+      raise ConfigError(f"cannot set {dotted!r}: {k!r} is not a section")
+  d[keys[-1]] = value
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+  """A YAML config file (optional) plus `key=value` overrides -> `TrainConfig`.
+
+  Args:
+    path: a YAML file with sections `model`, `data`, `optimizer`, `mesh` and top-level run keys
+      (see configs/). None: the built-in small CPU config (`TrainConfig()`), which the overrides
+      then modify. A file's `model` section starts from `ModelConfig`'s defaults.
+    overrides: `key=value` strings with dotted keys (`model.num_layers=2`); values parse as YAML
+      (`mesh={data: 4}`, `data.paths=[a.txt]`, `optimizer.clip_norm=null`).
+
+  Raises:
+    ConfigError: a missing or invalid file, an unknown key, a value of the wrong type.
+  """
+  values = load_yaml(path) if path else config_to_dict(TrainConfig())
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+      raise ConfigError(f"override {item!r} must look like key=value (e.g. steps=100 or model.num_layers=2)")
+    try:
+      value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+      value = raw
+    _set_path(values, key.strip(), value)
+  return config_from_dict(values)
