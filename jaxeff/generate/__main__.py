@@ -105,7 +105,7 @@ def load(args):
       converted = nnx.eval_shape(lambda: Llama(dataclasses.replace(model.cfg, **dtypes), rngs=nnx.Rngs(0)))
       nnx.update(converted, _cast_floats(nnx.state(model), args.dtype))
       model = converted
-    tok = tokenizer_lib.from_data_tokenizer(data.get_tokenizer(train_cfg.data))
+    tok = tokenizer_lib.from_data_tokenizer(data.get_tokenizer(train_cfg.data.tokenizer))
   if args.quant:
     bits = 8 if args.quant == "int8" else 4
     group = args.group_size if args.group_size is not None else (None if bits == 8 else 32)
@@ -206,7 +206,7 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
   except _UsageError as e:
     print(f"error: {e}", file=err)
     return 2
-  host_malloc.tune_for_cpu_training()  # before jax starts (see jaxeff/host_malloc.py)
+  host_malloc.prepare_cpu_host()  # before jax starts (see jaxeff/host_malloc.py)
   _use_compile_cache()
   from jaxeff.generate import GenerationError
   from jaxeff.hf import HFError
