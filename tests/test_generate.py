@@ -149,6 +149,20 @@ def test_no_recompilation_within_a_prefill_bucket(model, reference):
   assert gen.traces["loop", SamplingParams(1.0, None, 0.5).static] == 1
 
 
+def test_stream_compiles_prefill_and_decode_once(model):
+  """The host loop's second call (and its second step) reuse the first call's programs: the
+  cache and positions keep the same committed placement they come back with."""
+  graphdef, state = nnx.split(model)
+  placed = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))  # committed, as hf.load places it
+  gen = Generator(placed, max_batch=1, max_seq_len=32)
+  with CompileCounter() as counter:
+    list(gen.stream([[5, 6, 7]], max_new_tokens=2))  # one decode step
+  first = sum(counter.names.values())
+  with CompileCounter() as counter:
+    list(gen.stream([[1, 2]], max_new_tokens=6))  # five decode steps, outputs fed back
+  assert first >= 2 and sum(counter.names.values()) == 0, counter.names
+
+
 def test_prefill_buckets():
   assert [prefill_bucket(n, 512) for n in (1, 16, 17, 100, 300, 500)] == [16, 16, 32, 128, 512, 512]
   assert prefill_bucket(40, 48) == 48

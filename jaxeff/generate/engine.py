@@ -119,6 +119,8 @@ class Generator:
     self._loop = jax.jit(self._loop_fn, static_argnames="sampling", donate_argnames="cache")
     with self._mesh():
       self._cache = jax.jit(lambda: init_cache(self.cfg, max_batch, max_seq_len))()
+    if mesh is None:  # committed, as the donated cache comes back: otherwise the second call recompiles
+      self._cache = jax.device_put(self._cache, jax.tree.leaves(state)[0].sharding)
     self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(self._cache))
     self.stats = GenerationStats(cache_bytes=self.cache_bytes)
 
@@ -227,7 +229,8 @@ class Generator:
       first.block_until_ready()
     self.stats.prefill_seconds += time.perf_counter() - t0
     self.stats.prompt_tokens += int(lengths[:n].sum())
-    return first, jnp.asarray(lengths), keys, done, values
+    # Committed like the positions each decode step returns, so step 2 reuses step 1's program.
+    return first, jax.device_put(lengths, first.sharding), keys, done, values
 
   def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
