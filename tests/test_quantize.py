@@ -123,7 +123,8 @@ def test_quantized_model_on_a_mesh_through_the_pallas_kernel():
   qmodel = quantize(float_model, bits=8, include_embeddings=True, impl="tpu", interpret=True)
   mesh = make_mesh({"fsdp": 2, "tensor": 4})
   with jax.set_mesh(mesh):
-    sharding.shard_model(qmodel, mesh)
+    state = nnx.state(qmodel)
+    nnx.update(qmodel, jax.device_put(state, sharding.state_shardings(state, mesh)))
     y = forward(qmodel, TOKENS)
     layers = [m for _, m in nnx.iter_modules(qmodel) if isinstance(m, QuantizedLinear)]
     assert all(kernel_takes_stored_split((16, m.in_features), m.weight(), m.logical_axes, mesh) for m in layers)
