@@ -5,6 +5,7 @@ The kill times are random; the seed is printed (set JAXEFF_FAULT_SEED to replay 
 outcome a kill can have is checked.
 """
 
+import io
 import os
 import pathlib
 import random
@@ -21,6 +22,7 @@ from jaxeff import train as train_lib
 from jaxeff import training
 from jaxeff.bench import __main__ as bench_main
 from jaxeff.bench import train as bench_train
+from jaxeff.generate import __main__ as generate_main
 from test_train import REPO, TINY, _params
 
 STEPS = 6
@@ -242,3 +244,10 @@ def test_flags_and_overrides_in_any_order(tmp_path, capsys):
   assert "unknown config key 'model.bogus'" in capsys.readouterr().err  # both overrides parsed
   assert bench_main.main(["--steps", "1", "train", "--bogus"]) == 2
   assert capsys.readouterr().err.strip().startswith("error: unrecognized arguments: --bogus")
+  # The generate CLI parses with the same helper: flags anywhere, bad usage as one line.
+  args = generate_main.parse_args(["--max-new-tokens", "3", "--hf", "m.gguf", "--prompt", "hi", "--seed", "2"])
+  assert (args.hf, args.prompt, args.max_new_tokens, args.seed) == ("m.gguf", "hi", 3, 2)
+  stderr = io.StringIO()
+  assert generate_main.main(["--hf", "m.gguf", "--bogus", "--prompt", "hi"], err=stderr) == 2
+  err = stderr.getvalue().strip()
+  assert err.startswith("error: unrecognized arguments: --bogus") and "\n" not in err, err

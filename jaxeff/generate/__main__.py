@@ -20,18 +20,17 @@ import sys
 import time
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):  # one `error:` line and exit 2, without argparse's usage block
-    raise _UsageError(message)
-
-
-class _UsageError(Exception):
-  pass
+from jaxeff import cli
 
 
 def parse_args(argv):
-  p = _Parser(prog="python -m jaxeff.generate", description=__doc__.split("\n")[0],
-              formatter_class=argparse.RawDescriptionHelpFormatter)
+  """Flags in any order (jaxeff's shared parser: bad usage is one `error:` line).
+
+  Raises:
+    jaxeff.cli.UsageError: an unknown flag, a missing value or a bad combination.
+  """
+  p = cli.ArgumentParser(prog="python -m jaxeff.generate", description=__doc__.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint", metavar="DIR", help="a jaxeff.train output directory")
   src.add_argument("--hf", metavar="DIR_OR_GGUF", help="a Hugging Face checkpoint directory or a .gguf file")
@@ -53,7 +52,7 @@ def parse_args(argv):
                       "slower); a --checkpoint keeps its own layout")
   p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
                  help="KV cache length (default: prompt + max-new-tokens; 1024 with --chat)")
-  args = p.parse_args(argv)
+  args = p.parse(argv)
   if not args.chat and args.prompt is None:
     p.error("give --prompt TEXT (or --chat for an interactive session)")
   if args.max_new_tokens < 1:
@@ -203,7 +202,7 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
 
   try:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-  except _UsageError as e:
+  except cli.UsageError as e:
     print(f"error: {e}", file=err)
     return 2
   host_malloc.prepare_cpu_host()  # before jax starts (see jaxeff/host_malloc.py)
