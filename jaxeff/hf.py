@@ -177,12 +177,17 @@ def _get(d, path):
 
 
 def load(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides) -> tuple[Llama, ModelConfig]:
-  """Loads a local HF checkpoint directory; `overrides` set ModelConfig fields (e.g. scan_layers=True).
+  """Loads a local HF checkpoint directory, or a llama.cpp `.gguf` file (dequantized to float once and
+  cached, see `jaxeff.gguf`); `overrides` set ModelConfig fields (e.g. scan_layers=True).
 
   With `mesh`, every weight is placed by its logical axes and each device receives only its shard
   (no device ever holds the whole model); without, everything goes to the first device.
   """
   path = pathlib.Path(path)
+  if path.suffix == ".gguf":
+    from jaxeff import gguf  # here, not at the top: jaxeff.gguf imports this module
+
+    path = gguf.converted_checkpoint(path)
   if not path.is_dir():
     raise HFError(f"checkpoint directory not found: {path}")
   if not (path / "config.json").exists():

@@ -7,7 +7,9 @@
 One jitted step: cross-entropy, gradients, an optax chain (clip -> optimizer with warmup + cosine).
 Parameters and optimizer state are sharded by the logical-axis rules (jaxeff.sharding) over the
 mesh in `mesh:`; each process feeds its slice of the global batch. Checkpoints (orbax, async) hold
-the training state and the data iterator's position, so `--resume` continues bit for bit.
+the training state and the data iterator's position, so `--resume` continues bit for bit, from the
+newest checkpoint that reads back completely (a killed run or a damaged file costs steps, not the run).
+Flags and key=value overrides may come in any order.
 Metrics go to `output_dir/metrics.jsonl` and TensorBoard (`output_dir/tb`).
 
 This module is the command line; the engine is `jaxeff.training`, whose public API it re-exports
@@ -19,13 +21,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxeff.training import (Checkpointer, OptimizerConfig, TrainConfig, TrainError, TrainResult, TrainState,
-                             config_from_dict, config_to_dict, load_checkpoint, load_config, make_optimizer,
-                             peak_flops_per_device, train)
+from jaxeff import cli
+from jaxeff.training import (CheckpointError, Checkpointer, OptimizerConfig, TrainConfig, TrainError, TrainResult,
+                             TrainState, config_from_dict, config_to_dict, load_checkpoint, load_config,
+                             make_optimizer, peak_flops_per_device, train)
 from jaxeff.training.config import CPU_ATTENTION
 
-__all__ = ["Checkpointer", "OptimizerConfig", "TrainConfig", "TrainError", "TrainResult", "TrainState",
-           "config_from_dict", "config_to_dict", "load_checkpoint", "load_config", "make_optimizer",
+__all__ = ["CheckpointError", "Checkpointer", "OptimizerConfig", "TrainConfig", "TrainError", "TrainResult",
+           "TrainState", "config_from_dict", "config_to_dict", "load_checkpoint", "load_config", "make_optimizer",
            "peak_flops_per_device", "train", "CPU_ATTENTION", "main"]
 
 
@@ -52,17 +55,23 @@ def make_steps(graphdef, tx, shardings=None, local_grads_mesh=None):
 
 
 def parse_args(argv):
-  p = argparse.ArgumentParser(prog="python -m jaxeff.train", description=__doc__.split("\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  """Flags and key=value overrides, in any order (`steps=8 --resume output_dir=r1`).
+
+  Raises:
+    jaxeff.cli.UsageError: an unknown flag or a flag without its value.
+  """
+  p = cli.ArgumentParser(prog="python -m jaxeff.train", description=__doc__.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", help="YAML config (see configs/); defaults to the small CPU model")
-  p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the newest checkpoint in output_dir that reads back completely")
   p.add_argument("--coordinator", help="multi-process: coordinator address host:port (jax.distributed)")
   p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
   p.add_argument("--process-id", type=int, help="multi-process: this process's index")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)")
   p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=100 model.num_layers=2")
-  return p.parse_args(argv)
+  return p.parse(argv)
 
 
 def _init_distributed(args):
@@ -84,7 +93,11 @@ def main(argv=None) -> int:
   """The command line; returns the exit status (2 with one `error:` line for bad input)."""
   from jaxeff import host_malloc
 
-  args = parse_args(sys.argv[1:] if argv is None else argv)
+  try:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+  except cli.UsageError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   host_malloc.prepare_cpu_host()  # before the backend starts; see jaxeff/host_malloc.py
   import jax
   from jaxeff.config import ConfigError
@@ -96,7 +109,7 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     _init_distributed(args)
     result = train(cfg, resume=args.resume)
-  except (ConfigError, DataError, MeshError, TrainError, HFError) as e:
+  except (ConfigError, DataError, MeshError, TrainError, CheckpointError, HFError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:

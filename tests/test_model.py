@@ -110,31 +110,39 @@ def _qkv(b, s, t, h, kvh, d, seed):
           jax.random.normal(keys[2], (b, t, kvh, d)))
 
 
-@pytest.mark.parametrize("positions", ["sequential", "offset", "shuffled", "different_kv"])
+@pytest.mark.parametrize("positions", ["index", "sequential", "offset", "shuffled", "different_kv"])
 @pytest.mark.parametrize("window", [None, 20])
 def test_blocked_attention_matches_dense_values_and_grads(positions, window):
-  # Block skipping is exact for growing positions; anything else must fall back, never differ.
+  # Blocks are skipped only for index positions (None, known statically); any given positions
+  # must be masked by value, so the result never differs from dense.
   b, s = 2, 128  # 4 query blocks
   q, k, v = _qkv(b, s, s, 6, 2, 8, seed=len(positions) + (window or 0))
   rng = np.random.default_rng(0)
   seq = np.broadcast_to(np.arange(s), (b, s))
-  q_pos = {"sequential": seq, "offset": seq + 5, "shuffled": np.stack([rng.permutation(s) for _ in range(b)]),
-           "different_kv": seq}[positions]
+  q_pos = {"index": seq, "sequential": seq, "offset": seq + 5,
+           "shuffled": np.stack([rng.permutation(s) for _ in range(b)]), "different_kv": seq}[positions]
   kv_pos = q_pos if positions != "different_kv" else seq + np.array([[0], [3]])
   q_pos, kv_pos = jnp.asarray(q_pos, jnp.int32), jnp.asarray(kv_pos, jnp.int32)
+  given = {} if positions == "index" else dict(q_positions=q_pos, kv_positions=kv_pos)
   cot = jax.random.normal(jax.random.key(7), q.shape)
 
-  def loss(fn):
-    return lambda q, k, v: jnp.sum(cot * fn(q, k, v, q_positions=q_pos, kv_positions=kv_pos, sliding_window=window))
+  def loss(fn, pos):
+    return lambda q, k, v: jnp.sum(cot * fn(q, k, v, sliding_window=window, **pos))
 
-  want, want_grads = jax.jit(jax.value_and_grad(loss(dense_attention), argnums=(0, 1, 2)))(q, k, v)
-  got, got_grads = jax.jit(jax.value_and_grad(loss(blocked_attention), argnums=(0, 1, 2)))(q, k, v)
+  want, want_grads = jax.jit(jax.value_and_grad(loss(dense_attention, dict(q_positions=q_pos, kv_positions=kv_pos)),
+                                                argnums=(0, 1, 2)))(q, k, v)
+  got, got_grads = jax.jit(jax.value_and_grad(loss(blocked_attention, given), argnums=(0, 1, 2)))(q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(g, w, atol=2e-5)
-  out = blocked_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos, sliding_window=window)
+  out = blocked_attention(q, k, v, sliding_window=window, **given)
   ref = dense_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos, sliding_window=window)
   np.testing.assert_allclose(out, ref, atol=2e-6)
+  # The static fact decides the path, with no run-time check: only index positions take the
+  # blocked custom-VJP path (and no lax.cond is left in either).
+  jaxpr = str(jax.make_jaxpr(lambda q, k, v: blocked_attention(q, k, v, sliding_window=window, **given))(q, k, v))
+  assert ("custom_vjp_call" in jaxpr) == (positions == "index")
+  assert "cond[" not in jaxpr
 
 
 def test_blocked_attention_decode_shapes_fall_back_to_dense():
@@ -142,6 +150,12 @@ def test_blocked_attention_decode_shapes_fall_back_to_dense():
   q_pos, kv_pos = jnp.full((1, 1), 39, jnp.int32), jnp.arange(40, dtype=jnp.int32)[None]
   np.testing.assert_array_equal(blocked_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos),
                                 dense_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos))
+
+
+def test_attention_positions_none_only_for_self_attention():
+  q, k, v = _qkv(1, 4, 8, 4, 2, 8, seed=4)
+  with pytest.raises(ValueError, match="None only on both sides"):
+    dense_attention(q, k, v)
 
 
 def test_blocked_attention_model_matches_dense_model():

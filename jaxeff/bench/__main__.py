@@ -1,4 +1,8 @@
-"""`python -m jaxeff.bench NAME [args...]` runs jaxeff/bench/NAME.py's main(argv)."""
+"""`python -m jaxeff.bench NAME [args...]` runs jaxeff/bench/NAME.py's main(argv).
+
+NAME may come anywhere on the line (`python -m jaxeff.bench --quick attention`): the first
+argument that names a benchmark is NAME, and every other argument, in order, goes to it.
+"""
 
 import importlib
 import pkgutil
@@ -12,17 +16,28 @@ def _available():
   return sorted(m.name for m in pkgutil.iter_modules(_bench.__path__) if not m.name.startswith("_"))
 
 
+def split_name(argv: list[str], names: list[str]) -> tuple[str | None, list[str]]:
+  """(the first argument in `names`, the other arguments in order); (None, argv) when none is."""
+  for i, arg in enumerate(argv):
+    if arg in names:
+      return arg, argv[:i] + argv[i + 1:]
+  return None, argv
+
+
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
   names = _available()
-  if not argv or argv[0] in ("-h", "--help"):
-    print(f"usage: python -m jaxeff.bench {{{','.join(names)}}} [args...]")
-    return 0 if argv else 2
-  name, rest = argv[0], argv[1:]
-  host_malloc.prepare_cpu_host()  # same host settings as `python -m jaxeff.train`
-  if name not in names:
-    print(f"error: unknown benchmark {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
+  name, rest = split_name(argv, names)
+  if name is None:
+    usage = f"usage: python -m jaxeff.bench {{{','.join(names)}}} [args...]"
+    if not argv or any(a in ("-h", "--help") for a in argv):
+      print(usage)
+      return 0 if argv else 2
+    words = [a for a in argv if not a.startswith("-")]
+    what = f"unknown benchmark {words[0]!r}" if words else "no benchmark named"
+    print(f"error: {what}; choose one of: {', '.join(names)}", file=sys.stderr)
     return 2
+  host_malloc.prepare_cpu_host()  # same host settings as `python -m jaxeff.train`
   return importlib.import_module(f"jaxeff.bench.{name}").main(rest) or 0
 
 

@@ -10,10 +10,10 @@ MFU is measured against this machine's f32 matmul peak on CPU (see jaxeff.train.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -21,8 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxeff import sharding
+from jaxeff import cli, sharding
 from jaxeff import train as train_lib
+from jaxeff.config import ConfigError
 from jaxeff.hf import config_to_hf
 from jaxeff.models import Llama
 
@@ -89,15 +90,18 @@ def _time(fn, steps: int) -> list[float]:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m jaxeff.bench train", description=__doc__.split("\n")[0])
+  p = cli.ArgumentParser(prog="python -m jaxeff.bench train", description=__doc__.split("\n")[0])
   p.add_argument("--config", help="training config (default: the built-in small CPU config)")
   p.add_argument("--steps", type=int, default=5, help="timed steps per round and side")
   p.add_argument("--rounds", type=int, default=3, help="alternating rounds")
   p.add_argument("--json", help="write the results here")
   p.add_argument("overrides", nargs="*", metavar="key=value")
-  args = p.parse_args(argv)
-
-  cfg = train_lib.load_config(args.config, args.overrides)
+  try:
+    args = p.parse(argv)  # flags and key=value overrides in any order
+    cfg = train_lib.load_config(args.config, args.overrides)
+  except (cli.UsageError, ConfigError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   jax_run = _jax_step(cfg)
   torch_run, torch_v, tf_v, threads = _torch_step(cfg)
   for fn in (jax_run, torch_run):  # compile / warm caches

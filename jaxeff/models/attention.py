@@ -1,12 +1,20 @@
 """Attention implementations, chosen by `ModelConfig.attention`.
 
 Every implementation has the signature
-  fn(q [B, S, H, D], k [B, T, KVH, D], v [B, T, KVH, D], *, q_positions [B, S], kv_positions [B, T],
-     sliding_window: int | None) -> [B, S, H, D]
-and applies causal masking by position (a key is visible when kv_pos <= q_pos, and with a sliding
-window also q_pos - kv_pos < sliding_window). Grouped-query
-attention: query head h reads kv head h // (H // KVH). A kernel (e.g. Pallas sparse attention)
-plugs in with `register_attention(name, fn)` and `model.attention=name`; the model code does not change.
+
+  fn(q [B, S, H, D], k [B, T, KVH, D], v [B, T, KVH, D], *, q_positions [B, S] | None,
+     kv_positions [B, T] | None, sliding_window: int | None) -> [B, S, H, D]
+
+and applies causal masking by position: a key is visible when kv_pos <= q_pos, and with a sliding
+window also q_pos - kv_pos < sliding_window. Grouped-query attention: query head h reads kv head
+h // (H // KVH).
+
+What the model knows statically it passes statically, so no implementation re-checks it at run
+time: positions are None exactly when they are 0..S-1 for every row on both sides (self-attention
+over one sequence, no cache; then T == S), and an implementation may then take the mask from
+indices (skip blocks). Given positions (explicit ones, or a KV cache's during decode) must be
+masked by value. A kernel (e.g. Pallas sparse attention) plugs in with
+`register_attention(name, fn)` and `model.attention=name`; the model code does not change.
 """
 
 from __future__ import annotations
@@ -16,9 +24,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 AttentionFn = Callable[..., jax.Array]
+# A large finite mask value, not -inf: a fully masked row then gives a uniform softmax, not NaN.
+_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 ATTENTION_IMPLS: dict[str, AttentionFn] = {}
 
 
@@ -33,21 +42,32 @@ def get_attention(name: str) -> AttentionFn:
   return ATTENTION_IMPLS[name]
 
 
-def dense_attention(q, k, v, *, q_positions, kv_positions, sliding_window=None):
+def index_positions(batch: int, length: int) -> jax.Array:
+  """Positions 0..length-1 for every row: what `None` positions stand for."""
+  return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+
+def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None):
   """Reference softmax attention in XLA; scores and softmax in f32."""
   b, s, h, d = q.shape
   kvh = k.shape[2]
-  q = q.reshape(b, s, kvh, h // kvh, d)
-  scores = jnp.einsum("bskgd,btkd->bkgst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
+  if q_positions is None or kv_positions is None:
+    if (q_positions is None) != (kv_positions is None) or k.shape[1] != s:
+      raise ValueError("positions may be None only on both sides of a self-attention (q and k of one length)")
+    q_positions = kv_positions = index_positions(b, s)
+  # Heads-major operands, each matmul in the [batch, m, k] x [batch, k, n] form: a KV cache stored
+  # heads-major ([B, KVH, T, D]) is then read in place (XLA cancels the transposes).
+  q = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) / jnp.sqrt(d).astype(jnp.float32)
   kv_pos, q_pos = kv_positions[:, None, None, None, :], q_positions[:, None, None, :, None]
   visible = kv_pos <= q_pos
   if sliding_window is not None:
     visible &= q_pos - kv_pos < sliding_window
-  # A large finite value, not -inf: a fully masked row then gives a uniform softmax, not NaN.
-  scores = jnp.where(visible, scores, -0.7 * jnp.finfo(jnp.float32).max)
+  scores = jnp.where(visible, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-  return out.reshape(b, s, h, d)
+  out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
 register_attention("dense", dense_attention)
@@ -60,11 +80,9 @@ register_attention("dense", dense_attention)
 # the keys it can see (up to the diagonal, and inside the sliding window), and has a
 # flash-attention style backward: it saves each row's max and sum and recomputes probabilities
 # instead of storing them. Plain XLA, no kernel: on XLA:CPU at S=256 its forward+backward takes
-# about half of dense's time (BENCHMARKS.md). Skipping blocks by index is exact when positions
-# grow with the index (self-attention over one sequence, what the model passes by default); for
-# any other positions it falls back to dense at run time, so the result is always the same.
-
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+# about half of dense's time (BENCHMARKS.md). Skipping blocks by index is exact only when the
+# positions are the indices, which the model states statically (positions None); with given
+# positions (explicit, or a KV cache's) it is the dense computation, masked by position.
 
 
 def _query_blocks(seq_len: int, num_blocks: int, window: int | None):
@@ -76,21 +94,23 @@ def _query_blocks(seq_len: int, num_blocks: int, window: int | None):
     yield q0, q0 + size, k0
 
 
-def _block_scores(q, k, q_pos, kv_pos, window, scale):
-  # q [B, KVH, G, s, D], k [B, KVH, t, D] -> scores [B, KVH, G, s, t] in f32, masked by position.
+def _block_scores(q, k, q0, k0, window, scale):
+  # q [B, KVH, G, s, D] (rows q0..), k [B, KVH, t, D] (rows k0..) -> f32 scores [B, KVH, G, s, t],
+  # masked by index (= position here).
   s = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
-  qp, kp = q_pos[:, None, None, :, None], kv_pos[:, None, None, None, :]
-  visible = kp <= qp
+  qi = q0 + jnp.arange(q.shape[3])[:, None]
+  ki = k0 + jnp.arange(k.shape[2])[None, :]
+  visible = ki <= qi
   if window is not None:
-    visible &= qp - kp < window
+    visible &= qi - ki < window
   return jnp.where(visible, s, _MASKED), visible
 
 
-def _forward(q, k, v, q_pos, kv_pos, window, num_blocks):
+def _forward(q, k, v, window, num_blocks):
   scale = q.shape[-1] ** -0.5
   outs, maxes, inv_sums = [], [], []
   for q0, q1, k0 in _query_blocks(q.shape[3], num_blocks, window):
-    s, _ = _block_scores(q[:, :, :, q0:q1], k[:, :, k0:q1], q_pos[:, q0:q1], kv_pos[:, k0:q1], window, scale)
+    s, _ = _block_scores(q[:, :, :, q0:q1], k[:, :, k0:q1], q0, k0, window, scale)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
@@ -104,7 +124,7 @@ def _forward(q, k, v, q_pos, kv_pos, window, num_blocks):
   return jnp.concatenate(outs, axis=3), stats
 
 
-def _backward(q, k, v, q_pos, kv_pos, out, stats, d_out, window, num_blocks):
+def _backward(q, k, v, out, stats, d_out, window, num_blocks):
   scale = q.shape[-1] ** -0.5
   # delta = rowsum(dO * O) = rowsum(P * dP): the softmax-backward correction term.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
@@ -113,51 +133,31 @@ def _backward(q, k, v, q_pos, kv_pos, out, stats, d_out, window, num_blocks):
   dv = jnp.zeros(v.shape, jnp.float32)
   for q0, q1, k0 in _query_blocks(q.shape[3], num_blocks, window):
     qb, kb, vb, dob = q[:, :, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], d_out[:, :, :, q0:q1]
-    s, visible = _block_scores(qb, kb, q_pos[:, q0:q1], kv_pos[:, k0:q1], window, scale)
+    s, visible = _block_scores(qb, kb, q0, k0, window, scale)
     p = jnp.exp(s - stats[0][:, :, :, q0:q1]) * stats[1][:, :, :, q0:q1]
     dv = dv.at[:, :, k0:q1].add(jnp.einsum("bkgst,bkgsd->bktd", p.astype(dob.dtype), dob,
                                            preferred_element_type=jnp.float32))
     dp = jnp.einsum("bkgsd,bktd->bkgst", dob, vb, preferred_element_type=jnp.float32)
-    # Masked scores are constants: no gradient, even in a row with nothing visible (p uniform).
+    # Masked scores are constants: no gradient.
     ds = jnp.where(visible, p * (dp - delta[:, :, :, q0:q1]) * scale, 0.0).astype(q.dtype)
     dq_blocks.append(jnp.einsum("bkgst,bktd->bkgsd", ds, kb, preferred_element_type=jnp.float32).astype(q.dtype))
     dk = dk.at[:, :, k0:q1].add(jnp.einsum("bkgst,bkgsd->bktd", ds, qb, preferred_element_type=jnp.float32))
   return jnp.concatenate(dq_blocks, axis=3), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-def _can_skip_blocks(q_pos, kv_pos):
-  # Exact block skipping needs shared positions that grow by >= 1 per row. Otherwise one block
-  # spanning all keys runs instead: the same computation as dense attention.
-  return jnp.all(q_pos == kv_pos) & jnp.all(jnp.diff(q_pos, axis=1) >= 1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _blocked(q, k, v, window, num_blocks):
+  return _forward(q, k, v, window, num_blocks)[0]
 
 
-def _checked_forward(q, k, v, q_pos, kv_pos, window, num_blocks):
-  skip = _can_skip_blocks(q_pos, kv_pos)
-  out, stats = jax.lax.cond(skip,
-                            lambda: _forward(q, k, v, q_pos, kv_pos, window, num_blocks),
-                            lambda: _forward(q, k, v, q_pos, kv_pos, window, 1))
-  return out, stats, skip
-
-
-# The run-time choice lives inside the custom VJP, so differentiating it never stores the
-# unused branch's residuals (a lax.cond under grad would).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blocked(q, k, v, q_pos, kv_pos, window, num_blocks):
-  return _checked_forward(q, k, v, q_pos, kv_pos, window, num_blocks)[0]
-
-
-def _blocked_fwd(q, k, v, q_pos, kv_pos, window, num_blocks):
-  out, stats, skip = _checked_forward(q, k, v, q_pos, kv_pos, window, num_blocks)
-  return out, (q, k, v, q_pos, kv_pos, out, stats, skip)
+def _blocked_fwd(q, k, v, window, num_blocks):
+  out, stats = _forward(q, k, v, window, num_blocks)
+  return out, (q, k, v, out, stats)
 
 
 def _blocked_bwd(window, num_blocks, res, d_out):
-  q, k, v, q_pos, kv_pos, out, stats, skip = res
-  dq, dk, dv = jax.lax.cond(skip,
-                            lambda: _backward(q, k, v, q_pos, kv_pos, out, stats, d_out, window, num_blocks),
-                            lambda: _backward(q, k, v, q_pos, kv_pos, out, stats, d_out, window, 1))
-  no_grad = np.zeros(q_pos.shape, jax.dtypes.float0)
-  return dq, dk, dv, no_grad, no_grad
+  q, k, v, out, stats = res
+  return _backward(q, k, v, out, stats, d_out, window, num_blocks)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
@@ -172,17 +172,20 @@ def _num_query_blocks(seq_len: int) -> int:
   return 1
 
 
-def blocked_attention(q, k, v, *, q_positions, kv_positions, sliding_window=None):
-  """Block-causal softmax attention with a recomputing backward; same results as `dense_attention`."""
+def blocked_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None):
+  """Block-causal softmax attention with a recomputing backward; same results as `dense_attention`.
+
+  Blocks are skipped only for index positions (both None); given positions run the dense
+  computation, masked by position.
+  """
   b, s, h, d = q.shape
   kvh = k.shape[2]
   num_blocks = _num_query_blocks(s)
-  if k.shape[1] != s or num_blocks == 1:  # decoding against a cache, or too short to split
+  if q_positions is not None or kv_positions is not None or k.shape[1] != s or num_blocks == 1:
     return dense_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
                            sliding_window=sliding_window)
   qt = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
-  out = _blocked(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), q_positions, kv_positions,
-                 sliding_window, num_blocks)
+  out = _blocked(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), sliding_window, num_blocks)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 

@@ -1,6 +1,12 @@
 """Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2 (q/k/v bias), tied or untied head.
 
-  logits = Llama(config, rngs=nnx.Rngs(0))(tokens)      # int32 [B, S] -> f32 [B, S, vocab]
+  logits = Llama(config, rngs=nnx.Rngs(0))(tokens)                      # int32 [B, S] -> f32 [B, S, vocab]
+  logits, cache = model(tokens, positions, cache=init_cache(cfg, B, T))  # with a static KV cache
+
+One forward serves training and inference: without a cache, attention runs over the tokens given
+(positions default to 0..S-1, which the attention implementation is told statically); with a
+`jaxeff.models.kv_cache.KVCache`, each layer writes its keys and values at `positions` and attends
+over the whole cache, masked by position, and the updated cache is returned.
 
 Module and parameter names follow Hugging Face's (q_proj, gate_proj, input_layernorm, ...), so
 `jaxeff.hf` maps checkpoints one to one. Every parameter carries logical axes
@@ -9,7 +15,6 @@ Module and parameter names follow Hugging Face's (q_proj, gate_proj, input_layer
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +22,8 @@ from flax import nnx
 
 from jaxeff.config import ModelConfig
 from jaxeff.models import attention as attention_lib
+from jaxeff.models import kv_cache as kv_cache_lib
+from jaxeff.models.kv_cache import KVCache
 from jaxeff.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
 from jaxeff.sharding import constrain
 
@@ -35,7 +42,11 @@ class Attention(nnx.Module):
     self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x, cos, sin, positions):
+  def __call__(self, x, cos, sin, positions, kv=None):
+    """positions: [B, S], or None for 0..S-1. kv: this layer's (keys, values) cache arrays, or None.
+
+    Returns the output, and with `kv` also the updated (keys, values).
+    """
     cfg = self.cfg
     b, s, _ = x.shape
     q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
@@ -45,8 +56,14 @@ class Attention(nnx.Module):
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     attend = attention_lib.get_attention(cfg.attention)
-    out = attend(q, k, v, q_positions=positions, kv_positions=positions, sliding_window=cfg.sliding_window)
-    return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim))
+    if kv is None:
+      out = attend(q, k, v, q_positions=positions, kv_positions=positions, sliding_window=cfg.sliding_window)
+      return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim))
+    k_cache, v_cache = (kv_cache_lib.write(c, new, positions) for c, new in zip(kv, (k, v)))
+    kv_positions = attention_lib.index_positions(b, k_cache.shape[2])  # slot t holds position t
+    out = attend(q, kv_cache_lib.as_attention_layout(k_cache), kv_cache_lib.as_attention_layout(v_cache),
+                 q_positions=positions, kv_positions=kv_positions, sliding_window=cfg.sliding_window)
+    return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
 
 
 class MLP(nnx.Module):
@@ -75,10 +92,16 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, positions):
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions)
+  def __call__(self, x, cos, sin, positions, kv=None):
+    """Returns x, and with a layer cache `kv` also the updated (keys, values)."""
+    if kv is None:
+      x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions)
+    else:
+      h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv)
+      x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return constrain(x, BATCH_SEQ_EMBED)
+    x = constrain(x, BATCH_SEQ_EMBED)
+    return x if kv is None else (x, kv)
 
 
 _REMAT_POLICIES = {
@@ -116,14 +139,27 @@ class Llama(nnx.Module):
         cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dt, param_dtype=pdt,
         init_std=cfg.initializer_range, rngs=rngs)
 
-  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    """Final-norm hidden states [B, S, hidden]."""
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, *,
+                    cache: KVCache | None = None):
+    """Final-norm hidden states [B, S, hidden]; with `cache`, also the updated cache.
+
+    Args:
+      tokens: int32 [B, S].
+      positions: int32 [B, S], each row's positions; None for 0..S-1. Required with a cache.
+      cache: a `KVCache` (`jaxeff.models.kv_cache.init_cache`) for this model's layout.
+    """
     cfg = self.cfg
+    if cache is not None and positions is None:
+      raise ValueError("a cached forward needs explicit positions (where to write in the cache)")
+    rope_positions = positions
     if positions is None:
-      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+      rope_positions = attention_lib.index_positions(*tokens.shape)
     # A constant under jit; not a variable, so the model state is exactly its parameters.
-    cos, sin = rope_cos_sin(positions, rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    cos, sin = rope_cos_sin(rope_positions, rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     x = constrain(self.embed_tokens(tokens), BATCH_SEQ_EMBED)
+    if cache is not None:
+      x, cache = self._layers_with_cache(x, cos, sin, positions, cache)
+      return self.norm(x), cache
     block_fn = _block_fn(cfg.remat)
     if cfg.scan_layers:
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
@@ -136,8 +172,34 @@ class Llama(nnx.Module):
         x = block_fn(block, x, cos, sin, positions)
     return self.norm(x)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    """int32 tokens [B, S] -> f32 logits [B, S, vocab]."""
-    x = self.hidden_states(tokens, positions)
+  def _layers_with_cache(self, x, cos, sin, positions, cache: KVCache):
+    # Inference only: nothing is differentiated, so no remat.
+    if cache.stacked != self.cfg.scan_layers:
+      raise ValueError(f"cache layout ({'stacked' if cache.stacked else 'per layer'}) does not match "
+                       f"model scan_layers={self.cfg.scan_layers}; build it with init_cache(model.cfg, ...)")
+    if self.cfg.scan_layers:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
+                transform_metadata={nnx.PARTITION_NAME: "layers"})
+      def run(x, block, kv):
+        return block(x, cos, sin, positions, kv)
+
+      x, (k, v) = run(x, self.layers, (cache.k, cache.v))
+      return x, KVCache(k, v)
+    ks, vs = [], []
+    for block, kv in zip(self.layers, zip(cache.k, cache.v)):
+      x, (k, v) = block(x, cos, sin, positions, kv)
+      ks.append(k)
+      vs.append(v)
+    return x, KVCache(tuple(ks), tuple(vs))
+
+  def logits(self, x: jax.Array) -> jax.Array:
+    """f32 logits [..., vocab] from final hidden states [..., hidden] (the LM head, tied or not)."""
     logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-    return constrain(logits.astype(jnp.float32), ("batch", "seq", "vocab"))
+    return logits.astype(jnp.float32)
+
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None):
+    """int32 tokens [B, S] -> f32 logits [B, S, vocab]; with `cache`, (logits, updated cache)."""
+    if cache is None:
+      return constrain(self.logits(self.hidden_states(tokens, positions)), ("batch", "seq", "vocab"))
+    x, cache = self.hidden_states(tokens, positions, cache=cache)
+    return constrain(self.logits(x), ("batch", "seq", "vocab")), cache

@@ -13,6 +13,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import pathlib
+import sys
+import tempfile
 import time
 from typing import Sequence
 
@@ -27,7 +29,7 @@ from jaxeff import sharding
 from jaxeff.config import ConfigError
 from jaxeff.models import Llama
 from jaxeff.training import hooks as hooks_lib
-from jaxeff.training.checkpoint import Checkpointer
+from jaxeff.training.checkpoint import CheckpointError, Checkpointer, describe_error
 from jaxeff.training.config import TrainConfig, TrainError, config_from_dict, config_to_dict
 from jaxeff.training.state import TrainState, abstract_state, init_state, signature, state_shardings
 from jaxeff.training.step import make_eval_step, make_optimizer, make_train_step, optimizer_spec
@@ -132,8 +134,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.H
 
   Args:
     cfg: the run (`load_config`).
-    resume: continue from the latest checkpoint in `cfg.output_dir` (bit for bit on CPU); without
-      it, existing checkpoints there are an error, never overwritten.
+    resume: continue from the newest checkpoint in `cfg.output_dir` that reads back completely
+      (bit for bit on CPU); newer, damaged ones are moved to `output_dir/damaged_checkpoints` and
+      named on one stderr line. Without it, existing checkpoints are an error, never overwritten.
     hooks: extra `Hook`s, called after the built-in ones (NaN guard, metrics, eval, checkpoint).
 
   Returns:
@@ -141,14 +144,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.H
 
   Raises:
     ConfigError, DataError, MeshError: bad settings, found before any compilation.
-    TrainError: checkpoints in the way or missing, a checkpoint of another architecture or
-      optimizer, a non-finite loss (the last good checkpoint stays intact).
+    TrainError: an output_dir that cannot be written (before anything else), checkpoints in the
+      way or missing, none that reads back, a checkpoint of another architecture or optimizer, a
+      non-finite loss (the last good checkpoint stays intact).
+    CheckpointError: a save that did not commit (the older checkpoints stay).
   """
   out_dir = pathlib.Path(cfg.output_dir)
   ckpt_dir = out_dir / "checkpoints"
   mesh = sharding.make_mesh(cfg.mesh)
   _check_layout(cfg, mesh)
   spec = optimizer_spec(cfg.optimizer)
+  _check_writable(out_dir, ckpt_dir)  # before the data is tokenized and anything compiles
   # Data first (the tokenizer is built once, here): a bad path fails before any compilation.
   data = data_lib.TextData.load(cfg.data)
   if cfg.model.vocab_size < data.vocab_size:
@@ -156,7 +162,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.H
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = data_lib.train_iterator(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, **where)
   val = data_lib.val_batches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_batches=cfg.eval_batches, **where)
-  has_checkpoints = ckpt_dir.exists() and any(ckpt_dir.iterdir())
+  with Checkpointer(ckpt_dir, read_only=True) as reader:  # a killed first save left no step
+    has_checkpoints = bool(reader.steps())
   if has_checkpoints and not resume:
     raise TrainError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue, "
                      f"or choose another output_dir (nothing is overwritten)")
@@ -168,13 +175,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.H
   tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, params, mesh)
   abstract = abstract_state(params, tx)
   shardings = state_shardings(abstract, mesh, per_device=spec.gradients == "per_device")
-  with Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints, async_save=True) as ckpt, jax.set_mesh(mesh):
+  with (Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints, async_save=True, remove_partial_saves=True) as ckpt,
+        jax.set_mesh(mesh)):
     if resume:
-      state, iter_state = _restore(ckpt, cfg, abstract, shardings)
+      state, iter_state = _restore(ckpt, cfg, abstract, shardings, out_dir / "damaged_checkpoints")
       train_iter.set_state(iter_state)
     else:
       state = init_state(make_model, tx, shardings, cfg.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
       (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     batch_sharding = jax.NamedSharding(mesh, sharding.logical_to_spec(("batch", None)))
@@ -241,14 +248,43 @@ def _loop(step_fn, state: TrainState, batches, to_global, hooks: list[hooks_lib.
   return state, losses
 
 
-def _restore(ckpt: Checkpointer, cfg: TrainConfig, abstract: TrainState, shardings: TrainState):
-  step = ckpt.latest_step()
-  where = f"checkpoint step {step} in {ckpt.directory}"
-  check_compatible(ckpt.document(step, "meta"), cfg, abstract, where)
+def _check_writable(out_dir: pathlib.Path, ckpt_dir: pathlib.Path) -> None:
+  """Creates `out_dir` and writes a probe file there and in `ckpt_dir` (when it exists)."""
+  try:
+    if out_dir.exists() and not out_dir.is_dir():
+      raise NotADirectoryError(0, "it is a file, not a directory", str(out_dir))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if ckpt_dir.exists() and not ckpt_dir.is_dir():
+      raise NotADirectoryError(0, "it is a file, not a directory", str(ckpt_dir))
+    for d in (out_dir, ckpt_dir) if ckpt_dir.exists() else (out_dir,):
+      with tempfile.NamedTemporaryFile(dir=d, prefix=".jaxeff-write-probe-"):
+        pass
+  except OSError as e:
+    raise TrainError(f"output_dir {out_dir} cannot be written ({e.filename or out_dir}: "
+                     f"{e.strerror or describe_error(e)}); choose another output_dir") from None
+
+
+def _restore(ckpt: Checkpointer, cfg: TrainConfig, abstract: TrainState, shardings: TrainState,
+             damaged_dir: pathlib.Path):
+  """The newest checkpoint that reads back completely and fits this run; newer, unreadable ones
+  are moved to `damaged_dir` (so their steps can be saved again) and named on one line."""
   target = sharding.with_shardings(abstract, shardings)
-  restored = ckpt.restore(step, {"params": target.params,
-                                 "train": {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}},
-                          documents=("data",))
+
+  def read(step):
+    check_compatible(ckpt.document(step, "meta"), cfg, abstract, f"checkpoint step {step} in {ckpt.directory}")
+    return ckpt.restore(step, {"params": target.params,
+                               "train": {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}},
+                        documents=("data",))
+
+  try:
+    step, restored, skipped = ckpt.restore_newest(read)
+  except CheckpointError as e:
+    raise TrainError(f"--resume: {e} (nothing was moved or deleted)") from None
+  if skipped:
+    moved = [ckpt.set_aside(s, damaged_dir) for s, _ in skipped]
+    if jax.process_index() == 0:
+      why = "; ".join(f"step {s} {reason}" for s, reason in skipped)
+      print(f"resume: checkpoint {why}; moved to {moved[0].parent}; resuming from step {step}", file=sys.stderr)
   train = restored["train"]
   state = TrainState(step=train["step"], params=restored["params"], opt_state=train["opt_state"], rng=train["rng"])
   return state, restored["data"]
@@ -260,26 +296,37 @@ def load_checkpoint(output_dir: str | pathlib.Path, step: int | None = None,
 
   Args:
     output_dir: the run's `output_dir` (holding `checkpoints/`).
-    step: which step (default: the latest).
+    step: which step (default: the newest that reads back completely; skipped newer ones are
+      named on one stderr line).
     mesh: place the parameters by their logical axes on this mesh; None: on the first device.
       Each device reads only its shards; the optimizer state is not read.
 
   Returns:
     (model, the run's TrainConfig).
+
+  Raises:
+    TrainError: no checkpoints, or one of another format.
+    CheckpointError: the step (with `step=None`: every step) is damaged or cannot be read.
   """
   ckpt_dir = pathlib.Path(output_dir) / "checkpoints"
-  if not ckpt_dir.is_dir():
-    raise TrainError(f"no checkpoints in {output_dir}")
-  with Checkpointer(ckpt_dir) as ckpt:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise TrainError(f"no checkpoints in {ckpt_dir}")
-    meta = ckpt.document(step, "meta")
+
+  def read(s: int):
+    meta = ckpt.document(s, "meta")
     if meta.get("format") != CHECKPOINT_FORMAT:
-      raise TrainError(f"checkpoint step {step} in {ckpt_dir} has format {meta.get('format')!r}; "
+      raise TrainError(f"checkpoint step {s} in {ckpt_dir} has format {meta.get('format')!r}; "
                        f"this jaxeff reads {CHECKPOINT_FORMAT!r}")
     cfg = config_from_dict(meta["config"])
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0))))
     target = sharding.with_shardings(abstract, sharding.model_shardings(abstract, mesh))
-    params = ckpt.restore(step, {"params": target})["params"]
-  return nnx.merge(graphdef, params), cfg
+    return nnx.merge(graphdef, ckpt.restore(s, {"params": target})["params"]), cfg
+
+  with Checkpointer(ckpt_dir, read_only=True) as ckpt:
+    if not ckpt.steps():
+      raise TrainError(f"no checkpoints in {ckpt_dir}")
+    if step is not None:
+      return read(step)
+    newest, (model, cfg), skipped = ckpt.restore_newest(read)
+  if skipped:
+    why = "; ".join(f"step {s} {reason}" for s, reason in skipped)
+    print(f"load_checkpoint: checkpoint {why}; loaded step {newest}", file=sys.stderr)
+  return model, cfg

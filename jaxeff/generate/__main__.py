@@ -1,0 +1,224 @@
+"""Generate text: `python -m jaxeff.generate (--checkpoint DIR | --hf DIR_OR_GGUF) [options]`.
+
+  python -m jaxeff.generate --hf SmolLM2-135M-Instruct.Q4_1.gguf --prompt "The capital of France is"
+  python -m jaxeff.generate --hf model.gguf --chat                      # interactive, the model's chat template
+  python -m jaxeff.generate --checkpoint runs/default --prompt "def "   # a jaxeff.train run (its tokenizer)
+
+Streams the new text to stdout as it is generated; then one line on stderr with prefill and decode
+tokens/s and the KV cache's memory. With --chat, each line read from stdin is a user turn (the
+conversation is re-rendered with the chat template every turn); an empty line or end of input ends
+it. Bad input (a missing path, an unsupported GGUF, a prompt longer than the cache, an unknown option)
+prints one `error:` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+import time
+
+
+from jaxeff import cli
+
+
+def parse_args(argv):
+  """Flags in any order (jaxeff's shared parser: bad usage is one `error:` line).
+
+  Raises:
+    jaxeff.cli.UsageError: an unknown flag, a missing value or a bad combination.
+  """
+  p = cli.ArgumentParser(prog="python -m jaxeff.generate", description=__doc__.split("\n")[0],
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--checkpoint", metavar="DIR", help="a jaxeff.train output directory")
+  src.add_argument("--hf", metavar="DIR_OR_GGUF", help="a Hugging Face checkpoint directory or a .gguf file")
+  p.add_argument("--prompt", help="the prompt text (with --chat: the first user turn)")
+  p.add_argument("--chat", action="store_true", help="apply the model's chat template; read turns from stdin")
+  p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
+  p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 (default): greedy")
+  p.add_argument("--top-k", type=int, default=None, metavar="K")
+  p.add_argument("--top-p", type=float, default=None, metavar="P")
+  p.add_argument("--min-p", type=float, default=None, metavar="P")
+  p.add_argument("--seed", type=int, default=0, metavar="S")
+  p.add_argument("--quant", choices=("int8", "int4"), help="weight-only quantization of every Linear")
+  p.add_argument("--group-size", type=int, default=None, metavar="G",
+                 help="quantization group size (default: per channel for int8, 32 for int4)")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                 help="compute and weight dtype (default float32: XLA:CPU runs bf16 matmuls slowly)")
+  p.add_argument("--scan-layers", action="store_true",
+                 help="--hf: run the layers as one scanned block (compiles several times faster, decodes "
+                      "slower); a --checkpoint keeps its own layout")
+  p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
+                 help="KV cache length (default: prompt + max-new-tokens; 1024 with --chat)")
+  args = p.parse(argv)
+  if not args.chat and args.prompt is None:
+    p.error("give --prompt TEXT (or --chat for an interactive session)")
+  if args.max_new_tokens < 1:
+    p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  return args
+
+
+def _use_compile_cache():
+  # A CLI may set process-wide options: compiled programs persist across runs, so the second
+  # `python -m jaxeff.generate` on a model starts in a fraction of the first one's time.
+  import jax
+
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    base = os.environ.get("JAXEFF_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxeff"
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(base) / "xla"))
+
+
+def load(args):
+  """(model, tokenizer) from --hf or --checkpoint, converted to --dtype and --quant."""
+  import jaxeff
+  from jaxeff.generate import tokenizer as tokenizer_lib
+
+  dtypes = dict(dtype=args.dtype, param_dtype=args.dtype)
+  if args.hf:
+    from jaxeff import hf
+
+    path = pathlib.Path(args.hf)
+    if not path.exists():
+      raise FileNotFoundError(f"--hf {path}: no such file or directory")
+    model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
+    tok = tokenizer_lib.load_tokenizer(path)
+  else:
+    import dataclasses
+
+    from flax import nnx
+
+    from jaxeff import data
+    from jaxeff.models import Llama
+    from jaxeff.train import TrainError, load_checkpoint
+
+    path = pathlib.Path(args.checkpoint)
+    if not path.is_dir():
+      raise FileNotFoundError(f"--checkpoint {path}: no such directory")
+    try:
+      model, train_cfg = load_checkpoint(path)
+    except TrainError as e:
+      raise FileNotFoundError(str(e)) from None
+    if args.dtype != model.cfg.dtype or args.dtype != model.cfg.param_dtype:
+      converted = nnx.eval_shape(lambda: Llama(dataclasses.replace(model.cfg, **dtypes), rngs=nnx.Rngs(0)))
+      nnx.update(converted, _cast_floats(nnx.state(model), args.dtype))
+      model = converted
+    tok = tokenizer_lib.from_data_tokenizer(data.get_tokenizer(train_cfg.data.tokenizer))
+  if args.quant:
+    bits = 8 if args.quant == "int8" else 4
+    group = args.group_size if args.group_size is not None else (None if bits == 8 else 32)
+    model = jaxeff.quantize(model, bits=bits, group_size=group, copy=False)
+  return model, tok
+
+
+def _cast_floats(tree, dtype):
+  import jax
+  import jax.numpy as jnp
+
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def _sampling(args, tok) -> dict:
+  return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
+              stop_tokens=tok.stop_tokens)
+
+
+def _warm_up(gen, tok, ids, args, err):
+  """Compiles prefill (this prompt's bucket) and the decode step, so the reported speeds are the model's."""
+  t0 = time.perf_counter()
+  for _ in gen.stream([ids], **{**_sampling(args, tok), "max_new_tokens": min(2, args.max_new_tokens)}):
+    pass
+  print(f"compiled in {time.perf_counter() - t0:.1f} s", file=err)
+
+
+def _generate_one(gen, tok, ids, args, out):
+  from jaxeff.generate.tokenizer import StreamDecoder
+
+  decoder = StreamDecoder(tok)
+  for step in gen.stream([ids], max_new_tokens=args.max_new_tokens, **_sampling(args, tok)):
+    if step[0] is not None:
+      out.write(decoder.push(step[0]))
+      out.flush()
+  return decoder.ids
+
+
+def _stats_line(gen) -> str:
+  s = gen.stats
+  return (f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} new tokens, "
+          f"{s.decode_tokens_per_s:.1f} tok/s | KV cache: {s.cache_bytes / 2**20:.1f} MiB "
+          f"({gen.max_batch} x {gen.max_seq_len} positions)")
+
+
+def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
+  from jaxeff.generate import Generator
+
+  t0 = time.perf_counter()
+  model, tok = load(args)
+  print(f"loaded {args.hf or args.checkpoint} in {time.perf_counter() - t0:.1f} s "
+        f"({args.dtype}{', ' + args.quant if args.quant else ''})", file=err)
+  if not args.chat:
+    ids = tok.encode(args.prompt)
+    if not ids:
+      raise ValueError("the prompt encodes to no tokens")
+    max_len = args.max_seq_len or len(ids) + args.max_new_tokens
+    gen = Generator(model, max_batch=1, max_seq_len=max_len)
+    _warm_up(gen, tok, ids, args, err)
+    _generate_one(gen, tok, ids, args, out)
+    out.write("\n")
+    print(_stats_line(gen), file=err)
+    return 0
+  if not tok.chat_template:
+    raise ValueError("--chat needs a model with a chat template (this one has none); use --prompt")
+  # Decode reads the whole static cache every step, so the chat default stays moderate.
+  gen = Generator(model, max_batch=1, max_seq_len=args.max_seq_len or 1024)
+  messages = []
+  first = args.prompt
+  while True:
+    if first is not None:
+      user, first = first, None
+    else:
+      err.write("> ")
+      err.flush()
+      user = stdin.readline()
+      if not user or not user.strip():
+        break
+      user = user.rstrip("\n")
+    messages.append({"role": "user", "content": user})
+    # The template writes the special tokens itself (BOS included), so none are added.
+    ids = tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True), add_special_tokens=False)
+    if len(messages) == 1:
+      _warm_up(gen, tok, ids, args, err)
+    new = _generate_one(gen, tok, ids, args, out)
+    out.write("\n")
+    out.flush()
+    print(_stats_line(gen), file=err)
+    messages.append({"role": "assistant", "content": tok.decode(new)})
+  return 0
+
+
+def main(argv=None, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
+  from jaxeff import host_malloc
+
+  try:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+  except cli.UsageError as e:
+    print(f"error: {e}", file=err)
+    return 2
+  host_malloc.prepare_cpu_host()  # before jax starts (see jaxeff/host_malloc.py)
+  _use_compile_cache()
+  from jaxeff.generate import GenerationError
+  from jaxeff.hf import HFError
+
+  try:
+    return run(args, stdin, out, err)
+  except (HFError, GenerationError, FileNotFoundError, ValueError) as e:
+    print(f"error: {e}", file=err)
+    return 2
+  except KeyboardInterrupt:
+    print("interrupted", file=err)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

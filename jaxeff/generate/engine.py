@@ -1,0 +1,342 @@
+"""Generator: static-KV-cache text generation, compiled once, cache buffers donated.
+
+  gen = Generator(model, max_batch=8, max_seq_len=512)
+  new_ids = gen.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)            # greedy
+  new_ids = gen.generate(prompts, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=1)
+  for step in gen.stream([prompt], max_new_tokens=32): print(step[0])      # a token id per row, None when done
+
+The gpt-fast / MaxText pattern on top of `model(tokens, positions, cache=...)`:
+- Prefill runs the prompts, right-padded to a power-of-two length bucket (so a new prompt length
+  rarely compiles), writes their keys/values into the cache and samples each row's first token from
+  its own last position.
+- Decode runs one token per row at that row's own position. Sampling happens inside the compiled
+  step, so only token ids ever leave the device. The cache is donated to every call, so XLA updates
+  it in place; the Generator keeps the one cache and reuses it for every request.
+- `generate` runs the decode loop on the device (`lax.while_loop` over up to max_new_tokens
+  steps, stopping early when every row has hit a stop token): one dispatch per request. `stream`
+  runs a host loop over the compiled step, yielding each token as it comes (the next step is
+  dispatched before the previous token is read, so the device does not wait for Python).
+  `python -m jaxeff.bench decode` measures both; BENCHMARKS.md has the numbers.
+- Ragged batches: each row has its own length and positions and the cache masks by position, so a
+  row in a batch gets what it would get alone (same seed, same sampled tokens: each row draws from
+  its own key, folded with the position of the token being sampled).
+
+Stop tokens end a row; the stop token itself is not returned. On a mesh, pass `mesh=`: the model's
+weights are placed by their logical axes (if they are not already) and the cache is created in its
+sharding (batch over data/fsdp, kv heads over tensor).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import time
+from typing import Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff import sharding
+from jaxeff.generate.sampling import SamplingParams, sample
+from jaxeff.models.attention import index_positions
+from jaxeff.models.kv_cache import init_cache
+
+MAX_STOP_TOKENS = 16  # stop ids travel as a fixed-size array, so their number never recompiles
+LOOPS = ("device", "host")
+
+
+class GenerationError(ValueError):
+  """Prompts or settings the generator cannot serve; the message says why."""
+
+
+@dataclasses.dataclass
+class GenerationStats:
+  """Timing of the last `generate`/`stream` call (all chunks of it)."""
+
+  prompt_tokens: int = 0
+  prefill_seconds: float = 0.0
+  new_tokens: int = 0  # tokens returned, over all rows
+  decode_tokens: int = 0  # of those, the ones decode produced (each row's first comes from prefill)
+  decode_steps: int = 0  # decode steps run (one token per row each)
+  decode_seconds: float = 0.0
+  cache_bytes: int = 0
+
+  @property
+  def prefill_tokens_per_s(self) -> float:
+    return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else float("nan")
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    """Decoded tokens per second, all rows together."""
+    return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("nan")
+
+
+def prefill_bucket(length: int, max_seq_len: int, min_bucket: int = 16) -> int:
+  """The padded length a prompt of `length` tokens is prefilled at: a power of two >= min_bucket, capped."""
+  bucket = max(min_bucket, 1 << max(0, length - 1).bit_length())
+  return min(bucket, max_seq_len)
+
+
+def _fold_positions(keys: jax.Array, positions: jax.Array) -> jax.Array:
+  return jax.vmap(jax.random.fold_in)(keys, positions)
+
+
+class Generator:
+  """Batched generation with a static KV cache; compiled programs and the cache are reused.
+
+  Args:
+    model: a `jaxeff.models.Llama` (float, bf16, or `jaxeff.quantize`d). Its weights are used as
+      they are at construction (the arrays are shared, not copied).
+    max_batch: rows decoded together; `generate` serves more prompts in chunks of this size.
+    max_seq_len: cache length per row: prompt plus new tokens must fit.
+    mesh: optional device mesh; weights are placed by their logical axes and the cache is created
+      sharded (see `jaxeff.sharding`).
+    min_prefill_bucket: smallest padded prompt length (buckets are powers of two from here).
+    loop: "device" (default for `generate`: an on-device `lax.while_loop`) or "host" (a Python loop
+      over the compiled one-token step, as `stream` always uses).
+  """
+
+  def __init__(self, model, *, max_batch: int, max_seq_len: int, mesh: jax.sharding.Mesh | None = None,
+               min_prefill_bucket: int = 16, loop: str = "device"):
+    if max_batch < 1 or max_seq_len < 2:
+      raise GenerationError(f"need max_batch >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
+    if loop not in LOOPS:
+      raise GenerationError(f"loop must be one of {LOOPS}, got {loop!r}")
+    self.cfg = model.cfg
+    self.max_batch, self.max_seq_len, self.mesh, self.loop = max_batch, max_seq_len, mesh, loop
+    self.min_prefill_bucket = min_prefill_bucket
+    graphdef, state = nnx.split(model)
+    if mesh is not None:
+      state = jax.device_put(state, sharding.state_shardings(state, mesh))
+    self._graphdef, self._state = graphdef, state
+    # How often each program was traced; each trace is one compilation (tests assert on it).
+    self.traces: collections.Counter = collections.Counter()
+    self._prefill = jax.jit(self._prefill_fn, static_argnames="sampling", donate_argnames="cache")
+    self._decode = jax.jit(self._decode_fn, static_argnames="sampling", donate_argnames="cache")
+    self._loop = jax.jit(self._loop_fn, static_argnames="sampling", donate_argnames="cache")
+    with self._mesh():
+      self._cache = jax.jit(lambda: init_cache(self.cfg, max_batch, max_seq_len))()
+    if mesh is None:  # committed, as the donated cache comes back: otherwise the second call recompiles
+      self._cache = jax.device_put(self._cache, jax.tree.leaves(state)[0].sharding)
+    self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(self._cache))
+    self.stats = GenerationStats(cache_bytes=self.cache_bytes)
+
+  # ------------------------------------------------------------------ compiled programs
+
+  def _model(self, state):
+    return nnx.merge(self._graphdef, state)
+
+  def _prefill_fn(self, state, cache, tokens, lengths, keys, values, *, sampling):
+    """Prompts [B, L] (right-padded; `lengths` [B]) -> (first new token [B], cache)."""
+    self.traces["prefill", tokens.shape[1], sampling] += 1
+    model = self._model(state)
+    positions = index_positions(*tokens.shape)
+    x, cache = model.hidden_states(tokens, positions, cache=cache)
+    last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
+    logits = model.logits(last)
+    return sample(logits, _fold_positions(keys, lengths), sampling, values), cache
+
+  def _decode_fn(self, state, cache, tokens, positions, keys, values, *, sampling):
+    """One token per row at its own position -> (next token [B], next positions [B], cache)."""
+    self.traces["decode", sampling] += 1
+    logits, cache = self._model(state)(tokens[:, None], positions[:, None], cache=cache)
+    next_positions = positions + 1
+    return sample(logits[:, 0], _fold_positions(keys, next_positions), sampling, values), next_positions, cache
+
+  def _loop_fn(self, state, cache, first, positions, keys, done, stop_tokens, num_tokens, values, *, sampling):
+    """Up to `num_tokens` tokens per row on the device: [B, max_seq_len] ids, -1 after a row stops."""
+    self.traces["loop", sampling] += 1
+    out = jnp.full((first.shape[0], self.max_seq_len), -1, jnp.int32)
+
+    def record(out, t, tok, done):
+      stopped = done | jnp.isin(tok, stop_tokens)
+      return jax.lax.dynamic_update_slice(out, jnp.where(stopped, -1, tok)[:, None], (0, t)), stopped
+
+    out, done = record(out, 0, first, done)
+
+    # The weights ride in the carry (unchanged): nnx modules must live at the loop body's trace
+    # level for the nnx.scan over layers inside.
+    def cond(carry):
+      _, _, _, _, t, done, _ = carry
+      return (t < num_tokens) & ~jnp.all(done)
+
+    def body(carry):
+      state, cache, tok, pos, t, done, out = carry
+      logits, cache = self._model(state)(tok[:, None], pos[:, None], cache=cache)
+      tok = sample(logits[:, 0], _fold_positions(keys, pos + 1), sampling, values)
+      out, done = record(out, t, tok, done)
+      return state, cache, tok, pos + 1, t + 1, done, out
+
+    init = (state, cache, first, positions, jnp.int32(1), done, out)
+    _, cache, _, _, steps, _, out = jax.lax.while_loop(cond, body, init)
+    return out, steps - 1, cache
+
+  # ------------------------------------------------------------------ requests
+
+  def _mesh(self):
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _check(self, prompts, max_new_tokens: int, stop_tokens) -> list[np.ndarray]:
+    if isinstance(prompts, np.ndarray) and prompts.ndim == 2:
+      prompts = list(prompts)
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+      raise GenerationError("prompts must be a non-empty list of token-id lists")
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+      raise GenerationError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if len(stop_tokens) > MAX_STOP_TOKENS:
+      raise GenerationError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stop_tokens)}")
+    out = []
+    vocab = self.cfg.vocab_size
+    for i, p in enumerate(prompts):
+      if isinstance(p, (int, np.integer)) or isinstance(p, str):
+        raise GenerationError(f"prompt {i} must be a list of token ids (a batch is a list of such lists)")
+      ids = np.asarray(p, np.int64).reshape(-1)
+      if ids.size == 0:
+        raise GenerationError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
+      if ids.min() < 0 or ids.max() >= vocab:
+        raise GenerationError(f"prompt {i} has token ids outside [0, {vocab})")
+      if ids.size + max_new_tokens > self.max_seq_len:
+        raise GenerationError(
+            f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} it needs "
+            f"{ids.size + max_new_tokens} cache positions, more than max_seq_len={self.max_seq_len}")
+      out.append(ids.astype(np.int32))
+    return out
+
+  def _start(self, prompts: list[np.ndarray], sampling: SamplingParams, seed, stop_tokens):
+    """Prefills one chunk (<= max_batch prompts): (first tokens, positions, keys, done0, values)."""
+    n = len(prompts)
+    seeds = np.broadcast_to(np.asarray(seed, np.uint32), (n,)) if np.ndim(seed) == 0 else np.asarray(seed, np.uint32)
+    if seeds.shape != (n,):
+      raise GenerationError(f"seed must be one integer or one per prompt ({n}), got {len(seeds)}")
+    lengths = np.ones(self.max_batch, np.int32)  # unused rows: a one-token dummy prompt
+    lengths[:n] = [len(p) for p in prompts]
+    bucket = prefill_bucket(int(lengths.max()), self.max_seq_len, self.min_prefill_bucket)
+    tokens = np.zeros((self.max_batch, bucket), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+    all_seeds = np.zeros(self.max_batch, np.uint32)
+    all_seeds[:n] = seeds
+    keys = jax.vmap(jax.random.key)(jnp.asarray(all_seeds))
+    values = sampling.values()
+    done = np.arange(self.max_batch) >= n
+    t0 = time.perf_counter()
+    with self._mesh():
+      first, self._cache = self._prefill(self._state, self._cache, tokens, lengths, keys, values,
+                                         sampling=sampling.static)
+      first.block_until_ready()
+    self.stats.prefill_seconds += time.perf_counter() - t0
+    self.stats.prompt_tokens += int(lengths[:n].sum())
+    # Committed like the positions each decode step returns, so step 2 reuses step 1's program.
+    return first, jax.device_put(lengths, first.sharding), keys, done, values
+
+  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+               seed: int | Sequence[int] = 0, stop_tokens: Sequence[int] = ()) -> list[list[int]]:
+    """New token ids for each prompt (stop token excluded).
+
+    Args:
+      prompts: token-id lists, of different lengths if you like.
+      max_new_tokens: at most this many new tokens per prompt.
+      temperature, top_k, top_p, min_p: sampling (`SamplingParams`); temperature 0 is greedy.
+      seed: one integer for every prompt, or one per prompt. Same seed, same tokens.
+      stop_tokens: ids that end a row (e.g. the tokenizer's end-of-sequence id).
+    """
+    sampling = SamplingParams(temperature, top_k, top_p, min_p)
+    prompts = self._check(prompts, max_new_tokens, stop_tokens)
+    seeds = np.broadcast_to(np.asarray(seed), (len(prompts),)) if np.ndim(seed) == 0 else np.asarray(seed)
+    if seeds.shape != (len(prompts),):
+      raise GenerationError(f"seed must be one integer or one per prompt ({len(prompts)}), got {len(seeds)}")
+    self.stats = GenerationStats(cache_bytes=self.cache_bytes)
+    results = []
+    for c in range(0, len(prompts), self.max_batch):
+      chunk, chunk_seeds = prompts[c:c + self.max_batch], seeds[c:c + self.max_batch]
+      if self.loop == "host":
+        rows = [[] for _ in chunk]
+        for step in self._host_loop(chunk, max_new_tokens, sampling, chunk_seeds, stop_tokens):
+          for row, tok in zip(rows, step):
+            if tok is not None:
+              row.append(tok)
+        results += rows
+      else:
+        results += self._device_loop(chunk, max_new_tokens, sampling, chunk_seeds, stop_tokens)
+    return results
+
+  def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
+             seed: int | Sequence[int] = 0, stop_tokens: Sequence[int] = ()) -> Iterator[list[int | None]]:
+    """Yields, per step, one new token id per prompt (None for a row that has stopped).
+
+    Same arguments as `generate`; at most `max_batch` prompts.
+    """
+    sampling = SamplingParams(temperature, top_k, top_p, min_p)
+    prompts = self._check(prompts, max_new_tokens, stop_tokens)
+    if len(prompts) > self.max_batch:
+      raise GenerationError(f"stream takes at most max_batch={self.max_batch} prompts, got {len(prompts)}")
+    self.stats = GenerationStats(cache_bytes=self.cache_bytes)
+    yield from self._host_loop(prompts, max_new_tokens, sampling, seed, stop_tokens)
+
+  def _host_loop(self, prompts, max_new_tokens, sampling, seed, stop_tokens):
+    tok, positions, keys, done, values = self._start(prompts, sampling, seed, stop_tokens)
+    stop = set(int(s) for s in stop_tokens)
+    n = len(prompts)
+    decode_start = self.stats.decode_seconds
+    t0 = time.perf_counter()
+    pending = tok
+    for t in range(max_new_tokens):
+      if t + 1 < max_new_tokens:  # dispatch the next step before reading this one's tokens
+        with self._mesh():
+          tok, positions, self._cache = self._decode(self._state, self._cache, tok, positions, keys, values,
+                                                     sampling=sampling.static)
+        self.stats.decode_steps += 1
+      step = []
+      for i, x in enumerate(np.asarray(pending)[:n].tolist()):
+        if done[i] or x in stop:
+          done[i] = True
+          step.append(None)
+        else:
+          step.append(x)
+          self.stats.new_tokens += 1
+          self.stats.decode_tokens += t > 0
+      # Time spent by the consumer of `stream` between steps counts too: it is a host loop.
+      self.stats.decode_seconds = decode_start + time.perf_counter() - t0
+      if all(done[:n]):
+        return
+      yield step
+      pending = tok
+
+  def _device_loop(self, prompts, max_new_tokens, sampling, seed, stop_tokens) -> list[list[int]]:
+    first, positions, keys, done, values = self._start(prompts, sampling, seed, stop_tokens)
+    stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
+    stops[:len(stop_tokens)] = list(stop_tokens)
+    t0 = time.perf_counter()
+    with self._mesh():
+      out, steps, self._cache = self._loop(self._state, self._cache, first, positions, keys, done, stops,
+                                           np.int32(max_new_tokens), values, sampling=sampling.static)
+      out = np.asarray(out)
+    self.stats.decode_seconds += time.perf_counter() - t0
+    self.stats.decode_steps += int(steps)
+    rows = []
+    for row in out[:len(prompts), :max_new_tokens]:
+      stop_at = np.flatnonzero(row < 0)
+      rows.append(row[:stop_at[0] if stop_at.size else max_new_tokens].tolist())
+    self.stats.new_tokens += sum(len(r) for r in rows)
+    self.stats.decode_tokens += sum(max(0, len(r) - 1) for r in rows)
+    return rows
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+  """One call: builds a `Generator` sized for these prompts and returns each prompt's new token ids.
+
+  `kwargs` go to `Generator.generate` (temperature, top_k, top_p, min_p, seed, stop_tokens) or to
+  `Generator` (mesh, loop). Build a `Generator` yourself to serve many requests without recompiling.
+  """
+  gen_keys = {"mesh", "loop", "min_prefill_bucket"}
+  gen_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in gen_keys}
+  if not prompts:
+    raise GenerationError("prompts must be a non-empty list of token-id lists")
+  longest = max(len(p) for p in prompts)
+  gen = Generator(model, max_batch=len(prompts), max_seq_len=longest + max_new_tokens, **gen_kw)
+  return gen.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)

@@ -1,0 +1,118 @@
+"""Next-token sampling inside the compiled step: greedy, temperature, top-k, top-p, min-p.
+
+  tokens = sample(logits, keys, SamplingParams(temperature=0.8, top_p=0.95))   # logits [B, V], keys [B]
+
+The filters apply in the order Hugging Face's `generate` applies them: temperature, then top-k
+(keep the k largest logits), top-p (nucleus, Holtzman et al. 2020: keep the most probable tokens
+until their probability mass reaches p) and min-p (Nguyen et al. 2024: keep tokens whose
+probability is at least min_p times the largest). Ties at a filter's threshold are kept, so the kept
+set never depends on the order of equal logits. temperature=0 is greedy (argmax, first index on a tie).
+
+Each row draws from its own key, so a row's tokens depend only on its logits and its key: the same
+seed gives the same tokens whether a prompt runs alone or in a batch.
+
+What decides the compiled program's structure (greedy or not, top-k's k, whether top-p and min-p
+apply) is static (`SamplingParams.static`); the temperature, p and min-p values are arrays, so
+changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How to pick the next token. Defaults: greedy.
+
+  Args:
+    temperature: 0 for greedy; > 0 divides the logits before sampling.
+    top_k: keep the k most likely tokens (None: all).
+    top_p: keep the smallest most-likely set with probability mass >= top_p, in (0, 1] (None: all).
+    min_p: keep tokens with probability >= min_p * the top probability, in [0, 1] (None: all).
+  """
+
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+  min_p: float | None = None
+
+  def __post_init__(self):
+    if not self.temperature >= 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+      raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+    if self.top_p is not None and not 0 < self.top_p <= 1:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.min_p is not None and not 0 <= self.min_p <= 1:
+      raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0
+
+  @property
+  def static(self) -> tuple:
+    """The part that shapes the compiled program (a jit static argument)."""
+    if self.greedy:
+      return (True, None, False, False)
+    return (False, self.top_k, self.top_p is not None, self.min_p is not None)
+
+  def values(self) -> dict[str, jax.Array]:
+    """The part passed as arrays (changing it does not recompile)."""
+    return {"temperature": jnp.float32(self.temperature or 1.0), "top_p": jnp.float32(self.top_p or 1.0),
+            "min_p": jnp.float32(self.min_p or 0.0)}
+
+
+def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
+  """logits [..., V] with everything below the k-th largest value set to -inf."""
+  if k >= logits.shape[-1]:
+    return logits
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return jnp.where(logits < kth, _NEG_INF, logits)
+
+
+def top_p_filter(logits: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Nucleus filter: keeps the most probable tokens until their mass reaches `top_p`."""
+  sorted_logits = jnp.sort(logits, axis=-1)[..., ::-1]
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+  # top_p >= 1 keeps everything, even a tail whose rounded cumulative mass reaches 1 early.
+  keep = (mass_before < top_p) | (top_p >= 1)
+  keep = keep.at[..., 0].set(True)  # the most likely token always stays
+  # The smallest kept logit is the threshold; everything at or above it stays (ties included).
+  threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, _NEG_INF, logits)
+
+
+def min_p_filter(logits: jax.Array, min_p: jax.Array) -> jax.Array:
+  """Keeps tokens with probability >= min_p * max probability (a ratio, so no softmax needed)."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  # p_i / p_max = exp(l_i - l_max) >= min_p  <=>  l_i >= l_max + log(min_p)
+  return jnp.where(logits < top + jnp.log(min_p), _NEG_INF, logits)
+
+
+def filtered_logits(logits: jax.Array, static: tuple, values: dict) -> jax.Array:
+  """Temperature-scaled logits [B, V] with the configured filters applied (-inf outside)."""
+  _, top_k, use_top_p, use_min_p = static
+  logits = logits.astype(jnp.float32) / values["temperature"]
+  if top_k is not None:
+    logits = top_k_filter(logits, top_k)
+  if use_top_p:
+    logits = top_p_filter(logits, values["top_p"])
+  if use_min_p:
+    logits = min_p_filter(logits, values["min_p"])
+  return logits
+
+
+def sample(logits: jax.Array, keys: jax.Array, static: tuple, values: dict) -> jax.Array:
+  """int32 tokens [B] from logits [B, V], one typed PRNG key per row (`keys` [B])."""
+  if static[0]:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  logits = filtered_logits(logits, static, values)
+  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

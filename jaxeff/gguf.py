@@ -1,0 +1,390 @@
+"""GGUF files (llama.cpp) of Llama-family models -> float checkpoints and tokenizers.
+
+  model, cfg = jaxeff.hf.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # converted once, cached by hash
+  tok = jaxeff.gguf.tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")    # a tokenizers.Tokenizer
+
+A GGUF holds the weights (often quantized: Q4_1, Q8_0, K-quants, ...) and, as metadata, the model's
+shape and its tokenizer (vocabulary, merges, token types, special ids, chat template), all under
+llama.cpp's names. `read` turns it into what a Hugging Face checkpoint holds: a config.json dict and
+HF-named float32 tensors, dequantized by the `gguf` package (the reference implementation of every
+format). Two things differ from HF's layout and are undone here:
+- llama.cpp stores linear weights as [out, in] like PyTorch, but for the `llama` architecture it
+  reorders the rows of q_proj and k_proj within each head (it interleaves the two rotary halves, for
+  its own RoPE kernel); the reverse permutation restores HF's "rotate halves" order.
+- names (`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`).
+
+`converted_checkpoint(path)` writes config.json, model.safetensors (float32), tokenizer.json and
+tokenizer_config.json (special tokens, chat template) once into a cache folder named by the file's
+SHA-256 (`$JAXEFF_CACHE_DIR/gguf/`, default `~/.cache/jaxeff/gguf/`), so `jaxeff.hf.load` of a
+`.gguf` reads a plain HF directory from the second time on. Written to a temporary folder and
+renamed into place: an interrupted conversion leaves nothing half-written.
+
+Supported: general.architecture `llama` (Llama 1-3, and Mistral, which llama.cpp writes as llama)
+and `qwen2`; byte-level BPE tokenizers (`gpt2`: SmolLM, Llama 3, Qwen2, ...) and SentencePiece BPE
+(`llama`: Llama 2, Mistral). Not supported (a clear `GGUFError`): other architectures, Llama-3.1
+style `rope_freqs` scaling, and YaRN rope scaling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+
+import numpy as np
+
+from jaxeff.hf import HFError
+
+CONVERSION_VERSION = 1  # part of the cache key: bump when the conversion's output changes
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_LAYER_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+              "output.weight": "lm_head.weight"}
+
+# llama.cpp's token types (tokenizer.ggml.token_type).
+_CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
+
+
+class GGUFError(HFError):
+  """A GGUF file that cannot be loaded, with the reason."""
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def _gguf():
+  try:
+    import gguf
+  except ImportError:
+    raise GGUFError("reading .gguf files needs the gguf package: pip install gguf") from None
+  return gguf
+
+
+def _reader(path: str | os.PathLike):
+  gguf = _gguf()
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise GGUFError(f"GGUF file not found: {path}")
+  try:
+    return gguf.GGUFReader(str(path))
+  except Exception as e:  # the gguf package raises ValueError/struct.error/... on a damaged file
+    raise GGUFError(f"{path} is not a readable GGUF file: {e}") from None
+
+
+def metadata(reader) -> dict:
+  """All key/value metadata of a `gguf.GGUFReader` as Python values (strings, numbers, lists)."""
+  return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+
+
+def hf_config(meta: dict, tensor_names) -> dict:
+  """The Hugging Face config.json dict that the GGUF metadata describes."""
+  arch = meta.get("general.architecture")
+  if arch not in ARCHITECTURES:
+    raise GGUFError(f"unsupported GGUF architecture {arch!r}; supported: {', '.join(ARCHITECTURES)}")
+  tensor_names = set(tensor_names)
+  if "rope_freqs.weight" in tensor_names:
+    raise GGUFError("GGUF stores rope_freqs (Llama-3.1 style rope scaling), which is not supported")
+
+  def key(name, default=None, required=True):
+    full = f"{arch}.{name}"
+    if full not in meta and required and default is None:
+      raise GGUFError(f"GGUF metadata lacks {full!r}")
+    return meta.get(full, default)
+
+  heads = key("attention.head_count")
+  hidden = key("embedding_length")
+  vocab = key("vocab_size", required=False)
+  if vocab is None:
+    vocab = len(meta.get("tokenizer.ggml.tokens") or ())
+  if not vocab:
+    raise GGUFError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
+  scaling = None
+  kind = key("rope.scaling.type", required=False)
+  if kind not in (None, "none"):
+    if kind != "linear":
+      raise GGUFError(f"unsupported GGUF rope scaling {kind!r} (supported: none, linear)")
+    scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
+  cfg = {
+      "architectures": [ARCHITECTURES[arch]], "model_type": arch, "vocab_size": int(vocab),
+      "hidden_size": hidden, "intermediate_size": key("feed_forward_length"),
+      "num_hidden_layers": key("block_count"), "num_attention_heads": heads,
+      "num_key_value_heads": key("attention.head_count_kv", heads),
+      "head_dim": key("attention.key_length", hidden // heads),
+      "max_position_embeddings": key("context_length", 2048),
+      "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+      "rope_theta": float(key("rope.freq_base", 10000.0)), "rope_scaling": scaling,
+      # llama.cpp writes the output projection only when it is not the embedding matrix.
+      "tie_word_embeddings": "output.weight" not in tensor_names,
+      "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+      "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+      "torch_dtype": "float32",
+  }
+  if arch == "qwen2":
+    cfg.update(use_sliding_window=False, sliding_window=None)
+  return cfg
+
+
+def _hf_name(name: str) -> str:
+  if name in _TOP_NAMES:
+    return _TOP_NAMES[name]
+  parts = name.split(".", 2)
+  if len(parts) == 3 and parts[0] == "blk" and parts[2] in _LAYER_NAMES:
+    return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}"
+  raise GGUFError(f"GGUF tensor {name!r} has no Hugging Face counterpart for this architecture")
+
+
+def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's q/k row order: per head, rows (i, half) interleaved -> (half, i) blocks.
+
+  llama.cpp's converter maps HF row (half h, index i) of each head to row 2 i + h; this maps it back.
+  """
+  head_dim = w.shape[0] // num_heads
+  return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
+  """(HF config.json dict, HF-named float32 tensors) of a GGUF file."""
+  reader = _reader(path)
+  return _read(reader, metadata(reader))
+
+
+def _read(reader, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
+  gguf = _gguf()
+
+  cfg = hf_config(meta, (t.name for t in reader.tensors))
+  tensors = {}
+  for t in reader.tensors:
+    name = _hf_name(t.name)
+    try:
+      w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+    except NotImplementedError as e:
+      raise GGUFError(f"tensor {t.name!r}: the gguf package cannot dequantize {t.tensor_type.name}: {e}") from None
+    w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # ggml lists dims innermost first
+    if cfg["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+      heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
+      w = unpermute_rotary_rows(w, heads)
+    tensors[name] = np.ascontiguousarray(w)
+  return cfg, tensors
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+
+def _byte_alphabet() -> dict[int, str]:
+  """GPT-2's byte -> printable character map, in which byte-level BPE vocabularies are spelled."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  table, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      table[b] = chr(b)
+    else:
+      table[b] = chr(256 + extra)
+      extra += 1
+  return table
+
+
+# Pre-tokenizer split patterns by `tokenizer.ggml.pre` (llama.cpp's names; the patterns are each
+# model family's published regex). Byte-level vocabularies not listed here use GPT-2's pattern.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+           "smaug-bpe": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
+           "deepseek-r1-qwen": _QWEN2_SPLIT}
+# GPT-2's pattern after splitting every digit on its own.
+_DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
+_GPT2_PATTERN = {None, "default", "gpt2", "gpt-2"}
+
+
+def _byte_level_tokenizer(meta: dict):
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+  alphabet = _byte_alphabet()
+  letters = set(alphabet.values())
+  tokens = meta["tokenizer.ggml.tokens"]
+  # Tokens are spelled in the byte alphabet; the odd one written in plain text gets re-spelled.
+  vocab = {}
+  for i, tok in enumerate(tokens):
+    if not set(tok) <= letters:
+      tok = "".join(alphabet[b] for b in tok.encode("utf-8"))
+    vocab.setdefault(tok, i)
+  merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+  pre = meta.get("tokenizer.ggml.pre")
+  if pre in _SPLITS:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  elif pre in _DIGITS_THEN_GPT2:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  elif pre in _GPT2_PATTERN:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  else:
+    raise GGUFError(f"unsupported byte-level pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
+                    f"{', '.join(sorted(str(p) for p in (set(_SPLITS) | _DIGITS_THEN_GPT2 | _GPT2_PATTERN) - {None}))}")
+  tok.decoder = decoders.ByteLevel()
+  return tok, letters
+
+
+def _sentencepiece_merges(tokens: list[str], scores, token_types) -> list[tuple[str, str]]:
+  """BPE merges implied by a SentencePiece vocabulary: the higher a token's score, the earlier the
+  merge that makes it (from any split into two vocabulary pieces)."""
+  vocab = {t: i for i, t in enumerate(tokens)}
+  skip = {i for i, ty in enumerate(token_types) if ty in (_CONTROL, _USER_DEFINED, _BYTE)} if token_types else set()
+  merges = []
+  for tok, i in vocab.items():
+    if i in skip:
+      continue
+    for cut in range(1, len(tok)):
+      left, right = tok[:cut], tok[cut:]
+      if left in vocab and right in vocab and vocab[left] not in skip and vocab[right] not in skip:
+        merges.append((-scores[i], vocab[left], vocab[right], left, right))
+  merges.sort()
+  return [(m[3], m[4]) for m in merges]
+
+
+def _sentencepiece_tokenizer(meta: dict):
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+  tokens = meta["tokenizer.ggml.tokens"]
+  types = meta.get("tokenizer.ggml.token_type")
+  scores = meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
+  merges = ([tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]] if meta.get("tokenizer.ggml.merges")
+            else _sentencepiece_merges(tokens, scores, types))
+  unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
+  vocab = {}
+  for i, t in enumerate(tokens):
+    vocab.setdefault(t, i)
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True))
+  prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
+                                               split=False)
+  steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+  if prefix:
+    steps.append(decoders.Strip(content=" ", left=1, right=0))
+  tok.decoder = decoders.Sequence(steps)
+  return tok, None
+
+
+def build_tokenizer(meta: dict):
+  """A `tokenizers.Tokenizer` from GGUF metadata, plus its tokenizer_config dict (special tokens,
+  whether to add BOS, chat template)."""
+  from tokenizers import AddedToken, processors
+
+  kind = meta.get("tokenizer.ggml.model")
+  if "tokenizer.ggml.tokens" not in meta:
+    raise GGUFError("GGUF has no tokenizer (tokenizer.ggml.tokens missing)")
+  if kind == "gpt2":
+    tok, letters = _byte_level_tokenizer(meta)
+    add_bos_default = False
+  elif kind == "llama":
+    tok, letters = _sentencepiece_tokenizer(meta)
+    add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
+  else:
+    raise GGUFError(f"unsupported GGUF tokenizer model {kind!r} (supported: gpt2, llama)")
+  tokens = meta["tokenizer.ggml.tokens"]
+  types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+  # Control tokens (<|im_start|>, <s>, ...) are matched whole and never split; a byte-level one
+  # spelled outside the byte alphabet is a mislabel in some files (adding it would grow the vocab).
+  specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
+              if ty == _CONTROL and (letters is None or set(t) <= letters)]
+  tok.add_special_tokens(specials)
+  tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+
+  def token(key):
+    i = meta.get(f"tokenizer.ggml.{key}")
+    return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+
+  add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
+  bos = token("bos_token_id")
+  if add_bos and bos is not None:
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
+  config = {"bos_token": bos, "eos_token": token("eos_token_id"), "unk_token": token("unknown_token_id"),
+            "pad_token": token("padding_token_id"), "add_bos_token": add_bos,
+            "chat_template": meta.get("tokenizer.chat_template")}
+  return tok, config
+
+
+def tokenizer(path: str | os.PathLike):
+  """The GGUF file's tokenizer as a `tokenizers.Tokenizer` (rebuilt from its metadata)."""
+  return build_tokenizer(metadata(_reader(path)))[0]
+
+
+# ---------------------------------------------------------------------------- cached conversion
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 24), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def cache_root() -> pathlib.Path:
+  """Where converted GGUFs live: $JAXEFF_CACHE_DIR/gguf, default ~/.cache/jaxeff/gguf."""
+  base = os.environ.get("JAXEFF_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxeff"
+  return pathlib.Path(base) / "gguf"
+
+
+def convert(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
+  """Writes a Hugging Face directory (config.json, model.safetensors in float32, tokenizer.json,
+  tokenizer_config.json) for the GGUF file at `path` into the new directory `out_dir`."""
+  from safetensors.numpy import save_file
+
+  out_dir = pathlib.Path(out_dir)
+  if out_dir.exists():
+    raise GGUFError(f"{out_dir} already exists; convert writes a new directory")
+  reader = _reader(path)
+  meta = metadata(reader)
+  cfg, tensors = _read(reader, meta)
+  tok, tok_config = build_tokenizer(meta)
+  out_dir.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+  try:
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tok.save(str(tmp / "tokenizer.json"))
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
+    (tmp / "source.json").write_text(json.dumps({"gguf": str(pathlib.Path(path).resolve()),
+                                                 "conversion_version": CONVERSION_VERSION}, indent=2))
+    try:
+      tmp.rename(out_dir)
+    except OSError:
+      if not (out_dir / "model.safetensors").exists():  # not a concurrent conversion finishing first
+        raise
+  finally:
+    if tmp.exists():
+      shutil.rmtree(tmp)
+  return out_dir
+
+
+def converted_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """The cached HF directory for this GGUF (converting it the first time), keyed by the file's hash."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise GGUFError(f"GGUF file not found: {path}")
+  root = pathlib.Path(cache_dir) if cache_dir is not None else cache_root()
+  out = root / f"{file_sha256(path)[:24]}-v{CONVERSION_VERSION}"
+  if (out / "model.safetensors").exists():
+    return out
+  return convert(path, out)
