@@ -32,28 +32,6 @@ __all__ = ["CheckpointError", "Checkpointer", "OptimizerConfig", "TrainConfig", 
            "peak_flops_per_device", "train", "CPU_ATTENTION", "main"]
 
 
-def make_steps(graphdef, tx, shardings=None, local_grads_mesh=None):
-  """Deprecated: `(params, opt_state, batch)` step functions, kept only so `jaxeff/bench/optimizers.py`
-  runs until it builds its own step; use `jaxeff.training.make_train_step` (a `TrainState` step
-  driven by the optimizer's spec). `shardings` is ignored."""
-  import jax.numpy as jnp
-
-  from jaxeff import optim
-  from jaxeff.training import make_eval_step, make_train_step
-
-  del shardings
-  per_device = local_grads_mesh is not None
-  spec = optim.OptimizerSpec(factory=lambda **_: tx, gradients="per_device" if per_device else "mean", clip=not per_device)
-  step = make_train_step(graphdef, tx, spec, local_grads_mesh)
-
-  def train_step(params, opt_state, batch):
-    state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state, rng=jnp.zeros(2, jnp.uint32))
-    new, metrics = step(state, batch)
-    return new.params, new.opt_state, metrics
-
-  return train_step, make_eval_step(graphdef)
-
-
 def parse_args(argv):
   """Flags and key=value overrides, in any order (`steps=8 --resume output_dir=r1`).
 
