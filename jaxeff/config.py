@@ -41,7 +41,10 @@ class ModelConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False  # Qwen2
   initializer_range: float = 0.02
-  attention: str = "dense"  # a key of jaxeff.models.attention.ATTENTION_IMPLS
+  attention: str = "dense"  # a key of jaxeff.models.attention.ATTENTION_IMPLS: dense, blocked, sparse
+  # StreamingLLM attention sinks: the first N positions stay visible to every query beside the
+  # sliding window (needs `sliding_window`; implemented by `dense` and `sparse`).
+  attention_sinks: int = 0
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
@@ -53,6 +56,16 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}")
+    if self.attention_sinks < 0:
+      raise ConfigError(f"model.attention_sinks must be >= 0, got {self.attention_sinks}")
+    if self.attention_sinks and self.sliding_window is None:
+      raise ConfigError("model.attention_sinks needs model.sliding_window (without a window every key is "
+                        "visible already)")
+    if self.attention_sinks and self.attention not in ("dense", "sparse"):
+      raise ConfigError(f"model.attention_sinks is implemented by attention dense and sparse, not "
+                        f"{self.attention!r}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ConfigError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"model.remat must be one of none, full, dots; got {self.remat!r}")
 

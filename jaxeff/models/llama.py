@@ -15,6 +15,7 @@ Module and parameter names follow Hugging Face's (q_proj, gate_proj, input_layer
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,6 +57,8 @@ class Attention(nnx.Module):
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
     attend = attention_lib.get_attention(cfg.attention)
+    if cfg.attention_sinks:
+      attend = functools.partial(attend, sinks=cfg.attention_sinks)
     if kv is None:
       out = attend(q, k, v, q_positions=positions, kv_positions=positions, sliding_window=cfg.sliding_window)
       return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim))
