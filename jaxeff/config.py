@@ -41,7 +41,17 @@ class ModelConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False  # Qwen2
   initializer_range: float = 0.02
-  attention: str = "dense"  # a key of jaxeff.models.attention.ATTENTION_IMPLS
+  attention: str = "dense"  # a key of jaxeff.models.attention.ATTENTION_IMPLS: dense, blocked, sparse
+  # StreamingLLM attention sinks: the first N positions stay visible to every query beside the
+  # sliding window (needs `sliding_window`; implemented by `dense` and `sparse`).
+  attention_sinks: int = 0
+  # attention: nsa (Native Sparse Attention, jaxeff/models/nsa.py): compressed blocks of
+  # `nsa_compress_block` keys every `nsa_compress_stride` tokens, the top `nsa_select_blocks` key
+  # blocks of the sparse kernel per query block, and a sliding window of `nsa_window` tokens.
+  nsa_compress_block: int = 32
+  nsa_compress_stride: int = 16
+  nsa_select_blocks: int = 16
+  nsa_window: int = 512
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # "none" | "full" | "dots" (save matmul outputs, recompute the rest)
@@ -53,6 +63,24 @@ class ModelConfig:
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
           f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}")
+    if self.attention_sinks < 0:
+      raise ConfigError(f"model.attention_sinks must be >= 0, got {self.attention_sinks}")
+    if self.attention_sinks and self.sliding_window is None:
+      raise ConfigError("model.attention_sinks needs model.sliding_window (without a window every key is "
+                        "visible already)")
+    if self.attention_sinks and self.attention not in ("dense", "sparse"):
+      raise ConfigError(f"model.attention_sinks is implemented by attention dense and sparse, not "
+                        f"{self.attention!r}")
+    if self.sliding_window is not None and self.sliding_window < 1:
+      raise ConfigError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
+    for name in ("nsa_compress_block", "nsa_compress_stride", "nsa_select_blocks", "nsa_window"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+    if self.nsa_compress_stride > self.nsa_compress_block:
+      raise ConfigError(f"model.nsa_compress_stride={self.nsa_compress_stride} must be <= "
+                        f"model.nsa_compress_block={self.nsa_compress_block} (blocks would skip tokens)")
+    if self.attention == "nsa" and self.sliding_window is not None:
+      raise ConfigError("attention nsa has its own window (model.nsa_window); leave model.sliding_window null")
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"model.remat must be one of none, full, dots; got {self.remat!r}")
 

@@ -173,8 +173,9 @@ def kernel_cases() -> list[KernelCase]:
   A new GPU kernel adds a `resource_cases()` next to its table and one line here.
   """
   from pallas_kernels.quant_matmul import gpu as quant_matmul_gpu
+  from pallas_kernels.sparse_attention import gpu as sparse_attention_gpu
 
-  return [*quant_matmul_gpu.resource_cases()]
+  return [*quant_matmul_gpu.resource_cases(), *sparse_attention_gpu.resource_cases()]
 
 
 # ---------------------------------------------------------------------------- extracting kernels

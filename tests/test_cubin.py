@@ -84,6 +84,12 @@ def test_every_block_size_table_entry_has_a_case():
   assert {c.entry for c in CASES if c.label.startswith("quant_matmul")} == set(gpu.BLOCK_SIZES)
 
 
+def test_sparse_attention_backward_case_compiles_all_three_kernels():
+  case, = [c for c in CASES if c.label.startswith("sparse_attention forward+backward")]
+  names = [r.name for r in cubin.kernel_resources(case.fn, *case.make_args(), targets=("sm_80",))]
+  assert names == ["sparse_attention_fwd", "sparse_attention_dq", "sparse_attention_dkv"]
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.label for c in CASES])
 def test_table_entry_compiles_for_a100_and_h100_without_spills(case):
   rows = cubin.kernel_resources(case.fn, *case.make_args(), targets=TARGETS)

@@ -6,7 +6,9 @@ Every implementation has the signature
      kv_positions [B, T] | None, sliding_window: int | None) -> [B, S, H, D]
 
 and applies causal masking by position: a key is visible when kv_pos <= q_pos, and with a sliding
-window also q_pos - kv_pos < sliding_window. Grouped-query attention: query head h reads kv head
+window also q_pos - kv_pos < sliding_window. Implementations that support StreamingLLM attention
+sinks (`dense`, `sparse`) take `sinks=N` too: keys at positions < N stay visible (still causal);
+the model passes it only when `ModelConfig.attention_sinks` is set. Grouped-query attention: query head h reads kv head
 h // (H // KVH).
 
 What the model knows statically it passes statically, so no implementation re-checks it at run
@@ -47,7 +49,7 @@ def index_positions(batch: int, length: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None):
+def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0):
   """Reference softmax attention in XLA; scores and softmax in f32."""
   b, s, h, d = q.shape
   kvh = k.shape[2]
@@ -63,7 +65,8 @@ def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_win
   kv_pos, q_pos = kv_positions[:, None, None, None, :], q_positions[:, None, None, :, None]
   visible = kv_pos <= q_pos
   if sliding_window is not None:
-    visible &= q_pos - kv_pos < sliding_window
+    in_window = q_pos - kv_pos < sliding_window
+    visible &= (in_window | (kv_pos < sinks)) if sinks else in_window
   scores = jnp.where(visible, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
@@ -190,3 +193,24 @@ def blocked_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_w
 
 
 register_attention("blocked", blocked_attention)
+
+
+def sparse_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0):
+  """`pallas_kernels.sparse_attention`: block-sparse flash attention whose key blocks outside the
+  causal / sliding-window / sink mask are never loaded (Mosaic on TPU, Triton on GPU, a gathered
+  XLA path on CPU). Index positions (None) are the op's default; a KV cache's positions are
+  masked by value. On a mesh the op wraps itself in `shard_map` over the axes that
+  `jaxeff.sharding.LOGICAL_RULES` gives the batch and heads."""
+  import pallas_kernels  # here: only models that choose this attention need the kernels package
+
+  from jaxeff import sharding
+
+  rules = sharding.LOGICAL_RULES
+  out = pallas_kernels.sparse_attention(
+      q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), causal=True,
+      window=sliding_window, sinks=sinks, q_positions=q_positions, kv_positions=kv_positions,
+      batch_axes=rules["batch"], head_axes=rules["heads"])
+  return out.transpose(0, 2, 1, 3)
+
+
+register_attention("sparse", sparse_attention)

@@ -15,6 +15,7 @@ Module and parameter names follow Hugging Face's (q_proj, gate_proj, input_layer
 
 from __future__ import annotations
 
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from jaxeff.models import attention as attention_lib
 from jaxeff.models import kv_cache as kv_cache_lib
 from jaxeff.models.kv_cache import KVCache
 from jaxeff.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
+from jaxeff.models.nsa import NativeSparseAttention
 from jaxeff.sharding import constrain
 
 BATCH_SEQ_EMBED = ("batch", "seq", "embed")
@@ -41,6 +43,7 @@ class Attention(nnx.Module):
     self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
     self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), **kw)
+    self.nsa = NativeSparseAttention(cfg, rngs=rngs) if cfg.attention == "nsa" else None
 
   def __call__(self, x, cos, sin, positions, kv=None):
     """positions: [B, S], or None for 0..S-1. kv: this layer's (keys, values) cache arrays, or None.
@@ -55,7 +58,14 @@ class Attention(nnx.Module):
     q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
     k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
     v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
+    if self.nsa is not None:
+      if kv is not None or positions is not None:
+        raise ValueError("attention nsa runs over whole sequences at positions 0..S-1; KV-cache decode and "
+                         "explicit positions are not implemented for it")
+      return self.o_proj(self.nsa(x, q, k, v).reshape(b, s, cfg.num_heads * cfg.head_dim))
     attend = attention_lib.get_attention(cfg.attention)
+    if cfg.attention_sinks:
+      attend = functools.partial(attend, sinks=cfg.attention_sinks)
     if kv is None:
       out = attend(q, k, v, q_positions=positions, kv_positions=positions, sliding_window=cfg.sliding_window)
       return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim))
