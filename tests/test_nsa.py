@@ -12,6 +12,7 @@ from flax import nnx
 
 from jaxeff import train as train_lib
 from jaxeff.config import ConfigError, ModelConfig
+from jaxeff.hf import HFError, config_to_hf
 from jaxeff.models import Llama
 from jaxeff.models.nsa import NativeSparseAttention
 
@@ -134,6 +135,8 @@ def test_config_and_decode_errors():
     dataclasses.replace(CFG, nsa_compress_stride=32)
   with pytest.raises(ConfigError, match="leave model.sliding_window null"):
     dataclasses.replace(CFG, sliding_window=64)
+  with pytest.raises(HFError, match="no Hugging Face equivalent"):
+    config_to_hf(CFG)
   model = Llama(CFG, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="KV-cache decode and explicit positions are not implemented"):
     model(jnp.zeros((1, 4), jnp.int32), jnp.arange(4)[None])
