@@ -35,3 +35,28 @@ class ArgumentParser(argparse.ArgumentParser):
   def parse(self, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parses `argv` (default: `sys.argv[1:]`), positionals and flags intermixed."""
     return self.parse_intermixed_args(argv)
+
+
+def quiet_closed_event_loop_callbacks() -> None:
+  """Drops one harmless report from stderr: after a failed checkpoint read, tensorstore reads that
+  were still in flight finish on their own threads and try to wake orbax's event loop, which is
+  already closed; each prints "RuntimeError: Event loop is closed" (from asyncio's
+  `call_soon_threadsafe`, through `sys.excepthook`), dozens of tracebacks around the one `error:`
+  line. Only that exact error is dropped; everything else reaches the previous hook. A CLI calls
+  this at start (it changes the process's excepthook, which `import jaxeff` never does)."""
+  import sys
+  import traceback
+
+  previous = sys.excepthook
+  if getattr(previous, "jaxeff_quiet_closed_loops", False):
+    return  # already installed
+
+  def hook(kind, value, tb):
+    frames = traceback.extract_tb(tb)
+    if (kind is RuntimeError and str(value) == "Event loop is closed"
+        and any(f.name == "call_soon_threadsafe" and f.filename.endswith("base_events.py") for f in frames)):
+      return
+    previous(kind, value, tb)
+
+  hook.jaxeff_quiet_closed_loops = True
+  sys.excepthook = hook

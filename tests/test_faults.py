@@ -205,7 +205,7 @@ def test_every_checkpoint_damaged_is_one_clear_error(saved, tmp_path):
                         cwd=REPO, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2, proc.stderr[-3000:]
   lines = proc.stderr.strip().splitlines()
-  assert len(lines) == 1 and lines[0].startswith("error: --resume: no checkpoint in "), proc.stderr[-3000:]
+  assert len(lines) == 1 and lines[0].startswith("error: --resume: no checkpoint in "), proc.stderr[:3000]
   assert "step 3 is damaged: params/ocdbt.process_0/d/" in lines[0]
   assert "step 2 cannot be read (" in lines[0] and "step 1 cannot be read (" in lines[0]
   assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing moved or written
@@ -251,3 +251,26 @@ def test_flags_and_overrides_in_any_order(tmp_path, capsys):
   assert generate_main.main(["--hf", "m.gguf", "--bogus", "--prompt", "hi"], err=stderr) == 2
   err = stderr.getvalue().strip()
   assert err.startswith("error: unrecognized arguments: --bogus") and "\n" not in err, err
+
+
+def test_closed_event_loop_reports_are_dropped_and_nothing_else(capsys):
+  """The CLI's excepthook drops asyncio's "Event loop is closed" from call_soon_threadsafe (in-flight
+  tensorstore reads after a failed restore) and passes every other error through."""
+  import asyncio
+  from jaxeff import cli
+
+  saved = sys.excepthook
+  try:
+    cli.quiet_closed_event_loop_callbacks()
+    cli.quiet_closed_event_loop_callbacks()  # idempotent
+    loop = asyncio.new_event_loop()
+    loop.close()
+    for error in (lambda: loop.call_soon_threadsafe(print), lambda: 1 / 0):
+      try:
+        error()
+      except Exception as e:
+        sys.excepthook(type(e), e, e.__traceback__)
+    err = capsys.readouterr().err
+    assert "Event loop is closed" not in err and "ZeroDivisionError" in err, err
+  finally:
+    sys.excepthook = saved
