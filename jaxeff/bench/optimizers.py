@@ -279,8 +279,7 @@ def goals(summary: dict, projector: dict | None) -> list[tuple[str, bool | None]
     needs = [] if kind in ("state", "projector") else needs
     if not have(*needs):
       missing = [n for n in needs if not have(n)]
-      lines.append((f"{name} {kind.replace('_', ' ')} goal: not measured (no finished run of "
-                    f"{', '.join(missing)})", None))
+      lines.append((f"{goal_title(kind, name, arg)}: not measured (no finished run of {', '.join(missing)})", None))
       continue
     partial = [n for n in needs if not opt[n]["complete"]]
     before = len(lines)
@@ -308,7 +307,7 @@ def goals(summary: dict, projector: dict | None) -> list[tuple[str, bool | None]
       d = a["final_mean"] - b["final_mean"]
       lines.append((f"{name} final loss below {arg}'s at equal rank: {a['final_mean']:.4f} +- {a['final_std']:.4f} "
                     f"vs {b['final_mean']:.4f} +- {b['final_std']:.4f} ({d:+.4f})", d < 0))
-    elif kind == "state" and have(name) and "state_ratio" in opt[name]:
+    elif kind == "state" and "state_ratio" in opt.get(name, {}):
       s = opt[name]["state_ratio"]
       lines.append((f"{name} state <= {arg:.0%} of AdamW's: {s:.1%}", s <= arg))
     elif kind == "projector" and projector:
@@ -316,12 +315,21 @@ def goals(summary: dict, projector: dict | None) -> list[tuple[str, bool | None]
       lines.append((f"{name} projector step < {arg}x one GaLore SVD refresh: {projector['osd_projector_ms']:.2f} ms "
                     f"vs {projector['svd_refresh_ms']:.2f} ms = {r:.3f}x", r < arg))
     if len(lines) == before:
-      lines.append((f"{name} {kind.replace('_', ' ')} goal: not measured in this run", None))
+      lines.append((f"{goal_title(kind, name, arg)}: not measured in this run", None))
     elif partial:
       detail = "; ".join(f"{n}: {len(opt[n]['lrs'])} lrs{'' if opt[n]['inside_grid'] else ', best at the edge'}, "
                          f"{opt[n]['seeds']} seed(s)" for n in partial)
       lines[-1] = (f"{lines[-1][0]} [partial sweep, undecided: {detail}]", None)
   return lines
+
+
+def goal_title(kind: str, name: str, arg) -> str:
+  return {"steps": f"{name} steps to AdamW's final loss <= {arg}x",
+          "step_time": f"{name} step time <= {arg}x AdamW's",
+          "final_within": f"{name} final loss within {arg[1]:.0%} of {arg[0]}'s" if kind == "final_within" else "",
+          "final_below": f"{name} final loss below {arg}'s at equal rank",
+          "state": f"{name} state <= {arg}x AdamW's",
+          "projector": f"{name} projector step < {arg}x one GaLore SVD refresh"}[kind]
 
 
 def verdict(met: bool | None) -> str:
