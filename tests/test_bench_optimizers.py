@@ -85,6 +85,12 @@ def _run(name, lr, seed, final, diverged=False):
           "val": {0: 5.0, 10: final}}
 
 
+def test_grid_runs_middle_out():
+  assert bench.middle_out([1.0, 2.0, 4.0, 8.0, 16.0]) == [4.0, 2.0, 8.0, 1.0, 16.0]
+  for grid in bench.SWEEP.values():
+    assert sorted(bench.middle_out(grid)) == sorted(grid)
+
+
 def test_sweep_widens_until_the_best_is_inside():
   runs = [_run("a", lr, 0, f) for lr, f in [(1.0, 3.0), (2.0, 2.9), (4.0, 2.8)]]
   assert bench.best_lr(runs, "a") == 4.0 and bench.next_lr(runs, "a", max_lrs=9) == 8.0

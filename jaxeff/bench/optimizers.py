@@ -212,6 +212,12 @@ def best_lr(runs: list[dict], name: str) -> float | None:
   return min(sweep, key=lambda r: r["final_val"])["lr"] if sweep else None
 
 
+def middle_out(grid: list[float]) -> list[float]:
+  """The grid from its centre outwards: a sweep cut short has tried the likeliest values first."""
+  centre = math.sqrt(grid[0] * grid[-1])
+  return sorted(grid, key=lambda lr: (abs(math.log(lr / centre)), lr))
+
+
 def next_lr(runs: list[dict], name: str, max_lrs: int) -> float | None:
   """The learning rate to add when the best is at an edge of the tried grid (None: inside)."""
   tried = sorted({r["lr"] for r in runs if r["name"] == name and r["seed"] == 0})
@@ -700,7 +706,7 @@ def _run_all(args, names, setup, ctx, runs, path, t0, log) -> int:
 
     if args.report:
       continue
-    grid = SWEEP[name][len(SWEEP[name]) // 2:][:1] if args.quick else SWEEP[name]
+    grid = SWEEP[name][len(SWEEP[name]) // 2:][:1] if args.quick else middle_out(SWEEP[name])
     for lr in grid:
       run(lr, 0)
     while not args.quick and (lr := next_lr(runs, name, args.max_lrs)) is not None:
