@@ -577,6 +577,7 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   import numpy as np
 
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
@@ -586,7 +587,8 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
     curves = [r["val"] for r in runs if r["name"] == name and r["lr"] == s["best_lr"]]
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     vals = np.array([[c[k] for k in steps] for c in curves])
-    line, = ax.plot(steps, vals.mean(0), label=f"{name} (lr {s['best_lr']:g}, {len(curves)} seeds)")
+    partial = "" if s.get("complete", True) else ", sweep unfinished"
+    line, = ax.plot(steps, vals.mean(0), label=f"{name} (lr {s['best_lr']:g}, {len(curves)} seeds{partial})")
     ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
     sweep = sorted((float(k), v) for k, v in s["sweep"].items() if math.isfinite(v))
     bx.plot([k for k, _ in sweep], [v for _, v in sweep], marker="o", color=line.get_color(), label=name)
@@ -595,7 +597,8 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   ax.set_ylim(lo - 0.3, lo + 1.2)
   ax.set_xlabel("step"); ax.set_ylabel("validation loss (nats/byte)"); ax.grid(alpha=0.3)
   ax.set_title("best lr each: mean over seeds, band = min..max"); ax.legend(fontsize=7)
-  bx.set_xscale("log"); bx.set_xlabel("peak learning rate"); bx.set_ylabel("final validation loss (seed 0)")
+  bx.set_xscale("log"); bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  bx.set_xlabel("peak learning rate"); bx.set_ylabel("final validation loss (seed 0)")
   bx.set_ylim(lo - 0.2, lo + 0.8); bx.grid(alpha=0.3); bx.set_title("learning-rate sweeps"); bx.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
