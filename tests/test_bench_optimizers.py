@@ -23,7 +23,14 @@ def test_quick_run_reports_every_field(tmp_path, capsys):
     assert math.isfinite(s["final_mean"]) and s["step_time_ratio"] > 0 and s["state_ratio"] > 0
   assert opt["adamw"]["state_ratio"] == 1.0 and opt["adamw"]["step_time_ratio"] == 1.0
   assert result["projector"]["svd_refresh_ms"] > 0 and result["projector"]["osd_projector_ms"] > 0
-  assert {g["goal"].split()[0] for g in result["goals"]} == {"osd"}  # the goals whose optimizers ran
+  # Every goal has a line; those whose optimizers did not run say so, and one lr and one seed
+  # (--quick) decide none of the loss goals (state and projector timing need no sweep).
+  assert len(result["goals"]) == len(bench.GOALS)
+  by_training = [g for g in result["goals"] if not g["goal"].startswith(("osd state", "osd projector"))]
+  assert len(by_training) == 6 and all(g["met"] is None for g in by_training)
+  measured = [g["goal"] for g in result["goals"] if "not measured" not in g["goal"]]
+  assert {g.split()[0] for g in measured} == {"osd"}
+  assert "c_adamw steps to AdamW's final loss <= 0.8x: not measured (no finished run of c_adamw)" in text
   assert set(result["state_ratios"]) == {"osd", "galore"}
   assert (out / "optimizers_cpu.png").stat().st_size > 1000
 
@@ -35,6 +42,20 @@ def test_quick_run_reports_every_field(tmp_path, capsys):
   # --resume with other settings refuses too (the saved runs would not be comparable).
   assert bench.main(["--quick", "--steps", "8", "--optimizers", "osd", "--out", str(out), "--resume"]) == 2
   assert "different setup" in capsys.readouterr().err
+
+  # --report trains nothing: same runs, every optimizer's state, fresh timings of the ones that ran.
+  assert bench.main(["--quick", "--steps", "6", "--out", str(out), "--report"]) == 0
+  reported = json.loads((out / "optimizers_cpu.json").read_text())
+  assert reported["runs"] == result["runs"]
+  opt = reported["summary"]["optimizers"]
+  assert set(opt) == set(bench.SWEEP) and opt["muon"] == {**opt["muon"], "best_lr": None, "runs": 0}
+  assert opt["muon"]["state_ratio"] > 0 and "step_time_ratio" not in opt["muon"]
+  assert opt["galore"]["step_time_ratio"] > 0 and reported["projector"]["ratio"] > 0
+  # The state goal needs no training: decided for OSD whether or not it ran.
+  assert [g["met"] is None for g in reported["goals"] if g["goal"].startswith("osd state")] == [False]
+  assert "| muon | - | - | not run |" in capsys.readouterr().out
+  assert bench.main(["--quick", "--out", str(tmp_path / "none"), "--report"]) == 2
+  assert "needs a results file" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv,msg", [
@@ -64,6 +85,12 @@ def _run(name, lr, seed, final, diverged=False):
           "val": {0: 5.0, 10: final}}
 
 
+def test_grid_runs_middle_out():
+  assert bench.middle_out([1.0, 2.0, 4.0, 8.0, 16.0]) == [4.0, 2.0, 8.0, 1.0, 16.0]
+  for grid in bench.SWEEP.values():
+    assert sorted(bench.middle_out(grid)) == sorted(grid)
+
+
 def test_sweep_widens_until_the_best_is_inside():
   runs = [_run("a", lr, 0, f) for lr, f in [(1.0, 3.0), (2.0, 2.9), (4.0, 2.8)]]
   assert bench.best_lr(runs, "a") == 4.0 and bench.next_lr(runs, "a", max_lrs=9) == 8.0
@@ -89,6 +116,31 @@ def test_summary_target_is_baseline_mean_over_seeds():
   assert x["final_mean"] == pytest.approx(5.9 / 3)
   # Curves 5.0 -> final at step 10, interpolated: (5 - 2.2) / (5 - final) * 10.
   assert x["steps_to_target"][0] == pytest.approx(2.8 / 3.5 * 10)
+
+
+def test_goals_on_partial_results():
+  """A goal is decided only when the protocol finished for every optimizer it compares."""
+  setup = bench.Setup(model={}, steps=10, batch_size=8, seq_len=8, workers=1, warmup=1, eval_every=10,
+                      eval_batches=1, data="x")
+  lrs = [1.0, 2.0, 4.0, 8.0, 16.0]
+  runs = [_run("adamw", lr, 0, 2.0 + abs(lr - 4.0) / 10) for lr in lrs]
+  runs += [_run("adamw", 4.0, s, 2.0) for s in (1, 2)]
+  runs += [_run("c_adamw", lr, 0, 1.5 + abs(lr - 4.0) / 10) for lr in lrs]
+  runs += [_run("c_adamw", 4.0, s, 1.5) for s in (1, 2)]
+  runs += [_run("muon", lr, 0, 1.0 + lr / 10) for lr in lrs[:3]]  # best at the edge, one seed
+  summary = bench.summarize(runs, ["adamw", "c_adamw", "muon", "osd"], setup, {}, seeds_wanted=3)
+  opt = summary["optimizers"]
+  assert opt["c_adamw"]["complete"] and not opt["muon"]["complete"]
+  assert opt["osd"] == {"best_lr": None, "runs": 0, "complete": False}
+  lines = dict(bench.goals(summary, None))
+  c_steps = [t for t in lines if t.startswith("c_adamw steps")][0]
+  # Complete: decided. Curves 5.0 -> 1.5 reach the target 2.0 at (5 - 2) / (5 - 1.5) = 0.86 of the run.
+  assert lines[c_steps] is False and "0.86x" in c_steps
+  muon = [t for t in lines if t.startswith("muon steps")][0]
+  assert lines[muon] is None and "partial sweep" in muon and "3 lrs, best at the edge, 1 seed" in muon
+  osd = [t for t in lines if t.startswith("osd final loss within 2% of adamw's")]
+  assert osd and lines[osd[0]] is None and "not measured" in osd[0]
+  assert bench.verdict(None) == "not decided" and bench.verdict(False) == "missed"
 
 
 def test_state_ratio_table_at_several_ranks():

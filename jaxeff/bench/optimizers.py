@@ -1,4 +1,4 @@
-"""Optimizer comparison: `python -m jaxeff.bench optimizers [--out DIR] [--resume] [--quick]`.
+"""Optimizer comparison: `python -m jaxeff.bench optimizers [--out DIR] [--resume | --report] [--quick]`.
 
 Trains one byte-level Llama (hidden 256, 4 layers; ../shared/data/tinyshakespeare.txt when
 present, else the embedded corpus) with every optimizer in `jaxeff.optim` on a data-parallel CPU
@@ -22,6 +22,9 @@ Protocol (issue 10):
 
 Every finished run is appended to `DIR/optimizers_<platform>.json` at once (written atomically),
 so an interrupted sweep continues with `--resume`; the plot goes beside it as a PNG.
+`--optimizers a,b,c` runs those (after AdamW, the baseline) in that order. `--report` trains
+nothing: it summarizes whatever the file holds, with fresh timings; goals whose optimizers have no
+runs say "not measured", and those whose sweep is unfinished show their numbers, undecided.
 The loop asks each optimizer's `jaxeff.optim.spec` what it needs (per-device gradients, clipping,
 a mesh, logical axes); the tables below (grids, extra hyperparameters, goals) are data.
 """
@@ -61,6 +64,7 @@ WEIGHT_DECAY = {"lion": 0.3, "c_lion": 0.3, "distributed_lion": 0.3}  # Lion: lr
 DEFAULT_WEIGHT_DECAY = 0.1
 LOW_RANK = {"rank": 32, "update_proj_gap": 200}  # given to the optimizers whose factory takes them
 STATE_RANKS = [8, 16, 32, 64, 128]
+MIN_LRS = 5  # learning rates per optimizer before its best counts as found
 PROJECTOR_COST = ("osd", "galore")  # OSD's per-step projector update vs one GaLore SVD refresh
 
 # (kind, optimizer, other / threshold): the issue's goals, checked by `goals()`.
@@ -208,6 +212,12 @@ def best_lr(runs: list[dict], name: str) -> float | None:
   return min(sweep, key=lambda r: r["final_val"])["lr"] if sweep else None
 
 
+def middle_out(grid: list[float]) -> list[float]:
+  """The grid from its centre outwards: a sweep cut short has tried the likeliest values first."""
+  centre = math.sqrt(grid[0] * grid[-1])
+  return sorted(grid, key=lambda lr: (abs(math.log(lr / centre)), lr))
+
+
 def next_lr(runs: list[dict], name: str, max_lrs: int) -> float | None:
   """The learning rate to add when the best is at an edge of the tried grid (None: inside)."""
   tried = sorted({r["lr"] for r in runs if r["name"] == name and r["seed"] == 0})
@@ -225,8 +235,12 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
   return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def summarize(runs: list[dict], names: list[str], setup: Setup, extras: dict) -> dict:
-  """Per optimizer at its best lr: final loss and steps to AdamW's mean final loss over seeds."""
+def summarize(runs: list[dict], names: list[str], setup: Setup, extras: dict, seeds_wanted: int = 3) -> dict:
+  """Per optimizer at its best lr: final loss and steps to AdamW's mean final loss over seeds.
+
+  `complete` says whether the optimizer's protocol finished: >= MIN_LRS learning rates with the
+  best strictly inside, and `seeds_wanted` seeds at it. Goals on incomplete ones stay undecided.
+  """
   out = {}
   base_lr = best_lr(runs, BASELINE)
   base = [r for r in runs if r["name"] == BASELINE and r["lr"] == base_lr]
@@ -234,7 +248,8 @@ def summarize(runs: list[dict], names: list[str], setup: Setup, extras: dict) ->
   for name in names:
     lr = best_lr(runs, name)
     if lr is None:
-      out[name] = {"best_lr": None}
+      out[name] = {"best_lr": None, "runs": sum(r["name"] == name for r in runs), "complete": False}
+      out[name].update({key: per_name[name] for key, per_name in extras.items() if name in per_name})
       continue
     seeds = [r for r in runs if r["name"] == name and r["lr"] == lr]
     finals = [r["final_val"] for r in seeds]
@@ -242,8 +257,11 @@ def summarize(runs: list[dict], names: list[str], setup: Setup, extras: dict) ->
     reached = [s for s in steps if s is not None]
     tried = sorted({r["lr"] for r in runs if r["name"] == name and r["seed"] == 0})
     mean, std = _mean_std(finals)
+    inside = tried[0] < lr < tried[-1]
     out[name] = {
-        "best_lr": lr, "lrs": tried, "inside_grid": tried[0] < lr < tried[-1],
+        "best_lr": lr, "lrs": tried, "inside_grid": inside,
+        "complete": inside and len(tried) >= MIN_LRS and len(seeds) >= seeds_wanted,
+        "runs": sum(r["name"] == name for r in runs),
         "sweep": {str(r["lr"]): r["final_val"] for r in runs if r["name"] == name and r["seed"] == 0},
         "seeds": len(seeds), "final_val": finals, "final_mean": mean, "final_std": std,
         "steps_to_target": steps, "reached": len(reached),
@@ -257,11 +275,20 @@ def summarize(runs: list[dict], names: list[str], setup: Setup, extras: dict) ->
 
 
 def goals(summary: dict, projector: dict | None) -> list[tuple[str, bool | None]]:
-  """(line, met) for each goal whose optimizers ran; met None when it cannot be decided."""
+  """(line, met) for every goal; met None when it is not decided: an optimizer it needs has no
+  runs (not measured) or an unfinished protocol (partial: the numbers are shown, undecided)."""
   opt = summary["optimizers"]
   lines = []
   have = lambda *ns: all(n in opt and opt[n].get("best_lr") is not None for n in ns)
   for kind, name, arg in GOALS:
+    needs = [name, arg[0]] if kind == "final_within" else [name, arg] if kind == "final_below" else [name]
+    needs = [] if kind in ("state", "projector") else needs
+    if not have(*needs):
+      missing = [n for n in needs if not have(n)]
+      lines.append((f"{goal_title(kind, name, arg)}: not measured (no finished run of {', '.join(missing)})", None))
+      continue
+    partial = [n for n in needs if not opt[n]["complete"]]
+    before = len(lines)
     if kind == "steps" and have(name):
       s = opt[name]
       if s["reached"] < s["seeds"]:
@@ -286,14 +313,33 @@ def goals(summary: dict, projector: dict | None) -> list[tuple[str, bool | None]
       d = a["final_mean"] - b["final_mean"]
       lines.append((f"{name} final loss below {arg}'s at equal rank: {a['final_mean']:.4f} +- {a['final_std']:.4f} "
                     f"vs {b['final_mean']:.4f} +- {b['final_std']:.4f} ({d:+.4f})", d < 0))
-    elif kind == "state" and have(name) and "state_ratio" in opt[name]:
+    elif kind == "state" and "state_ratio" in opt.get(name, {}):
       s = opt[name]["state_ratio"]
       lines.append((f"{name} state <= {arg:.0%} of AdamW's: {s:.1%}", s <= arg))
     elif kind == "projector" and projector:
       r = projector["ratio"]
       lines.append((f"{name} projector step < {arg}x one GaLore SVD refresh: {projector['osd_projector_ms']:.2f} ms "
                     f"vs {projector['svd_refresh_ms']:.2f} ms = {r:.3f}x", r < arg))
+    if len(lines) == before:
+      lines.append((f"{goal_title(kind, name, arg)}: not measured in this run", None))
+    elif partial:
+      detail = "; ".join(f"{n}: {len(opt[n]['lrs'])} lrs{'' if opt[n]['inside_grid'] else ', best at the edge'}, "
+                         f"{opt[n]['seeds']} seed(s)" for n in partial)
+      lines[-1] = (f"{lines[-1][0]} [partial sweep, undecided: {detail}]", None)
   return lines
+
+
+def goal_title(kind: str, name: str, arg) -> str:
+  return {"steps": f"{name} steps to AdamW's final loss <= {arg}x",
+          "step_time": f"{name} step time <= {arg}x AdamW's",
+          "final_within": f"{name} final loss within {arg[1]:.0%} of {arg[0]}'s" if kind == "final_within" else "",
+          "final_below": f"{name} final loss below {arg}'s at equal rank",
+          "state": f"{name} state <= {arg}x AdamW's",
+          "projector": f"{name} projector step < {arg}x one GaLore SVD refresh"}[kind]
+
+
+def verdict(met: bool | None) -> str:
+  return "not decided" if met is None else "met" if met else "missed"
 
 
 # ---------------------------------------------------------------------------- timing
@@ -491,9 +537,12 @@ def report(summary: dict, goal_lines, setup: Setup, data_desc: str, projector, w
            "| step time vs AdamW | state/device vs AdamW |", "|---|---|---|---|---|---|---|"]
   for name, s in summary["optimizers"].items():
     if s.get("best_lr") is None:
-      lines.append(f"| {name} | - | - | all runs diverged | - | - | - |")
+      state_r = f"{s['state_ratio']:.2f}x" if "state_ratio" in s else "-"
+      what = "all runs diverged" if s["runs"] else "not run"
+      lines.append(f"| {name} | - | - | {what} | - | - | {state_r} |")
       continue
     edge = "" if s["inside_grid"] else " (edge!)"
+    edge += "" if s["complete"] else " (partial)"
     reached = s["steps_to_target"]
     if s["reached"]:
       partial = "" if s["reached"] == s["seeds"] else f"; {s['reached']}/{s['seeds']} seeds reached"
@@ -505,7 +554,7 @@ def report(summary: dict, goal_lines, setup: Setup, data_desc: str, projector, w
     state_r = f"{s['state_ratio']:.2f}x" if "state_ratio" in s else "-"
     lines.append(f"| {name} | {', '.join(f'{x:g}' for x in s['lrs'])} | {s['best_lr']:g}{edge} | "
                  f"{s['final_mean']:.4f} +- {s['final_std']:.4f} ({s['seeds']}) | {steps} | {time_r} | {state_r} |")
-  lines += ["", "Goals:"] + [f"- {text} -> {'met' if ok else 'missed'}" for text, ok in goal_lines]
+  lines += ["", "Goals:"] + [f"- {text} -> {verdict(ok)}" for text, ok in goal_lines]
   if projector:
     lines.append(f"\nprojector timing: {projector['matrices']} projected matrices (canonical [batch, big, small] "
                  f"{projector['shapes']}), medians of {projector['rounds']} alternating rounds")
@@ -528,6 +577,7 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   import numpy as np
 
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
@@ -537,7 +587,8 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
     curves = [r["val"] for r in runs if r["name"] == name and r["lr"] == s["best_lr"]]
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     vals = np.array([[c[k] for k in steps] for c in curves])
-    line, = ax.plot(steps, vals.mean(0), label=f"{name} (lr {s['best_lr']:g}, {len(curves)} seeds)")
+    partial = "" if s.get("complete", True) else ", sweep unfinished"
+    line, = ax.plot(steps, vals.mean(0), label=f"{name} (lr {s['best_lr']:g}, {len(curves)} seeds{partial})")
     ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
     sweep = sorted((float(k), v) for k, v in s["sweep"].items() if math.isfinite(v))
     bx.plot([k for k, _ in sweep], [v for _, v in sweep], marker="o", color=line.get_color(), label=name)
@@ -546,7 +597,8 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   ax.set_ylim(lo - 0.3, lo + 1.2)
   ax.set_xlabel("step"); ax.set_ylabel("validation loss (nats/byte)"); ax.grid(alpha=0.3)
   ax.set_title("best lr each: mean over seeds, band = min..max"); ax.legend(fontsize=7)
-  bx.set_xscale("log"); bx.set_xlabel("peak learning rate"); bx.set_ylabel("final validation loss (seed 0)")
+  bx.set_xscale("log"); bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  bx.set_xlabel("peak learning rate"); bx.set_ylabel("final validation loss (seed 0)")
   bx.set_ylim(lo - 0.2, lo + 0.8); bx.grid(alpha=0.3); bx.set_title("learning-rate sweeps"); bx.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
@@ -575,6 +627,9 @@ def main(argv=None) -> int:
   p.add_argument("--quick", action="store_true",
                  help="smoke run: tiny model, 20 steps, one lr and one seed each, short timings")
   p.add_argument("--resume", action="store_true", help="continue the results file in --out")
+  p.add_argument("--report", action="store_true",
+                 help="train nothing: summarize the results file in --out (every optimizer in it; goals of "
+                      "optimizers without runs say 'not measured'), with fresh step and projector timings")
   p.add_argument("--out", default="bench-optimizers", help="directory for optimizers_<platform>.json/.png")
   p.add_argument("--data", default=None,
                  help="text file to train on (default: ../shared/data/tinyshakespeare.txt beside the repo when "
@@ -613,13 +668,19 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   path = out / f"optimizers_{jax.default_backend()}.json"
   runs: list[dict] = []
+  if args.report and not path.exists():
+    return _error(f"--report needs a results file, {path} does not exist")
   if path.exists():
-    if not args.resume:
+    if not (args.resume or args.report):
       return _error(f"{path} exists; pass --resume to continue it, or choose another --out (nothing is overwritten)")
     try:
       runs = load_runs(path, setup)
     except (ValueError, KeyError) as e:
       return _error(str(e))
+  if args.report:
+    if not any(r["name"] == BASELINE for r in runs):
+      return _error(f"--report: {path} has no {BASELINE} runs (the target comes from them)")
+    names = [n for n in SWEEP if any(r["name"] == n for r in runs)]
   out.mkdir(parents=True, exist_ok=True)
 
   t0 = time.perf_counter()
@@ -646,7 +707,9 @@ def _run_all(args, names, setup, ctx, runs, path, t0, log) -> int:
         log(f"{name:17s} lr {lr:<9g} seed {seed}: final val {r['final_val']:.4f}"
             f"{' (diverged)' if r['diverged'] else ''} [{r['wall_s']:.0f} s]")
 
-    grid = SWEEP[name][len(SWEEP[name]) // 2:][:1] if args.quick else SWEEP[name]
+    if args.report:
+      continue
+    grid = SWEEP[name][len(SWEEP[name]) // 2:][:1] if args.quick else middle_out(SWEEP[name])
     for lr in grid:
       run(lr, 0)
     while not args.quick and (lr := next_lr(runs, name, args.max_lrs)) is not None:
@@ -660,19 +723,23 @@ def _run_all(args, names, setup, ctx, runs, path, t0, log) -> int:
   timed = {n: trainers[n] for n in names if best[n] is not None}
   log("timing train steps in alternating rounds ...")
   times = step_times(timed, best, args.timing_rounds, args.timing_steps)
-  state = {n: trainers[n].state_bytes_per_device() for n in names}
-  projector = projector_cost(ctx, args.projector_rounds) if all(n in names for n in PROJECTOR_COST) else None
+  # State bytes, the projector timing and the state table need no training: a report gives them
+  # for every optimizer, run or not.
+  all_names = list(SWEEP) if args.report else names
+  state = {n: (trainers.get(n) or Trainer(n, ctx)).state_bytes_per_device() for n in all_names}
+  have_projector = all(n in all_names for n in PROJECTOR_COST)
+  projector = projector_cost(ctx, args.projector_rounds) if have_projector else None
   ranks = [r for r in STATE_RANKS if r <= setup.model["hidden_size"]]
-  state_table = state_ratio_table(ctx["abstract"], names, ranks)
+  state_table = state_ratio_table(ctx["abstract"], all_names, ranks)
   extras = {"step_time_ratio": {n: t / times[BASELINE] for n, t in times.items()} if BASELINE in times else {},
             "step_time_s": times, "state_ratio": {n: b / state[BASELINE] for n, b in state.items()},
             "state_bytes_per_device": state}
-  summary = summarize(runs, names, setup, extras)
+  summary = summarize(runs, all_names, setup, extras, seeds_wanted=args.seeds)
   goal_lines = goals(summary, projector)
   wall = time.perf_counter() - t0
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
   save_json(path, payload(summary=summary, projector=projector, state_ratios=state_table,
-                          goals=[{"goal": g, "met": ok} for g, ok in goal_lines],
+                          goals=[{"goal": g, "met": ok, "verdict": verdict(ok)} for g, ok in goal_lines],
                           machine={"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
                                    "loadavg_at_end": load, "backend": jax.default_backend()},
                           wall_s_this_invocation=wall))

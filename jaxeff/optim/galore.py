@@ -58,7 +58,30 @@ def scale_by_galore(
     projection_mask: Any = None,
     dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """GaLore's direction scale * back(Adam(R)) in gradient space (no lr, no decay); Args as `galore`."""
+  r"""GaLore's direction in gradient space: alpha Adam(R_t) projected back, R_t the gradient
+  projected on the top-r singular vectors refreshed every `update_proj_gap` steps.
+
+  The building block of `galore` (which adds the weight decay and the step size eta).
+
+  Args:
+    rank: r; min(r, smaller side) per projected matrix. Static (it sets state shapes).
+    update_proj_gap: T, steps between SVD refreshes of the projector.
+    scale: alpha, multiplies the projected-back update.
+    b1: Adam's first-moment decay on the projected gradient.
+    b2: Adam's second-moment decay on the projected gradient.
+    eps: added to sqrt(v_hat).
+    mu_dtype: dtype of Adam's first moment; None: f32 for projected matrices.
+    logical_axes: logical-axis names per leaf, as in `galore`.
+    projection_mask: instead of names, a bool pytree: True -> project the last two axes.
+    dimension_numbers: instead of names, a pytree of `MatrixDims` or None per leaf.
+
+  Example::
+
+    tx = optax.chain(jaxeff.optim.scale_by_galore(rank=64, logical_axes=axes),
+                     optax.scale_by_learning_rate(1e-2))
+
+  Reference: arXiv 2403.03507; https://github.com/jiaweizzhao/GaLore (galore_projector.py).
+  """
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
 
   def _views(tree):

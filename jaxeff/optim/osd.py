@@ -79,8 +79,36 @@ def scale_by_osd(
     projection_mask: Any = None,
     dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """OSD's direction in gradient space (no lr, no decay on p); `learning_rate` only sets lr_P.
-  Args as `online_subspace_descent`, plus P's AdamW betas and eps (`projector_b1/b2/eps`)."""
+  r"""OSD's direction in gradient space: alpha Adam(G P^T) P, before the step size and weight decay.
+
+  The building block of `online_subspace_descent` (which adds the decay and eta); use it to put
+  your own transformations between the direction and the step. `learning_rate` does not scale
+  the output: it only drives the projector's own AdamW step, eta_P = projector_lr_scale * eta_t.
+
+  Args:
+    learning_rate: eta (float or optax schedule), for eta_P only.
+    rank: r; min(r, smaller side) per projected matrix. Static (it sets state shapes).
+    scale: alpha, multiplies the projected-back update.
+    b1: Adam's first-moment decay on the projected gradient.
+    b2: Adam's second-moment decay on the projected gradient.
+    eps: added to sqrt(v_hat).
+    mu_dtype: dtype of Adam's first moment; None: f32 for projected matrices.
+    projector_lr_scale: eta_P / eta.
+    projector_b1: P's AdamW first-moment decay.
+    projector_b2: P's AdamW second-moment decay.
+    projector_eps: P's AdamW eps.
+    projector_weight_decay: P's AdamW weight decay.
+    logical_axes: logical-axis names per leaf, as in `galore`.
+    projection_mask: instead of names, a bool pytree: True -> project the last two axes.
+    dimension_numbers: instead of names, a pytree of `MatrixDims` or None per leaf.
+
+  Example::
+
+    tx = optax.chain(jaxeff.optim.scale_by_osd(1e-2, rank=64, logical_axes=axes),
+                     optax.scale_by_learning_rate(1e-2))
+
+  Reference: arXiv 2408.12857; https://github.com/kyleliang919/Online-Subspace-Descent.
+  """
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
   p_adam = optax.scale_by_adam(b1=projector_b1, b2=projector_b2, eps=projector_eps)
 
