@@ -38,25 +38,34 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def quiet_closed_event_loop_callbacks() -> None:
-  """Drops one harmless report from stderr: after a failed checkpoint read, tensorstore reads that
-  were still in flight finish on their own threads and try to wake orbax's event loop, which is
-  already closed; each prints "RuntimeError: Event loop is closed" (from asyncio's
-  `call_soon_threadsafe`, through `sys.excepthook`), dozens of tracebacks around the one `error:`
-  line. Only that exact error is dropped; everything else reaches the previous hook. A CLI calls
-  this at start (it changes the process's excepthook, which `import jaxeff` never does)."""
+  """Drops two harmless reports of a failed checkpoint read from stderr. Orbax reads a step's
+  chunks as concurrent coroutines and stops at the first failure; the reads still in flight then
+  (1) finish on tensorstore's threads and try to wake orbax's event loop, already closed, each
+  printing "RuntimeError: Event loop is closed" (asyncio's `call_soon_threadsafe`, through
+  `sys.excepthook`), and (2) are discarded with their own read error ("Exception ignored in:
+  <coroutine ...>", through `sys.unraisablehook`): dozens of tracebacks around the one `error:`
+  line, depending on timing. Only these are dropped (the first by its exact error and frame, the
+  second when raised inside orbax's checkpoint code); everything else reaches the previous hooks.
+  A CLI calls this at start: it changes process-wide hooks, which `import jaxeff` never does."""
   import sys
   import traceback
 
-  previous = sys.excepthook
-  if getattr(previous, "jaxeff_quiet_closed_loops", False):
+  if getattr(sys.excepthook, "jaxeff_quiet", False):
     return  # already installed
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
 
-  def hook(kind, value, tb):
+  def excepthook(kind, value, tb):
     frames = traceback.extract_tb(tb)
     if (kind is RuntimeError and str(value) == "Event loop is closed"
         and any(f.name == "call_soon_threadsafe" and f.filename.endswith("base_events.py") for f in frames)):
       return
-    previous(kind, value, tb)
+    previous_excepthook(kind, value, tb)
 
-  hook.jaxeff_quiet_closed_loops = True
-  sys.excepthook = hook
+  def unraisablehook(unraisable):
+    frames = traceback.extract_tb(unraisable.exc_traceback) if unraisable.exc_traceback else []
+    if frames and any("/orbax/checkpoint/" in f.filename.replace("\\", "/") for f in frames):
+      return
+    previous_unraisablehook(unraisable)
+
+  excepthook.jaxeff_quiet = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
