@@ -245,7 +245,7 @@ def test_configs_parse_and_attention_defaults(tmp_path):
   assert configs["small"] == train_lib.TrainConfig()  # configs/small.yaml documents the defaults exactly
   # The CPU-tuned blocked attention is the CPU default only; accelerator configs never get it.
   assert configs["small"].model.attention == "blocked"
-  assert configs["125m"].model.attention == configs["1b"].model.attention == "dense"
+  assert configs["125m"].model.attention == configs["1b"].model.attention == "sparse"  # the Pallas kernel (issue 14)
   assert train_lib.load_config(None, ["model.num_layers=2"]).model.attention == "blocked"
   # A config file's model section starts from ModelConfig's defaults: nothing is injected.
   (tmp_path / "mine.yaml").write_text("model:\n  num_layers: 2\n")
