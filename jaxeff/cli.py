@@ -18,6 +18,7 @@ from anywhere on the line.
 from __future__ import annotations
 
 import argparse
+import logging
 from typing import Sequence
 
 
@@ -44,7 +45,8 @@ def quiet_closed_event_loop_callbacks() -> None:
   printing "RuntimeError: Event loop is closed" (asyncio's `call_soon_threadsafe`, through
   `sys.excepthook`), and (2) are discarded with their own read error ("Exception ignored in:
   <coroutine ...>", through `sys.unraisablehook`): dozens of tracebacks around the one `error:`
-  line, depending on timing. Only these are dropped (the first by its exact error and frame, the
+  line, depending on timing; (3) asyncio also logs the gathered futures' unretrieved errors. Only
+  these are dropped (the first by its exact error and frame, the
   second when raised inside orbax's checkpoint code); everything else reaches the previous hooks.
   A CLI calls this at start: it changes process-wide hooks, which `import jaxeff` never does."""
   import sys
@@ -69,3 +71,24 @@ def quiet_closed_event_loop_callbacks() -> None:
 
   excepthook.jaxeff_quiet = True
   sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
+  logging.getLogger("asyncio").addFilter(_AbandonedOrbaxReads())
+
+
+class _AbandonedOrbaxReads(logging.Filter):
+  """(3) asyncio's "... exception was never retrieved" log records for futures that failed inside
+  orbax's checkpoint code or reading its OCDBT files (the reads nobody awaits after the first
+  failure)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    import traceback
+
+    if "exception was never retrieved" not in record.getMessage():
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    while exc is not None:
+      if any("/orbax/checkpoint/" in f.filename for f in traceback.extract_tb(exc.__traceback__)):
+        return False
+      if "in OCDBT database" in str(exc):  # a tensorstore read future of the same restore
+        return False
+      exc = exc.__cause__ or exc.__context__
+    return True

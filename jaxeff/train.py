@@ -19,6 +19,7 @@ This module is the command line; the engine is `jaxeff.training`, whose public A
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from jaxeff import cli
@@ -102,4 +103,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  code = main()
+  if code:
+    # Nothing is left to write after a failure; skip interpreter shutdown, where orbax's abandoned
+    # reads (after a damaged checkpoint) would print tracebacks below the one `error:` line.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
