@@ -45,6 +45,10 @@ class ModelConfig:
   # StreamingLLM attention sinks: the first N positions stay visible to every query beside the
   # sliding window (needs `sliding_window`; implemented by `dense` and `sparse`).
   attention_sinks: int = 0
+  # attention: sparse only: each query block also reads the `attention_topk_blocks` key blocks its
+  # first query scores highest against their mean key (MoBA-style top-k; 0: off), besides the blocks
+  # it overlaps; a union with the window and sinks when those are set.
+  attention_topk_blocks: int = 0
   # attention: nsa (Native Sparse Attention, jaxeff/models/nsa.py): compressed blocks of
   # `nsa_compress_block` keys every `nsa_compress_stride` tokens, the top `nsa_select_blocks` key
   # blocks of the sparse kernel per query block, and a sliding window of `nsa_window` tokens.
@@ -65,9 +69,14 @@ class ModelConfig:
           f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}")
     if self.attention_sinks < 0:
       raise ConfigError(f"model.attention_sinks must be >= 0, got {self.attention_sinks}")
-    if self.attention_sinks and self.sliding_window is None:
-      raise ConfigError("model.attention_sinks needs model.sliding_window (without a window every key is "
-                        "visible already)")
+    if self.attention_topk_blocks < 0:
+      raise ConfigError(f"model.attention_topk_blocks must be >= 0, got {self.attention_topk_blocks}")
+    if self.attention_topk_blocks and self.attention != "sparse":
+      raise ConfigError(f"model.attention_topk_blocks is implemented by attention sparse, not {self.attention!r} "
+                        "(attention nsa selects its own blocks: model.nsa_select_blocks)")
+    if self.attention_sinks and self.sliding_window is None and not self.attention_topk_blocks:
+      raise ConfigError("model.attention_sinks needs model.sliding_window or model.attention_topk_blocks "
+                        "(without a restriction every key is visible already)")
     if self.attention_sinks and self.attention not in ("dense", "sparse"):
       raise ConfigError(f"model.attention_sinks is implemented by attention dense and sparse, not "
                         f"{self.attention!r}")

@@ -97,8 +97,8 @@ def config_to_hf(cfg: ModelConfig, architecture: str | None = None) -> dict:
     raise HFError(f"unsupported architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
   if cfg.qkv_bias != (kind == "qwen2"):
     raise HFError(f"{architecture} cannot express qkv_bias={cfg.qkv_bias}")
-  if cfg.attention == "nsa" or cfg.attention_sinks:
-    raise HFError("a model with attention nsa or attention_sinks has no Hugging Face equivalent (transformers' "
+  if cfg.attention == "nsa" or cfg.attention_sinks or cfg.attention_topk_blocks:
+    raise HFError("a model with attention nsa, attention_sinks or attention_topk_blocks has no Hugging Face equivalent (transformers' "
                   "Llama/Mistral/Qwen2 cannot express it)")
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling:

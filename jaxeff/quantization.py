@@ -55,9 +55,9 @@ def _axes(var: nnx.Variable, ndim: int) -> tuple:
   return tuple(var.get_metadata().get("out_sharding") or (None,) * ndim)
 
 
-def _quantize_stacked(w: jax.Array, bits: int, group_size: int | None) -> QuantizedWeight:
+def _quantize_stacked(w: jax.Array, bits: int, group_size: int | None, zero_point: bool = False) -> QuantizedWeight:
   """quantize_weight over any leading (e.g. scanned "layers") dims, one 2-D matrix at a time."""
-  fn = functools.partial(quantize_weight, bits=bits, group_size=group_size)
+  fn = functools.partial(quantize_weight, bits=bits, group_size=group_size, zero_point=zero_point)
   for _ in range(w.ndim - 2):
     fn = jax.vmap(fn)
   return jax.jit(fn)(w)
@@ -113,27 +113,32 @@ class QuantizedLinear(nnx.Module):
   """Drop-in for `layers.Linear`: y = x @ dequant(W) (+ bias), with W stored int8 or packed int4.
 
   Variables: `qvalue` int8 [.., Ks, out] with the kernel's logical axes (int4 packs along `in`,
-  so the axes still apply), `scale` f32 [.., groups, out] with the `out` axis, `bias` unchanged.
-  `impl` / `interpret` pick the `quant_matmul` implementation (default: by backend).
+  so the axes still apply), `scale` f32 [.., groups, out] with the `out` axis (and `minimum`, the
+  zero point, likewise when `zero_point`), `bias` unchanged. `impl` / `interpret` pick the
+  `quant_matmul` implementation (default: by backend). `weight=` takes an already quantized
+  weight (e.g. a GGUF file's own blocks) instead of quantizing the Linear's.
   """
 
-  def __init__(self, linear: Linear, *, bits: int = 8, group_size: int | None = None, impl: str | None = None,
-               interpret=False):
+  def __init__(self, linear: Linear, *, bits: int = 8, group_size: int | None = None, zero_point: bool = False,
+               impl: str | None = None, interpret=False, weight: QuantizedWeight | None = None):
     self.in_features, self.out_features = linear.in_features, linear.out_features
     self.dtype = linear.dtype
-    self.bits, self.group_size = bits, group_size
     self.impl, self.interpret = impl, interpret
-    w = linear.kernel[...]
+    w = linear.kernel
     axes = _axes(linear.kernel, w.ndim)
     self.logical_axes = tuple(axes[-2:])
-    qw = _quantize_stacked(w, bits, group_size)
+    qw = weight if weight is not None else _quantize_stacked(w[...], bits, group_size, zero_point)
+    self.bits, self.group_size, self.zero_point = qw.bits, qw.group_size, qw.zero_point
     self.qvalue = _variable(qw.qvalue, axes)
     self.scale = _variable(qw.scale, axes[:-2] + (None, axes[-1]))
+    if qw.zero_point:
+      self.minimum = _variable(qw.minimum, axes[:-2] + (None, axes[-1]))
     self.bias = linear.bias
 
   def weight(self) -> QuantizedWeight:
     return QuantizedWeight(self.qvalue[...], self.scale[...], bits=self.bits, group_size=self.group_size,
-                           in_features=self.in_features)
+                           in_features=self.in_features,
+                           minimum=self.minimum[...] if self.zero_point else None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = quantized_matmul(x.astype(self.dtype), self.weight(), self.logical_axes, impl=self.impl,
@@ -148,30 +153,34 @@ class QuantizedEmbed(nnx.Module):
   weight (one scale per token with group_size None), so `attend` (a tied LM head) is the same
   `quantized_matmul` as every Linear, and a lookup dequantizes just the gathered columns."""
 
-  def __init__(self, embed: Embed, *, bits: int = 8, group_size: int | None = None, impl: str | None = None,
-               interpret=False):
+  def __init__(self, embed: Embed, *, bits: int = 8, group_size: int | None = None, zero_point: bool = False,
+               impl: str | None = None, interpret=False):
     self.dtype = embed.dtype
-    self.bits, self.group_size = bits, group_size
+    self.bits, self.group_size, self.zero_point = bits, group_size, zero_point
     self.impl, self.interpret = impl, interpret
     table = embed.embedding[...]
     self.features = table.shape[1]
     vocab_axis, embed_axis = _axes(embed.embedding, 2)
     self.logical_axes = (embed_axis, vocab_axis)
-    qw = quantize_weight(table.T, bits=bits, group_size=group_size)
+    qw = quantize_weight(table.T, bits=bits, group_size=group_size, zero_point=zero_point)
     self.qvalue = _variable(qw.qvalue, (embed_axis, vocab_axis))
     self.scale = _variable(qw.scale, (None, vocab_axis))
+    if zero_point:
+      self.minimum = _variable(qw.minimum, (None, vocab_axis))
 
-  def _weight(self, qvalue, scale) -> QuantizedWeight:
-    return QuantizedWeight(qvalue, scale, bits=self.bits, group_size=self.group_size, in_features=self.features)
+  def _weight(self, columns=None) -> QuantizedWeight:
+    pick = (lambda a: a) if columns is None else (lambda a: jnp.take(a, columns, axis=1))
+    return QuantizedWeight(pick(self.qvalue[...]), pick(self.scale[...]), bits=self.bits,
+                           group_size=self.group_size, in_features=self.features,
+                           minimum=pick(self.minimum[...]) if self.zero_point else None)
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
-    flat = tokens.reshape(-1)
-    cols = self._weight(jnp.take(self.qvalue[...], flat, axis=1), jnp.take(self.scale[...], flat, axis=1))
+    cols = self._weight(tokens.reshape(-1))
     return dequantize(cols, self.dtype).T.reshape(*tokens.shape, self.features)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return quantized_matmul(x.astype(self.dtype), self._weight(self.qvalue[...], self.scale[...]),
-                            self.logical_axes, impl=self.impl, interpret=self.interpret)
+    return quantized_matmul(x.astype(self.dtype), self._weight(), self.logical_axes, impl=self.impl,
+                            interpret=self.interpret)
 
 
 def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
@@ -184,15 +193,19 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
     setattr(parent, path[-1], new)
 
 
-def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
+def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *, zero_point: bool = False,
              include_embeddings: bool = False, include_lm_head: bool = False, copy: bool = True,
              impl: str | None = None, interpret=False) -> nnx.Module:
   """Returns `model` with its `Linear` layers replaced by `QuantizedLinear` (weight-only).
 
   Args:
-    bits: 8 or 4 (symmetric; int4 packed two per byte).
+    bits: 8 or 4 (int4 packed two per byte).
     group_size: None for one scale per output channel, else one per `group_size` input rows
       (a power of two for int4).
+    zero_point: asymmetric quantization: per group a scale and a minimum, all 2^bits levels over
+      the group's range (`pallas_kernels.quantize_weight`). What 4-bit needs on a real model:
+      SmolLM2-135M's perplexity rises 34% with symmetric int4 g32, ~0% with asymmetric
+      (BENCHMARKS.md, `python -m jaxeff.bench quant`).
     include_embeddings: also quantize `Embed` tables (and so a tied LM head).
     include_lm_head: also quantize an untied `lm_head` Linear (kept float by default: the
       logits are the most quantization-sensitive matmul).
@@ -205,7 +218,7 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
   check_group_size(bits, group_size)  # before cloning anything
   if copy:
     model = nnx.clone(model)
-  kw = dict(bits=bits, group_size=group_size, impl=impl, interpret=interpret)
+  kw = dict(bits=bits, group_size=group_size, zero_point=zero_point, impl=impl, interpret=interpret)
   targets = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, (Linear, Embed)) and path]
   for path, module in targets:
     if isinstance(module, Embed):
@@ -231,12 +244,12 @@ def quantization_settings(model: nnx.Module) -> dict:
   qmods = [m for _, m in nnx.iter_modules(model) if isinstance(m, (QuantizedLinear, QuantizedEmbed))]
   if not qmods:
     raise ValueError("model has no quantized layers; quantize it first (jaxeff.quantize(model, bits=...))")
-  kinds = {(m.bits, m.group_size) for m in qmods}
+  kinds = {(m.bits, m.group_size, m.zero_point) for m in qmods}
   if len(kinds) > 1:
-    raise ValueError(f"model mixes quantization settings {sorted(kinds, key=str)} (bits, group_size); "
+    raise ValueError(f"model mixes quantization settings {sorted(kinds, key=str)} (bits, group_size, zero_point); "
                      f"save_quantized stores models made by one jaxeff.quantize call")
-  (bits, group_size), = kinds
-  return dict(bits=bits, group_size=group_size,
+  (bits, group_size, zero_point), = kinds
+  return dict(bits=bits, group_size=group_size, zero_point=zero_point,
               include_embeddings=any(isinstance(m, QuantizedEmbed) for m in qmods),
               include_lm_head=isinstance(getattr(model, "lm_head", None), QuantizedLinear))
 

@@ -99,10 +99,12 @@ def test_streaming_decode_matches_full_forward_and_dense():
   assert full.tolist() == got[0]
 
 
-def test_sparse_model_on_a_mesh_equals_one_device():
+@pytest.mark.parametrize("fields,seq", [(STREAMING, 128), (dict(attention_topk_blocks=1), SEQ)],
+                         ids=["streaming", "topk"])
+def test_sparse_model_on_a_mesh_equals_one_device(fields, seq):
   mesh = sharding.make_mesh({"data": 4, "tensor": 2})
-  cfg = dataclasses.replace(CFG, attention="sparse", **STREAMING)
-  tokens = _tokens(b=4, s=128)
+  cfg = dataclasses.replace(CFG, attention="sparse", **fields)
+  tokens = _tokens(b=4, s=seq)
   want = Llama(cfg, rngs=nnx.Rngs(0))(tokens)
   sharded = sharding.create_sharded(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh)
   with jax.set_mesh(mesh):
@@ -130,3 +132,119 @@ def test_trains_through_the_cli(tmp_path):
   assert code == 0
   model, cfg = train_lib.load_checkpoint(out)
   assert (cfg.model.attention, cfg.model.sliding_window, cfg.model.attention_sinks) == ("sparse", 16, 2)
+
+
+# ---------------------------------------------------------------- top-k blocks (attention_topk_blocks)
+BLOCK = 64  # the CPU path's block_q = block_kv
+
+
+def _numpy_selection(q, k, topk):
+  """The selection written from its definition with loops: per (batch, kv head, query block i) the
+  blocks entirely at or before the block's first query, scored by the group's first queries against
+  each block's mean key; the top `topk` of them, plus every block the query block overlaps."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  b, s, h, _ = q.shape
+  kvh = k.shape[2]
+  g = h // kvh
+  nq = nk = -(-s // BLOCK)
+  chosen = np.zeros((b, kvh, nq, nk), bool)
+  for bi in range(b):
+    for kh in range(kvh):
+      for i in range(nq):
+        p0, p1 = i * BLOCK, min((i + 1) * BLOCK, s) - 1
+        q0 = q[bi, p0, kh * g:(kh + 1) * g].sum(0)
+        scored = {}
+        for j in range(nk):
+          keys = range(j * BLOCK, min((j + 1) * BLOCK, s))
+          if max(keys) <= p0:
+            scored[j] = q0 @ k[bi, list(keys), kh].mean(0)
+          elif min(keys) <= p1:
+            chosen[bi, kh, i, j] = True
+        for j in sorted(scored, key=scored.get, reverse=True)[:topk]:
+          chosen[bi, kh, i, j] = True
+  return chosen
+
+
+def _masked_dense(q, k, v, chosen):
+  """Softmax attention with the causal mask intersected with the chosen key blocks, in NumPy."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, s, h, d = q.shape
+  g = h // k.shape[2]
+  out = np.zeros_like(q)
+  for bi in range(b):
+    for hi in range(h):
+      scores = q[bi, :, hi] @ k[bi, :, hi // g].T / np.sqrt(d)
+      rows, cols = np.arange(s)[:, None], np.arange(s)[None, :]
+      visible = (cols <= rows) & chosen[bi, hi // g][rows // BLOCK, cols // BLOCK]
+      scores = np.where(visible, scores, -np.inf)
+      p = np.exp(scores - scores.max(1, keepdims=True))
+      out[bi, :, hi] = (p / p.sum(1, keepdims=True)) @ v[bi, :, hi // g]
+  return out
+
+
+@pytest.mark.parametrize("seq", [SEQ, 230], ids=["4-blocks", "ragged"])
+def test_topk_selection_matches_numpy_and_attention_follows_it(seq):
+  from jaxeff.models.attention import index_positions, mean_key_block_selection
+
+  q, k, v = (x[:, :seq] for x in _qkv(seed=3))
+  pos = index_positions(2, seq)
+  ids = np.asarray(mean_key_block_selection(q, k, q_positions=pos, kv_positions=pos, topk=1, block_q=BLOCK,
+                                            block_kv=BLOCK))
+  got = np.zeros((2, 2, ids.shape[2], ids.shape[2]), bool)
+  for index in np.ndindex(ids.shape):
+    if ids[index] >= 0:
+      got[index[:3] + (ids[index],)] = True
+  want = _numpy_selection(q, k, topk=1)
+  np.testing.assert_array_equal(got, want)
+  # The mask really skips: the last query block reads 1 chosen + its own block, not all 4.
+  assert got[..., -1, :].sum(-1).max() == 2
+  np.testing.assert_allclose(sparse_attention(q, k, v, topk_blocks=1), _masked_dense(q, k, v, want),
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_topk_attention_is_causal():
+  """What a position sees never depends on later tokens: changing q, k, v after position 100 (in
+  the middle of the second query block) leaves outputs 0..100 unchanged (a selection scored with
+  the block's later queries, or with blocks holding later keys, would change them)."""
+  q, k, v = _qkv(seed=4)
+  q2, k2, v2 = _qkv(seed=5)
+  after = (jnp.arange(SEQ) > 100)[None, :, None, None]
+  mixed = [jnp.where(after, b, a) for a, b in zip((q, k, v), (q2, k2, v2))]
+  base = sparse_attention(q, k, v, topk_blocks=1)
+  changed = sparse_attention(*mixed, topk_blocks=1)
+  np.testing.assert_array_equal(np.asarray(base)[:, :101], np.asarray(changed)[:, :101])
+  assert not np.allclose(np.asarray(base)[:, 101:], np.asarray(changed)[:, 101:])
+
+
+def test_topk_model_covering_everything_equals_dense_and_trains():
+  dense, _ = _pair()
+  everything = Llama(dataclasses.replace(CFG, attention="sparse", attention_topk_blocks=4), rngs=nnx.Rngs(0))
+  one = Llama(dataclasses.replace(CFG, attention="sparse", attention_topk_blocks=1), rngs=nnx.Rngs(0))
+  tokens = _tokens()
+
+  def loss(model):
+    logits = model(tokens[:, :-1])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
+
+  want, want_g = nnx.value_and_grad(loss)(dense)
+  got, got_g = nnx.value_and_grad(loss)(everything)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(jax.tree.leaves(nnx.to_pure_dict(got_g)), jax.tree.leaves(nnx.to_pure_dict(want_g))):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-3)
+  assert abs(float(loss(one)) - float(want)) > 1e-6  # one block of four: a different mask
+  with pytest.raises(ValueError, match="KV-cache decode with model.attention_topk_blocks"):
+    Generator(one, max_batch=1, max_seq_len=SEQ).generate([[1, 2, 3]], max_new_tokens=2)
+
+
+def test_topk_config_checks_and_cli(tmp_path):
+  with pytest.raises(ConfigError, match="attention_topk_blocks is implemented by attention sparse"):
+    ModelConfig(attention="dense", attention_topk_blocks=2)
+  with pytest.raises(ConfigError, match="attention_topk_blocks must be >= 0"):
+    ModelConfig(attention="sparse", attention_topk_blocks=-1)
+  ModelConfig(attention="sparse", attention_topk_blocks=2, attention_sinks=4)  # sinks need a restriction: top-k is one
+  out = tmp_path / "run"
+  code = train_lib.main([*TINY, "model.num_layers=1", "model.attention=sparse", "model.attention_topk_blocks=1",
+                         "seq_len=128", "steps=2", f"output_dir={out}", "checkpoint_every=2"])
+  assert code == 0
+  _, cfg = train_lib.load_checkpoint(out)
+  assert cfg.model.attention_topk_blocks == 1

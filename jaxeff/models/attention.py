@@ -195,21 +195,75 @@ def blocked_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_w
 register_attention("blocked", blocked_attention)
 
 
-def sparse_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0):
+def mean_key_block_selection(q, k, *, q_positions, kv_positions, topk: int, block_q: int, block_kv: int):
+  """Top-k key blocks per (batch, kv head, query block), scored by mean-pooled keys (as MoBA, Lu et
+  al., arXiv 2502.13189, with one selection per kv-head group as NSA shares it).
+
+  q [B, S, H, D], k [B, T, KVH, D], positions [B, S] / [B, T]. The query block of rows
+  [i*block_q, (i+1)*block_q) is represented by its first query q0 (position p0); key block j by the
+  mean of its keys. score(j) = sum over the group's heads of q0_h . mean(k_j), over the blocks whose
+  keys are all at positions <= p0: scoring with later queries, or with blocks holding keys after
+  p0, would let tokens after p0 decide what p0 sees (a leak the causal-loss test catches). The
+  blocks a query block overlaps (some key after p0 that one of its queries may see) are always
+  read. Returns [B, KVH, nq, topk + ceil(block_q / block_kv) + 1] int32 ids (-1: padding), ready
+  for `pallas_kernels.sparse_attention(block_indices=...)`; the selection has no gradient.
+  """
+  b, s, h, d = q.shape
+  t, kvh = k.shape[1], k.shape[2]
+  nq, nk = -(-s // block_q), -(-t // block_kv)
+  q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
+  far = jnp.iinfo(jnp.int32).max
+  kv_pos = jnp.pad(kv_positions, ((0, 0), (0, nk * block_kv - t)), constant_values=far).reshape(b, nk, block_kv)
+  q_pos = jnp.pad(q_positions, ((0, 0), (0, nq * block_q - s)), mode="edge").reshape(b, nq, block_q)
+  first, last = q_pos[:, :, :1], jnp.max(q_pos, axis=-1, keepdims=True)  # [B, nq, 1]
+  past = jnp.max(kv_pos, axis=-1)[:, None, :] <= first  # [B, nq, nk]: every key at or before p0
+  reachable = jnp.min(kv_pos, axis=-1)[:, None, :] <= last  # some key a query of the block may see
+  forced = reachable & ~past
+  key_sums = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, nk * block_kv - t), (0, 0), (0, 0)))
+  key_means = key_sums.reshape(b, nk, block_kv, kvh, d).sum(2) / jnp.minimum(
+      block_kv, t - jnp.arange(nk) * block_kv)[None, :, None, None]  # [B, nk, KVH, D]
+  q0 = q[:, ::block_q].astype(jnp.float32).reshape(b, nq, kvh, h // kvh, d).sum(3)  # [B, nq, KVH, D]
+  scores = jnp.einsum("bikd,bjkd->bkij", q0, key_means)
+  scores = jnp.where(past[:, None], scores, -jnp.inf)
+  forced = jnp.where(jnp.broadcast_to(forced[:, None], scores.shape), 0.0, -jnp.inf)
+
+  def top(values, n):  # the n best block ids per row, -1 where fewer than n are finite
+    n_eff = min(n, nk)
+    best, idx = jax.lax.top_k(values, n_eff)
+    idx = jnp.where(jnp.isneginf(best), -1, idx).astype(jnp.int32)
+    return jnp.pad(idx, ((0, 0),) * 3 + ((0, n - n_eff),), constant_values=-1)
+
+  # The overlapped blocks: at most ceil(block_q / block_kv) + 1 when positions grow with the index.
+  return jnp.concatenate([top(scores, topk), top(forced, -(-block_q // block_kv) + 1)], axis=-1)
+
+
+def sparse_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0,
+                     topk_blocks=0):
   """`pallas_kernels.sparse_attention`: block-sparse flash attention whose key blocks outside the
-  causal / sliding-window / sink mask are never loaded (Mosaic on TPU, Triton on GPU, a gathered
-  XLA path on CPU). Index positions (None) are the op's default; a KV cache's positions are
-  masked by value. On a mesh the op wraps itself in `shard_map` over the axes that
-  `jaxeff.sharding.LOGICAL_RULES` gives the batch and heads."""
+  causal / sliding-window / sink / top-k mask are never loaded (Mosaic on TPU, Triton on GPU, a
+  gathered XLA path on CPU). Index positions (None) are the op's default; a KV cache's positions are
+  masked by value. `topk_blocks` > 0 adds `mean_key_block_selection`'s blocks to the union. On a
+  mesh the op wraps itself in `shard_map` over the axes that `jaxeff.sharding.LOGICAL_RULES` gives
+  the batch and heads."""
   import pallas_kernels  # here: only models that choose this attention need the kernels package
+  from pallas_kernels.sparse_attention import ops as sparse_ops
 
   from jaxeff import sharding
 
   rules = sharding.LOGICAL_RULES
+  block_indices = block_sizes = None
+  if topk_blocks:
+    b, s = q.shape[:2]
+    t = k.shape[1]
+    block_sizes = sparse_ops.resolve_block_sizes(sparse_ops.default_impl(), s, t, None)
+    block_indices = mean_key_block_selection(
+        q, k, q_positions=index_positions(b, s) if q_positions is None else q_positions,
+        kv_positions=index_positions(b, t) if kv_positions is None else kv_positions, topk=topk_blocks,
+        block_q=block_sizes.block_q, block_kv=block_sizes.block_kv)
   out = pallas_kernels.sparse_attention(
       q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), causal=True,
-      window=sliding_window, sinks=sinks, q_positions=q_positions, kv_positions=kv_positions,
-      batch_axes=rules["batch"], head_axes=rules["heads"])
+      window=sliding_window, sinks=sinks, block_indices=block_indices, block_sizes=block_sizes,
+      q_positions=q_positions, kv_positions=kv_positions, batch_axes=rules["batch"], head_axes=rules["heads"])
   return out.transpose(0, 2, 1, 3)
 
 

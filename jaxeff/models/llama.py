@@ -66,9 +66,16 @@ class Attention(nnx.Module):
     attend = attention_lib.get_attention(cfg.attention)
     if cfg.attention_sinks:
       attend = functools.partial(attend, sinks=cfg.attention_sinks)
+    if cfg.attention_topk_blocks:
+      attend = functools.partial(attend, topk_blocks=cfg.attention_topk_blocks)
     if kv is None:
       out = attend(q, k, v, q_positions=positions, kv_positions=positions, sliding_window=cfg.sliding_window)
       return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim))
+    if cfg.attention_topk_blocks:
+      # Training selects per query block from its first query; a one-token decode step would select
+      # from each token's own query: a different mask than the model was trained with.
+      raise ValueError("KV-cache decode with model.attention_topk_blocks is not implemented (training selects "
+                       "blocks per query block); decode with a full forward, or use sliding_window/attention_sinks")
     k_cache, v_cache = (kv_cache_lib.write(c, new, positions) for c, new in zip(kv, (k, v)))
     kv_positions = attention_lib.index_positions(b, k_cache.shape[2])  # slot t holds position t
     out = attend(q, kv_cache_lib.as_attention_layout(k_cache), kv_cache_lib.as_attention_layout(v_cache),

@@ -20,13 +20,14 @@ split actually used, so a caller can see whether a weight would have to move).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.quant_matmul import cpu, gpu, reference, tpu, xla
-from pallas_kernels.quant_matmul.weights import QuantizedWeight
+from pallas_kernels.quant_matmul.weights import QuantizedWeight, zero_point_correction
 from pallas_kernels.sharding import current_mesh, free_axes, resolve_axes, shard_kernel
 
 IMPLS = ("tpu", "gpu", "cpu", "xla", "reference")
@@ -48,9 +49,10 @@ def default_compute_dtype(x_dtype, impl: str, interpret=False):
   return jnp.dtype(x_dtype)
 
 
-def _dims(qw: QuantizedWeight) -> tuple[str, str, str]:
-  # x, qvalue, scale. Per-channel scales ([1, N]) have a letter ("o") that is never split.
-  return ("mk", "kn", "on" if qw.group_size is None else "gn")
+def _dims(qw: QuantizedWeight) -> tuple[str, ...]:
+  # x, qvalue, scale (and minimum). Per-channel scales ([1, N]) have a letter ("o") that is never split.
+  s = "on" if qw.group_size is None else "gn"
+  return ("mk", "kn", s, s) if qw.zero_point else ("mk", "kn", s)
 
 
 def partition(x_shape, qw: QuantizedWeight, axes: dict, mesh=None) -> dict[str, tuple[str, ...]]:
@@ -67,6 +69,8 @@ def partition(x_shape, qw: QuantizedWeight, axes: dict, mesh=None) -> dict[str, 
     axes = {**axes, "g": axes["k"]}  # groups split with K (resolve_axes ties letters sharing an axis)
   m = math.prod(x_shape[:-1])
   shapes = [jax.ShapeDtypeStruct((m, qw.padded_in_features), jnp.float32), qw.qvalue, qw.scale]
+  if qw.zero_point:
+    shapes.append(qw.minimum)
   split = resolve_axes(shapes, _dims(qw), axes, mesh, out_dims="mn")
   if "k" in split:
     parts = math.prod(mesh.shape[a] for a in split["k"])
@@ -76,20 +80,31 @@ def partition(x_shape, qw: QuantizedWeight, axes: dict, mesh=None) -> dict[str, 
   return {k: v for k, v in split.items() if k in "mkn"}
 
 
-def _local(x, qvalue, scale, *, bits, group_size, impl, interpret, block_sizes, cdt, out_dtype):
-  """One device's matmul: x [M, K_local] @ dequant([K_local, N_local])."""
+def _local(x, qvalue, scale, minimum=None, *, bits, group_size, impl, interpret, block_sizes, cdt, out_dtype):
+  """One device's matmul: x [M, K_local] @ dequant([K_local, N_local]).
+
+  A zero point (asymmetric weight) runs the implementation on the stored values as if symmetric
+  and adds `zero_point_correction` in f32 on the same shard; "reference" dequantizes it whole.
+  """
   qw = QuantizedWeight(qvalue, scale, bits=bits, group_size=group_size, in_features=x.shape[-1])
   if impl == "tpu":
-    return tpu.quant_matmul_tpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
-                                out_dtype=out_dtype)
-  if impl == "gpu":
-    return gpu.quant_matmul_gpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
-                                out_dtype=out_dtype)
-  if impl == "cpu":
-    return cpu.quant_matmul_cpu(x.astype(jnp.float32), qw, rows_per_step=block_sizes).astype(out_dtype)
-  if impl == "xla":
-    return xla.quant_matmul_xla(x.astype(out_dtype), qw, cdt)
-  return reference.quant_matmul_reference(x.astype(jnp.float32), qw, cdt).astype(out_dtype)
+    y = tpu.quant_matmul_tpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
+                             out_dtype=jnp.float32 if minimum is not None else out_dtype)
+  elif impl == "gpu":
+    y = gpu.quant_matmul_gpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
+                             out_dtype=jnp.float32 if minimum is not None else out_dtype)
+  elif impl == "cpu":
+    y = cpu.quant_matmul_cpu(x.astype(jnp.float32), qw, rows_per_step=block_sizes)
+  elif impl == "xla":
+    y = xla.quant_matmul_xla(x.astype(jnp.float32 if minimum is not None else out_dtype), qw, cdt)
+  else:
+    qw = dataclasses.replace(qw, minimum=minimum)
+    return reference.quant_matmul_reference(x.astype(jnp.float32), qw, cdt).astype(out_dtype)
+  if minimum is not None:
+    # The activations as the dot saw them (rounded to compute_dtype), summed in f32.
+    xc = x.astype(cdt).astype(jnp.float32)
+    y = y.astype(jnp.float32) + zero_point_correction(xc, dataclasses.replace(qw, minimum=minimum))
+  return y.astype(out_dtype)
 
 
 def quant_matmul(x: jax.Array, qw: QuantizedWeight, *, interpret=False, impl: str | None = None,
@@ -121,8 +136,9 @@ def quant_matmul(x: jax.Array, qw: QuantizedWeight, *, interpret=False, impl: st
   kwargs = dict(bits=qw.bits, group_size=qw.group_size, impl=impl, interpret=interpret,
                 block_sizes=block_sizes, cdt=cdt)
   split = partition(x.shape, qw, axes, mesh) if axes is not None else {}
+  operands = (qw.qvalue, qw.scale) + ((qw.minimum,) if qw.zero_point else ())
   if not split:
-    y = _local(x2, qw.qvalue, qw.scale, out_dtype=x.dtype, **kwargs)
+    y = _local(x2, *operands, out_dtype=x.dtype, **kwargs)
   else:
     k_split = "k" in split
     if k_split:  # shards of x must line up with shards of the padded weight
@@ -131,7 +147,7 @@ def quant_matmul(x: jax.Array, qw: QuantizedWeight, *, interpret=False, impl: st
     if k_split and qw.group_size is not None:
       letters["g"] = split["k"]
     # Partial products are summed over K's shards in f32, then cast.
-    fn = lambda xl, ql, sl: _local(xl, ql, sl, out_dtype=jnp.float32 if k_split else x.dtype, **kwargs)
-    y = shard_kernel(fn, x2, qw.qvalue, qw.scale, in_dims=_dims(qw), out_dims="mn", axes=letters,
+    fn = lambda xl, *wl: _local(xl, *wl, out_dtype=jnp.float32 if k_split else x.dtype, **kwargs)
+    y = shard_kernel(fn, x2, *operands, in_dims=_dims(qw), out_dims="mn", axes=letters,
                      mesh=mesh).astype(x.dtype)
   return y.reshape(*x.shape[:-1], qw.out_features)

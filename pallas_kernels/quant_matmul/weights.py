@@ -13,7 +13,18 @@ Storage (`QuantizedWeight`):
   Kp      K padded with zero rows: to a multiple of the group size, and for int4 to a multiple of
           32 as well (tiles of at least 2 x 16 rows, the smallest GPU dot); `in_features` keeps K.
 
-  dequant(W)[k, n] = q[k, n] * scale[k // group_size, n]      (symmetric, no zero point)
+  minimum f32 [G, N] or None: the zero point (asymmetric quantization).
+
+  dequant(W)[k, n] = q[k, n] * scale[g, n]                          (symmetric: minimum None)
+  dequant(W)[k, n] = (q[k, n] + 2^(bits-1)) * scale[g, n] + minimum[g, n]   (asymmetric)
+  with g = k // group_size, every product and sum in f32.
+
+Asymmetric values use the whole unsigned range (0..15 for int4, 0..255 for int8), stored shifted
+by 2^(bits-1) into the same signed storage, so every kernel unpacks them unchanged; this is
+llama.cpp's Q4_1 grid (w = d * q + m), and GGUF's Q4_1 blocks load into it bit for bit. The zero
+point adds one rank-G term to a matmul: x @ dequant(W) = [symmetric matmul of q and scale] +
+xsum @ ((2^(bits-1)) * scale + minimum), with xsum [M, G] the sums of x over each group's K rows
+(`zero_point_correction`).
 
 int4 group sizes are powers of two, so each half tile lies inside one group or holds whole groups.
 
@@ -32,6 +43,7 @@ import jax.numpy as jnp
 from jax import lax
 
 QMAX = {8: 127, 4: 7}  # symmetric ranges; -128 / -8 are never produced
+ZERO_SHIFT = {8: 128, 4: 8}  # asymmetric: unsigned 0..2^bits-1 stored as q - 2^(bits-1)
 INT4_HALF_ROWS = 128  # the largest int4 half tile: a TPU lane width of x per slice
 INT4_K_MULTIPLE = 32  # int4 K padding: half tiles of >= 16 rows
 
@@ -49,6 +61,11 @@ class QuantizedWeight:
   bits: int = dataclasses.field(metadata=dict(static=True), default=8)
   group_size: int | None = dataclasses.field(metadata=dict(static=True), default=None)
   in_features: int = dataclasses.field(metadata=dict(static=True), default=0)
+  minimum: jax.Array | None = None  # f32 [..., G, N]: the zero point; None: symmetric
+
+  @property
+  def zero_point(self) -> bool:
+    return self.minimum is not None
 
   @property
   def out_features(self) -> int:
@@ -78,7 +95,8 @@ class QuantizedWeight:
 
   @property
   def nbytes(self) -> int:
-    return self.qvalue.size * self.qvalue.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize
+    extra = 0 if self.minimum is None else self.minimum.size * self.minimum.dtype.itemsize
+    return self.qvalue.size * self.qvalue.dtype.itemsize + self.scale.size * self.scale.dtype.itemsize + extra
 
 
 def int4_half_rows(kp: int) -> int:
@@ -108,16 +126,23 @@ def check_group_size(bits: int, group_size: int | None) -> None:
                      f"got {group_size}")
 
 
-def quantize_weight(w: jax.Array, bits: int = 8, group_size: int | None = None) -> QuantizedWeight:
-  """Symmetric weight-only quantization of w [K, N] (in, out); jit- and vmap-friendly.
+def quantize_weight(w: jax.Array, bits: int = 8, group_size: int | None = None, *,
+                    zero_point: bool = False) -> QuantizedWeight:
+  """Weight-only quantization of w [K, N] (in, out); jit- and vmap-friendly.
 
   Args:
     w: the float weight, [in, out].
     bits: 8 or 4.
     group_size: None for one scale per output column; otherwise one per `group_size` rows of K
       (any positive size for int8, a power of two for int4).
+    zero_point: False: symmetric, q = round(w / s) in [-(2^(bits-1) - 1), 2^(bits-1) - 1] with
+      s = max|w| / that bound (15 of int4's 16 levels, no offset). True: asymmetric, per group
+      minimum m and s = (max - min) / (2^bits - 1), q = round((w - m) / s) in [0, 2^bits - 1]
+      (all 16 int4 levels spread over the group's actual range; llama.cpp's Q4_1 grid).
 
-  A column (or group) of zeros gets scale 0 and q 0, so dequantizes to exact zeros, never NaN.
+  A column (or group) of zeros gets scale 0 and q 0, so dequantizes to exact zeros, never NaN;
+  a constant group dequantizes to its value exactly (asymmetric). K's padding rows never widen
+  a group's range.
   """
   check_group_size(bits, group_size)
   if w.ndim != 2:
@@ -126,12 +151,26 @@ def quantize_weight(w: jax.Array, bits: int = 8, group_size: int | None = None) 
   kp = padded_k(k, bits, group_size)
   wf = jnp.pad(w.astype(jnp.float32), ((0, kp - k), (0, 0)))  # zero rows never change a max
   groups = wf.reshape(-1, group_size or kp, n)
-  scale = jnp.max(jnp.abs(groups), axis=1) / QMAX[bits]  # [G, N]
-  safe = jnp.where(scale > 0, scale, 1.0)[:, None, :]
-  q = jnp.clip(jnp.round(groups / safe), -QMAX[bits], QMAX[bits]).astype(jnp.int8).reshape(kp, n)
+  minimum = None
+  if zero_point:
+    real = (jnp.arange(kp) < k).reshape(1, -1, 1)  # padding rows stay out of min and max
+    real = real.reshape(-1, group_size or kp, 1)
+    lo = jnp.min(jnp.where(real, groups, jnp.inf), axis=1)  # [G, N]
+    hi = jnp.max(jnp.where(real, groups, -jnp.inf), axis=1)
+    levels = 2 ** bits - 1
+    scale = (hi - lo) / levels
+    safe = jnp.where(scale > 0, scale, 1.0)[:, None, :]
+    q = jnp.clip(jnp.round((groups - lo[:, None, :]) / safe), 0, levels) - ZERO_SHIFT[bits]
+    q = jnp.where(real, q, -ZERO_SHIFT[bits])  # padding: any value (x is zero there); keep it tidy
+    minimum = lo
+  else:
+    scale = jnp.max(jnp.abs(groups), axis=1) / QMAX[bits]  # [G, N]
+    safe = jnp.where(scale > 0, scale, 1.0)[:, None, :]
+    q = jnp.clip(jnp.round(groups / safe), -QMAX[bits], QMAX[bits])
+  q = q.astype(jnp.int8).reshape(kp, n)
   if bits == 4:
     q = pack_int4(q)
-  return QuantizedWeight(q, scale, bits=bits, group_size=group_size, in_features=k)
+  return QuantizedWeight(q, scale, bits=bits, group_size=group_size, in_features=k, minimum=minimum)
 
 
 def pack_int4(q: jax.Array) -> jax.Array:
@@ -173,12 +212,32 @@ def unpacked_qvalue(qw: QuantizedWeight) -> jax.Array:
 
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.float32) -> jax.Array:
-  """[K, N] in `dtype`: q * scale computed in f32, then cast (the kernels' rounding too)."""
+  """[K, N] in `dtype`: q * scale (+ the zero point) computed in f32, then cast (the kernels'
+  rounding too)."""
   q = unpacked_qvalue(qw).astype(jnp.float32)
   kp, n = q.shape[-2:]
   g = qw.group_size or kp
-  w = (q.reshape(*q.shape[:-2], kp // g, g, n) * qw.scale[..., :, None, :]).reshape(q.shape)
-  return w[..., : qw.in_features, :].astype(dtype)
+  q = q.reshape(*q.shape[:-2], kp // g, g, n)
+  if qw.minimum is None:
+    w = q * qw.scale[..., :, None, :]
+  else:
+    w = (q + ZERO_SHIFT[qw.bits]) * qw.scale[..., :, None, :] + qw.minimum[..., :, None, :]
+  return w.reshape(*w.shape[:-3], kp, n)[..., : qw.in_features, :].astype(dtype)
+
+
+def zero_point_offsets(qw: QuantizedWeight) -> jax.Array:
+  """f32 [..., G, N]: what each group adds per unit of x, 2^(bits-1) * scale + minimum."""
+  return ZERO_SHIFT[qw.bits] * qw.scale + qw.minimum
+
+
+def zero_point_correction(x: jax.Array, qw: QuantizedWeight) -> jax.Array:
+  """x [M, K] -> f32 [M, N]: the asymmetric weight's term beyond the symmetric matmul of its
+  stored values, sum over groups of (sum of x over the group's rows) * offset (one [M, G] x
+  [G, N] dot; G = 1 for per-channel scales)."""
+  kp = qw.padded_in_features
+  xf = jnp.pad(x.astype(jnp.float32), ((0, 0), (0, kp - x.shape[-1])))
+  sums = xf.reshape(x.shape[0], -1, qw.group_size or kp).sum(-1)  # [M, G]
+  return jnp.dot(sums, zero_point_offsets(qw), precision=jax.lax.Precision.HIGHEST)
 
 
 def plane_scales(s: jax.Array, rows: int, qw: QuantizedWeight) -> list[jax.Array]:
