@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   host_malloc.prepare_cpu_host()  # before the backend starts; see jaxeff/host_malloc.py
-  cli.quiet_closed_event_loop_callbacks()  # a damaged checkpoint stays one error line
+  from jaxeff.training.checkpoint import quiet_abandoned_reads
+  quiet_abandoned_reads()  # a damaged checkpoint stays one error line
   import jax
   from jaxeff.config import ConfigError
   from jaxeff.data import DataError

@@ -207,6 +207,8 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     return 2
   host_malloc.prepare_cpu_host()  # before jax starts (see jaxeff/host_malloc.py)
   _use_compile_cache()
+  from jaxeff.training.checkpoint import quiet_abandoned_reads
+  quiet_abandoned_reads()  # a damaged checkpoint stays one error line
   from jaxeff.generate import GenerationError
   from jaxeff.hf import HFError
 

@@ -59,20 +59,93 @@ def describe_error(e: BaseException, limit: int = 300) -> str:
   return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-class _SiblingReadFailures(logging.Filter):
-  """Orbax reads the chunks of a step as asyncio tasks gathered in a private event loop and stops
-  at the first failure; the reads that failed with it are never awaited, so asyncio reports each
-  one ("Task exception was never retrieved", a page of traceback) when it is garbage-collected,
-  typically at interpreter exit. `Checkpointer` has already reported the read as failing."""
+# ---------------------------------------------------------------- reports of abandoned reads
+#
+# Orbax reads a step's chunks as concurrent coroutines on a private event loop and stops at the
+# first failure. The reads still in flight then outlive the loop: (1) tensorstore's threads finish
+# them and try to wake the closed loop ("RuntimeError: Event loop is closed" from
+# `call_soon_threadsafe`, reported through `sys.unraisablehook`, or `sys.excepthook`); (2)
+# coroutines are discarded with their own read error (`sys.unraisablehook`, "Exception ignored
+# in: <coroutine ...>"); (3) asyncio logs the gathered futures' unretrieved errors ("Task exception
+# was never retrieved"). Depending on thread timing that is zero to dozens of tracebacks around
+# the one error a failed read already became. Only these are recognised, by where they were
+# raised; everything else reaches the previous hooks.
+
+
+def _closed_loop_wakeup(exc: BaseException | None, tb) -> bool:
+  import traceback
+
+  return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and tb is not None
+          and any(f.name == "call_soon_threadsafe" and f.filename.endswith("base_events.py")
+                  for f in traceback.extract_tb(tb)))
+
+
+def _from_abandoned_read(exc: BaseException | None) -> bool:
+  """`exc` (or its causes) was raised in orbax's checkpoint code or by a read of an OCDBT file."""
+  import traceback
+
+  seen = 0
+  while exc is not None and seen < 16:
+    if any("/orbax/checkpoint/" in f.filename.replace("\\", "/") for f in traceback.extract_tb(exc.__traceback__)):
+      return True
+    if "in OCDBT database" in str(exc):  # a tensorstore read future of the same restore
+      return True
+    exc, seen = exc.__cause__ or exc.__context__, seen + 1
+  return False
+
+
+def is_abandoned_read_report(exc: BaseException | None, tb=None) -> bool:
+  """Whether an exception reported by a hook is one of the reports (1)-(3) above."""
+  return _closed_loop_wakeup(exc, tb if tb is not None else getattr(exc, "__traceback__", None)) or \
+      _from_abandoned_read(exc)
+
+
+class _AbandonedReadLogs(logging.Filter):
+  """(3): asyncio's log records of unretrieved errors of abandoned reads. `everything=True` (only
+  around `_collect_failed_reads`' own `gc.collect`) drops every unretrieved-task record."""
+
+  def __init__(self, everything: bool = False):
+    super().__init__()
+    self.everything = everything
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith(("Task exception was never retrieved",
-                                               "Task was destroyed but it is pending"))
+    message = record.getMessage()
+    if not message.startswith(("Task exception was never retrieved", "Future exception was never retrieved",
+                               "Task was destroyed but it is pending")):
+      return True
+    if self.everything:
+      return False
+    return not (record.exc_info and is_abandoned_read_report(record.exc_info[1], record.exc_info[2]))
+
+
+def quiet_abandoned_reads() -> None:
+  """Drops the reports (1)-(3) of a failed read's abandoned siblings from stderr, process-wide
+  (`sys.excepthook`, `sys.unraisablehook`, asyncio's logger). For command lines, which call it
+  at start; `import jaxeff` never changes process-wide hooks. Idempotent."""
+  import sys
+
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _AbandonedReadLogs) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_AbandonedReadLogs())
+  if getattr(sys.unraisablehook, "jaxeff_quiet", False):
+    return
+  previous_excepthook, previous_unraisablehook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(kind, value, tb):
+    if not is_abandoned_read_report(value, tb):
+      previous_excepthook(kind, value, tb)
+
+  def unraisablehook(unraisable):
+    if not is_abandoned_read_report(unraisable.exc_value, unraisable.exc_traceback):
+      previous_unraisablehook(unraisable)
+
+  unraisablehook.jaxeff_quiet = True
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def _collect_failed_reads() -> None:
   """Collects a failed restore's orphaned read tasks now, without their duplicate reports."""
-  asyncio_log, quiet = logging.getLogger("asyncio"), _SiblingReadFailures()
+  asyncio_log, quiet = logging.getLogger("asyncio"), _AbandonedReadLogs(everything=True)
   asyncio_log.addFilter(quiet)
   try:
     gc.collect()
