@@ -184,6 +184,79 @@ def _read(reader, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
   return cfg, tensors
 
 
+# ---------------------------------------------------------------------------- quantized as-is
+
+# GGUF block types served without a float round trip: name -> (bits, zero point). Each is one f16
+# scale (and for Q4_1 one f16 minimum) per 32 consecutive weights along a row's input dimension,
+# exactly jaxeff's grouped format with group_size 32:
+#   Q8_0  w = d * q,         q int8            -> bits 8, symmetric
+#   Q4_0  w = d * (q - 8),   q in 0..15        -> bits 4, symmetric, stored q - 8 in -8..7
+#   Q4_1  w = d * q + m,     q in 0..15        -> bits 4, zero point (minimum m), stored q - 8
+# Within a block, byte j holds element j in its low nibble and j + 16 in its high one: the same
+# pairing as jaxeff's int4 tiles of 2 x 16 rows; the nibbles are re-packed into the weight's own
+# tile size (a relayout of the integers, no arithmetic).
+AS_IS = {"Q8_0": (8, False), "Q4_0": (4, False), "Q4_1": (4, True)}
+GGUF_BLOCK = 32
+
+
+def _blocks_to_weight(data: np.ndarray, type_name: str, in_features: int, out_features: int,
+                      rotary_heads: int | None):
+  """A GGUF tensor's raw blocks (uint8 [out, bytes per row]) -> `pallas_kernels.QuantizedWeight`
+  [in, out] with the same integers, scales and minimums."""
+  import jax.numpy as jnp
+
+  from pallas_kernels.quant_matmul.weights import QuantizedWeight, pack_int4
+
+  bits, zero_point = AS_IS[type_name]
+  groups = in_features // GGUF_BLOCK
+  blocks = np.asarray(data, np.uint8).reshape(out_features, groups, -1)
+  scale = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)  # [out, groups]
+  minimum = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if zero_point else None
+  payload = blocks[..., 4:] if zero_point else blocks[..., 2:]
+  if bits == 8:
+    q = payload.copy().view(np.int8)  # [out, groups, 32]
+  else:
+    q = np.concatenate([payload & 0x0F, payload >> 4], axis=-1).astype(np.int8) - 8  # [out, groups, 32]
+  q = q.reshape(out_features, in_features)
+  if rotary_heads:  # llama.cpp's q/k row order, undone on whole rows of blocks
+    q, scale = unpermute_rotary_rows(q, rotary_heads), unpermute_rotary_rows(scale, rotary_heads)
+    if minimum is not None:
+      minimum = unpermute_rotary_rows(minimum, rotary_heads)
+  qvalue = jnp.asarray(np.ascontiguousarray(q.T))
+  if bits == 4:
+    qvalue = pack_int4(qvalue)
+  return QuantizedWeight(qvalue, jnp.asarray(np.ascontiguousarray(scale.T)), bits=bits, group_size=GGUF_BLOCK,
+                         in_features=in_features,
+                         minimum=None if minimum is None else jnp.asarray(np.ascontiguousarray(minimum.T)))
+
+
+def quantized_weights(path: str | os.PathLike) -> tuple[dict, dict, dict[str, list[str]]]:
+  """The GGUF's Q8_0 / Q4_0 / Q4_1 matrices as they are stored.
+
+  Returns:
+    (HF config dict, {HF tensor name: QuantizedWeight [in, out]} for every 2-D tensor of an
+    `AS_IS` type, {type name: [HF names]} for 2-D tensors of other quantized types, which a loader
+    dequantizes to float instead).
+  """
+  reader = _reader(path)
+  meta = metadata(reader)
+  cfg = hf_config(meta, (t.name for t in reader.tensors))
+  weights, others = {}, {}
+  for t in reader.tensors:
+    name, kind = _hf_name(t.name), t.tensor_type.name
+    if len(t.shape) != 2 or kind in ("F32", "F16", "BF16", "F64"):
+      continue
+    if kind not in AS_IS:
+      others.setdefault(kind, []).append(name)
+      continue
+    in_features, out_features = (int(d) for d in t.shape)  # ggml lists dims innermost first
+    heads = None
+    if cfg["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+      heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
+    weights[name] = _blocks_to_weight(t.data, kind, in_features, out_features, heads)
+  return cfg, weights, others
+
+
 # ---------------------------------------------------------------------------- tokenizer
 
 

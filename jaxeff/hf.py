@@ -179,14 +179,23 @@ def _get(d, path):
   return d
 
 
-def load(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides) -> tuple[Llama, ModelConfig]:
+def load(path: str | os.PathLike, *, mesh: Mesh | None = None, quantized: bool = False,
+         **overrides) -> tuple[Llama, ModelConfig]:
   """Loads a local HF checkpoint directory, or a llama.cpp `.gguf` file (dequantized to float once and
   cached, see `jaxeff.gguf`); `overrides` set ModelConfig fields (e.g. scan_layers=True).
 
   With `mesh`, every weight is placed by its logical axes and each device receives only its shard
   (no device ever holds the whole model); without, everything goes to the first device.
+
+  `quantized=True` (GGUF only) serves the file's Q8_0, Q4_0 and Q4_1 matrices as they are stored:
+  each becomes a `QuantizedLinear` (or `QuantizedEmbed`) holding the file's own integers, scales
+  and minimums (`jaxeff.gguf.quantized_weights`), so nothing is re-quantized and 4-bit weights
+  stay 4-bit in memory. Matrices of other quantized types (K-quants, Q5_x) stay float, with one
+  line on stderr saying which.
   """
   path = pathlib.Path(path)
+  if quantized:
+    return _load_gguf_as_is(path, mesh=mesh, **overrides)
   if path.suffix == ".gguf":
     from jaxeff import gguf  # here, not at the top: jaxeff.gguf imports this module
 
@@ -244,6 +253,37 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides) -> t
   shardings = sharding.model_shardings(state, mesh)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, sharding.place(state, shardings)), cfg
+
+
+def _load_gguf_as_is(path: pathlib.Path, *, mesh, **overrides) -> tuple[Llama, ModelConfig]:
+  import sys
+
+  from jaxeff import gguf
+  from jaxeff.quantization import QuantizedEmbed, QuantizedLinear, _replace
+
+  if path.suffix != ".gguf":
+    raise HFError(f"quantized=True loads a .gguf file's quantized blocks as they are; {path} is not a .gguf")
+  if overrides.get("scan_layers"):
+    raise HFError("quantized=True builds per-layer quantized modules; scan_layers=True is not supported with it")
+  model, cfg = load(path, mesh=None, **overrides)  # the float model: norms, structure, non-as-is tensors
+  _, weights, others = gguf.quantized_weights(path)
+  if others:
+    listed = ", ".join(f"{len(names)} {kind}" for kind, names in sorted(others.items()))
+    print(f"jaxeff.hf.load: {listed} tensor(s) dequantized to float (served as stored: "
+          f"{', '.join(gguf.AS_IS)})", file=sys.stderr)
+  for name, qw in weights.items():
+    if name == "model.embed_tokens.weight":
+      model.embed_tokens = QuantizedEmbed(model.embed_tokens, weight=qw)
+    elif name == "lm_head.weight":
+      model.lm_head = QuantizedLinear(model.lm_head, weight=qw)
+    else:  # model.layers.{i}.{self_attn|mlp}.{proj}.weight
+      _, _, i, block, proj, _ = name.split(".")
+      _replace(model, ("layers", int(i), block, proj), QuantizedLinear(getattr(getattr(model.layers[int(i)], block), proj),
+                                                                        weight=qw))
+  if mesh is not None:
+    state = nnx.state(model)
+    nnx.update(model, sharding.place(state, sharding.model_shardings(state, mesh)))
+  return model, cfg
 
 
 def save(model: Llama, cfg: ModelConfig, path: str | os.PathLike, *, architecture: str | None = None,

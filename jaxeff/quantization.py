@@ -127,6 +127,9 @@ class QuantizedLinear(nnx.Module):
     w = linear.kernel
     axes = _axes(linear.kernel, w.ndim)
     self.logical_axes = tuple(axes[-2:])
+    if weight is not None and weight.shape != (linear.in_features, linear.out_features):
+      raise ValueError(f"quantized weight {weight.shape} does not fit Linear [{linear.in_features}, "
+                       f"{linear.out_features}]")
     qw = weight if weight is not None else _quantize_stacked(w[...], bits, group_size, zero_point)
     self.bits, self.group_size, self.zero_point = qw.bits, qw.group_size, qw.zero_point
     self.qvalue = _variable(qw.qvalue, axes)
@@ -154,18 +157,18 @@ class QuantizedEmbed(nnx.Module):
   `quantized_matmul` as every Linear, and a lookup dequantizes just the gathered columns."""
 
   def __init__(self, embed: Embed, *, bits: int = 8, group_size: int | None = None, zero_point: bool = False,
-               impl: str | None = None, interpret=False):
+               impl: str | None = None, interpret=False, weight: QuantizedWeight | None = None):
     self.dtype = embed.dtype
-    self.bits, self.group_size, self.zero_point = bits, group_size, zero_point
     self.impl, self.interpret = impl, interpret
-    table = embed.embedding[...]
-    self.features = table.shape[1]
+    self.features = embed.embedding.shape[1]
     vocab_axis, embed_axis = _axes(embed.embedding, 2)
     self.logical_axes = (embed_axis, vocab_axis)
-    qw = quantize_weight(table.T, bits=bits, group_size=group_size, zero_point=zero_point)
+    qw = weight if weight is not None else quantize_weight(embed.embedding[...].T, bits=bits, group_size=group_size,
+                                                           zero_point=zero_point)
+    self.bits, self.group_size, self.zero_point = qw.bits, qw.group_size, qw.zero_point
     self.qvalue = _variable(qw.qvalue, (embed_axis, vocab_axis))
     self.scale = _variable(qw.scale, (None, vocab_axis))
-    if zero_point:
+    if qw.zero_point:
       self.minimum = _variable(qw.minimum, (None, vocab_axis))
 
   def _weight(self, columns=None) -> QuantizedWeight:

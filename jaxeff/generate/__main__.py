@@ -42,7 +42,11 @@ def parse_args(argv):
   p.add_argument("--top-p", type=float, default=None, metavar="P")
   p.add_argument("--min-p", type=float, default=None, metavar="P")
   p.add_argument("--seed", type=int, default=0, metavar="S")
-  p.add_argument("--quant", choices=("int8", "int4"), help="weight-only quantization of every Linear")
+  p.add_argument("--quant", choices=("int8", "int4", "gguf"),
+                 help="weight-only quantization of every Linear; gguf: serve a --hf .gguf file's Q8_0/Q4_0/Q4_1 "
+                      "blocks as stored (no float round trip)")
+  p.add_argument("--zero-point", action="store_true",
+                 help="with --quant int8/int4: asymmetric (scale and minimum per group; the 4-bit choice)")
   p.add_argument("--group-size", type=int, default=None, metavar="G",
                  help="quantization group size (default: per channel for int8, 32 for int4)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -82,7 +86,12 @@ def load(args):
     path = pathlib.Path(args.hf)
     if not path.exists():
       raise FileNotFoundError(f"--hf {path}: no such file or directory")
-    model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
+    if args.quant == "gguf":
+      if path.suffix != ".gguf" or args.scan_layers or args.dtype != "float32":
+        raise ValueError("--quant gguf serves a .gguf file's blocks: give --hf FILE.gguf, float32, no --scan-layers")
+      model, _ = hf.load(path, quantized=True)
+    else:
+      model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
     tok = tokenizer_lib.load_tokenizer(path)
   else:
     import dataclasses
@@ -105,10 +114,12 @@ def load(args):
       nnx.update(converted, _cast_floats(nnx.state(model), args.dtype))
       model = converted
     tok = tokenizer_lib.from_data_tokenizer(data.get_tokenizer(train_cfg.data.tokenizer))
-  if args.quant:
+    if args.quant == "gguf":
+      raise ValueError("--quant gguf needs --hf FILE.gguf")
+  if args.quant in ("int8", "int4"):
     bits = 8 if args.quant == "int8" else 4
     group = args.group_size if args.group_size is not None else (None if bits == 8 else 32)
-    model = jaxeff.quantize(model, bits=bits, group_size=group, copy=False)
+    model = jaxeff.quantize(model, bits=bits, group_size=group, zero_point=args.zero_point, copy=False)
   return model, tok
 
 
@@ -143,11 +154,19 @@ def _generate_one(gen, tok, ids, args, out):
   return decoder.ids
 
 
-def _stats_line(gen) -> str:
+def _stats_line(gen, weight_bytes: int) -> str:
   s = gen.stats
   return (f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} new tokens, "
-          f"{s.decode_tokens_per_s:.1f} tok/s | KV cache: {s.cache_bytes / 2**20:.1f} MiB "
-          f"({gen.max_batch} x {gen.max_seq_len} positions)")
+          f"{s.decode_tokens_per_s:.1f} tok/s | weights: {weight_bytes / 2**20:.1f} MiB read per decode "
+          f"step | KV cache: {s.cache_bytes / 2**20:.1f} MiB ({gen.max_batch} x {gen.max_seq_len} positions)")
+
+
+def _weight_bytes(model) -> int:
+  """Bytes of every array of the model's state: what one decode step reads at least once."""
+  import jax
+  from flax import nnx
+
+  return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)) if hasattr(x, "nbytes"))
 
 
 def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
@@ -166,7 +185,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     _warm_up(gen, tok, ids, args, err)
     _generate_one(gen, tok, ids, args, out)
     out.write("\n")
-    print(_stats_line(gen), file=err)
+    print(_stats_line(gen, _weight_bytes(model)), file=err)
     return 0
   if not tok.chat_template:
     raise ValueError("--chat needs a model with a chat template (this one has none); use --prompt")
@@ -192,7 +211,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     new = _generate_one(gen, tok, ids, args, out)
     out.write("\n")
     out.flush()
-    print(_stats_line(gen), file=err)
+    print(_stats_line(gen, _weight_bytes(model)), file=err)
     messages.append({"role": "assistant", "content": tok.decode(new)})
   return 0
 
