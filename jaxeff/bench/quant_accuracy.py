@@ -48,13 +48,15 @@ def token_windows(gguf_path, text: str, seqs: int, seq_len: int) -> np.ndarray:
 
 def perplexity(model, windows: np.ndarray, batch: int = 4) -> float:
   """exp(mean next-token negative log-likelihood) over every window."""
-  @jax.jit
-  def nll(tokens):
+  from flax import nnx
+
+  @nnx.jit  # the model as an argument: closed over, its weights would be baked into the program
+  def nll(model, tokens):
     logits = model(tokens[:, :-1]).astype(jnp.float32)
     logp = jax.nn.log_softmax(logits)
     return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
-  total = sum(float(nll(jnp.asarray(windows[i:i + batch]))) for i in range(0, len(windows), batch))
+  total = sum(float(nll(model, jnp.asarray(windows[i:i + batch]))) for i in range(0, len(windows), batch))
   return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
 
 

@@ -102,6 +102,8 @@ def load(args):
     from jaxeff.models import Llama
     from jaxeff.train import TrainError, load_checkpoint
 
+    if args.quant == "gguf":
+      raise ValueError("--quant gguf needs --hf FILE.gguf")
     path = pathlib.Path(args.checkpoint)
     if not path.is_dir():
       raise FileNotFoundError(f"--checkpoint {path}: no such directory")
@@ -114,8 +116,6 @@ def load(args):
       nnx.update(converted, _cast_floats(nnx.state(model), args.dtype))
       model = converted
     tok = tokenizer_lib.from_data_tokenizer(data.get_tokenizer(train_cfg.data.tokenizer))
-    if args.quant == "gguf":
-      raise ValueError("--quant gguf needs --hf FILE.gguf")
   if args.quant in ("int8", "int4"):
     bits = 8 if args.quant == "int8" else 4
     group = args.group_size if args.group_size is not None else (None if bits == 8 else 32)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.quant_matmul.weights import QuantizedWeight, quantize_weight, unpack_int4
+from pallas_kernels.quant_matmul.weights import QuantizedWeight, quantize_weight, unpack_int4, zero_point_offsets
 
 # (shape class, bits) -> (bm, bn, bk, num_warps, num_stages); bk in storage rows of `qvalue`.
 # Chosen by compiling candidates to cubin for sm_80 and sm_90 (`python -m jaxeff.bench kernels`,
@@ -87,16 +87,21 @@ def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None
   return bm, bn, bk, sub, splits, warps, stages
 
 
-def _kernel(x_ref, q_ref, s_ref, o_ref, *, bits, half_rows, group_size, m, n, k, ks, bm, bn, bk, sub,
-            steps_per_split, cdt):
+def _kernel(x_ref, q_ref, s_ref, *refs, bits, half_rows, group_size, m, n, k, ks, bm, bn, bk, sub,
+            steps_per_split, cdt, zero_point):
+  # With a zero point, z_ref holds each scale's offset 2^(bits-1) * scale + minimum (weights.py):
+  # a group's dequantized weights are q * s + z.
+  z_ref, o_ref = refs if zero_point else (None, refs[0])
   n0, m0, split = pl.program_id(0) * bn, pl.program_id(1) * bm, pl.program_id(2)
   m_ok = (m0 + jnp.arange(bm)) < m
   n_ok = (n0 + jnp.arange(bn)) < n
   precision = jax.lax.Precision.HIGHEST if cdt == jnp.float32 else None
   groups_total = s_ref.shape[0]
 
-  def sub_block(r0, acc):
-    """Rows [r0, r0 + sub) of qvalue (inside one half tile) into the accumulator."""
+  def sub_block(r0, carry):
+    """Rows [r0, r0 + sub) of qvalue (inside one half tile) into the accumulator (and, per-channel
+    with a zero point, x's running row sums)."""
+    acc, xsum = carry
     rows_ok = (r0 + jnp.arange(sub)) < ks
     q = plgpu.load(q_ref.at[pl.ds(r0, sub), pl.ds(n0, bn)], mask=rows_ok[:, None] & n_ok[None, :], other=0)
     planes = unpack_int4(q) if bits == 4 else (q,)
@@ -108,30 +113,41 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, *, bits, half_rows, group_size, m, n, k,
                       other=0).astype(cdt)
       if group_size is None:
         acc += jnp.dot(xv, w.astype(cdt), preferred_element_type=jnp.float32, precision=precision)
-      elif group_size % sub == 0:  # one group: scale the partial product
+        if zero_point:
+          xsum += jnp.sum(xv.astype(jnp.float32), axis=1, keepdims=True)
+      elif group_size % sub == 0:  # one group: scale the partial product (+ the group's x sum x offset)
         g0 = c0 // group_size
-        s = plgpu.load(s_ref.at[pl.ds(g0, 1), pl.ds(n0, bn)], mask=(g0 < groups_total) & n_ok[None, :],
-                       other=0.0)
+        g_mask = (g0 < groups_total) & n_ok[None, :]
+        s = plgpu.load(s_ref.at[pl.ds(g0, 1), pl.ds(n0, bn)], mask=g_mask, other=0.0)
         acc += jnp.dot(xv, w.astype(cdt), preferred_element_type=jnp.float32, precision=precision) * s
-      else:  # several groups: dequantize with the scale tile broadcast down its rows
+        if zero_point:
+          z = plgpu.load(z_ref.at[pl.ds(g0, 1), pl.ds(n0, bn)], mask=g_mask, other=0.0)
+          acc += jnp.sum(xv.astype(jnp.float32), axis=1, keepdims=True) * z
+      else:  # several groups: dequantize with the scale (and offset) tiles broadcast down their rows
         per = sub // group_size
         g0 = c0 // group_size
-        g_ok = (g0 + jnp.arange(per)) < groups_total
-        s = plgpu.load(s_ref.at[pl.ds(g0, per), pl.ds(n0, bn)], mask=g_ok[:, None] & n_ok[None, :], other=0.0)
-        s = jnp.broadcast_to(s[:, None, :], (per, group_size, bn)).reshape(sub, bn)
-        wv = (w.astype(jnp.float32) * s).astype(cdt)
-        acc += jnp.dot(xv, wv, preferred_element_type=jnp.float32, precision=precision)
-    return acc
+        g_mask = ((g0 + jnp.arange(per)) < groups_total)[:, None] & n_ok[None, :]
+        tile = lambda ref: jnp.broadcast_to(
+            plgpu.load(ref.at[pl.ds(g0, per), pl.ds(n0, bn)], mask=g_mask, other=0.0)[:, None, :],
+            (per, group_size, bn)).reshape(sub, bn)
+        wv = w.astype(jnp.float32) * tile(s_ref)
+        if zero_point:
+          wv = wv + tile(z_ref)
+        acc += jnp.dot(xv, wv.astype(cdt), preferred_element_type=jnp.float32, precision=precision)
+    return acc, xsum
 
-  def step(i, acc):
+  def step(i, carry):
     k0 = (split * steps_per_split + i) * bk
     for j in range(bk // sub):
-      acc = sub_block(k0 + j * sub, acc)
-    return acc
+      carry = sub_block(k0 + j * sub, carry)
+    return carry
 
-  acc = jax.lax.fori_loop(0, steps_per_split, step, jnp.zeros((bm, bn), jnp.float32))
+  init = (jnp.zeros((bm, bn), jnp.float32), jnp.zeros((bm, 1), jnp.float32))
+  acc, xsum = jax.lax.fori_loop(0, steps_per_split, step, init)
   if group_size is None:
     acc = acc * plgpu.load(s_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], mask=n_ok[None, :], other=0.0)
+    if zero_point:
+      acc += xsum * plgpu.load(z_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], mask=n_ok[None, :], other=0.0)
   row0 = split * m + m0  # split partials are stacked along M
   plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype),
               mask=m_ok[:, None] & n_ok[None, :])
@@ -154,7 +170,8 @@ def quant_matmul_gpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, bloc
   steps_per_split = pl.cdiv(ks, bk) // splits  # splits divides the steps
   kernel = functools.partial(_kernel, bits=qw.bits, half_rows=qw.half_rows, group_size=qw.group_size,
                              m=m, n=n, k=k, ks=ks, bm=bm, bn=bn, bk=bk, sub=sub,
-                             steps_per_split=steps_per_split, cdt=cdt)
+                             steps_per_split=steps_per_split, cdt=cdt, zero_point=qw.zero_point)
+  operands = (x, qw.qvalue, qw.scale) + ((zero_point_offsets(qw),) if qw.zero_point else ())
   partial_dtype = jnp.float32 if splits > 1 else out_dtype
   y = pl.pallas_call(
       kernel,
@@ -163,7 +180,7 @@ def quant_matmul_gpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, bloc
       compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
       interpret=interpret,
       name="quant_matmul",
-  )(x, qw.qvalue, qw.scale)
+  )(*operands)
   if splits > 1:
     y = y.reshape(splits, m, n).sum(axis=0).astype(out_dtype)
   return y
@@ -175,9 +192,10 @@ def resource_cases():
   Llama-7B-like K = N = 4096: decode M = 1 (split-K on), prefill M = 512."""
   from pallas_kernels.cubin import KernelCase
 
-  def make(m, bits, group):
+  def make(m, bits, group, zero_point=False):
     def args():
-      qw = jax.eval_shape(lambda w: quantize_weight(w, bits, group), jax.ShapeDtypeStruct((4096, 4096), jnp.float32))
+      qw = jax.eval_shape(lambda w: quantize_weight(w, bits, group, zero_point=zero_point),
+                          jax.ShapeDtypeStruct((4096, 4096), jnp.float32))
       return jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16), qw
     return args
 
@@ -188,4 +206,9 @@ def resource_cases():
       cases.append(KernelCase(label=f"quant_matmul {kind} int{bits} {f'g{group}' if group else 'per-channel'}",
                               fn=quant_matmul_gpu, make_args=make(m, bits, group), entry=(kind, bits),
                               num_warps=warps, num_stages=stages))
+    if bits == 4:  # the zero point's extra tiles (offsets) and row sums, where 4-bit needs them
+      group = 32 if kind == "decode" else 128
+      cases.append(KernelCase(label=f"quant_matmul {kind} int4 g{group} zero point", fn=quant_matmul_gpu,
+                              make_args=make(m, 4, group, True), entry=(kind, bits), num_warps=warps,
+                              num_stages=stages))
   return cases

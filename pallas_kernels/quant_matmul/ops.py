@@ -83,27 +83,26 @@ def partition(x_shape, qw: QuantizedWeight, axes: dict, mesh=None) -> dict[str, 
 def _local(x, qvalue, scale, minimum=None, *, bits, group_size, impl, interpret, block_sizes, cdt, out_dtype):
   """One device's matmul: x [M, K_local] @ dequant([K_local, N_local]).
 
-  A zero point (asymmetric weight) runs the implementation on the stored values as if symmetric
-  and adds `zero_point_correction` in f32 on the same shard; "reference" dequantizes it whole.
+  A zero point (asymmetric weight): the TPU and GPU kernels dequantize it in their body; the CPU
+  and XLA paths run on the stored values as if symmetric and add `zero_point_correction` (x's
+  group sums times the offsets, f32) on the same shard; "reference" dequantizes it whole.
   """
-  qw = QuantizedWeight(qvalue, scale, bits=bits, group_size=group_size, in_features=x.shape[-1])
+  qw = QuantizedWeight(qvalue, scale, bits=bits, group_size=group_size, in_features=x.shape[-1], minimum=minimum)
   if impl == "tpu":
-    y = tpu.quant_matmul_tpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
-                             out_dtype=jnp.float32 if minimum is not None else out_dtype)
-  elif impl == "gpu":
-    y = gpu.quant_matmul_gpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
-                             out_dtype=jnp.float32 if minimum is not None else out_dtype)
-  elif impl == "cpu":
-    y = cpu.quant_matmul_cpu(x.astype(jnp.float32), qw, rows_per_step=block_sizes)
-  elif impl == "xla":
-    y = xla.quant_matmul_xla(x.astype(jnp.float32 if minimum is not None else out_dtype), qw, cdt)
-  else:
-    qw = dataclasses.replace(qw, minimum=minimum)
+    return tpu.quant_matmul_tpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
+                                out_dtype=out_dtype)
+  if impl == "gpu":
+    return gpu.quant_matmul_gpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
+                                out_dtype=out_dtype)
+  if impl == "reference":
     return reference.quant_matmul_reference(x.astype(jnp.float32), qw, cdt).astype(out_dtype)
-  if minimum is not None:
-    # The activations as the dot saw them (rounded to compute_dtype), summed in f32.
-    xc = x.astype(cdt).astype(jnp.float32)
-    y = y.astype(jnp.float32) + zero_point_correction(xc, dataclasses.replace(qw, minimum=minimum))
+  symmetric = dataclasses.replace(qw, minimum=None)
+  if impl == "cpu":
+    y = cpu.quant_matmul_cpu(x.astype(jnp.float32), symmetric, rows_per_step=block_sizes)
+  else:  # "xla"
+    y = xla.quant_matmul_xla(x.astype(jnp.float32 if qw.zero_point else out_dtype), symmetric, cdt)
+  if qw.zero_point:  # the activations as the dot saw them (rounded to compute_dtype), summed in f32
+    y = y.astype(jnp.float32) + zero_point_correction(x.astype(cdt).astype(jnp.float32), qw)
   return y.astype(out_dtype)
 
 

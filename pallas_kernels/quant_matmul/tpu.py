@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.quant_matmul.weights import QuantizedWeight, unpack_int4
+from pallas_kernels.quant_matmul.weights import QuantizedWeight, unpack_int4, zero_point_offsets
 
 DECODE_MAX_M = 256
 # (shape class, scaling) -> (bm, bn, weight bytes per step). bm None: all of M in one block.
@@ -98,6 +98,8 @@ def vmem_bytes(bm: int, bn: int, bk: int, qw: QuantizedWeight, compute_dtype, ou
   o = rows * bn * ob
   seg = min(bk, SEGMENT_ROWS if qw.bits == 8 else qw.half_rows)
   temporaries = seg * bn * (4 + 4 + cb) + 2 * rows * bn * 4  # int32 + select + cast; partial + dot
+  if qw.zero_point:  # offsets blocks like the scales, and the per-channel x-sum scratch
+    s, temporaries = 2 * s, temporaries + rows * 128 * 4
   return 2 * (x + q + s + o) + rows * bn * 4 + temporaries
 
 
@@ -154,12 +156,21 @@ def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None
   return bm, bn, bk, min(VMEM_LIMITS[1], max(VMEM_LIMITS[0], int(need * 1.25) + (2 << 20)))
 
 
-def _kernel(x_ref, q_ref, s_ref, o_ref, acc_ref, *, bits, blocks, per_channel, ks, bk, nk, cdt):
+def _kernel(x_ref, q_ref, s_ref, *refs, bits, blocks, per_channel, ks, bk, nk, cdt, zero_point):
+  # With a zero point, z_ref holds each scale's offset 2^(bits-1) * scale + minimum (weights.py):
+  # a group contributes part * s + (its x row sums) * z; per-channel, x's row sums over all of K
+  # accumulate in xsum_ref (lane-broadcast) and meet z at the last step.
+  if zero_point:
+    z_ref, o_ref, acc_ref, xsum_ref = refs
+  else:
+    (o_ref, acc_ref), z_ref, xsum_ref = refs, None, None
   k = pl.program_id(2)
 
   @pl.when(k == 0)
   def _init():
     acc_ref[...] = jnp.zeros_like(acc_ref)
+    if xsum_ref is not None:
+      xsum_ref[...] = jnp.zeros_like(xsum_ref)
 
   def accumulate(valid_rows: int):
     planes_of = {}  # storage rows -> unpacked planes, shared by a tile's two halves
@@ -171,8 +182,9 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, acc_ref, *, bits, blocks, per_channel, k
       return planes_of[row0, rows][plane].astype(cdt)
 
     acc = acc_ref[...]
+    xsum_all = None
     for group, pieces in blocks:
-      part = None
+      part = xsum = None
       for plane, row0, col0, rows in pieces:
         if row0 >= valid_rows:
           continue  # wholly past K (ragged last block)
@@ -183,9 +195,18 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, acc_ref, *, bits, blocks, per_channel, k
         precision = jax.lax.Precision.HIGHEST if cdt == jnp.float32 else None
         d = jnp.dot(xv, w, preferred_element_type=jnp.float32, precision=precision)
         part = d if part is None else part + d
+        if zero_point:
+          r = jnp.sum(xv.astype(jnp.float32), axis=1, keepdims=True)
+          xsum = r if xsum is None else xsum + r
       if part is not None:
         acc += part if per_channel else part * s_ref[group]
+        if zero_point and not per_channel:
+          acc += xsum * z_ref[group]
+        elif zero_point:
+          xsum_all = xsum if xsum_all is None else xsum_all + xsum
     acc_ref[...] = acc
+    if xsum_all is not None:
+      xsum_ref[...] += jnp.broadcast_to(xsum_all, xsum_ref.shape)
 
   tail = ks - (nk - 1) * bk
   if tail != bk:  # only the last K block pays for the masks
@@ -199,6 +220,8 @@ def _kernel(x_ref, q_ref, s_ref, o_ref, acc_ref, *, bits, blocks, per_channel, k
     acc = acc_ref[...]
     if per_channel:
       acc = acc * s_ref[...]
+      if zero_point:
+        acc += xsum_ref[:, :1] * z_ref[...]
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -220,26 +243,30 @@ def quant_matmul_tpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, bloc
   nk = pl.cdiv(ks, bk)
   per_channel = qw.group_size is None
   if per_channel:
-    scale = qw.scale
+    as_blocks = lambda a: a
     s_spec = pl.BlockSpec((1, bn), lambda i, j, k: (0, j))
   else:
-    scale = qw.scale.reshape(qw.scale.shape[0], 1, n)
+    as_blocks = lambda a: a.reshape(a.shape[0], 1, n)
     s_spec = pl.BlockSpec((bk * qw.planes // qw.group_size, 1, bn), lambda i, j, k: (k, 0, j))
+  operands = [x, qw.qvalue, as_blocks(qw.scale)]
+  in_specs = [pl.BlockSpec((bm, bk * qw.planes), lambda i, j, k: (i, k)), pl.BlockSpec((bk, bn), lambda i, j, k: (k, j)),
+              s_spec]
+  scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
+  if qw.zero_point:  # offsets ride along with the scales, same blocks
+    operands.append(as_blocks(zero_point_offsets(qw)))
+    in_specs.append(s_spec)
+    scratch.append(pltpu.VMEM((bm, 128), jnp.float32))
   kernel = functools.partial(_kernel, bits=qw.bits, blocks=segments(bk, qw), per_channel=per_channel,
-                             ks=ks, bk=bk, nk=nk, cdt=cdt)
+                             ks=ks, bk=bk, nk=nk, cdt=cdt, zero_point=qw.zero_point)
   return pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
       grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), nk),
-      in_specs=[
-          pl.BlockSpec((bm, bk * qw.planes), lambda i, j, k: (i, k)),
-          pl.BlockSpec((bk, bn), lambda i, j, k: (k, j)),
-          s_spec,
-      ],
+      in_specs=in_specs,
       out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
-      scratch_shapes=[pltpu.VMEM((bm, bn), jnp.float32)],
+      scratch_shapes=scratch,
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
                                            vmem_limit_bytes=vmem_limit),
       interpret=interpret,
       name="quant_matmul",
-  )(x, qw.qvalue, scale)
+  )(*operands)

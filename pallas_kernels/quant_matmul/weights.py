@@ -21,10 +21,11 @@ Storage (`QuantizedWeight`):
 
 Asymmetric values use the whole unsigned range (0..15 for int4, 0..255 for int8), stored shifted
 by 2^(bits-1) into the same signed storage, so every kernel unpacks them unchanged; this is
-llama.cpp's Q4_1 grid (w = d * q + m), and GGUF's Q4_1 blocks load into it bit for bit. The zero
-point adds one rank-G term to a matmul: x @ dequant(W) = [symmetric matmul of q and scale] +
-xsum @ ((2^(bits-1)) * scale + minimum), with xsum [M, G] the sums of x over each group's K rows
-(`zero_point_correction`).
+llama.cpp's Q4_1 grid (w = d * q + m), and GGUF's Q4_1 blocks load into it bit for bit. Kernels
+use the offset z = 2^(bits-1) * scale + minimum (`zero_point_offsets`): dequant = q * scale + z.
+The TPU and GPU kernels apply it in their body (a group's partial product gains its x row sums
+times z, or a multi-group tile is dequantized as q * s + z); the CPU and XLA paths add the same
+rank-G term after their symmetric matmul (`zero_point_correction`).
 
 int4 group sizes are powers of two, so each half tile lies inside one group or holds whole groups.
 
