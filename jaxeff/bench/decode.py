@@ -178,8 +178,10 @@ def main(argv=None) -> int:
     f32, cfg = hf.load(gguf_path)
     scanned, _ = hf.load(gguf_path, scan_layers=True)
     bf16, _ = hf.load(gguf_path, dtype="bfloat16", param_dtype="bfloat16")
+    as_stored, _ = hf.load(gguf_path, quantized=True)  # the file's Q4_1 / Q8_0 blocks, no re-quantization
     variants = {"jaxeff f32": f32, "jaxeff f32 scan_layers": scanned, "jaxeff bf16": bf16,
-                "jaxeff int8": jaxeff.quantize(f32, bits=8)}
+                "jaxeff int8": jaxeff.quantize(f32, bits=8),
+                "jaxeff GGUF as stored (Q4_1 + Q8_0)": as_stored}
     vocab = cfg.vocab_size
   prompts = {b: rng.integers(0, vocab, size=(b, args.prompt_len)).tolist() for b in batches}
 
