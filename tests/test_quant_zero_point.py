@@ -284,3 +284,17 @@ def test_generate_cli_serves_gguf_blocks_as_stored(tmp_path, monkeypatch):
   assert generate_main.main(["--checkpoint", str(tmp_path), "--quant", "gguf", "--prompt", "x"], out=io.StringIO(),
                             err=err) == 2
   assert "--quant gguf needs --hf FILE.gguf" in err.getvalue()
+
+
+def test_gguf_as_stored_on_a_mesh_equals_one_device(tmp_path, monkeypatch):
+  monkeypatch.setenv("JAXEFF_CACHE_DIR", str(tmp_path / "cache"))
+  path, _ = _mixed_gguf(tmp_path / "mixed.gguf")
+  tokens = jnp.asarray([[1, 5, 9, 33, 200, 7, 7, 150]] * 4)
+  want = np.asarray(hf.load(path, quantized=True)[0](tokens))
+  mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+  model, _ = hf.load(path, quantized=True, mesh=mesh)
+  qvalue = model.layers[0].mlp.up_proj.qvalue[...]
+  assert not qvalue.sharding.is_fully_replicated  # placed by its logical axes, not copied whole
+  with jax.set_mesh(mesh):
+    got = nnx.jit(lambda m, t: m(t))(model, tokens)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-4)

@@ -36,11 +36,12 @@ def _rel_err(y, ref):
 
 
 @pytest.mark.parametrize("scan", [False, True])
-@pytest.mark.parametrize("bits,group_size,tol", [(8, None, 0.03), (4, 64, 0.3)])
-def test_quantized_logits_close_to_float(scan, bits, group_size, tol):
+@pytest.mark.parametrize("bits,group_size,tol,zero_point", [(8, None, 0.03, False), (4, 64, 0.3, False),
+                                                            (4, 32, 0.3, True)])
+def test_quantized_logits_close_to_float(scan, bits, group_size, tol, zero_point):
   model = _model(scan)
   ref = model(TOKENS)
-  qmodel = quantize(model, bits=bits, group_size=group_size)
+  qmodel = quantize(model, bits=bits, group_size=group_size, zero_point=zero_point)
   y = nnx.jit(lambda m, t: m(t))(qmodel, TOKENS)
   assert y.shape == ref.shape and y.dtype == ref.dtype
   assert _rel_err(y, ref) < tol
@@ -89,6 +90,10 @@ def test_save_quantized_round_trip_identical_logits_and_never_overwrites(tmp_pat
   expected = np.asarray(qmodel(TOKENS))
   save_quantized(qmodel, tmp_path / "q4")
   np.testing.assert_array_equal(np.asarray(load_quantized(tmp_path / "q4")(TOKENS)), expected)
+  # A scanned model with zero points (stacked minimums) and a quantized tied head, likewise.
+  zp = quantize(_model(scan=True, tie_embeddings=True), bits=4, group_size=32, zero_point=True, include_embeddings=True)
+  save_quantized(zp, tmp_path / "q4zp")
+  np.testing.assert_array_equal(np.asarray(load_quantized(tmp_path / "q4zp")(TOKENS)), np.asarray(zp(TOKENS)))
   files = lambda: {(p, p.stat().st_mtime_ns) for p in (tmp_path / "q4").rglob("*")}
   before = files()
   with pytest.raises(FileExistsError, match="never overwrites"):
