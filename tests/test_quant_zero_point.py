@@ -280,10 +280,12 @@ def test_generate_cli_serves_gguf_blocks_as_stored(tmp_path, monkeypatch):
   assert outputs[True] == outputs[False]  # the same weights: the same greedy text
   mib = {k: float(v.split("weights: ")[1].split(" MiB")[0]) for k, v in stats.items()}
   assert mib[True] < 0.5 * mib[False], stats  # 4/8-bit blocks read instead of f32
-  err = io.StringIO()
-  assert generate_main.main(["--checkpoint", str(tmp_path), "--quant", "gguf", "--prompt", "x"], out=io.StringIO(),
-                            err=err) == 2
-  assert "--quant gguf needs --hf FILE.gguf" in err.getvalue()
+  for argv, message in ((["--checkpoint", str(tmp_path), "--quant", "gguf"], "give --hf FILE.gguf"),
+                        (["--hf", str(path), "--zero-point"], "--zero-point needs --quant int8 or int4")):
+    err = io.StringIO()
+    assert generate_main.main([*argv, "--prompt", "x"], out=io.StringIO(), err=err) == 2
+    line = err.getvalue().strip()
+    assert line.startswith("error: ") and message in line and "\n" not in line, line
 
 
 def test_gguf_as_stored_on_a_mesh_equals_one_device(tmp_path, monkeypatch):

@@ -61,6 +61,10 @@ def parse_args(argv):
     p.error("give --prompt TEXT (or --chat for an interactive session)")
   if args.max_new_tokens < 1:
     p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+  if args.zero_point and args.quant not in ("int8", "int4"):
+    p.error("--zero-point needs --quant int8 or int4 (a GGUF's blocks keep their own format)")
+  if args.quant == "gguf" and not (args.hf or "").endswith(".gguf"):
+    p.error("--quant gguf serves a .gguf file's blocks as stored: give --hf FILE.gguf")
   return args
 
 
@@ -87,8 +91,8 @@ def load(args):
     if not path.exists():
       raise FileNotFoundError(f"--hf {path}: no such file or directory")
     if args.quant == "gguf":
-      if path.suffix != ".gguf" or args.scan_layers or args.dtype != "float32":
-        raise ValueError("--quant gguf serves a .gguf file's blocks: give --hf FILE.gguf, float32, no --scan-layers")
+      if args.scan_layers or args.dtype != "float32":
+        raise ValueError("--quant gguf builds float32, per-layer modules: drop --scan-layers / --dtype")
       model, _ = hf.load(path, quantized=True)
     else:
       model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
@@ -102,8 +106,6 @@ def load(args):
     from jaxeff.models import Llama
     from jaxeff.train import TrainError, load_checkpoint
 
-    if args.quant == "gguf":
-      raise ValueError("--quant gguf needs --hf FILE.gguf")
     path = pathlib.Path(args.checkpoint)
     if not path.is_dir():
       raise FileNotFoundError(f"--checkpoint {path}: no such directory")
