@@ -159,6 +159,13 @@ def unpermute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
   return w.reshape(num_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _rotary_heads(cfg: dict, name: str) -> int | None:
+  """The head count whose rows llama.cpp reordered in tensor `name` (llama q/k), else None."""
+  if cfg["model_type"] != "llama" or not name.endswith(("q_proj.weight", "k_proj.weight")):
+    return None
+  return cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
+
+
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
   """(HF config.json dict, HF-named float32 tensors) of a GGUF file."""
   reader = _reader(path)
@@ -177,8 +184,8 @@ def _read(reader, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
     except NotImplementedError as e:
       raise GGUFError(f"tensor {t.name!r}: the gguf package cannot dequantize {t.tensor_type.name}: {e}") from None
     w = w.reshape(tuple(int(d) for d in reversed(t.shape)))  # ggml lists dims innermost first
-    if cfg["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-      heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
+    heads = _rotary_heads(cfg, name)
+    if heads:
       w = unpermute_rotary_rows(w, heads)
     tensors[name] = np.ascontiguousarray(w)
   return cfg, tensors
@@ -250,10 +257,7 @@ def quantized_weights(path: str | os.PathLike) -> tuple[dict, dict, dict[str, li
       others.setdefault(kind, []).append(name)
       continue
     in_features, out_features = (int(d) for d in t.shape)  # ggml lists dims innermost first
-    heads = None
-    if cfg["model_type"] == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-      heads = cfg["num_attention_heads"] if "q_proj" in name else cfg["num_key_value_heads"]
-    weights[name] = _blocks_to_weight(t.data, kind, in_features, out_features, heads)
+    weights[name] = _blocks_to_weight(t.data, kind, in_features, out_features, _rotary_heads(cfg, name))
   return cfg, weights, others
 
 

@@ -11,6 +11,7 @@ downloaded: `path` is a local directory.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -272,14 +273,10 @@ def _load_gguf_as_is(path: pathlib.Path, *, mesh, **overrides) -> tuple[Llama, M
     print(f"jaxeff.hf.load: {listed} tensor(s) dequantized to float (served as stored: "
           f"{', '.join(gguf.AS_IS)})", file=sys.stderr)
   for name, qw in weights.items():
-    if name == "model.embed_tokens.weight":
-      model.embed_tokens = QuantizedEmbed(model.embed_tokens, weight=qw)
-    elif name == "lm_head.weight":
-      model.lm_head = QuantizedLinear(model.lm_head, weight=qw)
-    else:  # model.layers.{i}.{self_attn|mlp}.{proj}.weight
-      _, _, i, block, proj, _ = name.split(".")
-      _replace(model, ("layers", int(i), block, proj), QuantizedLinear(getattr(getattr(model.layers[int(i)], block), proj),
-                                                                        weight=qw))
+    # "model.layers.3.mlp.up_proj.weight" -> ("layers", 3, "mlp", "up_proj"); "lm_head.weight" -> ("lm_head",)
+    path_ = tuple(int(p) if p.isdigit() else p for p in name.removeprefix("model.").split(".")[:-1])
+    old = functools.reduce(lambda m, p: m[p] if isinstance(p, int) else getattr(m, p), path_, model)
+    _replace(model, path_, (QuantizedEmbed if path_ == ("embed_tokens",) else QuantizedLinear)(old, weight=qw))
   if mesh is not None:
     state = nnx.state(model)
     nnx.update(model, sharding.place(state, sharding.model_shardings(state, mesh)))

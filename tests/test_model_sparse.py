@@ -69,20 +69,25 @@ def _tokens(b=2, s=SEQ, seed=0):
   return jax.random.randint(jax.random.key(seed), (b, s), 0, CFG.vocab_size, dtype=jnp.int32)
 
 
-@pytest.mark.parametrize("fields", [dict(), STREAMING], ids=["causal", "streaming"])
-def test_model_loss_and_grads_equal_dense(fields):
-  dense, sparse = _pair(**fields)
-  tokens = _tokens()
+def _loss(model, tokens):
+  logits = model(tokens[:, :-1])
+  return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
 
-  def loss(model):
-    logits = model(tokens[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
 
-  want, want_g = nnx.value_and_grad(loss)(dense)
-  got, got_g = nnx.value_and_grad(loss)(sparse)
+def _assert_same_loss_and_grads(model, reference, tokens):
+  """`model`'s next-token loss and gradients equal `reference`'s; returns the reference loss."""
+  want, want_g = nnx.value_and_grad(_loss)(reference, tokens)
+  got, got_g = nnx.value_and_grad(_loss)(model, tokens)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   for g, w in zip(jax.tree.leaves(nnx.to_pure_dict(got_g)), jax.tree.leaves(nnx.to_pure_dict(want_g))):
     np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-3)
+  return want
+
+
+@pytest.mark.parametrize("fields", [dict(), STREAMING], ids=["causal", "streaming"])
+def test_model_loss_and_grads_equal_dense(fields):
+  dense, sparse = _pair(**fields)
+  _assert_same_loss_and_grads(sparse, dense, _tokens())
 
 
 def test_streaming_decode_matches_full_forward_and_dense():
@@ -221,17 +226,8 @@ def test_topk_model_covering_everything_equals_dense_and_trains():
   everything = Llama(dataclasses.replace(CFG, attention="sparse", attention_topk_blocks=4), rngs=nnx.Rngs(0))
   one = Llama(dataclasses.replace(CFG, attention="sparse", attention_topk_blocks=1), rngs=nnx.Rngs(0))
   tokens = _tokens()
-
-  def loss(model):
-    logits = model(tokens[:, :-1])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
-
-  want, want_g = nnx.value_and_grad(loss)(dense)
-  got, got_g = nnx.value_and_grad(loss)(everything)
-  np.testing.assert_allclose(got, want, rtol=1e-5)
-  for g, w in zip(jax.tree.leaves(nnx.to_pure_dict(got_g)), jax.tree.leaves(nnx.to_pure_dict(want_g))):
-    np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-3)
-  assert abs(float(loss(one)) - float(want)) > 1e-6  # one block of four: a different mask
+  want = _assert_same_loss_and_grads(everything, dense, tokens)
+  assert abs(float(_loss(one, tokens)) - float(want)) > 1e-6  # one block of four: a different mask
   with pytest.raises(ValueError, match="KV-cache decode with model.attention_topk_blocks"):
     Generator(one, max_batch=1, max_seq_len=SEQ).generate([[1, 2, 3]], max_new_tokens=2)
 

