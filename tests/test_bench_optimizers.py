@@ -3,6 +3,9 @@ bad input, and the low-rank state table at several ranks."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -10,9 +13,18 @@ from jaxeff.bench import optimizers as bench
 
 
 def test_quick_run_reports_every_field(tmp_path, capsys):
+  # Through the CLI as users run it (its own 4 fake devices, not the suite's 8): before the
+  # projectors' SVDs ran one matrix at a time on CPU, this run hung in GaLore's first refresh.
   out = tmp_path / "res"
-  assert bench.main(["--quick", "--steps", "6", "--optimizers", "osd,galore", "--out", str(out)]) == 0
-  text = capsys.readouterr().out
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  cmd = [sys.executable, "-m", "jaxeff.bench", "optimizers", "--quick", "--steps", "6", "--optimizers", "osd,galore",
+         "--out", str(out)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+  except subprocess.TimeoutExpired:
+    pytest.fail("the --quick run did not finish in 300 s (a hung multi-device SVD?)")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = proc.stdout
   assert "| optimizer | lrs tried | best lr |" in text and "Goals:" in text and "rank 8" in text
   result = json.loads((out / "optimizers_cpu.json").read_text())
   assert {r["name"] for r in result["runs"]} == {"adamw", "osd", "galore"}

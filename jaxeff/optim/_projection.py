@@ -25,6 +25,18 @@ def eff_rank(view: _util.MatrixView, rank: int) -> int:
   return min(rank, view.small)
 
 
+def _right_vectors(g: jax.Array) -> jax.Array:
+  return jnp.linalg.svd(g, full_matrices=False)[2]
+
+
+def _right_vectors_one_by_one(g: jax.Array) -> jax.Array:
+  # XLA:CPU: jaxlib's batched LAPACK SVD fans its batch out on the thread pool that also runs
+  # each (fake) device's program. With several devices in the SVD at once the pool runs dry and
+  # every device waits for the others forever (4 devices on 2 cores hang on the first refresh).
+  # One matrix per call runs inline.
+  return jax.lax.map(_right_vectors, g[:, None])[:, 0]
+
+
 def svd_projector(gc: jax.Array, rank: int) -> jax.Array:
   """Top-`rank` right singular vectors of each G [B, big, small] (f32): P [B, r, small].
 
@@ -32,7 +44,7 @@ def svd_projector(gc: jax.Array, rank: int) -> jax.Array:
   differs between backends, and GaLore keeps Adam moments across refreshes, so an arbitrary flip
   would change the trajectory. The subspace is the reference's.
   """
-  _, _, vh = jnp.linalg.svd(gc.astype(jnp.float32), full_matrices=False)
+  vh = jax.lax.platform_dependent(gc.astype(jnp.float32), cpu=_right_vectors_one_by_one, default=_right_vectors)
   p = vh[:, :rank, :]
   idx = jnp.argmax(jnp.abs(p), axis=-1, keepdims=True)
   sign = jnp.where(jnp.take_along_axis(p, idx, axis=-1) < 0, -1.0, 1.0)
