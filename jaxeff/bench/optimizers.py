@@ -581,6 +581,7 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   import numpy as np
 
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
+  lowest = summary["target"]
   for name, s in summary["optimizers"].items():
     if s.get("best_lr") is None:
       continue
@@ -592,14 +593,16 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
     ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
     sweep = sorted((float(k), v) for k, v in s["sweep"].items() if math.isfinite(v))
     bx.plot([k for k, _ in sweep], [v for _, v in sweep], marker="o", color=line.get_color(), label=name)
+    lowest = min([lowest, *(v for _, v in sweep)])
   ax.axhline(summary["target"], color="k", lw=0.8, ls="--", label="target (AdamW's final)")
   lo = summary["target"]
-  ax.set_ylim(lo - 0.3, lo + 1.2)
+  # The floor follows the best run so no optimizer's best point falls off either panel.
+  ax.set_ylim(min(lo - 0.3, lowest - 0.05), lo + 1.2)
   ax.set_xlabel("step"); ax.set_ylabel("validation loss (nats/byte)"); ax.grid(alpha=0.3)
   ax.set_title("best lr each: mean over seeds, band = min..max"); ax.legend(fontsize=7)
   bx.set_xscale("log"); bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
   bx.set_xlabel("peak learning rate"); bx.set_ylabel("final validation loss (seed 0)")
-  bx.set_ylim(lo - 0.2, lo + 0.8); bx.grid(alpha=0.3); bx.set_title("learning-rate sweeps"); bx.legend(fontsize=7)
+  bx.set_ylim(min(lo - 0.2, lowest - 0.05), lo + 0.8); bx.grid(alpha=0.3); bx.set_title("learning-rate sweeps"); bx.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
