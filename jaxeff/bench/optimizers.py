@@ -581,7 +581,8 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   import numpy as np
 
   fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 5))
-  lowest = summary["target"]
+  lo = summary["target"]
+  lowest = lo
   for name, s in summary["optimizers"].items():
     if s.get("best_lr") is None:
       continue
@@ -594,8 +595,7 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
     sweep = sorted((float(k), v) for k, v in s["sweep"].items() if math.isfinite(v))
     bx.plot([k for k, _ in sweep], [v for _, v in sweep], marker="o", color=line.get_color(), label=name)
     lowest = min([lowest, *(v for _, v in sweep)])
-  ax.axhline(summary["target"], color="k", lw=0.8, ls="--", label="target (AdamW's final)")
-  lo = summary["target"]
+  ax.axhline(lo, color="k", lw=0.8, ls="--", label="target (AdamW's final)")
   # The floor follows the best run so no optimizer's best point falls off either panel.
   ax.set_ylim(min(lo - 0.3, lowest - 0.05), lo + 1.2)
   ax.set_xlabel("step"); ax.set_ylabel("validation loss (nats/byte)"); ax.grid(alpha=0.3)
