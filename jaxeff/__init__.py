@@ -1,14 +1,18 @@
 """jaxeff: efficient LLM training and inference in JAX/Flax.
 
-Submodules: `jaxeff.models` (sharded Llama-family NNX models), `jaxeff.sharding` (logical-axis rules),
-`jaxeff.hf` (Hugging Face checkpoint import/export; `.gguf` files through `jaxeff.gguf`),
-`jaxeff.generate` (KV-cache generation, `python -m jaxeff.generate`), `jaxeff.optim` (optax transformations),
-`jaxeff.data`, `jaxeff.training` (the engine; `python -m jaxeff.train` is its CLI),
-`jaxeff.host_malloc` (CPU-host settings the CLIs apply),
-`jaxeff.quantization` (`jaxeff.quantize(model, bits=8)`), `jaxeff.bench`.
+Submodules, lower layers first: `jaxeff.errors` (`JaxeffError` and its kinds), `jaxeff.config`
+(`ModelConfig`), `jaxeff.sharding` (logical axis names and the rules table), `jaxeff.optim` (optax
+transformations), `jaxeff.data`; `jaxeff.models` (sharded Llama-family NNX models, the attention
+registry, the KV cache); `jaxeff.checkpoint` (the one orbax idiom), `jaxeff.hf` and `jaxeff.gguf`
+(checkpoints in and out), `jaxeff.quantization` (`jaxeff.quantize(model, bits=8)`), `jaxeff.hlo`;
+`jaxeff.training` (the engine; `python -m jaxeff.train`) and `jaxeff.generate` (`python -m
+jaxeff.generate`); `jaxeff.bench` (`python -m jaxeff.bench NAME`), `jaxeff.host_malloc` (CPU-host
+settings the command lines apply).
 """
 
 from jaxeff.config import ModelConfig
+
+__all__ = ["ModelConfig", "quantize"]
 
 __version__ = "0.1.0"
 
@@ -17,5 +21,6 @@ def __getattr__(name):
   # `jaxeff.quantize(model, bits=...)`, imported lazily so `import jaxeff` stays light.
   if name == "quantize":
     from jaxeff.quantization import quantize
+
     return quantize
   raise AttributeError(f"module 'jaxeff' has no attribute {name!r}")

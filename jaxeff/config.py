@@ -11,9 +11,7 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-  """A config file or override names an unknown key or has a wrong value type."""
+from jaxeff.errors import ConfigError
 
 
 @dataclasses.dataclass
@@ -41,7 +39,9 @@ class ModelConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False  # Qwen2
   initializer_range: float = 0.02
-  attention: str = "dense"  # a key of jaxeff.models.attention.ATTENTION_IMPLS: dense, blocked, sparse
+  # A registered attention implementation (jaxeff.models.attention: dense, blocked, sparse, nsa); what
+  # it supports (sinks, top-k blocks, a KV cache) is checked when the model is built.
+  attention: str = "dense"
   # StreamingLLM attention sinks: the first N positions stay visible to every query beside the
   # sliding window (needs `sliding_window`; implemented by `dense` and `sparse`).
   attention_sinks: int = 0
@@ -66,30 +66,27 @@ class ModelConfig:
       self.head_dim = self.hidden_size // self.num_heads
     if self.num_heads % self.num_kv_heads:
       raise ConfigError(
-          f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}")
+        f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
+      )
     if self.attention_sinks < 0:
       raise ConfigError(f"model.attention_sinks must be >= 0, got {self.attention_sinks}")
     if self.attention_topk_blocks < 0:
       raise ConfigError(f"model.attention_topk_blocks must be >= 0, got {self.attention_topk_blocks}")
-    if self.attention_topk_blocks and self.attention != "sparse":
-      raise ConfigError(f"model.attention_topk_blocks is implemented by attention sparse, not {self.attention!r} "
-                        "(attention nsa selects its own blocks: model.nsa_select_blocks)")
     if self.attention_sinks and self.sliding_window is None and not self.attention_topk_blocks:
-      raise ConfigError("model.attention_sinks needs model.sliding_window or model.attention_topk_blocks "
-                        "(without a restriction every key is visible already)")
-    if self.attention_sinks and self.attention not in ("dense", "sparse"):
-      raise ConfigError(f"model.attention_sinks is implemented by attention dense and sparse, not "
-                        f"{self.attention!r}")
+      raise ConfigError(
+        "model.attention_sinks needs model.sliding_window or model.attention_topk_blocks "
+        "(without a restriction every key is visible already)"
+      )
     if self.sliding_window is not None and self.sliding_window < 1:
       raise ConfigError(f"model.sliding_window must be >= 1 or null, got {self.sliding_window}")
     for name in ("nsa_compress_block", "nsa_compress_stride", "nsa_select_blocks", "nsa_window"):
       if getattr(self, name) < 1:
         raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
     if self.nsa_compress_stride > self.nsa_compress_block:
-      raise ConfigError(f"model.nsa_compress_stride={self.nsa_compress_stride} must be <= "
-                        f"model.nsa_compress_block={self.nsa_compress_block} (blocks would skip tokens)")
-    if self.attention == "nsa" and self.sliding_window is not None:
-      raise ConfigError("attention nsa has its own window (model.nsa_window); leave model.sliding_window null")
+      raise ConfigError(
+        f"model.nsa_compress_stride={self.nsa_compress_stride} must be <= "
+        f"model.nsa_compress_block={self.nsa_compress_block} (blocks would skip tokens)"
+      )
     if self.remat not in ("none", "full", "dots"):
       raise ConfigError(f"model.remat must be one of none, full, dots; got {self.remat!r}")
 
@@ -110,6 +107,58 @@ class ModelConfig:
     if self.tie_embeddings:
       n += self.vocab_size * self.hidden_size  # ...but the tied head is
     return 6 * n + 12 * self.num_layers * self.num_heads * self.head_dim * seq_len
+
+
+# Fields that change how the model computes or which keys attention sees, not what its parameters
+# are: a loader's overrides (`jaxeff.hf.load(path, sliding_window=...)`) replace a checkpoint's
+# values. Every other field describes the architecture and must match the checkpoint.
+COMPUTE_FIELDS = frozenset(
+  {
+    "dtype",
+    "param_dtype",
+    "remat",
+    "scan_layers",
+    "attention",
+    "max_seq_len",
+    "sliding_window",
+    "attention_sinks",
+    "attention_topk_blocks",
+  }
+)
+# Of those, the ones a checkpoint of parameter trees restores across: the others change the trees'
+# structure (stacked layers) or storage.
+RESTORE_COMPUTE_FIELDS = COMPUTE_FIELDS - {"scan_layers", "param_dtype"}
+
+
+def override(
+  saved: ModelConfig, overrides: dict[str, Any], *, source: str, allowed: frozenset[str] = COMPUTE_FIELDS
+) -> ModelConfig:
+  """`saved` (a checkpoint's config) with `overrides` applied.
+
+  Fields in `allowed` take the override; any other field may only repeat the saved value, else
+  `ConfigError` names it (an architecture field: sizes, heads, vocabulary).
+  """
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ConfigError(f"unknown model config field(s) {', '.join(unknown)}; valid: {', '.join(sorted(fields))}")
+  changed = sorted(k for k, v in overrides.items() if k not in allowed and getattr(saved, k) != v)
+  if changed:
+    what = "; ".join(f"{k}={overrides[k]!r} (checkpoint: {getattr(saved, k)!r})" for k in changed)
+    raise ConfigError(
+      f"{what}: would change the architecture of {source}; only compute settings may be "
+      f"overridden: {', '.join(sorted(allowed))}"
+    )
+  return dataclasses.replace(saved, **overrides)
+
+
+def differences(saved: ModelConfig, cfg: ModelConfig, allowed: frozenset[str] = RESTORE_COMPUTE_FIELDS) -> list[str]:
+  """ "field: checkpoint X vs config Y" for every field outside `allowed` where the two differ."""
+  return [
+    f"{f.name}: checkpoint {getattr(saved, f.name)!r} vs config {getattr(cfg, f.name)!r}"
+    for f in dataclasses.fields(ModelConfig)
+    if f.name not in allowed and getattr(saved, f.name) != getattr(cfg, f.name)
+  ]
 
 
 def _coerce(value: Any, field: dataclasses.Field, where: str) -> Any:

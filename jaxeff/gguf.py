@@ -1,7 +1,7 @@
 """GGUF files (llama.cpp) of Llama-family models -> float checkpoints and tokenizers.
 
-  model, cfg = jaxeff.hf.load("SmolLM2-135M-Instruct.Q4_1.gguf")   # converted once, cached by hash
-  tok = jaxeff.gguf.tokenizer("SmolLM2-135M-Instruct.Q4_1.gguf")    # a tokenizers.Tokenizer
+`jaxeff.hf.load("SmolLM2-135M-Instruct.Q4_1.gguf")` returns the model (converted once, cached by
+hash); `jaxeff.gguf.tokenizer(path)` its `tokenizers.Tokenizer`.
 
 A GGUF holds the weights (often quantized: Q4_1, Q8_0, K-quants, ...) and, as metadata, the model's
 shape and its tokenizer (vocabulary, merges, token types, special ids, chat template), all under
@@ -36,34 +36,33 @@ import tempfile
 
 import numpy as np
 
-from jaxeff.hf import HFError
+from jaxeff.errors import GGUFError
 
 CONVERSION_VERSION = 1  # part of the cache key: bump when the conversion's output changes
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _LAYER_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
+  "attn_norm.weight": "input_layernorm.weight",
+  "ffn_norm.weight": "post_attention_layernorm.weight",
+  "attn_q.weight": "self_attn.q_proj.weight",
+  "attn_k.weight": "self_attn.k_proj.weight",
+  "attn_v.weight": "self_attn.v_proj.weight",
+  "attn_q.bias": "self_attn.q_proj.bias",
+  "attn_k.bias": "self_attn.k_proj.bias",
+  "attn_v.bias": "self_attn.v_proj.bias",
+  "attn_output.weight": "self_attn.o_proj.weight",
+  "ffn_gate.weight": "mlp.gate_proj.weight",
+  "ffn_up.weight": "mlp.up_proj.weight",
+  "ffn_down.weight": "mlp.down_proj.weight",
 }
-_TOP_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-              "output.weight": "lm_head.weight"}
+_TOP_NAMES = {
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
+}
 
 # llama.cpp's token types (tokenizer.ggml.token_type).
 _CONTROL, _USER_DEFINED, _BYTE = 3, 4, 6
-
-
-class GGUFError(HFError):
-  """A GGUF file that cannot be loaded, with the reason."""
 
 
 # ---------------------------------------------------------------------------- reading
@@ -122,19 +121,24 @@ def hf_config(meta: dict, tensor_names) -> dict:
       raise GGUFError(f"unsupported GGUF rope scaling {kind!r} (supported: none, linear)")
     scaling = {"rope_type": "linear", "factor": float(key("rope.scaling.factor"))}
   cfg = {
-      "architectures": [ARCHITECTURES[arch]], "model_type": arch, "vocab_size": int(vocab),
-      "hidden_size": hidden, "intermediate_size": key("feed_forward_length"),
-      "num_hidden_layers": key("block_count"), "num_attention_heads": heads,
-      "num_key_value_heads": key("attention.head_count_kv", heads),
-      "head_dim": key("attention.key_length", hidden // heads),
-      "max_position_embeddings": key("context_length", 2048),
-      "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
-      "rope_theta": float(key("rope.freq_base", 10000.0)), "rope_scaling": scaling,
-      # llama.cpp writes the output projection only when it is not the embedding matrix.
-      "tie_word_embeddings": "output.weight" not in tensor_names,
-      "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
-      "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-      "torch_dtype": "float32",
+    "architectures": [ARCHITECTURES[arch]],
+    "model_type": arch,
+    "vocab_size": int(vocab),
+    "hidden_size": hidden,
+    "intermediate_size": key("feed_forward_length"),
+    "num_hidden_layers": key("block_count"),
+    "num_attention_heads": heads,
+    "num_key_value_heads": key("attention.head_count_kv", heads),
+    "head_dim": key("attention.key_length", hidden // heads),
+    "max_position_embeddings": key("context_length", 2048),
+    "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+    "rope_theta": float(key("rope.freq_base", 10000.0)),
+    "rope_scaling": scaling,
+    # llama.cpp writes the output projection only when it is not the embedding matrix.
+    "tie_word_embeddings": "output.weight" not in tensor_names,
+    "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+    "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+    "torch_dtype": "float32",
   }
   if arch == "qwen2":
     cfg.update(use_sliding_window=False, sliding_window=None)
@@ -206,8 +210,7 @@ AS_IS = {"Q8_0": (8, False), "Q4_0": (4, False), "Q4_1": (4, True)}
 GGUF_BLOCK = 32
 
 
-def _blocks_to_weight(data: np.ndarray, type_name: str, in_features: int, out_features: int,
-                      rotary_heads: int | None):
+def _blocks_to_weight(data: np.ndarray, type_name: str, in_features: int, out_features: int, rotary_heads: int | None):
   """A GGUF tensor's raw blocks (uint8 [out, bytes per row]) -> `pallas_kernels.QuantizedWeight`
   [in, out] with the same integers, scales and minimums."""
   import jax.numpy as jnp
@@ -232,9 +235,14 @@ def _blocks_to_weight(data: np.ndarray, type_name: str, in_features: int, out_fe
   qvalue = jnp.asarray(np.ascontiguousarray(q.T))
   if bits == 4:
     qvalue = pack_int4(qvalue)
-  return QuantizedWeight(qvalue, jnp.asarray(np.ascontiguousarray(scale.T)), bits=bits, group_size=GGUF_BLOCK,
-                         in_features=in_features,
-                         minimum=None if minimum is None else jnp.asarray(np.ascontiguousarray(minimum.T)))
+  return QuantizedWeight(
+    qvalue,
+    jnp.asarray(np.ascontiguousarray(scale.T)),
+    bits=bits,
+    group_size=GGUF_BLOCK,
+    in_features=in_features,
+    minimum=None if minimum is None else jnp.asarray(np.ascontiguousarray(minimum.T)),
+  )
 
 
 def quantized_weights(path: str | os.PathLike) -> tuple[dict, dict, dict[str, list[str]]]:
@@ -279,13 +287,23 @@ def _byte_alphabet() -> dict[int, str]:
 
 # Pre-tokenizer split patterns by `tokenizer.ggml.pre` (llama.cpp's names; the patterns are each
 # model family's published regex). Byte-level vocabularies not listed here use GPT-2's pattern.
-_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_SPLITS = {"llama-bpe": _LLAMA3_SPLIT, "llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
-           "smaug-bpe": _LLAMA3_SPLIT, "falcon3": _LLAMA3_SPLIT, "qwen2": _QWEN2_SPLIT,
-           "deepseek-r1-qwen": _QWEN2_SPLIT}
+_LLAMA3_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+  r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_SPLITS = {
+  "llama-bpe": _LLAMA3_SPLIT,
+  "llama3": _LLAMA3_SPLIT,
+  "llama-v3": _LLAMA3_SPLIT,
+  "smaug-bpe": _LLAMA3_SPLIT,
+  "falcon3": _LLAMA3_SPLIT,
+  "qwen2": _QWEN2_SPLIT,
+  "deepseek-r1-qwen": _QWEN2_SPLIT,
+}
 # GPT-2's pattern after splitting every digit on its own.
 _DIGITS_THEN_GPT2 = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
 _GPT2_PATTERN = {None, "default", "gpt2", "gpt-2"}
@@ -307,16 +325,23 @@ def _byte_level_tokenizer(meta: dict):
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
   pre = meta.get("tokenizer.ggml.pre")
   if pre in _SPLITS:
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [
+        pre_tokenizers.Split(Regex(_SPLITS[pre]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+      ]
+    )
   elif pre in _DIGITS_THEN_GPT2:
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+      [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
+    )
   elif pre in _GPT2_PATTERN:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
   else:
-    raise GGUFError(f"unsupported byte-level pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
-                    f"{', '.join(sorted(str(p) for p in (set(_SPLITS) | _DIGITS_THEN_GPT2 | _GPT2_PATTERN) - {None}))}")
+    raise GGUFError(
+      f"unsupported byte-level pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: "
+      f"{', '.join(sorted(str(p) for p in (set(_SPLITS) | _DIGITS_THEN_GPT2 | _GPT2_PATTERN) - {None}))}"
+    )
   tok.decoder = decoders.ByteLevel()
   return tok, letters
 
@@ -344,16 +369,20 @@ def _sentencepiece_tokenizer(meta: dict):
   tokens = meta["tokenizer.ggml.tokens"]
   types = meta.get("tokenizer.ggml.token_type")
   scores = meta.get("tokenizer.ggml.scores") or [-float(i) for i in range(len(tokens))]
-  merges = ([tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]] if meta.get("tokenizer.ggml.merges")
-            else _sentencepiece_merges(tokens, scores, types))
+  merges = (
+    [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    if meta.get("tokenizer.ggml.merges")
+    else _sentencepiece_merges(tokens, scores, types)
+  )
   unk_id = meta.get("tokenizer.ggml.unknown_token_id", 0)
   vocab = {}
   for i, t in enumerate(tokens):
     vocab.setdefault(t, i)
   tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=tokens[unk_id], fuse_unk=True, byte_fallback=True))
   prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
-  tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never",
-                                               split=False)
+  tok.pre_tokenizer = pre_tokenizers.Metaspace(
+    replacement="▁", prepend_scheme="first" if prefix else "never", split=False
+  )
   steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
   if prefix:
     steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -381,10 +410,15 @@ def build_tokenizer(meta: dict):
   types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
   # Control tokens (<|im_start|>, <s>, ...) are matched whole and never split; a byte-level one
   # spelled outside the byte alphabet is a mislabel in some files (adding it would grow the vocab).
-  specials = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types)
-              if ty == _CONTROL and (letters is None or set(t) <= letters)]
+  specials = [
+    AddedToken(t, special=True, normalized=False)
+    for t, ty in zip(tokens, types)
+    if ty == _CONTROL and (letters is None or set(t) <= letters)
+  ]
   tok.add_special_tokens(specials)
-  tok.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+  tok.add_tokens(
+    [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+  )
 
   def token(key):
     i = meta.get(f"tokenizer.ggml.{key}")
@@ -393,11 +427,17 @@ def build_tokenizer(meta: dict):
   add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
   bos = token("bos_token_id")
   if add_bos and bos is not None:
-    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                       special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
-  config = {"bos_token": bos, "eos_token": token("eos_token_id"), "unk_token": token("unknown_token_id"),
-            "pad_token": token("padding_token_id"), "add_bos_token": add_bos,
-            "chat_template": meta.get("tokenizer.chat_template")}
+    tok.post_processor = processors.TemplateProcessing(
+      single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])]
+    )
+  config = {
+    "bos_token": bos,
+    "eos_token": token("eos_token_id"),
+    "unk_token": token("unknown_token_id"),
+    "pad_token": token("padding_token_id"),
+    "add_bos_token": add_bos,
+    "chat_template": meta.get("tokenizer.chat_template"),
+  }
   return tok, config
 
 
@@ -442,8 +482,9 @@ def convert(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tok.save(str(tmp / "tokenizer.json"))
     (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2))
-    (tmp / "source.json").write_text(json.dumps({"gguf": str(pathlib.Path(path).resolve()),
-                                                 "conversion_version": CONVERSION_VERSION}, indent=2))
+    (tmp / "source.json").write_text(
+      json.dumps({"gguf": str(pathlib.Path(path).resolve()), "conversion_version": CONVERSION_VERSION}, indent=2)
+    )
     try:
       tmp.rename(out_dir)
     except OSError:

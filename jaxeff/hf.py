@@ -1,7 +1,17 @@
 """Hugging Face checkpoints <-> jaxeff models (Llama, Mistral, Qwen2).
 
-  model, config = jaxeff.hf.load("path/to/hf_dir", mesh=mesh)   # config.json + *.safetensors
-  jaxeff.hf.save(model, config, "out_dir")                       # transformers loads it back
+>>> import tempfile
+>>> from flax import nnx
+>>> import jaxeff.hf
+>>> from jaxeff import ModelConfig
+>>> from jaxeff.models import Llama
+>>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+>>> path = jaxeff.hf.save(Llama(cfg, rngs=nnx.Rngs(0)), cfg, tempfile.mkdtemp() + "/hf")  # transformers loads it
+>>> sorted(p.name for p in path.iterdir())
+['config.json', 'model.safetensors']
+>>> model, loaded = jaxeff.hf.load(path, dtype="bfloat16")   # mesh= places it; compute fields may change
+>>> loaded.num_layers, loaded.dtype
+(1, 'bfloat16')
 
 Module names match HF's, so the mapping is a transpose of each linear weight ([out, in] in
 PyTorch, [in, out] here) and a stack along a leading axis for scanned layers. Nothing is
@@ -10,14 +20,13 @@ downloaded: `path` is a local directory.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
+import logging
 import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,15 +35,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxeff import sharding
-from jaxeff.config import ModelConfig
+from jaxeff.config import ModelConfig, override
+from jaxeff.errors import HFError
+from jaxeff.models import attention as attention_lib
 from jaxeff.models.llama import Llama
 
+log = logging.getLogger(__name__)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class HFError(ValueError):
-  """A checkpoint directory that cannot be loaded, with the reason."""
 
 
 # ---------------------------------------------------------------------------- config
@@ -56,14 +64,19 @@ def _rope(hf: dict) -> tuple[float, dict | None]:
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
-  """ModelConfig from an HF config.json dict; `overrides` set jaxeff-only fields (dtype, remat, ...)."""
+  """ModelConfig from an HF config.json dict.
+
+  `overrides` may set compute fields (`jaxeff.config.COMPUTE_FIELDS`: dtype, remat, scan_layers,
+  attention, sliding_window, attention_sinks, ...), which win over the checkpoint's; an
+  architecture field (sizes, heads, vocabulary) that differs from the checkpoint's is refused
+  with a `ConfigError` naming it.
+  """
   archs = hf.get("architectures") or []
   arch = next((a for a in archs if a in ARCHITECTURES), None)
   if arch is None and not archs:  # configs saved without `architectures`: go by model_type
     arch = {v: k for k, v in ARCHITECTURES.items()}.get(hf.get("model_type"))
   if arch is None:
-    raise HFError(f"unsupported architecture {archs or hf.get('model_type')!r}; "
-                  f"supported: {', '.join(ARCHITECTURES)}")
+    raise HFError(f"unsupported architecture {archs or hf.get('model_type')!r}; supported: {', '.join(ARCHITECTURES)}")
   kind = ARCHITECTURES[arch]
   if hf.get("mlp_bias"):
     raise HFError("mlp_bias=true is not supported")
@@ -77,44 +90,67 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
   theta, scaling = _rope(hf)
   heads = hf["num_attention_heads"]
   try:
-    return ModelConfig(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], intermediate_size=hf["intermediate_size"],
-        num_layers=hf["num_hidden_layers"], num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=theta, rope_scaling=scaling,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6), sliding_window=window,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), qkv_bias=kind == "qwen2", **overrides)
+    saved = ModelConfig(
+      vocab_size=hf["vocab_size"],
+      hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"],
+      num_layers=hf["num_hidden_layers"],
+      num_heads=heads,
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+      max_seq_len=hf.get("max_position_embeddings", 2048),
+      rope_theta=theta,
+      rope_scaling=scaling,
+      rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+      sliding_window=window,
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      qkv_bias=kind == "qwen2",
+    )
   except KeyError as e:
     raise HFError(f"config.json lacks required key {e.args[0]!r}") from None
+  return override(saved, overrides, source="the checkpoint")
 
 
 def config_to_hf(cfg: ModelConfig, architecture: str | None = None) -> dict:
   """HF config.json dict for `cfg` (architecture inferred: bias -> Qwen2, window -> Mistral, else Llama)."""
   if architecture is None:
-    architecture = ("Qwen2ForCausalLM" if cfg.qkv_bias else
-                    "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM")
+    architecture = (
+      "Qwen2ForCausalLM" if cfg.qkv_bias else "MistralForCausalLM" if cfg.sliding_window else "LlamaForCausalLM"
+    )
   kind = ARCHITECTURES.get(architecture)
   if kind is None:
     raise HFError(f"unsupported architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
   if cfg.qkv_bias != (kind == "qwen2"):
     raise HFError(f"{architecture} cannot express qkv_bias={cfg.qkv_bias}")
-  if cfg.attention == "nsa" or cfg.attention_sinks or cfg.attention_topk_blocks:
-    raise HFError("a model with attention nsa, attention_sinks or attention_topk_blocks has no Hugging Face equivalent (transformers' "
-                  "Llama/Mistral/Qwen2 cannot express it)")
+  if attention_lib.get_attention(cfg.attention).module is not None or cfg.attention_sinks or cfg.attention_topk_blocks:
+    raise HFError(
+      f"a model with attention {cfg.attention} (parameters of its own), attention_sinks or attention_topk_blocks has "
+      "no Hugging Face equivalent (transformers' Llama/Mistral/Qwen2 cannot express it)"
+    )
   rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
   if cfg.rope_scaling:
     rope = {**{k: v for k, v in cfg.rope_scaling.items() if k != "type"}, "rope_theta": cfg.rope_theta}
     rope.setdefault("rope_type", cfg.rope_scaling.get("type"))
   hf = {
-      "architectures": [architecture], "model_type": kind, "vocab_size": cfg.vocab_size,
-      "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-      "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-      "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.rms_norm_eps,
-      "tie_word_embeddings": cfg.tie_embeddings, "rope_parameters": rope,
-      # Older transformers read these top-level keys instead of rope_parameters.
-      "rope_theta": cfg.rope_theta, "rope_scaling": rope if cfg.rope_scaling else None,
-      "torch_dtype": "float32", "initializer_range": cfg.initializer_range,
+    "architectures": [architecture],
+    "model_type": kind,
+    "vocab_size": cfg.vocab_size,
+    "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "max_position_embeddings": cfg.max_seq_len,
+    "rms_norm_eps": cfg.rms_norm_eps,
+    "tie_word_embeddings": cfg.tie_embeddings,
+    "rope_parameters": rope,
+    # Older transformers read these top-level keys instead of rope_parameters.
+    "rope_theta": cfg.rope_theta,
+    "rope_scaling": rope if cfg.rope_scaling else None,
+    "torch_dtype": "float32",
+    "initializer_range": cfg.initializer_range,
   }
   if kind == "llama":
     hf.update(attention_bias=False, mlp_bias=False)
@@ -145,8 +181,10 @@ def _hf_names(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
 
 
 def _top_names(cfg: ModelConfig) -> dict[tuple[str, ...], tuple[str, bool]]:
-  names = {("embed_tokens", "embedding"): ("model.embed_tokens.weight", False),
-           ("norm", "scale"): ("model.norm.weight", False)}
+  names = {
+    ("embed_tokens", "embedding"): ("model.embed_tokens.weight", False),
+    ("norm", "scale"): ("model.norm.weight", False),
+  }
   if not cfg.tie_embeddings:
     names[("lm_head", "kernel")] = ("lm_head.weight", True)
   return names
@@ -180,8 +218,9 @@ def _get(d, path):
   return d
 
 
-def load(path: str | os.PathLike, *, mesh: Mesh | None = None, quantized: bool = False,
-         **overrides) -> tuple[Llama, ModelConfig]:
+def load(
+  path: str | os.PathLike, *, mesh: Mesh | None = None, quantized: bool = False, **overrides
+) -> tuple[Llama, ModelConfig]:
   """Loads a local HF checkpoint directory, or a llama.cpp `.gguf` file (dequantized to float once and
   cached, see `jaxeff.gguf`); `overrides` set ModelConfig fields (e.g. scan_layers=True).
 
@@ -192,13 +231,13 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, quantized: bool =
   each becomes a `QuantizedLinear` (or `QuantizedEmbed`) holding the file's own integers, scales
   and minimums (`jaxeff.gguf.quantized_weights`), so nothing is re-quantized and 4-bit weights
   stay 4-bit in memory. Matrices of other quantized types (K-quants, Q5_x) stay float, with one
-  line on stderr saying which.
+  warning saying which.
   """
   path = pathlib.Path(path)
   if quantized:
     return _load_gguf_as_is(path, mesh=mesh, **overrides)
   if path.suffix == ".gguf":
-    from jaxeff import gguf  # here, not at the top: jaxeff.gguf imports this module
+    from jaxeff import gguf  # here: only GGUF files need the gguf package
 
     path = gguf.converted_checkpoint(path)
   if not path.is_dir():
@@ -223,8 +262,10 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, quantized: bool =
       raise HFError(f"tensor {name!r} is missing from the checkpoint in {path}")
     t = tensors[name].T if transpose else tensors[name]
     if t.shape != tuple(expected_shape):
-      raise HFError(f"tensor {name!r} has shape {tensors[name].shape}, expected "
-                    f"{tuple(expected_shape)[::-1] if transpose else tuple(expected_shape)} for this config")
+      raise HFError(
+        f"tensor {name!r} has shape {tensors[name].shape}, expected "
+        f"{tuple(expected_shape)[::-1] if transpose else tuple(expected_shape)} for this config"
+      )
     used.add(name)
     return t
 
@@ -247,8 +288,10 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, quantized: bool =
     used.add("lm_head.weight")  # some tied checkpoints store a copy
   unexpected = sorted(k for k in tensors if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if unexpected:
-    raise HFError(f"checkpoint has tensors this config does not use: {', '.join(unexpected[:5])}"
-                  + (" ..." if len(unexpected) > 5 else ""))
+    raise HFError(
+      f"checkpoint has tensors this config does not use: {', '.join(unexpected[:5])}"
+      + (" ..." if len(unexpected) > 5 else "")
+    )
 
   # Born sharded: each device receives only its shards, straight from the host arrays.
   shardings = sharding.model_shardings(state, mesh)
@@ -257,10 +300,8 @@ def load(path: str | os.PathLike, *, mesh: Mesh | None = None, quantized: bool =
 
 
 def _load_gguf_as_is(path: pathlib.Path, *, mesh, **overrides) -> tuple[Llama, ModelConfig]:
-  import sys
-
   from jaxeff import gguf
-  from jaxeff.quantization import QuantizedEmbed, QuantizedLinear, _replace
+  from jaxeff.quantization import QuantizedEmbed, QuantizedLinear, replace_module
 
   if path.suffix != ".gguf":
     raise HFError(f"quantized=True loads a .gguf file's quantized blocks as they are; {path} is not a .gguf")
@@ -270,21 +311,23 @@ def _load_gguf_as_is(path: pathlib.Path, *, mesh, **overrides) -> tuple[Llama, M
   _, weights, others = gguf.quantized_weights(path)
   if others:
     listed = ", ".join(f"{len(names)} {kind}" for kind, names in sorted(others.items()))
-    print(f"jaxeff.hf.load: {listed} tensor(s) dequantized to float (served as stored: "
-          f"{', '.join(gguf.AS_IS)})", file=sys.stderr)
+    log.warning(
+      "jaxeff.hf.load: %s tensor(s) dequantized to float (served as stored: %s)", listed, ", ".join(gguf.AS_IS)
+    )
   for name, qw in weights.items():
     # "model.layers.3.mlp.up_proj.weight" -> ("layers", 3, "mlp", "up_proj"); "lm_head.weight" -> ("lm_head",)
     path_ = tuple(int(p) if p.isdigit() else p for p in name.removeprefix("model.").split(".")[:-1])
     old = functools.reduce(lambda m, p: m[p] if isinstance(p, int) else getattr(m, p), path_, model)
-    _replace(model, path_, (QuantizedEmbed if path_ == ("embed_tokens",) else QuantizedLinear)(old, weight=qw))
+    replace_module(model, path_, (QuantizedEmbed if path_ == ("embed_tokens",) else QuantizedLinear)(old, weight=qw))
   if mesh is not None:
     state = nnx.state(model)
     nnx.update(model, sharding.place(state, sharding.model_shardings(state, mesh)))
   return model, cfg
 
 
-def save(model: Llama, cfg: ModelConfig, path: str | os.PathLike, *, architecture: str | None = None,
-         overwrite: bool = False) -> pathlib.Path:
+def save(
+  model: Llama, cfg: ModelConfig, path: str | os.PathLike, *, architecture: str | None = None, overwrite: bool = False
+) -> pathlib.Path:
   """Writes config.json + model.safetensors (f32) that `transformers` loads.
 
   Written to a temporary directory first and renamed into place, so an error never leaves a

@@ -18,10 +18,10 @@ them; the step gets ~15-20% faster. See BENCHMARKS.md.
 
 The settings only take effect for threads that have not yet allocated, so call
 `tune_for_cpu_training()` before jax starts its backend (before `jax.devices()` or the first
-computation); once XLA's CPU worker threads run (seen in /proc/self/task) the call does nothing. It is also skipped where the settings
-could hurt or cannot apply: non-glibc systems, hosts with a TPU or GPU plugin installed (host
-memory there feeds input pipelines, not XLA temporaries), and when the user set
-`JAXEFF_TUNE_MALLOC=0` or any `MALLOC_*` variable themselves.
+computation); once XLA's CPU worker threads run (seen in /proc/self/task) the call does nothing.
+It is also skipped where the settings could hurt or cannot apply: non-glibc systems, hosts with a
+TPU or GPU plugin installed (host memory there feeds input pipelines, not XLA temporaries), and
+when the user set `JAXEFF_TUNE_MALLOC=0` or any `MALLOC_*` variable themselves.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import sys
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -2, -3, -8
 _INT_MAX = 2**31 - 1
 SETTINGS = {
-    _M_ARENA_MAX: 1,  # one heap: XLA's worker threads reuse what the others freed
-    _M_MMAP_THRESHOLD: 1 << 30,  # big temporaries come from the heap, not fresh mmap()s
-    _M_TRIM_THRESHOLD: _INT_MAX,  # never hand freed heap back to the OS mid-run
-    _M_TOP_PAD: 512 << 20,  # grow the heap in large steps
+  _M_ARENA_MAX: 1,  # one heap: XLA's worker threads reuse what the others freed
+  _M_MMAP_THRESHOLD: 1 << 30,  # big temporaries come from the heap, not fresh mmap()s
+  _M_TRIM_THRESHOLD: _INT_MAX,  # never hand freed heap back to the OS mid-run
+  _M_TOP_PAD: 512 << 20,  # grow the heap in large steps
 }
 
 

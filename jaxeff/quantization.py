@@ -1,5 +1,18 @@
 """Weight-only int8/int4 quantization of a model: `jaxeff.quantize(model, bits=8)`.
 
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> from jaxeff import ModelConfig
+>>> from jaxeff.models import Llama
+>>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+>>> model = Llama(cfg, rngs=nnx.Rngs(0))
+>>> import jaxeff
+>>> q = jaxeff.quantize(model, bits=4, group_size=32, zero_point=True)
+>>> type(q.layers[0].mlp.up_proj).__name__, q.layers[0].mlp.up_proj.qvalue.dtype
+('QuantizedLinear', dtype('int8'))
+>>> q(jnp.ones((1, 4), jnp.int32)).shape                 # same call as the float model
+(1, 4, 64)
+
 Every weight matmul in `jaxeff.models` goes through `layers.Linear`, so quantizing a model means
 swapping each `Linear` for a `QuantizedLinear` with the same call: it stores the quantized weight
 (`pallas_kernels.QuantizedWeight`'s two arrays) as variables that keep the kernel's logical axes,
@@ -7,7 +20,7 @@ so `jaxeff.sharding` shards them like the float weights, and calls `pallas_kerne
 (the Pallas kernel on TPU/GPU, the chunked f32 path on CPU).
 
 On a mesh (`jax.set_mesh`), `quantized_matmul` turns the weight's logical axes into the op's
-matmul letters through `jaxeff.sharding.LOGICAL_RULES`, so the kernel runs per shard
+matmul letters through the sharding rules in force (`jaxeff.sharding`), so the kernel runs per shard
 (`shard_map`): column-parallel layers (out axis on "tensor") split N, row-parallel ones (in axis
 on "tensor", or on "fsdp") split K and sum partial products, the batch splits over data/fsdp.
 Weights never move: where the kernel cannot take the weight's stored split (an int4 weight
@@ -35,11 +48,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff import sharding
-from jaxeff.config import ModelConfig, from_dict
+from jaxeff.checkpoint import Checkpointer
+from jaxeff.config import RESTORE_COMPUTE_FIELDS, ModelConfig, differences, from_dict
+from jaxeff.errors import QuantizationError
 from jaxeff.models import Llama
 from jaxeff.models.layers import Embed, Linear
 from pallas_kernels import QuantizedWeight, dequantize, quant_matmul, quantize_weight
 from pallas_kernels.quant_matmul import partition
+from pallas_kernels.quant_matmul.weights import check_group_size
 from pallas_kernels.sharding import current_mesh, free_axes
 
 
@@ -55,16 +71,23 @@ def _axes(var: nnx.Variable, ndim: int) -> tuple:
   return tuple(var.get_metadata().get("out_sharding") or (None,) * ndim)
 
 
-def _quantize_stacked(w: jax.Array, bits: int, group_size: int | None, zero_point: bool = False) -> QuantizedWeight:
-  """quantize_weight over any leading (e.g. scanned "layers") dims, one 2-D matrix at a time."""
+@functools.cache
+def _quantizer(bits: int, group_size: int | None, zero_point: bool, leading_dims: int):
+  # One jitted function per setting, so every Linear of a shape compiles once (a fresh partial per
+  # layer missed jit's cache: 210 compilations, 14 s, for SmolLM2-135M).
   fn = functools.partial(quantize_weight, bits=bits, group_size=group_size, zero_point=zero_point)
-  for _ in range(w.ndim - 2):
+  for _ in range(leading_dims):
     fn = jax.vmap(fn)
-  return jax.jit(fn)(w)
+  return jax.jit(fn)
+
+
+def _quantize_stacked(w: jax.Array, bits: int, group_size: int | None, zero_point: bool = False) -> QuantizedWeight:
+  """quantize_weight over any leading (e.g. scanned LAYERS) dims, one 2-D matrix at a time."""
+  return _quantizer(bits, group_size, zero_point, w.ndim - 2)(w)
 
 
 def _rule(name):
-  return sharding.LOGICAL_RULES.get(name) if name is not None else None
+  return sharding.mesh_axes(name) if name is not None else None
 
 
 def matmul_axes(logical_axes) -> dict:
@@ -74,12 +97,12 @@ def matmul_axes(logical_axes) -> dict:
   batch (fsdp), it splits the weight: activations move, weights never do.
   """
   in_axis, out_axis = logical_axes
-  return {"k": _rule(in_axis), "n": _rule(out_axis), "m": _rule("batch")}
+  return {"k": _rule(in_axis), "n": _rule(out_axis), "m": _rule(sharding.BATCH)}
 
 
 def stored_split(logical_axes, qw: QuantizedWeight, mesh) -> dict:
   """letter ("k", "n") -> the mesh axes the weight's storage is split over by the rules."""
-  spec = sharding._fit_spec(sharding.logical_to_spec(logical_axes), qw.qvalue.shape[-2:], mesh)
+  spec = sharding.fit_spec(sharding.logical_to_spec(logical_axes), qw.qvalue.shape[-2:], mesh)
   # Axes an enclosing shard_map made manual are already local; size-1 axes split nothing.
   free = {a for a in free_axes(mesh) if mesh.shape[a] > 1}
   as_tuple = lambda e: () if e is None else ((e,) if isinstance(e, str) else tuple(e))
@@ -92,8 +115,9 @@ def kernel_takes_stored_split(x_shape, qw: QuantizedWeight, logical_axes, mesh) 
   return all(set(axes) <= set(split.get(letter, ())) for letter, axes in stored_split(logical_axes, qw, mesh).items())
 
 
-def quantized_matmul(x: jax.Array, qw: QuantizedWeight, logical_axes, *, impl: str | None = None,
-                     interpret=False) -> jax.Array:
+def quantized_matmul(
+  x: jax.Array, qw: QuantizedWeight, logical_axes, *, impl: str | None = None, interpret=False
+) -> jax.Array:
   """x @ dequant(qw) for a weight with logical axes (in, out), partitioned on the context mesh.
 
   One device: `quant_matmul` as is. On a mesh: the kernel per shard, split as the weight is
@@ -119,8 +143,17 @@ class QuantizedLinear(nnx.Module):
   weight (e.g. a GGUF file's own blocks) instead of quantizing the Linear's.
   """
 
-  def __init__(self, linear: Linear, *, bits: int = 8, group_size: int | None = None, zero_point: bool = False,
-               impl: str | None = None, interpret=False, weight: QuantizedWeight | None = None):
+  def __init__(
+    self,
+    linear: Linear,
+    *,
+    bits: int = 8,
+    group_size: int | None = None,
+    zero_point: bool = False,
+    impl: str | None = None,
+    interpret=False,
+    weight: QuantizedWeight | None = None,
+  ):
     self.in_features, self.out_features = linear.in_features, linear.out_features
     self.dtype = linear.dtype
     self.impl, self.interpret = impl, interpret
@@ -128,8 +161,9 @@ class QuantizedLinear(nnx.Module):
     axes = _axes(linear.kernel, w.ndim)
     self.logical_axes = tuple(axes[-2:])
     if weight is not None and weight.shape != (linear.in_features, linear.out_features):
-      raise ValueError(f"quantized weight {weight.shape} does not fit Linear [{linear.in_features}, "
-                       f"{linear.out_features}]")
+      raise QuantizationError(
+        f"quantized weight {weight.shape} does not fit Linear [{linear.in_features}, {linear.out_features}]"
+      )
     qw = weight if weight is not None else _quantize_stacked(w[...], bits, group_size, zero_point)
     self.bits, self.group_size, self.zero_point = qw.bits, qw.group_size, qw.zero_point
     self.qvalue = _variable(qw.qvalue, axes)
@@ -139,13 +173,19 @@ class QuantizedLinear(nnx.Module):
     self.bias = linear.bias
 
   def weight(self) -> QuantizedWeight:
-    return QuantizedWeight(self.qvalue[...], self.scale[...], bits=self.bits, group_size=self.group_size,
-                           in_features=self.in_features,
-                           minimum=self.minimum[...] if self.zero_point else None)
+    return QuantizedWeight(
+      self.qvalue[...],
+      self.scale[...],
+      bits=self.bits,
+      group_size=self.group_size,
+      in_features=self.in_features,
+      minimum=self.minimum[...] if self.zero_point else None,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = quantized_matmul(x.astype(self.dtype), self.weight(), self.logical_axes, impl=self.impl,
-                         interpret=self.interpret)
+    y = quantized_matmul(
+      x.astype(self.dtype), self.weight(), self.logical_axes, impl=self.impl, interpret=self.interpret
+    )
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y
@@ -156,15 +196,27 @@ class QuantizedEmbed(nnx.Module):
   weight (one scale per token with group_size None), so `attend` (a tied LM head) is the same
   `quantized_matmul` as every Linear, and a lookup dequantizes just the gathered columns."""
 
-  def __init__(self, embed: Embed, *, bits: int = 8, group_size: int | None = None, zero_point: bool = False,
-               impl: str | None = None, interpret=False, weight: QuantizedWeight | None = None):
+  def __init__(
+    self,
+    embed: Embed,
+    *,
+    bits: int = 8,
+    group_size: int | None = None,
+    zero_point: bool = False,
+    impl: str | None = None,
+    interpret=False,
+    weight: QuantizedWeight | None = None,
+  ):
     self.dtype = embed.dtype
     self.impl, self.interpret = impl, interpret
     self.features = embed.embedding.shape[1]
     vocab_axis, embed_axis = _axes(embed.embedding, 2)
     self.logical_axes = (embed_axis, vocab_axis)
-    qw = weight if weight is not None else quantize_weight(embed.embedding[...].T, bits=bits, group_size=group_size,
-                                                           zero_point=zero_point)
+    qw = (
+      weight
+      if weight is not None
+      else quantize_weight(embed.embedding[...].T, bits=bits, group_size=group_size, zero_point=zero_point)
+    )
     self.bits, self.group_size, self.zero_point = qw.bits, qw.group_size, qw.zero_point
     self.qvalue = _variable(qw.qvalue, (embed_axis, vocab_axis))
     self.scale = _variable(qw.scale, (None, vocab_axis))
@@ -173,20 +225,27 @@ class QuantizedEmbed(nnx.Module):
 
   def _weight(self, columns=None) -> QuantizedWeight:
     pick = (lambda a: a) if columns is None else (lambda a: jnp.take(a, columns, axis=1))
-    return QuantizedWeight(pick(self.qvalue[...]), pick(self.scale[...]), bits=self.bits,
-                           group_size=self.group_size, in_features=self.features,
-                           minimum=pick(self.minimum[...]) if self.zero_point else None)
+    return QuantizedWeight(
+      pick(self.qvalue[...]),
+      pick(self.scale[...]),
+      bits=self.bits,
+      group_size=self.group_size,
+      in_features=self.features,
+      minimum=pick(self.minimum[...]) if self.zero_point else None,
+    )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     cols = self._weight(tokens.reshape(-1))
     return dequantize(cols, self.dtype).T.reshape(*tokens.shape, self.features)
 
   def attend(self, x: jax.Array) -> jax.Array:
-    return quantized_matmul(x.astype(self.dtype), self._weight(), self.logical_axes, impl=self.impl,
-                            interpret=self.interpret)
+    return quantized_matmul(
+      x.astype(self.dtype), self._weight(), self.logical_axes, impl=self.impl, interpret=self.interpret
+    )
 
 
-def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+def replace_module(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+  """Puts `new` at `path` (attribute names and list indices, as `nnx.iter_modules` gives) in `model`."""
   parent = model
   for key in path[:-1]:
     parent = parent[key] if isinstance(key, int) else getattr(parent, key)
@@ -196,9 +255,18 @@ def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
     setattr(parent, path[-1], new)
 
 
-def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *, zero_point: bool = False,
-             include_embeddings: bool = False, include_lm_head: bool = False, copy: bool = True,
-             impl: str | None = None, interpret=False) -> nnx.Module:
+def quantize(
+  model: nnx.Module,
+  bits: int = 8,
+  group_size: int | None = None,
+  *,
+  zero_point: bool = False,
+  include_embeddings: bool = False,
+  include_lm_head: bool = False,
+  copy: bool = True,
+  impl: str | None = None,
+  interpret=False,
+) -> nnx.Module:
   """Returns `model` with its `Linear` layers replaced by `QuantizedLinear` (weight-only).
 
   Args:
@@ -216,9 +284,10 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
     impl, interpret: `pallas_kernels.quant_matmul`'s implementation choice for every quantized
       layer (default: by backend; `impl="tpu", interpret=True` runs the Pallas kernel on CPU).
   """
-  from pallas_kernels.quant_matmul.weights import check_group_size
-
-  check_group_size(bits, group_size)  # before cloning anything
+  try:
+    check_group_size(bits, group_size)  # before cloning anything
+  except ValueError as e:
+    raise QuantizationError(str(e)) from None
   if copy:
     model = nnx.clone(model)
   kw = dict(bits=bits, group_size=group_size, zero_point=zero_point, impl=impl, interpret=interpret)
@@ -226,9 +295,9 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
   for path, module in targets:
     if isinstance(module, Embed):
       if include_embeddings:
-        _replace(model, path, QuantizedEmbed(module, **kw))
+        replace_module(model, path, QuantizedEmbed(module, **kw))
     elif path[-1] != "lm_head" or include_lm_head:
-      _replace(model, path, QuantizedLinear(module, **kw))
+      replace_module(model, path, QuantizedLinear(module, **kw))
   return model
 
 
@@ -238,23 +307,27 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None, *,
 # a 2H-row tile (pallas_kernels/quant_matmul/weights.py) instead of neighbouring rows: a /1
 # checkpoint would load with scrambled int4 weights, so it is refused.
 FORMAT = "jaxeff-quantized/2"
-# Compute-only settings a loader may change; everything else must match the saved architecture.
-_COMPUTE_ONLY = frozenset({"dtype", "remat", "attention", "max_seq_len"})
 
 
 def quantization_settings(model: nnx.Module) -> dict:
   """The `quantize` keywords (bits, group_size, include_*) that produced `model`'s quantized layers."""
   qmods = [m for _, m in nnx.iter_modules(model) if isinstance(m, (QuantizedLinear, QuantizedEmbed))]
   if not qmods:
-    raise ValueError("model has no quantized layers; quantize it first (jaxeff.quantize(model, bits=...))")
+    raise QuantizationError("model has no quantized layers; quantize it first (jaxeff.quantize(model, bits=...))")
   kinds = {(m.bits, m.group_size, m.zero_point) for m in qmods}
   if len(kinds) > 1:
-    raise ValueError(f"model mixes quantization settings {sorted(kinds, key=str)} (bits, group_size, zero_point); "
-                     f"save_quantized stores models made by one jaxeff.quantize call")
-  (bits, group_size, zero_point), = kinds
-  return dict(bits=bits, group_size=group_size, zero_point=zero_point,
-              include_embeddings=any(isinstance(m, QuantizedEmbed) for m in qmods),
-              include_lm_head=isinstance(getattr(model, "lm_head", None), QuantizedLinear))
+    raise QuantizationError(
+      f"model mixes quantization settings {sorted(kinds, key=str)} (bits, group_size, zero_point); "
+      f"save_quantized stores models made by one jaxeff.quantize call"
+    )
+  ((bits, group_size, zero_point),) = kinds
+  return dict(
+    bits=bits,
+    group_size=group_size,
+    zero_point=zero_point,
+    include_embeddings=any(isinstance(m, QuantizedEmbed) for m in qmods),
+    include_lm_head=isinstance(getattr(model, "lm_head", None), QuantizedLinear),
+  )
 
 
 def _abstract_quantized(cfg: ModelConfig, settings: dict) -> nnx.Module:
@@ -274,12 +347,11 @@ def save_quantized(model: Llama, path: str | os.PathLike) -> pathlib.Path:
   writes to a temporary directory and renames it when complete. An existing `path` is never
   overwritten (FileExistsError).
   """
-  from jaxeff.training.checkpoint import Checkpointer
-
   path = pathlib.Path(path)
   if path.exists():
-    raise FileExistsError(f"{path} already exists; save_quantized never overwrites (choose a new path "
-                          f"or delete the old checkpoint)")
+    raise FileExistsError(
+      f"{path} already exists; save_quantized never overwrites (choose a new path or delete the old checkpoint)"
+    )
   cfg = getattr(model, "cfg", None)
   if not isinstance(cfg, ModelConfig):
     raise TypeError(f"save_quantized takes a quantized jaxeff.models.Llama, got {type(model).__name__}")
@@ -287,8 +359,10 @@ def save_quantized(model: Llama, path: str | os.PathLike) -> pathlib.Path:
   state = nnx.state(model)
   # Refuse what load_quantized could not rebuild (e.g. layers swapped by hand).
   if _shapes(state) != _shapes(nnx.state(_abstract_quantized(cfg, settings))):
-    raise ValueError(f"model's structure is not that of quantize(Llama(model.cfg), **{settings}); "
-                     f"save_quantized stores models made by one jaxeff.quantize call")
+    raise QuantizationError(
+      f"model's structure is not that of quantize(Llama(model.cfg), **{settings}); "
+      f"save_quantized stores models made by one jaxeff.quantize call"
+    )
   meta = {"format": FORMAT, "model": dataclasses.asdict(cfg), "quantization": settings}
   with Checkpointer(path) as ckpt:
     ckpt.save(0, arrays={"params": state}, documents={"meta": meta})
@@ -305,23 +379,25 @@ def load_quantized(path: str | os.PathLike, config: ModelConfig | None = None, *
     mesh: place the weights by their logical axes on this mesh (each device reads only its
       shards); None: on the first device.
   """
-  from jaxeff.training.checkpoint import Checkpointer
-
   path = pathlib.Path(path)
   if not (path / "0" / "meta").is_dir() or not (path / "0" / "params").is_dir():
-    raise FileNotFoundError(f"no quantized checkpoint (written by save_quantized) at {path}")
+    raise QuantizationError(f"no quantized checkpoint (written by save_quantized) at {path}")
   with Checkpointer(path) as ckpt:
     meta = ckpt.document(0, "meta")
     if meta.get("format") != FORMAT:
-      raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}"
-                       + ("; the int4 layout changed since /1: quantize the float checkpoint again"
-                          if meta.get("format") == "jaxeff-quantized/1" else ""))
+      raise QuantizationError(
+        f"{path} holds format {meta.get('format')!r}, expected {FORMAT!r}"
+        + (
+          "; the int4 layout changed since /1: quantize the float checkpoint again"
+          if meta.get("format") == "jaxeff-quantized/1"
+          else ""
+        )
+      )
     saved = from_dict(ModelConfig, meta["model"], "model")
     cfg = saved if config is None else config
-    diff = [f"{k}: checkpoint {v!r} vs config {getattr(cfg, k)!r}" for k, v in dataclasses.asdict(saved).items()
-            if k not in _COMPUTE_ONLY and getattr(cfg, k) != v]
+    diff = differences(saved, cfg, RESTORE_COMPUTE_FIELDS)
     if diff:
-      raise ValueError(f"config does not match the architecture saved in {path} ({'; '.join(diff)})")
+      raise QuantizationError(f"config does not match the architecture saved in {path} ({'; '.join(diff)})")
     graphdef, abstract = nnx.split(_abstract_quantized(cfg, meta["quantization"]))
     target = sharding.with_shardings(abstract, sharding.model_shardings(abstract, mesh))
     state = ckpt.restore(0, {"params": target})["params"]

@@ -23,14 +23,46 @@ import os
 import sys
 
 from jaxeff import cli
-from jaxeff.training import (CheckpointError, Checkpointer, OptimizerConfig, TrainConfig, TrainError, TrainResult,
-                             TrainState, config_from_dict, config_to_dict, load_checkpoint, load_config,
-                             make_optimizer, peak_flops_per_device, train)
+from jaxeff.training import (
+  Checkpointer,
+  CheckpointError,
+  OptimizerConfig,
+  StepInfo,
+  TrainConfig,
+  Trainer,
+  TrainError,
+  TrainResult,
+  TrainState,
+  config_from_dict,
+  config_to_dict,
+  load_checkpoint,
+  load_config,
+  make_optimizer,
+  peak_flops_per_device,
+  train,
+)
 from jaxeff.training.config import CPU_ATTENTION
 
-__all__ = ["CheckpointError", "Checkpointer", "OptimizerConfig", "TrainConfig", "TrainError", "TrainResult",
-           "TrainState", "config_from_dict", "config_to_dict", "load_checkpoint", "load_config", "make_optimizer",
-           "peak_flops_per_device", "train", "CPU_ATTENTION", "main"]
+__all__ = [
+  "CheckpointError",
+  "Checkpointer",
+  "OptimizerConfig",
+  "StepInfo",
+  "Trainer",
+  "TrainConfig",
+  "TrainError",
+  "TrainResult",
+  "TrainState",
+  "config_from_dict",
+  "config_to_dict",
+  "load_checkpoint",
+  "load_config",
+  "make_optimizer",
+  "peak_flops_per_device",
+  "train",
+  "CPU_ATTENTION",
+  "main",
+]
 
 
 def parse_args(argv):
@@ -39,23 +71,36 @@ def parse_args(argv):
   Raises:
     jaxeff.cli.UsageError: an unknown flag or a flag without its value.
   """
-  p = cli.ArgumentParser(prog="python -m jaxeff.train", description=__doc__.split("\n")[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(
+    prog="python -m jaxeff.train",
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   p.add_argument("--config", help="YAML config (see configs/); defaults to the small CPU model")
-  p.add_argument("--resume", action="store_true",
-                 help="continue from the newest checkpoint in output_dir that reads back completely")
+  p.add_argument(
+    "--resume",
+    action="store_true",
+    help="continue from the newest checkpoint in output_dir that reads back completely; "
+    "start fresh when there is none yet (a preempted job's restart)",
+  )
   p.add_argument("--coordinator", help="multi-process: coordinator address host:port (jax.distributed)")
   p.add_argument("--num-processes", type=int, help="multi-process: number of processes")
   p.add_argument("--process-id", type=int, help="multi-process: this process's index")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)")
-  p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=100 model.num_layers=2")
+  p.add_argument(
+    "--distributed",
+    action="store_true",
+    help="call jax.distributed.initialize() with cluster auto-detection (TPU pods, SLURM)",
+  )
+  p.add_argument(
+    "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=100 model.num_layers=2"
+  )
   return p.parse(argv)
 
 
 def _init_distributed(args):
   import jax
-  from jaxeff.config import ConfigError
+
+  from jaxeff.errors import ConfigError
 
   if args.coordinator or args.num_processes:
     if not (args.coordinator and args.num_processes and args.process_id is not None):
@@ -78,19 +123,19 @@ def main(argv=None) -> int:
     print(f"error: {e}", file=sys.stderr)
     return 2
   host_malloc.prepare_cpu_host()  # before the backend starts; see jaxeff/host_malloc.py
-  from jaxeff.training.checkpoint import quiet_abandoned_reads
+  from jaxeff.checkpoint import quiet_abandoned_reads
+
   quiet_abandoned_reads()  # a damaged checkpoint stays one error line
+  cli.log_to_stderr()
   import jax
-  from jaxeff.config import ConfigError
-  from jaxeff.data import DataError
-  from jaxeff.hf import HFError
-  from jaxeff.sharding import MeshError
+
+  from jaxeff.errors import JaxeffError
 
   try:
     cfg = load_config(args.config, args.overrides)
     _init_distributed(args)
     result = train(cfg, resume=args.resume)
-  except (ConfigError, DataError, MeshError, TrainError, CheckpointError, HFError) as e:
+  except JaxeffError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt:
@@ -98,8 +143,10 @@ def main(argv=None) -> int:
     return 130
   if jax.process_index() == 0:
     last_val = result.val_losses[max(result.val_losses)] if result.val_losses else float("nan")
-    print(f"done: step {result.step}, train loss {result.losses[-1] if result.losses else float('nan'):.4f}, "
-          f"val loss {last_val:.4f}; checkpoints and metrics in {result.output_dir}")
+    print(
+      f"done: step {result.step}, train loss {result.losses[-1] if result.losses else float('nan'):.4f}, "
+      f"val loss {last_val:.4f}; checkpoints and metrics in {result.output_dir}"
+    )
   return 0
 
 

@@ -13,17 +13,27 @@ needs the `triton` package, imported only when used).
 """
 
 from pallas_kernels.quant_matmul import (
-    QuantizedWeight,
-    default_compute_dtype,
-    dequantize,
-    partition,
-    quant_matmul,
-    quant_matmul_reference,
-    quantize_weight,
+  QuantizedWeight,
+  default_compute_dtype,
+  dequantize,
+  partition,
+  quant_matmul,
+  quant_matmul_reference,
+  quantize_weight,
 )
-from pallas_kernels.sparse_attention import (BlockSizes as SparseAttentionBlockSizes, sparse_attention,
-                                            sparse_attention_reference, topk_block_indices)
+from pallas_kernels.sparse_attention import BlockSizes as SparseAttentionBlockSizes
+from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference, topk_block_indices
 
-__all__ = ["QuantizedWeight", "default_compute_dtype", "dequantize", "partition", "quant_matmul",
-           "quant_matmul_reference", "quantize_weight",
-           "SparseAttentionBlockSizes", "sparse_attention", "sparse_attention_reference", "topk_block_indices"]
+__all__ = [
+  "QuantizedWeight",
+  "default_compute_dtype",
+  "dequantize",
+  "partition",
+  "quant_matmul",
+  "quant_matmul_reference",
+  "quantize_weight",
+  "SparseAttentionBlockSizes",
+  "sparse_attention",
+  "sparse_attention_reference",
+  "topk_block_indices",
+]

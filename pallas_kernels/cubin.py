@@ -35,9 +35,12 @@ import io
 import os
 import re
 import tempfile
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+
+from pallas_kernels.compat import lowering_for
 
 # jaxlib version -> the `triton` release (from the package registry) that parses its Triton IR.
 # Found by trying releases (2026-11-23): for jaxlib 0.10.2, triton 3.5.1, 3.6.0, 3.7.1 and 3.9.0
@@ -69,8 +72,8 @@ class Target:
 
 
 TARGETS = {
-    "sm_80": Target("sm_80", 80, shared_per_sm=164 * 1024, shared_per_block=163 * 1024),  # A100
-    "sm_90": Target("sm_90", 90, shared_per_sm=228 * 1024, shared_per_block=227 * 1024),  # H100
+  "sm_80": Target("sm_80", 80, shared_per_sm=164 * 1024, shared_per_block=163 * 1024),  # A100
+  "sm_90": Target("sm_90", 90, shared_per_sm=228 * 1024, shared_per_block=227 * 1024),  # H100
 }
 
 
@@ -146,9 +149,13 @@ def occupancy(registers: int, shared_bytes: int, num_warps: int, target: Target 
   blocks = min(most, by_registers, by_shared)
   binding = [name for name, n in (("registers", by_registers), ("shared memory", by_shared)) if n == blocks < most]
   cap = lambda b: min(b * num_warps, t.max_warps_per_sm)
-  return Occupancy(warps_by_registers=cap(by_registers), warps_by_shared=cap(by_shared),
-                   warps_by_blocks=most * num_warps, warps_per_sm=blocks * num_warps,
-                   limiter=" and ".join(binding) or "neither")
+  return Occupancy(
+    warps_by_registers=cap(by_registers),
+    warps_by_shared=cap(by_shared),
+    warps_by_blocks=most * num_warps,
+    warps_per_sm=blocks * num_warps,
+    limiter=" and ".join(binding) or "neither",
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,12 +177,14 @@ class KernelCase:
 def kernel_cases() -> list[KernelCase]:
   """Every Pallas GPU kernel's block-size table entries (tests and `python -m jaxeff.bench kernels`).
 
-  A new GPU kernel adds a `resource_cases()` next to its table and one line here.
+  A new GPU kernel adds a `cubin_cases.py` beside its kernel and one line here.
   """
-  from pallas_kernels.quant_matmul import gpu as quant_matmul_gpu
-  from pallas_kernels.sparse_attention import gpu as sparse_attention_gpu
+  from pallas_kernels.quant_matmul import cubin_cases as quant_matmul_cases
+  from pallas_kernels.sparse_attention import cubin_cases as sparse_attention_cases
 
-  return [*quant_matmul_gpu.resource_cases(), *sparse_attention_gpu.resource_cases()]
+  return [
+    KernelCase(**case) for module in (quant_matmul_cases, sparse_attention_cases) for case in module.cubin_cases()
+  ]
 
 
 # ---------------------------------------------------------------------------- extracting kernels
@@ -189,7 +198,8 @@ def triton_kernels(fn: Callable, *args, **kwargs) -> list[TritonKernel]:
   from jaxlib.mlir import ir
   from jaxlib.triton import dialect as triton_dialect
 
-  lowered = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
+  with lowering_for("cuda"):
+    lowered = jax.jit(fn).trace(*args, **kwargs).lower(lowering_platforms=("cuda",))
   module = lowered.compiler_ir("stablehlo")
   calls = []
 
@@ -198,8 +208,10 @@ def triton_kernels(fn: Callable, *args, **kwargs) -> list[TritonKernel]:
       for block in region.blocks:
         for child in block.operations:
           child = child.operation
-          if (child.name == "stablehlo.custom_call"
-              and ir.StringAttr(child.attributes["call_target_name"]).value == TRITON_CALL_TARGET):
+          if (
+            child.name == "stablehlo.custom_call"
+            and ir.StringAttr(child.attributes["call_target_name"]).value == TRITON_CALL_TARGET
+          ):
             calls.append(child)
           walk(child)
 
@@ -212,9 +224,13 @@ def triton_kernels(fn: Callable, *args, **kwargs) -> list[TritonKernel]:
     value = lambda key: ir.IntegerAttr(config[key]).value
     with ctx:
       ttir = str(ir.Module.parse(ir.StringAttr(config["ir"]).value_bytes))
-    kernel = TritonKernel(name=ir.StringAttr(config["name"]).value,
-                          grid=(value("grid_x"), value("grid_y"), value("grid_z")),
-                          num_warps=value("num_warps"), num_stages=value("num_stages"), ttir=ttir)
+    kernel = TritonKernel(
+      name=ir.StringAttr(config["name"]).value,
+      grid=(value("grid_x"), value("grid_y"), value("grid_z")),
+      num_warps=value("num_warps"),
+      num_stages=value("num_stages"),
+      ttir=ttir,
+    )
     if kernel not in kernels:
       kernels.append(kernel)
   return kernels
@@ -230,8 +246,10 @@ def _triton():
     import jaxlib
 
     want = TRITON_FOR_JAXLIB.get(jaxlib.__version__, "<unknown: find the release that parses its IR>")
-    raise ImportError(f"compiling Pallas GPU kernels to cubin needs the `triton` package "
-                      f"(pip install triton=={want}, or jaxeff's test extras)") from e
+    raise ImportError(
+      f"compiling Pallas GPU kernels to cubin needs the `triton` package "
+      f"(pip install triton=={want}, or jaxeff's test extras)"
+    ) from e
   return triton
 
 
@@ -241,15 +259,21 @@ def _mismatch(err: Exception) -> TritonMismatchError:
 
   want = TRITON_FOR_JAXLIB.get(jaxlib.__version__)
   if want == triton.__version__:
-    hint = (f"that is the release pinned for jaxlib {jaxlib.__version__}, so the IR itself is at fault "
-            f"(MLIR's diagnostic is on stderr)")
+    hint = (
+      f"that is the release pinned for jaxlib {jaxlib.__version__}, so the IR itself is at fault "
+      f"(MLIR's diagnostic is on stderr)"
+    )
   elif want:
     hint = f"jaxlib {jaxlib.__version__} needs triton=={want} (pyproject.toml's test extras pin it)"
   else:
-    hint = (f"jaxlib {jaxlib.__version__} is not in pallas_kernels.cubin.TRITON_FOR_JAXLIB: find the triton "
-            f"release whose IR format matches and pin it there and in pyproject.toml's test extras")
-  return TritonMismatchError(f"triton {triton.__version__} cannot read the Triton IR that jaxlib "
-                             f"{jaxlib.__version__}'s Pallas emits ({type(err).__name__}: {str(err)[:300]}); {hint}")
+    hint = (
+      f"jaxlib {jaxlib.__version__} is not in pallas_kernels.cubin.TRITON_FOR_JAXLIB: find the triton "
+      f"release whose IR format matches and pin it there and in pyproject.toml's test extras"
+    )
+  return TritonMismatchError(
+    f"triton {triton.__version__} cannot read the Triton IR that jaxlib "
+    f"{jaxlib.__version__}'s Pallas emits ({type(err).__name__}: {str(err)[:300]}); {hint}"
+  )
 
 
 def _run_ttir_passes_hook(*args):
@@ -258,8 +282,7 @@ def _run_ttir_passes_hook(*args):
     return "pallas_kernels.cubin:make_ttir", "1"
   backend, stages, options, _language, capability = args
   make_ttgir = stages["ttgir"]
-  stages["ttgir"] = lambda mod, metadata: make_ttgir(backend.make_ttir(mod, metadata, options, capability),
-                                                     metadata)
+  stages["ttgir"] = lambda mod, metadata: make_ttgir(backend.make_ttir(mod, metadata, options, capability), metadata)
 
 
 def _ptxas_number(pattern: str, log: str) -> int:
@@ -286,8 +309,11 @@ def compile_kernel(kernel: TritonKernel, target: str = "sm_90") -> KernelResourc
       knobs.cache.dir = os.path.join(tmp, "cache")
       try:
         with contextlib.redirect_stdout(log):
-          compiled = triton.compile(path, target=GPUTarget("cuda", spec.capability, 32),
-                                    options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages})
+          compiled = triton.compile(
+            path,
+            target=GPUTarget("cuda", spec.capability, 32),
+            options={"num_warps": kernel.num_warps, "num_stages": kernel.num_stages},
+          )
       except Exception as e:  # noqa: BLE001 - parse errors surface as several exception types
         if "parse" in str(e).lower() or "dialect" in str(e).lower() or "attribute" in str(e).lower():
           raise _mismatch(e) from e
@@ -298,17 +324,24 @@ def compile_kernel(kernel: TritonKernel, target: str = "sm_90") -> KernelResourc
   registers = _ptxas_number(r"Used (\d+) registers", ptxas_log)
   shared = compiled.metadata.shared + _ptxas_number(r"(\d+) bytes smem", ptxas_log)
   return KernelResources(
-      name=kernel.name, target=target, grid=kernel.grid, num_warps=kernel.num_warps,
-      num_stages=kernel.num_stages, registers=registers,
-      spill_stores=_ptxas_number(r"(\d+) bytes spill stores", ptxas_log),
-      spill_loads=_ptxas_number(r"(\d+) bytes spill loads", ptxas_log),
-      stack_bytes=_ptxas_number(r"(\d+) bytes stack frame", ptxas_log),
-      shared_bytes=shared, cubin_bytes=len(compiled.asm["cubin"]),
-      occupancy=occupancy(registers, shared, kernel.num_warps, spec))
+    name=kernel.name,
+    target=target,
+    grid=kernel.grid,
+    num_warps=kernel.num_warps,
+    num_stages=kernel.num_stages,
+    registers=registers,
+    spill_stores=_ptxas_number(r"(\d+) bytes spill stores", ptxas_log),
+    spill_loads=_ptxas_number(r"(\d+) bytes spill loads", ptxas_log),
+    stack_bytes=_ptxas_number(r"(\d+) bytes stack frame", ptxas_log),
+    shared_bytes=shared,
+    cubin_bytes=len(compiled.asm["cubin"]),
+    occupancy=occupancy(registers, shared, kernel.num_warps, spec),
+  )
 
 
-def kernel_resources(fn: Callable, *args, targets: Sequence[str] = ("sm_80", "sm_90"),
-                     **kwargs) -> list[KernelResources]:
+def kernel_resources(
+  fn: Callable, *args, targets: Sequence[str] = ("sm_80", "sm_90"), **kwargs
+) -> list[KernelResources]:
   """Lowers `fn(*args, **kwargs)` for CUDA and compiles each of its Triton kernels for each target.
 
   Args:
@@ -332,17 +365,43 @@ def kernel_resources(fn: Callable, *args, targets: Sequence[str] = ("sm_80", "sm
 def resource_table(rows: Sequence[KernelResources], labels: Sequence[str] | None = None) -> str:
   """A markdown table of `rows` (optionally one label per row, e.g. the block-size table entry)."""
   head = ["case"] if labels is not None else []
-  lines = ["| " + " | ".join(head + ["kernel", "target", "grid", "warps", "stages", "registers", "spills (B)",
-                                     "shared (B)", "cubin (B)", "warps/SM (regs, smem, limits)", "occupancy",
-                                     "limited by"]) + " |"]
+  lines = [
+    "| "
+    + " | ".join(
+      head
+      + [
+        "kernel",
+        "target",
+        "grid",
+        "warps",
+        "stages",
+        "registers",
+        "spills (B)",
+        "shared (B)",
+        "cubin (B)",
+        "warps/SM (regs, smem, limits)",
+        "occupancy",
+        "limited by",
+      ]
+    )
+    + " |"
+  ]
   lines.append("|" + "---|" * (len(head) + 12))
   for i, r in enumerate(rows):
     o = r.occupancy
     cells = ([labels[i]] if labels is not None else []) + [
-        r.name, r.target, "x".join(map(str, r.grid)), str(r.num_warps), str(r.num_stages), str(r.registers),
-        str(r.spill_bytes), f"{r.shared_bytes:,}", f"{r.cubin_bytes:,}",
-        f"{o.warps_per_sm} ({o.warps_by_registers}, {o.warps_by_shared}, {o.warps_by_blocks})",
-        f"{o.fraction:.0%}", o.limiter]
+      r.name,
+      r.target,
+      "x".join(map(str, r.grid)),
+      str(r.num_warps),
+      str(r.num_stages),
+      str(r.registers),
+      str(r.spill_bytes),
+      f"{r.shared_bytes:,}",
+      f"{r.cubin_bytes:,}",
+      f"{o.warps_per_sm} ({o.warps_by_registers}, {o.warps_by_shared}, {o.warps_by_blocks})",
+      f"{o.fraction:.0%}",
+      o.limiter,
+    ]
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)
-

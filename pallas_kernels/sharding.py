@@ -27,10 +27,12 @@ jaxeff):
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
-from jax.sharding import AxisType, PartitionSpec as P
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
 
 Axes = str | Sequence[str] | None
 
@@ -55,8 +57,9 @@ def free_axes(mesh) -> tuple[str, ...]:
   return tuple(a for a, t in zip(mesh.axis_names, types) if t != AxisType.Manual)
 
 
-def resolve_axes(operands: Sequence[Any], in_dims: Sequence[str], axes: Mapping[str, Axes],
-                 mesh, out_dims: str | Sequence[str] = ()) -> dict[str, tuple[str, ...]]:
+def resolve_axes(
+  operands: Sequence[Any], in_dims: Sequence[str], axes: Mapping[str, Axes], mesh, out_dims: str | Sequence[str] = ()
+) -> dict[str, tuple[str, ...]]:
   """letter -> the mesh axes it is actually split over (see the module docstring).
 
   `out_dims` (optional) names the outputs' letters: letters that meet only in an output (a
@@ -112,8 +115,9 @@ def _sum_over(x, axes: tuple[str, ...], out_spec: P):
   return jax.lax.psum(x, axes) if axes else x
 
 
-def shard_kernel(fn: Callable, *operands, in_dims: Sequence[str], out_dims: str | Sequence[str],
-                 axes: Mapping[str, Axes], mesh=None):
+def shard_kernel(
+  fn: Callable, *operands, in_dims: Sequence[str], out_dims: str | Sequence[str], axes: Mapping[str, Axes], mesh=None
+):
   """`fn(*operands)` run per shard over the mesh (see the module docstring).
 
   Args:
@@ -133,8 +137,9 @@ def shard_kernel(fn: Callable, *operands, in_dims: Sequence[str], out_dims: str 
   in_specs = tuple(_spec(d, split) for d in in_dims)
   out_specs = tuple(_spec(d, split) for d in outs)
   # Letters tied to one mesh axis (k and its scale groups) sum over it once.
-  contracted = [tuple(dict.fromkeys(a for letter, names in split.items() if letter not in d for a in names))
-                for d in outs]
+  contracted = [
+    tuple(dict.fromkeys(a for letter, names in split.items() if letter not in d for a in names)) for d in outs
+  ]
 
   def body(*local):
     result = fn(*local)
@@ -142,5 +147,11 @@ def shard_kernel(fn: Callable, *operands, in_dims: Sequence[str], out_dims: str 
     results = tuple(_sum_over(r, c, o) for r, c, o in zip(results, contracted, out_specs))
     return results if multi else results[0]
 
-  return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs if multi else out_specs[0],
-                       axis_names=set(free_axes(mesh)), check_vma=False)(*operands)
+  return jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=in_specs,
+    out_specs=out_specs if multi else out_specs[0],
+    axis_names=set(free_axes(mesh)),
+    check_vma=False,
+  )(*operands)

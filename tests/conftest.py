@@ -6,7 +6,7 @@ import os
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
-# See jaxeff/__init__.py: XLA:CPU's concurrent scheduler can deadlock multi-device collectives.
+# See jaxeff/host_malloc.py: XLA:CPU's concurrent scheduler can deadlock multi-device collectives.
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
   _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
 os.environ["XLA_FLAGS"] = _flags.strip()
@@ -18,7 +18,9 @@ import tempfile
 
 # Compile time dominates many tests (each CLI run, notebook kernel and process compiles the same
 # small programs again). A persistent XLA cache, fresh for this session and shared with child
-# processes through the environment, cut the every-optimizer CLI test from 101 s to 64 s.
+# processes through the environment, cut the every-optimizer CLI test from 101 s to 64 s. The
+# pytest process that starts the xdist workers (pyproject's addopts) creates it; the workers
+# inherit it, so they share compiled programs too.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _cache = tempfile.mkdtemp(prefix="jaxeff-tests-xla-cache-")
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)

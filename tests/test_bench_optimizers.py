@@ -17,8 +17,19 @@ def test_quick_run_reports_every_field(tmp_path, capsys):
   # projectors' SVDs ran one matrix at a time on CPU, this run hung in GaLore's first refresh.
   out = tmp_path / "res"
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  cmd = [sys.executable, "-m", "jaxeff.bench", "optimizers", "--quick", "--steps", "6", "--optimizers", "osd,galore",
-         "--out", str(out)]
+  cmd = [
+    sys.executable,
+    "-m",
+    "jaxeff.bench",
+    "optimizers",
+    "--quick",
+    "--steps",
+    "6",
+    "--optimizers",
+    "osd,galore",
+    "--out",
+    str(out),
+  ]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
   except subprocess.TimeoutExpired:
@@ -70,12 +81,15 @@ def test_quick_run_reports_every_field(tmp_path, capsys):
   assert "needs a results file" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,msg", [
+@pytest.mark.parametrize(
+  "argv,msg",
+  [
     (["--optimizers", "sgdd"], "unknown optimizer"),
     (["--data", "/nonexistent/corpus.txt"], "no such file"),
     (["--batch-size", "30", "--workers", "4"], "divisible"),
     (["--seeds", "0"], "--seeds"),
-])
+  ],
+)
 def test_bad_input_is_one_error_line(argv, msg, tmp_path, capsys):
   assert bench.main(argv + ["--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err
@@ -93,8 +107,7 @@ def test_steps_to_target_interpolates():
 
 
 def _run(name, lr, seed, final, diverged=False):
-  return {"name": name, "lr": lr, "seed": seed, "final_val": final, "diverged": diverged,
-          "val": {0: 5.0, 10: final}}
+  return {"name": name, "lr": lr, "seed": seed, "final_val": final, "diverged": diverged, "val": {0: 5.0, 10: final}}
 
 
 def test_grid_runs_middle_out():
@@ -116,8 +129,9 @@ def test_sweep_widens_until_the_best_is_inside():
 
 
 def test_summary_target_is_baseline_mean_over_seeds():
-  setup = bench.Setup(model={}, steps=10, batch_size=8, seq_len=8, workers=1, warmup=1, eval_every=10,
-                      eval_batches=1, data="x")
+  setup = bench.Setup(
+    model={}, steps=10, batch_size=8, seq_len=8, workers=1, warmup=1, eval_every=10, eval_batches=1, data="x"
+  )
   runs = [_run("adamw", 1.0, s, f) for s, f in enumerate([2.0, 2.2, 2.4])]
   runs += [_run("adamw", 2.0, 0, 2.5)]
   runs += [_run("x", 3.0, s, f) for s, f in enumerate([1.5, 2.1, 2.3])]
@@ -132,8 +146,9 @@ def test_summary_target_is_baseline_mean_over_seeds():
 
 def test_goals_on_partial_results():
   """A goal is decided only when the protocol finished for every optimizer it compares."""
-  setup = bench.Setup(model={}, steps=10, batch_size=8, seq_len=8, workers=1, warmup=1, eval_every=10,
-                      eval_batches=1, data="x")
+  setup = bench.Setup(
+    model={}, steps=10, batch_size=8, seq_len=8, workers=1, warmup=1, eval_every=10, eval_batches=1, data="x"
+  )
   lrs = [1.0, 2.0, 4.0, 8.0, 16.0]
   runs = [_run("adamw", lr, 0, 2.0 + abs(lr - 4.0) / 10) for lr in lrs]
   runs += [_run("adamw", 4.0, s, 2.0) for s in (1, 2)]

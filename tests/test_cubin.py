@@ -1,7 +1,7 @@
 """pallas_kernels.cubin: every Pallas GPU kernel's block-size table entry compiles to real cubin for
 sm_80 and sm_90 (the registry's triton + its bundled ptxas, no GPU) within the hardware's limits.
 
-A kernel joins the table below by adding `resource_cases()` next to its block sizes and one line in
+A kernel joins the table below by adding a `cubin_cases.py` beside its kernel and one line in
 `pallas_kernels.cubin.kernel_cases()`.
 """
 
@@ -26,10 +26,16 @@ CASES = cubin.kernel_cases()
 def _add_one(x):
   def kernel(x_ref, o_ref):
     o_ref[...] = x_ref[...] + 1
-  return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype), grid=(4,),
-                        in_specs=[pl.BlockSpec((256,), lambda i: (i,))],
-                        out_specs=pl.BlockSpec((256,), lambda i: (i,)),
-                        compiler_params=plgpu.CompilerParams(num_warps=2, num_stages=1), name="add_one")(x)
+
+  return pl.pallas_call(
+    kernel,
+    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    grid=(4,),
+    in_specs=[pl.BlockSpec((256,), lambda i: (i,))],
+    out_specs=pl.BlockSpec((256,), lambda i: (i,)),
+    compiler_params=plgpu.CompilerParams(num_warps=2, num_stages=1),
+    name="add_one",
+  )(x)
 
 
 def test_pinned_triton_reads_jaxlib_triton_ir():
@@ -38,21 +44,21 @@ def test_pinned_triton_reads_jaxlib_triton_ir():
 
   want = cubin.TRITON_FOR_JAXLIB.get(jaxlib.__version__)
   assert want == triton.__version__, (
-      f"jaxlib {jaxlib.__version__} emits Triton IR for triton=={want} (pallas_kernels.cubin.TRITON_FOR_JAXLIB), "
-      f"but triton {triton.__version__} is installed; find the triton release that parses jaxlib's IR and pin it")
+    f"jaxlib {jaxlib.__version__} emits Triton IR for triton=={want} (pallas_kernels.cubin.TRITON_FOR_JAXLIB), "
+    f"but triton {triton.__version__} is installed; find the triton release that parses jaxlib's IR and pin it"
+  )
   pyproject = (pathlib.Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
   pin = re.search(r'"triton==([^"]+)"', pyproject)
   assert pin and pin.group(1) == want, f"pyproject.toml pins triton {pin and pin.group(1)}, jaxlib needs {want}"
   rows = cubin.kernel_resources(_add_one, jax.ShapeDtypeStruct((1024,), jnp.float32))
-  assert [(r.name, r.target, r.grid, r.num_warps) for r in rows] == [
-      ("add_one", t, (4, 1, 1), 2) for t in TARGETS]
+  assert [(r.name, r.target, r.grid, r.num_warps) for r in rows] == [("add_one", t, (4, 1, 1), 2) for t in TARGETS]
   assert all(r.cubin_bytes > 1000 and 0 < r.registers <= 255 and r.spill_bytes == 0 for r in rows)
 
 
 def test_unreadable_ir_raises_a_message_naming_both_versions():
   import jaxlib
 
-  kernel, = cubin.triton_kernels(_add_one, jax.ShapeDtypeStruct((1024,), jnp.float32))
+  (kernel,) = cubin.triton_kernels(_add_one, jax.ShapeDtypeStruct((1024,), jnp.float32))
   broken = dataclasses.replace(kernel, ttir=kernel.ttir.replace("tt.func", "tt.not_an_op"))
   with pytest.raises(cubin.TritonMismatchError) as err:
     cubin.compile_kernel(broken, "sm_80")
@@ -64,7 +70,9 @@ def test_no_triton_kernel_is_an_error():
     cubin.kernel_resources(lambda x: x + 1, jax.ShapeDtypeStruct((8,), jnp.float32))
 
 
-@pytest.mark.parametrize("registers,shared,warps,target,want_warps,limiter", [
+@pytest.mark.parametrize(
+  "registers,shared,warps,target,want_warps,limiter",
+  [
     # 64 regs: 2048 per warp, 32 warps by registers; 48 KiB + 1 KiB reserve: 3 blocks of 4 warps.
     (64, 48 * 1024, 4, "sm_80", 12, "shared memory"),
     (64, 48 * 1024, 4, "sm_90", 16, "shared memory"),  # 228 KiB / 49 KiB = 4 blocks
@@ -72,7 +80,8 @@ def test_no_triton_kernel_is_an_error():
     (168, 8 * 1024, 4, "sm_80", 12, "registers"),
     (32, 0, 4, "sm_90", 64, "neither"),  # the 64-warp cap
     (255, 200 * 1024, 4, "sm_80", 0, "shared memory"),  # over sm_80's 163 KiB per block
-])
+  ],
+)
 def test_occupancy_follows_the_cuda_calculator(registers, shared, warps, target, want_warps, limiter):
   occ = cubin.occupancy(registers, shared, warps, target)
   assert (occ.warps_per_sm, occ.limiter) == (want_warps, limiter)
@@ -85,7 +94,7 @@ def test_every_block_size_table_entry_has_a_case():
 
 
 def test_sparse_attention_backward_case_compiles_all_three_kernels():
-  case, = [c for c in CASES if c.label.startswith("sparse_attention forward+backward")]
+  (case,) = [c for c in CASES if c.label.startswith("sparse_attention forward+backward")]
   names = [r.name for r in cubin.kernel_resources(case.fn, *case.make_args(), targets=("sm_80",))]
   assert names == ["sparse_attention_fwd", "sparse_attention_dq", "sparse_attention_dkv"]
 

@@ -1,8 +1,6 @@
 """Tests for jaxeff.data: tokenizing, packing, shuffling, splitting, resuming, sharding."""
 
 import itertools
-import subprocess
-import sys
 import json
 import pathlib
 import sysconfig
@@ -10,7 +8,8 @@ import sysconfig
 import numpy as np
 import pytest
 import tokenizers
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxeff import data as data_lib
 from jaxeff.data import DataConfig, DataError, TextData
@@ -41,8 +40,9 @@ def _take(it, n):
 
 def _window_index(tokens, row, seq_len):
   """k such that `row` is tokens[k*L : k*L + L], or None."""
-  matches = [k for k in range((len(tokens) - 1) // seq_len)
-             if np.array_equal(tokens[k * seq_len:k * seq_len + seq_len], row)]
+  matches = [
+    k for k in range((len(tokens) - 1) // seq_len) if np.array_equal(tokens[k * seq_len : k * seq_len + seq_len], row)
+  ]
   assert len(matches) <= 1
   return matches[0] if matches else None
 
@@ -100,8 +100,9 @@ def test_hf_tokenizer_trained_bpe(tmp_path):
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = tokenizers.decoders.ByteLevel()
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
-                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  trainer = tokenizers.trainers.BpeTrainer(
+    vocab_size=300, special_tokens=["</s>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+  )
   text = "the quick brown fox jumps over the lazy dog. " * 20
   tok.train_from_iterator([text], trainer)
   tok.save(str(tmp_path / "tokenizer.json"))
@@ -123,7 +124,7 @@ def test_default_corpus_is_stdlib_bytes():
   root = pathlib.Path(sysconfig.get_paths()["stdlib"])
   assert not any({"test", "tests", "site-packages"} & set(f.relative_to(root).parts) for f in files)
   small = data_lib.default_corpus_files(200_000)
-  assert small == files[:len(small)] and sum(f.stat().st_size for f in small) <= 200_000
+  assert small == files[: len(small)] and sum(f.stat().st_size for f in small) <= 200_000
 
   cfg = DataConfig(max_corpus_bytes=200_000)
   tokens = data_lib.load_tokens(cfg)
@@ -148,8 +149,7 @@ def test_packing_rows_are_shifted_corpus_windows(corpus):
   data = TextData.load(corpus)
   seq_len, batch_size = 16, 4
   n_windows = (len(data.train) - 1) // seq_len
-  batches = _take(data_lib.train_iterator(data, seq_len=seq_len, batch_size=batch_size),
-                  n_windows // batch_size)
+  batches = _take(data_lib.train_iterator(data, seq_len=seq_len, batch_size=batch_size), n_windows // batch_size)
   seen = []
   for b in batches:
     assert b["inputs"].dtype == b["targets"].dtype == np.int32
@@ -157,7 +157,7 @@ def test_packing_rows_are_shifted_corpus_windows(corpus):
     for x, y in zip(b["inputs"], b["targets"]):
       k = _window_index(data.train, x, seq_len)
       assert k is not None  # the row is a packed window of the training stream...
-      np.testing.assert_array_equal(y, data.train[k * seq_len + 1:k * seq_len + seq_len + 1])
+      np.testing.assert_array_equal(y, data.train[k * seq_len + 1 : k * seq_len + seq_len + 1])
       seen.append(k)
   # ...and the first epoch visits each window once.
   assert len(set(seen)) == len(seen) == n_windows // batch_size * batch_size
@@ -174,8 +174,8 @@ def test_train_and_val_are_disjoint_positional_split(corpus):
   for i, b in enumerate(val):  # in order, from the tail of the stream
     for r in range(2):
       start = len(data.train) + (i * 2 + r) * 16
-      np.testing.assert_array_equal(b["inputs"][r], tokens[start:start + 16])
-      np.testing.assert_array_equal(b["targets"][r], tokens[start + 1:start + 17])
+      np.testing.assert_array_equal(b["inputs"][r], tokens[start : start + 16])
+      np.testing.assert_array_equal(b["targets"][r], tokens[start + 1 : start + 17])
   _assert_batches_equal(val, data_lib.val_batches(corpus, seq_len=16, batch_size=2))
   assert len(data_lib.val_batches(data, seq_len=16, batch_size=2, max_batches=1)) == 1
   no_val = DataConfig(paths=corpus.paths, val_fraction=0.0)
@@ -199,10 +199,10 @@ def test_new_shuffle_each_epoch(tmp_path):
   (tmp_path / "a.txt").write_bytes(bytes(range(1, 129)) * 2)  # 257 tokens with the EOD
   cfg = DataConfig(paths=[str(tmp_path / "a.txt")], val_fraction=0.0)
   data = TextData.load(cfg)
-  windows = sorted(tuple(data.train[k * 8:k * 8 + 8]) for k in range(32))  # seq_len 8: 32 windows
+  windows = sorted(tuple(data.train[k * 8 : k * 8 + 8]) for k in range(32))  # seq_len 8: 32 windows
   it = data_lib.train_iterator(cfg, seq_len=8, batch_size=8)  # an epoch is 4 batches
   rows = [tuple(r) for b in _take(it, 12) for r in b["inputs"]]
-  epochs = [rows[i:i + 32] for i in (0, 32, 64)]
+  epochs = [rows[i : i + 32] for i in (0, 32, 64)]
   for e in epochs:
     assert sorted(e) == windows  # every epoch is a permutation of all windows...
   assert epochs[0] != epochs[1] and epochs[1] != epochs[2]  # ...in a new order
@@ -230,31 +230,26 @@ def test_process_shards_stack_to_global_batch(corpus):
   data = TextData.load(corpus)
   kw = dict(seq_len=16, batch_size=4)
   whole = _take(data_lib.train_iterator(data, **kw), 35)
-  parts = [_take(data_lib.train_iterator(data, process_index=p, process_count=2, **kw), 35)
-           for p in range(2)]
+  parts = [_take(data_lib.train_iterator(data, process_index=p, process_count=2, **kw), 35) for p in range(2)]
   for g, p0, p1 in zip(whole, *parts):
     assert p0["inputs"].shape == (2, 16)
     for k in g:
       np.testing.assert_array_equal(np.concatenate([p0[k], p1[k]]), g[k])
 
   val = data_lib.val_batches(data, seq_len=16, batch_size=2)
-  val_parts = [data_lib.val_batches(data, seq_len=16, batch_size=2, process_index=p, process_count=2)
-               for p in range(2)]
+  val_parts = [data_lib.val_batches(data, seq_len=16, batch_size=2, process_index=p, process_count=2) for p in range(2)]
   for g, p0, p1 in zip(val, *val_parts, strict=True):
     np.testing.assert_array_equal(np.concatenate([p0["inputs"], p1["inputs"]]), g["inputs"])
 
 
 @settings(max_examples=15, deadline=None)
-@given(seq_len=st.integers(1, 40), local=st.integers(1, 3), procs=st.integers(1, 4),
-       seed=st.integers(0, 2**32 - 1))
+@given(seq_len=st.integers(1, 40), local=st.integers(1, 3), procs=st.integers(1, 4), seed=st.integers(0, 2**32 - 1))
 def test_sharding_property(seq_len, local, procs, seed):
   rng = np.random.default_rng(seed)
-  data = TextData(train=rng.integers(0, 256, 300, dtype=np.int32), val=np.zeros(0, np.int32),
-                  vocab_size=256, seed=seed)
+  data = TextData(train=rng.integers(0, 256, 300, dtype=np.int32), val=np.zeros(0, np.int32), vocab_size=256, seed=seed)
   kw = dict(seq_len=seq_len, batch_size=local * procs)
   whole = _take(data_lib.train_iterator(data, **kw), 3)
-  parts = [_take(data_lib.train_iterator(data, process_index=p, process_count=procs, **kw), 3)
-           for p in range(procs)]
+  parts = [_take(data_lib.train_iterator(data, process_index=p, process_count=procs, **kw), 3) for p in range(procs)]
   for step, g in enumerate(whole):
     np.testing.assert_array_equal(np.concatenate([p[step]["inputs"] for p in parts]), g["inputs"])
     np.testing.assert_array_equal(g["inputs"][:, 1:], g["targets"][:, :-1])
@@ -277,18 +272,22 @@ def _bad_inputs(tmp_path):
   _write_corpus(tmp_path / "sub", n_docs=1, doc_len=300)
   # case -> (DataConfig kwargs, what the message must say, the path it must name)
   return {
-      "missing path": (dict(paths=[str(tmp_path / "nope.txt")]), "not found", "nope.txt"),
-      "glob matches nothing": (dict(paths=[str(tmp_path / "*.md")]), "matches no files", "*.md"),
-      "directory": (dict(paths=[str(tmp_path / "sub")]), "is a directory", "sub"),
-      "empty file": (dict(paths=[str(tmp_path / "empty.txt")]), "empty corpus", "empty.txt"),
-      "too short": (dict(paths=[str(tmp_path / "short.txt")]), "corpus too short: the train split has 4 tokens", ""),
-      "missing tokenizer": (dict(paths=[str(tmp_path / "short.txt")], tokenizer=str(tmp_path / "tok.json")),
-                            "tokenizer file not found", "tok.json"),
+    "missing path": (dict(paths=[str(tmp_path / "nope.txt")]), "not found", "nope.txt"),
+    "glob matches nothing": (dict(paths=[str(tmp_path / "*.md")]), "matches no files", "*.md"),
+    "directory": (dict(paths=[str(tmp_path / "sub")]), "is a directory", "sub"),
+    "empty file": (dict(paths=[str(tmp_path / "empty.txt")]), "empty corpus", "empty.txt"),
+    "too short": (dict(paths=[str(tmp_path / "short.txt")]), "corpus too short: the train split has 4 tokens", ""),
+    "missing tokenizer": (
+      dict(paths=[str(tmp_path / "short.txt")], tokenizer=str(tmp_path / "tok.json")),
+      "tokenizer file not found",
+      "tok.json",
+    ),
   }
 
 
-@pytest.mark.parametrize("case", ["missing path", "glob matches nothing", "directory", "empty file",
-                                  "too short", "missing tokenizer"])
+@pytest.mark.parametrize(
+  "case", ["missing path", "glob matches nothing", "directory", "empty file", "too short", "missing tokenizer"]
+)
 def test_bad_input_raises_data_error(tmp_path, case):
   kwargs, message, names = _bad_inputs(tmp_path)[case]
   with pytest.raises(DataError, match=message) as err:
@@ -318,8 +317,9 @@ def test_bad_settings_raise_data_error(tmp_path):
 def _bpe(tmp_path):
   tok = tokenizers.Tokenizer(tokenizers.models.BPE())
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-  trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
-                                           initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+  trainer = tokenizers.trainers.BpeTrainer(
+    vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet()
+  )
   tok.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
   tok.save(str(tmp_path / "tokenizer.json"))
   return str(tmp_path / "tokenizer.json")
@@ -388,8 +388,9 @@ def test_dataset_batches_equal_in_memory_batches_and_resume_exactly(tmp_path, co
   fresh = data_lib.train_iterator(TextData.load(DataConfig(dataset=str(tmp_path / "prepared"))), **kw)
   fresh.set_state(state)
   _assert_batches_equal(_take(fresh, 15), reference[25:])
-  _assert_batches_equal(data_lib.val_batches(disk, seq_len=16, batch_size=2),
-                        data_lib.val_batches(memory, seq_len=16, batch_size=2))
+  _assert_batches_equal(
+    data_lib.val_batches(disk, seq_len=16, batch_size=2), data_lib.val_batches(memory, seq_len=16, batch_size=2)
+  )
 
 
 def test_each_process_reads_only_its_rows(tmp_path, corpus, monkeypatch):
@@ -397,7 +398,9 @@ def test_each_process_reads_only_its_rows(tmp_path, corpus, monkeypatch):
   data = TextData.load(DataConfig(dataset=str(tmp_path / "prepared")))
   read = []
   original = data_lib.TokenFile._read
-  monkeypatch.setattr(data_lib.TokenFile, "_read", lambda self, offset, count: (read.append(count), original(self, offset, count))[1])
+  monkeypatch.setattr(
+    data_lib.TokenFile, "_read", lambda self, offset, count: (read.append(count), original(self, offset, count))[1]
+  )
   _take(data_lib.train_iterator(data, seq_len=16, batch_size=8, process_index=1, process_count=4), 10)
   assert sum(read) == 10 * (8 // 4) * 17  # 10 batches x 2 local rows x (seq_len + 1) tokens
 
@@ -415,9 +418,20 @@ def test_memory_stays_flat_on_a_corpus_many_times_the_batch(tmp_path):
       f.write(rng.integers(1, 256, 8 << 20, dtype=np.uint16).tobytes())
   num_tokens = 8 * (8 << 20)
   np.zeros(1, "<i8").tofile(out / "documents.bin")
-  (out / "index.json").write_text(json.dumps({
-      "format": prepared_lib.FORMAT, "dtype": "uint16", "num_tokens": num_tokens, "num_documents": 1,
-      "vocab_size": 256, "eod_id": 0, "tokenizer_sha256": None, "inputs": []}))
+  (out / "index.json").write_text(
+    json.dumps(
+      {
+        "format": prepared_lib.FORMAT,
+        "dtype": "uint16",
+        "num_tokens": num_tokens,
+        "num_documents": 1,
+        "vocab_size": 256,
+        "eod_id": 0,
+        "tokenizer_sha256": None,
+        "inputs": [],
+      }
+    )
+  )
   before = psutil.Process().memory_info().rss
   data = TextData.load(DataConfig(dataset=str(out)))
   batches = _take(data_lib.train_iterator(data, seq_len=128, batch_size=8), 2000)  # ~2M tokens, random places
@@ -437,12 +451,14 @@ def test_prepare_cli_and_its_errors(tmp_path, capsys):
   assert "12 tokens" in capsys.readouterr().out
   assert data_lib.TokenFile(tmp_path / "out")[:].tolist() == [*b"hello world", 0]
   cases = [
-      (["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out")], "never overwrites"),
-      (["--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o2")], "has no string field 'text'"),
-      (["--input", str(tmp_path / "*.md"), "--output", str(tmp_path / "o3")], "matches no files"),
-      (["--input", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "t.json"), "--output", str(tmp_path / "o4")],
-       "tokenizer file not found"),
-      (["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "o5"), "--workers", "0"], "--workers must be"),
+    (["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out")], "never overwrites"),
+    (["--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "o2")], "has no string field 'text'"),
+    (["--input", str(tmp_path / "*.md"), "--output", str(tmp_path / "o3")], "matches no files"),
+    (
+      ["--input", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "t.json"), "--output", str(tmp_path / "o4")],
+      "tokenizer file not found",
+    ),
+    (["--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "o5"), "--workers", "0"], "--workers must be"),
   ]
   for args, message in cases:
     code = main(["prepare", "--quiet", *args])

@@ -19,19 +19,26 @@ import types
 
 import chex
 import pytest
+from test_train import REPO, TINY, _params
 
+from jaxeff import checkpoint, training
 from jaxeff import train as train_lib
-from jaxeff import training
 from jaxeff.bench import __main__ as bench_main
 from jaxeff.bench import train as bench_train
 from jaxeff.generate import __main__ as generate_main
-from test_train import REPO, TINY, _params
 
 STEPS = 6
 # The train step of tests/test_train.py's adamw CLI run (one layer, lr 1e-2, an 8-step cosine), so
 # the suite compiles it once; a fixed decay length keeps it one program whatever `steps` is.
-RUN = [*TINY, "model.num_layers=1", "optimizer.learning_rate=1e-2", "optimizer.decay_steps=8", "eval_batches=0",
-       "checkpoint_every=1", "keep_checkpoints=2"]
+RUN = [
+  *TINY,
+  "model.num_layers=1",
+  "optimizer.learning_rate=1e-2",
+  "optimizer.decay_steps=8",
+  "eval_batches=0",
+  "checkpoint_every=1",
+  "keep_checkpoints=2",
+]
 
 
 def _cfg(out, *extra):
@@ -47,7 +54,7 @@ def _overwrite(path: pathlib.Path):
   """Flips 16 bytes in the middle of `path` (a torn write or a bad sector)."""
   data = bytearray(path.read_bytes())
   mid = len(data) // 2
-  data[mid:mid + 16] = bytes(b ^ 0xFF for b in data[mid:mid + 16])
+  data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
   path.write_bytes(bytes(data))
 
 
@@ -99,12 +106,12 @@ def _check_after_kill(out, keep: int = 2) -> str:
     for s in want:
       ckpt.verify(s)
   partial = sorted(p.name for p in ckpt_dir.iterdir() if ".orbax-checkpoint-tmp" in p.name)
-  unrecorded = [s for s in want if not (ckpt_dir / str(s) / training.checkpoint.CHECKSUMS).exists()]
+  unrecorded = [s for s in want if not (ckpt_dir / str(s) / checkpoint.CHECKSUMS).exists()]
   return f"steps {steps}, partial saves {partial}, committed but not yet recorded {unrecorded}"
 
 
 def test_sigkill_at_random_moments_then_resume_is_bit_exact(tmp_path, straight):
-  seed = int(os.environ.get("JAXEFF_FAULT_SEED", random.randrange(2 ** 31)))
+  seed = int(os.environ.get("JAXEFF_FAULT_SEED", random.randrange(2**31)))
   rng = random.Random(seed)
   print(f"JAXEFF_FAULT_SEED={seed}")
   out = tmp_path / "run"
@@ -163,14 +170,19 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous(saved, straight, tm
   out = tmp_path / "run"
   shutil.copytree(saved, out)
   step3 = out / "checkpoints" / "3"
-  victim = {"data": _largest_data_file(step3), "metadata": step3 / "params" / "_METADATA",
-            "sharding": step3 / "params" / "_sharding"}[damage]
+  victim = {
+    "data": _largest_data_file(step3),
+    "metadata": step3 / "params" / "_METADATA",
+    "sharding": step3 / "params" / "_sharding",
+  }[damage]
   _overwrite(victim)
   code = train_lib.main(["--resume", *RUN, f"output_dir={out}", "keep_checkpoints=3", "steps=4"])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 0, err
-  assert err == [f"resume: checkpoint step 3 is damaged: {victim.relative_to(step3).as_posix()} changed since it "
-                 f"was saved; moved to {out / 'damaged_checkpoints'}; resuming from step 2"], err
+  assert err == [
+    f"resume: checkpoint step 3 is damaged: {victim.relative_to(step3).as_posix()} changed since it "
+    f"was saved; moved to {out / 'damaged_checkpoints'}; resuming from step 2"
+  ], err
   assert (out / "damaged_checkpoints" / "3" / "params").is_dir()  # set aside, never deleted
   assert _steps(out) == [2, 3, 4]
   model, _ = train_lib.load_checkpoint(out)
@@ -197,14 +209,19 @@ def test_every_checkpoint_damaged_is_one_clear_error(saved, tmp_path):
   ckpt_dir = out / "checkpoints"
   _overwrite(_largest_data_file(ckpt_dir / "3"))
   for s in (1, 2):
-    (ckpt_dir / str(s) / training.checkpoint.CHECKSUMS).unlink()
+    (ckpt_dir / str(s) / checkpoint.CHECKSUMS).unlink()
     for f in (ckpt_dir / str(s) / "params" / "ocdbt.process_0" / "d").iterdir():
       data = bytearray(f.read_bytes())
       data[:64] = b"\xff" * 64  # the zstd frame headers
       f.write_bytes(bytes(data))
   before = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
-  proc = subprocess.run([sys.executable, "-m", "jaxeff.train", "--resume", *RUN, f"output_dir={out}", f"steps={STEPS}"],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, "-m", "jaxeff.train", "--resume", *RUN, f"output_dir={out}", f"steps={STEPS}"],
+    cwd=REPO,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == 2, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.strip().splitlines() if l.startswith("error:")]
   assert len(errors) == 1 and errors[0].startswith("error: --resume: no checkpoint in "), proc.stderr[:3000]
@@ -237,13 +254,18 @@ def test_unwritable_output_dir_fails_before_any_step(tmp_path, capsys):
 
 def test_flags_and_overrides_in_any_order(tmp_path, capsys):
   args = train_lib.parse_args(["steps=8", "--resume", "output_dir=r1", "--config", "c.yaml", "model.num_layers=2"])
-  assert args.resume and args.config == "c.yaml" and args.overrides == ["steps=8", "output_dir=r1", "model.num_layers=2"]
+  assert (
+    args.resume and args.config == "c.yaml" and args.overrides == ["steps=8", "output_dir=r1", "model.num_layers=2"]
+  )
   assert train_lib.main(["steps=2", "--bogus", f"output_dir={tmp_path}"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: unrecognized arguments: --bogus") and "\n" not in err, err
   # The benchmark's name may come anywhere; its flags and overrides reach it intermixed.
-  names = bench_main._available()
-  assert bench_main.split_name(["--quick", "attention", "--rounds", "1"], names) == ("attention", ["--quick", "--rounds", "1"])
+  names = bench_main.available()
+  assert bench_main.split_name(["--quick", "attention", "--rounds", "1"], names) == (
+    "attention",
+    ["--quick", "--rounds", "1"],
+  )
   assert bench_main.main(["--quick", "atention"]) == 2
   assert capsys.readouterr().err.strip() == f"error: unknown benchmark 'atention'; choose one of: {', '.join(names)}"
   assert bench_train.main(["model.num_layers=1", "--rounds", "1", "model.bogus=1"]) == 2
@@ -265,8 +287,10 @@ def test_abandoned_read_reports_are_dropped_and_nothing_else(capsys):
   The unraisable "Event loop is closed" (tensorstore's callback thread waking orbax's closed loop)
   was the residual that slipped past the old filters."""
   import asyncio
+
   import tensorstore as ts
-  from jaxeff.training.checkpoint import quiet_abandoned_reads
+
+  from jaxeff.checkpoint import quiet_abandoned_reads
 
   saved = sys.excepthook, sys.unraisablehook
   passed_on = []
@@ -297,14 +321,21 @@ def test_abandoned_read_reports_are_dropped_and_nothing_else(capsys):
     passed_on.clear()
     # Unraisable read errors from orbax's abandoned coroutines are dropped; others are reported.
     scope = {}
-    exec(compile("def read():\n  raise Exception('Encountered error while reading array index')",
-                 "/site-packages/orbax/checkpoint/serialization.py", "exec"), scope)
+    exec(
+      compile(
+        "def read():\n  raise Exception('Encountered error while reading array index')",
+        "/site-packages/orbax/checkpoint/serialization.py",
+        "exec",
+      ),
+      scope,
+    )
     for fn in (scope["read"], lambda: 1 / 0):
       try:
         fn()
       except Exception as e:
-        report = types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__,
-                                       err_msg="Exception ignored in", object=fn)
+        report = types.SimpleNamespace(
+          exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__, err_msg="Exception ignored in", object=fn
+        )
         sys.unraisablehook(report)
     assert [type(e) for e in passed_on] == [ZeroDivisionError], passed_on
     # asyncio's "never retrieved" reports of futures failed in orbax's code are filtered; others not.
@@ -314,8 +345,15 @@ def test_abandoned_read_reports_are_dropped_and_nothing_else(capsys):
       try:
         fn()
       except Exception as e:
-        record = logging.LogRecord("asyncio", logging.ERROR, __file__, 1, "Future exception was never retrieved",
-                                   None, (type(e), e, e.__traceback__))
+        record = logging.LogRecord(
+          "asyncio",
+          logging.ERROR,
+          __file__,
+          1,
+          "Future exception was never retrieved",
+          None,
+          (type(e), e, e.__traceback__),
+        )
         assert quiet[0].filter(record) == kept
   finally:
     sys.excepthook, sys.unraisablehook = saved

@@ -18,8 +18,15 @@ from jaxeff.generate import sampling as sampling_lib
 from jaxeff.models import Llama
 
 # Larger-than-default init so logits are peaked: greedy comparisons then have no near-ties.
-CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                  initializer_range=0.15)
+CFG = ModelConfig(
+  vocab_size=96,
+  hidden_size=64,
+  intermediate_size=128,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  initializer_range=0.15,
+)
 PROMPTS = [[5, 17, 3, 88, 41], [7, 8], [9, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11]]
 
 
@@ -48,9 +55,9 @@ def reference_greedy(model, prompt, n, width=32):
   seq = list(prompt)
   for _ in range(n):
     padded = np.zeros((1, width), np.int32)  # causal: the padding after the sequence changes nothing
-    padded[0, :len(seq)] = seq
+    padded[0, : len(seq)] = seq
     seq.append(int(np.argmax(np.asarray(forward(model, padded))[0, len(seq) - 1])))
-  return seq[len(prompt):]
+  return seq[len(prompt) :]
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +94,8 @@ def test_stop_tokens_end_each_row_on_its_own(gen, host_gen, reference):
   stop = reference[0][3]  # row 0 stops before its 4th token; the others stop at their first `stop`, if any
   out = gen.generate(PROMPTS, max_new_tokens=8, stop_tokens=[stop, 95])
   for row, ref in zip(out, reference):
-    want = ref[:ref.index(stop)] if stop in ref else ref
-    want = want[:want.index(95)] if 95 in want else want
+    want = ref[: ref.index(stop)] if stop in ref else ref
+    want = want[: want.index(95)] if 95 in want else want
     assert row == want
   assert len(out[0]) == 3
   # The host loop (stream) agrees, and yields None for stopped rows.
@@ -104,8 +111,22 @@ def test_stream_yields_one_token_per_row_per_step(host_gen, reference):
   assert [list(t) for t in zip(*steps)] == [r[:5] for r in reference[:2]]
 
 
-def test_one_call_generate(model, reference):
+def test_one_call_generate_compiles_once_across_calls(model, reference):
+  """Defect: the one-call form built a new Generator, so every call compiled again. Calls with the
+  same model graph and prompts in the same buckets now reuse one Generator's programs, serving the
+  model's current weights."""
   assert generate(model, PROMPTS, 5) == [r[:5] for r in reference]
+  with CompileCounter() as counter:
+    assert generate(model, PROMPTS, 5) == [r[:5] for r in reference]
+    assert generate(model, [p[:-1] for p in PROMPTS], 4)[0][0] >= 0  # other lengths, same buckets
+  assert sum(counter.names.values()) == 0, counter.names
+  # New weights of the same shapes: same programs, new tokens.
+  graphdef, state = nnx.split(model)
+  other = nnx.merge(graphdef, jax.tree.map(lambda x: x * 1.5, state))
+  with CompileCounter() as counter:
+    got = generate(other, PROMPTS, 5)
+  assert sum(counter.names.values()) == 0, counter.names
+  assert got == Generator(other, max_batch=4, max_seq_len=32).generate(PROMPTS, max_new_tokens=5)
 
 
 class CompileCounter:
@@ -222,16 +243,26 @@ def test_sampling_follows_the_filtered_distribution():
 
 
 def test_bad_sampling_settings():
-  for kw, match in [(dict(temperature=-1), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
-                    (dict(top_p=1.5), "top_p"), (dict(min_p=2.0), "min_p")]:
+  for kw, match in [
+    (dict(temperature=-1), "temperature"),
+    (dict(top_k=0), "top_k"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(min_p=2.0), "min_p"),
+  ]:
     with pytest.raises(ValueError, match=match):
       SamplingParams(**kw)
 
 
 def test_bad_requests(model):
   gen = Generator(model, max_batch=2, max_seq_len=16)  # nothing compiles: every request is refused first
-  cases = [([], "non-empty"), ([[]], "empty"), ([[1, 2, 500]], "outside"), ([[1] * 14], "more than max_seq_len"),
-           ([1, 2, 3], "list of token ids")]
+  cases = [
+    ([], "non-empty"),
+    ([[]], "empty"),
+    ([[1, 2, 500]], "outside"),
+    ([[1] * 14], "more than max_seq_len"),
+    ([1, 2, 3], "list of token ids"),
+  ]
   for prompts, match in cases:
     with pytest.raises(GenerationError, match=match):
       gen.generate(prompts, max_new_tokens=4)
@@ -258,8 +289,9 @@ def test_quantized_model_generates(model, bits, group_size):
 
 def test_bf16_generation_close_to_f32(model, reference):
   # The f32 model's weights rounded to bf16, bf16 math.
-  bf16 = nnx.eval_shape(lambda: Llama(dataclasses.replace(CFG, dtype="bfloat16", param_dtype="bfloat16"),
-                                      rngs=nnx.Rngs(0)))
+  bf16 = nnx.eval_shape(
+    lambda: Llama(dataclasses.replace(CFG, dtype="bfloat16", param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+  )
   nnx.update(bf16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model)))
   gen = Generator(bf16, max_batch=4, max_seq_len=32)
   assert jax.tree.leaves(gen._cache)[0].dtype == jnp.bfloat16
@@ -271,8 +303,7 @@ def test_bf16_generation_close_to_f32(model, reference):
 
 
 def test_tensor_parallel_decode_equals_one_device():
-  cfg = dataclasses.replace(CFG, num_heads=16, num_kv_heads=8, hidden_size=128, intermediate_size=256,
-                            vocab_size=128)
+  cfg = dataclasses.replace(CFG, num_heads=16, num_kv_heads=8, hidden_size=128, intermediate_size=256, vocab_size=128)
   model = Llama(cfg, rngs=nnx.Rngs(1))
   mesh = sharding.make_mesh({"tensor": 8})
   want = Generator(model, max_batch=4, max_seq_len=32).generate(PROMPTS, max_new_tokens=8)

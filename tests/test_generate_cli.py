@@ -8,12 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from smollm2 import smollm2_path
+from tiny_gguf import CHAT_TEMPLATE, hf_tiny, write_gguf
 
 from jaxeff.generate import Generator
 from jaxeff.generate import __main__ as cli
 from jaxeff.generate.tokenizer import load_tokenizer
-from smollm2 import smollm2_path
-from tiny_gguf import CHAT_TEMPLATE, hf_tiny, write_gguf
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,7 @@ def test_prompt_streams_the_greedy_tokens(tiny_gguf):
   code, out, err = run_cli(["--hf", str(tiny_gguf), "--prompt", "the cat in the hat", "--max-new-tokens", "12"])
   assert code == 0, err
   import jaxeff.hf
+
   model, _ = jaxeff.hf.load(tiny_gguf)
   tok = load_tokenizer(tiny_gguf)
   ids = tok.encode("the cat in the hat")
@@ -44,8 +45,22 @@ def test_prompt_streams_the_greedy_tokens(tiny_gguf):
 
 
 def test_chat_reads_turns_from_stdin(tiny_gguf):
-  code, out, err = run_cli(["--hf", str(tiny_gguf), "--chat", "--max-new-tokens", "5", "--temperature", "0.8",
-                            "--top-p", "0.9", "--seed", "1"], stdin="hello\nthe cat\n\n")
+  code, out, err = run_cli(
+    [
+      "--hf",
+      str(tiny_gguf),
+      "--chat",
+      "--max-new-tokens",
+      "5",
+      "--temperature",
+      "0.8",
+      "--top-p",
+      "0.9",
+      "--seed",
+      "1",
+    ],
+    stdin="hello\nthe cat\n\n",
+  )
   assert code == 0, err
   assert len(out.splitlines()) == 2  # one answer per turn
   assert err.count("prefill: ") == 2 and err.count("> ") == 3  # a prompt for each turn, and the empty line
@@ -54,18 +69,35 @@ def test_chat_reads_turns_from_stdin(tiny_gguf):
 def test_checkpoint_with_its_byte_tokenizer(tmp_path):
   import jaxeff.train
 
-  cfg = jaxeff.train.load_config(None, ["steps=2", "batch_size=8", "seq_len=16", "eval_batches=0", "progress=false",
-                                        "model.num_layers=1", "model.hidden_size=32", "model.intermediate_size=64",
-                                        "model.num_heads=2", "model.num_kv_heads=1", "data.max_corpus_bytes=20000",
-                                        f"output_dir={tmp_path / 'run'}", "tensorboard=false"])
+  cfg = jaxeff.train.load_config(
+    None,
+    [
+      "steps=2",
+      "batch_size=8",
+      "seq_len=16",
+      "eval_batches=0",
+      "progress=false",
+      "model.num_layers=1",
+      "model.hidden_size=32",
+      "model.intermediate_size=64",
+      "model.num_heads=2",
+      "model.num_kv_heads=1",
+      "data.max_corpus_bytes=20000",
+      f"output_dir={tmp_path / 'run'}",
+      "tensorboard=false",
+    ],
+  )
   jaxeff.train.train(cfg)
-  code, out, err = run_cli(["--checkpoint", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "6",
-                            "--quant", "int8"])
+  code, out, err = run_cli(
+    ["--checkpoint", str(tmp_path / "run"), "--prompt", "def ", "--max-new-tokens", "6", "--quant", "int8"]
+  )
   assert code == 0, err
   assert 0 < len(out.encode("utf-8")) <= 6 * 4 + 1  # at most 6 bytes' worth of text (replacement chars aside)
 
 
-@pytest.mark.parametrize("argv,match", [
+@pytest.mark.parametrize(
+  "argv,match",
+  [
     (["--hf", "/nonexistent/model.gguf", "--prompt", "x"], "no such file"),
     (["--checkpoint", "/nonexistent/run", "--prompt", "x"], "no such directory"),
     (["--hf", "x.gguf"], "--prompt"),
@@ -74,7 +106,8 @@ def test_checkpoint_with_its_byte_tokenizer(tmp_path):
     (["--hf", "a", "--checkpoint", "b", "--prompt", "x"], "not allowed with"),
     (["--hf", "x.gguf", "--prompt", "x", "--quant", "int3"], "invalid choice"),
     (["--hf", "x.gguf", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
-])
+  ],
+)
 def test_bad_arguments(argv, match):
   code, out, err = run_cli(argv)
   assert code == 2 and out == ""
@@ -92,10 +125,10 @@ def test_bad_model_and_prompt(tiny_gguf, tmp_path):
   w.write_tensors_to_file()
   w.close()
   cases = [
-      (["--hf", str(tmp_path / "gpt2.gguf"), "--prompt", "x"], "unsupported GGUF architecture 'gpt2'"),
-      (["--hf", str(tiny_gguf), "--prompt", "the cat " * 10, "--max-seq-len", "16"], "more than max_seq_len=16"),
-      (["--hf", str(tiny_gguf), "--prompt", "the cat", "--top-p", "2"], "top_p"),
-      (["--hf", str(tmp_path), "--prompt", "x"], "no config.json"),
+    (["--hf", str(tmp_path / "gpt2.gguf"), "--prompt", "x"], "unsupported GGUF architecture 'gpt2'"),
+    (["--hf", str(tiny_gguf), "--prompt", "the cat " * 10, "--max-seq-len", "16"], "more than max_seq_len=16"),
+    (["--hf", str(tiny_gguf), "--prompt", "the cat", "--top-p", "2"], "top_p"),
+    (["--hf", str(tmp_path), "--prompt", "x"], "no config.json"),
   ]
   for argv, match in cases:
     code, out, err = run_cli(argv)
@@ -106,15 +139,37 @@ def test_bad_model_and_prompt(tiny_gguf, tmp_path):
 
 def test_smollm2_cli_subprocess():
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
-  proc = subprocess.run([sys.executable, "-m", "jaxeff.generate", "--hf", str(smollm2_path()), "--scan-layers",
-                         "--prompt", "The capital of France is", "--max-new-tokens", "3"],
-                        capture_output=True, text=True, timeout=600, env=env)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "jaxeff.generate",
+      "--hf",
+      str(smollm2_path()),
+      "--scan-layers",
+      "--prompt",
+      "The capital of France is",
+      "--max-new-tokens",
+      "3",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith(" Paris"), proc.stdout
   assert "decode: 3 new tokens" in proc.stderr
-  bad = subprocess.run([sys.executable, "-m", "jaxeff.generate", "--hf", "/nope.gguf", "--prompt", "x"],
-                       capture_output=True, text=True, timeout=600, env=env)
-  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == ["error: --hf /nope.gguf: no such file or directory"]
+  bad = subprocess.run(
+    [sys.executable, "-m", "jaxeff.generate", "--hf", "/nope.gguf", "--prompt", "x"],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+  )
+  assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+    "error: --hf /nope.gguf: no such file or directory"
+  ]
 
 
 def test_stream_decoder_holds_back_partial_characters(tiny_gguf):

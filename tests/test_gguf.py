@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from smollm2 import smollm2_path
+from tiny_gguf import hf_tiny, write_gguf
 
 import jaxeff.gguf
 import jaxeff.hf
 from jaxeff.generate import Generator
-from smollm2 import smollm2_path
-from tiny_gguf import hf_tiny, write_gguf
 
 
 def _logits(hf_model, tokens):
@@ -33,19 +33,23 @@ def cache_dir(tmp_path, monkeypatch):
   return tmp_path / "cache"
 
 
-@pytest.mark.parametrize("kind,quant,extra", [
+@pytest.mark.parametrize(
+  "kind,quant,extra",
+  [
     ("llama", "F32", dict(tie_word_embeddings=False)),
     ("llama", "Q8_0", dict(tie_word_embeddings=True)),
     ("qwen2", "F32", dict(tie_word_embeddings=True)),
-])
+  ],
+)
 def test_tiny_gguf_matches_source_and_transformers(tmp_path, cache_dir, kind, quant, extra):
   source = hf_tiny(kind, **extra)
   path = write_gguf(tmp_path / f"tiny-{kind}.gguf", source, kind, quant=gguf.GGMLQuantizationType[quant])
   model, cfg = jaxeff.hf.load(path)
   assert (cfg.qkv_bias, cfg.tie_embeddings, cfg.num_kv_heads) == (kind == "qwen2", extra["tie_word_embeddings"], 2)
   ours = np.asarray(model(jnp.asarray(TOKENS)))
-  ref = _logits(transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name,
-                                                                  dtype=torch.float32).eval(), TOKENS)
+  ref = _logits(
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval(), TOKENS
+  )
   np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
   if quant == "F32":  # lossless: the original weights, q/k row order restored
     np.testing.assert_allclose(ours, _logits(source, TOKENS), atol=1e-4 * np.abs(ref).max(), rtol=0)
@@ -88,8 +92,17 @@ def test_bad_gguf_files(tmp_path, cache_dir):
 
 
 def test_tokenizers_match_transformers(tmp_path):
-  texts = ["the cat in the hat", "Hello World", "he sat on the hat", "  two  spaces", "über naïve",
-           "a\nb\tc", "<s>the</s>", "cat12 1212", ""]
+  texts = [
+    "the cat in the hat",
+    "Hello World",
+    "he sat on the hat",
+    "  two  spaces",
+    "über naïve",
+    "a\nb\tc",
+    "<s>the</s>",
+    "cat12 1212",
+    "",
+  ]
   for kind in ("gpt2", "llama"):
     path = write_gguf(tmp_path / f"tok-{kind}.gguf", hf_tiny("llama"), "llama", tokenizer=kind)
     ours = jaxeff.gguf.tokenizer(path)
@@ -113,14 +126,19 @@ def smollm2():
 @pytest.fixture(scope="module")
 def smollm2_transformers():
   path = smollm2_path()
-  return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
+  return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
 
 
 def test_smollm2_config(smollm2):
   _, _, cfg = smollm2
-  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == \
-      (30, 576, 9, 3, 64, 49152)
+  assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size) == (
+    30,
+    576,
+    9,
+    3,
+    64,
+    49152,
+  )
   assert cfg.tie_embeddings and cfg.rope_theta == 1e5 and cfg.intermediate_size == 1536
 
 
@@ -135,17 +153,24 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_transformers):
 def test_smollm2_greedy_matches_transformers(smollm2, smollm2_transformers):
   path, model, _ = smollm2
   tok = jaxeff.gguf.tokenizer(path)
-  texts = ["The capital of France is", "def fibonacci(n):", "<|im_start|>user\nName three colors.<|im_end|>\n"
-           "<|im_start|>assistant\n"]
+  texts = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "<|im_start|>user\nName three colors.<|im_end|>\n<|im_start|>assistant\n",
+  ]
   prompts = [tok.encode(t).ids for t in texts]
   eos = smollm2_transformers.generation_config.eos_token_id
   ours = Generator(model, max_batch=3, max_seq_len=64).generate(prompts, max_new_tokens=32, stop_tokens=[eos])
   for prompt, got in zip(prompts, ours):
     with torch.no_grad():
-      ref = smollm2_transformers.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                          attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
-    ref = ref[0, len(prompt):].tolist()
-    assert got == (ref[:ref.index(eos)] if eos in ref else ref)
+      ref = smollm2_transformers.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=32,
+        do_sample=False,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+      )
+    ref = ref[0, len(prompt) :].tolist()
+    assert got == (ref[: ref.index(eos)] if eos in ref else ref)
   assert len(ours[2]) < 32  # the chat answer ends with <|im_end|>, which stops its row only
   assert tok.decode(ours[0]).startswith(" Paris")
 
@@ -153,10 +178,51 @@ def test_smollm2_greedy_matches_transformers(smollm2, smollm2_transformers):
 def _strings(n=300, seed=0):
   """ASCII words, Unicode (accents, CJK, emoji), code, whitespace runs, digits, special tokens."""
   rng = np.random.default_rng(seed)
-  pieces = ["the", "The", " quick", "brown", "fox", "über", "naïve", "日本語", "中文", "🙂", "👍🏽", "Ωμέγα", "Привет",
-            "def", " f(x):", "\n    return", " x**2", "{", "}", "();", "//", "#include", "<|im_start|>", "<|im_end|>",
-            "  ", "   ", "\t", "\n", "\n\n", " ", "2024", "3.14159", "1,000", "'s", "'ll", "don't", "e-mail",
-            "https://example.com/a?b=c", "€", "ß", "ﬁ", "\u00a0", "x" * 40]
+  pieces = [
+    "the",
+    "The",
+    " quick",
+    "brown",
+    "fox",
+    "über",
+    "naïve",
+    "日本語",
+    "中文",
+    "🙂",
+    "👍🏽",
+    "Ωμέγα",
+    "Привет",
+    "def",
+    " f(x):",
+    "\n    return",
+    " x**2",
+    "{",
+    "}",
+    "();",
+    "//",
+    "#include",
+    "<|im_start|>",
+    "<|im_end|>",
+    "  ",
+    "   ",
+    "\t",
+    "\n",
+    "\n\n",
+    " ",
+    "2024",
+    "3.14159",
+    "1,000",
+    "'s",
+    "'ll",
+    "don't",
+    "e-mail",
+    "https://example.com/a?b=c",
+    "€",
+    "ß",
+    "ﬁ",
+    "\u00a0",
+    "x" * 40,
+  ]
   out = []
   for _ in range(n):
     k = rng.integers(1, 9)
@@ -186,8 +252,11 @@ def test_smollm2_tokenization_matches_llama_cpp_and_transformers():
       want = ref.encode(text, add_special_tokens=True)
       if want != got:
         transformers_differs.append(text)
-      assert ours.decode(got, skip_special_tokens=False) == ref.decode(got) == \
-          cpp.detokenize(got, special=True).decode("utf-8"), text
+      assert (
+        ours.decode(got, skip_special_tokens=False)
+        == ref.decode(got)
+        == cpp.detokenize(got, special=True).decode("utf-8")
+      ), text
   finally:
     cpp.close()
   assert len(transformers_differs) < 0.05 * len(texts)

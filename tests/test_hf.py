@@ -15,18 +15,37 @@ from jaxeff import sharding
 from jaxeff.config import ModelConfig
 from jaxeff.models import Llama
 
-TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=64, rms_norm_eps=1e-6)
+TINY = dict(
+  vocab_size=96,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  max_position_embeddings=64,
+  rms_norm_eps=1e-6,
+)
 CASES = {
-    "llama_gqa_llama3_rope": (transformers.LlamaConfig, dict(
-        num_key_value_heads=2, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8})),
-    "llama_tied_mha": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True)),
-    "llama_linear_rope_headdim": (transformers.LlamaConfig, dict(
-        num_key_value_heads=1, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0})),
-    "mistral_window": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=5)),
-    "qwen2_bias_tied": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
+  "llama_gqa_llama3_rope": (
+    transformers.LlamaConfig,
+    dict(
+      num_key_value_heads=2,
+      rope_theta=500000.0,
+      rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8,
+      },
+    ),
+  ),
+  "llama_tied_mha": (transformers.LlamaConfig, dict(num_key_value_heads=4, tie_word_embeddings=True)),
+  "llama_linear_rope_headdim": (
+    transformers.LlamaConfig,
+    dict(num_key_value_heads=1, head_dim=16, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+  ),
+  "mistral_window": (transformers.MistralConfig, dict(num_key_value_heads=2, sliding_window=5)),
+  "qwen2_bias_tied": (transformers.Qwen2Config, dict(num_key_value_heads=2, tie_word_embeddings=True)),
 }
 
 
@@ -35,9 +54,11 @@ def _hf_model(case, seed=0):
   torch.manual_seed(seed)
   cfg = cls(**TINY, **extra)
   cfg._attn_implementation = "eager"
-  model_cls = {transformers.LlamaConfig: transformers.LlamaForCausalLM,
-               transformers.MistralConfig: transformers.MistralForCausalLM,
-               transformers.Qwen2Config: transformers.Qwen2ForCausalLM}[cls]
+  model_cls = {
+    transformers.LlamaConfig: transformers.LlamaForCausalLM,
+    transformers.MistralConfig: transformers.MistralForCausalLM,
+    transformers.Qwen2Config: transformers.Qwen2ForCausalLM,
+  }[cls]
   model = model_cls(cfg).eval()
   with torch.no_grad():  # random (not zero) biases so the bias mapping is exercised
     for name, p in model.named_parameters():
@@ -82,7 +103,9 @@ def test_save_from_fresh_model_loads_in_transformers(tmp_path):
   model = Llama(cfg, rngs=nnx.Rngs(3))
   jaxeff.hf.save(model, cfg, tmp_path / "out")
   hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-  np.testing.assert_allclose(_hf_logits(hf, TOKENS % 64), np.asarray(model(jnp.asarray(TOKENS % 64))), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(
+    _hf_logits(hf, TOKENS % 64), np.asarray(model(jnp.asarray(TOKENS % 64))), atol=1e-4, rtol=0
+  )
   with pytest.raises(jaxeff.hf.HFError, match="not empty"):
     jaxeff.hf.save(model, cfg, tmp_path / "out")  # never silently overwritten
 
@@ -123,11 +146,13 @@ def _saved(tmp_path):
   hf = _hf_model("llama_gqa_llama3_rope")
   hf.save_pretrained(tmp_path)
   from safetensors.numpy import load_file
+
   return load_file(str(tmp_path / "model.safetensors"))
 
 
 def test_missing_tensor(tmp_path):
   from safetensors.numpy import save_file
+
   tensors = _saved(tmp_path)
   del tensors["model.layers.1.mlp.up_proj.weight"]
   save_file(tensors, str(tmp_path / "model.safetensors"))
@@ -137,6 +162,7 @@ def test_missing_tensor(tmp_path):
 
 def test_misshaped_tensor(tmp_path):
   from safetensors.numpy import save_file
+
   tensors = _saved(tmp_path)
   tensors["model.layers.0.self_attn.k_proj.weight"] = np.zeros((8, 32), np.float32)
   save_file(tensors, str(tmp_path / "model.safetensors"))
@@ -148,3 +174,20 @@ def test_no_weights(tmp_path):
   _hf_model("llama_tied_mha").config.save_pretrained(tmp_path)
   with pytest.raises(jaxeff.hf.HFError, match="no \\*.safetensors"):
     jaxeff.hf.load(tmp_path)
+
+
+def test_overrides_of_checkpoint_fields_win_for_compute_and_are_refused_for_architecture(tmp_path):
+  """Defect: `hf.load(path, sliding_window=256)` raised "ModelConfig() got multiple values for
+  keyword argument 'sliding_window'" because the checkpoint's config sets it too."""
+  from jaxeff.errors import ConfigError
+
+  _hf_model("mistral_window").save_pretrained(tmp_path / "hf")  # its own window: 5
+  model, cfg = jaxeff.hf.load(tmp_path / "hf", sliding_window=3, attention="blocked", dtype="float32")
+  assert cfg.sliding_window == 3 and cfg.attention == "blocked" and model.cfg is cfg
+  tokens = jnp.arange(12, dtype=jnp.int32)[None] % TINY["vocab_size"]
+  narrow, _ = jaxeff.hf.load(tmp_path / "hf", sliding_window=1)  # each token sees only itself
+  wide, _ = jaxeff.hf.load(tmp_path / "hf")
+  assert not np.allclose(np.asarray(narrow(tokens)), np.asarray(wide(tokens)))  # the override took effect
+  with pytest.raises(ConfigError, match=r"num_layers=3 \(checkpoint: 2\): would change the architecture"):
+    jaxeff.hf.load(tmp_path / "hf", num_layers=3)
+  jaxeff.hf.load(tmp_path / "hf", num_layers=2)  # repeating the checkpoint's value is fine

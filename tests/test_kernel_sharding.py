@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxeff import sharding
 from pallas_kernels.sharding import resolve_axes, shard_kernel
@@ -34,8 +35,7 @@ def test_row_parallel_sums_partial_products_and_gathers_no_weight():
   mesh = sharding.make_mesh({"tensor": 8})
   x = jnp.ones((1, 256), jnp.float32)
   w = jax.device_put(jnp.ones((256, 128), jnp.float32), NamedSharding(mesh, P("tensor", None)))
-  f = lambda x, w: shard_kernel(lambda a, b: a @ b, x, w, in_dims=("mk", "kn"), out_dims="mn",
-                                axes={"k": "tensor"})
+  f = lambda x, w: shard_kernel(lambda a, b: a @ b, x, w, in_dims=("mk", "kn"), out_dims="mn", axes={"k": "tensor"})
   with jax.set_mesh(mesh):
     compiled = jax.jit(f).lower(x, w).compile()
     y = compiled(x, w)
@@ -62,8 +62,10 @@ def test_axes_that_do_not_divide_are_dropped_and_tied_letters_stay_aligned():
 
 def test_without_a_mesh_the_kernel_is_called_directly():
   calls = []
+
   def fn(a):
     calls.append(a.shape)
     return a * 2
+
   y = shard_kernel(fn, jnp.ones((4, 4)), in_dims=("ab",), out_dims="ab", axes={"a": "data"})
   assert calls == [(4, 4)] and float(y.sum()) == 32.0

@@ -18,17 +18,23 @@ CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layer
 PREFILL, TOTAL, MAX_LEN = 7, 13, 16
 
 
+def cached_logits(model, tokens, positions, cache):
+  """(logits, cache) of a forward through the KV cache."""
+  out = model.forward_with_cache(tokens, positions, cache)
+  return model.logits(out.hidden), out.cache
+
+
 def _tokens(b=2, s=TOTAL, seed=0):
   return jax.random.randint(jax.random.key(seed), (b, s), 0, CFG.vocab_size, dtype=jnp.int32)
 
 
 def _prefill_then_decode(model, tokens, positions, max_len=MAX_LEN):
   cache = init_cache(model.cfg, tokens.shape[0], max_len)
-  step = nnx.jit(lambda m, t, p, c: m(t, p, cache=c))
+  step = nnx.jit(cached_logits)
   logits, cache = step(model, tokens[:, :PREFILL], positions[:, :PREFILL], cache)
   out = [logits]
   for t in range(PREFILL, tokens.shape[1]):
-    logits, cache = step(model, tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+    logits, cache = step(model, tokens[:, t : t + 1], positions[:, t : t + 1], cache)
     out.append(logits)
   return jnp.concatenate(out, axis=1), cache
 
@@ -49,8 +55,10 @@ def test_cached_decode_equals_full_forward(scan_layers, window):
   # Slots past the last position were never written.
   assert not np.asarray(k0[:, :, TOTAL:]).any() and np.asarray(k0[:, :, :TOTAL]).all(axis=-1).all()
   if window is not None:  # the window actually changes the result (so it was applied)
-    assert np.abs(np.asarray(Llama(dataclasses.replace(cfg, sliding_window=None), rngs=nnx.Rngs(0))(tokens)
-                             - full)).max() > 1e-4
+    assert (
+      np.abs(np.asarray(Llama(dataclasses.replace(cfg, sliding_window=None), rngs=nnx.Rngs(0))(tokens) - full)).max()
+      > 1e-4
+    )
 
 
 def test_rows_at_their_own_positions():
@@ -61,7 +69,7 @@ def test_rows_at_their_own_positions():
   tokens = _tokens(b=2)
   positions = jnp.stack([jnp.arange(TOTAL), jnp.arange(TOTAL) - 3]).astype(jnp.int32)
   positions = positions.at[1, :3].set(jnp.arange(MAX_LEN - 3, MAX_LEN))
-  tokens = tokens.at[1, 3:].set(tokens[0, :TOTAL - 3])
+  tokens = tokens.at[1, 3:].set(tokens[0, : TOTAL - 3])
   cached, _ = _prefill_then_decode(model, tokens, positions)
   own = model(tokens[1:, 3:])  # positions 0..TOTAL-4
   np.testing.assert_allclose(cached[1, 3:], own[0], rtol=1e-5, atol=1e-5)
@@ -74,9 +82,8 @@ def test_stale_slots_are_masked():
   tokens = _tokens()
   positions = jnp.broadcast_to(jnp.arange(TOTAL, dtype=jnp.int32), tokens.shape)
   garbage = init_cache(CFG, 2, MAX_LEN)
-  garbage = KVCache(*(tuple(jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(kv))
-                      for kv in garbage))
-  step = nnx.jit(lambda m, t, p, c: m(t, p, cache=c))
+  garbage = KVCache(*(tuple(jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(kv)) for kv in garbage))
+  step = nnx.jit(cached_logits)
   fresh, _ = step(model, tokens, positions, init_cache(CFG, 2, MAX_LEN))
   reused, _ = step(model, tokens, positions, garbage)
   np.testing.assert_allclose(reused, fresh, rtol=1e-6, atol=1e-6)
@@ -94,9 +101,11 @@ def test_cache_errors():
   model = Llama(CFG, rngs=nnx.Rngs(0))
   tokens = _tokens(s=3)
   with pytest.raises(ValueError, match="explicit positions"):
-    model(tokens, cache=init_cache(CFG, 2, 8))
+    model.forward_with_cache(tokens, None, init_cache(CFG, 2, 8))
   with pytest.raises(ValueError, match="does not match"):
-    model(tokens, jnp.zeros_like(tokens), cache=init_cache(dataclasses.replace(CFG, scan_layers=True), 2, 8))
+    model.forward_with_cache(
+      tokens, jnp.zeros_like(tokens), init_cache(dataclasses.replace(CFG, scan_layers=True), 2, 8)
+    )
   with pytest.raises(ValueError, match="max_len"):
     init_cache(CFG, 2, 0)
 
@@ -110,7 +119,7 @@ def test_cache_is_sharded_by_logical_axes():
   positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), tokens.shape)
   with jax.set_mesh(mesh):
     cache = jax.jit(lambda: init_cache(cfg, 2, 8))()
-    logits, cache = nnx.jit(lambda m, t, p, c: m(t, p, cache=c))(model, tokens, positions, cache)
+    logits, cache = nnx.jit(cached_logits)(model, tokens, positions, cache)
   want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", "tensor", None, None))
   assert cache.k.sharding.is_equivalent_to(want, 5) and cache.v.sharding.is_equivalent_to(want, 5)
   np.testing.assert_allclose(logits, model(tokens), rtol=1e-5, atol=1e-5)

@@ -56,7 +56,9 @@ def test_scan_and_remat_match_unrolled(remat):
   loss = lambda m: jnp.mean(m(toks) ** 2)
   g_ref = nnx.grad(loss)(model)
   g = nnx.grad(loss)(scanned)
-  np.testing.assert_allclose(g.layers.mlp.down_proj.kernel[...][1], g_ref.layers[1].mlp.down_proj.kernel[...], atol=1e-6)
+  np.testing.assert_allclose(
+    g.layers.mlp.down_proj.kernel[...][1], g_ref.layers[1].mlp.down_proj.kernel[...], atol=1e-6
+  )
   np.testing.assert_allclose(g.embed_tokens.embedding[...], g_ref.embed_tokens.embedding[...], atol=1e-6)
 
 
@@ -106,8 +108,11 @@ def test_bad_config():
 
 def _qkv(b, s, t, h, kvh, d, seed):
   keys = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(keys[0], (b, s, h, d)), jax.random.normal(keys[1], (b, t, kvh, d)),
-          jax.random.normal(keys[2], (b, t, kvh, d)))
+  return (
+    jax.random.normal(keys[0], (b, s, h, d)),
+    jax.random.normal(keys[1], (b, t, kvh, d)),
+    jax.random.normal(keys[2], (b, t, kvh, d)),
+  )
 
 
 @pytest.mark.parametrize("positions", ["index", "sequential", "offset", "shuffled", "different_kv"])
@@ -119,8 +124,13 @@ def test_blocked_attention_matches_dense_values_and_grads(positions, window):
   q, k, v = _qkv(b, s, s, 6, 2, 8, seed=len(positions) + (window or 0))
   rng = np.random.default_rng(0)
   seq = np.broadcast_to(np.arange(s), (b, s))
-  q_pos = {"index": seq, "sequential": seq, "offset": seq + 5,
-           "shuffled": np.stack([rng.permutation(s) for _ in range(b)]), "different_kv": seq}[positions]
+  q_pos = {
+    "index": seq,
+    "sequential": seq,
+    "offset": seq + 5,
+    "shuffled": np.stack([rng.permutation(s) for _ in range(b)]),
+    "different_kv": seq,
+  }[positions]
   kv_pos = q_pos if positions != "different_kv" else seq + np.array([[0], [3]])
   q_pos, kv_pos = jnp.asarray(q_pos, jnp.int32), jnp.asarray(kv_pos, jnp.int32)
   given = {} if positions == "index" else dict(q_positions=q_pos, kv_positions=kv_pos)
@@ -129,8 +139,9 @@ def test_blocked_attention_matches_dense_values_and_grads(positions, window):
   def loss(fn, pos):
     return lambda q, k, v: jnp.sum(cot * fn(q, k, v, sliding_window=window, **pos))
 
-  want, want_grads = jax.jit(jax.value_and_grad(loss(dense_attention, dict(q_positions=q_pos, kv_positions=kv_pos)),
-                                                argnums=(0, 1, 2)))(q, k, v)
+  want, want_grads = jax.jit(
+    jax.value_and_grad(loss(dense_attention, dict(q_positions=q_pos, kv_positions=kv_pos)), argnums=(0, 1, 2))
+  )(q, k, v)
   got, got_grads = jax.jit(jax.value_and_grad(loss(blocked_attention, given), argnums=(0, 1, 2)))(q, k, v)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
   for g, w in zip(got_grads, want_grads):
@@ -148,8 +159,10 @@ def test_blocked_attention_matches_dense_values_and_grads(positions, window):
 def test_blocked_attention_decode_shapes_fall_back_to_dense():
   q, k, v = _qkv(1, 1, 40, 4, 2, 8, seed=3)  # one new token against a 40-entry cache
   q_pos, kv_pos = jnp.full((1, 1), 39, jnp.int32), jnp.arange(40, dtype=jnp.int32)[None]
-  np.testing.assert_array_equal(blocked_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos),
-                                dense_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos))
+  np.testing.assert_array_equal(
+    blocked_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos),
+    dense_attention(q, k, v, q_positions=q_pos, kv_positions=kv_pos),
+  )
 
 
 def test_attention_positions_none_only_for_self_attention():

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_train import REPO, TINY
 
 from jaxeff import sharding
 from jaxeff import train as train_lib
@@ -20,8 +21,6 @@ from jaxeff.models import Llama
 from jaxeff.models.attention import dense_attention, sparse_attention
 from jaxeff.training.config import config_from_dict
 
-from test_train import REPO, TINY
-
 CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 SEQ = 256  # four 64-token key blocks on CPU
 STREAMING = dict(sliding_window=80, attention_sinks=4)
@@ -29,12 +28,16 @@ STREAMING = dict(sliding_window=80, attention_sinks=4)
 
 def _qkv(seed=0, b=2, s=SEQ, h=4, kvh=2, d=16):
   ks = jax.random.split(jax.random.key(seed), 3)
-  return (jax.random.normal(ks[0], (b, s, h, d)), jax.random.normal(ks[1], (b, s, kvh, d)),
-          jax.random.normal(ks[2], (b, s, kvh, d)))
+  return (
+    jax.random.normal(ks[0], (b, s, h, d)),
+    jax.random.normal(ks[1], (b, s, kvh, d)),
+    jax.random.normal(ks[2], (b, s, kvh, d)),
+  )
 
 
-@pytest.mark.parametrize("mask", [dict(), dict(sliding_window=80), dict(sliding_window=80, sinks=4)],
-                         ids=["causal", "window", "window+sinks"])
+@pytest.mark.parametrize(
+  "mask", [dict(), dict(sliding_window=80), dict(sliding_window=80, sinks=4)], ids=["causal", "window", "window+sinks"]
+)
 def test_sparse_equals_dense_values_and_grads(mask):
   q, k, v = _qkv()
   loss = lambda fn: lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, **mask)))
@@ -100,12 +103,13 @@ def test_streaming_decode_matches_full_forward_and_dense():
   assert got == want
   # The first row against a full forward over its prompt + the generated tokens.
   seq = jnp.asarray([prompts[0] + got[0][:-1]])
-  full = np.asarray(jnp.argmax(sparse(seq), -1))[0, len(prompts[0]) - 1:]
+  full = np.asarray(jnp.argmax(sparse(seq), -1))[0, len(prompts[0]) - 1 :]
   assert full.tolist() == got[0]
 
 
-@pytest.mark.parametrize("fields,seq", [(STREAMING, 128), (dict(attention_topk_blocks=1), SEQ)],
-                         ids=["streaming", "topk"])
+@pytest.mark.parametrize(
+  "fields,seq", [(STREAMING, 128), (dict(attention_topk_blocks=1), SEQ)], ids=["streaming", "topk"]
+)
 def test_sparse_model_on_a_mesh_equals_one_device(fields, seq):
   mesh = sharding.make_mesh({"data": 4, "tensor": 2})
   cfg = dataclasses.replace(CFG, attention="sparse", **fields)
@@ -120,8 +124,8 @@ def test_sparse_model_on_a_mesh_equals_one_device(fields, seq):
 def test_config_checks_and_accelerator_configs():
   with pytest.raises(ConfigError, match="attention_sinks needs model.sliding_window"):
     ModelConfig(attention="sparse", attention_sinks=4)
-  with pytest.raises(ConfigError, match="not 'blocked'"):
-    ModelConfig(attention="blocked", sliding_window=64, attention_sinks=4)
+  with pytest.raises(ConfigError, match="not 'blocked'"):  # checked by the attention registry
+    Llama(ModelConfig(attention="blocked", sliding_window=64, attention_sinks=4), rngs=nnx.Rngs(0))
   with pytest.raises(ConfigError, match="sliding_window must be >= 1"):
     ModelConfig(sliding_window=0)
   for name in ("125m", "1b"):
@@ -132,8 +136,19 @@ def test_config_checks_and_accelerator_configs():
 
 def test_trains_through_the_cli(tmp_path):
   out = tmp_path / "run"
-  code = train_lib.main([*TINY, "model.num_layers=1", "model.attention=sparse", "model.sliding_window=16", "model.attention_sinks=2",
-                         "seq_len=128", "steps=3", f"output_dir={out}", "checkpoint_every=3"])
+  code = train_lib.main(
+    [
+      *TINY,
+      "model.num_layers=1",
+      "model.attention=sparse",
+      "model.sliding_window=16",
+      "model.attention_sinks=2",
+      "seq_len=128",
+      "steps=3",
+      f"output_dir={out}",
+      "checkpoint_every=3",
+    ]
+  )
   assert code == 0
   model, cfg = train_lib.load_checkpoint(out)
   assert (cfg.model.attention, cfg.model.sliding_window, cfg.model.attention_sinks) == ("sparse", 16, 2)
@@ -157,7 +172,7 @@ def _numpy_selection(q, k, topk):
     for kh in range(kvh):
       for i in range(nq):
         p0, p1 = i * BLOCK, min((i + 1) * BLOCK, s) - 1
-        q0 = q[bi, p0, kh * g:(kh + 1) * g].sum(0)
+        q0 = q[bi, p0, kh * g : (kh + 1) * g].sum(0)
         scored = {}
         for j in range(nk):
           keys = range(j * BLOCK, min((j + 1) * BLOCK, s))
@@ -193,8 +208,9 @@ def test_topk_selection_matches_numpy_and_attention_follows_it(seq):
 
   q, k, v = (x[:, :seq] for x in _qkv(seed=3))
   pos = index_positions(2, seq)
-  ids = np.asarray(mean_key_block_selection(q, k, q_positions=pos, kv_positions=pos, topk=1, block_q=BLOCK,
-                                            block_kv=BLOCK))
+  ids = np.asarray(
+    mean_key_block_selection(q, k, q_positions=pos, kv_positions=pos, topk=1, block_q=BLOCK, block_kv=BLOCK)
+  )
   got = np.zeros((2, 2, ids.shape[2], ids.shape[2]), bool)
   for index in np.ndindex(ids.shape):
     if ids[index] >= 0:
@@ -203,8 +219,9 @@ def test_topk_selection_matches_numpy_and_attention_follows_it(seq):
   np.testing.assert_array_equal(got, want)
   # The mask really skips: the last query block reads 1 chosen + its own block, not all 4.
   assert got[..., -1, :].sum(-1).max() == 2
-  np.testing.assert_allclose(sparse_attention(q, k, v, topk_blocks=1), _masked_dense(q, k, v, want),
-                             rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(
+    sparse_attention(q, k, v, topk_blocks=1), _masked_dense(q, k, v, want), rtol=1e-4, atol=1e-5
+  )
 
 
 def test_topk_attention_is_causal():
@@ -234,13 +251,23 @@ def test_topk_model_covering_everything_equals_dense_and_trains():
 
 def test_topk_config_checks_and_cli(tmp_path):
   with pytest.raises(ConfigError, match="attention_topk_blocks is implemented by attention sparse"):
-    ModelConfig(attention="dense", attention_topk_blocks=2)
+    Llama(ModelConfig(attention="dense", attention_topk_blocks=2), rngs=nnx.Rngs(0))
   with pytest.raises(ConfigError, match="attention_topk_blocks must be >= 0"):
     ModelConfig(attention="sparse", attention_topk_blocks=-1)
   ModelConfig(attention="sparse", attention_topk_blocks=2, attention_sinks=4)  # sinks need a restriction: top-k is one
   out = tmp_path / "run"
-  code = train_lib.main([*TINY, "model.num_layers=1", "model.attention=sparse", "model.attention_topk_blocks=1",
-                         "seq_len=128", "steps=2", f"output_dir={out}", "checkpoint_every=2"])
+  code = train_lib.main(
+    [
+      *TINY,
+      "model.num_layers=1",
+      "model.attention=sparse",
+      "model.attention_topk_blocks=1",
+      "seq_len=128",
+      "steps=2",
+      f"output_dir={out}",
+      "checkpoint_every=2",
+    ]
+  )
   assert code == 0
   _, cfg = train_lib.load_checkpoint(out)
   assert cfg.model.attention_topk_blocks == 1

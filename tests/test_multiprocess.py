@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_train import BLOCKING, BLOCKING_SEQ_LEN, TINY
 
 pytestmark = pytest.mark.slow
@@ -33,15 +32,31 @@ def _losses(out_dir):
 def test_two_processes_match_one(tmp_path):
   args = [*TINY, *BLOCKING, "steps=4", "mesh={data: -1}"]
   cmd = [sys.executable, "-m", "jaxeff.train", *args]
-  single = subprocess.run(cmd + [f"output_dir={tmp_path / 'single'}"], env=_env(8),
-                          capture_output=True, text=True, timeout=300)
+  single = subprocess.run(
+    cmd + [f"output_dir={tmp_path / 'single'}"], env=_env(8), capture_output=True, text=True, timeout=300
+  )
   assert single.returncode == 0, single.stderr[-2000:]
 
   port = _free_port()
-  procs = [subprocess.Popen(cmd + [f"output_dir={tmp_path / 'multi'}", "--coordinator", f"127.0.0.1:{port}",
-                                   "--num-processes", "2", "--process-id", str(i)],
-                            env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      cmd
+      + [
+        f"output_dir={tmp_path / 'multi'}",
+        "--coordinator",
+        f"127.0.0.1:{port}",
+        "--num-processes",
+        "2",
+        "--process-id",
+        str(i),
+      ],
+      env=_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   try:
     outs = [p.communicate(timeout=300) for p in procs]
   finally:

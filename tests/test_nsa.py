@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from test_train import TINY
 
 from jaxeff import train as train_lib
 from jaxeff.config import ConfigError, ModelConfig
@@ -16,18 +17,31 @@ from jaxeff.hf import HFError, config_to_hf
 from jaxeff.models import Llama
 from jaxeff.models.nsa import NativeSparseAttention
 
-from test_train import TINY
-
-CFG = ModelConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
-                  attention="nsa", nsa_compress_block=16, nsa_compress_stride=8, nsa_select_blocks=4, nsa_window=48)
+CFG = ModelConfig(
+  vocab_size=64,
+  hidden_size=64,
+  intermediate_size=128,
+  num_layers=2,
+  num_heads=4,
+  num_kv_heads=2,
+  attention="nsa",
+  nsa_compress_block=16,
+  nsa_compress_stride=8,
+  nsa_select_blocks=4,
+  nsa_window=48,
+)
 S, BLOCK = 512, 64  # eight CPU kernel blocks (selection block = query block = 64 tokens)
 
 
 def _inputs(seed=0, b=2):
   ks = jax.random.split(jax.random.key(seed), 4)
   d = CFG.head_dim
-  return (jax.random.normal(ks[0], (b, S, CFG.hidden_size)), jax.random.normal(ks[1], (b, S, 4, d)),
-          jax.random.normal(ks[2], (b, S, 2, d)), jax.random.normal(ks[3], (b, S, 2, d)))
+  return (
+    jax.random.normal(ks[0], (b, S, CFG.hidden_size)),
+    jax.random.normal(ks[1], (b, S, 4, d)),
+    jax.random.normal(ks[2], (b, S, 2, d)),
+    jax.random.normal(ks[3], (b, S, 2, d)),
+  )
 
 
 def _softmax_attention(q, k, v, visible):
@@ -52,7 +66,7 @@ def layer_and_branches():
 def test_branches_match_numpy_from_the_paper(layer_and_branches):
   layer, (x, q, k, v), (o_cmp, o_slc, o_win, gates, chosen) = layer_and_branches
   q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
-  l, stride, d = CFG.nsa_compress_block, CFG.nsa_compress_stride, CFG.head_dim
+  l, stride = CFG.nsa_compress_block, CFG.nsa_compress_stride
   wk, wv = (np.asarray(m.kernel[...], np.float64) for m in (layer.compress_keys, layer.compress_values))
   pos = np.asarray(layer.key_position[...], np.float64)
   starts = list(range(0, S - l + 1, stride))
@@ -61,25 +75,27 @@ def test_branches_match_numpy_from_the_paper(layer_and_branches):
     for h in range(4):
       kvh = h // 2
       # Compressed tokens: phi(k_{id+1 .. id+l} + positions), one linear map of the flattened block.
-      kc = np.stack([(k[b, s0:s0 + l, kvh] + pos).reshape(-1) @ wk for s0 in starts])
-      vc = np.stack([v[b, s0:s0 + l, kvh].reshape(-1) @ wv for s0 in starts])
+      kc = np.stack([(k[b, s0 : s0 + l, kvh] + pos).reshape(-1) @ wk for s0 in starts])
+      vc = np.stack([v[b, s0 : s0 + l, kvh].reshape(-1) @ wv for s0 in starts])
       seen = np.array(starts)[None, :] + l - 1 <= t[:, None]
       want_cmp, _ = _softmax_attention(q[b, :, h], kc, vc, seen)
       np.testing.assert_allclose(o_cmp[b, h], want_cmp, rtol=2e-4, atol=2e-5)
       causal = t[None, :] <= t[:, None]
-      want_win, _ = _softmax_attention(q[b, :, h], k[b, :, kvh], v[b, :, kvh],
-                                       causal & (t[:, None] - t[None, :] < CFG.nsa_window))
+      want_win, _ = _softmax_attention(
+        q[b, :, h], k[b, :, kvh], v[b, :, kvh], causal & (t[:, None] - t[None, :] < CFG.nsa_window)
+      )
       np.testing.assert_allclose(o_win[b, h], want_win, rtol=2e-4, atol=2e-5)
       # Selected: exactly the keys of the chosen blocks of each query's block (causal).
       in_chosen = np.zeros((S, S), bool)
       for qb in range(S // BLOCK):
         for kb in chosen[b, kvh, qb]:
           if kb >= 0:
-            in_chosen[qb * BLOCK:(qb + 1) * BLOCK, kb * BLOCK:(kb + 1) * BLOCK] = True
+            in_chosen[qb * BLOCK : (qb + 1) * BLOCK, kb * BLOCK : (kb + 1) * BLOCK] = True
       want_slc, _ = _softmax_attention(q[b, :, h], k[b, :, kvh], v[b, :, kvh], causal & in_chosen)
       np.testing.assert_allclose(o_slc[b, h], want_slc, rtol=2e-4, atol=2e-5)
-  np.testing.assert_allclose(gates, jax.nn.sigmoid(layer.gate(x)).reshape(2, S, 3, 4).transpose(2, 0, 3, 1)[..., None],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    gates, jax.nn.sigmoid(layer.gate(x)).reshape(2, S, 3, 4).transpose(2, 0, 3, 1)[..., None], rtol=1e-6
+  )
 
 
 def test_selection_follows_compressed_scores_with_forced_blocks(layer_and_branches):
@@ -93,7 +109,7 @@ def test_selection_follows_compressed_scores_with_forced_blocks(layer_and_branch
   nb = S // BLOCK
   for b in range(2):
     for kvh in range(2):
-      kc = np.stack([(k[b, s0:s0 + l, kvh] + pos).reshape(-1) @ wk for s0 in starts])
+      kc = np.stack([(k[b, s0 : s0 + l, kvh] + pos).reshape(-1) @ wk for s0 in starts])
       seen = starts[None, :] + l - 1 <= t[:, None]
       probs = sum(_softmax_attention(q[b, :, h], kc, kc, seen)[1] for h in (2 * kvh, 2 * kvh + 1))  # group sum
       # Each compressed block credits the selection blocks it overlaps (paper eq. 9).
@@ -106,7 +122,7 @@ def test_selection_follows_compressed_scores_with_forced_blocks(layer_and_branch
         forced = {0, qb, max(qb - 1, 0)}
         assert forced <= got
         if qb + 1 > len(forced):  # a free slot and a candidate beyond the forced blocks
-          score = credit[qb * BLOCK][:qb + 1]  # the block's first query scores it (causal)
+          score = credit[qb * BLOCK][: qb + 1]  # the block's first query scores it (causal)
           rest = [j for j in np.argsort(-score) if j not in forced]
           assert rest[0] in got
 
@@ -124,9 +140,14 @@ def test_causal_and_gradients_reach_every_branch():
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[:, 1:, None], -1))
 
   grads = nnx.grad(loss)(model).layers[0].self_attn
-  for name, g in [("compress_keys", grads.nsa.compress_keys.kernel), ("compress_values", grads.nsa.compress_values.kernel),
-                  ("key_position", grads.nsa.key_position), ("gate", grads.nsa.gate.kernel),
-                  ("q_proj", grads.q_proj.kernel), ("k_proj", grads.k_proj.kernel)]:
+  for name, g in [
+    ("compress_keys", grads.method.compress_keys.kernel),
+    ("compress_values", grads.method.compress_values.kernel),
+    ("key_position", grads.method.key_position),
+    ("gate", grads.method.gate.kernel),
+    ("q_proj", grads.q_proj.kernel),
+    ("k_proj", grads.k_proj.kernel),
+  ]:
     assert float(jnp.abs(g[...]).max()) > 0, name
 
 
@@ -134,7 +155,7 @@ def test_config_and_decode_errors():
   with pytest.raises(ConfigError, match="nsa_compress_stride=32 must be <="):
     dataclasses.replace(CFG, nsa_compress_stride=32)
   with pytest.raises(ConfigError, match="leave model.sliding_window null"):
-    dataclasses.replace(CFG, sliding_window=64)
+    Llama(dataclasses.replace(CFG, sliding_window=64), rngs=nnx.Rngs(0))
   with pytest.raises(HFError, match="no Hugging Face equivalent"):
     config_to_hf(CFG)
   model = Llama(CFG, rngs=nnx.Rngs(0))
@@ -144,9 +165,21 @@ def test_config_and_decode_errors():
 
 def test_trains_through_the_cli(tmp_path):
   out = tmp_path / "run"
-  code = train_lib.main([*TINY, "model.num_layers=1", "model.attention=nsa", "model.nsa_compress_block=16",
-                         "model.nsa_compress_stride=8", "model.nsa_select_blocks=2", "model.nsa_window=32",
-                         "seq_len=128", "steps=3", f"output_dir={out}", "checkpoint_every=3"])
+  code = train_lib.main(
+    [
+      *TINY,
+      "model.num_layers=1",
+      "model.attention=nsa",
+      "model.nsa_compress_block=16",
+      "model.nsa_compress_stride=8",
+      "model.nsa_select_blocks=2",
+      "model.nsa_window=32",
+      "seq_len=128",
+      "steps=3",
+      f"output_dir={out}",
+      "checkpoint_every=3",
+    ]
+  )
   assert code == 0
   _, cfg = train_lib.load_checkpoint(out)
   assert cfg.model.attention == "nsa"

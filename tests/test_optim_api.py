@@ -6,14 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from helpers import optimizer_runner
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxeff import optim
 
 LR = 1e-2
 SHAPES = {"w": (32, 48), "stack": (2, 32, 48), "emb": (64, 32), "norm": (32,)}
-AXES = {"w": ("embed", "mlp"), "stack": ("layers", "embed", "mlp"), "emb": ("vocab", "embed"),
-        "norm": ("norm",)}
+AXES = {"w": ("embed", "mlp"), "stack": ("layers", "embed", "mlp"), "emb": ("vocab", "embed"), "norm": ("norm",)}
 SPECS = {"w": P(None, "data"), "stack": P(None, None, "data"), "emb": P("data", None), "norm": P("data")}
 NAMES = ["adamw", "c_adamw", "lion", "c_lion", "muon", "c_muon", "galore", "osd"]
 EXTRA = {"galore": {"rank": 4, "update_proj_gap": 2}, "osd": {"rank": 4}}
@@ -29,21 +30,11 @@ def _tree(seed, scale=1.0, dtype=np.float32):
   return {k: jnp.asarray(scale * rng.standard_normal(s), dtype) for k, s in SHAPES.items()}
 
 
-def _runner(tx):
-  @jax.jit
-  def go(params, grads):
-    state = tx.init(params)
-    for g in grads:
-      u, state = tx.update(g, state, params)
-      params = optax.apply_updates(params, u)
-    return params, state
-  return go
-
-
 def _close(a, b, atol=2e-6):
   for k in SHAPES:
-    np.testing.assert_allclose(np.asarray(a[k], np.float32), np.asarray(b[k], np.float32), atol=atol,
-                               rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(
+      np.asarray(a[k], np.float32), np.asarray(b[k], np.float32), atol=atol, rtol=1e-5, err_msg=k
+    )
 
 
 @pytest.fixture(scope="module")
@@ -69,23 +60,29 @@ def test_composition_and_sharding(name, mesh):
   grads = [_tree(s) for s in range(1, 5)]
   sched = optax.cosine_decay_schedule(LR, 10)
   factory = optim.OPTIMIZERS[name].factory
-  plain = _runner(factory(learning_rate=sched, **_kw(name)))
+  plain = optimizer_runner(factory(learning_rate=sched, **_kw(name)))
   want, _ = plain(params, grads[:2])
 
   # chain + inject_hyperparams (hyperparameters become state arrays) give the same trajectory.
   # rank sets state shapes, so it must be static for GaLore/OSD (ints are injected otherwise).
   static = ("rank",) if name in ("galore", "osd") else ()
-  injected = optax.chain(optax.clip_by_global_norm(1e9),
-                         optax.inject_hyperparams(factory, static_args=static)(learning_rate=sched, **_kw(name)))
-  got, state = _runner(injected)(params, grads[:2])
+  injected = optax.chain(
+    optax.clip_by_global_norm(1e9),
+    optax.inject_hyperparams(factory, static_args=static)(learning_rate=sched, **_kw(name)),
+  )
+  got, state = optimizer_runner(injected)(params, grads[:2])
   _close(got, want)
   assert float(state[1].hyperparams["learning_rate"]) == pytest.approx(float(sched(1)))
 
   # MultiSteps(k=2) over 4 micro-batches == 2 steps on the averaged gradients.
-  avg = [jax.tree.map(lambda a, b: (a + b) / 2, grads[0], grads[1]),
-         jax.tree.map(lambda a, b: (a + b) / 2, grads[2], grads[3])]
+  avg = [
+    jax.tree.map(lambda a, b: (a + b) / 2, grads[0], grads[1]),
+    jax.tree.map(lambda a, b: (a + b) / 2, grads[2], grads[3]),
+  ]
   ref, _ = plain(params, avg)
-  got, _ = _runner(optax.MultiSteps(factory(learning_rate=sched, **_kw(name)), every_k_schedule=2))(params, grads)
+  got, _ = optimizer_runner(optax.MultiSteps(factory(learning_rate=sched, **_kw(name)), every_k_schedule=2))(
+    params, grads
+  )
   _close(got, ref, atol=1e-5)
 
   # Sharded params and grads on an 8-device mesh (NamedSharding, GSPMD) == unsharded.
@@ -152,7 +149,13 @@ def test_specs_say_what_the_loop_must_do():
   assert not optim.spec("distributed_lion").clip and optim.spec("distributed_lion").takes_mesh
   assert all(s.clip and not s.takes_mesh for n, s in optim.OPTIMIZERS.items() if n != "distributed_lion")
   assert {n for n, s in optim.OPTIMIZERS.items() if s.takes_logical_axes} == {
-      "c_adamw", "c_lion", "muon", "c_muon", "galore", "osd"}
+    "c_adamw",
+    "c_lion",
+    "muon",
+    "c_muon",
+    "galore",
+    "osd",
+  }
   with pytest.raises(ValueError, match="valid names"):
     optim.spec("sgdd")
   with pytest.raises(ValueError, match="gradients must be one of"):

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_optimizer
 
 from jaxeff import optim
 from jaxeff.optim.cautious import cautious_mask
@@ -36,7 +37,7 @@ def np_c_adamw(p, grads, b1=0.9, b2=0.999, eps=1e-8):
     for k in p:
       m[k] = b1 * m[k] + (1 - b1) * g[k]
       v_[k] = b2 * v_[k] + (1 - b2) * g[k] ** 2
-      u = (m[k] / (1 - b1 ** t)) / (np.sqrt(v_[k] / (1 - b2 ** t)) + eps)
+      u = (m[k] / (1 - b1**t)) / (np.sqrt(v_[k] / (1 - b2**t)) + eps)
       p[k] = p[k] * (1 - LR * WD) - LR * _mask(u, g[k])
   return p
 
@@ -52,21 +53,10 @@ def np_c_lion(p, grads, b1=0.9, b2=0.99):
   return p
 
 
-def _run(tx, params, grads):
-  @jax.jit
-  def go(params, grads):
-    state = tx.init(params)
-    for g in grads:
-      u, state = tx.update(g, state, params)
-      params = optax.apply_updates(params, u)
-    return params
-  return go(params, grads)
-
-
 @pytest.mark.parametrize("name,ref", [("c_adamw", np_c_adamw), ("c_lion", np_c_lion)])
 def test_matches_numpy(name, ref):
   params, grads = _params(), _grads()
-  got = _run(optim.build(name, learning_rate=LR, weight_decay=WD), params, grads)
+  got = run_optimizer(optim.build(name, learning_rate=LR, weight_decay=WD), params, grads)[0]
   want = ref(params, grads)
   for k in params:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
@@ -75,12 +65,12 @@ def test_matches_numpy(name, ref):
 def test_sign_convention_in_optax_space():
   params, grads = _params(), _grads()[:2]
   # SGD's update -lr*g always agrees with g: nothing masked, scale 1.
-  got = _run(optim.cautious(optax.sgd(LR)), params, grads)
-  want = _run(optax.sgd(LR), params, grads)
+  got = run_optimizer(optim.cautious(optax.sgd(LR)), params, grads)[0]
+  want = run_optimizer(optax.sgd(LR), params, grads)[0]
   for k in params:
     np.testing.assert_allclose(got[k], want[k], rtol=1e-6)
   # An ascent direction (+lr*g) disagrees everywhere: everything masked.
-  got = _run(optim.cautious(optax.scale(LR)), params, grads)
+  got = run_optimizer(optim.cautious(optax.scale(LR)), params, grads)[0]
   for k in params:
     np.testing.assert_array_equal(got[k], params[k])
 
@@ -122,8 +112,11 @@ def test_wrapper_keeps_weight_decay_outside_the_mask():
   sign(g); two of four coordinates agree (scale 2); the decay -lr*wd*p applies everywhere."""
   params, g = jnp.ones(4), jnp.array([1.0, -1.0, 0.0, 0.0])
   want = np.array([-0.25, 0.15, -0.05, -0.05])
-  composed = optax.chain(optim.cautious(optax.scale_by_adam(), negated=False),
-                         optax.add_decayed_weights(0.5), optax.scale_by_learning_rate(0.1))
+  composed = optax.chain(
+    optim.cautious(optax.scale_by_adam(), negated=False),
+    optax.add_decayed_weights(0.5),
+    optax.scale_by_learning_rate(0.1),
+  )
   for tx in (composed, optim.c_adamw(0.1, weight_decay=0.5)):
     u, _ = tx.update(g, tx.init(params), params)
     np.testing.assert_allclose(u, want, rtol=1e-5)
@@ -139,9 +132,12 @@ def _stack_vs_slices(make, steps_grads):
   separate leaves (the reference's per-tensor view); returns both final params."""
   rng = np.random.default_rng(0)
   stack = jnp.asarray(rng.standard_normal((2, 4, 6)), jnp.float32)
-  got = _run(make({"s": ("layers", "embed", "mlp")}), {"s": stack}, [{"s": g} for g in steps_grads])
-  want = _run(make({"l0": ("embed", "mlp"), "l1": ("embed", "mlp")}), {"l0": stack[0], "l1": stack[1]},
-              [{"l0": g[0], "l1": g[1]} for g in steps_grads])
+  got, _ = run_optimizer(make({"s": ("layers", "embed", "mlp")}), {"s": stack}, [{"s": g} for g in steps_grads])
+  want, _ = run_optimizer(
+    make({"l0": ("embed", "mlp"), "l1": ("embed", "mlp")}),
+    {"l0": stack[0], "l1": stack[1]},
+    [{"l0": g[0], "l1": g[1]} for g in steps_grads],
+  )
   return got["s"], jnp.stack([want["l0"], want["l1"]])
 
 

@@ -1,16 +1,15 @@
 """Distributed Lion on 8 CPU devices vs a NumPy simulation of 8 workers; collective bytes."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxeff import optim
-from jaxeff.optim.distributed_lion import wire_bytes
+from jaxeff.hlo import collectives, wire_bytes
 
 LR, WD, STEPS = 1e-2, 0.1, 4
 SHAPES = {"w": (32, 48), "b": (48,)}
@@ -72,8 +71,12 @@ def test_matches_numpy_simulation(mesh, vote):
   for k in params:
     np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
   # Each device's momentum is its own EMA of its local gradients.
-  np.testing.assert_allclose(state[0].mu["w"][3], sum(0.01 * 0.99 ** (STEPS - 1 - i) * g["w"][3]
-                                                       for i, g in enumerate(grads)), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(
+    state[0].mu["w"][3],
+    sum(0.01 * 0.99 ** (STEPS - 1 - i) * g["w"][3] for i, g in enumerate(grads)),
+    rtol=1e-5,
+    atol=1e-7,
+  )
 
 
 def test_zero_grads_only_decay(mesh):
@@ -102,8 +105,11 @@ def test_train_step_collective_bytes(mesh):
   f32 gradient all-reduce of plain data parallelism."""
   rng = np.random.default_rng(0)
   params = {k: jnp.asarray(rng.standard_normal(s), jnp.float32) for k, s in SHAPES.items()}
-  batch = _shard(mesh, (jnp.asarray(rng.standard_normal((64, 32)), jnp.float32),
-                        jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)), P("data"))
+  batch = _shard(
+    mesh,
+    (jnp.asarray(rng.standard_normal((64, 32)), jnp.float32), jnp.asarray(rng.standard_normal((64, 48)), jnp.float32)),
+    P("data"),
+  )
   n_params = sum(int(np.prod(s)) for s in SHAPES.values())
   tx = optim.distributed_lion(LR, mesh=mesh)
   state = tx.init(params)
@@ -116,18 +122,21 @@ def test_train_step_collective_bytes(mesh):
   def dp_step(params, batch):  # plain data parallelism: GSPMD all-reduces the f32 gradient
     return jax.tree.map(lambda p, g: p - LR * g, params, jax.grad(_loss)(params, batch))
 
-  ours = optim.hlo_collective_bytes(jax.jit(dlion_step).lower(params, state, batch).compile().as_text())
-  base = optim.hlo_collective_bytes(jax.jit(dp_step).lower(params, batch).compile().as_text())
-  assert {c["kind"] for c in ours} == {"all-to-all", "all-gather"}, [c["line"] for c in ours]
-  assert all("u32" in c["line"].split("=")[1].split("all-")[0] for c in ours)  # packed words only
-  base_bytes = sum(c["operand_bytes"] for c in base if c["kind"] == "all-reduce")
+  ours = collectives(jax.jit(dlion_step).lower(params, state, batch).compile().as_text())
+  base = collectives(jax.jit(dp_step).lower(params, batch).compile().as_text())
+  assert {c.kind for c in ours} == {"all-to-all", "all-gather"}, [c.line for c in ours]
+  assert all("u32" in c.line.split("=")[1].split("all-")[0] for c in ours)  # packed words only
+  base_bytes = sum(c.operand_bytes for c in base if c.kind == "all-reduce")
   assert base_bytes >= 4 * n_params  # the f32 gradient
-  our_bytes = sum(c["operand_bytes"] for c in ours)
+  our_bytes = sum(c.operand_bytes for c in ours)
   ratio = base_bytes / our_bytes
-  wire_ratio = (sum(wire_bytes(c["kind"], c["operand_bytes"], 8) for c in base) /
-                sum(wire_bytes(c["kind"], c["operand_bytes"], 8) for c in ours))
-  print(f"\ncollective operand bytes/step: f32 all-reduce {base_bytes}, distributed lion {our_bytes} "
-        f"({ratio:.1f}x fewer); per-device wire model {wire_ratio:.1f}x fewer")
+  wire_ratio = sum(wire_bytes(c.kind, c.operand_bytes, 8) for c in base) / sum(
+    wire_bytes(c.kind, c.operand_bytes, 8) for c in ours
+  )
+  print(
+    f"\ncollective operand bytes/step: f32 all-reduce {base_bytes}, distributed lion {our_bytes} "
+    f"({ratio:.1f}x fewer); per-device wire model {wire_ratio:.1f}x fewer"
+  )
   assert ratio >= 16 and wire_ratio >= 16
   # And the step trains: the loss goes down.
   step = jax.jit(dlion_step)
@@ -142,8 +151,9 @@ def test_inject_hyperparams_and_chain(mesh):
   g = _shard(mesh, _local_grads(0), P("data"))
   sched = optax.linear_schedule(LR, 0.0, 10)
   # A Mesh is callable, so inject_hyperparams must be told it is not a schedule.
-  tx = optax.chain(optax.inject_hyperparams(optim.distributed_lion, static_args=("mesh",))(
-      learning_rate=sched, mesh=mesh))
+  tx = optax.chain(
+    optax.inject_hyperparams(optim.distributed_lion, static_args=("mesh",))(learning_rate=sched, mesh=mesh)
+  )
   u, state = jax.jit(tx.update)(g, tx.init(params), params)
   ref = optim.distributed_lion(LR, mesh=mesh)
   u2, _ = jax.jit(ref.update)(g, ref.init(params), params)
@@ -159,8 +169,10 @@ def test_exact_zero_abstains(mesh):
   signs = np.array([0, 1, 1, 1, -1, -1, -1, -1], np.float32)
   for zero_worker in (0, 1):  # even and odd worker index
     order = np.roll(signs, zero_worker)
-    g = {"w": jnp.asarray(np.broadcast_to(order[:, None, None], (8, 1, 160))),
-         "b": jnp.asarray(np.broadcast_to(order[:, None], (8, 160)))}
+    g = {
+      "w": jnp.asarray(np.broadcast_to(order[:, None, None], (8, 1, 160))),
+      "b": jnp.asarray(np.broadcast_to(order[:, None], (8, 160))),
+    }
     tx = optim.distributed_lion(1.0, weight_decay=0.0, mesh=mesh)
     u, _ = jax.jit(tx.update)(_shard(mesh, g, P("data")), tx.init(params), params)
     np.testing.assert_array_equal(u["w"], 1.0)  # updates are -lr * D
@@ -225,6 +237,6 @@ def test_2d_data_fsdp_mesh(vote):
   want = np_distributed_lion(params, grads, vote)
   for k in params:
     np.testing.assert_allclose(p[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
-  over_data = [c for c in optim.hlo_collective_bytes(hlo) if c["group_size"] == 4]
-  assert over_data and all(c["kind"] in ("all-to-all", "all-gather") for c in over_data)
-  assert all("u32" in c["line"].split("=")[1].split("all-")[0] for c in over_data)
+  over_data = [c for c in collectives(hlo) if c.group_size == 4]
+  assert over_data and all(c.kind in ("all-to-all", "all-gather") for c in over_data)
+  assert all("u32" in c.line.split("=")[1].split("all-")[0] for c in over_data)

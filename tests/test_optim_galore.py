@@ -12,15 +12,29 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_optimizer
 
 from jaxeff import optim
 
 LR, WD, RANK, GAP, SCALE, STEPS = 1e-2, 0.1, 4, 2, 0.25, 5
-SHAPES = {"wq": (32, 48), "wo": (48, 32), "wsq": (32, 32), "stack": (2, 32, 48), "sqstack": (2, 32, 32),
-          "embed": (64, 32), "norm": (32,)}
-AXES = {"wq": ("embed", "heads"), "wo": ("mlp", "embed"), "wsq": ("embed", "heads"),
-        "stack": ("layers", "embed", "mlp"), "sqstack": ("layers", "heads", "embed"),
-        "embed": ("vocab", "embed"), "norm": ("norm",)}
+SHAPES = {
+  "wq": (32, 48),
+  "wo": (48, 32),
+  "wsq": (32, 32),
+  "stack": (2, 32, 48),
+  "sqstack": (2, 32, 32),
+  "embed": (64, 32),
+  "norm": (32,),
+}
+AXES = {
+  "wq": ("embed", "heads"),
+  "wo": ("mlp", "embed"),
+  "wsq": ("embed", "heads"),
+  "stack": ("layers", "embed", "mlp"),
+  "sqstack": ("layers", "heads", "embed"),
+  "embed": ("vocab", "embed"),
+  "norm": ("norm",),
+}
 PROJECTED = {"wq", "wo", "wsq", "stack", "sqstack"}
 
 
@@ -41,7 +55,7 @@ class NpAdam:
     self.t += 1
     self.m = self.b1 * self.m + (1 - self.b1) * g
     self.v = self.b2 * self.v + (1 - self.b2) * g * g
-    return (self.m / (1 - self.b1 ** self.t)) / (np.sqrt(self.v / (1 - self.b2 ** self.t)) + self.eps)
+    return (self.m / (1 - self.b1**self.t)) / (np.sqrt(self.v / (1 - self.b2**self.t)) + self.eps)
 
 
 def _fix_sign(p, axis):
@@ -107,7 +121,7 @@ class NpOSD:
       self.pt += 1
       self.pm = 0.9 * self.pm + 0.1 * dp
       self.pv = 0.999 * self.pv + 0.001 * dp * dp
-      step = (self.pm / (1 - 0.9 ** self.pt)) / (np.sqrt(self.pv / (1 - 0.999 ** self.pt)) + 1e-8)
+      step = (self.pm / (1 - 0.9**self.pt)) / (np.sqrt(self.pv / (1 - 0.999**self.pt)) + 1e-8)
       lr_p = self.lr_scale * lr
       self.p = p * (1 - lr_p * self.wd_p) - lr_p * step
     return out
@@ -132,17 +146,6 @@ def np_run(params, grads, kind):
   return p
 
 
-def _run(tx, params, grads):
-  @jax.jit
-  def go(params, grads):
-    state = tx.init(params)
-    for g in grads:
-      u, state = tx.update(g, state, params)
-      params = optax.apply_updates(params, u)
-    return params, state
-  return go(params, grads)
-
-
 def _make(kind, **kw):
   if kind == "galore":
     return optim.galore(LR, rank=RANK, update_proj_gap=GAP, weight_decay=WD, logical_axes=AXES, **kw)
@@ -152,7 +155,7 @@ def _make(kind, **kw):
 @pytest.mark.parametrize("kind", ["galore", "osd"])
 def test_matches_numpy(kind):
   params, grads = _tree(0, 0.1), [_tree(s) for s in range(1, STEPS + 1)]
-  got, _ = _run(_make(kind), params, grads)
+  got, _ = run_optimizer(_make(kind), params, grads)
   want = np_run(params, grads, kind)
   for k in params:
     np.testing.assert_allclose(got[k], want[k], atol=2e-5, err_msg=k)
@@ -181,8 +184,12 @@ def test_square_matrix_projects_the_torch_input_side(kind):
 
 # (shape, rank): GaLore's state is moments r x big + P r x small; OSD adds P's two AdamW moments.
 # Square at rank d/4: GaLore 3r/(2d) = 37.5%, OSD 5r/(2d) = 62.5%; 128x64 at rank 32: 62.5%, 87.5%.
-STATE_CASES = [((32, 48), 8, 1 / 3, 0.5), ((128, 128), 32, 0.375, 0.625), ((128, 64), 32, 0.625, 0.875),
-               ((64, 128), 32, 0.625, 0.875)]
+STATE_CASES = [
+  ((32, 48), 8, 1 / 3, 0.5),
+  ((128, 128), 32, 0.375, 0.625),
+  ((128, 64), 32, 0.625, 0.875),
+  ((64, 128), 32, 0.625, 0.875),
+]
 
 
 @pytest.mark.parametrize("kind", ["galore", "osd"])

@@ -25,15 +25,15 @@ from jaxeff import optim
 # optax's kwargs for the same or the parent method (alias_test: adamw 1e-1, lion 1e-2 with wd
 # 1e-4; contrib: muon 1e-2 with its default wd 0, galore 1e-2 at rank 8) and its step counts.
 CASES = {
-    "adamw": ({"learning_rate": 1e-1}, 10_000),
-    "c_adamw": ({"learning_rate": 1e-1}, 10_000),
-    "lion": ({"learning_rate": 1e-2, "weight_decay": 1e-4}, 10_000),
-    "c_lion": ({"learning_rate": 1e-2, "weight_decay": 1e-4}, 10_000),
-    "distributed_lion": ({"learning_rate": 1e-2, "weight_decay": 1e-4}, 10_000),
-    "muon": ({"learning_rate": 1e-2, "weight_decay": 0.0}, 30_000),
-    "c_muon": ({"learning_rate": 1e-2, "weight_decay": 0.0}, 30_000),
-    "galore": ({"learning_rate": 1e-2, "rank": 8}, 30_000),
-    "osd": ({"learning_rate": 1e-2, "rank": 8}, 30_000),
+  "adamw": ({"learning_rate": 1e-1}, 10_000),
+  "c_adamw": ({"learning_rate": 1e-1}, 10_000),
+  "lion": ({"learning_rate": 1e-2, "weight_decay": 1e-4}, 10_000),
+  "c_lion": ({"learning_rate": 1e-2, "weight_decay": 1e-4}, 10_000),
+  "distributed_lion": ({"learning_rate": 1e-2, "weight_decay": 1e-4}, 10_000),
+  "muon": ({"learning_rate": 1e-2, "weight_decay": 0.0}, 30_000),
+  "c_muon": ({"learning_rate": 1e-2, "weight_decay": 0.0}, 30_000),
+  "galore": ({"learning_rate": 1e-2, "rank": 8}, 30_000),
+  "osd": ({"learning_rate": 1e-2, "rank": 8}, 30_000),
 }
 WRAPPER = "cautious(adam)"  # the generic wrapper, around optax.adam as optax tests its wrappers
 WORKERS = 2  # Distributed Lion's mesh here: the first two devices
@@ -46,14 +46,15 @@ def test_every_optimizer_is_covered():
 
 def _same_grad_per_worker(tx, n):
   """Stacks the (mean) gradient n times, one copy per worker."""
+
   def update(g, state, params=None, **extra):
     return tx.update(jax.tree.map(lambda x: jnp.broadcast_to(x[None], (n,) + x.shape), g), state, params, **extra)
+
   return optax.GradientTransformationExtraArgs(tx.init, update)
 
 
 def _mesh():
-  return jax.make_mesh((WORKERS,), ("data",), devices=jax.devices()[:WORKERS],
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.make_mesh((WORKERS,), ("data",), devices=jax.devices()[:WORKERS], axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def _factory(name):
@@ -75,11 +76,20 @@ def _build(name):
 
 def _targets(dtype=jnp.float32):
   """optax's four targets (initial, final, objective), as one tuple of leaves."""
-  init = (jnp.array([-1.0, 10.0, 1.0], dtype), jnp.zeros(2, dtype), jnp.zeros((2, 2), dtype),
-          jnp.zeros(3, dtype), jnp.zeros((2, 2), dtype))
-  final = (jnp.array([1.0, -1.0, 1.0], dtype), jnp.array([1.0, 1.0], dtype),
-           jnp.array([[3.0, -2.0], [1.0, 4.0]], dtype), jnp.array([1.0, -1.0, 2.0], dtype),
-           jnp.array([[1.0, 0.0], [-1.0, 1.0]], dtype))
+  init = (
+    jnp.array([-1.0, 10.0, 1.0], dtype),
+    jnp.zeros(2, dtype),
+    jnp.zeros((2, 2), dtype),
+    jnp.zeros(3, dtype),
+    jnp.zeros((2, 2), dtype),
+  )
+  final = (
+    jnp.array([1.0, -1.0, 1.0], dtype),
+    jnp.array([1.0, 1.0], dtype),
+    jnp.array([[3.0, -2.0], [1.0, 4.0]], dtype),
+    jnp.array([1.0, -1.0, 2.0], dtype),
+    jnp.array([[1.0, 0.0], [-1.0, 1.0]], dtype),
+  )
 
   def objective(p):
     parabola = jnp.sum((p[0] - final[0]) ** 2)
@@ -142,8 +152,10 @@ def test_inject_hyperparams_dtype_and_multisteps(name):
 
   # bf16 and f32 leaves in one tree (one compile), a vector and a matrix each, so matrix paths
   # (Muon, projections) are exercised too.
-  params = {dt.__name__: {"v": jnp.array([1.0, 2.0], dt), "m": jnp.array([[1.0, 2.0], [3.0, -1.0]], dt)}
-            for dt in (jnp.bfloat16, jnp.float32)}
+  params = {
+    dt.__name__: {"v": jnp.array([1.0, 2.0], dt), "m": jnp.array([[1.0, 2.0], [3.0, -1.0]], dt)}
+    for dt in (jnp.bfloat16, jnp.float32)
+  }
   grads = jax.grad(lambda p: sum(jnp.sum(x.astype(jnp.float32) ** 2) for x in jax.tree.leaves(p)))(params)
   tx = _build(name)
   u, _ = jax.jit(tx.update)(grads, tx.init(params), params)

@@ -10,18 +10,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import run_optimizer
 
 from jaxeff import optim
 
 LR, WD, STEPS, BETA = 1e-2, 0.1, 3, 0.95
 SHAPES = {
-    "embed": (64, 32), "wq": (32, 48), "wo": (48, 32), "stack": (2, 32, 48),
-    "head": (32, 64), "norm": (32,), "norms": (2, 32),
+  "embed": (64, 32),
+  "wq": (32, 48),
+  "wo": (48, 32),
+  "stack": (2, 32, 48),
+  "head": (32, 64),
+  "norm": (32,),
+  "norms": (2, 32),
 }
 AXES = {
-    "embed": ("vocab", "embed"), "wq": ("embed", "heads"), "wo": ("mlp", "embed"),
-    "stack": ("layers", "embed", "mlp"), "head": ("embed", "vocab"), "norm": ("norm",),
-    "norms": ("layers", "norm"),
+  "embed": ("vocab", "embed"),
+  "wq": ("embed", "heads"),
+  "wo": ("mlp", "embed"),
+  "stack": ("layers", "embed", "mlp"),
+  "head": ("embed", "vocab"),
+  "norm": ("norm",),
+  "norms": ("layers", "norm"),
 }
 MUON_LEAVES = {"wq", "wo", "stack"}
 STACKED = {"stack", "norms"}  # scanned layers: one torch tensor per layer
@@ -60,7 +70,7 @@ def np_muon(params, grads):
       else:
         m[k] = 0.9 * m[k] + 0.1 * g[k]
         v_[k] = 0.95 * v_[k] + 0.05 * g[k] ** 2
-        u = (m[k] / (1 - 0.9 ** t)) / (np.sqrt(v_[k] / (1 - 0.95 ** t)) + 1e-8)
+        u = (m[k] / (1 - 0.9**t)) / (np.sqrt(v_[k] / (1 - 0.95**t)) + 1e-8)
         p[k] = p[k] * (1 - LR * WD) - LR * u
   return p
 
@@ -73,6 +83,7 @@ def _c_mask(buf, g):
 def np_c_muon(params, grads, eps=1e-10):
   """C-Optim's SingleDeviceMuonWithAuxAdam with its c_muon.py update rules, per torch tensor
   (a stacked [layers, in, out] leaf is `layers` separate [out, in] tensors)."""
+
   def tensors(k, x):  # jaxeff leaf -> list of torch-layout tensors
     return [y.T for y in (x if k in STACKED else [x])]  # .T: [in, out] -> [out, in]; 1-D unchanged
 
@@ -93,27 +104,16 @@ def np_c_muon(params, grads, eps=1e-10):
         else:  # adam_update
           st["m"] = st["m"] + (gt - st["m"]) * 0.1
           st["v"] = st["v"] + (gt * gt - st["v"]) * 0.05
-          mc, vc = st["m"] / (1 - 0.9 ** step), st["v"] / (1 - 0.95 ** step)
+          mc, vc = st["m"] / (1 - 0.9**step), st["v"] / (1 - 0.95**step)
           u = (mc * _c_mask(st["m"], gt)) / (np.sqrt(vc) + eps)
         outs.append(u)
       p[k] = p[k] * (1 - LR * WD) - LR * leaf(k, outs)
   return p
 
 
-def _run(tx, params, grads):
-  @jax.jit
-  def go(params, grads):
-    state = tx.init(params)
-    for g in grads:
-      u, state = tx.update(g, state, params)
-      params = optax.apply_updates(params, u)
-    return params, state
-  return go(params, grads)
-
-
 def test_muon_matches_numpy():
   params, grads = _tree(0, 0.1), [_tree(s) for s in range(1, STEPS + 1)]
-  got, _ = _run(optim.build("muon", learning_rate=LR, weight_decay=WD, logical_axes=AXES), params, grads)
+  got, _ = run_optimizer(optim.build("muon", learning_rate=LR, weight_decay=WD, logical_axes=AXES), params, grads)
   want = np_muon(params, grads)
   for k in params:
     np.testing.assert_allclose(got[k], want[k], atol=2e-5, err_msg=k)
@@ -129,7 +129,7 @@ def test_c_muon_matches_c_optim():
   # repeats (all agree): only a mean per layer gives layer 1 the scale 1.
   grads[1]["norms"] = np.stack([-0.05 * grads[0]["norms"][0], grads[0]["norms"][1]])
   tx = optim.build("c_muon", learning_rate=LR, weight_decay=WD, logical_axes=AXES, consistent_rms=None, eps=1e-10)
-  got, _ = _run(tx, params, grads)
+  got, _ = run_optimizer(tx, params, grads)
   want = np_c_muon(params, grads)
   for k in params:
     np.testing.assert_allclose(got[k], want[k], atol=2e-5, err_msg=k)
@@ -148,8 +148,8 @@ def test_routing_without_axes_is_shape_based():
   # An explicit mask gives the same routing as the logical axes here.
   mask = {k: k in MUON_LEAVES for k in SHAPES}
   grads = [_tree(1)]
-  a, _ = _run(optim.muon(LR, muon_mask=mask), params, grads)
-  b, _ = _run(optim.muon(LR, logical_axes=AXES), params, grads)
+  a, _ = run_optimizer(optim.muon(LR, muon_mask=mask), params, grads)
+  b, _ = run_optimizer(optim.muon(LR, logical_axes=AXES), params, grads)
   for k in params:
     np.testing.assert_allclose(a[k], b[k], atol=1e-6)
 

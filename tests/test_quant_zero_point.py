@@ -5,27 +5,24 @@ Pallas kernels in interpret mode, the CPU path, XLA, the reference) with a zero 
 device and on meshes, and lowered for TPU and CUDA; `jaxeff.quantize(zero_point=True)`; GGUF Q8_0 /
 Q4_0 / Q4_1 blocks loaded bit for bit; and the reason it all exists, SmolLM2's perplexity."""
 
-import dataclasses
-import math
-import sys
-
 import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
-
-import pallas_kernels as pk
-from jaxeff import hf, quantization, sharding
-from jaxeff import gguf as jaxeff_gguf
-from jaxeff.bench import quant_accuracy
-from pallas_kernels.quant_matmul import weights as weights_lib
-
 import smollm2
 import tiny_gguf
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from test_quant_matmul import LAYERS, MESHES, SMALL_BLOCKS
+
+import pallas_kernels as pk
+from jaxeff import gguf as jaxeff_gguf
+from jaxeff import hf, quantization, sharding
+from jaxeff.bench import quant_accuracy
+from pallas_kernels.compat import lowering_for
+from pallas_kernels.quant_matmul import weights as weights_lib
 
 
 def _numpy_asymmetric(w, bits, group_size):
@@ -35,12 +32,12 @@ def _numpy_asymmetric(w, bits, group_size):
   g = group_size or k
   out = np.zeros_like(w)
   for start in range(0, k, g):
-    block = w[start:start + g]
+    block = w[start : start + g]
     lo, hi = block.min(0), block.max(0)
-    s = (hi - lo) / (2 ** bits - 1)
+    s = (hi - lo) / (2**bits - 1)
     safe = np.where(s > 0, s, 1.0)
-    q = np.clip(np.round((block - lo) / safe), 0, 2 ** bits - 1)
-    out[start:start + g] = q * s + lo
+    q = np.clip(np.round((block - lo) / safe), 0, 2**bits - 1)
+    out[start : start + g] = q * s + lo
   return out
 
 
@@ -50,8 +47,9 @@ def _weight(k, n, seed=0):
   return jax.random.normal(kw, (k, n)) * 0.05 + jax.random.normal(ko, (1, n)) * 0.03
 
 
-@pytest.mark.parametrize("bits,group_size,k", [(4, 32, 576), (4, 128, 576), (4, 64, 100), (8, None, 576),
-                                               (8, 32, 200), (4, None, 101)])
+@pytest.mark.parametrize(
+  "bits,group_size,k", [(4, 32, 576), (4, 128, 576), (4, 64, 100), (8, None, 576), (8, 32, 200), (4, None, 101)]
+)
 def test_zero_point_format_matches_numpy_and_uses_every_level(bits, group_size, k):
   w = _weight(k, 48)
   qw = pk.quantize_weight(w, bits=bits, group_size=group_size, zero_point=True)
@@ -65,7 +63,7 @@ def test_zero_point_format_matches_numpy_and_uses_every_level(bits, group_size, 
   # Within half a step of the float weight everywhere, with the group's own range.
   assert (np.abs(got - np.asarray(w)) <= step / 2 * 1.0001 + 1e-7).all()
   q = np.asarray(weights_lib.unpacked_qvalue(qw))[:k] + weights_lib.ZERO_SHIFT[bits]
-  assert q.min() == 0 and q.max() == 2 ** bits - 1  # the full unsigned range
+  assert q.min() == 0 and q.max() == 2**bits - 1  # the full unsigned range
   if bits == 4:  # all 16 levels in use (symmetric int4 has 15)
     assert len(np.unique(q)) == 16
 
@@ -79,24 +77,34 @@ def test_zero_point_constant_and_zero_groups_are_exact():
 
 def test_zero_point_lowers_int4_error_on_offset_weights():
   w = _weight(512, 64, seed=3)
-  err = {zp: float(jnp.sqrt(jnp.mean((pk.dequantize(pk.quantize_weight(w, bits=4, group_size=32, zero_point=zp)) - w) ** 2)))
-         for zp in (False, True)}
+  err = {
+    zp: float(jnp.sqrt(jnp.mean((pk.dequantize(pk.quantize_weight(w, bits=4, group_size=32, zero_point=zp)) - w) ** 2)))
+    for zp in (False, True)
+  }
   assert err[True] < 0.8 * err[False], err  # measured 0.72x here
 
 
-@pytest.mark.parametrize("bits,group_size,m,k,n", [(4, 32, 3, 576, 96), (4, 128, 1, 576, 40), (8, None, 5, 200, 72),
-                                                   (8, 64, 37, 300, 130), (4, None, 2, 101, 33)])
+@pytest.mark.parametrize(
+  "bits,group_size,m,k,n",
+  [(4, 32, 3, 576, 96), (4, 128, 1, 576, 40), (8, None, 5, 200, 72), (8, 64, 37, 300, 130), (4, None, 2, 101, 33)],
+)
 def test_every_impl_with_a_zero_point_matches_the_reference(bits, group_size, m, k, n):
   x = jax.random.normal(jax.random.key(1), (m, k))
   w = _weight(k, n, seed=2)
   qw = pk.quantize_weight(w, bits=bits, group_size=group_size, zero_point=True)
   want = np.asarray(pk.quant_matmul_reference(x, qw))
   # The reference is the dequantized weight, dotted: check it once against NumPy's.
-  np.testing.assert_allclose(want, np.asarray(x, np.float64) @ np.asarray(pk.dequantize(qw), np.float64),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    want, np.asarray(x, np.float64) @ np.asarray(pk.dequantize(qw), np.float64), rtol=1e-5, atol=1e-5
+  )
   scale = np.abs(want).max()
-  for impl, interpret, blocks in [("tpu", True, SMALL_BLOCKS["tpu"]), ("gpu", True, SMALL_BLOCKS["gpu"]),
-                                  ("tpu", True, None), ("cpu", False, None), ("xla", False, None)]:
+  for impl, interpret, blocks in [
+    ("tpu", True, SMALL_BLOCKS["tpu"]),
+    ("gpu", True, SMALL_BLOCKS["gpu"]),
+    ("tpu", True, None),
+    ("cpu", False, None),
+    ("xla", False, None),
+  ]:
     got = np.asarray(pk.quant_matmul(x, qw, impl=impl, interpret=interpret, block_sizes=blocks))
     np.testing.assert_allclose(got, want, atol=2e-5 * scale, rtol=1e-4, err_msg=f"{impl} {blocks}")
   # bf16 activations: the kernels' output dtype and tolerance follow x.
@@ -108,27 +116,39 @@ def test_every_impl_with_a_zero_point_matches_the_reference(bits, group_size, m,
 def _placed_zero_point(mesh, logical, bits, group_size, k=2048, n=128, m=8, abstract=False):
   from jaxeff.quantization import matmul_axes
 
-  spec = sharding._fit_spec(sharding.logical_to_spec(logical), (k, n), mesh)
-  x_spec = sharding._fit_spec(sharding.logical_to_spec(("batch", logical[0])), (m, k), mesh)
+  spec = sharding.fit_spec(sharding.logical_to_spec(logical), (k, n), mesh)
+  x_spec = sharding.fit_spec(sharding.logical_to_spec(("batch", logical[0])), (m, k), mesh)
   q_sh, s_sh = NamedSharding(mesh, spec), NamedSharding(mesh, P(None, spec[1]))
   x = jax.random.normal(jax.random.key(0), (m, k))
   qw = pk.quantize_weight(_weight(k, n), bits=bits, group_size=group_size, zero_point=True)
   if abstract:
-    qw = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), qw,
-                      pk.QuantizedWeight(q_sh, s_sh, bits=bits, group_size=group_size, in_features=k, minimum=s_sh))
+    qw = jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+      qw,
+      pk.QuantizedWeight(q_sh, s_sh, bits=bits, group_size=group_size, in_features=k, minimum=s_sh),
+    )
     x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16, sharding=NamedSharding(mesh, x_spec))
   else:
-    qw = pk.QuantizedWeight(jax.device_put(qw.qvalue, q_sh), jax.device_put(qw.scale, s_sh), bits=bits,
-                            group_size=group_size, in_features=k, minimum=jax.device_put(qw.minimum, s_sh))
+    qw = pk.QuantizedWeight(
+      jax.device_put(qw.qvalue, q_sh),
+      jax.device_put(qw.scale, s_sh),
+      bits=bits,
+      group_size=group_size,
+      in_features=k,
+      minimum=jax.device_put(qw.minimum, s_sh),
+    )
     x = jax.device_put(x, NamedSharding(mesh, x_spec))
   return x, qw, matmul_axes(logical)
 
 
-@pytest.mark.parametrize("mesh_name,layer,bits,group_size,split", [
+@pytest.mark.parametrize(
+  "mesh_name,layer,bits,group_size,split",
+  [
     ("tensor", "row", 4, 32, {"k": ("tensor",)}),  # K split: zero-point terms summed with the partial products
     ("tensor", "column", 4, 128, {"n": ("tensor",)}),
     ("mixed", "row", 8, None, {"m": ("data",), "k": ("tensor",), "n": ("fsdp",)}),  # per-channel minimum, K split
-])
+  ],
+)
 def test_zero_point_on_a_mesh_equals_unsharded(mesh_name, layer, bits, group_size, split):
   mesh = sharding.make_mesh(MESHES[mesh_name])
   x, qw, axes = _placed_zero_point(mesh, LAYERS[layer], bits, group_size)
@@ -147,8 +167,13 @@ def test_zero_point_kernels_lower_for_tpu_and_cuda_on_a_mesh(layer):
   x, qw, axes = _placed_zero_point(mesh, LAYERS[layer], 4, 32, k=2048, n=256, abstract=True)
   with jax.set_mesh(mesh):
     for platform, impl in [("tpu", "tpu"), ("cuda", "gpu")]:
-      text = jax.jit(lambda x, qw: pk.quant_matmul(x, qw, impl=impl, axes=axes)).trace(x, qw).lower(
-          lowering_platforms=(platform,)).as_text()
+      with lowering_for(platform):
+        text = (
+          jax.jit(lambda x, qw: pk.quant_matmul(x, qw, impl=impl, axes=axes))
+          .trace(x, qw)
+          .lower(lowering_platforms=(platform,))
+          .as_text()
+        )
       assert ("tpu_custom_call" in text) if platform == "tpu" else ("triton" in text)
       assert "manual_computation" in text or "shard_map" in text
 
@@ -168,8 +193,15 @@ def test_quantize_model_with_zero_point_and_checkpoint_round_trip(tmp_path):
   # Exactly the float model with each Linear's weight replaced by its dequantized zero-point weight.
   same = nnx.clone(model)
   for i in range(cfg.num_layers):
-    for block, proj in [("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"),
-                        ("self_attn", "o_proj"), ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj")]:
+    for block, proj in [
+      ("self_attn", "q_proj"),
+      ("self_attn", "k_proj"),
+      ("self_attn", "v_proj"),
+      ("self_attn", "o_proj"),
+      ("mlp", "gate_proj"),
+      ("mlp", "up_proj"),
+      ("mlp", "down_proj"),
+    ]:
       src = getattr(getattr(q.layers[i], block), proj)
       getattr(getattr(same.layers[i], block), proj).kernel[...] = pk.dequantize(src.weight())
   np.testing.assert_allclose(np.asarray(got), np.asarray(same(tokens)), rtol=1e-4, atol=1e-5)
@@ -249,18 +281,24 @@ def test_smollm2_perplexity_zero_point_int4_keeps_quality_and_gguf_as_is_equals_
   symmetric int4 g32 loses >10%, with a zero point <3%; int8 <2% (the bench's 3072 tokens give
   +0.5%); the GGUF served as stored equals the float-loaded model."""
   path, windows = smollm2_windows
-  variants = [v for v in quant_accuracy.VARIANTS if v[0] in (
-      "int8 per-channel, symmetric", "int4 g32, symmetric", "int4 g32, zero point")]
-  table = {r["weights"]: r for r in quant_accuracy.rows(path, windows, variants=variants, llama_cpp=False,
-                                                         log=lambda *_: None)}
+  variants = [
+    v
+    for v in quant_accuracy.VARIANTS
+    if v[0] in ("int8 per-channel, symmetric", "int4 g32, symmetric", "int4 g32, zero point")
+  ]
+  table = {
+    r["weights"]: r for r in quant_accuracy.rows(path, windows, variants=variants, llama_cpp=False, log=lambda *_: None)
+  }
   vs = lambda label: table[label]["vs_float"]
   assert abs(vs("jaxeff.quantize int8 per-channel, symmetric")) < 0.02, table  # 384 tokens: noisier than the bench
   assert vs("jaxeff.quantize int4 g32, symmetric") > 0.10, table
   assert abs(vs("jaxeff.quantize int4 g32, zero point")) < 0.03, table
   assert abs(vs("GGUF as stored (Q4_1 Linears, Q8_0 embedding)")) < 1e-4, table
   # 4-bit Linears are ~1/6 of float's bytes (4 bits + f32 scale and minimum per 32 weights).
-  ratio = table["GGUF as stored (Q4_1 Linears, Q8_0 embedding)"]["linear_bytes"] / table[
-      "float (the GGUF dequantized to f32)"]["linear_bytes"]
+  ratio = (
+    table["GGUF as stored (Q4_1 Linears, Q8_0 embedding)"]["linear_bytes"]
+    / table["float (the GGUF dequantized to f32)"]["linear_bytes"]
+  )
   assert 0.18 < ratio < 0.20, ratio
 
 
@@ -280,8 +318,10 @@ def test_generate_cli_serves_gguf_blocks_as_stored(tmp_path, monkeypatch):
   assert outputs[True] == outputs[False]  # the same weights: the same greedy text
   mib = {k: float(v.split("weights: ")[1].split(" MiB")[0]) for k, v in stats.items()}
   assert mib[True] < 0.5 * mib[False], stats  # 4/8-bit blocks read instead of f32
-  for argv, message in ((["--checkpoint", str(tmp_path), "--quant", "gguf"], "give --hf FILE.gguf"),
-                        (["--hf", str(path), "--zero-point"], "--zero-point needs --quant int8 or int4")):
+  for argv, message in (
+    (["--checkpoint", str(tmp_path), "--quant", "gguf"], "give --hf FILE.gguf"),
+    (["--hf", str(path), "--zero-point"], "--zero-point needs --quant int8 or int4"),
+  ):
     err = io.StringIO()
     assert generate_main.main([*argv, "--prompt", "x"], out=io.StringIO(), err=err) == 2
     line = err.getvalue().strip()

@@ -1,5 +1,7 @@
 """Sharding: same logits/gradients on 1 device, 8x data, 2x4 fsdp x tensor; params sharded per the rules."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,8 +13,9 @@ from jaxeff import sharding
 from jaxeff.config import ModelConfig
 from jaxeff.models import Llama
 
-CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
-                  num_kv_heads=4, scan_layers=True)
+CFG = ModelConfig(
+  vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=4, scan_layers=True
+)
 MESHES = {"one": None, "data8": {"data": 8}, "fsdp2_tensor4": {"fsdp": 2, "tensor": 4}}
 
 
@@ -53,12 +56,12 @@ def test_logits_and_grads_agree_across_meshes(mesh, reference):
 def test_params_sharded_as_rules_say():
   model, _, _ = _run(MESHES["fsdp2_tensor4"])
   expect = {
-      ("embed_tokens", "embedding"): P("tensor", "fsdp"),  # (vocab, embed)
-      ("layers", "mlp", "gate_proj", "kernel"): P(None, "fsdp", "tensor"),  # (layers, embed, mlp)
-      ("layers", "mlp", "down_proj", "kernel"): P(None, "tensor", "fsdp"),
-      ("layers", "self_attn", "k_proj", "kernel"): P(None, "fsdp", "tensor"),
-      ("lm_head", "kernel"): P("fsdp", "tensor"),
-      ("norm", "scale"): P(),
+    ("embed_tokens", "embedding"): P("tensor", "fsdp"),  # (vocab, embed)
+    ("layers", "mlp", "gate_proj", "kernel"): P(None, "fsdp", "tensor"),  # (layers, embed, mlp)
+    ("layers", "mlp", "down_proj", "kernel"): P(None, "tensor", "fsdp"),
+    ("layers", "self_attn", "k_proj", "kernel"): P(None, "fsdp", "tensor"),
+    ("lm_head", "kernel"): P("fsdp", "tensor"),
+    ("norm", "scale"): P(),
   }
   state = nnx.state(model, nnx.Param)
   for path, spec in expect.items():
@@ -117,3 +120,40 @@ def test_hf_load_is_born_sharded(tmp_path, monkeypatch):
   assert kernel.sharding.spec == P("fsdp", "tensor") and kernel.addressable_shards[0].data.shape == (16, 16)
   for a, b in zip(jax.tree.leaves(nnx.state(loaded)), jax.tree.leaves(nnx.state(model))):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_unknown_logical_name_raises_instead_of_replicating():
+  from jaxeff.errors import ShardingError
+
+  with pytest.raises(ShardingError, match="unknown logical axis 'embd'"):
+    sharding.logical_to_spec((sharding.BATCH, "embd"))
+  with pytest.raises(ShardingError, match="unknown logical axis"):
+    sharding.constrain(jnp.zeros((2, 3)), ("batch", "sequence"))  # checked even without a mesh
+  with pytest.raises(ShardingError, match="not in"):
+    with sharding.axis_rules({**sharding.LOGICAL_RULES, sharding.MLP: "model"}):
+      pass
+
+
+def test_rules_override_reaches_parameters_and_activations():
+  """A different table (MLP replicated instead of on tensor) changes the parameters' shardings
+  and the activations' constraints inside the compiled program, through `axis_rules`."""
+  mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+  rules = {**sharding.LOGICAL_RULES, sharding.MLP: None}
+  assert sharding.logical_to_spec((sharding.EMBED, sharding.MLP), rules) == P("fsdp", None)
+  tokens = jax.random.randint(jax.random.key(1), (2, 8), 0, 64, dtype=jnp.int32)
+
+  cfg = dataclasses.replace(CFG, intermediate_size=96)  # a size no other activation has
+
+  def compiled_text(rules):
+    model = sharding.create_sharded(lambda: Llama(cfg, rngs=nnx.Rngs(0)), mesh, rules)
+    with jax.set_mesh(mesh), sharding.axis_rules(rules or sharding.LOGICAL_RULES):
+      return model, nnx.jit(lambda m, t: m(t)).lower(model, tokens).as_text()
+
+  default_model, default_text = compiled_text(None)
+  model, text = compiled_text(rules)
+  assert default_model.layers.mlp.up_proj.kernel.sharding.spec == P(None, "fsdp", "tensor")
+  assert model.layers.mlp.up_proj.kernel.sharding.spec == P(None, "fsdp", None)
+  # The [batch, seq, mlp] activation is constrained over "tensor" by default, not with the override.
+  mlp_constraints = lambda t: [l for l in t.splitlines() if "sharding_constraint" in l and "x96x" in l]
+  assert any('{"tensor"}' in l for l in mlp_constraints(default_text)), mlp_constraints(default_text)
+  assert mlp_constraints(text) and not any('"tensor"' in l for l in mlp_constraints(text)), mlp_constraints(text)

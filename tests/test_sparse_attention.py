@@ -17,13 +17,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels as pk
-from pallas_kernels.sparse_attention import BlockSizes, block_lists as bl
+from pallas_kernels.sparse_attention import BlockSizes
+from pallas_kernels.sparse_attention import block_lists as bl
 from pallas_kernels.sparse_attention.reference import visibility
 
 # Small tiles so that sequences <= 300 take several blocks and lists with ragged edges.
-BLOCKS = {"tpu": [BlockSizes(32, 128), BlockSizes(64, 128), BlockSizes(8, 128)],
-          "gpu": [BlockSizes(32, 32, block_q_dkv=16), BlockSizes(16, 64), BlockSizes(64, 16)],
-          "cpu": [BlockSizes(32, 32), BlockSizes(48, 80)]}
+BLOCKS = {
+  "tpu": [BlockSizes(32, 128), BlockSizes(64, 128), BlockSizes(8, 128)],
+  "gpu": [BlockSizes(32, 32, block_q_dkv=16), BlockSizes(16, 64), BlockSizes(64, 16)],
+  "cpu": [BlockSizes(32, 32), BlockSizes(48, 80)],
+}
 
 
 def _normal(key, shape, dtype=jnp.float32):
@@ -32,8 +35,12 @@ def _normal(key, shape, dtype=jnp.float32):
 
 def _inputs(b, h, kvh, s, t, d, dtype=jnp.float32, seed=0):
   kq, kk, kv, ko = jax.random.split(jax.random.key(seed), 4)
-  return (_normal(kq, (b, h, s, d), dtype), _normal(kk, (b, kvh, t, d), dtype), _normal(kv, (b, kvh, t, d), dtype),
-          _normal(ko, (b, h, s, d), dtype))
+  return (
+    _normal(kq, (b, h, s, d), dtype),
+    _normal(kk, (b, kvh, t, d), dtype),
+    _normal(kv, (b, kvh, t, d), dtype),
+    _normal(ko, (b, h, s, d), dtype),
+  )
 
 
 def _close(got, want, dtype, what):
@@ -56,11 +63,14 @@ def _lists(mask, q_pos, kv_pos, indices, s, t, bq, bk):
   return bl.build_block_lists(need, full, sel, max_blocks=maxb)
 
 
-@pytest.mark.parametrize("kw", [
+@pytest.mark.parametrize(
+  "kw",
+  [
     dict(window=45, sinks=3),
     dict(causal=False, window=30),
     dict(window=20, topk=2),
-])
+  ],
+)
 def test_block_lists_hold_exactly_the_blocks_with_visible_pairs(kw):
   s = t = 200
   bq, bk = 32, 48
@@ -75,8 +85,11 @@ def test_block_lists_hold_exactly_the_blocks_with_visible_pairs(kw):
   lists = _lists(mask, pos, pos, indices, s, t, bq, bk)
   assert bool(lists.fits)
   # Brute force from the token mask: a block pair is needed iff it holds a visible pair.
-  vis = np.asarray(jnp.broadcast_to(visibility(pos, pos, num_kv_heads=2, block_indices=indices, block_q=bq,
-                                               block_kv=bk, **kw), (2, 2, s, t)))
+  vis = np.asarray(
+    jnp.broadcast_to(
+      visibility(pos, pos, num_kv_heads=2, block_indices=indices, block_q=bq, block_kv=bk, **kw), (2, 2, s, t)
+    )
+  )
   vis = np.pad(vis, ((0, 0), (0, 0), (0, nq * bq - s), (0, nk * bk - t)))
   need = vis.reshape(2, 2, nq, bq, nk, bk).any((3, 5))
   ids = np.broadcast_to(np.asarray(lists.ids), (2, 2, *lists.ids.shape[2:]))
@@ -84,12 +97,12 @@ def test_block_lists_hold_exactly_the_blocks_with_visible_pairs(kw):
   for b in range(2):
     for g in range(2):
       for i in range(nq):
-        listed = ids[b, g, i, :counts[b, g, i]] >> bl.FLAG_BITS
+        listed = ids[b, g, i, : counts[b, g, i]] >> bl.FLAG_BITS
         assert list(listed) == list(np.flatnonzero(need[b, g, i])), (b, g, i)
-        assert (ids[b, g, i, counts[b, g, i]:] >> bl.FLAG_BITS == (listed[-1] if len(listed) else 0)).all()
+        assert (ids[b, g, i, counts[b, g, i] :] >> bl.FLAG_BITS == (listed[-1] if len(listed) else 0)).all()
         rows = slice(i * bq, min((i + 1) * bq, s))
-        for e, j in zip(ids[b, g, i, :counts[b, g, i]], listed):
-          block = vis[b, g, rows, j * bk:(j + 1) * bk]
+        for e, j in zip(ids[b, g, i, : counts[b, g, i]], listed):
+          block = vis[b, g, rows, j * bk : (j + 1) * bk]
           assert bool(e & bl.FULL) == (block.all() and (j + 1) * bk <= t), (b, g, i, j)
   # The transposed lists hold the same pairs, grouped by key block, with one run per key block.
   t_kv = np.broadcast_to(np.asarray(lists.t_kv), (2, 2, lists.t_kv.shape[-1]))
@@ -105,7 +118,7 @@ def test_block_lists_hold_exactly_the_blocks_with_visible_pairs(kw):
       first = (t_info[b, g] & bl.T_FIRST) != 0
       assert list(t_kv[b, g][first]) == list(range(nk))  # every key block has a run (dk/dv written)
       for j in range(nk):
-        run = t_info[b, g, t_start[b, g, j]:t_start[b, g, j] + t_count[b, g, j]]
+        run = t_info[b, g, t_start[b, g, j] : t_start[b, g, j] + t_count[b, g, j]]
         assert list(run >> bl.T_FLAG_BITS) == list(np.flatnonzero(need[b, g, :, j]))
 
 
@@ -117,10 +130,13 @@ def test_positions_that_break_the_static_bound_fall_back_to_every_block():
   assert not bool(lists.fits)  # a window's keys are spread over every block
   q, k, v, _ = _inputs(1, 2, 1, s, t, 16)
   # The run-time choice between the bounded and the full lists lives in ops.py, shared by every impl.
-  want, got, via_op = jax.jit(lambda q, k, v, kv_pos: (
+  want, got, via_op = jax.jit(
+    lambda q, k, v, kv_pos: (
       pk.sparse_attention_reference(q, k, v, window=32, kv_positions=kv_pos),
       pk.sparse_attention(q, k, v, impl="cpu", block_sizes=BlockSizes(64, 64), window=32, kv_positions=kv_pos),
-      pk.sparse_attention(q, k, v, impl="reference", window=32, kv_positions=kv_pos)))(q, k, v, scrambled)
+      pk.sparse_attention(q, k, v, impl="reference", window=32, kv_positions=kv_pos),
+    )
+  )(q, k, v, scrambled)
   _close(got, want, jnp.float32, "cpu")
   _close(via_op, want, jnp.float32, "reference through the op")
 
@@ -152,12 +168,26 @@ def _cases(draw):
   nq, nk = -(-s // blocks.block_q), -(-t // blocks.block_kv)
   topk = draw(st.sampled_from([None, 1, 2]))
   return dict(
-      impl=impl, blocks=blocks, s=s, t=t, decode=decode, offset=draw(st.integers(0, t - s)) if decode else 0,
-      b=draw(st.sampled_from([1, 2])), kvh=draw(st.sampled_from([1, 2])), groups=draw(st.sampled_from([1, 2, 3])),
-      d=draw(st.sampled_from([16, 32])), dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
-      causal=draw(st.sampled_from([True, True, False])),
-      window=draw(st.one_of(st.none(), st.integers(1, 200))), sinks=draw(st.sampled_from([0, 0, 1, 5])),
-      topk=topk, index_seed=draw(st.integers(0, 100)), nq=nq, nk=nk, sink_logits=draw(st.booleans()))
+    impl=impl,
+    blocks=blocks,
+    s=s,
+    t=t,
+    decode=decode,
+    offset=draw(st.integers(0, t - s)) if decode else 0,
+    b=draw(st.sampled_from([1, 2])),
+    kvh=draw(st.sampled_from([1, 2])),
+    groups=draw(st.sampled_from([1, 2, 3])),
+    d=draw(st.sampled_from([16, 32])),
+    dtype=draw(st.sampled_from([jnp.float32, jnp.bfloat16])),
+    causal=draw(st.sampled_from([True, True, False])),
+    window=draw(st.one_of(st.none(), st.integers(1, 200))),
+    sinks=draw(st.sampled_from([0, 0, 1, 5])),
+    topk=topk,
+    index_seed=draw(st.integers(0, 100)),
+    nq=nq,
+    nk=nk,
+    sink_logits=draw(st.booleans()),
+  )
 
 
 def _case_inputs(case):
@@ -166,8 +196,9 @@ def _case_inputs(case):
   kw = dict(causal=c["causal"], window=c["window"], sinks=c["sinks"])
   if c["topk"]:
     # Ids in [-1, nk]: -1 and nk are padding; duplicates are allowed.
-    kw["block_indices"] = jax.random.randint(jax.random.key(c["index_seed"]), (c["b"], c["kvh"], c["nq"], c["topk"]),
-                                             -1, c["nk"] + 1)
+    kw["block_indices"] = jax.random.randint(
+      jax.random.key(c["index_seed"]), (c["b"], c["kvh"], c["nq"], c["topk"]), -1, c["nk"] + 1
+    )
   if c["sink_logits"]:
     kw["sink_logits"] = _normal(jax.random.key(7), (c["kvh"] * c["groups"],))
   if c["decode"]:
@@ -191,10 +222,12 @@ def _check_case(case):
   bs = case["blocks"]
 
   def run(q, k, v, **kw):
-    return (pk.sparse_attention_reference(q, k, v, block_q=bs.block_q, block_kv=bs.block_kv, **kw),
-            pk.sparse_attention(q, k, v, impl=case["impl"], interpret=True, block_sizes=bs, **kw),
-            # the XLA path, on the same block_indices
-            pk.sparse_attention(q, k, v, impl="cpu", block_sizes=BlockSizes(bs.block_q, bs.block_kv), **kw))
+    return (
+      pk.sparse_attention_reference(q, k, v, block_q=bs.block_q, block_kv=bs.block_kv, **kw),
+      pk.sparse_attention(q, k, v, impl=case["impl"], interpret=True, block_sizes=bs, **kw),
+      # the XLA path, on the same block_indices
+      pk.sparse_attention(q, k, v, impl="cpu", block_sizes=BlockSizes(bs.block_q, bs.block_kv), **kw),
+    )
 
   want, got, got_xla = _jit_with_kwargs(run, kw)(q, k, v)
   _close(got, want, case["dtype"], case["impl"])
@@ -205,16 +238,56 @@ def _check_case(case):
 # a window whose first listed block is fully masked for most rows, with sink logits; a ragged
 # non-causal bf16 selection where some rows see nothing at all (their query block selected only
 # padding), next to rows that do, with sink logits.
-_BASE = dict(b=1, kvh=1, groups=1, d=16, dtype=jnp.float32, causal=True, window=None, sinks=0, topk=None,
-             index_seed=0, decode=False, offset=0, sink_logits=False)
+_BASE = dict(
+  b=1,
+  kvh=1,
+  groups=1,
+  d=16,
+  dtype=jnp.float32,
+  causal=True,
+  window=None,
+  sinks=0,
+  topk=None,
+  index_seed=0,
+  decode=False,
+  offset=0,
+  sink_logits=False,
+)
 _EXAMPLES = [
-    dict(_BASE, impl="tpu", blocks=BlockSizes(32, 128), s=200, t=200, nq=7, nk=2, sinks=3, topk=1, index_seed=5),
-    dict(_BASE, impl="gpu", blocks=BlockSizes(16, 64), s=3, t=250, nq=1, nk=4, b=2, kvh=2, groups=3, topk=2,
-         decode=True, offset=180, window=70, sinks=4),
-    dict(_BASE, impl="tpu", blocks=BlockSizes(64, 128), s=300, t=300, nq=5, nk=3, groups=2, window=40,
-         sink_logits=True),
-    dict(_BASE, impl="gpu", blocks=BlockSizes(32, 16), s=77, t=77, nq=3, nk=5, kvh=2, causal=False, topk=1,
-         index_seed=3, sink_logits=True, dtype=jnp.bfloat16),
+  dict(_BASE, impl="tpu", blocks=BlockSizes(32, 128), s=200, t=200, nq=7, nk=2, sinks=3, topk=1, index_seed=5),
+  dict(
+    _BASE,
+    impl="gpu",
+    blocks=BlockSizes(16, 64),
+    s=3,
+    t=250,
+    nq=1,
+    nk=4,
+    b=2,
+    kvh=2,
+    groups=3,
+    topk=2,
+    decode=True,
+    offset=180,
+    window=70,
+    sinks=4,
+  ),
+  dict(_BASE, impl="tpu", blocks=BlockSizes(64, 128), s=300, t=300, nq=5, nk=3, groups=2, window=40, sink_logits=True),
+  dict(
+    _BASE,
+    impl="gpu",
+    blocks=BlockSizes(32, 16),
+    s=77,
+    t=77,
+    nq=3,
+    nk=5,
+    kvh=2,
+    causal=False,
+    topk=1,
+    index_seed=3,
+    sink_logits=True,
+    dtype=jnp.bfloat16,
+  ),
 ]
 
 
@@ -232,30 +305,36 @@ def test_rows_that_see_nothing_are_zero_and_the_examples_cover_them():
   """The examples above must hit the cases they claim (a check that the test can fail)."""
   q, k, v, kw = _case_inputs(_EXAMPLES[3])
   pos = jnp.arange(77)[None]
-  seen = np.asarray(jax.jit(lambda idx: visibility(pos, pos, num_kv_heads=2, causal=False, block_indices=idx,
-                                                   block_q=32, block_kv=16))(kw["block_indices"])).any(-1)[0]
+  seen = np.asarray(
+    jax.jit(lambda idx: visibility(pos, pos, num_kv_heads=2, causal=False, block_indices=idx, block_q=32, block_kv=16))(
+      kw["block_indices"]
+    )
+  ).any(-1)[0]
   assert seen.any() and not seen.all()
   out = pk.sparse_attention(q, k, v, impl="cpu", block_sizes=BlockSizes(32, 16), **kw)
   assert float(jnp.abs(out[0].astype(jnp.float32)[~seen]).max()) == 0.0  # one query head per kv head
   # Example 0: some rows see only the 3 sink tokens.
   _, _, _, kw0 = _case_inputs(_EXAMPLES[0])
   pos = jnp.arange(200)[None]
-  vis0 = np.asarray(jax.jit(lambda idx: visibility(pos, pos, num_kv_heads=1, sinks=3, block_indices=idx, block_q=32,
-                                                   block_kv=128))(kw0["block_indices"]))[0, 0]
+  vis0 = np.asarray(
+    jax.jit(lambda idx: visibility(pos, pos, num_kv_heads=1, sinks=3, block_indices=idx, block_q=32, block_kv=128))(
+      kw0["block_indices"]
+    )
+  )[0, 0]
   only_sinks = vis0[:, :3].any(-1) & ~vis0[:, 3:].any(-1)
   assert only_sinks.any()
   # Example 2: for some rows the first key block of their query block's list is fully masked.
   vis2 = np.asarray(jax.jit(lambda p: visibility(p, p, num_kv_heads=1, window=40))(jnp.arange(300)[None]))[0, 0]
-  first_masked = [not vis2[r, (r // 64 * 64 - 39) // 128 * 128:][:128].any() for r in range(64, 300)]
+  first_masked = [not vis2[r, (r // 64 * 64 - 39) // 128 * 128 :][:128].any() for r in range(64, 300)]
   assert any(first_masked)
 
 
 # --- gradients -----------------------------------------------------------------------------------
 
 _GRAD_CASES = [
-    ("tpu", BlockSizes(32, 128), dict(window=50, sinks=2, sink_logits=True), 150, 2),
-    ("gpu", BlockSizes(32, 32, block_q_dkv=16), dict(window=20, topk=2, sink_logits=True), 100, 3),
-    ("cpu", BlockSizes(32, 32), dict(window=20, topk=2, sinks=1, sink_logits=True), 100, 3),
+  ("tpu", BlockSizes(32, 128), dict(window=50, sinks=2, sink_logits=True), 150, 2),
+  ("gpu", BlockSizes(32, 32, block_q_dkv=16), dict(window=20, topk=2, sink_logits=True), 100, 3),
+  ("cpu", BlockSizes(32, 32), dict(window=20, topk=2, sinks=1, sink_logits=True), 100, 3),
 ]
 
 
@@ -266,12 +345,15 @@ def grad_case(impl, blocks, kw, s, groups, seed=0, batch=2, kv_heads=2):
   sink = _normal(jax.random.key(9), (kv_heads * groups,)) if kw.pop("sink_logits", False) else None
   topk = kw.pop("topk", None)
   if topk:
-    kw["block_indices"] = jax.random.randint(jax.random.key(4), (batch, kv_heads, -(-s // blocks.block_q), topk),
-                                             -1, -(-s // blocks.block_kv))
-  op = lambda q, k, v, sink: pk.sparse_attention(q, k, v, sink_logits=sink, impl=impl, interpret=impl != "cpu",
-                                                 block_sizes=blocks, **kw)
-  ref = lambda q, k, v, sink: pk.sparse_attention_reference(q, k, v, sink_logits=sink, block_q=blocks.block_q,
-                                                            block_kv=blocks.block_kv, **kw)
+    kw["block_indices"] = jax.random.randint(
+      jax.random.key(4), (batch, kv_heads, -(-s // blocks.block_q), topk), -1, -(-s // blocks.block_kv)
+    )
+  op = lambda q, k, v, sink: pk.sparse_attention(
+    q, k, v, sink_logits=sink, impl=impl, interpret=impl != "cpu", block_sizes=blocks, **kw
+  )
+  ref = lambda q, k, v, sink: pk.sparse_attention_reference(
+    q, k, v, sink_logits=sink, block_q=blocks.block_q, block_kv=blocks.block_kv, **kw
+  )
   return op, ref, (q, k, v, sink), do
 
 
@@ -303,11 +385,16 @@ def _racy_copy(x):
   def kernel(x_ref, o_ref, scratch):
     scratch[...] = x_ref[...]
     o_ref[...] = x_ref[...] + scratch[...]
+
   return pl.pallas_call(
-      kernel, grid=(2,), out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-      in_specs=[pl.BlockSpec(memory_space=pltpu.VMEM)], scratch_shapes=[pltpu.VMEM(x.shape, x.dtype)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-      interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2))(x)
+    kernel,
+    grid=(2,),
+    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    in_specs=[pl.BlockSpec(memory_space=pltpu.VMEM)],
+    scratch_shapes=[pltpu.VMEM(x.shape, x.dtype)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+    interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
+  )(x)
 
 
 @pytest.mark.slow
@@ -315,15 +402,17 @@ def test_tpu_kernels_in_tpu_simulator_find_no_race(capfd):
   """Race detection on 2 simulated cores, NaN-filled scratch, ragged lengths, forward and backward."""
   jax.block_until_ready(_racy_copy(jnp.ones((8, 128), jnp.float32)))
   assert "RACE DETECTED" in capfd.readouterr().out  # the detector works and its report is seen here
-  params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2,
-                                 random_seed=3)
+  params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=3)
   # 2 kv heads: every kernel's parallel grid has >= 2 points to spread over the 2 simulated cores.
-  op, ref, args, do = grad_case("tpu", BlockSizes(32, 128), dict(window=40, sinks=2, sink_logits=True), 70, 2,
-                                batch=1, kv_heads=2)
-  op = lambda q, k, v, sink: pk.sparse_attention(q, k, v, sink_logits=sink, window=40, sinks=2, impl="tpu",
-                                                 interpret=params, block_sizes=BlockSizes(32, 128))
+  op, ref, args, do = grad_case(
+    "tpu", BlockSizes(32, 128), dict(window=40, sinks=2, sink_logits=True), 70, 2, batch=1, kv_heads=2
+  )
+  op = lambda q, k, v, sink: pk.sparse_attention(
+    q, k, v, sink_logits=sink, window=40, sinks=2, impl="tpu", interpret=params, block_sizes=BlockSizes(32, 128)
+  )
   got, want = jax.block_until_ready(
-      jax.jit(lambda args, do: (_value_and_grads(op, args, do), _value_and_grads(ref, args, do)))(args, do))
+    jax.jit(lambda args, do: (_value_and_grads(op, args, do), _value_and_grads(ref, args, do)))(args, do)
+  )
   report = capfd.readouterr().out
   assert "RACE DETECTED" not in report, report[:2000]
   for name, g, w in zip(("out", "dq", "dk", "dv", "dsink"), got, want):
@@ -333,7 +422,9 @@ def test_tpu_kernels_in_tpu_simulator_find_no_race(capfd):
 # --- errors --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kw,shapes,match", [
+@pytest.mark.parametrize(
+  "kw,shapes,match",
+  [
     (dict(), ((1, 3, 8, 16), (1, 2, 8, 16)), "multiple of kv_heads"),
     (dict(), ((1, 2, 8, 16), (1, 2, 8, 32)), "k and v must be"),
     (dict(window=0), None, "window must be a positive int"),
@@ -347,7 +438,8 @@ def test_tpu_kernels_in_tpu_simulator_find_no_race(capfd):
     (dict(impl="cuda"), None, "impl must be one of"),
     (dict(impl="tpu", block_sizes=BlockSizes(32, 64)), None, "block_kv % 128"),
     (dict(impl="gpu", block_sizes=BlockSizes(24, 32)), None, "power-of-two block_q"),
-])
+  ],
+)
 def test_bad_arguments_raise_clear_errors(kw, shapes, match):
   qs, ks, kv_dtype = (*(shapes or ((1, 2, 8, 16), (1, 2, 8, 16))), jnp.float32)[:3]
   with pytest.raises(ValueError, match=match):

@@ -7,11 +7,22 @@ import transformers
 
 import jaxeff.gguf
 
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CHAT_TEMPLATE = (
+  "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
-TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0)
+TINY = dict(
+  vocab_size=300,
+  hidden_size=64,
+  intermediate_size=96,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=128,
+  rms_norm_eps=1e-5,
+  rope_theta=10000.0,
+)
 
 
 # ---------------------------------------------------------------- writing tiny GGUFs (as llama.cpp does)
@@ -24,9 +35,36 @@ def _permute_rotary_rows(w, heads):
 
 def _sentencepiece_vocab():
   """A small SentencePiece-style vocabulary: specials, 256 byte tokens, pieces with falling scores."""
-  pieces = ["▁", *"abcdefghijklmnopqrstuvwxyzHW", "▁t", "he", "▁the", "in", "▁a", "er", "▁c", "at", "▁cat",
-            "▁h", "▁hat", "▁in", "ll", "llo", "▁He", "▁Hello", "▁W", "or", "ld", "▁World", "on", "▁on", "▁s",
-            "it", "▁sit", "▁sat"]
+  pieces = [
+    "▁",
+    *"abcdefghijklmnopqrstuvwxyzHW",
+    "▁t",
+    "he",
+    "▁the",
+    "in",
+    "▁a",
+    "er",
+    "▁c",
+    "at",
+    "▁cat",
+    "▁h",
+    "▁hat",
+    "▁in",
+    "ll",
+    "llo",
+    "▁He",
+    "▁Hello",
+    "▁W",
+    "or",
+    "ld",
+    "▁World",
+    "on",
+    "▁on",
+    "▁s",
+    "it",
+    "▁sit",
+    "▁sat",
+  ]
   tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
   types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
   scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
@@ -38,8 +76,18 @@ def _byte_level_vocab(n):
   letters = [alphabet[b] for b in range(256)]
   tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + letters
   merges = []
-  for a, b in [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "a"), ("e", "r"), ("Ġ", "c"), ("a", "t"),
-               ("Ġc", "at"), ("1", "2")]:
+  for a, b in [
+    ("Ġ", "t"),
+    ("h", "e"),
+    ("Ġt", "he"),
+    ("i", "n"),
+    ("Ġ", "a"),
+    ("e", "r"),
+    ("Ġ", "c"),
+    ("a", "t"),
+    ("Ġc", "at"),
+    ("1", "2"),
+  ]:
     merges.append(f"{a} {b}")
     tokens.append(a + b)
   tokens += [f"<extra_{i}>" for i in range(n - len(tokens))]
@@ -78,15 +126,18 @@ def write_gguf(path, hf_model, arch, *, quant=gguf.GGMLQuantizationType.F32, tok
   w.add_eos_token_id(2)
   if chat_template:
     w.add_chat_template(chat_template)
-  names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
+  names = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+  }
   layer = {v: k for k, v in jaxeff.gguf._LAYER_NAMES.items()}
   for name, t in hf_model.state_dict().items():
     if name == "lm_head.weight" and cfg.tie_word_embeddings:
       continue
     t = t.detach().numpy().astype(np.float32)
     if name.startswith("model.layers."):
-      i, rest = name[len("model.layers."):].split(".", 1)
+      i, rest = name[len("model.layers.") :].split(".", 1)
       gname = f"blk.{i}.{layer[rest]}"
       if arch == "llama" and rest in ("self_attn.q_proj.weight", "self_attn.k_proj.weight"):
         heads = cfg.num_attention_heads if "q_proj" in rest else cfg.num_key_value_heads
@@ -107,8 +158,10 @@ def write_gguf(path, hf_model, arch, *, quant=gguf.GGMLQuantizationType.F32, tok
 
 def hf_tiny(kind, seed=0, **extra):
   torch.manual_seed(seed)
-  cls_cfg, cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                  "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
+  cls_cfg, cls = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+  }[kind]
   model = cls(cls_cfg(**TINY, **extra)).eval()
   with torch.no_grad():  # non-trivial norms and biases, so their mapping is exercised
     for name, p in model.named_parameters():

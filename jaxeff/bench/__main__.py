@@ -11,22 +11,27 @@ import sys
 import jaxeff.bench as _bench
 from jaxeff import host_malloc
 
+SHARED = {"common"}  # helpers of the benchmarks, not one
 
-def _available():
-  return sorted(m.name for m in pkgutil.iter_modules(_bench.__path__) if not m.name.startswith("_"))
+
+def available() -> list[str]:
+  """The benchmark names: jaxeff/bench's modules, without the shared helpers."""
+  return sorted(
+    m.name for m in pkgutil.iter_modules(_bench.__path__) if not m.name.startswith("_") and m.name not in SHARED
+  )
 
 
 def split_name(argv: list[str], names: list[str]) -> tuple[str | None, list[str]]:
   """(the first argument in `names`, the other arguments in order); (None, argv) when none is."""
   for i, arg in enumerate(argv):
     if arg in names:
-      return arg, argv[:i] + argv[i + 1:]
+      return arg, argv[:i] + argv[i + 1 :]
   return None, argv
 
 
 def main(argv=None):
   argv = list(sys.argv[1:] if argv is None else argv)
-  names = _available()
+  names = available()
   name, rest = split_name(argv, names)
   if name is None:
     usage = f"usage: python -m jaxeff.bench {{{','.join(names)}}} [args...]"

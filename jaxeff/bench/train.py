@@ -23,7 +23,7 @@ from flax import nnx
 
 from jaxeff import cli, sharding
 from jaxeff import train as train_lib
-from jaxeff.config import ConfigError
+from jaxeff.errors import JaxeffError
 from jaxeff.hf import config_to_hf
 from jaxeff.models import Llama
 
@@ -42,8 +42,10 @@ def _jax_step(cfg: train_lib.TrainConfig):
   with jax.set_mesh(mesh):
     step = jax.jit(training.make_train_step(graphdef, tx, spec, mesh, shardings), donate_argnums=0)
   rng = np.random.default_rng(0)
-  batch = {k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len)), jnp.int32)
-           for k in ("inputs", "targets")}
+  batch = {
+    k: jnp.asarray(rng.integers(0, cfg.model.vocab_size, (cfg.batch_size, cfg.seq_len)), jnp.int32)
+    for k in ("inputs", "targets")
+  }
 
   def run():
     with jax.set_mesh(mesh):
@@ -57,8 +59,9 @@ def _torch_step(cfg: train_lib.TrainConfig):
   import torch
   import transformers
 
-  hf_cfg = transformers.AutoConfig.for_model(**{k: v for k, v in config_to_hf(cfg.model).items()
-                                                if k not in ("architectures",)})
+  hf_cfg = transformers.AutoConfig.for_model(
+    **{k: v for k, v in config_to_hf(cfg.model).items() if k not in ("architectures",)}
+  )
   model = transformers.AutoModelForCausalLM.from_config(hf_cfg)
   model.train()
   opt = cfg.optimizer
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
   try:
     args = p.parse(argv)  # flags and key=value overrides in any order
     cfg = train_lib.load_config(args.config, args.overrides)
-  except (cli.UsageError, ConfigError) as e:
+  except JaxeffError as e:  # a usage or config error
     print(f"error: {e}", file=sys.stderr)
     return 2
   jax_run = _jax_step(cfg)
@@ -120,9 +123,11 @@ def main(argv=None) -> int:
     rows[name] = {"step_ms": med * 1e3, "tokens_per_s": tokens / med, "mfu": flops / med / peak}
   ratio = rows["jaxeff"]["tokens_per_s"] / rows["transformers"]["tokens_per_s"]
 
-  print(f"model: {cfg.model.num_params / 1e6:.2f}M params, batch {cfg.batch_size} x seq {cfg.seq_len}, "
-        f"optimizer {cfg.optimizer.name}; device {jax.devices()[0].device_kind} ({jax.default_backend()}), "
-        f"{platform.machine()}, torch threads {threads}")
+  print(
+    f"model: {cfg.model.num_params / 1e6:.2f}M params, batch {cfg.batch_size} x seq {cfg.seq_len}, "
+    f"optimizer {cfg.optimizer.name}; device {jax.devices()[0].device_kind} ({jax.default_backend()}), "
+    f"{platform.machine()}, torch threads {threads}"
+  )
   print(f"peak for MFU: {peak / 1e9:.0f} GFLOP/s; {args.rounds} rounds x {args.steps} steps, medians\n")
   print("| implementation | step (ms) | tokens/s | MFU |")
   print("|---|---:|---:|---:|")

@@ -28,7 +28,23 @@ from jaxeff.data.sources import DataConfig, DataError, corpus_files, default_cor
 from jaxeff.data.tokenizer import BYTE_EOD_ID, BYTE_VOCAB_SIZE, EOD_TOKENS, ByteTokenizer, HFTokenizer, get_tokenizer
 
 __all__ = [
-    "DataConfig", "DataError", "TextData", "TokenFile", "prepare", "load_tokens", "train_dataset",
-    "train_iterator", "val_batches", "vocab_size", "corpus_files", "default_corpus_files", "resolve_paths",
-    "ByteTokenizer", "HFTokenizer", "get_tokenizer", "BYTE_EOD_ID", "BYTE_VOCAB_SIZE", "EOD_TOKENS",
+  "DataConfig",
+  "DataError",
+  "TextData",
+  "TokenFile",
+  "prepare",
+  "load_tokens",
+  "train_dataset",
+  "train_iterator",
+  "val_batches",
+  "vocab_size",
+  "corpus_files",
+  "default_corpus_files",
+  "resolve_paths",
+  "ByteTokenizer",
+  "HFTokenizer",
+  "get_tokenizer",
+  "BYTE_EOD_ID",
+  "BYTE_VOCAB_SIZE",
+  "EOD_TOKENS",
 ]

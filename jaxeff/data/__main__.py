@@ -9,16 +9,22 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jaxeff import cli
 from jaxeff.data.prepared import prepare
-from jaxeff.data.sources import DataError
+from jaxeff.errors import JaxeffError
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxeff.data", description=__doc__.split("\n")[2])
   sub = p.add_subparsers(dest="command", required=True)
   prep = sub.add_parser("prepare", help="tokenize files once into a dataset directory")
-  prep.add_argument("--input", action="append", required=True, metavar="PATTERN",
-                    help="a file or glob (quote it; ** recurses); repeatable")
+  prep.add_argument(
+    "--input",
+    action="append",
+    required=True,
+    metavar="PATTERN",
+    help="a file or glob (quote it; ** recurses); repeatable",
+  )
   prep.add_argument("--tokenizer", help="a Hugging Face tokenizer.json (default: UTF-8 bytes, vocab 256)")
   prep.add_argument("--output", required=True, help="the directory to create (never overwritten)")
   prep.add_argument("--workers", type=int, help="tokenizer processes (default: the CPU count)")
@@ -27,14 +33,16 @@ def main(argv=None) -> int:
   if args.workers is not None and args.workers < 1:
     print(f"error: --workers must be >= 1, got {args.workers}", file=sys.stderr)
     return 2
+  cli.log_to_stderr()
   try:
-    index = prepare(args.input, args.output, tokenizer=args.tokenizer, workers=args.workers,
-                    progress=not args.quiet)
-  except DataError as e:
+    index = prepare(args.input, args.output, tokenizer=args.tokenizer, workers=args.workers, progress=not args.quiet)
+  except JaxeffError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(f"prepared {index['num_tokens']:,} tokens in {index['num_documents']:,} documents "
-        f"(vocab {index['vocab_size']}, {index['dtype']}) -> {args.output}")
+  print(
+    f"prepared {index['num_tokens']:,} tokens in {index['num_documents']:,} documents "
+    f"(vocab {index['vocab_size']}, {index['dtype']}) -> {args.output}"
+  )
   return 0
 
 

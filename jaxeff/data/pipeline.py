@@ -25,16 +25,23 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from typing import TYPE_CHECKING
 
-import grain
 import numpy as np
 
 from jaxeff.data.prepared import TokenFile, check_tokenizer, read_index, token_dtype
 from jaxeff.data.sources import DataConfig, DataError, corpus_files, iter_documents
 from jaxeff.data.tokenizer import get_tokenizer
 
-# Windows are cheap to gather (memory or one pread each): grain recommends no reader threads here.
-_READ_OPTIONS = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+if TYPE_CHECKING:  # annotations only: grain is imported where batches are built
+  import grain
+
+
+def _grain():
+  # Imported where batches are built, so `import jaxeff.data` (configs, tokenizers) needs no grain.
+  import grain
+
+  return grain
 
 
 def load_tokens(cfg: DataConfig, tokenizer=None) -> np.ndarray:
@@ -54,7 +61,8 @@ class TextData:
   """A token stream split by position: `train` is the head, `val` the tail.
 
   `train` / `val` are token arrays (corpora tokenized in memory, uint16 or uint32) or `TokenFile`
-  ranges (a prepared directory, read on demand); batches are int32 either way. Build it once per run (`TextData.load`): the tokenizer is built once.
+  ranges (a prepared directory, read on demand); batches are int32 either way. Build it once per
+  run (`TextData.load`): the tokenizer is built once.
   """
 
   train: np.ndarray | TokenFile
@@ -116,8 +124,10 @@ def _num_windows(tokens, seq_len: int, split: str) -> int:
     raise DataError(f"seq_len must be positive, got {seq_len}")
   n = (len(tokens) - 1) // seq_len
   if n < 1:
-    raise DataError(f"corpus too short: the {split} split has {len(tokens)} tokens, fewer than "
-                    f"seq_len + 1 = {seq_len + 1} needed for one sequence")
+    raise DataError(
+      f"corpus too short: the {split} split has {len(tokens)} tokens, fewer than "
+      f"seq_len + 1 = {seq_len + 1} needed for one sequence"
+    )
   return n
 
 
@@ -130,8 +140,9 @@ def _windows(tokens, ids: np.ndarray, seq_len: int) -> dict[str, np.ndarray]:
   return {"inputs": np.ascontiguousarray(rows[:, :-1]), "targets": np.ascontiguousarray(rows[:, 1:])}
 
 
-def train_dataset(data: DataConfig | TextData, *, seq_len: int, batch_size: int,
-                  process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+def train_dataset(
+  data: DataConfig | TextData, *, seq_len: int, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> grain.MapDataset:
   """The infinite training stream as a grain `MapDataset` of process-local batches.
 
   Args:
@@ -143,26 +154,35 @@ def train_dataset(data: DataConfig | TextData, *, seq_len: int, batch_size: int,
   data = _as_data(data)
   rows = _local_rows(batch_size, process_index, process_count)
   tokens = data.train
-  ds = grain.MapDataset.range(_num_windows(tokens, seq_len, "train"))
+  ds = _grain().MapDataset.range(_num_windows(tokens, seq_len, "train"))
   ds = ds.shuffle(seed=data.seed).repeat()  # `repeat` reseeds the shuffle every epoch.
   ds = ds.batch(batch_size, drop_remainder=True)  # global batches of window ids
   return ds.map(lambda ids: _windows(tokens, ids[rows], seq_len))
 
 
-def train_iterator(data: DataConfig | TextData, *, seq_len: int, batch_size: int,
-                   process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+def train_iterator(
+  data: DataConfig | TextData, *, seq_len: int, batch_size: int, process_index: int = 0, process_count: int = 1
+) -> grain.DatasetIterator:
   """Infinite iterator of this process's rows of each global batch; has get_state/set_state.
 
   Arguments as `train_dataset`. Batches are {"inputs", "targets"}: int32 [batch_size / P, seq_len].
   """
-  ds = train_dataset(data, seq_len=seq_len, batch_size=batch_size,
-                     process_index=process_index, process_count=process_count)
-  return iter(ds.to_iter_dataset(_READ_OPTIONS))
+  ds = train_dataset(
+    data, seq_len=seq_len, batch_size=batch_size, process_index=process_index, process_count=process_count
+  )
+  # Windows are cheap to gather (memory or one pread each): grain recommends no reader threads here.
+  return iter(ds.to_iter_dataset(_grain().ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
-def val_batches(data: DataConfig | TextData, *, seq_len: int, batch_size: int,
-                max_batches: int | None = None, process_index: int = 0,
-                process_count: int = 1) -> list[dict[str, np.ndarray]]:
+def val_batches(
+  data: DataConfig | TextData,
+  *,
+  seq_len: int,
+  batch_size: int,
+  max_batches: int | None = None,
+  process_index: int = 0,
+  process_count: int = 1,
+) -> list[dict[str, np.ndarray]]:
   """Validation batches in corpus order (same every call); [] when `val_fraction` is 0.
 
   Args:
@@ -173,12 +193,14 @@ def val_batches(data: DataConfig | TextData, *, seq_len: int, batch_size: int,
   tokens = data.val
   if len(tokens) == 0:
     return []
-  ds = grain.MapDataset.range(_num_windows(tokens, seq_len, "validation"))
+  ds = _grain().MapDataset.range(_num_windows(tokens, seq_len, "validation"))
   ds = ds.batch(batch_size, drop_remainder=True)  # equal shapes: one compiled eval step
   if len(ds) == 0:
-    raise DataError(f"validation split too short: {len(tokens)} tokens make fewer than "
-                    f"batch_size={batch_size} sequences of {seq_len}; raise data.val_fraction "
-                    f"or lower batch_size/seq_len")
+    raise DataError(
+      f"validation split too short: {len(tokens)} tokens make fewer than "
+      f"batch_size={batch_size} sequences of {seq_len}; raise data.val_fraction "
+      f"or lower batch_size/seq_len"
+    )
   ds = ds.map(lambda ids: _windows(tokens, ids[rows], seq_len))
   count = len(ds) if max_batches is None else min(len(ds), max_batches)
   return [ds[i] for i in range(count)]

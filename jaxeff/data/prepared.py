@@ -25,18 +25,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import logging
 import multiprocessing
 import os
 import pathlib
 import shutil
-import sys
 import tempfile
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from jaxeff.data.sources import DataError, resolve_paths, unit_documents, work_units
 from jaxeff.data.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
+
+log = logging.getLogger(__name__)
 
 FORMAT = "jaxeff.tokens/1"
 CHUNK_BYTES = 64 << 20  # text per JSON-lines work unit
@@ -63,6 +65,7 @@ def _tokenize_unit(job) -> tuple[str, list[int]]:
   unit, part_path, dtype = job
   lengths, batch = [], []
   with open(part_path, "wb") as out:
+
     def flush():
       for ids in _worker_tokenizer.encode_each(batch):
         lengths.append(len(ids))
@@ -77,8 +80,13 @@ def _tokenize_unit(job) -> tuple[str, list[int]]:
   return part_path, lengths
 
 
-def prepare(inputs: Sequence[str], output: str | os.PathLike, tokenizer: str | None = None,
-            workers: int | None = None, progress: bool = True) -> dict:
+def prepare(
+  inputs: Sequence[str],
+  output: str | os.PathLike,
+  tokenizer: str | None = None,
+  workers: int | None = None,
+  progress: bool = True,
+) -> dict:
   """Tokenizes `inputs` once into a prepared directory `output` (see the module docstring).
 
   Args:
@@ -87,7 +95,7 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, tokenizer: str | N
     output: the directory to create; an existing non-empty one is an error (never overwritten).
     tokenizer: a tokenizer.json; None: UTF-8 bytes (vocab 256), as in training.
     workers: tokenizer processes (default: the CPU count).
-    progress: print one line per finished piece to stderr.
+    progress: log one line per finished piece (logger jaxeff.data.prepared, level INFO).
 
   Returns:
     The index (also written to `output/index.json`).
@@ -114,21 +122,24 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, tokenizer: str | N
       done = map(_tokenize_unit, jobs)
     else:
       # "spawn": forking a process that may already run jax's threads can deadlock.
-      pool = concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                                    initializer=_init_worker, initargs=(tokenizer,))
+      pool = concurrent.futures.ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tokenizer,)
+      )
       done = pool.map(_tokenize_unit, jobs)  # map keeps input order
     try:
       for i, result in enumerate(done):
         results.append(result)
         if progress:
-          print(f"prepare: {i + 1}/{len(jobs)} pieces tokenized ({jobs[i][0][1].name})", file=sys.stderr)
+          log.info("prepare: %d/%d pieces tokenized (%s)", i + 1, len(jobs), jobs[i][0][1].name)
     finally:
       if workers > 1:
         pool.shutdown(cancel_futures=True)
     lengths = np.asarray([n for _, ls in results for n in ls], np.int64)
     if lengths.sum() == 0:
-      raise DataError(f"empty corpus: the input files ({', '.join(f.name for f in files[:3])}"
-                      f"{', ...' if len(files) > 3 else ''}) hold no text")
+      raise DataError(
+        f"empty corpus: the input files ({', '.join(f.name for f in files[:3])}"
+        f"{', ...' if len(files) > 3 else ''}) hold no text"
+      )
     with open(tmp / "tokens.bin", "wb") as out:
       for part, _ in results:
         with open(part, "rb") as f:
@@ -136,9 +147,16 @@ def prepare(inputs: Sequence[str], output: str | os.PathLike, tokenizer: str | N
         os.remove(part)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("<i8")
     starts.tofile(tmp / "documents.bin")
-    index = {"format": FORMAT, "dtype": dtype.name, "num_tokens": int(lengths.sum()),
-             "num_documents": len(lengths), "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
-             "tokenizer_sha256": tok.fingerprint, "inputs": [str(f) for f in files]}
+    index = {
+      "format": FORMAT,
+      "dtype": dtype.name,
+      "num_tokens": int(lengths.sum()),
+      "num_documents": len(lengths),
+      "vocab_size": tok.vocab_size,
+      "eod_id": tok.eod_id,
+      "tokenizer_sha256": tok.fingerprint,
+      "inputs": [str(f) for f in files],
+    }
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
     if output.exists():
       output.rmdir()  # empty (checked above)
@@ -230,5 +248,7 @@ def check_tokenizer(index: dict, tokenizer: ByteTokenizer | HFTokenizer, directo
   if index["tokenizer_sha256"] != tokenizer.fingerprint:
     made = "bytes" if index["tokenizer_sha256"] is None else "a tokenizer.json"
     given = "bytes" if tokenizer.fingerprint is None else str(getattr(tokenizer, "path", "a tokenizer.json"))
-    raise DataError(f"data.dataset {directory} was prepared with {made}, but data.tokenizer is {given}; "
-                    f"drop data.tokenizer or prepare the dataset again")
+    raise DataError(
+      f"data.dataset {directory} was prepared with {made}, but data.tokenizer is {given}; "
+      f"drop data.tokenizer or prepare the dataset again"
+    )

@@ -17,12 +17,10 @@ import pathlib
 import sysconfig
 from collections.abc import Iterator, Sequence
 
+from jaxeff.errors import DataError
+
 # Standard-library directories that are not ordinary library source.
 _STDLIB_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"})
-
-
-class DataError(ValueError):
-  """The data cannot be read or does not fit the requested batches; the message says why."""
 
 
 @dataclasses.dataclass
@@ -74,8 +72,9 @@ def default_corpus_files(max_bytes: int) -> list[pathlib.Path]:
     files.append(path)
     total += size
   if not files:
-    raise DataError(f"no standard-library source found under {root} within "
-                    f"max_corpus_bytes={max_bytes}; pass data.paths")
+    raise DataError(
+      f"no standard-library source found under {root} within max_corpus_bytes={max_bytes}; pass data.paths"
+    )
   return files
 
 

@@ -19,7 +19,6 @@ import pathlib
 import sys
 import time
 
-
 from jaxeff import cli
 
 
@@ -29,8 +28,11 @@ def parse_args(argv):
   Raises:
     jaxeff.cli.UsageError: an unknown flag, a missing value or a bad combination.
   """
-  p = cli.ArgumentParser(prog="python -m jaxeff.generate", description=__doc__.split("\n")[0],
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = cli.ArgumentParser(
+    prog="python -m jaxeff.generate",
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
   src = p.add_mutually_exclusive_group(required=True)
   src.add_argument("--checkpoint", metavar="DIR", help="a jaxeff.train output directory")
   src.add_argument("--hf", metavar="DIR_OR_GGUF", help="a Hugging Face checkpoint directory or a .gguf file")
@@ -42,20 +44,43 @@ def parse_args(argv):
   p.add_argument("--top-p", type=float, default=None, metavar="P")
   p.add_argument("--min-p", type=float, default=None, metavar="P")
   p.add_argument("--seed", type=int, default=0, metavar="S")
-  p.add_argument("--quant", choices=("int8", "int4", "gguf"),
-                 help="weight-only quantization of every Linear; gguf: serve a --hf .gguf file's Q8_0/Q4_0/Q4_1 "
-                      "blocks as stored (no float round trip)")
-  p.add_argument("--zero-point", action="store_true",
-                 help="with --quant int8/int4: asymmetric (scale and minimum per group; the 4-bit choice)")
-  p.add_argument("--group-size", type=int, default=None, metavar="G",
-                 help="quantization group size (default: per channel for int8, 32 for int4)")
-  p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                 help="compute and weight dtype (default float32: XLA:CPU runs bf16 matmuls slowly)")
-  p.add_argument("--scan-layers", action="store_true",
-                 help="--hf: run the layers as one scanned block (compiles several times faster, decodes "
-                      "slower); a --checkpoint keeps its own layout")
-  p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
-                 help="KV cache length (default: prompt + max-new-tokens; 1024 with --chat)")
+  p.add_argument(
+    "--quant",
+    choices=("int8", "int4", "gguf"),
+    help="weight-only quantization of every Linear; gguf: serve a --hf .gguf file's Q8_0/Q4_0/Q4_1 "
+    "blocks as stored (no float round trip)",
+  )
+  p.add_argument(
+    "--zero-point",
+    action="store_true",
+    help="with --quant int8/int4: asymmetric (scale and minimum per group; the 4-bit choice)",
+  )
+  p.add_argument(
+    "--group-size",
+    type=int,
+    default=None,
+    metavar="G",
+    help="quantization group size (default: per channel for int8, 32 for int4)",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="compute and weight dtype (default float32: XLA:CPU runs bf16 matmuls slowly)",
+  )
+  p.add_argument(
+    "--scan-layers",
+    action="store_true",
+    help="--hf: run the layers as one scanned block (compiles several times faster, decodes "
+    "slower); a --checkpoint keeps its own layout",
+  )
+  p.add_argument(
+    "--max-seq-len",
+    type=int,
+    default=None,
+    metavar="L",
+    help="KV cache length (default: prompt + max-new-tokens; 1024 with --chat)",
+  )
   args = p.parse(argv)
   if not args.chat and args.prompt is None:
     p.error("give --prompt TEXT (or --chat for an interactive session)")
@@ -81,6 +106,7 @@ def _use_compile_cache():
 def load(args):
   """(model, tokenizer) from --hf or --checkpoint, converted to --dtype and --quant."""
   import jaxeff
+  from jaxeff.errors import CheckpointError, HFError, UsageError
   from jaxeff.generate import tokenizer as tokenizer_lib
 
   dtypes = dict(dtype=args.dtype, param_dtype=args.dtype)
@@ -89,10 +115,10 @@ def load(args):
 
     path = pathlib.Path(args.hf)
     if not path.exists():
-      raise FileNotFoundError(f"--hf {path}: no such file or directory")
+      raise HFError(f"--hf {path}: no such file or directory")
     if args.quant == "gguf":
       if args.scan_layers or args.dtype != "float32":
-        raise ValueError("--quant gguf builds float32, per-layer modules: drop --scan-layers / --dtype")
+        raise UsageError("--quant gguf builds float32, per-layer modules: drop --scan-layers / --dtype")
       model, _ = hf.load(path, quantized=True)
     else:
       model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
@@ -104,15 +130,12 @@ def load(args):
 
     from jaxeff import data
     from jaxeff.models import Llama
-    from jaxeff.train import TrainError, load_checkpoint
+    from jaxeff.training import load_checkpoint
 
     path = pathlib.Path(args.checkpoint)
     if not path.is_dir():
-      raise FileNotFoundError(f"--checkpoint {path}: no such directory")
-    try:
-      model, train_cfg = load_checkpoint(path)
-    except TrainError as e:
-      raise FileNotFoundError(str(e)) from None
+      raise CheckpointError(f"--checkpoint {path}: no such directory")
+    model, train_cfg = load_checkpoint(path)
     if args.dtype != model.cfg.dtype or args.dtype != model.cfg.param_dtype:
       converted = nnx.eval_shape(lambda: Llama(dataclasses.replace(model.cfg, **dtypes), rngs=nnx.Rngs(0)))
       nnx.update(converted, _cast_floats(nnx.state(model), args.dtype))
@@ -133,8 +156,14 @@ def _cast_floats(tree, dtype):
 
 
 def _sampling(args, tok) -> dict:
-  return dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed,
-              stop_tokens=tok.stop_tokens)
+  return dict(
+    temperature=args.temperature,
+    top_k=args.top_k,
+    top_p=args.top_p,
+    min_p=args.min_p,
+    seed=args.seed,
+    stop_tokens=tok.stop_tokens,
+  )
 
 
 def _warm_up(gen, tok, ids, args, err):
@@ -156,41 +185,39 @@ def _generate_one(gen, tok, ids, args, out):
   return decoder.ids
 
 
-def _stats_line(gen, weight_bytes: int) -> str:
-  s = gen.stats
-  return (f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} new tokens, "
-          f"{s.decode_tokens_per_s:.1f} tok/s | weights: {weight_bytes / 2**20:.1f} MiB read per decode "
-          f"step | KV cache: {s.cache_bytes / 2**20:.1f} MiB ({gen.max_batch} x {gen.max_seq_len} positions)")
-
-
-def _weight_bytes(model) -> int:
-  """Bytes of every array of the model's state: what one decode step reads at least once."""
-  import jax
-  from flax import nnx
-
-  return sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)) if hasattr(x, "nbytes"))
+def _stats_line(gen) -> str:
+  s, weight_bytes = gen.stats, gen.weight_bytes
+  return (
+    f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} new tokens, "
+    f"{s.decode_tokens_per_s:.1f} tok/s | weights: {weight_bytes / 2**20:.1f} MiB read per decode "
+    f"step | KV cache: {s.cache_bytes / 2**20:.1f} MiB ({gen.max_batch} x {gen.max_seq_len} positions)"
+  )
 
 
 def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
+  from jaxeff.errors import GenerationError
   from jaxeff.generate import Generator
 
   t0 = time.perf_counter()
   model, tok = load(args)
-  print(f"loaded {args.hf or args.checkpoint} in {time.perf_counter() - t0:.1f} s "
-        f"({args.dtype}{', ' + args.quant if args.quant else ''})", file=err)
+  print(
+    f"loaded {args.hf or args.checkpoint} in {time.perf_counter() - t0:.1f} s "
+    f"({args.dtype}{', ' + args.quant if args.quant else ''})",
+    file=err,
+  )
   if not args.chat:
     ids = tok.encode(args.prompt)
     if not ids:
-      raise ValueError("the prompt encodes to no tokens")
+      raise GenerationError("the prompt encodes to no tokens")
     max_len = args.max_seq_len or len(ids) + args.max_new_tokens
     gen = Generator(model, max_batch=1, max_seq_len=max_len)
     _warm_up(gen, tok, ids, args, err)
     _generate_one(gen, tok, ids, args, out)
     out.write("\n")
-    print(_stats_line(gen, _weight_bytes(model)), file=err)
+    print(_stats_line(gen), file=err)
     return 0
   if not tok.chat_template:
-    raise ValueError("--chat needs a model with a chat template (this one has none); use --prompt")
+    raise GenerationError("--chat needs a model with a chat template (this one has none); use --prompt")
   # Decode reads the whole static cache every step, so the chat default stays moderate.
   gen = Generator(model, max_batch=1, max_seq_len=args.max_seq_len or 1024)
   messages = []
@@ -213,7 +240,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     new = _generate_one(gen, tok, ids, args, out)
     out.write("\n")
     out.flush()
-    print(_stats_line(gen, _weight_bytes(model)), file=err)
+    print(_stats_line(gen), file=err)
     messages.append({"role": "assistant", "content": tok.decode(new)})
   return 0
 
@@ -228,14 +255,15 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     return 2
   host_malloc.prepare_cpu_host()  # before jax starts (see jaxeff/host_malloc.py)
   _use_compile_cache()
-  from jaxeff.training.checkpoint import quiet_abandoned_reads
+  from jaxeff.checkpoint import quiet_abandoned_reads
+
   quiet_abandoned_reads()  # a damaged checkpoint stays one error line
-  from jaxeff.generate import GenerationError
-  from jaxeff.hf import HFError
+  cli.log_to_stderr()
+  from jaxeff.errors import JaxeffError
 
   try:
     return run(args, stdin, out, err)
-  except (HFError, GenerationError, FileNotFoundError, ValueError) as e:
+  except JaxeffError as e:
     print(f"error: {e}", file=err)
     return 2
   except KeyboardInterrupt:

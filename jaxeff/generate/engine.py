@@ -1,11 +1,22 @@
 """Generator: static-KV-cache text generation, compiled once, cache buffers donated.
 
-  gen = Generator(model, max_batch=8, max_seq_len=512)
-  new_ids = gen.generate([[1, 2, 3], [4, 5]], max_new_tokens=32)            # greedy
-  new_ids = gen.generate(prompts, max_new_tokens=32, temperature=0.7, top_p=0.9, seed=1)
-  for step in gen.stream([prompt], max_new_tokens=32): print(step[0])      # a token id per row, None when done
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> from jaxeff import ModelConfig
+>>> from jaxeff.models import Llama
+>>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+>>> model = Llama(cfg, rngs=nnx.Rngs(0))
+>>> from jaxeff.generate import Generator
+>>> gen = Generator(model, max_batch=2, max_seq_len=32)
+>>> new_ids = gen.generate([[1, 2, 3], [4, 5]], max_new_tokens=4)           # greedy: 4 ids per prompt
+>>> [len(ids) for ids in new_ids]
+[4, 4]
+>>> sampled = gen.generate([[1, 2, 3]], max_new_tokens=4, temperature=0.7, top_p=0.9, seed=1)
+>>> steps = list(gen.stream([[1, 2, 3], [4]], max_new_tokens=3))           # per step, an id per row
+>>> len(steps), len(steps[0])                                              # (None once a row stops)
+(3, 2)
 
-The gpt-fast / MaxText pattern on top of `model(tokens, positions, cache=...)`:
+The gpt-fast / MaxText pattern on top of `model.forward_with_cache(tokens, positions, cache)`:
 - Prefill runs the prompts, right-padded to a power-of-two length bucket (so a new prompt length
   rarely compiles), writes their keys/values into the cache and samples each row's first token from
   its own last position.
@@ -32,7 +43,7 @@ import collections
 import contextlib
 import dataclasses
 import time
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,16 +51,13 @@ import numpy as np
 from flax import nnx
 
 from jaxeff import sharding
+from jaxeff.errors import GenerationError
 from jaxeff.generate.sampling import SamplingParams, sample
 from jaxeff.models.attention import index_positions
 from jaxeff.models.kv_cache import init_cache
 
 MAX_STOP_TOKENS = 16  # stop ids travel as a fixed-size array, so their number never recompiles
 LOOPS = ("device", "host")
-
-
-class GenerationError(ValueError):
-  """Prompts or settings the generator cannot serve; the message says why."""
 
 
 @dataclasses.dataclass
@@ -99,8 +107,16 @@ class Generator:
       over the compiled one-token step, as `stream` always uses).
   """
 
-  def __init__(self, model, *, max_batch: int, max_seq_len: int, mesh: jax.sharding.Mesh | None = None,
-               min_prefill_bucket: int = 16, loop: str = "device"):
+  def __init__(
+    self,
+    model,
+    *,
+    max_batch: int,
+    max_seq_len: int,
+    mesh: jax.sharding.Mesh | None = None,
+    min_prefill_bucket: int = 16,
+    loop: str = "device",
+  ):
     if max_batch < 1 or max_seq_len < 2:
       raise GenerationError(f"need max_batch >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
     if loop not in LOOPS:
@@ -108,10 +124,8 @@ class Generator:
     self.cfg = model.cfg
     self.max_batch, self.max_seq_len, self.mesh, self.loop = max_batch, max_seq_len, mesh, loop
     self.min_prefill_bucket = min_prefill_bucket
-    graphdef, state = nnx.split(model)
-    if mesh is not None:
-      state = jax.device_put(state, sharding.state_shardings(state, mesh))
-    self._graphdef, self._state = graphdef, state
+    self._graphdef, state = nnx.split(model)
+    self.use_weights(state)
     # How often each program was traced; each trace is one compilation (tests assert on it).
     self.traces: collections.Counter = collections.Counter()
     self._prefill = jax.jit(self._prefill_fn, static_argnames="sampling", donate_argnames="cache")
@@ -124,6 +138,18 @@ class Generator:
     self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(self._cache))
     self.stats = GenerationStats(cache_bytes=self.cache_bytes)
 
+  def use_weights(self, state) -> None:
+    """Serves these weights from now on: an `nnx.state` of a model with this Generator's graph
+    and the same shapes and dtypes (e.g. after more training); nothing recompiles."""
+    if self.mesh is not None:
+      state = jax.device_put(state, sharding.state_shardings(state, self.mesh))
+    self._state = state
+
+  @property
+  def weight_bytes(self) -> int:
+    """Bytes of the served weights (quantized ones as stored): what a decode step reads at least once."""
+    return sum(x.nbytes for x in jax.tree.leaves(self._state) if hasattr(x, "nbytes"))
+
   # ------------------------------------------------------------------ compiled programs
 
   def _model(self, state):
@@ -134,7 +160,7 @@ class Generator:
     self.traces["prefill", tokens.shape[1], sampling] += 1
     model = self._model(state)
     positions = index_positions(*tokens.shape)
-    x, cache = model.hidden_states(tokens, positions, cache=cache)
+    x, cache = model.forward_with_cache(tokens, positions, cache)
     last = jnp.take_along_axis(x, (lengths - 1)[:, None, None], axis=1)[:, 0]
     logits = model.logits(last)
     return sample(logits, _fold_positions(keys, lengths), sampling, values), cache
@@ -142,9 +168,10 @@ class Generator:
   def _decode_fn(self, state, cache, tokens, positions, keys, values, *, sampling):
     """One token per row at its own position -> (next token [B], next positions [B], cache)."""
     self.traces["decode", sampling] += 1
-    logits, cache = self._model(state)(tokens[:, None], positions[:, None], cache=cache)
+    model = self._model(state)
+    x, cache = model.forward_with_cache(tokens[:, None], positions[:, None], cache)
     next_positions = positions + 1
-    return sample(logits[:, 0], _fold_positions(keys, next_positions), sampling, values), next_positions, cache
+    return sample(model.logits(x[:, 0]), _fold_positions(keys, next_positions), sampling, values), next_positions, cache
 
   def _loop_fn(self, state, cache, first, positions, keys, done, stop_tokens, num_tokens, values, *, sampling):
     """Up to `num_tokens` tokens per row on the device: [B, max_seq_len] ids, -1 after a row stops."""
@@ -165,8 +192,9 @@ class Generator:
 
     def body(carry):
       state, cache, tok, pos, t, done, out = carry
-      logits, cache = self._model(state)(tok[:, None], pos[:, None], cache=cache)
-      tok = sample(logits[:, 0], _fold_positions(keys, pos + 1), sampling, values)
+      model = self._model(state)
+      x, cache = model.forward_with_cache(tok[:, None], pos[:, None], cache)
+      tok = sample(model.logits(x[:, 0]), _fold_positions(keys, pos + 1), sampling, values)
       out, done = record(out, t, tok, done)
       return state, cache, tok, pos + 1, t + 1, done, out
 
@@ -200,8 +228,9 @@ class Generator:
         raise GenerationError(f"prompt {i} has token ids outside [0, {vocab})")
       if ids.size + max_new_tokens > self.max_seq_len:
         raise GenerationError(
-            f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} it needs "
-            f"{ids.size + max_new_tokens} cache positions, more than max_seq_len={self.max_seq_len}")
+          f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} it needs "
+          f"{ids.size + max_new_tokens} cache positions, more than max_seq_len={self.max_seq_len}"
+        )
       out.append(ids.astype(np.int32))
     return out
 
@@ -216,7 +245,7 @@ class Generator:
     bucket = prefill_bucket(int(lengths.max()), self.max_seq_len, self.min_prefill_bucket)
     tokens = np.zeros((self.max_batch, bucket), np.int32)
     for i, p in enumerate(prompts):
-      tokens[i, :len(p)] = p
+      tokens[i, : len(p)] = p
     all_seeds = np.zeros(self.max_batch, np.uint32)
     all_seeds[:n] = seeds
     keys = jax.vmap(jax.random.key)(jnp.asarray(all_seeds))
@@ -224,17 +253,27 @@ class Generator:
     done = np.arange(self.max_batch) >= n
     t0 = time.perf_counter()
     with self._mesh():
-      first, self._cache = self._prefill(self._state, self._cache, tokens, lengths, keys, values,
-                                         sampling=sampling.static)
+      first, self._cache = self._prefill(
+        self._state, self._cache, tokens, lengths, keys, values, sampling=sampling.static
+      )
       first.block_until_ready()
     self.stats.prefill_seconds += time.perf_counter() - t0
     self.stats.prompt_tokens += int(lengths[:n].sum())
     # Committed like the positions each decode step returns, so step 2 reuses step 1's program.
     return first, jax.device_put(lengths, first.sharding), keys, done, values
 
-  def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-               top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-               seed: int | Sequence[int] = 0, stop_tokens: Sequence[int] = ()) -> list[list[int]]:
+  def generate(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int | Sequence[int] = 0,
+    stop_tokens: Sequence[int] = (),
+  ) -> list[list[int]]:
     """New token ids for each prompt (stop token excluded).
 
     Args:
@@ -252,7 +291,7 @@ class Generator:
     self.stats = GenerationStats(cache_bytes=self.cache_bytes)
     results = []
     for c in range(0, len(prompts), self.max_batch):
-      chunk, chunk_seeds = prompts[c:c + self.max_batch], seeds[c:c + self.max_batch]
+      chunk, chunk_seeds = prompts[c : c + self.max_batch], seeds[c : c + self.max_batch]
       if self.loop == "host":
         rows = [[] for _ in chunk]
         for step in self._host_loop(chunk, max_new_tokens, sampling, chunk_seeds, stop_tokens):
@@ -264,9 +303,18 @@ class Generator:
         results += self._device_loop(chunk, max_new_tokens, sampling, chunk_seeds, stop_tokens)
     return results
 
-  def stream(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, min_p: float | None = None,
-             seed: int | Sequence[int] = 0, stop_tokens: Sequence[int] = ()) -> Iterator[list[int | None]]:
+  def stream(
+    self,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    seed: int | Sequence[int] = 0,
+    stop_tokens: Sequence[int] = (),
+  ) -> Iterator[list[int | None]]:
     """Yields, per step, one new token id per prompt (None for a row that has stopped).
 
     Same arguments as `generate`; at most `max_batch` prompts.
@@ -288,8 +336,9 @@ class Generator:
     for t in range(max_new_tokens):
       if t + 1 < max_new_tokens:  # dispatch the next step before reading this one's tokens
         with self._mesh():
-          tok, positions, self._cache = self._decode(self._state, self._cache, tok, positions, keys, values,
-                                                     sampling=sampling.static)
+          tok, positions, self._cache = self._decode(
+            self._state, self._cache, tok, positions, keys, values, sampling=sampling.static
+          )
         self.stats.decode_steps += 1
       step = []
       for i, x in enumerate(np.asarray(pending)[:n].tolist()):
@@ -310,33 +359,77 @@ class Generator:
   def _device_loop(self, prompts, max_new_tokens, sampling, seed, stop_tokens) -> list[list[int]]:
     first, positions, keys, done, values = self._start(prompts, sampling, seed, stop_tokens)
     stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
-    stops[:len(stop_tokens)] = list(stop_tokens)
+    stops[: len(stop_tokens)] = list(stop_tokens)
     t0 = time.perf_counter()
     with self._mesh():
-      out, steps, self._cache = self._loop(self._state, self._cache, first, positions, keys, done, stops,
-                                           np.int32(max_new_tokens), values, sampling=sampling.static)
+      out, steps, self._cache = self._loop(
+        self._state,
+        self._cache,
+        first,
+        positions,
+        keys,
+        done,
+        stops,
+        np.int32(max_new_tokens),
+        values,
+        sampling=sampling.static,
+      )
       out = np.asarray(out)
     self.stats.decode_seconds += time.perf_counter() - t0
     self.stats.decode_steps += int(steps)
     rows = []
-    for row in out[:len(prompts), :max_new_tokens]:
+    for row in out[: len(prompts), :max_new_tokens]:
       stop_at = np.flatnonzero(row < 0)
-      rows.append(row[:stop_at[0] if stop_at.size else max_new_tokens].tolist())
+      rows.append(row[: stop_at[0] if stop_at.size else max_new_tokens].tolist())
     self.stats.new_tokens += sum(len(r) for r in rows)
     self.stats.decode_tokens += sum(max(0, len(r) - 1) for r in rows)
     return rows
 
 
-def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
-  """One call: builds a `Generator` sized for these prompts and returns each prompt's new token ids.
+# One-call `generate`: [(model graph, rest of the key, Generator)], newest last. Each Generator
+# holds its compiled programs and one KV cache, so only a few are kept. A list compared with ==:
+# a graph holds its ModelConfig, a mutable (unhashable) dataclass.
+_GENERATORS: list = []
+MAX_CACHED_GENERATORS = 4
 
-  `kwargs` go to `Generator.generate` (temperature, top_k, top_p, min_p, seed, stop_tokens) or to
-  `Generator` (mesh, loop). Build a `Generator` yourself to serve many requests without recompiling.
+
+def _bucket(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+def generator_for(model, *, max_batch: int, max_seq_len: int, **options) -> Generator:
+  """A `Generator` for `model` with at least `max_batch` rows of `max_seq_len` positions (both
+  rounded up to powers of two), reused across calls: a model with an equal graph and the same
+  weight shapes, dtypes and shardings gets the same compiled programs, serving its own current
+  weights. `options` are `Generator`'s (mesh, loop, min_prefill_bucket)."""
+  graphdef, state = nnx.split(model)
+  layout = tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(state))
+  key = (layout, _bucket(max_batch), _bucket(max_seq_len), tuple(sorted(options.items())))
+  for i, (g, k, gen) in enumerate(_GENERATORS):
+    if k == key and g == graphdef:
+      del _GENERATORS[i]
+      gen.use_weights(state)
+      break
+  else:
+    gen = Generator(model, max_batch=_bucket(max_batch), max_seq_len=_bucket(max_seq_len), **options)
+  _GENERATORS.append((graphdef, key, gen))
+  del _GENERATORS[:-MAX_CACHED_GENERATORS]
+  return gen
+
+
+def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+  """One call: each prompt's new token ids, from a `Generator` sized for these prompts.
+
+  Calls with the same model graph (its current weights are used) and prompts that fit the same
+  power-of-two batch and length buckets reuse one Generator and its compiled programs
+  (`generator_for`), so only the first call compiles. `kwargs` go to `Generator.generate`
+  (temperature, top_k, top_p, min_p, seed, stop_tokens) or to `Generator` (mesh, loop,
+  min_prefill_bucket).
   """
   gen_keys = {"mesh", "loop", "min_prefill_bucket"}
   gen_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in gen_keys}
   if not prompts:
     raise GenerationError("prompts must be a non-empty list of token-id lists")
   longest = max(len(p) for p in prompts)
-  gen = Generator(model, max_batch=len(prompts), max_seq_len=longest + max_new_tokens, **gen_kw)
+  gen = generator_for(model, max_batch=len(prompts), max_seq_len=longest + max_new_tokens, **gen_kw)
   return gen.generate(prompts, max_new_tokens=max_new_tokens, **kwargs)

@@ -1,6 +1,14 @@
 """Next-token sampling inside the compiled step: greedy, temperature, top-k, top-p, min-p.
 
-  tokens = sample(logits, keys, SamplingParams(temperature=0.8, top_p=0.95))   # logits [B, V], keys [B]
+>>> import jax, jax.numpy as jnp
+>>> from jaxeff.generate.sampling import SamplingParams, sample
+>>> params = SamplingParams(temperature=0.8, top_p=0.95)
+>>> logits = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))  # [B, V]
+>>> keys = jax.random.split(jax.random.key(0), 2)                     # one key per row
+>>> sample(logits, keys, params.static, params.values()).shape
+(2,)
+>>> sample(logits, keys, SamplingParams().static, {}).tolist()         # greedy: the argmax
+[0, 2]
 
 The filters apply in the order Hugging Face's `generate` applies them: temperature, then top-k
 (keep the k largest logits), top-p (nucleus, Holtzman et al. 2020: keep the most probable tokens
@@ -12,8 +20,8 @@ Each row draws from its own key, so a row's tokens depend only on its logits and
 seed gives the same tokens whether a prompt runs alone or in a batch.
 
 What decides the compiled program's structure (greedy or not, top-k's k, whether top-p and min-p
-apply) is static (`SamplingParams.static`); the temperature, p and min-p values are arrays, so
-changing them does not recompile.
+apply) is static (`SamplingParams.static`, a hashable `SamplingShape`); the temperature, p and
+min-p values are arrays, so changing them does not recompile.
 """
 
 from __future__ import annotations
@@ -23,7 +31,19 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxeff.errors import GenerationError
+
 _NEG_INF = -jnp.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingShape:
+  """The part of the sampling settings that shapes the compiled program (a jit static argument)."""
+
+  greedy: bool = True
+  top_k: int | None = None
+  top_p: bool = False  # a nucleus filter runs (its p is an array)
+  min_p: bool = False  # a min-p filter runs (its ratio is an array)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,29 +64,32 @@ class SamplingParams:
 
   def __post_init__(self):
     if not self.temperature >= 0:
-      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+      raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
     if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-      raise ValueError(f"top_k must be a positive integer or None, got {self.top_k!r}")
+      raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}")
     if self.top_p is not None and not 0 < self.top_p <= 1:
-      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+      raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
     if self.min_p is not None and not 0 <= self.min_p <= 1:
-      raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+      raise GenerationError(f"min_p must be in [0, 1], got {self.min_p}")
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0
 
   @property
-  def static(self) -> tuple:
+  def static(self) -> SamplingShape:
     """The part that shapes the compiled program (a jit static argument)."""
     if self.greedy:
-      return (True, None, False, False)
-    return (False, self.top_k, self.top_p is not None, self.min_p is not None)
+      return SamplingShape()
+    return SamplingShape(False, self.top_k, self.top_p is not None, self.min_p is not None)
 
   def values(self) -> dict[str, jax.Array]:
     """The part passed as arrays (changing it does not recompile)."""
-    return {"temperature": jnp.float32(self.temperature or 1.0), "top_p": jnp.float32(self.top_p or 1.0),
-            "min_p": jnp.float32(self.min_p or 0.0)}
+    return {
+      "temperature": jnp.float32(self.temperature or 1.0),
+      "top_p": jnp.float32(self.top_p or 1.0),
+      "min_p": jnp.float32(self.min_p or 0.0),
+    }
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -97,22 +120,22 @@ def min_p_filter(logits: jax.Array, min_p: jax.Array) -> jax.Array:
   return jnp.where(logits < top + jnp.log(min_p), _NEG_INF, logits)
 
 
-def filtered_logits(logits: jax.Array, static: tuple, values: dict) -> jax.Array:
+def filtered_logits(logits: jax.Array, static: SamplingShape, values: dict) -> jax.Array:
   """Temperature-scaled logits [B, V] with the configured filters applied (-inf outside)."""
-  _, top_k, use_top_p, use_min_p = static
   logits = logits.astype(jnp.float32) / values["temperature"]
-  if top_k is not None:
-    logits = top_k_filter(logits, top_k)
-  if use_top_p:
+  if static.top_k is not None:
+    logits = top_k_filter(logits, static.top_k)
+  if static.top_p:
     logits = top_p_filter(logits, values["top_p"])
-  if use_min_p:
+  if static.min_p:
     logits = min_p_filter(logits, values["min_p"])
   return logits
 
 
-def sample(logits: jax.Array, keys: jax.Array, static: tuple, values: dict) -> jax.Array:
-  """int32 tokens [B] from logits [B, V], one typed PRNG key per row (`keys` [B])."""
-  if static[0]:
+def sample(logits: jax.Array, keys: jax.Array, static: SamplingShape, values: dict) -> jax.Array:
+  """int32 tokens [B] from logits [B, V], one typed PRNG key per row (`keys` [B]); `static` and
+  `values` are a `SamplingParams`' `.static` and `.values()`."""
+  if static.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filtered_logits(logits, static, values)
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)

@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
-from jaxeff.hf import HFError
+from jaxeff.errors import HFError
 
 
 class TextTokenizer:
@@ -33,8 +33,15 @@ class TextTokenizer:
     special_tokens: names the template may use (bos_token, eos_token, ...).
   """
 
-  def __init__(self, encode_fn, decode_fn, *, stop_tokens: Sequence[int] = (), chat_template: str | None = None,
-               special_tokens: dict | None = None):
+  def __init__(
+    self,
+    encode_fn,
+    decode_fn,
+    *,
+    stop_tokens: Sequence[int] = (),
+    chat_template: str | None = None,
+    special_tokens: dict | None = None,
+  ):
     self._encode, self._decode = encode_fn, decode_fn
     self.stop_tokens = tuple(dict.fromkeys(int(t) for t in stop_tokens))
     self.chat_template = chat_template
@@ -53,16 +60,16 @@ class TextTokenizer:
     import jinja2
     from jinja2 import sandbox
 
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                undefined=jinja2.StrictUndefined)
+    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
 
     def raise_exception(message):
       raise HFError(f"chat template: {message}")
 
     env.globals["raise_exception"] = raise_exception
     tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
-    return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                      **tokens)
+    return env.from_string(self.chat_template).render(
+      messages=messages, add_generation_prompt=add_generation_prompt, **tokens
+    )
 
 
 def _token_content(value) -> str | None:
@@ -98,9 +105,13 @@ def from_hf_dir(path: str | os.PathLike) -> TextTokenizer:
   template = config.get("chat_template")
   if isinstance(template, list):  # several named templates: take the default one
     template = next((t["template"] for t in template if t.get("name") == "default"), None)
-  return TextTokenizer(lambda text, specials: tok.encode(text, add_special_tokens=specials).ids,
-                       lambda ids: tok.decode(ids, skip_special_tokens=True),
-                       stop_tokens=stops, chat_template=template, special_tokens=specials)
+  return TextTokenizer(
+    lambda text, specials: tok.encode(text, add_special_tokens=specials).ids,
+    lambda ids: tok.decode(ids, skip_special_tokens=True),
+    stop_tokens=stops,
+    chat_template=template,
+    special_tokens=specials,
+  )
 
 
 def from_data_tokenizer(tok) -> TextTokenizer:
@@ -132,5 +143,5 @@ class StreamDecoder:
     text = self.tokenizer.decode(self.ids)
     if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for its other bytes
       return ""
-    new, self.printed = text[self.printed:], len(text)
+    new, self.printed = text[self.printed :], len(text)
     return new

@@ -1,47 +1,96 @@
-"""Attention implementations, chosen by `ModelConfig.attention`.
+"""Attention implementations, chosen by `ModelConfig.attention` from one registry.
 
-Every implementation has the signature
+Every implementation's function has the signature
 
   fn(q [B, S, H, D], k [B, T, KVH, D], v [B, T, KVH, D], *, q_positions [B, S] | None,
-     kv_positions [B, T] | None, sliding_window: int | None) -> [B, S, H, D]
+     kv_positions [B, T] | None, sliding_window: int | None, **options) -> [B, S, H, D]
 
 and applies causal masking by position: a key is visible when kv_pos <= q_pos, and with a sliding
-window also q_pos - kv_pos < sliding_window. Implementations that support StreamingLLM attention
-sinks (`dense`, `sparse`) take `sinks=N` too: keys at positions < N stay visible (still causal);
-the model passes it only when `ModelConfig.attention_sinks` is set. Grouped-query attention: query head h reads kv head
-h // (H // KVH).
+window also q_pos - kv_pos < sliding_window. The registry entry (`AttentionImpl`) says what else an
+implementation takes, and the model passes exactly that: `sinks=N` (StreamingLLM attention sinks:
+keys at positions < N stay visible, still causal) when it supports sinks and
+`ModelConfig.attention_sinks` is set, `topk_blocks=K` likewise. Grouped-query attention: query
+head h reads kv head h // (H // KVH).
 
 What the model knows statically it passes statically, so no implementation re-checks it at run
 time: positions are None exactly when they are 0..S-1 for every row on both sides (self-attention
 over one sequence, no cache; then T == S), and an implementation may then take the mask from
 indices (skip blocks). Given positions (explicit ones, or a KV cache's during decode) must be
-masked by value. A kernel (e.g. Pallas sparse attention) plugs in with
-`register_attention(name, fn)` and `model.attention=name`; the model code does not change.
+masked by value.
+
+An implementation with parameters (NSA, jaxeff/models/nsa.py) registers a `module` factory
+instead: each attention layer owns `module(cfg, rngs=rngs)` and calls it as `module(x, q, k, v)`
+(x: the layer's input) in place of `fn`. A kernel or a new method plugs in with
+`register_attention(name, fn, ...)` and `model.attention=name`; the model code does not change.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
+from jaxeff import sharding
+from jaxeff.errors import ConfigError
+
 AttentionFn = Callable[..., jax.Array]
 # A large finite mask value, not -inf: a fully masked row then gives a uniform softmax, not NaN.
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
-ATTENTION_IMPLS: dict[str, AttentionFn] = {}
 
 
-def register_attention(name: str, fn: AttentionFn) -> AttentionFn:
-  ATTENTION_IMPLS[name] = fn
-  return fn
+@dataclasses.dataclass(frozen=True)
+class AttentionImpl:
+  """A registered attention implementation and what it supports.
+
+  Attributes:
+    fn: the attention function (module docstring), or None for a `module` implementation.
+    sinks: takes `sinks=N` (attention sinks beside a window or top-k blocks).
+    topk_blocks: takes `topk_blocks=K` (selected key blocks per query block).
+    cache: works over a KV cache (given positions, a query shorter than the keys): decode.
+    module: `module(cfg, rngs=...)` builds the layer's own parameters; its `__call__(x, q, k, v)`
+      replaces `fn` (whole sequences at positions 0..S-1 only).
+    check: extra config checks, `check(cfg)` raising `ConfigError`.
+  """
+
+  fn: AttentionFn | None = None
+  sinks: bool = False
+  topk_blocks: bool = False
+  cache: bool = True
+  module: Callable | None = None
+  check: Callable | None = None
 
 
-def get_attention(name: str) -> AttentionFn:
+ATTENTION_IMPLS: dict[str, AttentionImpl] = {}
+
+
+def register_attention(name: str, fn: AttentionFn | None = None, **supports) -> AttentionImpl:
+  """Registers implementation `name` (`AttentionImpl`'s fields as keywords); returns its entry."""
+  impl = AttentionImpl(fn, **supports)
+  if (impl.fn is None) == (impl.module is None):
+    raise ValueError(f"attention {name!r}: give exactly one of fn and module")
+  ATTENTION_IMPLS[name] = impl
+  return impl
+
+
+def get_attention(name: str) -> AttentionImpl:
   if name not in ATTENTION_IMPLS:
-    raise ValueError(f"unknown attention implementation {name!r}; available: {', '.join(sorted(ATTENTION_IMPLS))}")
+    raise ConfigError(f"unknown model.attention {name!r}; available: {', '.join(sorted(ATTENTION_IMPLS))}")
   return ATTENTION_IMPLS[name]
+
+
+def check_config(cfg) -> AttentionImpl:
+  """The entry for `cfg.attention`, after checking that it implements what `cfg` asks of it."""
+  impl = get_attention(cfg.attention)
+  for field, supported in (("attention_sinks", impl.sinks), ("attention_topk_blocks", impl.topk_blocks)):
+    if getattr(cfg, field) and not supported:
+      able = sorted(n for n, i in ATTENTION_IMPLS.items() if getattr(i, field.removeprefix("attention_")))
+      raise ConfigError(f"model.{field} is implemented by attention {', '.join(able)}, not {cfg.attention!r}")
+  if impl.check is not None:
+    impl.check(cfg)
+  return impl
 
 
 def index_positions(batch: int, length: int) -> jax.Array:
@@ -73,7 +122,7 @@ def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_win
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
-register_attention("dense", dense_attention)
+register_attention("dense", dense_attention, sinks=True)
 
 
 # ---------------------------------------------------------------- block-causal attention (jnp)
@@ -138,8 +187,9 @@ def _backward(q, k, v, out, stats, d_out, window, num_blocks):
     qb, kb, vb, dob = q[:, :, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], d_out[:, :, :, q0:q1]
     s, visible = _block_scores(qb, kb, q0, k0, window, scale)
     p = jnp.exp(s - stats[0][:, :, :, q0:q1]) * stats[1][:, :, :, q0:q1]
-    dv = dv.at[:, :, k0:q1].add(jnp.einsum("bkgst,bkgsd->bktd", p.astype(dob.dtype), dob,
-                                           preferred_element_type=jnp.float32))
+    dv = dv.at[:, :, k0:q1].add(
+      jnp.einsum("bkgst,bkgsd->bktd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
+    )
     dp = jnp.einsum("bkgsd,bktd->bkgst", dob, vb, preferred_element_type=jnp.float32)
     # Masked scores are constants: no gradient.
     ds = jnp.where(visible, p * (dp - delta[:, :, :, q0:q1]) * scale, 0.0).astype(q.dtype)
@@ -185,8 +235,7 @@ def blocked_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_w
   kvh = k.shape[2]
   num_blocks = _num_query_blocks(s)
   if q_positions is not None or kv_positions is not None or k.shape[1] != s or num_blocks == 1:
-    return dense_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions,
-                           sliding_window=sliding_window)
+    return dense_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions, sliding_window=sliding_window)
   qt = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
   out = _blocked(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), sliding_window, num_blocks)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
@@ -220,8 +269,10 @@ def mean_key_block_selection(q, k, *, q_positions, kv_positions, topk: int, bloc
   reachable = jnp.min(kv_pos, axis=-1)[:, None, :] <= last  # some key a query of the block may see
   forced = reachable & ~past
   key_sums = jnp.pad(k.astype(jnp.float32), ((0, 0), (0, nk * block_kv - t), (0, 0), (0, 0)))
-  key_means = key_sums.reshape(b, nk, block_kv, kvh, d).sum(2) / jnp.minimum(
-      block_kv, t - jnp.arange(nk) * block_kv)[None, :, None, None]  # [B, nk, KVH, D]
+  key_means = (
+    key_sums.reshape(b, nk, block_kv, kvh, d).sum(2)
+    / jnp.minimum(block_kv, t - jnp.arange(nk) * block_kv)[None, :, None, None]
+  )  # [B, nk, KVH, D]
   q0 = q[:, ::block_q].astype(jnp.float32).reshape(b, nq, kvh, h // kvh, d).sum(3)  # [B, nq, KVH, D]
   scores = jnp.einsum("bikd,bjkd->bkij", q0, key_means)
   scores = jnp.where(past[:, None], scores, -jnp.inf)
@@ -237,34 +288,45 @@ def mean_key_block_selection(q, k, *, q_positions, kv_positions, topk: int, bloc
   return jnp.concatenate([top(scores, topk), top(forced, -(-block_q // block_kv) + 1)], axis=-1)
 
 
-def sparse_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0,
-                     topk_blocks=0):
+def sparse_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0, topk_blocks=0):
   """`pallas_kernels.sparse_attention`: block-sparse flash attention whose key blocks outside the
   causal / sliding-window / sink / top-k mask are never loaded (Mosaic on TPU, Triton on GPU, a
   gathered XLA path on CPU). Index positions (None) are the op's default; a KV cache's positions are
   masked by value. `topk_blocks` > 0 adds `mean_key_block_selection`'s blocks to the union. On a
-  mesh the op wraps itself in `shard_map` over the axes that `jaxeff.sharding.LOGICAL_RULES` gives
-  the batch and heads."""
+  mesh the op wraps itself in `shard_map` over the axes the sharding rules give the batch and
+  heads."""
   import pallas_kernels  # here: only models that choose this attention need the kernels package
   from pallas_kernels.sparse_attention import ops as sparse_ops
 
-  from jaxeff import sharding
-
-  rules = sharding.LOGICAL_RULES
   block_indices = block_sizes = None
   if topk_blocks:
     b, s = q.shape[:2]
     t = k.shape[1]
     block_sizes = sparse_ops.resolve_block_sizes(sparse_ops.default_impl(), s, t, None)
     block_indices = mean_key_block_selection(
-        q, k, q_positions=index_positions(b, s) if q_positions is None else q_positions,
-        kv_positions=index_positions(b, t) if kv_positions is None else kv_positions, topk=topk_blocks,
-        block_q=block_sizes.block_q, block_kv=block_sizes.block_kv)
+      q,
+      k,
+      q_positions=index_positions(b, s) if q_positions is None else q_positions,
+      kv_positions=index_positions(b, t) if kv_positions is None else kv_positions,
+      topk=topk_blocks,
+      block_q=block_sizes.block_q,
+      block_kv=block_sizes.block_kv,
+    )
   out = pallas_kernels.sparse_attention(
-      q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), causal=True,
-      window=sliding_window, sinks=sinks, block_indices=block_indices, block_sizes=block_sizes,
-      q_positions=q_positions, kv_positions=kv_positions, batch_axes=rules["batch"], head_axes=rules["heads"])
+    q.transpose(0, 2, 1, 3),
+    k.transpose(0, 2, 1, 3),
+    v.transpose(0, 2, 1, 3),
+    causal=True,
+    window=sliding_window,
+    sinks=sinks,
+    block_indices=block_indices,
+    block_sizes=block_sizes,
+    q_positions=q_positions,
+    kv_positions=kv_positions,
+    batch_axes=sharding.mesh_axes(sharding.BATCH),
+    head_axes=sharding.mesh_axes(sharding.HEADS),
+  )
   return out.transpose(0, 2, 1, 3)
 
 
-register_attention("sparse", sparse_attention)
+register_attention("sparse", sparse_attention, sinks=True, topk_blocks=True)

@@ -1,7 +1,17 @@
 """Static KV cache: preallocated keys and values per layer, written at each sequence's positions.
 
-  cache = init_cache(cfg, batch_size=8, max_len=512)         # zeros, fixed shape, sharded by logical axes
-  logits, cache = model(tokens, positions, cache=cache)      # writes k/v at `positions`, attends over the cache
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> from jaxeff import ModelConfig
+>>> from jaxeff.models import Llama
+>>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+>>> model = Llama(cfg, rngs=nnx.Rngs(0))
+>>> from jaxeff.models.kv_cache import init_cache
+>>> cache = init_cache(cfg, batch_size=2, max_len=16)     # zeros, fixed shape, sharded by logical axes
+>>> cache.k[0].shape                                      # per layer [batch, kv_heads, max_len, head_dim]
+(2, 2, 16, 8)
+>>> tokens, positions = jnp.ones((2, 3), jnp.int32), jnp.array([[0, 1, 2], [5, 6, 7]])
+>>> hidden, cache = model.forward_with_cache(tokens, positions, cache)   # writes k/v at `positions`
 
 The gpt-fast / MaxText pattern: shapes never change, so prefill and decode compile once and the
 buffers can be donated and updated in place. Slot t of a row holds that row's token at position t,
@@ -14,10 +24,10 @@ speculation) is writing at an earlier position.
 
 Layout: per layer [batch, kv_heads, max_len, head_dim], heads-major like gpt-fast's (XLA copied
 a [batch, max_len, kv_heads, head_dim] cache into this order every decode step for attention's
-matmuls), with logical axes ("batch", "kv_heads", "seq", "head_dim"), so it shards like the
+matmuls), with logical axes (BATCH, KV_HEADS, SEQ, HEAD_DIM), so it shards like the
 activations (batch over data/fsdp, kv heads over tensor). `as_attention_layout` gives the attention
 registry's [batch, max_len, kv_heads, head_dim] view; XLA cancels the two transposes. Models with
-`scan_layers` keep one stacked array per k and v with a leading "layers" axis, which `nnx.scan`
+`scan_layers` keep one stacked array per k and v with a leading LAYERS axis, which `nnx.scan`
 slices like the stacked parameters.
 """
 
@@ -29,10 +39,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.config import ModelConfig
-from jaxeff.sharding import constrain
+from jaxeff.sharding import BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ, constrain
 
-CACHE_AXES = ("batch", "kv_heads", "seq", "head_dim")
-STACKED_CACHE_AXES = ("layers",) + CACHE_AXES
+CACHE_AXES = (BATCH, KV_HEADS, SEQ, HEAD_DIM)
+STACKED_CACHE_AXES = (LAYERS,) + CACHE_AXES
 
 
 class KVCache(NamedTuple):
@@ -111,7 +121,7 @@ def write(cache_kv: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Arra
     # a scatter here became a bounds-checked select plus several copies of the whole layer cache
     # per step (measured in the compiled HLO on XLA:CPU).
     for b in range(new.shape[0]):
-      row = new[b:b + 1].transpose(0, 2, 1, 3)  # [1, KVH, 1, D]
+      row = new[b : b + 1].transpose(0, 2, 1, 3)  # [1, KVH, 1, D]
       cache_kv = jax.lax.dynamic_update_slice(cache_kv, row, (b, 0, positions[b, 0], 0))
     return constrain(cache_kv, CACHE_AXES)
   rows = jnp.arange(new.shape[0])[:, None]

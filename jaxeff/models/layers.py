@@ -7,28 +7,41 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxeff.sharding import EMBED, NORM, VOCAB
 
-def _param(value, axes):
-  # Logical names only; the sharding itself is decided by jaxeff.sharding's rules table.
+
+def param(value, axes) -> nnx.Param:
+  """A parameter with logical axis names (`jaxeff.sharding`'s constants); the rules table decides
+  its sharding."""
   return nnx.Param(value, out_sharding=tuple(axes), eager_sharding=False)
 
 
 class Linear(nnx.Module):
   """y = x @ kernel (+ bias), kernel [in, out] with logical axes `axes`, math in `dtype`."""
 
-  def __init__(self, in_features: int, out_features: int, *, axes: Sequence[str], use_bias: bool = False,
-               dtype=jnp.float32, param_dtype=jnp.float32, init_std: float = 0.02, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    axes: Sequence[str],
+    use_bias: bool = False,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    init_std: float = 0.02,
+    rngs: nnx.Rngs,
+  ):
     self.in_features, self.out_features = in_features, out_features
     self.dtype = dtype
     w = init_std * jax.random.normal(rngs.params(), (in_features, out_features), param_dtype)
-    self.kernel = _param(w, axes)
-    self.bias = _param(jnp.zeros((out_features,), param_dtype), axes[-1:]) if use_bias else None
+    self.kernel = param(w, axes)
+    self.bias = param(jnp.zeros((out_features,), param_dtype), axes[-1:]) if use_bias else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -40,11 +53,20 @@ class Linear(nnx.Module):
 class Embed(nnx.Module):
   """Token embedding [vocab, embed]; `attend` reuses it as a tied LM head."""
 
-  def __init__(self, vocab_size: int, features: int, *, dtype=jnp.float32, param_dtype=jnp.float32,
-               init_std: float = 0.02, rngs: nnx.Rngs):
+  def __init__(
+    self,
+    vocab_size: int,
+    features: int,
+    *,
+    dtype=jnp.float32,
+    param_dtype=jnp.float32,
+    init_std: float = 0.02,
+    rngs: nnx.Rngs,
+  ):
     self.dtype = dtype
-    self.embedding = _param(init_std * jax.random.normal(rngs.params(), (vocab_size, features), param_dtype),
-                            ("vocab", "embed"))
+    self.embedding = param(
+      init_std * jax.random.normal(rngs.params(), (vocab_size, features), param_dtype), (VOCAB, EMBED)
+    )
 
   def __call__(self, tokens: jax.Array) -> jax.Array:
     return jnp.take(self.embedding[...], tokens, axis=0).astype(self.dtype)
@@ -58,7 +80,7 @@ class RMSNorm(nnx.Module):
 
   def __init__(self, features: int, *, eps: float = 1e-5, param_dtype=jnp.float32):
     self.eps = eps
-    self.scale = _param(jnp.ones((features,), param_dtype), ("norm",))
+    self.scale = param(jnp.ones((features,), param_dtype), (NORM,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)

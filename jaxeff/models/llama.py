@@ -1,102 +1,153 @@
 """Llama-family decoder in Flax NNX: Llama 2/3, Mistral, Qwen2 (q/k/v bias), tied or untied head.
 
-  logits = Llama(config, rngs=nnx.Rngs(0))(tokens)                      # int32 [B, S] -> f32 [B, S, vocab]
-  logits, cache = model(tokens, positions, cache=init_cache(cfg, B, T))  # with a static KV cache
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> from jaxeff import ModelConfig
+>>> from jaxeff.models import Llama, init_cache
+>>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+>>> model = Llama(cfg, rngs=nnx.Rngs(0))
+>>> tokens = jnp.arange(6, dtype=jnp.int32)[None]
+>>> model(tokens).shape                                      # int32 [B, S] -> f32 logits [B, S, vocab]
+(1, 6, 64)
+>>> out = model.forward_with_cache(tokens, jnp.arange(6)[None], init_cache(cfg, 1, 16))
+>>> model.logits(out.hidden).shape, out.cache.max_len       # CachedForward(hidden, cache)
+((1, 6, 64), 16)
 
-One forward serves training and inference: without a cache, attention runs over the tokens given
-(positions default to 0..S-1, which the attention implementation is told statically); with a
-`jaxeff.models.kv_cache.KVCache`, each layer writes its keys and values at `positions` and attends
-over the whole cache, masked by position, and the updated cache is returned.
+Two forwards, each with one return type. `model(tokens, positions=None)` runs attention over the
+tokens given (positions default to 0..S-1, which the attention implementation is told
+statically) and returns logits. `forward_with_cache` writes each layer's keys and values into a
+`jaxeff.models.kv_cache.KVCache` at `positions`, attends over the whole cache (masked by
+position) and returns the final hidden states with the updated cache; the caller takes logits
+of the positions it needs (`model.logits`), e.g. only each prompt's last one at prefill.
 
 Module and parameter names follow Hugging Face's (q_proj, gate_proj, input_layernorm, ...), so
-`jaxeff.hf` maps checkpoints one to one. Every parameter carries logical axes
-(`jaxeff.sharding.LOGICAL_RULES` maps them to the mesh); activations are constrained by the same names.
+`jaxeff.hf` maps checkpoints one to one. Every parameter carries logical axes (`jaxeff.sharding`'s
+rules map them to the mesh); activations are constrained by the same names. The attention
+implementation comes from the registry (`jaxeff.models.attention`), including any parameters of
+its own (NSA's compressor and gate live in `self_attn.method`).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxeff.config import ModelConfig
+from jaxeff.errors import ConfigError
 from jaxeff.models import attention as attention_lib
 from jaxeff.models import kv_cache as kv_cache_lib
 from jaxeff.models.kv_cache import KVCache
 from jaxeff.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
-from jaxeff.models.nsa import NativeSparseAttention
-from jaxeff.sharding import constrain
+from jaxeff.sharding import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB, constrain
 
-BATCH_SEQ_EMBED = ("batch", "seq", "embed")
+BATCH_SEQ_EMBED = (BATCH, SEQ, EMBED)
+
+
+class CachedForward(NamedTuple):
+  """What `Llama.forward_with_cache` returns."""
+
+  hidden: jax.Array  # final-norm hidden states [B, S, hidden]
+  cache: KVCache  # the cache with this call's keys and values written
 
 
 class Attention(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
+    impl = attention_lib.check_config(cfg)
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     kw = dict(dtype=dt, param_dtype=pdt, init_std=cfg.initializer_range, rngs=rngs)
     d, hd = cfg.hidden_size, cfg.head_dim
-    self.q_proj = Linear(d, cfg.num_heads * hd, axes=("embed", "heads"), use_bias=cfg.qkv_bias, **kw)
-    self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
-    self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=("embed", "kv_heads"), use_bias=cfg.qkv_bias, **kw)
-    self.o_proj = Linear(cfg.num_heads * hd, d, axes=("heads", "embed"), **kw)
-    self.nsa = NativeSparseAttention(cfg, rngs=rngs) if cfg.attention == "nsa" else None
+    self.q_proj = Linear(d, cfg.num_heads * hd, axes=(EMBED, HEADS), use_bias=cfg.qkv_bias, **kw)
+    self.k_proj = Linear(d, cfg.num_kv_heads * hd, axes=(EMBED, KV_HEADS), use_bias=cfg.qkv_bias, **kw)
+    self.v_proj = Linear(d, cfg.num_kv_heads * hd, axes=(EMBED, KV_HEADS), use_bias=cfg.qkv_bias, **kw)
+    self.o_proj = Linear(cfg.num_heads * hd, d, axes=(HEADS, EMBED), **kw)
+    # An implementation with parameters of its own (NSA) runs as this module.
+    self.method = impl.module(cfg, rngs=rngs) if impl.module is not None else None
 
-  def __call__(self, x, cos, sin, positions, kv=None):
-    """positions: [B, S], or None for 0..S-1. kv: this layer's (keys, values) cache arrays, or None.
+  def _attend_fn(self):
+    cfg = self.cfg
+    impl = attention_lib.get_attention(cfg.attention)
+    options = {}
+    if cfg.attention_sinks:
+      options["sinks"] = cfg.attention_sinks
+    if cfg.attention_topk_blocks:
+      options["topk_blocks"] = cfg.attention_topk_blocks
+    return functools.partial(impl.fn, sliding_window=cfg.sliding_window, **options)
 
-    Returns the output, and with `kv` also the updated (keys, values).
-    """
+  def _qkv(self, x, cos, sin):
     cfg = self.cfg
     b, s, _ = x.shape
     q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
     k = self.k_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
     v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-    q = constrain(apply_rope(q, cos, sin), ("batch", "seq", "heads", "head_dim"))
-    k = constrain(apply_rope(k, cos, sin), ("batch", "seq", "kv_heads", "head_dim"))
-    v = constrain(v, ("batch", "seq", "kv_heads", "head_dim"))
-    if self.nsa is not None:
-      if kv is not None or positions is not None:
-        raise ValueError("attention nsa runs over whole sequences at positions 0..S-1; KV-cache decode and "
-                         "explicit positions are not implemented for it")
-      return self.o_proj(self.nsa(x, q, k, v).reshape(b, s, cfg.num_heads * cfg.head_dim))
-    attend = attention_lib.get_attention(cfg.attention)
-    if cfg.attention_sinks:
-      attend = functools.partial(attend, sinks=cfg.attention_sinks)
-    if cfg.attention_topk_blocks:
-      attend = functools.partial(attend, topk_blocks=cfg.attention_topk_blocks)
-    if kv is None:
-      out = attend(q, k, v, q_positions=positions, kv_positions=positions, sliding_window=cfg.sliding_window)
-      return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim))
+    q = constrain(apply_rope(q, cos, sin), (BATCH, SEQ, HEADS, HEAD_DIM))
+    k = constrain(apply_rope(k, cos, sin), (BATCH, SEQ, KV_HEADS, HEAD_DIM))
+    return q, k, constrain(v, (BATCH, SEQ, KV_HEADS, HEAD_DIM))
+
+  def _out(self, out):
+    b, s = out.shape[:2]
+    return self.o_proj(out.reshape(b, s, self.cfg.num_heads * self.cfg.head_dim))
+
+  def __call__(self, x, cos, sin, positions):
+    """Attention over the tokens of `x`; positions [B, S], or None for 0..S-1."""
+    q, k, v = self._qkv(x, cos, sin)
+    if self.method is not None:
+      if positions is not None:
+        raise ValueError(
+          f"attention {self.cfg.attention} runs over whole sequences at positions 0..S-1; "
+          f"KV-cache decode and explicit positions are not implemented for it"
+        )
+      return self._out(self.method(x, q, k, v))
+    return self._out(self._attend_fn()(q, k, v, q_positions=positions, kv_positions=positions))
+
+  def cached(self, x, cos, sin, positions, kv):
+    """Writes this step's keys/values into the layer cache `kv` at `positions` [B, S] and attends
+    over the whole cache. Returns (output, (keys, values))."""
+    cfg = self.cfg
+    if not attention_lib.get_attention(cfg.attention).cache:
+      raise ValueError(
+        f"attention {cfg.attention} runs over whole sequences at positions 0..S-1; "
+        f"KV-cache decode and explicit positions are not implemented for it"
+      )
     if cfg.attention_topk_blocks:
       # Training selects per query block from its first query; a one-token decode step would select
       # from each token's own query: a different mask than the model was trained with.
-      raise ValueError("KV-cache decode with model.attention_topk_blocks is not implemented (training selects "
-                       "blocks per query block); decode with a full forward, or use sliding_window/attention_sinks")
+      raise ValueError(
+        "KV-cache decode with model.attention_topk_blocks is not implemented (training selects "
+        "blocks per query block); decode with a full forward, or use sliding_window/attention_sinks"
+      )
+    q, k, v = self._qkv(x, cos, sin)
     k_cache, v_cache = (kv_cache_lib.write(c, new, positions) for c, new in zip(kv, (k, v)))
-    kv_positions = attention_lib.index_positions(b, k_cache.shape[2])  # slot t holds position t
-    out = attend(q, kv_cache_lib.as_attention_layout(k_cache), kv_cache_lib.as_attention_layout(v_cache),
-                 q_positions=positions, kv_positions=kv_positions, sliding_window=cfg.sliding_window)
-    return self.o_proj(out.reshape(b, s, cfg.num_heads * cfg.head_dim)), (k_cache, v_cache)
+    kv_positions = attention_lib.index_positions(x.shape[0], k_cache.shape[2])  # slot t holds position t
+    out = self._attend_fn()(
+      q,
+      kv_cache_lib.as_attention_layout(k_cache),
+      kv_cache_lib.as_attention_layout(v_cache),
+      q_positions=positions,
+      kv_positions=kv_positions,
+    )
+    return self._out(out), (k_cache, v_cache)
 
 
-class MLP(nnx.Module):
+class SwiGLU(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-              init_std=cfg.initializer_range, rngs=rngs)
+    kw = dict(
+      dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), init_std=cfg.initializer_range, rngs=rngs
+    )
     d, f = cfg.hidden_size, cfg.intermediate_size
-    self.gate_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
-    self.up_proj = Linear(d, f, axes=("embed", "mlp"), **kw)
-    self.down_proj = Linear(f, d, axes=("mlp", "embed"), **kw)
+    self.gate_proj = Linear(d, f, axes=(EMBED, MLP), **kw)
+    self.up_proj = Linear(d, f, axes=(EMBED, MLP), **kw)
+    self.down_proj = Linear(f, d, axes=(MLP, EMBED), **kw)
 
   def __call__(self, x):
     h = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
-    return self.down_proj(constrain(h, ("batch", "seq", "mlp")))
+    return self.down_proj(constrain(h, (BATCH, SEQ, MLP)))
 
 
 class Block(nnx.Module):
@@ -107,23 +158,23 @@ class Block(nnx.Module):
     self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
     self.self_attn = Attention(cfg, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
-    self.mlp = MLP(cfg, rngs=rngs)
+    self.mlp = SwiGLU(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, positions, kv=None):
-    """Returns x, and with a layer cache `kv` also the updated (keys, values)."""
-    if kv is None:
-      x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions)
-    else:
-      h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv)
-      x = x + h
-    x = x + self.mlp(self.post_attention_layernorm(x))
-    x = constrain(x, BATCH_SEQ_EMBED)
-    return x if kv is None else (x, kv)
+  def _mlp(self, x):
+    return constrain(x + self.mlp(self.post_attention_layernorm(x)), BATCH_SEQ_EMBED)
+
+  def __call__(self, x, cos, sin, positions):
+    return self._mlp(x + self.self_attn(self.input_layernorm(x), cos, sin, positions))
+
+  def cached(self, x, cos, sin, positions, kv):
+    """As `__call__`, through the layer cache `kv`: returns (x, (keys, values))."""
+    h, kv = self.self_attn.cached(self.input_layernorm(x), cos, sin, positions, kv)
+    return self._mlp(x + h), kv
 
 
 _REMAT_POLICIES = {
-    "full": None,  # save nothing, recompute the whole block
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,  # save nothing, recompute the whole block
+  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -135,16 +186,16 @@ def _block_fn(remat: str):
 
 
 class Llama(nnx.Module):
-
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     self.cfg = cfg
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-    self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt,
-                              init_std=cfg.initializer_range, rngs=rngs)
+    self.embed_tokens = Embed(
+      cfg.vocab_size, cfg.hidden_size, dtype=dt, param_dtype=pdt, init_std=cfg.initializer_range, rngs=rngs
+    )
     if cfg.scan_layers:
-      # One Block whose parameters have a leading "layers" axis, applied with nnx.scan.
+      # One Block whose parameters have a leading LAYERS axis, applied with nnx.scan.
       @nnx.split_rngs(splits=cfg.num_layers)
-      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+      @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
       def make_stack(rngs):
         return Block(cfg, rngs=rngs)
 
@@ -152,34 +203,35 @@ class Llama(nnx.Module):
     else:
       self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=pdt)
-    self.lm_head = None if cfg.tie_embeddings else Linear(
-        cfg.hidden_size, cfg.vocab_size, axes=("embed", "vocab"), dtype=dt, param_dtype=pdt,
-        init_std=cfg.initializer_range, rngs=rngs)
+    self.lm_head = (
+      None
+      if cfg.tie_embeddings
+      else Linear(
+        cfg.hidden_size,
+        cfg.vocab_size,
+        axes=(EMBED, VOCAB),
+        dtype=dt,
+        param_dtype=pdt,
+        init_std=cfg.initializer_range,
+        rngs=rngs,
+      )
+    )
 
-  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None, *,
-                    cache: KVCache | None = None):
-    """Final-norm hidden states [B, S, hidden]; with `cache`, also the updated cache.
-
-    Args:
-      tokens: int32 [B, S].
-      positions: int32 [B, S], each row's positions; None for 0..S-1. Required with a cache.
-      cache: a `KVCache` (`jaxeff.models.kv_cache.init_cache`) for this model's layout.
-    """
+  def _embed(self, tokens, positions):
     cfg = self.cfg
-    if cache is not None and positions is None:
-      raise ValueError("a cached forward needs explicit positions (where to write in the cache)")
-    rope_positions = positions
-    if positions is None:
-      rope_positions = attention_lib.index_positions(*tokens.shape)
+    rope_positions = attention_lib.index_positions(*tokens.shape) if positions is None else positions
     # A constant under jit; not a variable, so the model state is exactly its parameters.
     cos, sin = rope_cos_sin(rope_positions, rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    x = constrain(self.embed_tokens(tokens), BATCH_SEQ_EMBED)
-    if cache is not None:
-      x, cache = self._layers_with_cache(x, cos, sin, positions, cache)
-      return self.norm(x), cache
-    block_fn = _block_fn(cfg.remat)
-    if cfg.scan_layers:
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    return constrain(self.embed_tokens(tokens), BATCH_SEQ_EMBED), cos, sin
+
+  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """Final-norm hidden states [B, S, hidden] of int32 `tokens` [B, S] at `positions` [B, S]
+    (None: 0..S-1)."""
+    x, cos, sin = self._embed(tokens, positions)
+    block_fn = _block_fn(self.cfg.remat)
+    if self.cfg.scan_layers:
+
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: LAYERS})
       def run(x, block):
         return block_fn(block, x, cos, sin, positions)
 
@@ -189,34 +241,43 @@ class Llama(nnx.Module):
         x = block_fn(block, x, cos, sin, positions)
     return self.norm(x)
 
-  def _layers_with_cache(self, x, cos, sin, positions, cache: KVCache):
-    # Inference only: nothing is differentiated, so no remat.
+  def forward_with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> CachedForward:
+    """Runs `tokens` [B, S] at `positions` [B, S] through the KV cache: each layer writes its keys
+    and values there and attends over the whole cache. Inference only (no remat).
+
+    Args:
+      tokens: int32 [B, S].
+      positions: int32 [B, S], each row's own positions, in [0, cache.max_len).
+      cache: a `KVCache` for this model's layout (`jaxeff.models.kv_cache.init_cache(model.cfg, ...)`).
+    """
+    if positions is None:
+      raise ValueError("a cached forward needs explicit positions (where to write in the cache)")
     if cache.stacked != self.cfg.scan_layers:
-      raise ValueError(f"cache layout ({'stacked' if cache.stacked else 'per layer'}) does not match "
-                       f"model scan_layers={self.cfg.scan_layers}; build it with init_cache(model.cfg, ...)")
+      raise ConfigError(
+        f"cache layout ({'stacked' if cache.stacked else 'per layer'}) does not match "
+        f"model scan_layers={self.cfg.scan_layers}; build it with init_cache(model.cfg, ...)"
+      )
+    x, cos, sin = self._embed(tokens, positions)
     if self.cfg.scan_layers:
-      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0),
-                transform_metadata={nnx.PARTITION_NAME: "layers"})
+
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: LAYERS})
       def run(x, block, kv):
-        return block(x, cos, sin, positions, kv)
+        return block.cached(x, cos, sin, positions, kv)
 
       x, (k, v) = run(x, self.layers, (cache.k, cache.v))
-      return x, KVCache(k, v)
+      return CachedForward(self.norm(x), KVCache(k, v))
     ks, vs = [], []
     for block, kv in zip(self.layers, zip(cache.k, cache.v)):
-      x, (k, v) = block(x, cos, sin, positions, kv)
+      x, (k, v) = block.cached(x, cos, sin, positions, kv)
       ks.append(k)
       vs.append(v)
-    return x, KVCache(tuple(ks), tuple(vs))
+    return CachedForward(self.norm(x), KVCache(tuple(ks), tuple(vs)))
 
   def logits(self, x: jax.Array) -> jax.Array:
     """f32 logits [..., vocab] from final hidden states [..., hidden] (the LM head, tied or not)."""
     logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None, *, cache: KVCache | None = None):
-    """int32 tokens [B, S] -> f32 logits [B, S, vocab]; with `cache`, (logits, updated cache)."""
-    if cache is None:
-      return constrain(self.logits(self.hidden_states(tokens, positions)), ("batch", "seq", "vocab"))
-    x, cache = self.hidden_states(tokens, positions, cache=cache)
-    return constrain(self.logits(x), ("batch", "seq", "vocab")), cache
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    """int32 tokens [B, S] -> f32 logits [B, S, vocab]; positions [B, S] (None: 0..S-1)."""
+    return constrain(self.logits(self.hidden_states(tokens, positions)), (BATCH, SEQ, VOCAB))

@@ -33,8 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxeff import sharding
 from jaxeff.config import ModelConfig
-from jaxeff.models.layers import Linear, _param
+from jaxeff.errors import ConfigError
+from jaxeff.models.attention import register_attention
+from jaxeff.models.layers import Linear, param
+from jaxeff.sharding import EMBED, HEAD_DIM
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _ALWAYS = 1e9  # the score that forces a block into the selection
@@ -62,10 +66,10 @@ class NativeSparseAttention(nnx.Module):
     dt, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     kw = dict(dtype=dt, param_dtype=pdt, init_std=cfg.initializer_range, rngs=rngs)
     hd, l = cfg.head_dim, cfg.nsa_compress_block
-    self.key_position = _param(jnp.zeros((l, hd), pdt), (None, "head_dim"))
-    self.compress_keys = Linear(l * hd, hd, axes=(None, "head_dim"), **kw)
-    self.compress_values = Linear(l * hd, hd, axes=(None, "head_dim"), **kw)
-    self.gate = Linear(cfg.hidden_size, 3 * cfg.num_heads, axes=("embed", None), **kw)
+    self.key_position = param(jnp.zeros((l, hd), pdt), (None, HEAD_DIM))
+    self.compress_keys = Linear(l * hd, hd, axes=(None, HEAD_DIM), **kw)
+    self.compress_values = Linear(l * hd, hd, axes=(None, HEAD_DIM), **kw)
+    self.gate = Linear(cfg.hidden_size, 3 * cfg.num_heads, axes=(EMBED, None), **kw)
 
   def compress(self, x, starts, add_position: bool):
     """[B, S, KVH, D] -> [B, M, KVH, D]: one key (value) per compressed block."""
@@ -91,8 +95,6 @@ class NativeSparseAttention(nnx.Module):
     import pallas_kernels  # here: only NSA models need the kernels package
     from pallas_kernels.sparse_attention import ops as sparse_ops
 
-    from jaxeff import sharding
-
     cfg = self.cfg
     b, s, h, d = q.shape
     kvh = k.shape[2]
@@ -100,8 +102,7 @@ class NativeSparseAttention(nnx.Module):
     impl = sparse_ops.default_impl()
     bs = sparse_ops.resolve_block_sizes(impl, s, s, None)
     nq, nk = -(-s // bs.block_q), -(-s // bs.block_kv)
-    rules = sharding.LOGICAL_RULES
-    kernel_kw = dict(batch_axes=rules["batch"], head_axes=rules["heads"])
+    kernel_kw = dict(batch_axes=sharding.mesh_axes(sharding.BATCH), head_axes=sharding.mesh_axes(sharding.HEADS))
     qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # the kernel's [B, heads, S, D]
 
     # Compressed branch (dense over the few compressed tokens).
@@ -116,11 +117,14 @@ class NativeSparseAttention(nnx.Module):
       probs = jnp.where(visible, jax.nn.softmax(scores, axis=-1), 0.0)  # a query before any block: zeros
       o_cmp = jnp.einsum("bkgsm,bkmd->bkgsd", probs.astype(v_cmp.dtype), v_cmp).reshape(b, h, s, d)
       # Selection scores per (kv head, query block, key block), shared by the group's heads.
-      per_token = jnp.einsum("bksm,mj->bksj", jax.lax.stop_gradient(probs).sum(2),
-                             overlap_matrix(starts, cfg.nsa_compress_block, bs.block_kv, nk))
+      per_token = jnp.einsum(
+        "bksm,mj->bksj",
+        jax.lax.stop_gradient(probs).sum(2),
+        overlap_matrix(starts, cfg.nsa_compress_block, bs.block_kv, nk),
+      )
       # One selection per kernel query block, from its first query: a later query's scores would
       # leak its token into the earlier queries of the block (the selection is shared).
-      block_scores = per_token[:, :, ::bs.block_q]
+      block_scores = per_token[:, :, :: bs.block_q]
     else:
       o_cmp = jnp.zeros_like(qh)
       block_scores = jnp.zeros((b, kvh, nq, nk), jnp.float32)
@@ -129,10 +133,20 @@ class NativeSparseAttention(nnx.Module):
     kb = np.arange(nk)
     forced = (kb[None, :] == 0) | ((kb[None, :] <= last_block[:, None]) & (kb[None, :] >= last_block[:, None] - 1))
     block_scores = block_scores + jnp.asarray(forced * _ALWAYS, jnp.float32)
-    chosen = pallas_kernels.topk_block_indices(block_scores, cfg.nsa_select_blocks, block_q=bs.block_q,
-                                               block_kv=bs.block_kv)
+    chosen = pallas_kernels.topk_block_indices(
+      block_scores, cfg.nsa_select_blocks, block_q=bs.block_q, block_kv=bs.block_kv
+    )
     o_slc = pallas_kernels.sparse_attention(qh, kh, vh, block_indices=chosen, block_sizes=bs, **kernel_kw)
     o_win = pallas_kernels.sparse_attention(qh, kh, vh, window=cfg.nsa_window, block_sizes=bs, **kernel_kw)
 
     gates = jax.nn.sigmoid(self.gate(x).astype(jnp.float32)).reshape(b, s, 3, h).transpose(2, 0, 3, 1)[..., None]
     return o_cmp, o_slc, o_win, gates, chosen
+
+
+def _check(cfg: ModelConfig) -> None:
+  if cfg.sliding_window is not None:
+    raise ConfigError("attention nsa has its own window (model.nsa_window); leave model.sliding_window null")
+
+
+# Parameters of its own (compressor, gate): the layer owns a module; whole sequences only (no KV cache).
+register_attention("nsa", module=NativeSparseAttention, cache=False, check=_check)

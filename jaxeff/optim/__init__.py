@@ -13,17 +13,34 @@ Every `update` accepts and ignores extra keywords (optax's `with_extra_args_supp
 - `logical_axes_from_state(state)`: logical names of an `nnx.State` for `logical_axes=`.
 """
 
-from jaxeff.optim._util import BATCH_AXES, PROJECTED_AXES, VOCAB_AXES, MatrixDims, logical_axes_from_state
 from jaxeff.optim.cautious import c_adamw, c_lion, cautious
-from jaxeff.optim.distributed_lion import distributed_lion, hlo_collective_bytes, local_grads
+from jaxeff.optim.distributed_lion import distributed_lion, local_grads
 from jaxeff.optim.galore import galore, scale_by_galore
+from jaxeff.optim.matrices import BATCH_AXES, PROJECTED_AXES, VOCAB_AXES, MatrixDims, logical_axes_from_state
 from jaxeff.optim.muon import c_muon, muon
 from jaxeff.optim.osd import online_subspace_descent, osd, scale_by_osd
 from jaxeff.optim.registry import OPTIMIZERS, OptimizerSpec, build, spec
 
 __all__ = [
-    "BATCH_AXES", "PROJECTED_AXES", "VOCAB_AXES", "MatrixDims", "logical_axes_from_state",
-    "cautious", "c_adamw", "c_lion", "muon", "c_muon", "distributed_lion", "local_grads",
-    "hlo_collective_bytes", "galore", "scale_by_galore", "online_subspace_descent", "osd",
-    "scale_by_osd", "build", "spec", "OptimizerSpec", "OPTIMIZERS",
+  "BATCH_AXES",
+  "PROJECTED_AXES",
+  "VOCAB_AXES",
+  "MatrixDims",
+  "logical_axes_from_state",
+  "cautious",
+  "c_adamw",
+  "c_lion",
+  "muon",
+  "c_muon",
+  "distributed_lion",
+  "local_grads",
+  "galore",
+  "scale_by_galore",
+  "online_subspace_descent",
+  "osd",
+  "scale_by_osd",
+  "build",
+  "spec",
+  "OptimizerSpec",
+  "OPTIMIZERS",
 ]

@@ -23,13 +23,14 @@ propagates (u * phi keeps NaN), as in the reference; it is not silently masked t
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.optim import _util
+from jaxeff.optim import matrices
 
 CLAMP = 1e-3
 
@@ -49,8 +50,9 @@ def cautious_mask(u: jax.Array, g: jax.Array, negated: bool, batch_axes: tuple[i
   return (u * mask_scale(agree, batch_axes).astype(u.dtype)).astype(u.dtype)
 
 
-def cautious(inner: optax.GradientTransformation, *, negated: bool = True,
-             logical_axes: Any = None) -> optax.GradientTransformationExtraArgs:
+def cautious(
+  inner: optax.GradientTransformation, *, negated: bool = True, logical_axes: Any = None
+) -> optax.GradientTransformationExtraArgs:
   """Masks `inner`'s update where its sign disagrees with the gradient (Liang et al. 2024).
 
   `inner` must be a direction that does not read the parameters: decoupled weight decay has to
@@ -68,11 +70,15 @@ def cautious(inner: optax.GradientTransformation, *, negated: bool = True,
     logical_axes: optional pytree (or callable of the params) of logical-axis tuples; leaves with
       a "layers" axis are normalized per layer, as the reference does per tensor.
 
-  Example::
+  Example (the same rule as `c_adamw(1e-3, weight_decay=1e-4)`)::
 
-    tx = optax.chain(cautious(optax.scale_by_adam(), negated=False),
-                     optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(1e-3))
-    # == c_adamw(1e-3, weight_decay=1e-4)
+    >>> import jax.numpy as jnp, optax
+    >>> tx = optax.chain(cautious(optax.scale_by_adam(), negated=False),
+    ...                  optax.add_decayed_weights(1e-4), optax.scale_by_learning_rate(1e-3))
+    >>> params, grads = {"w": jnp.ones(4)}, {"w": jnp.array([1.0, -1.0, 0.5, 0.0])}
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> updates["w"].shape
+    (4,)
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; extra keywords are passed on to `inner`.
@@ -87,11 +93,12 @@ def cautious(inner: optax.GradientTransformation, *, negated: bool = True,
       if "params" not in str(e):
         raise
       raise ValueError(
-          "cautious(inner): `inner` reads the parameters (weight decay?), which would put the decay "
-          "inside the mask. Wrap only the direction and decay outside it, e.g. optax.chain("
-          "cautious(optax.scale_by_adam(), negated=False), optax.add_decayed_weights(wd), "
-          "optax.scale_by_learning_rate(lr)), or use c_adamw / c_lion.") from e
-    stacked = _util.batch_axes_per_leaf(updates, logical_axes)
+        "cautious(inner): `inner` reads the parameters (weight decay?), which would put the decay "
+        "inside the mask. Wrap only the direction and decay outside it, e.g. optax.chain("
+        "cautious(optax.scale_by_adam(), negated=False), optax.add_decayed_weights(wd), "
+        "optax.scale_by_learning_rate(lr)), or use c_adamw / c_lion."
+      ) from e
+    stacked = matrices.batch_axes_per_leaf(updates, logical_axes)
     leaves, treedef = jax.tree.flatten(new_updates)
     masked = [cautious_mask(u, g, negated, b) for u, g, b in zip(leaves, jax.tree.leaves(updates), stacked)]
     return jax.tree.unflatten(treedef, masked), new_state
@@ -100,17 +107,17 @@ def cautious(inner: optax.GradientTransformation, *, negated: bool = True,
 
 
 def c_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Optional[Any] = None,
-    weight_decay: float = 1e-4,
-    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
-    *,
-    nesterov: bool = False,
-    logical_axes: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  mu_dtype: Any | None = None,
+  weight_decay: float = 1e-4,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  *,
+  nesterov: bool = False,
+  logical_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Cautious AdamW (C-AdamW, Liang et al. 2024): `optax.adamw` with the cautious mask.
 
@@ -138,29 +145,37 @@ def c_adamw(
 
   Example::
 
-    tx = jaxeff.optim.c_adamw(1e-3, weight_decay=0.1)
-    state = tx.init(params)
-    updates, state = tx.update(grads, state, params)
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxeff.optim
+    >>> params = {"emb": jnp.ones((32, 8)), "w": jnp.ones((2, 8, 16))}       # a scanned stack of 2
+    >>> axes = {"emb": ("vocab", "embed"), "w": ("layers", "embed", "mlp")}  # logical axes per leaf
+    >>> grads = {"emb": jnp.full((32, 8), 0.1), "w": jnp.linspace(-1, 1, 256).reshape(2, 8, 16)}
+    >>> tx = jaxeff.optim.c_adamw(1e-3, weight_decay=0.1, logical_axes=axes)  # one mask mean per layer
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> params = optax.apply_updates(params, updates)
 
   Reference: https://github.com/kyleliang919/C-Optim (c_adamw.py).
   """
   return optax.chain(
-      cautious(optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
-                                   nesterov=nesterov), negated=False, logical_axes=logical_axes),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    cautious(
+      optax.scale_by_adam(b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype, nesterov=nesterov),
+      negated=False,
+      logical_axes=logical_axes,
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
 def c_lion(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    mu_dtype: Optional[Any] = None,
-    weight_decay: float = 1e-3,
-    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
-    *,
-    logical_axes: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.99,
+  mu_dtype: Any | None = None,
+  weight_decay: float = 1e-3,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  *,
+  logical_axes: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Cautious Lion (C-Lion, Liang et al. 2024): `optax.lion` with the cautious mask.
 
@@ -184,12 +199,18 @@ def c_lion(
 
   Example::
 
-    tx = jaxeff.optim.c_lion(3e-4, weight_decay=1.0)
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxeff.optim
+    >>> params = {"emb": jnp.ones((32, 8)), "w": jnp.ones((2, 8, 16))}       # a scanned stack of 2
+    >>> axes = {"emb": ("vocab", "embed"), "w": ("layers", "embed", "mlp")}  # logical axes per leaf
+    >>> grads = {"emb": jnp.full((32, 8), 0.1), "w": jnp.linspace(-1, 1, 256).reshape(2, 8, 16)}
+    >>> tx = jaxeff.optim.c_lion(3e-4, weight_decay=1.0)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
 
   Reference: https://github.com/kyleliang919/C-Optim (c_lion.py); timm's Lion with caution=True.
   """
   return optax.chain(
-      cautious(optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype), negated=False, logical_axes=logical_axes),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    cautious(optax.scale_by_lion(b1=b1, b2=b2, mu_dtype=mu_dtype), negated=False, logical_axes=logical_axes),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

@@ -1,4 +1,4 @@
-"""Distributed Lion: `distributed_lion(...)`, `local_grads(...)`, `hlo_collective_bytes(...)`.
+"""Distributed Lion: `distributed_lion(...)` and `local_grads(...)`.
 
 Liu, Wu, Chen, Liu, "Communication Efficient Distributed Training with Distributed Lion", 2024
 (arXiv 2404.00438). N data-parallel workers, worker i with its OWN momentum m_i and only its
@@ -45,15 +45,15 @@ vote); the worker's momentum does become NaN. Zero gradients everywhere give D =
 
 from __future__ import annotations
 
-import math
-import re
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 VOTES = ("majority", "average")
 TRITS_PER_WORD = 20  # 3**20 < 2**32
@@ -100,12 +100,12 @@ def default_mesh(axis_name: str = "data") -> Mesh:
 
 
 def scale_by_distributed_lion(
-    mesh: Mesh,
-    axis_name: str = "data",
-    b1: float = 0.9,
-    b2: float = 0.99,
-    vote: str = "majority",
-    mu_dtype: Optional[Any] = None,
+  mesh: Mesh,
+  axis_name: str = "data",
+  b1: float = 0.9,
+  b2: float = 0.99,
+  vote: str = "majority",
+  mu_dtype: Any | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """The voted direction D (gradient space, no lr, no decay); see the module docstring."""
   if vote not in VOTES:
@@ -119,6 +119,7 @@ def scale_by_distributed_lion(
     def one(p):
       m = jnp.zeros((n,) + p.shape, mu_dtype or p.dtype)
       return jax.lax.with_sharding_constraint(m, NamedSharding(mesh, P(axis_name)))
+
     # The counter too lives on the mesh, so the state an update returns has init's placement.
     count = jax.lax.with_sharding_constraint(jnp.zeros([], jnp.int32), NamedSharding(mesh, P()))
     return DistributedLionState(count=count, mu=jax.tree.map(one, params))
@@ -140,7 +141,7 @@ def scale_by_distributed_lion(
     flat = jnp.pad(jnp.concatenate(trits), (0, chunk * n - total), constant_values=1)
     packed = _pack_trits(flat.reshape(n, chunk))  # [n, chunk/20] uint32: row j goes to worker j
     recv = _unpack_trits(jax.lax.all_to_all(packed, axis_name, 0, 0, tiled=False))  # row i: worker i's
-    total_vote = (jnp.sum(recv == 2, axis=0, dtype=jnp.int32) - jnp.sum(recv == 0, axis=0, dtype=jnp.int32))
+    total_vote = jnp.sum(recv == 2, axis=0, dtype=jnp.int32) - jnp.sum(recv == 0, axis=0, dtype=jnp.int32)
     if vote == "majority":
       planes = jnp.stack([total_vote > 0, total_vote < 0])  # 2 bits/param: +1, -1 (tie -> 0)
     else:
@@ -156,7 +157,7 @@ def scale_by_distributed_lion(
     d = d.reshape(-1)
     out, off = [], 0
     for g, size in zip(gs, sizes):
-      out.append(d[off:off + size].reshape(g.shape[1:]).astype(g.dtype))
+      out.append(d[off : off + size].reshape(g.shape[1:]).astype(g.dtype))
       off += size
     return jax.tree.unflatten(treedef, out), jax.tree.unflatten(treedef, new_ms)
 
@@ -164,10 +165,18 @@ def scale_by_distributed_lion(
     del params, extra_args
     for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(state.mu)):
       if u.shape != m.shape:
-        raise ValueError(f"distributed_lion expects local gradients stacked as [{n}, *param.shape] "
-                         f"(see local_grads); got {u.shape}, momentum {m.shape}")
-    f = jax.shard_map(body, mesh=mesh, in_specs=(P(axis_name), P(axis_name)),
-                      out_specs=(P(), P(axis_name)), axis_names={axis_name}, check_vma=False)
+        raise ValueError(
+          f"distributed_lion expects local gradients stacked as [{n}, *param.shape] "
+          f"(see local_grads); got {u.shape}, momentum {m.shape}"
+        )
+    f = jax.shard_map(
+      body,
+      mesh=mesh,
+      in_specs=(P(axis_name), P(axis_name)),
+      out_specs=(P(), P(axis_name)),
+      axis_names={axis_name},
+      check_vma=False,
+    )
     d, mu = f(updates, state.mu)
     return d, DistributedLionState(count=optax.safe_increment(state.count), mu=mu)
 
@@ -175,16 +184,16 @@ def scale_by_distributed_lion(
 
 
 def distributed_lion(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    weight_decay: float = 1e-3,
-    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
-    mu_dtype: Optional[Any] = None,
-    *,
-    mesh: Optional[Mesh] = None,
-    axis_name: str = "data",
-    vote: str = "majority",
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.99,
+  weight_decay: float = 1e-3,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: Any | None = None,
+  *,
+  mesh: Mesh | None = None,
+  axis_name: str = "data",
+  vote: str = "majority",
 ) -> optax.GradientTransformationExtraArgs:
   r"""Distributed Lion (Liu et al. 2024): Lion with per-worker momenta and a sign vote.
 
@@ -213,24 +222,31 @@ def distributed_lion(
     vote: "majority" (D = sign of the vote sum, 2 bits back per parameter) or "average" (the
       mean vote, bit_length(2N) bits back).
 
-  Example::
+  Example (N workers on the mesh's "data" axis; here every device)::
 
-    mesh = jax.make_mesh((8,), ("data",))
-    tx = jaxeff.optim.distributed_lion(3e-4, weight_decay=0.1, mesh=mesh)
-    grads = jaxeff.optim.local_grads(jax.grad(loss), params, batch, mesh=mesh)  # [8, ...]
-    updates, state = tx.update(grads, state, params)
+    >>> import jax, jax.numpy as jnp
+    >>> import jaxeff.optim
+    >>> mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    >>> params = {"w": jnp.zeros((4, 2))}
+    >>> batch = {"x": jnp.ones((jax.device_count(), 4))}
+    >>> loss = lambda p, b: jnp.sum((b["x"] @ p["w"] - 1.0) ** 2)
+    >>> tx = jaxeff.optim.distributed_lion(3e-4, weight_decay=0.1, mesh=mesh)
+    >>> grads = jaxeff.optim.local_grads(jax.grad(loss), params, batch, mesh=mesh)  # [N, ...]: no all-reduce
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates["w"].shape
+    (4, 2)
 
   Reference: arXiv 2404.00438 (Algorithm 1).
   """
   mesh = default_mesh(axis_name) if mesh is None else mesh
   return optax.chain(
-      scale_by_distributed_lion(mesh, axis_name, b1, b2, vote, mu_dtype),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_distributed_lion(mesh, axis_name, b1, b2, vote, mu_dtype),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
-def local_grads(grad_fn: Callable, params, batch, *, mesh: Optional[Mesh] = None, axis_name: str = "data"):
+def local_grads(grad_fn: Callable, params, batch, *, mesh: Mesh | None = None, axis_name: str = "data"):
   """Per-device gradients, stacked [N, ...] and sharded over `axis_name`, with no all-reduce.
 
   Args:
@@ -249,60 +265,6 @@ def local_grads(grad_fn: Callable, params, batch, *, mesh: Optional[Mesh] = None
   def per_device(p, b):
     return jax.tree.map(lambda g: g[None], grad_fn(p, b))
 
-  return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=P(axis_name),
-                       axis_names={axis_name}, check_vma=False)(params, batch)
-
-
-_DTYPE_BITS = {"pred": 8, "s8": 8, "u8": 8, "s16": 16, "u16": 16, "bf16": 16, "f16": 16,
-               "s32": 32, "u32": 32, "f32": 32, "s64": 64, "u64": 64, "f64": 64}
-_KINDS = ("all-gather", "all-reduce", "all-to-all", "reduce-scatter", "collective-permute")
-_OP = re.compile(r"^\s*%?[\w.\-]+\s*=\s*(.*?)\s(" + "|".join(_KINDS) + r")(-start)?\(")
-
-
-def _shape_bytes(text: str) -> int:
-  text = re.sub(r"/\*.*?\*/", "", text)
-  total = 0
-  for dt, dims in re.findall(r"\b([a-z]+[0-9]*)\[([0-9,]*)\]", text):
-    if dt in _DTYPE_BITS:
-      total += _DTYPE_BITS[dt] * math.prod(int(x) for x in dims.split(",") if x) // 8
-  return total
-
-
-def _group_size(line: str) -> int | None:
-  m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
-  if m:
-    return len(m.group(1).split(","))
-  m = re.search(r"replica_groups=\[\d+,(\d+)\]", line)  # iota form [groups, size]<=[n]
-  return int(m.group(1)) if m else None
-
-
-def hlo_collective_bytes(hlo_text: str) -> list[dict]:
-  """Collectives in a compiled HLO module, with per-device operand bytes.
-
-  Reads `jax.jit(f).lower(...).compile().as_text()`. Compiled HLO prints result types only, so
-  the operand size is derived: all-gather operand = result / group size, reduce-scatter operand =
-  result * group size, otherwise operand = result (tuple results are summed). Written for the
-  synchronous forms XLA:CPU emits; async `-start` ops are reported with kind + "-start".
-  """
-  out = []
-  for line in hlo_text.splitlines():
-    m = _OP.search(line)
-    if not m:
-      continue
-    kind, result = m.group(2), _shape_bytes(m.group(1))
-    group = _group_size(line) or 1
-    operand = result // group if kind == "all-gather" else result * group if kind == "reduce-scatter" else result
-    out.append({"kind": kind + (m.group(3) or ""), "result_bytes": result, "operand_bytes": operand,
-                "group_size": group, "line": line.strip()})
-  return out
-
-
-def wire_bytes(kind: str, operand_bytes: int, n: int) -> float:
-  """Bytes one device receives for a collective under the usual ring/direct algorithms."""
-  if kind == "all-reduce":
-    return 2 * (n - 1) / n * operand_bytes
-  if kind == "all-gather":
-    return (n - 1) * operand_bytes
-  if kind in ("all-to-all", "reduce-scatter"):
-    return (n - 1) / n * operand_bytes
-  return operand_bytes
+  return jax.shard_map(
+    per_device, mesh=mesh, in_specs=(P(), P(axis_name)), out_specs=P(axis_name), axis_names={axis_name}, check_vma=False
+  )(params, batch)

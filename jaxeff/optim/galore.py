@@ -2,7 +2,7 @@
 
 Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", ICML 2024
 (arXiv 2403.03507). For an attention/MLP matrix G [m, n] in the reference's PyTorch layout
-[out, in] (jaxeff stores [in, out]; `_util.MatrixView` translates):
+[out, in] (jaxeff stores [in, out]; `matrices.MatrixView` translates):
 
     every T steps (t % T == 0): U, S, Vh = svd(f32(G))
         m >= n: P = Vh[:r]        (r x n),  R = G P^T  (m x r),  back: N P     (square: this one)
@@ -29,14 +29,15 @@ NaN gradients propagate (the SVD returns NaN, it does not crash); zero gradients
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.optim import _projection as proj
-from jaxeff.optim import _util
+from jaxeff.optim import matrices
+from jaxeff.optim import projection as proj
 
 
 class GaLoreState(NamedTuple):
@@ -46,17 +47,17 @@ class GaLoreState(NamedTuple):
 
 
 def scale_by_galore(
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    *,
-    logical_axes: Any = None,
-    projection_mask: Any = None,
-    dimension_numbers: Any = None,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  scale: float = 0.25,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  mu_dtype: Any | None = None,
+  *,
+  logical_axes: Any = None,
+  projection_mask: Any = None,
+  dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore's direction in gradient space: alpha Adam(R_t) projected back, R_t the gradient
   projected on the top-r singular vectors refreshed every `update_proj_gap` steps.
@@ -77,25 +78,36 @@ def scale_by_galore(
 
   Example::
 
-    tx = optax.chain(jaxeff.optim.scale_by_galore(rank=64, logical_axes=axes),
-                     optax.scale_by_learning_rate(1e-2))
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxeff.optim
+    >>> params = {"emb": jnp.ones((32, 8)), "w": jnp.ones((2, 8, 16))}       # a scanned stack of 2
+    >>> axes = {"emb": ("vocab", "embed"), "w": ("layers", "embed", "mlp")}  # logical axes per leaf
+    >>> grads = {"emb": jnp.full((32, 8), 0.1), "w": jnp.linspace(-1, 1, 256).reshape(2, 8, 16)}
+    >>> tx = optax.chain(jaxeff.optim.scale_by_galore(rank=4, logical_axes=axes),
+    ...                  optax.scale_by_learning_rate(1e-2))
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> updates["w"].shape    # back in the parameter's space
+    (2, 8, 16)
 
   Reference: arXiv 2403.03507; https://github.com/jiaweizzhao/GaLore (galore_projector.py).
   """
   adam = optax.scale_by_adam(b1=b1, b2=b2, eps=eps, mu_dtype=mu_dtype)
 
   def _views(tree):
-    dims = _util.matrix_dims(tree, logical_axes=logical_axes, dimension_numbers=dimension_numbers,
-                             matrix_mask=projection_mask, rule="project")
+    dims = matrices.matrix_dims(
+      tree, logical_axes=logical_axes, dimension_numbers=dimension_numbers, matrix_mask=projection_mask, rule="project"
+    )
     return proj.views(tree, dims)
 
   def init_fn(params):
     vws = _views(params)
     treedef = jax.tree.structure(params)
-    projectors, proxies = proj.init_leaves(params, vws, _util.static_int(rank, "rank", "galore"))
-    return GaLoreState(count=jnp.zeros([], jnp.int32),
-                       projector=jax.tree.unflatten(treedef, projectors),
-                       adam=adam.init(jax.tree.unflatten(treedef, proxies)))
+    projectors, proxies = proj.init_leaves(params, vws, matrices.static_int(rank, "rank", "galore"))
+    return GaLoreState(
+      count=jnp.zeros([], jnp.int32),
+      projector=jax.tree.unflatten(treedef, projectors),
+      adam=adam.init(jax.tree.unflatten(treedef, proxies)),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -118,27 +130,27 @@ def scale_by_galore(
       else:
         out.append((scale * v.from_canonical(proj.project_back(nn, p))).astype(g.dtype))
     return jax.tree.unflatten(treedef, out), GaLoreState(
-        count=optax.safe_increment(state.count),
-        projector=jax.tree.unflatten(treedef, new_p), adam=adam_state)
+      count=optax.safe_increment(state.count), projector=jax.tree.unflatten(treedef, new_p), adam=adam_state
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def galore(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    update_proj_gap: int = 200,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
-    mu_dtype: Optional[Any] = None,
-    *,
-    logical_axes: Any = None,
-    projection_mask: Any = None,
-    dimension_numbers: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  rank: int = 128,
+  update_proj_gap: int = 200,
+  scale: float = 0.25,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: Any | None = None,
+  *,
+  logical_axes: Any = None,
+  projection_mask: Any = None,
+  dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""GaLore-AdamW: Adam on low-rank projections of the attention/MLP gradients (Zhao et al. 2024).
 
@@ -171,16 +183,31 @@ def galore(
     projection_mask: instead of names, a bool pytree: True -> project the last two axes.
     dimension_numbers: instead of names, a pytree of `MatrixDims` or None per leaf.
 
-  Example::
+  Example (a model's axes: `jaxeff.optim.logical_axes_from_state(nnx.state(model, nnx.Param))`)::
 
-    axes = jaxeff.optim.logical_axes_from_state(nnx.state(model, nnx.Param))
-    tx = jaxeff.optim.galore(1e-2, rank=128, update_proj_gap=200, logical_axes=axes)
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxeff.optim
+    >>> params = {"emb": jnp.ones((32, 8)), "w": jnp.ones((2, 8, 16))}       # a scanned stack of 2
+    >>> axes = {"emb": ("vocab", "embed"), "w": ("layers", "embed", "mlp")}  # logical axes per leaf
+    >>> grads = {"emb": jnp.full((32, 8), 0.1), "w": jnp.linspace(-1, 1, 256).reshape(2, 8, 16)}
+    >>> tx = jaxeff.optim.galore(1e-2, rank=4, update_proj_gap=200, logical_axes=axes)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
 
   Reference: https://github.com/jiaweizzhao/GaLore (galore_torch/galore_projector.py, "std").
   """
   return optax.chain(
-      scale_by_galore(rank, update_proj_gap, scale, b1, b2, eps, mu_dtype, logical_axes=logical_axes,
-                      projection_mask=projection_mask, dimension_numbers=dimension_numbers),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_galore(
+      rank,
+      update_proj_gap,
+      scale,
+      b1,
+      b2,
+      eps,
+      mu_dtype,
+      logical_axes=logical_axes,
+      projection_mask=projection_mask,
+      dimension_numbers=dimension_numbers,
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )

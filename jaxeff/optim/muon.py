@@ -20,7 +20,7 @@ logical axes say so (optax: every 2-D leaf to Muon); stacked 3-D "layers" weight
 matrix per layer (optax: silently to Adam); the momentum is Moonlight's `m = beta m + g` (optax: EMA
 with bias correction, which weighs g and m differently during the first ~1/(1-beta) steps).
 
-Which leaves are Muon matrices (see `jaxeff.optim._util`), pass at most one of:
+Which leaves are Muon matrices (see `jaxeff.optim.matrices`), pass at most one of:
   * `logical_axes`: pytree (or callable of params) of name tuples, e.g. from
     `logical_axes_from_state(nnx.state(model, nnx.Param))`. Names containing "vocab" -> AdamW;
     "layers" axes are batch axes; >= 2 remaining axes -> Muon. None leaf -> the shape rule.
@@ -32,13 +32,15 @@ Which leaves are Muon matrices (see `jaxeff.optim._util`), pass at most one of:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.optim import _util
+from jaxeff.optim import matrices
 from jaxeff.optim.cautious import c_adamw, mask_scale
 
 NS_COEFFS = ((3.4445, -4.7750, 2.0315),) * 5  # one (a, b, c) per Newton-Schulz step
@@ -49,12 +51,12 @@ class MomentumState(NamedTuple):
 
 
 def _view_leaves(views_tree) -> list:
-  return jax.tree.leaves(views_tree, is_leaf=lambda x: isinstance(x, _util.MatrixView))
+  return jax.tree.leaves(views_tree, is_leaf=lambda x: isinstance(x, matrices.MatrixView))
 
 
-def scale_by_moonlight_momentum(beta: float = 0.95, nesterov: bool = True, mu_dtype: Optional[Any] = None,
-                                *, caution: bool = False, views: Any = None
-                                ) -> optax.GradientTransformationExtraArgs:
+def scale_by_moonlight_momentum(
+  beta: float = 0.95, nesterov: bool = True, mu_dtype: Any | None = None, *, caution: bool = False, views: Any = None
+) -> optax.GradientTransformationExtraArgs:
   """m = beta m + g; returns g + beta m (nesterov) or m, in gradient space.
 
   `caution=True` is C-Optim's c_muon: the returned direction is multiplied by
@@ -75,8 +77,10 @@ def scale_by_moonlight_momentum(beta: float = 0.95, nesterov: bool = True, mu_dt
       out = mu
     if caution:
       leaves, treedef = jax.tree.flatten(out)
-      masked = [u * mask_scale(m * f32(g) > 0, v.batch_axes) for u, m, g, v in
-                zip(leaves, jax.tree.leaves(mu), jax.tree.leaves(updates), _view_leaves(views))]
+      masked = [
+        u * mask_scale(m * f32(g) > 0, v.batch_axes)
+        for u, m, g, v in zip(leaves, jax.tree.leaves(mu), jax.tree.leaves(updates), _view_leaves(views))
+      ]
       out = jax.tree.unflatten(treedef, masked)
     out = jax.tree.map(lambda u, g: u.astype(g.dtype), out, updates)
     mu = jax.tree.map(lambda m, old: m.astype(old.dtype), mu, state.mu)
@@ -102,7 +106,7 @@ def newton_schulz(x: jax.Array, coeffs: jax.Array, eps: float = 1e-7) -> jax.Arr
   return jnp.swapaxes(x, -1, -2) if transposed else x
 
 
-def shape_scale(fan_in: int, fan_out: int, consistent_rms: Optional[float]) -> float:
+def shape_scale(fan_in: int, fan_out: int, consistent_rms: float | None) -> float:
   """Moonlight's consistent_rms * sqrt(max(fan_in, fan_out)), or Keller Jordan's
   sqrt(max(1, fan_out / fan_in)) when `consistent_rms` is None."""
   if consistent_rms is None:
@@ -110,8 +114,9 @@ def shape_scale(fan_in: int, fan_out: int, consistent_rms: Optional[float]) -> f
   return consistent_rms * max(fan_in, fan_out) ** 0.5
 
 
-def orthogonalize(views, ns_coeffs=NS_COEFFS, eps: float = 1e-7,
-                  consistent_rms: Optional[float] = 0.2) -> optax.GradientTransformationExtraArgs:
+def orthogonalize(
+  views, ns_coeffs=NS_COEFFS, eps: float = 1e-7, consistent_rms: float | None = 0.2
+) -> optax.GradientTransformationExtraArgs:
   """Newton-Schulz per matrix (f32, batch axes independent), then the shape scale.
 
   `views` is a pytree of `MatrixView`s matching the updates. `ns_coeffs` is one (a, b, c) row per
@@ -130,43 +135,6 @@ def orthogonalize(views, ns_coeffs=NS_COEFFS, eps: float = 1e-7,
     return jax.tree.unflatten(treedef, [one(u, v) for u, v in zip(leaves, _view_leaves(views))]), state
 
   return optax.GradientTransformationExtraArgs(optax.init_empty_state, update_fn)
-
-
-def _muon_impl(learning_rate, beta, nesterov, ns_coeffs, ns_eps, consistent_rms,
-               weight_decay, mask, adam_b1, adam_b2, eps, adam_learning_rate, mu_dtype,
-               logical_axes, muon_mask, dimension_numbers, caution: bool):
-  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
-
-  def build(tree):
-    # Roles depend only on static shapes and names, so the partition is rebuilt per call (pure).
-    dims = _util.matrix_dims(tree, logical_axes=logical_axes, dimension_numbers=dimension_numbers,
-                             matrix_mask=muon_mask, rule="muon")
-    leaves, treedef = jax.tree.flatten(tree)
-    labels = jax.tree.unflatten(treedef, ["muon" if d is not None else "adam" for d in dims])
-    # Same structure as the masked tree optax.partition hands the Muon branch.
-    views = jax.tree.unflatten(treedef, [optax.MaskedNode() if d is None else _util.MatrixView(x.shape, d)
-                                         for x, d in zip(leaves, dims)])
-    muon_tx = optax.chain(
-        scale_by_moonlight_momentum(beta, nesterov, mu_dtype, caution=caution, views=views),
-        orthogonalize(views, ns_coeffs, ns_eps, consistent_rms),
-        optax.add_decayed_weights(weight_decay, mask),
-        optax.scale_by_learning_rate(learning_rate),
-    )
-    if caution:  # C-Optim masks its auxiliary AdamW too (adam_update in c_muon.py)
-      adam_tx = c_adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=eps, weight_decay=weight_decay, mask=mask,
-                        mu_dtype=mu_dtype, logical_axes=logical_axes)
-    else:
-      adam_tx = optax.adamw(adam_lr, b1=adam_b1, b2=adam_b2, eps=eps, weight_decay=weight_decay,
-                            mask=mask, mu_dtype=mu_dtype)
-    return optax.partition({"muon": muon_tx, "adam": adam_tx}, labels)
-
-  def init_fn(params):
-    return build(params).init(params)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    return build(updates).update(updates, state, params, **extra_args)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 _ARGS_DOC = """
@@ -194,34 +162,12 @@ _ARGS_DOC = """
     muon_mask: instead of names, a bool pytree: True -> Muon on the last two axes.
     dimension_numbers: instead of names, a pytree of `MatrixDims` (optax's
       `MuonDimensionNumbers`) or None per leaf.
+    caution: C-Optim's cautious masks on both sides (`c_muon` sets it).
 """
 
 
-def muon(
-    learning_rate: optax.ScalarOrSchedule,
-    beta: float = 0.95,
-    weight_decay: float = 0.1,
-    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    eps: float = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    *,
-    nesterov: bool = True,
-    ns_coeffs=NS_COEFFS,
-    ns_eps: float = 1e-7,
-    consistent_rms: Optional[float] = 0.2,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    logical_axes: Any = None,
-    muon_mask: Any = None,
-    dimension_numbers: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  return _muon_impl(learning_rate, beta, nesterov, ns_coeffs, ns_eps, consistent_rms,
-                    weight_decay, mask, adam_b1, adam_b2, eps, adam_learning_rate, mu_dtype,
-                    logical_axes, muon_mask, dimension_numbers, caution=False)
-
-
-muon.__doc__ = r"""Muon with the Moonlight recipe: Muon on hidden matrices, AdamW(0.9, 0.95) on the rest.
+MUON_DOC = (
+  r"""Muon with the Moonlight recipe: Muon on hidden matrices, AdamW(0.9, 0.95) on the rest.
 
   For each hidden matrix W [fan_in, fan_out] (one per layer of a scanned stack):
 
@@ -234,43 +180,98 @@ muon.__doc__ = r"""Muon with the Moonlight recipe: Muon on hidden matrices, Adam
 
   NS_5 is five steps of X <- aX + (b XX^T + c (XX^T)^2) X in f32. Every other leaf gets AdamW with
   betas (adam_b1, adam_b2), the same learning rate and weight decay.
-""" + _ARGS_DOC + """
-  Example::
+"""
+  + _ARGS_DOC
+  + """
+  Example (a model's axes: `jaxeff.optim.logical_axes_from_state(nnx.state(model, nnx.Param))`)::
 
-    axes = jaxeff.optim.logical_axes_from_state(nnx.state(model, nnx.Param))
-    tx = jaxeff.optim.muon(3e-3, weight_decay=0.1, logical_axes=axes)
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxeff.optim
+    >>> params = {"emb": jnp.ones((32, 8)), "w": jnp.ones((2, 8, 16))}       # a scanned stack of 2
+    >>> axes = {"emb": ("vocab", "embed"), "w": ("layers", "embed", "mlp")}  # logical axes per leaf
+    >>> grads = {"emb": jnp.full((32, 8), 0.1), "w": jnp.linspace(-1, 1, 256).reshape(2, 8, 16)}
+    >>> tx = jaxeff.optim.muon(3e-3, weight_decay=0.1, logical_axes=axes)  # "emb" goes to AdamW
+    >>> updates, state = tx.update(grads, tx.init(params), params)
 
   References: Jordan, "Muon: An optimizer for hidden layers" (2024),
   https://kellerjordan.github.io/posts/muon/; Liu et al., "Muon is Scalable for LLM Training"
   (arXiv 2502.16982), https://github.com/MoonshotAI/Moonlight (toy_train.py).
 """
+)
 
 
-def c_muon(
-    learning_rate: optax.ScalarOrSchedule,
-    beta: float = 0.95,
-    weight_decay: float = 0.1,
-    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
-    adam_b1: float = 0.9,
-    adam_b2: float = 0.95,
-    eps: float = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    *,
-    nesterov: bool = True,
-    ns_coeffs=NS_COEFFS,
-    ns_eps: float = 1e-7,
-    consistent_rms: Optional[float] = 0.2,
-    adam_learning_rate: Optional[optax.ScalarOrSchedule] = None,
-    logical_axes: Any = None,
-    muon_mask: Any = None,
-    dimension_numbers: Any = None,
+def muon(
+  learning_rate: optax.ScalarOrSchedule,
+  beta: float = 0.95,
+  weight_decay: float = 0.1,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  adam_b1: float = 0.9,
+  adam_b2: float = 0.95,
+  eps: float = 1e-8,
+  mu_dtype: Any | None = None,
+  *,
+  nesterov: bool = True,
+  ns_coeffs=NS_COEFFS,
+  ns_eps: float = 1e-7,
+  consistent_rms: float | None = 0.2,
+  adam_learning_rate: optax.ScalarOrSchedule | None = None,
+  logical_axes: Any = None,
+  muon_mask: Any = None,
+  dimension_numbers: Any = None,
+  caution: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
-  return _muon_impl(learning_rate, beta, nesterov, ns_coeffs, ns_eps, consistent_rms,
-                    weight_decay, mask, adam_b1, adam_b2, eps, adam_learning_rate, mu_dtype,
-                    logical_axes, muon_mask, dimension_numbers, caution=True)
+  adam_lr = learning_rate if adam_learning_rate is None else adam_learning_rate
+
+  def build(tree):
+    # Roles depend only on static shapes and names, so the partition is rebuilt per call (pure).
+    dims = matrices.matrix_dims(
+      tree, logical_axes=logical_axes, dimension_numbers=dimension_numbers, matrix_mask=muon_mask, rule="muon"
+    )
+    leaves, treedef = jax.tree.flatten(tree)
+    labels = jax.tree.unflatten(treedef, ["muon" if d is not None else "adam" for d in dims])
+    # Same structure as the masked tree optax.partition hands the Muon branch.
+    views = jax.tree.unflatten(
+      treedef, [optax.MaskedNode() if d is None else matrices.MatrixView(x.shape, d) for x, d in zip(leaves, dims)]
+    )
+    muon_tx = optax.chain(
+      scale_by_moonlight_momentum(beta, nesterov, mu_dtype, caution=caution, views=views),
+      orthogonalize(views, ns_coeffs, ns_eps, consistent_rms),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+    )
+    if caution:  # C-Optim masks its auxiliary AdamW too (adam_update in c_muon.py)
+      adam_tx = c_adamw(
+        adam_lr,
+        b1=adam_b1,
+        b2=adam_b2,
+        eps=eps,
+        weight_decay=weight_decay,
+        mask=mask,
+        mu_dtype=mu_dtype,
+        logical_axes=logical_axes,
+      )
+    else:
+      adam_tx = optax.adamw(
+        adam_lr, b1=adam_b1, b2=adam_b2, eps=eps, weight_decay=weight_decay, mask=mask, mu_dtype=mu_dtype
+      )
+    return optax.partition({"muon": muon_tx, "adam": adam_tx}, labels)
+
+  def init_fn(params):
+    return build(params).init(params)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    return build(updates).update(updates, state, params, **extra_args)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-c_muon.__doc__ = r"""Cautious Muon (C-Optim's c_muon.py; "experimental" in the cautious-optimizers paper).
+muon.__doc__ = MUON_DOC
+
+
+# C-Optim's cautious Muon: the one implementation with the caution mask on.
+c_muon = functools.partial(muon, caution=True)
+c_muon.__doc__ = (
+  r"""Cautious Muon (C-Optim's c_muon.py; "experimental" in the cautious-optimizers paper).
 
   As `muon`, with C-Optim's mask on both sides. On the Muon side the mask comes from the
   momentum and the gradient and is applied before Newton-Schulz:
@@ -285,10 +286,22 @@ c_muon.__doc__ = r"""Cautious Muon (C-Optim's c_muon.py; "experimental" in the c
   its rule.) The mean is per matrix (per layer of a stack). The AdamW side is `c_adamw` (mask
   1[m g > 0] on Adam's direction), as C-Optim's auxiliary Adam. The shape scale s is Moonlight's
   by default; `consistent_rms=None` gives C-Optim's (Keller Jordan's) sqrt(max(1, fan_out/fan_in)).
-""" + _ARGS_DOC + """
+"""
+  + _ARGS_DOC
+  + """
   Example::
 
-    tx = jaxeff.optim.c_muon(3e-3, logical_axes=axes)
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxeff.optim
+    >>> params = {"emb": jnp.ones((32, 8)), "w": jnp.ones((2, 8, 16))}       # a scanned stack of 2
+    >>> axes = {"emb": ("vocab", "embed"), "w": ("layers", "embed", "mlp")}  # logical axes per leaf
+    >>> grads = {"emb": jnp.full((32, 8), 0.1), "w": jnp.linspace(-1, 1, 256).reshape(2, 8, 16)}
+    >>> tx = jaxeff.optim.c_muon(3e-3, logical_axes=axes)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
 
   Reference: https://github.com/kyleliang919/C-Optim (c_muon.py: muon_update, adam_update).
 """
+)
+
+# The doctest finder skips partial objects: run c_muon's example too.
+__test__ = {"c_muon": c_muon.__doc__}

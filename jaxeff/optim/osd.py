@@ -26,14 +26,15 @@ gradient propagates into the update and into P. `rank` sets state shapes: with
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxeff.optim import _projection as proj
-from jaxeff.optim import _util
+from jaxeff.optim import matrices
+from jaxeff.optim import projection as proj
 
 TINY = 1e-30
 
@@ -62,22 +63,22 @@ def projector_gradient(p: jax.Array, gc: jax.Array) -> jax.Array:
 
 
 def scale_by_osd(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    mu_dtype: Optional[Any] = None,
-    projector_lr_scale: float = 0.5,
-    projector_b1: float = 0.9,
-    projector_b2: float = 0.999,
-    projector_eps: float = 1e-8,
-    projector_weight_decay: float = 0.01,
-    *,
-    logical_axes: Any = None,
-    projection_mask: Any = None,
-    dimension_numbers: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  rank: int = 128,
+  scale: float = 0.25,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  mu_dtype: Any | None = None,
+  projector_lr_scale: float = 0.5,
+  projector_b1: float = 0.9,
+  projector_b2: float = 0.999,
+  projector_eps: float = 1e-8,
+  projector_weight_decay: float = 0.01,
+  *,
+  logical_axes: Any = None,
+  projection_mask: Any = None,
+  dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""OSD's direction in gradient space: alpha Adam(G P^T) P, before the step size and weight decay.
 
@@ -104,8 +105,14 @@ def scale_by_osd(
 
   Example::
 
-    tx = optax.chain(jaxeff.optim.scale_by_osd(1e-2, rank=64, logical_axes=axes),
-                     optax.scale_by_learning_rate(1e-2))
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxeff.optim
+    >>> params = {"emb": jnp.ones((32, 8)), "w": jnp.ones((2, 8, 16))}       # a scanned stack of 2
+    >>> axes = {"emb": ("vocab", "embed"), "w": ("layers", "embed", "mlp")}  # logical axes per leaf
+    >>> grads = {"emb": jnp.full((32, 8), 0.1), "w": jnp.linspace(-1, 1, 256).reshape(2, 8, 16)}
+    >>> tx = optax.chain(jaxeff.optim.scale_by_osd(1e-2, rank=4, logical_axes=axes),
+    ...                  optax.scale_by_learning_rate(1e-2))
+    >>> updates, state = tx.update(grads, tx.init(params), params)
 
   Reference: arXiv 2408.12857; https://github.com/kyleliang919/Online-Subspace-Descent.
   """
@@ -113,18 +120,22 @@ def scale_by_osd(
   p_adam = optax.scale_by_adam(b1=projector_b1, b2=projector_b2, eps=projector_eps)
 
   def _views(tree):
-    dims = _util.matrix_dims(tree, logical_axes=logical_axes, dimension_numbers=dimension_numbers,
-                             matrix_mask=projection_mask, rule="project")
+    dims = matrices.matrix_dims(
+      tree, logical_axes=logical_axes, dimension_numbers=dimension_numbers, matrix_mask=projection_mask, rule="project"
+    )
     return proj.views(tree, dims)
 
   def init_fn(params):
     vws = _views(params)
     treedef = jax.tree.structure(params)
-    projectors, proxies = proj.init_leaves(params, vws, _util.static_int(rank, "rank", "osd"))
+    projectors, proxies = proj.init_leaves(params, vws, matrices.static_int(rank, "rank", "osd"))
     projector_tree = jax.tree.unflatten(treedef, projectors)
-    return OSDState(count=jnp.zeros([], jnp.int32), projector=projector_tree,
-                    adam=adam.init(jax.tree.unflatten(treedef, proxies)),
-                    projector_adam=p_adam.init(projector_tree))
+    return OSDState(
+      count=jnp.zeros([], jnp.int32),
+      projector=projector_tree,
+      adam=adam.init(jax.tree.unflatten(treedef, proxies)),
+      projector_adam=p_adam.init(projector_tree),
+    )
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
@@ -155,28 +166,28 @@ def scale_by_osd(
     new_projector = jax.tree.map(lambda a, b: jnp.where(first, a, b), cur_tree, stepped)
     p_adam_state = jax.tree.map(lambda a, b: jnp.where(first, a, b), state.projector_adam, p_adam_new)
     return jax.tree.unflatten(treedef, out), OSDState(
-        count=optax.safe_increment(state.count), projector=new_projector, adam=adam_state,
-        projector_adam=p_adam_state)
+      count=optax.safe_increment(state.count), projector=new_projector, adam=adam_state, projector_adam=p_adam_state
+    )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
 def online_subspace_descent(
-    learning_rate: optax.ScalarOrSchedule,
-    rank: int = 128,
-    scale: float = 0.25,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    mask: Optional[Any | Callable[[optax.Params], Any]] = None,
-    mu_dtype: Optional[Any] = None,
-    projector_lr_scale: float = 0.5,
-    projector_weight_decay: float = 0.01,
-    *,
-    logical_axes: Any = None,
-    projection_mask: Any = None,
-    dimension_numbers: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  rank: int = 128,
+  scale: float = 0.25,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  weight_decay: float = 0.0,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  mu_dtype: Any | None = None,
+  projector_lr_scale: float = 0.5,
+  projector_weight_decay: float = 0.01,
+  *,
+  logical_axes: Any = None,
+  projection_mask: Any = None,
+  dimension_numbers: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""OSD-AdamW: GaLore's projected Adam with an online-PCA projector (Liang et al. 2024).
 
@@ -210,17 +221,34 @@ def online_subspace_descent(
 
   Example::
 
-    tx = jaxeff.optim.osd(1e-2, rank=64, logical_axes=axes)
+    >>> import jax.numpy as jnp, optax
+    >>> import jaxeff.optim
+    >>> params = {"emb": jnp.ones((32, 8)), "w": jnp.ones((2, 8, 16))}       # a scanned stack of 2
+    >>> axes = {"emb": ("vocab", "embed"), "w": ("layers", "embed", "mlp")}  # logical axes per leaf
+    >>> grads = {"emb": jnp.full((32, 8), 0.1), "w": jnp.linspace(-1, 1, 256).reshape(2, 8, 16)}
+    >>> tx = jaxeff.optim.osd(1e-2, rank=4, logical_axes=axes)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
 
   Reference: https://github.com/kyleliang919/Online-Subspace-Descent (galore_projector.py,
   proj_type "continuous"); arXiv 2408.12857.
   """
   return optax.chain(
-      scale_by_osd(learning_rate, rank, scale, b1, b2, eps, mu_dtype, projector_lr_scale,
-                   projector_weight_decay=projector_weight_decay, logical_axes=logical_axes,
-                   projection_mask=projection_mask, dimension_numbers=dimension_numbers),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_osd(
+      learning_rate,
+      rank,
+      scale,
+      b1,
+      b2,
+      eps,
+      mu_dtype,
+      projector_lr_scale,
+      projector_weight_decay=projector_weight_decay,
+      logical_axes=logical_axes,
+      projection_mask=projection_mask,
+      dimension_numbers=dimension_numbers,
+    ),
+    optax.add_decayed_weights(weight_decay, mask),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 

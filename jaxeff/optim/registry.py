@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 import optax
 
@@ -58,15 +58,15 @@ class OptimizerSpec:
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
-    "adamw": OptimizerSpec(optax.adamw),
-    "c_adamw": OptimizerSpec(c_adamw),
-    "lion": OptimizerSpec(optax.lion),
-    "c_lion": OptimizerSpec(c_lion),
-    "distributed_lion": OptimizerSpec(distributed_lion, gradients="per_device", clip=False),
-    "muon": OptimizerSpec(muon),
-    "c_muon": OptimizerSpec(c_muon),
-    "galore": OptimizerSpec(galore),
-    "osd": OptimizerSpec(online_subspace_descent),
+  "adamw": OptimizerSpec(optax.adamw),
+  "c_adamw": OptimizerSpec(c_adamw),
+  "lion": OptimizerSpec(optax.lion),
+  "c_lion": OptimizerSpec(c_lion),
+  "distributed_lion": OptimizerSpec(distributed_lion, gradients="per_device", clip=False),
+  "muon": OptimizerSpec(muon),
+  "c_muon": OptimizerSpec(c_muon),
+  "galore": OptimizerSpec(galore),
+  "osd": OptimizerSpec(online_subspace_descent),
 }
 
 
@@ -90,6 +90,7 @@ def build(name: str, **hyperparams) -> optax.GradientTransformation:
       hyperparams.pop(optional, None)
   unknown = [k for k in hyperparams if k not in params]
   if unknown:
-    raise ValueError(f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for {name!r}; "
-                     f"valid: {', '.join(params)}")
+    raise ValueError(
+      f"unknown hyperparameter(s) {', '.join(map(repr, unknown))} for {name!r}; valid: {', '.join(params)}"
+    )
   return s.factory(**hyperparams)

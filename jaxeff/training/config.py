@@ -1,7 +1,11 @@
 """What a training run is: `TrainConfig` (model, data, optimizer, mesh, run settings) and its loaders.
 
-  cfg = load_config("configs/125m.yaml", ["steps=100", "model.num_layers=2"])
-  cfg = load_config(None, ["steps=100"])          # the built-in small CPU config plus overrides
+>>> from jaxeff.training import load_config
+>>> cfg = load_config(None, ["steps=100", "model.num_layers=2"])   # the built-in small config + overrides
+>>> cfg.steps, cfg.model.num_layers, cfg.optimizer.name
+(100, 2, 'adamw')
+
+`load_config("configs/125m.yaml", [...])` starts from a file instead.
 
 Every key is checked against the dataclass fields (unknown keys and wrong types raise
 `ConfigError` naming the key), and `config_to_dict(cfg)` is what checkpoints record.
@@ -21,10 +25,6 @@ from jaxeff.data import DataConfig
 # probabilities and skips masked blocks (BENCHMARKS.md). Only the built-in config (no --config)
 # gets it; accelerator configs name their attention themselves.
 CPU_ATTENTION = "blocked"
-
-
-class TrainError(RuntimeError):
-  """Training cannot start or continue (bad checkpoint, diverged loss, ...); the message says why."""
 
 
 @dataclasses.dataclass

@@ -19,12 +19,13 @@ import json
 import math
 import pathlib
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
-from jaxeff.training.config import TrainError
+from jaxeff.errors import TrainError
 
 
 class StepClock:
@@ -96,9 +97,11 @@ class NaNGuard(Hook):
     for r in records:
       if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"])):
         last = self.last_checkpoint()
-        raise TrainError(f"loss became {r['loss']} (grad norm {r['grad_norm']}) at step {r['step']}; stopping. "
-                         f"The last good checkpoint ({'step ' + str(last) if last is not None else 'none'}) "
-                         f"in {self.checkpoint_dir} is intact; lower optimizer.learning_rate or check the data")
+        raise TrainError(
+          f"loss became {r['loss']} (grad norm {r['grad_norm']}) at step {r['step']}; stopping. "
+          f"The last good checkpoint ({'step ' + str(last) if last is not None else 'none'}) "
+          f"in {self.checkpoint_dir} is intact; lower optimizer.learning_rate or check the data"
+        )
 
 
 class MetricsLogger(Hook):
@@ -107,8 +110,17 @@ class MetricsLogger(Hook):
   Also writes every record other hooks log (validation loss). Process 0 only.
   """
 
-  def __init__(self, out_dir: pathlib.Path, every: int, *, tensorboard: bool, tokens_per_step: int,
-               flops_per_step: float, peak_flops: float, schedule: Callable[[int], Any]):
+  def __init__(
+    self,
+    out_dir: pathlib.Path,
+    every: int,
+    *,
+    tensorboard: bool,
+    tokens_per_step: int,
+    flops_per_step: float,
+    peak_flops: float,
+    schedule: Callable[[int], Any],
+  ):
     self.every = every
     self.tokens_per_step, self.flops_per_step, self.peak_flops = tokens_per_step, flops_per_step, peak_flops
     self.schedule = schedule
@@ -118,6 +130,7 @@ class MetricsLogger(Hook):
     self.tb = None
     if self.enabled and tensorboard:
       from tensorboardX import SummaryWriter
+
       self.tb = SummaryWriter(str(out_dir / "tb"))
 
   def on_metrics(self, records):
@@ -126,9 +139,16 @@ class MetricsLogger(Hook):
   def on_step(self, ctx):
     steps, seconds = ctx.clock.take()
     tokens_per_s = steps * self.tokens_per_step / seconds if seconds > 0 else float("nan")
-    ctx.log(ctx.step, {"loss": self.last["loss"], "grad_norm": self.last["grad_norm"],
-                       "lr": float(self.schedule(ctx.step - 1)), "tokens_per_s": tokens_per_s,
-                       "mfu": tokens_per_s / self.tokens_per_step * self.flops_per_step / self.peak_flops})
+    ctx.log(
+      ctx.step,
+      {
+        "loss": self.last["loss"],
+        "grad_norm": self.last["grad_norm"],
+        "lr": float(self.schedule(ctx.step - 1)),
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s / self.tokens_per_step * self.flops_per_step / self.peak_flops,
+      },
+    )
 
   def on_log(self, step, record):
     if not self.enabled:
@@ -181,8 +201,9 @@ class ProgressBar(Hook):
 
   def on_log(self, step, record):
     if "loss" in record:
-      self.bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
-                           mfu=f"{record['mfu']:.1%}")
+      self.bar.set_postfix(
+        loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}", mfu=f"{record['mfu']:.1%}"
+      )
       self.bar.n = step
       self.bar.refresh()
     if "val_loss" in record:

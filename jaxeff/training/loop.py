@@ -1,22 +1,40 @@
-"""`train(cfg)`: the training loop, and `load_checkpoint` for what it saved.
+"""The run: `Trainer` (one run's pieces and a generator of steps) and `train(cfg)`, which drives it
+with hooks and checkpoints; `load_checkpoint` for what it saved.
 
-  result = train(load_config(None, ["steps=50"]))      # result.model, .losses, .val_losses
-  model, cfg = load_checkpoint("runs/default")          # the latest step's model, born sharded
+>>> import tempfile, numpy as np
+>>> from jaxeff import training
+>>> cfg = training.load_config(None, [
+...     "steps=3", "seq_len=32", "batch_size=8", "model.num_layers=1", "model.hidden_size=32",
+...     "model.intermediate_size=64", "data.max_corpus_bytes=100000", "progress=false",
+...     "tensorboard=false", f"output_dir={tempfile.mkdtemp()}"])
+>>> result = training.train(cfg)                                 # result.model, .losses, .val_losses
+>>> len(result.losses)
+3
+>>> model, saved_cfg = training.load_checkpoint(cfg.output_dir)  # the newest step's model, born sharded
+>>> trainer = training.Trainer(cfg)               # model_factory=..., loss_fn=... for other models
+>>> batches = [{"inputs": np.ones((8, 32), np.int32), "targets": np.ones((8, 32), np.int32)}] * 2
+>>> [info.step for info in trainer.steps(trainer.init_state(), batches)]   # the caller owns the loop
+[1, 2]
 
-One step directory per checkpoint (`Checkpointer`): item `params`, item `train` (step, optimizer
-state, RNG), the data iterator's position (`data`) and `meta` (format, config, and the optimizer
-state's signature, from which a resumed run checks that architecture and optimizer still fit).
+The engine is model-agnostic: `model_factory(model_config, rngs)` builds any NNX module whose
+parameters carry logical axes (default `Llama`), `loss_fn(model, batch)` is differentiated
+(default `next_token_loss`, with an optional `loss_mask` in the batch).
+
+One step directory per checkpoint (`jaxeff.checkpoint.Checkpointer`): item `params`, item `train`
+(step, optimizer state, RNG), the data iterator's position (`data`) and `meta` (format, config, and
+the optimizer state's signature, from which a resumed run checks that architecture and optimizer
+still fit).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import pathlib
-import sys
 import tempfile
 import time
-from typing import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,17 +44,30 @@ from flax import nnx
 
 from jaxeff import data as data_lib
 from jaxeff import sharding
-from jaxeff.config import ConfigError
+from jaxeff.checkpoint import Checkpointer, describe_error
+from jaxeff.config import ModelConfig, differences
+from jaxeff.errors import CheckpointError, ConfigError, TrainError
 from jaxeff.models import Llama
 from jaxeff.training import hooks as hooks_lib
-from jaxeff.training.checkpoint import CheckpointError, Checkpointer, describe_error
-from jaxeff.training.config import TrainConfig, TrainError, config_from_dict, config_to_dict
+from jaxeff.training.config import TrainConfig, config_from_dict, config_to_dict
 from jaxeff.training.state import TrainState, abstract_state, init_state, signature, state_shardings
-from jaxeff.training.step import make_eval_step, make_optimizer, make_train_step, optimizer_spec
+from jaxeff.training.step import (
+  LossFn,
+  make_eval_step,
+  make_optimizer,
+  make_train_step,
+  next_token_loss,
+  optimizer_spec,
+)
 
+log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "jaxeff.train/2"
-# Settings that change how the model computes, not what it is: free to differ on resume.
-COMPUTE_ONLY = frozenset({"dtype", "remat", "attention", "max_seq_len"})
+ModelFactory = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
+
+
+def llama(cfg: ModelConfig, rngs: nnx.Rngs) -> Llama:
+  """The default model factory."""
+  return Llama(cfg, rngs=rngs)
 
 
 @dataclasses.dataclass
@@ -51,18 +82,34 @@ class TrainResult:
     output_dir: where checkpoints and metrics are.
   """
 
-  model: Llama
+  model: nnx.Module
   step: int
   losses: list[float]
   val_losses: dict[int, float]
   output_dir: pathlib.Path
 
 
+@dataclasses.dataclass
+class StepInfo:
+  """What `Trainer.steps` yields after each step."""
+
+  step: int  # steps taken so far (1 after the first)
+  state: TrainState  # the state after it (donated to the next step: read it before asking for more)
+  metrics: dict  # {"loss", "grad_norm"}: device scalars (fetching them waits for the step)
+
+
 # ---------------------------------------------------------------------------- MFU
 
 _PEAK_FLOPS = {  # dense bf16 per chip, from vendor specs
-    "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12,
-    "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12,
+  "TPU v4": 275e12,
+  "TPU v5 lite": 197e12,
+  "TPU v5e": 197e12,
+  "TPU v5p": 459e12,
+  "TPU v6 lite": 918e12,
+  "H100": 989e12,
+  "H200": 989e12,
+  "A100": 312e12,
+  "L4": 121e12,
 }
 
 
@@ -74,22 +121,26 @@ def peak_flops_per_device(cfg: TrainConfig) -> float:
   for name, flops in _PEAK_FLOPS.items():
     if name.lower() in kind.lower():
       return flops
-  return _measured_peak_flops()
+  return measured_peak_flops()
 
 
 @functools.cache
-def _measured_peak_flops() -> float:
-  # CPU and unknown devices: measure a f32 matmul once per process (a few ms) instead of guessing.
-  n = 1024
+def measured_peak_flops(n: int = 2048, repeats: int = 5) -> float:
+  """FLOP/s of one device, measured once per process on an f32 `n`^3 matmul: the best of
+  `repeats` timings, so it is an upper bound of what a step reaches (a single timing taken while
+  other threads work, e.g. the data pipeline starting, came out low and showed MFU > 100%).
+  Fake CPU devices share the host's cores: the host's rate is divided among them."""
   a = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   f(a).block_until_ready()
-  t = time.perf_counter()
-  for _ in range(3):
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
     f(a).block_until_ready()
-  peak = 3 * 2 * n ** 3 / (time.perf_counter() - t)
+    best = min(best, time.perf_counter() - t)
+  peak = 2 * n**3 / best
   if jax.default_backend() == "cpu":
-    peak /= len(jax.devices())  # fake CPU devices share the same cores
+    peak /= len(jax.devices())
   return peak
 
 
@@ -97,47 +148,126 @@ def _measured_peak_flops() -> float:
 
 
 def _meta(cfg: TrainConfig, step: int, abstract: TrainState) -> dict:
-  return {"format": CHECKPOINT_FORMAT, "step": step, "config": config_to_dict(cfg),
-          "opt_state": signature(abstract.opt_state)}
+  return {
+    "format": CHECKPOINT_FORMAT,
+    "step": step,
+    "config": config_to_dict(cfg),
+    "opt_state": signature(abstract.opt_state),
+  }
 
 
 def check_compatible(meta: dict, cfg: TrainConfig, abstract: TrainState, where: str) -> None:
   """Raises TrainError unless a checkpoint's recorded metadata fits this run's model and optimizer."""
   if meta.get("format") != CHECKPOINT_FORMAT:
     raise TrainError(f"{where} has format {meta.get('format')!r}; this jaxeff reads {CHECKPOINT_FORMAT!r}")
-  saved, ours = meta["config"]["model"], config_to_dict(cfg)["model"]
-  diff = [f"{k}: checkpoint {saved.get(k)!r} vs config {v!r}" for k, v in ours.items()
-          if k not in COMPUTE_ONLY and saved.get(k) != v]
+  diff = differences(config_from_dict({"model": meta["config"]["model"]}).model, cfg.model)
   if diff:
     raise TrainError(f"{where} is from a different architecture ({'; '.join(diff)})")
   if meta["opt_state"] != signature(abstract.opt_state):
     old, new = meta["config"]["optimizer"], config_to_dict(cfg)["optimizer"]
-    changed = [f"{k}: checkpoint {old.get(k)!r} vs config {v!r}" for k, v in new.items()
-               if k not in ("learning_rate", "warmup_steps", "decay_steps", "min_lr_ratio") and old.get(k) != v]
-    raise TrainError(f"{where} holds optimizer state of a different optimizer configuration "
-                     f"({'; '.join(changed) or 'its state has another structure'})")
+    changed = [
+      f"{k}: checkpoint {old.get(k)!r} vs config {v!r}"
+      for k, v in new.items()
+      if k not in ("learning_rate", "warmup_steps", "decay_steps", "min_lr_ratio") and old.get(k) != v
+    ]
+    raise TrainError(
+      f"{where} holds optimizer state of a different optimizer configuration "
+      f"({'; '.join(changed) or 'its state has another structure'})"
+    )
 
 
-# ---------------------------------------------------------------------------- the loop
+# ---------------------------------------------------------------------------- the trainer
 
 
-def _check_layout(cfg: TrainConfig, mesh) -> None:
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
-  if cfg.batch_size % data_parallel:
-    raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the data x fsdp mesh size {data_parallel}")
-  if cfg.batch_size % jax.process_count():
-    raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {jax.process_count()} processes")
+class Trainer:
+  """One run's pieces, built once from its config: the mesh, the model's graph, the optimizer,
+  the state's shardings and the jitted train and eval steps. Nothing is compiled or allocated
+  until a state is made and stepped.
+
+  Args:
+    cfg: the run (`load_config`); `cfg.model` goes to `model_factory`.
+    model_factory: `model_factory(model_config, rngs)` -> an NNX module with logically named
+      parameters (default `Llama`).
+    loss_fn: `loss_fn(model, batch) -> scalar` (default `next_token_loss`).
+
+  Raises:
+    ConfigError, MeshError: bad settings, before anything compiles.
+  """
+
+  def __init__(self, cfg: TrainConfig, *, model_factory: ModelFactory = llama, loss_fn: LossFn = next_token_loss):
+    self.cfg = cfg
+    self.mesh = sharding.make_mesh(cfg.mesh)
+    data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    if cfg.batch_size % data_parallel:
+      raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the data x fsdp mesh size {data_parallel}")
+    if cfg.batch_size % jax.process_count():
+      raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {jax.process_count()} processes")
+    self.spec = optimizer_spec(cfg.optimizer)
+    self.make_model = lambda: model_factory(cfg.model, nnx.Rngs(cfg.seed))
+    self.graphdef, params = nnx.split(nnx.eval_shape(self.make_model))
+    self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.steps, params, self.mesh)
+    self.abstract = abstract_state(params, self.tx)
+    self.shardings = state_shardings(self.abstract, self.mesh, per_device=self.spec.gradients == "per_device")
+    self.train_step = jax.jit(
+      make_train_step(self.graphdef, self.tx, self.spec, self.mesh, self.shardings, loss_fn=loss_fn), donate_argnums=0
+    )
+    self.eval_step = jax.jit(make_eval_step(self.graphdef, loss_fn))
+    self._batch_sharding = jax.NamedSharding(self.mesh, sharding.logical_to_spec((sharding.BATCH, None)))
+
+  def init_state(self) -> TrainState:
+    """A fresh state (seed `cfg.seed`), each array created in its sharding."""
+    return init_state(self.make_model, self.tx, self.shardings, self.cfg.seed)
+
+  def global_batch(self, local: dict) -> dict:
+    """This process's rows of a batch (host arrays) -> global arrays split over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(self._batch_sharding, np.asarray(v)) for k, v in local.items()}
+
+  def model(self, state: TrainState) -> nnx.Module:
+    return nnx.merge(self.graphdef, state.params)
+
+  def steps(self, state: TrainState, batches: Iterable[dict], last_step: int | None = None) -> Iterator[StepInfo]:
+    """Steps from `state` until `last_step` (default `cfg.steps`) or until `batches` (process-local
+    host batches) run out, yielding after each step."""
+    # XLA:CPU runs each fake device on a thread of one small pool: with a second step queued, a
+    # device's share can starve while the others wait in a collective (a deadlock on 2 cores).
+    # Accelerators keep async dispatch.
+    sync = jax.default_backend() == "cpu" and self.mesh.size > 1
+    last_step = self.cfg.steps if last_step is None else last_step
+    batches = iter(batches)
+    for step in range(int(state.step) + 1, last_step + 1):
+      try:
+        batch = next(batches)
+      except StopIteration:
+        return
+      with jax.set_mesh(self.mesh):
+        state, metrics = self.train_step(state, self.global_batch(batch))
+      if sync:
+        jax.block_until_ready(metrics)
+      yield StepInfo(step, state, metrics)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.Hook] = ()) -> TrainResult:
+# ---------------------------------------------------------------------------- train()
+
+
+def train(
+  cfg: TrainConfig,
+  *,
+  resume: bool = False,
+  hooks: Sequence[hooks_lib.Hook] = (),
+  model_factory: ModelFactory = llama,
+  loss_fn: LossFn = next_token_loss,
+) -> TrainResult:
   """Trains as `cfg` says: sharded over `cfg.mesh`, checkpointed, logged.
 
   Args:
     cfg: the run (`load_config`).
     resume: continue from the newest checkpoint in `cfg.output_dir` that reads back completely
       (bit for bit on CPU); newer, damaged ones are moved to `output_dir/damaged_checkpoints` and
-      named on one stderr line. Without it, existing checkpoints are an error, never overwritten.
+      named in one log line. With no checkpoint yet (a preempted job restarted before its first
+      save) the run starts fresh, saying so. Without `resume`, existing checkpoints are an error,
+      never overwritten.
     hooks: extra `Hook`s, called after the built-in ones (NaN guard, metrics, eval, checkpoint).
+    model_factory, loss_fn: as `Trainer`'s.
 
   Returns:
     `TrainResult` with the model and this run's losses.
@@ -145,102 +275,106 @@ def train(cfg: TrainConfig, *, resume: bool = False, hooks: Sequence[hooks_lib.H
   Raises:
     ConfigError, DataError, MeshError: bad settings, found before any compilation.
     TrainError: an output_dir that cannot be written (before anything else), checkpoints in the
-      way or missing, none that reads back, a checkpoint of another architecture or optimizer, a
+      way, none that reads back, a checkpoint of another architecture or optimizer, a
       non-finite loss (the last good checkpoint stays intact).
     CheckpointError: a save that did not commit (the older checkpoints stay).
   """
   out_dir = pathlib.Path(cfg.output_dir)
   ckpt_dir = out_dir / "checkpoints"
-  mesh = sharding.make_mesh(cfg.mesh)
-  _check_layout(cfg, mesh)
-  spec = optimizer_spec(cfg.optimizer)
+  trainer = Trainer(cfg, model_factory=model_factory, loss_fn=loss_fn)
   _check_writable(out_dir, ckpt_dir)  # before the data is tokenized and anything compiles
   # Data first (the tokenizer is built once, here): a bad path fails before any compilation.
   data = data_lib.TextData.load(cfg.data)
   if cfg.model.vocab_size < data.vocab_size:
-    raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({data.vocab_size})")
+    raise ConfigError(
+      f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({data.vocab_size})"
+    )
   where = dict(process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = data_lib.train_iterator(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, **where)
-  val = data_lib.val_batches(data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_batches=cfg.eval_batches, **where)
+  val = data_lib.val_batches(
+    data, seq_len=cfg.seq_len, batch_size=cfg.batch_size, max_batches=cfg.eval_batches, **where
+  )
   with Checkpointer(ckpt_dir, read_only=True) as reader:  # a killed first save left no step
     has_checkpoints = bool(reader.steps())
   if has_checkpoints and not resume:
-    raise TrainError(f"{ckpt_dir} already holds checkpoints; pass --resume to continue, "
-                     f"or choose another output_dir (nothing is overwritten)")
+    raise TrainError(
+      f"{ckpt_dir} already holds checkpoints; pass --resume to continue, "
+      f"or choose another output_dir (nothing is overwritten)"
+    )
   if resume and not has_checkpoints:
-    raise TrainError(f"--resume: no checkpoint found in {ckpt_dir}")
+    if jax.process_index() == 0:
+      log.info("resume: no checkpoint in %s yet; starting a new run", ckpt_dir)
+    resume = False
 
-  make_model = lambda: Llama(cfg.model, rngs=nnx.Rngs(cfg.seed))
-  graphdef, params = nnx.split(nnx.eval_shape(make_model))
-  tx, schedule = make_optimizer(cfg.optimizer, cfg.steps, params, mesh)
-  abstract = abstract_state(params, tx)
-  shardings = state_shardings(abstract, mesh, per_device=spec.gradients == "per_device")
-  with (Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints, async_save=True, remove_partial_saves=True) as ckpt,
-        jax.set_mesh(mesh)):
+  with Checkpointer(ckpt_dir, keep=cfg.keep_checkpoints, async_save=True, remove_partial_saves=True) as ckpt:
     if resume:
-      state, iter_state = _restore(ckpt, cfg, abstract, shardings, out_dir / "damaged_checkpoints")
+      with jax.set_mesh(trainer.mesh):
+        state, iter_state = _restore(ckpt, cfg, trainer.abstract, trainer.shardings, out_dir / "damaged_checkpoints")
       train_iter.set_state(iter_state)
     else:
-      state = init_state(make_model, tx, shardings, cfg.seed)
+      state = trainer.init_state()
     if jax.process_index() == 0:
       (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    batch_sharding = jax.NamedSharding(mesh, sharding.logical_to_spec(("batch", None)))
-    to_global = lambda b: {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in b.items()}
 
     def save(s: TrainState):
       step = int(s.step)
-      ckpt.save(step, arrays={"params": s.params, "train": {"step": s.step, "opt_state": s.opt_state, "rng": s.rng}},
-                documents={"data": train_iter.get_state(), "meta": _meta(cfg, step, abstract)})
+      ckpt.save(
+        step,
+        arrays={"params": s.params, "train": {"step": s.step, "opt_state": s.opt_state, "rng": s.rng}},
+        documents={"data": train_iter.get_state(), "meta": _meta(cfg, step, trainer.abstract)},
+      )
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    evaluator = hooks_lib.Evaluator(cfg.eval_every, jax.jit(make_eval_step(graphdef)), val, to_global)
-    all_hooks = [hooks_lib.NaNGuard(ckpt.latest_step, ckpt_dir),  # first: nothing sees a diverged state
-                 hooks_lib.MetricsLogger(out_dir, cfg.log_every, tensorboard=cfg.tensorboard, schedule=schedule,
-                                         tokens_per_step=tokens_per_step,
-                                         flops_per_step=cfg.model.flops_per_token(cfg.seq_len) * tokens_per_step,
-                                         peak_flops=peak_flops_per_device(cfg) * len(jax.devices())),
-                 evaluator, hooks_lib.CheckpointSaver(cfg.checkpoint_every, save)]
+    evaluator = hooks_lib.Evaluator(cfg.eval_every, trainer.eval_step, val, trainer.global_batch)
+    all_hooks = [
+      hooks_lib.NaNGuard(ckpt.latest_step, ckpt_dir),  # first: nothing sees a diverged state
+      hooks_lib.MetricsLogger(
+        out_dir,
+        cfg.log_every,
+        tensorboard=cfg.tensorboard,
+        schedule=trainer.schedule,
+        tokens_per_step=tokens_per_step,
+        flops_per_step=cfg.model.flops_per_token(cfg.seq_len) * tokens_per_step,
+        peak_flops=peak_flops_per_device(cfg) * len(jax.devices()),
+      ),
+      evaluator,
+      hooks_lib.CheckpointSaver(cfg.checkpoint_every, save),
+    ]
     if cfg.progress and jax.process_index() == 0:
       all_hooks.append(hooks_lib.ProgressBar(cfg.steps, int(state.step)))
-    step_fn = jax.jit(make_train_step(graphdef, tx, spec, mesh, shardings), donate_argnums=0)
-    state, losses = _loop(step_fn, state, train_iter, to_global, all_hooks + list(hooks), cfg.steps,
-                          # XLA:CPU runs each fake device on a thread of one small pool: with a second
-                          # step queued, a device's share can starve while the others wait in a
-                          # collective (a deadlock on 2 cores). Accelerators keep async dispatch.
-                          sync_every_step=jax.default_backend() == "cpu" and mesh.size > 1)
-    model = nnx.merge(graphdef, state.params)
-  return TrainResult(model=model, step=cfg.steps, losses=losses, val_losses=evaluator.val_losses, output_dir=out_dir)
+    state, losses = _drive(trainer, state, train_iter, all_hooks + list(hooks))
+  return TrainResult(
+    model=trainer.model(state), step=cfg.steps, losses=losses, val_losses=evaluator.val_losses, output_dir=out_dir
+  )
 
 
-def _loop(step_fn, state: TrainState, batches, to_global, hooks: list[hooks_lib.Hook], last_step: int,
-          sync_every_step: bool) -> tuple[TrainState, list[float]]:
-  """Steps until `last_step`; device metrics are fetched only when some hook is due."""
-  start = int(state.step)
+def _drive(trainer: Trainer, state: TrainState, batches, hooks: list[hooks_lib.Hook]) -> tuple[TrainState, list[float]]:
+  """Runs `trainer.steps` with the hooks; device metrics are fetched only when some hook is due."""
+  start, last_step = int(state.step), trainer.cfg.steps
   losses: list[float] = []
   pending: list[tuple[int, dict]] = []
   clock = hooks_lib.StepClock()
 
-  def log(step: int, record: dict):
+  def log_record(step: int, record: dict):
     for h in hooks:
       h.on_log(step, record)
 
   try:
     clock.start()
-    for step in range(start + 1, last_step + 1):
-      state, metrics = step_fn(state, to_global(next(batches)))
-      if sync_every_step:
-        jax.block_until_ready(metrics)
-      pending.append((step, metrics))
-      due = [h for h in hooks if h.due(step, last_step)]
-      if due or step == start + 1:  # the first step compiles: keep it out of tokens/s
+    for info in trainer.steps(state, batches, last_step):
+      state = info.state
+      pending.append((info.step, info.metrics))
+      due = [h for h in hooks if h.due(info.step, last_step)]
+      if due or info.step == start + 1:  # the first step compiles: keep it out of tokens/s
         records, pending = hooks_lib.host_records(pending), []
-        clock.stop(len(records), compiling=step == start + 1)
+        clock.stop(len(records), compiling=info.step == start + 1)
         losses += [r["loss"] for r in records]
         for h in hooks:
           h.on_metrics(records)
-        ctx = hooks_lib.StepContext(step, state, log, clock, last_step)
-        for h in due:
-          h.on_step(ctx)
+        ctx = hooks_lib.StepContext(info.step, state, log_record, clock, last_step)
+        with jax.set_mesh(trainer.mesh):
+          for h in due:
+            h.on_step(ctx)
         clock.start()
   finally:
     for h in hooks:
@@ -260,21 +394,26 @@ def _check_writable(out_dir: pathlib.Path, ckpt_dir: pathlib.Path) -> None:
       with tempfile.NamedTemporaryFile(dir=d, prefix=".jaxeff-write-probe-"):
         pass
   except OSError as e:
-    raise TrainError(f"output_dir {out_dir} cannot be written ({e.filename or out_dir}: "
-                     f"{e.strerror or describe_error(e)}); choose another output_dir") from None
+    raise TrainError(
+      f"output_dir {out_dir} cannot be written ({e.filename or out_dir}: "
+      f"{e.strerror or describe_error(e)}); choose another output_dir"
+    ) from None
 
 
-def _restore(ckpt: Checkpointer, cfg: TrainConfig, abstract: TrainState, shardings: TrainState,
-             damaged_dir: pathlib.Path):
+def _restore(
+  ckpt: Checkpointer, cfg: TrainConfig, abstract: TrainState, shardings: TrainState, damaged_dir: pathlib.Path
+):
   """The newest checkpoint that reads back completely and fits this run; newer, unreadable ones
   are moved to `damaged_dir` (so their steps can be saved again) and named on one line."""
   target = sharding.with_shardings(abstract, shardings)
 
   def read(step):
     check_compatible(ckpt.document(step, "meta"), cfg, abstract, f"checkpoint step {step} in {ckpt.directory}")
-    return ckpt.restore(step, {"params": target.params,
-                               "train": {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}},
-                        documents=("data",))
+    return ckpt.restore(
+      step,
+      {"params": target.params, "train": {"step": target.step, "opt_state": target.opt_state, "rng": target.rng}},
+      documents=("data",),
+    )
 
   try:
     step, restored, skipped = ckpt.restore_newest(read)
@@ -284,22 +423,28 @@ def _restore(ckpt: Checkpointer, cfg: TrainConfig, abstract: TrainState, shardin
     moved = [ckpt.set_aside(s, damaged_dir) for s, _ in skipped]
     if jax.process_index() == 0:
       why = "; ".join(f"step {s} {reason}" for s, reason in skipped)
-      print(f"resume: checkpoint {why}; moved to {moved[0].parent}; resuming from step {step}", file=sys.stderr)
+      log.warning("resume: checkpoint %s; moved to %s; resuming from step %s", why, moved[0].parent, step)
   train = restored["train"]
   state = TrainState(step=train["step"], params=restored["params"], opt_state=train["opt_state"], rng=train["rng"])
   return state, restored["data"]
 
 
-def load_checkpoint(output_dir: str | pathlib.Path, step: int | None = None,
-                    mesh: jax.sharding.Mesh | None = None) -> tuple[Llama, TrainConfig]:
+def load_checkpoint(
+  output_dir: str | pathlib.Path,
+  step: int | None = None,
+  mesh: jax.sharding.Mesh | None = None,
+  *,
+  model_factory: ModelFactory = llama,
+) -> tuple[nnx.Module, TrainConfig]:
   """The model a training run saved, e.g. for evaluation, quantization or serving.
 
   Args:
     output_dir: the run's `output_dir` (holding `checkpoints/`).
     step: which step (default: the newest that reads back completely; skipped newer ones are
-      named on one stderr line).
+      named in one log line).
     mesh: place the parameters by their logical axes on this mesh; None: on the first device.
       Each device reads only its shards; the optimizer state is not read.
+    model_factory: the factory the run trained with (default `Llama`).
 
   Returns:
     (model, the run's TrainConfig).
@@ -313,10 +458,11 @@ def load_checkpoint(output_dir: str | pathlib.Path, step: int | None = None,
   def read(s: int):
     meta = ckpt.document(s, "meta")
     if meta.get("format") != CHECKPOINT_FORMAT:
-      raise TrainError(f"checkpoint step {s} in {ckpt_dir} has format {meta.get('format')!r}; "
-                       f"this jaxeff reads {CHECKPOINT_FORMAT!r}")
+      raise TrainError(
+        f"checkpoint step {s} in {ckpt_dir} has format {meta.get('format')!r}; this jaxeff reads {CHECKPOINT_FORMAT!r}"
+      )
     cfg = config_from_dict(meta["config"])
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Llama(cfg.model, rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_factory(cfg.model, nnx.Rngs(0))))
     target = sharding.with_shardings(abstract, sharding.model_shardings(abstract, mesh))
     return nnx.merge(graphdef, ckpt.restore(s, {"params": target})["params"]), cfg
 
@@ -328,5 +474,5 @@ def load_checkpoint(output_dir: str | pathlib.Path, step: int | None = None,
     newest, (model, cfg), skipped = ckpt.restore_newest(read)
   if skipped:
     why = "; ".join(f"step {s} {reason}" for s, reason in skipped)
-    print(f"load_checkpoint: checkpoint {why}; loaded step {newest}", file=sys.stderr)
+    log.warning("load_checkpoint: checkpoint %s; loaded step %s", why, newest)
   return model, cfg

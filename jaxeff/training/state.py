@@ -5,27 +5,29 @@
   shardings = state_shardings(abstract, mesh, spec)               # from logical axes, one source
   state = init_state(make_model, tx, shardings, seed)             # born sharded (jit out_shardings)
 
-Shardings come from the parameters' logical axes alone (`jaxeff.sharding.LOGICAL_RULES`), as in
+Shardings come from the parameters' logical axes alone (`jaxeff.sharding`'s rules), as in
 MaxText: `tx.init` runs under `jax.eval_shape` on the parameter `nnx.State`, and optax's
 tree-maps carry each parameter's `nnx.Variable` (with its logical axes) into the state leaves made
 from it, so a moment has its parameter's names. A state leaf whose shape is not its parameter's
 (a projected GaLore moment, a counter) is replicated. An optimizer with per-device gradients
 (`OptimizerSpec.gradients == "per_device"`) keeps per-device state: a leaf [N, *param.shape]
-gets the logical axes ("devices", *param_axes), i.e. its leading axis split over the mesh's
+gets the logical axes (DEVICES, *param_axes), i.e. its leading axis split over the mesh's
 "data" axis.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxeff import sharding
 
@@ -55,8 +57,12 @@ class TrainState:
 def abstract_state(params: nnx.State, tx: optax.GradientTransformation) -> TrainState:
   """The TrainState's shapes for abstract `params` (`nnx.split(nnx.eval_shape(make_model))[1]`),
   without allocating anything (`jax.eval_shape` of `tx.init`)."""
-  return TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                    opt_state=jax.eval_shape(tx.init, params), rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+  return TrainState(
+    step=jax.ShapeDtypeStruct((), jnp.int32),
+    params=params,
+    opt_state=jax.eval_shape(tx.init, params),
+    rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+  )
 
 
 def _axis_sizes(params: nnx.State) -> dict[str, set[int]]:
@@ -92,27 +98,35 @@ def state_shardings(abstract: TrainState, mesh: Mesh, per_device: bool = False) 
     if fits(axes, value.shape):
       return x.replace(sharding.logical_sharding(axes, value.shape, mesh))
     if per_device and value.shape[:1] == (num_devices,) and fits(axes, value.shape[1:]):
-      return x.replace(sharding.logical_sharding(("devices",) + axes, value.shape, mesh))
+      return x.replace(sharding.logical_sharding((sharding.DEVICES,) + axes, value.shape, mesh))
     return x.replace(replicated)
 
   opt = jax.tree.map(opt_leaf, abstract.opt_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return TrainState(step=replicated, params=sharding.state_shardings(abstract.params, mesh),
-                    opt_state=opt, rng=replicated)
+  return TrainState(
+    step=replicated, params=sharding.state_shardings(abstract.params, mesh), opt_state=opt, rng=replicated
+  )
 
 
-def init_state(make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation,
-               shardings: TrainState, seed: int) -> TrainState:
+def init_state(
+  make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, shardings: TrainState, seed: int
+) -> TrainState:
   """A fresh state, each array created directly in its sharding (no device holds it whole)."""
   mesh = jax.tree.leaves(shardings)[0].mesh
   with jax.set_mesh(mesh):
     # Two programs, not one: the parameters' is the same for every optimizer (compiled once).
     params = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings.params)()
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
-  return TrainState(step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step), params=params,
-                    opt_state=opt_state, rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng))
+  return TrainState(
+    step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),
+    params=params,
+    opt_state=opt_state,
+    rng=jax.device_put(jax.random.key_data(jax.random.key(seed)), shardings.rng),
+  )
 
 
 def signature(tree: Any) -> list[list]:
   """[path, shape, dtype] of every leaf: what a checkpoint records to check compatibility."""
-  return [[jax.tree_util.keystr(path), list(x.shape), str(jnp.dtype(x.dtype))]
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  return [
+    [jax.tree_util.keystr(path), list(x.shape), str(jnp.dtype(x.dtype))]
+    for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  ]

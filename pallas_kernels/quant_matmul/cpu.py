@@ -60,8 +60,10 @@ def check_rows_per_step(rows: int, qw: QuantizedWeight) -> None:
   if run is None or run % rows == 0 or _whole_groups(rows, qw):
     return
   tiles = "" if qw.bits == 8 else f" (and of the {qw.half_rows}-row int4 half tile)"
-  raise ValueError(f"rows_per_step={rows} straddles scale groups: with group_size={qw.group_size} "
-                   f"(bits={qw.bits}) it must divide {run} storage rows or be a multiple of the group{tiles}")
+  raise ValueError(
+    f"rows_per_step={rows} straddles scale groups: with group_size={qw.group_size} "
+    f"(bits={qw.bits}) it must divide {run} storage rows or be a multiple of the group{tiles}"
+  )
 
 
 def chunk_rows(m: int, n: int, qw: QuantizedWeight) -> int:
@@ -101,6 +103,7 @@ def quant_matmul_cpu(x: jax.Array, qw: QuantizedWeight, *, rows_per_step: int | 
   if rows_per_step is not None:
     check_rows_per_step(rows_per_step, qw)
   ck = min(ks, rows_per_step or chunk_rows(m, n, qw))
+
   def step(acc, row0, rows):
     qc = lax.dynamic_slice_in_dim(q, row0, rows, axis=0)
     w = [p.astype(jnp.float32) for p in (unpack_int4(qc) if qw.bits == 4 else (qc,))]
@@ -126,8 +129,9 @@ def quant_matmul_cpu(x: jax.Array, qw: QuantizedWeight, *, rows_per_step: int | 
   steps = ks // ck
   bounds = [steps * i // LOOPS for i in range(LOOPS + 1)]
   acc = jnp.zeros((m, n), jnp.float32)
-  parts = [lax.fori_loop(lo, hi, lambda i, a: step(a, i * ck, ck), acc) for lo, hi in zip(bounds, bounds[1:])
-           if hi > lo]
+  parts = [
+    lax.fori_loop(lo, hi, lambda i, a: step(a, i * ck, ck), acc) for lo, hi in zip(bounds, bounds[1:]) if hi > lo
+  ]
   acc = functools.reduce(jnp.add, parts, acc)
   if ks % ck:  # the ragged tail as one static-size step
     acc = step(acc, steps * ck, ks % ck)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.quant_matmul.weights import QuantizedWeight, quantize_weight, unpack_int4, zero_point_offsets
+from pallas_kernels.quant_matmul.weights import QuantizedWeight, unpack_int4, zero_point_offsets
 
 # (shape class, bits) -> (bm, bn, bk, num_warps, num_stages); bk in storage rows of `qvalue`.
 # Chosen by compiling candidates to cubin for sm_80 and sm_90 (`python -m jaxeff.bench kernels`,
@@ -43,10 +43,10 @@ from pallas_kernels.quant_matmul.weights import QuantizedWeight, quantize_weight
 # flight. Prefill tiles like a GEMM; int4's two unpacked int32 planes need a shorter M tile on
 # sm_80 (64-row tiles: 248-255 registers, one block per SM).
 BLOCK_SIZES = {
-    ("decode", 8): (16, 64, 256, 8, 3),
-    ("decode", 4): (16, 64, 256, 8, 3),
-    ("prefill", 8): (64, 64, 64, 8, 3),
-    ("prefill", 4): (32, 64, 64, 4, 3),
+  ("decode", 8): (16, 64, 256, 8, 3),
+  ("decode", 4): (16, 64, 256, 8, 3),
+  ("prefill", 8): (64, 64, 64, 8, 3),
+  ("prefill", 4): (32, 64, 64, 4, 3),
 }
 DECODE_MAX_M = 16
 MIN_DOT_DIM = 16
@@ -76,8 +76,9 @@ def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None
   sub = sub_rows(bk, qw)
   if sub < MIN_DOT_DIM:
     raise NotImplementedError(
-        f"GPU quant_matmul needs sub-blocks of >= {MIN_DOT_DIM} rows; group_size={qw.group_size} with "
-        f"bits={qw.bits} (int4 half tile {qw.half_rows}) gives {sub}")
+      f"GPU quant_matmul needs sub-blocks of >= {MIN_DOT_DIM} rows; group_size={qw.group_size} with "
+      f"bits={qw.bits} (int4 half tile {qw.half_rows}) gives {sub}"
+    )
   steps = pl.cdiv(ks, bk)
   splits = 1
   if shape_class(m) == "decode":
@@ -87,8 +88,26 @@ def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None
   return bm, bn, bk, sub, splits, warps, stages
 
 
-def _kernel(x_ref, q_ref, s_ref, *refs, bits, half_rows, group_size, m, n, k, ks, bm, bn, bk, sub,
-            steps_per_split, cdt, zero_point):
+def _kernel(
+  x_ref,
+  q_ref,
+  s_ref,
+  *refs,
+  bits,
+  half_rows,
+  group_size,
+  m,
+  n,
+  k,
+  ks,
+  bm,
+  bn,
+  bk,
+  sub,
+  steps_per_split,
+  cdt,
+  zero_point,
+):
   # With a zero point, z_ref holds each scale's offset 2^(bits-1) * scale + minimum (weights.py):
   # a group's dequantized weights are q * s + z.
   z_ref, o_ref = refs if zero_point else (None, refs[0])
@@ -109,8 +128,9 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, half_rows, group_size, m, n, k, ks
       # Logical K row of the sub-block's first row for this plane (see weights.py's layout).
       c0 = r0 if bits == 8 else (r0 // half_rows) * 2 * half_rows + plane * half_rows + r0 % half_rows
       cols_ok = (c0 + jnp.arange(sub)) < k
-      xv = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, sub)], mask=m_ok[:, None] & cols_ok[None, :],
-                      other=0).astype(cdt)
+      xv = plgpu.load(x_ref.at[pl.ds(m0, bm), pl.ds(c0, sub)], mask=m_ok[:, None] & cols_ok[None, :], other=0).astype(
+        cdt
+      )
       if group_size is None:
         acc += jnp.dot(xv, w.astype(cdt), preferred_element_type=jnp.float32, precision=precision)
         if zero_point:
@@ -128,8 +148,8 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, half_rows, group_size, m, n, k, ks
         g0 = c0 // group_size
         g_mask = ((g0 + jnp.arange(per)) < groups_total)[:, None] & n_ok[None, :]
         tile = lambda ref: jnp.broadcast_to(
-            plgpu.load(ref.at[pl.ds(g0, per), pl.ds(n0, bn)], mask=g_mask, other=0.0)[:, None, :],
-            (per, group_size, bn)).reshape(sub, bn)
+          plgpu.load(ref.at[pl.ds(g0, per), pl.ds(n0, bn)], mask=g_mask, other=0.0)[:, None, :], (per, group_size, bn)
+        ).reshape(sub, bn)
         wv = w.astype(jnp.float32) * tile(s_ref)
         if zero_point:
           wv = wv + tile(z_ref)
@@ -149,13 +169,13 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, half_rows, group_size, m, n, k, ks
     if zero_point:
       acc += xsum * plgpu.load(z_ref.at[pl.ds(0, 1), pl.ds(n0, bn)], mask=n_ok[None, :], other=0.0)
   row0 = split * m + m0  # split partials are stacked along M
-  plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype),
-              mask=m_ok[:, None] & n_ok[None, :])
+  plgpu.store(o_ref.at[pl.ds(row0, bm), pl.ds(n0, bn)], acc.astype(o_ref.dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "compute_dtype", "out_dtype"))
-def quant_matmul_gpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, block_sizes=None,
-                     compute_dtype=None, out_dtype=None) -> jax.Array:
+def quant_matmul_gpu(
+  x: jax.Array, qw: QuantizedWeight, *, interpret=False, block_sizes=None, compute_dtype=None, out_dtype=None
+) -> jax.Array:
   """x [M, K] @ dequant(qw) [K, N] -> [M, N] in `out_dtype` (default x.dtype).
 
   Args:
@@ -168,47 +188,33 @@ def quant_matmul_gpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, bloc
   (m, k), (ks, n) = x.shape, qw.qvalue.shape
   bm, bn, bk, sub, splits, warps, stages = choose_blocks(m, ks, n, qw, block_sizes)
   steps_per_split = pl.cdiv(ks, bk) // splits  # splits divides the steps
-  kernel = functools.partial(_kernel, bits=qw.bits, half_rows=qw.half_rows, group_size=qw.group_size,
-                             m=m, n=n, k=k, ks=ks, bm=bm, bn=bn, bk=bk, sub=sub,
-                             steps_per_split=steps_per_split, cdt=cdt, zero_point=qw.zero_point)
+  kernel = functools.partial(
+    _kernel,
+    bits=qw.bits,
+    half_rows=qw.half_rows,
+    group_size=qw.group_size,
+    m=m,
+    n=n,
+    k=k,
+    ks=ks,
+    bm=bm,
+    bn=bn,
+    bk=bk,
+    sub=sub,
+    steps_per_split=steps_per_split,
+    cdt=cdt,
+    zero_point=qw.zero_point,
+  )
   operands = (x, qw.qvalue, qw.scale) + ((zero_point_offsets(qw),) if qw.zero_point else ())
   partial_dtype = jnp.float32 if splits > 1 else out_dtype
   y = pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((splits * m, n), partial_dtype),
-      grid=(pl.cdiv(n, bn), pl.cdiv(m, bm), splits),
-      compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
-      interpret=interpret,
-      name="quant_matmul",
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((splits * m, n), partial_dtype),
+    grid=(pl.cdiv(n, bn), pl.cdiv(m, bm), splits),
+    compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages),
+    interpret=interpret,
+    name="quant_matmul",
   )(*operands)
   if splits > 1:
     y = y.reshape(splits, m, n).sum(axis=0).astype(out_dtype)
   return y
-
-
-def resource_cases():
-  """One `pallas_kernels.cubin.KernelCase` per `BLOCK_SIZES` entry and scaling (per-channel; groups
-  of 128, one scale row per sub-block; at decode also groups of 32, a broadcast scale tile), at
-  Llama-7B-like K = N = 4096: decode M = 1 (split-K on), prefill M = 512."""
-  from pallas_kernels.cubin import KernelCase
-
-  def make(m, bits, group, zero_point=False):
-    def args():
-      qw = jax.eval_shape(lambda w: quantize_weight(w, bits, group, zero_point=zero_point),
-                          jax.ShapeDtypeStruct((4096, 4096), jnp.float32))
-      return jax.ShapeDtypeStruct((m, 4096), jnp.bfloat16), qw
-    return args
-
-  cases = []
-  for (kind, bits), (_, _, _, warps, stages) in BLOCK_SIZES.items():
-    m = 1 if kind == "decode" else 512
-    for group in (None, 128) + ((32,) if kind == "decode" else ()):
-      cases.append(KernelCase(label=f"quant_matmul {kind} int{bits} {f'g{group}' if group else 'per-channel'}",
-                              fn=quant_matmul_gpu, make_args=make(m, bits, group), entry=(kind, bits),
-                              num_warps=warps, num_stages=stages))
-    if bits == 4:  # the zero point's extra tiles (offsets) and row sums, where 4-bit needs them
-      group = 32 if kind == "decode" else 128
-      cases.append(KernelCase(label=f"quant_matmul {kind} int4 g{group} zero point", fn=quant_matmul_gpu,
-                              make_args=make(m, 4, group, True), entry=(kind, bits), num_warps=warps,
-                              num_stages=stages))
-  return cases

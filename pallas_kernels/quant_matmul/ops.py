@@ -89,11 +89,13 @@ def _local(x, qvalue, scale, minimum=None, *, bits, group_size, impl, interpret,
   """
   qw = QuantizedWeight(qvalue, scale, bits=bits, group_size=group_size, in_features=x.shape[-1], minimum=minimum)
   if impl == "tpu":
-    return tpu.quant_matmul_tpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
-                                out_dtype=out_dtype)
+    return tpu.quant_matmul_tpu(
+      x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt, out_dtype=out_dtype
+    )
   if impl == "gpu":
-    return gpu.quant_matmul_gpu(x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt,
-                                out_dtype=out_dtype)
+    return gpu.quant_matmul_gpu(
+      x, qw, interpret=interpret, block_sizes=block_sizes, compute_dtype=cdt, out_dtype=out_dtype
+    )
   if impl == "reference":
     return reference.quant_matmul_reference(x.astype(jnp.float32), qw, cdt).astype(out_dtype)
   symmetric = dataclasses.replace(qw, minimum=None)
@@ -106,8 +108,17 @@ def _local(x, qvalue, scale, minimum=None, *, bits, group_size, impl, interpret,
   return y.astype(out_dtype)
 
 
-def quant_matmul(x: jax.Array, qw: QuantizedWeight, *, interpret=False, impl: str | None = None,
-                 block_sizes=None, compute_dtype=None, axes: dict | None = None, mesh=None) -> jax.Array:
+def quant_matmul(
+  x: jax.Array,
+  qw: QuantizedWeight,
+  *,
+  interpret=False,
+  impl: str | None = None,
+  block_sizes=None,
+  compute_dtype=None,
+  axes: dict | None = None,
+  mesh=None,
+) -> jax.Array:
   """x [..., K] @ dequant(qw) [K, N] -> [..., N] in x.dtype, f32 accumulation.
 
   Args:
@@ -132,8 +143,9 @@ def quant_matmul(x: jax.Array, qw: QuantizedWeight, *, interpret=False, impl: st
     raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
   cdt = jnp.dtype(compute_dtype) if compute_dtype is not None else default_compute_dtype(x.dtype, impl, interpret)
   x2 = x.reshape(-1, x.shape[-1])
-  kwargs = dict(bits=qw.bits, group_size=qw.group_size, impl=impl, interpret=interpret,
-                block_sizes=block_sizes, cdt=cdt)
+  kwargs = dict(
+    bits=qw.bits, group_size=qw.group_size, impl=impl, interpret=interpret, block_sizes=block_sizes, cdt=cdt
+  )
   split = partition(x.shape, qw, axes, mesh) if axes is not None else {}
   operands = (qw.qvalue, qw.scale) + ((qw.minimum,) if qw.zero_point else ())
   if not split:
@@ -147,6 +159,5 @@ def quant_matmul(x: jax.Array, qw: QuantizedWeight, *, interpret=False, impl: st
       letters["g"] = split["k"]
     # Partial products are summed over K's shards in f32, then cast.
     fn = lambda xl, *wl: _local(xl, *wl, out_dtype=jnp.float32 if k_split else x.dtype, **kwargs)
-    y = shard_kernel(fn, x2, *operands, in_dims=_dims(qw), out_dims="mn", axes=letters,
-                     mesh=mesh).astype(x.dtype)
+    y = shard_kernel(fn, x2, *operands, in_dims=_dims(qw), out_dims="mn", axes=letters, mesh=mesh).astype(x.dtype)
   return y.reshape(*x.shape[:-1], qw.out_features)

@@ -45,10 +45,10 @@ DECODE_MAX_M = 256
 # 4096x4096 int8: all of K at once); 4 MiB lets 14336-deep K take two steps. Grouped weights keep
 # 2 MiB: their steps hold more (smaller) dots. Prefill: M rows reuse each weight block.
 BLOCK_SIZES = {
-    ("decode", "per-channel"): (None, 512, 4 << 20),
-    ("decode", "grouped"): (None, 512, 2 << 20),
-    ("prefill", "per-channel"): (256, 512, 1 << 20),
-    ("prefill", "grouped"): (256, 512, 1 << 20),
+  ("decode", "per-channel"): (None, 512, 4 << 20),
+  ("decode", "grouped"): (None, 512, 2 << 20),
+  ("prefill", "per-channel"): (256, 512, 1 << 20),
+  ("prefill", "grouped"): (256, 512, 1 << 20),
 }
 SEGMENT_ROWS = 512  # int8 storage rows per dot: bounds one dot's int32 / compute-dtype temporaries
 MAX_DOTS_PER_STEP = 64  # a step's dots are unrolled: bounds code size for small groups
@@ -120,8 +120,9 @@ def _rows_per_dot(qw: QuantizedWeight) -> int:
   return min(qw.half_rows, qw.group_size or qw.half_rows) // 2  # two planes per storage row
 
 
-def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None, compute_dtype=jnp.bfloat16,
-                  out_dtype=jnp.float32) -> tuple[int, int, int, int]:
+def choose_blocks(
+  m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None, compute_dtype=jnp.bfloat16, out_dtype=jnp.float32
+) -> tuple[int, int, int, int]:
   """(bm, bn, bk, vmem_limit_bytes) from the table, obeying Mosaic's (8, 128) block rule.
 
   `block_sizes` overrides the table entry: (bm, bn, bk) with bk in storage rows (tests use small
@@ -151,8 +152,10 @@ def choose_blocks(m: int, ks: int, n: int, qw: QuantizedWeight, block_sizes=None
     bk = max(align, bk // 2 // align * align)
     need = vmem_bytes(bm, bn, bk, qw, compute_dtype, out_dtype)
   if need > VMEM_LIMITS[1]:
-    raise ValueError(f"quant_matmul TPU blocks ({bm}, {bn}, {bk}) need {need >> 20} MiB of VMEM "
-                     f"(limit {VMEM_LIMITS[1] >> 20} MiB); pass smaller block_sizes")
+    raise ValueError(
+      f"quant_matmul TPU blocks ({bm}, {bn}, {bk}) need {need >> 20} MiB of VMEM "
+      f"(limit {VMEM_LIMITS[1] >> 20} MiB); pass smaller block_sizes"
+    )
   return bm, bn, bk, min(VMEM_LIMITS[1], max(VMEM_LIMITS[0], int(need * 1.25) + (2 << 20)))
 
 
@@ -177,7 +180,7 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, blocks, per_channel, ks, bk, nk, c
 
     def weights(plane, row0, rows):
       if (row0, rows) not in planes_of:
-        q = q_ref[row0:row0 + rows, :]
+        q = q_ref[row0 : row0 + rows, :]
         planes_of[row0, rows] = unpack_int4(q) if bits == 4 else (q,)
       return planes_of[row0, rows][plane].astype(cdt)
 
@@ -188,7 +191,7 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, blocks, per_channel, ks, bk, nk, c
       for plane, row0, col0, rows in pieces:
         if row0 >= valid_rows:
           continue  # wholly past K (ragged last block)
-        w, xv = weights(plane, row0, rows), x_ref[:, col0:col0 + rows]
+        w, xv = weights(plane, row0, rows), x_ref[:, col0 : col0 + rows]
         if row0 + rows > valid_rows:  # straddles K's end: zero both sides of the garbage
           w = jnp.where(jax.lax.broadcasted_iota(jnp.int32, w.shape, 0) < valid_rows - row0, w, 0)
           xv = jnp.where(jax.lax.broadcasted_iota(jnp.int32, xv.shape, 1) < valid_rows - row0, xv, 0)
@@ -226,8 +229,9 @@ def _kernel(x_ref, q_ref, s_ref, *refs, bits, blocks, per_channel, ks, bk, nk, c
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "block_sizes", "compute_dtype", "out_dtype"))
-def quant_matmul_tpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, block_sizes=None,
-                     compute_dtype=None, out_dtype=None) -> jax.Array:
+def quant_matmul_tpu(
+  x: jax.Array, qw: QuantizedWeight, *, interpret=False, block_sizes=None, compute_dtype=None, out_dtype=None
+) -> jax.Array:
   """x [M, K] @ dequant(qw) [K, N] -> [M, N] in `out_dtype` (default x.dtype).
 
   Args:
@@ -249,24 +253,37 @@ def quant_matmul_tpu(x: jax.Array, qw: QuantizedWeight, *, interpret=False, bloc
     as_blocks = lambda a: a.reshape(a.shape[0], 1, n)
     s_spec = pl.BlockSpec((bk * qw.planes // qw.group_size, 1, bn), lambda i, j, k: (k, 0, j))
   operands = [x, qw.qvalue, as_blocks(qw.scale)]
-  in_specs = [pl.BlockSpec((bm, bk * qw.planes), lambda i, j, k: (i, k)), pl.BlockSpec((bk, bn), lambda i, j, k: (k, j)),
-              s_spec]
+  in_specs = [
+    pl.BlockSpec((bm, bk * qw.planes), lambda i, j, k: (i, k)),
+    pl.BlockSpec((bk, bn), lambda i, j, k: (k, j)),
+    s_spec,
+  ]
   scratch = [pltpu.VMEM((bm, bn), jnp.float32)]
   if qw.zero_point:  # offsets ride along with the scales, same blocks
     operands.append(as_blocks(zero_point_offsets(qw)))
     in_specs.append(s_spec)
     scratch.append(pltpu.VMEM((bm, 128), jnp.float32))
-  kernel = functools.partial(_kernel, bits=qw.bits, blocks=segments(bk, qw), per_channel=per_channel,
-                             ks=ks, bk=bk, nk=nk, cdt=cdt, zero_point=qw.zero_point)
+  kernel = functools.partial(
+    _kernel,
+    bits=qw.bits,
+    blocks=segments(bk, qw),
+    per_channel=per_channel,
+    ks=ks,
+    bk=bk,
+    nk=nk,
+    cdt=cdt,
+    zero_point=qw.zero_point,
+  )
   return pl.pallas_call(
-      kernel,
-      out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), nk),
-      in_specs=in_specs,
-      out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                           vmem_limit_bytes=vmem_limit),
-      interpret=interpret,
-      name="quant_matmul",
+    kernel,
+    out_shape=jax.ShapeDtypeStruct((m, n), out_dtype),
+    grid=(pl.cdiv(m, bm), pl.cdiv(n, bn), nk),
+    in_specs=in_specs,
+    out_specs=pl.BlockSpec((bm, bn), lambda i, j, k: (i, j)),
+    scratch_shapes=scratch,
+    compiler_params=pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "arbitrary"), vmem_limit_bytes=vmem_limit
+    ),
+    interpret=interpret,
+    name="quant_matmul",
   )(*operands)

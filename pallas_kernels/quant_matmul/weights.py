@@ -123,12 +123,14 @@ def check_group_size(bits: int, group_size: int | None) -> None:
   if group_size <= 0:
     raise ValueError(f"group_size must be positive or None, got {group_size}")
   if bits == 4 and group_size & (group_size - 1):
-    raise ValueError(f"int4 group_size must be a power of two (the int4 tiles split K in powers of two), "
-                     f"got {group_size}")
+    raise ValueError(
+      f"int4 group_size must be a power of two (the int4 tiles split K in powers of two), got {group_size}"
+    )
 
 
-def quantize_weight(w: jax.Array, bits: int = 8, group_size: int | None = None, *,
-                    zero_point: bool = False) -> QuantizedWeight:
+def quantize_weight(
+  w: jax.Array, bits: int = 8, group_size: int | None = None, *, zero_point: bool = False
+) -> QuantizedWeight:
   """Weight-only quantization of w [K, N] (in, out); jit- and vmap-friendly.
 
   Args:
@@ -157,7 +159,7 @@ def quantize_weight(w: jax.Array, bits: int = 8, group_size: int | None = None, 
     real = (jnp.arange(kp) < k).reshape(-1, group_size or kp, 1)  # padding rows stay out of min and max
     lo = jnp.min(jnp.where(real, groups, jnp.inf), axis=1)  # [G, N]
     hi = jnp.max(jnp.where(real, groups, -jnp.inf), axis=1)
-    levels = 2 ** bits - 1
+    levels = 2**bits - 1
     scale = (hi - lo) / levels
     safe = jnp.where(scale > 0, scale, 1.0)[:, None, :]
     q = jnp.clip(jnp.round((groups - lo[:, None, :]) / safe), 0, levels) - ZERO_SHIFT[bits]

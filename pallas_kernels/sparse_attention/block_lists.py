@@ -58,6 +58,7 @@ class BlockSizes:
   dk and dv accumulators in registers without spilling; None: block_q / num_stages). Defaults per
   backend live next to each kernel (tpu.py, gpu.py, cpu.py).
   """
+
   block_q: int = 128
   block_kv: int = 128
   num_warps: int = 4
@@ -75,6 +76,7 @@ class BlockSizes:
 @dataclasses.dataclass(frozen=True)
 class Mask:
   """The static part of the mask (see the module docstring)."""
+
   causal: bool = True
   window: int | None = None
   sinks: int = 0
@@ -125,6 +127,7 @@ def max_blocks(mask: Mask, *, num_kv_blocks: int, block_q: int, block_kv: int, t
 
 class BlockLists(NamedTuple):
   """Lists for one set of shapes; leading dims [Bl, Gl] are 1 when shared by all batches/heads."""
+
   ids: jax.Array  # [Bl, Gl, nq, maxb] int32: key block << FLAG_BITS | flags
   counts: jax.Array  # [Bl, Gl, nq] int32: valid entries of ids
   t_kv: jax.Array  # [Bl, Gl, P] int32: key block of each transposed entry, nondecreasing
@@ -137,11 +140,13 @@ class BlockLists(NamedTuple):
 def list_offset(lb: int, lg: int, *dims: int):
   """offset(b, g, *rest) into a list flattened from [lb, lg, *dims] (kernels read lists as 1-D);
   batch / head index 0 when the list is shared (lb or lg == 1)."""
+
   def offset(b, g, *rest):
     off = (b if lb > 1 else 0) * lg + (g if lg > 1 else 0)
     for r, n in zip(rest, dims):
       off = off * n + r
     return off
+
   return offset
 
 
@@ -176,8 +181,7 @@ def pl_cdiv(a: int, b: int) -> int:
   return -(-a // b)
 
 
-def block_masks(mask: Mask, q_pos, kv_pos, block_indices, *, seq_q: int, seq_kv: int,
-                block_q: int, block_kv: int):
+def block_masks(mask: Mask, q_pos, kv_pos, block_indices, *, seq_q: int, seq_kv: int, block_q: int, block_kv: int):
   """(need, full, selected): [Bl, Gl, nq, nk] bools at block granularity.
 
   need: the block holds a visible pair (conservative for unusual positions, exact for
@@ -225,8 +229,9 @@ def build_block_lists(need, full, selected, *, max_blocks: int) -> BlockLists:
   full, selected = full & need, selected & need
   ids, counts = _compact(need, max_blocks)
   fits = jnp.all(jnp.sum(need, axis=-1) <= max_blocks)
-  flags = (jnp.take_along_axis(full, ids, axis=-1) * FULL
-           + jnp.take_along_axis(selected, ids, axis=-1) * SELECTED).astype(jnp.int32)
+  flags = (
+    jnp.take_along_axis(full, ids, axis=-1) * FULL + jnp.take_along_axis(selected, ids, axis=-1) * SELECTED
+  ).astype(jnp.int32)
   ids_packed = (ids << FLAG_BITS) | flags
 
   # Transposed: pairs sorted by key block; a key block no query block sees gets one invalid entry,
@@ -247,16 +252,23 @@ def build_block_lists(need, full, selected, *, max_blocks: int) -> BlockLists:
   pair = t_q * nk + t_kv
   t_full = jnp.take_along_axis(full.reshape(bl, gl, -1), pair, axis=-1)
   t_sel = jnp.take_along_axis(selected.reshape(bl, gl, -1), pair, axis=-1)
-  t_info = ((t_q << T_FLAG_BITS) | valid * T_VALID | first * T_FIRST | last * T_LAST | t_full * T_FULL
-            | t_sel * T_SELECTED).astype(jnp.int32)
+  t_info = (
+    (t_q << T_FLAG_BITS) | valid * T_VALID | first * T_FIRST | last * T_LAST | t_full * T_FULL | t_sel * T_SELECTED
+  ).astype(jnp.int32)
   runs = jnp.maximum(per_kv, 1)
   t_start = jnp.cumsum(runs, axis=-1, dtype=jnp.int32) - runs
-  return BlockLists(ids_packed.astype(jnp.int32), counts.astype(jnp.int32), t_kv.astype(jnp.int32),
-                    t_info, t_start.astype(jnp.int32), per_kv, fits)
+  return BlockLists(
+    ids_packed.astype(jnp.int32),
+    counts.astype(jnp.int32),
+    t_kv.astype(jnp.int32),
+    t_info,
+    t_start.astype(jnp.int32),
+    per_kv,
+    fits,
+  )
 
 
-def topk_block_indices(block_scores, k: int, *, block_q: int, block_kv: int, causal: bool = True,
-                       q_offset: int = 0):
+def topk_block_indices(block_scores, k: int, *, block_q: int, block_kv: int, causal: bool = True, q_offset: int = 0):
   """Top-k key blocks per (batch, kv head, query block) from block scores; jit-safe.
 
   Args:
@@ -287,6 +299,7 @@ def topk_block_indices(block_scores, k: int, *, block_q: int, block_kv: int, cau
 @dataclasses.dataclass(frozen=True)
 class Problem:
   """Everything static about one call, handed to a kernel's forward/backward."""
+
   mask: Mask
   seq_q: int  # valid query positions (arrays are padded to a multiple of block_q)
   seq_kv: int  # valid keys (padded to a multiple of block_kv)

@@ -12,8 +12,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.sparse_attention.block_lists import (DEAD_LSE, FLAG_BITS, MASK_VALUE, SELECTED,
-                                                         BlockSizes, token_visible)
+from pallas_kernels.sparse_attention.block_lists import (
+  DEAD_LSE,
+  FLAG_BITS,
+  MASK_VALUE,
+  SELECTED,
+  BlockSizes,
+  token_visible,
+)
 
 # The XLA path has no per-step overhead, so smaller blocks (less masked work) pay off; 64 measured
 # faster than 128 at 4k-8k on the 2-core CPU (BENCHMARKS.md).
@@ -30,7 +36,7 @@ def _gather_blocks(x, ids, bk: int):
 def _setup(pb, q, k, kv_pos, q_pos, lists):
   b, h, s, d = q.shape
   kvh, t = k.shape[1], k.shape[2]
-  bq, bk, g = pb.block_q, pb.block_kv, pb.groups
+  bq, bk = pb.block_q, pb.block_kv
   nq, nk = s // bq, t // bk
   ids = jnp.broadcast_to(lists.ids, (b, kvh, *lists.ids.shape[2:]))
   counts = jnp.broadcast_to(lists.counts, (b, kvh, nq))
@@ -51,7 +57,7 @@ def _scores(pb, q, kg, vis):
   b, h, s, d = q.shape
   kvh = kg.shape[1]
   qg = q.reshape(b, kvh, pb.groups, s // pb.block_q, pb.block_q, d)
-  sc = jnp.einsum("bkgiqd,bkijtd->bkgiqjt", qg, kg, preferred_element_type=jnp.float32) * (d ** -0.5)
+  sc = jnp.einsum("bkgiqd,bkijtd->bkgiqjt", qg, kg, preferred_element_type=jnp.float32) * (d**-0.5)
   return jnp.where(vis, sc, MASK_VALUE)
 
 
@@ -85,14 +91,16 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   kb, vis = _setup(pb, q, k, kv_pos, q_pos, lists)
   kg, vg = _gather_blocks(k, kb, pb.block_kv), _gather_blocks(v, kb, pb.block_kv)
   # dk/dv: the transpose of the gather (a scatter-add), accumulated in f32.
-  scatter = jax.linear_transpose(lambda x: _gather_blocks(x, kb, pb.block_kv), jax.ShapeDtypeStruct(k.shape, jnp.float32))
+  scatter = jax.linear_transpose(
+    lambda x: _gather_blocks(x, kb, pb.block_kv), jax.ShapeDtypeStruct(k.shape, jnp.float32)
+  )
   sc = _scores(pb, q, kg, vis)
   shape6 = (b, kvh, g, nq, bq)
   p = jnp.exp(sc - lse.reshape(shape6)[..., None, None])  # masked scores give exactly 0
   do = d_out.reshape(*shape6, d)
   dvg = jnp.einsum("bkgiqjt,bkgiqd->bkijtd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
   dp = jnp.einsum("bkgiqd,bkijtd->bkgiqjt", do, vg, preferred_element_type=jnp.float32)
-  ds = p * (dp - delta.reshape(shape6)[..., None, None]) * (d ** -0.5)
+  ds = p * (dp - delta.reshape(shape6)[..., None, None]) * (d**-0.5)
   qg = q.reshape(*shape6, d)
   dq = jnp.einsum("bkgiqjt,bkijtd->bkgiqd", ds.astype(k.dtype), kg, preferred_element_type=jnp.float32)
   dkg = jnp.einsum("bkgiqjt,bkgiqd->bkijtd", ds.astype(q.dtype), qg, preferred_element_type=jnp.float32)

@@ -18,16 +18,23 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.sparse_attention.block_lists import (DEAD_LSE, FLAG_BITS, MASK_VALUE, SELECTED,
-                                                         T_FLAG_BITS, T_SELECTED, BlockSizes, list_offset,
-                                                         token_visible)
+from pallas_kernels.sparse_attention.block_lists import (
+  DEAD_LSE,
+  FLAG_BITS,
+  MASK_VALUE,
+  SELECTED,
+  T_FLAG_BITS,
+  T_SELECTED,
+  BlockSizes,
+  list_offset,
+  token_visible,
+)
 
 # Chosen by compiling the kernels with triton 3.8.0 for sm_80 and sm_90 at head dim 128, bf16
 # (ptxas: no register spills, shared memory within sm_80's 163 KB): 8 warps keep the forward at
 # 174 / 128 registers (4 warps: 255); the dk/dv kernel spills on sm_80 with 2 pipeline stages and
 # none with 1. See BENCHMARKS.md. Not timed on hardware (no GPU on the development machines).
-DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_kv=64, num_warps=8, num_stages=2, block_q_dkv=32,
-                                 num_stages_dkv=1)
+DEFAULT_BLOCK_SIZES = BlockSizes(block_q=64, block_kv=64, num_warps=8, num_stages=2, block_q_dkv=32, num_stages_dkv=1)
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
@@ -36,7 +43,6 @@ def _dot(a, b, dims=None):
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
   dims = dims or (((1,), (0,)), ((), ()))
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
-
 
 
 def _visible(pb, q_pos, kv_pos, kb, selected):
@@ -58,15 +64,31 @@ def _listed_block(pb, entry, k_ref, v_ref, kvpos_ref, kv_row, q, q_pos, scale):
   return k, v, jnp.where(vis, _dot(q, k, NT) * scale, MASK_VALUE)
 
 
-def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, *refs, pb, head_dim, groups,
-                list_index, count_index, has_sink, qpos_batched, kvpos_batched):
+def _fwd_kernel(
+  ids_ref,
+  counts_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  qpos_ref,
+  kvpos_ref,
+  *refs,
+  pb,
+  head_dim,
+  groups,
+  list_index,
+  count_index,
+  has_sink,
+  qpos_batched,
+  kvpos_batched,
+):
   if has_sink:
     sink_ref, o_ref, lse_ref = refs
   else:
     sink_ref, (o_ref, lse_ref) = None, refs
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = h // groups
-  bq, scale = pb.block_q, head_dim ** -0.5
+  bq, scale = pb.block_q, head_dim**-0.5
   q = q_ref[...]
   q_pos = qpos_ref[(b if qpos_batched else 0), pl.ds(i * bq, bq)]
   kv_row = b if kvpos_batched else 0
@@ -102,42 +124,76 @@ def _whole(shape):
 
 def forward(pb, q, k, v, sink, q_pos, kv_pos, lists):
   b, h, s, d = q.shape
-  kvh, t = k.shape[1], k.shape[2]
+  t = k.shape[2]
   bq, groups = pb.block_q, pb.groups
   nq, maxb = s // bq, lists.ids.shape[-1]
   lb, lg = lists.ids.shape[:2]
   kernel = functools.partial(
-      _fwd_kernel, pb=pb, head_dim=d, groups=groups, list_index=list_offset(lb, lg, nq, maxb),
-      count_index=list_offset(lb, lg, nq), has_sink=sink is not None, qpos_batched=q_pos.shape[0] > 1,
-      kvpos_batched=kv_pos.shape[0] > 1)
+    _fwd_kernel,
+    pb=pb,
+    head_dim=d,
+    groups=groups,
+    list_index=list_offset(lb, lg, nq, maxb),
+    count_index=list_offset(lb, lg, nq),
+    has_sink=sink is not None,
+    qpos_batched=q_pos.shape[0] > 1,
+    kvpos_batched=kv_pos.shape[0] > 1,
+  )
   ids, counts = lists.ids.reshape(-1), lists.counts.reshape(-1)
   kv_spec = pl.BlockSpec((None, None, t, d), lambda i, b_, h_: (b_, h_ // groups, 0, 0))
-  in_specs = [_whole(ids.shape), _whole(counts.shape),
-              pl.BlockSpec((None, None, bq, d), lambda i, b_, h_: (b_, h_, i, 0)), kv_spec, kv_spec,
-              _whole(q_pos.shape), _whole(kv_pos.shape)]
+  in_specs = [
+    _whole(ids.shape),
+    _whole(counts.shape),
+    pl.BlockSpec((None, None, bq, d), lambda i, b_, h_: (b_, h_, i, 0)),
+    kv_spec,
+    kv_spec,
+    _whole(q_pos.shape),
+    _whole(kv_pos.shape),
+  ]
   args = [ids, counts, q, k, v, q_pos, kv_pos]
   if sink is not None:
     in_specs.append(_whole((h,)))
     args.append(sink.astype(jnp.float32))
   out, lse = pl.pallas_call(
-      kernel,
-      grid=(nq, b, h),
-      in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, bq, d), lambda i, b_, h_: (b_, h_, i, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-      compiler_params=_params(pb),
-      interpret=pb.interpret,
-      name="sparse_attention_fwd",
+    kernel,
+    grid=(nq, b, h),
+    in_specs=in_specs,
+    out_specs=[
+      pl.BlockSpec((None, None, bq, d), lambda i, b_, h_: (b_, h_, i, 0)),
+      pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i)),
+    ],
+    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
+    compiler_params=_params(pb),
+    interpret=pb.interpret,
+    name="sparse_attention_fwd",
   )(*args)
   return out, lse
 
 
-def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, lse_ref, delta_ref, do_ref, dq_ref,
-               *, pb, head_dim, groups, list_index, count_index, qpos_batched, kvpos_batched):
+def _dq_kernel(
+  ids_ref,
+  counts_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  qpos_ref,
+  kvpos_ref,
+  lse_ref,
+  delta_ref,
+  do_ref,
+  dq_ref,
+  *,
+  pb,
+  head_dim,
+  groups,
+  list_index,
+  count_index,
+  qpos_batched,
+  kvpos_batched,
+):
   i, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   g = h // groups
-  bq, scale = pb.block_q, head_dim ** -0.5
+  bq, scale = pb.block_q, head_dim**-0.5
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...], delta_ref[...]
   q_pos = qpos_ref[(b if qpos_batched else 0), pl.ds(i * bq, bq)]
@@ -153,10 +209,31 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, ls
   dq_ref[...] = acc.astype(dq_ref.dtype)
 
 
-def _dkv_kernel(tinfo_ref, tstart_ref, tcount_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, lse_ref, delta_ref,
-                do_ref, dk_ref, dv_ref, *, pb, head_dim, groups, pair_index, kv_index, qpos_batched, kvpos_batched):
+def _dkv_kernel(
+  tinfo_ref,
+  tstart_ref,
+  tcount_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  qpos_ref,
+  kvpos_ref,
+  lse_ref,
+  delta_ref,
+  do_ref,
+  dk_ref,
+  dv_ref,
+  *,
+  pb,
+  head_dim,
+  groups,
+  pair_index,
+  kv_index,
+  qpos_batched,
+  kvpos_batched,
+):
   kb, b, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  bq, bk, scale = pb.block_q, pb.block_kv, head_dim ** -0.5
+  bq, bk, scale = pb.block_q, pb.block_kv, head_dim**-0.5
   kv_pos = kvpos_ref[(b if kvpos_batched else 0), pl.ds(kb * bk, bk)]
   q_row = b if qpos_batched else 0
   start = tstart_ref[kv_index(b, g, kb)]
@@ -206,16 +283,33 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   q_spec = pl.BlockSpec((None, None, bq, d), lambda i, b_, h_: (b_, h_, i, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b_, h_: (b_, h_, i))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, pb=pb, head_dim=d, groups=groups, list_index=list_offset(lb, lg, nq, maxb),
-                        count_index=list_offset(lb, lg, nq), **batched),
-      grid=(nq, b, h),
-      in_specs=[_whole(ids.shape), _whole(counts.shape), q_spec, kv_spec, kv_spec, _whole(q_pos.shape),
-                _whole(kv_pos.shape), row_spec, row_spec, q_spec],
-      out_specs=q_spec,
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=_params(pb),
-      interpret=pb.interpret,
-      name="sparse_attention_dq",
+    functools.partial(
+      _dq_kernel,
+      pb=pb,
+      head_dim=d,
+      groups=groups,
+      list_index=list_offset(lb, lg, nq, maxb),
+      count_index=list_offset(lb, lg, nq),
+      **batched,
+    ),
+    grid=(nq, b, h),
+    in_specs=[
+      _whole(ids.shape),
+      _whole(counts.shape),
+      q_spec,
+      kv_spec,
+      kv_spec,
+      _whole(q_pos.shape),
+      _whole(kv_pos.shape),
+      row_spec,
+      row_spec,
+      q_spec,
+    ],
+    out_specs=q_spec,
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=_params(pb),
+    interpret=pb.interpret,
+    name="sparse_attention_dq",
   )(ids, counts, q, k, v, q_pos, kv_pos, lse, delta, d_out)
 
   tinfo, tstart, tcount = (x.reshape(-1) for x in (lists.t_info, lists.t_start, lists.t_count))
@@ -223,43 +317,33 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   group_vec = pl.BlockSpec((None, h, s), lambda kb, b_, g_: (b_, 0, 0))
   kv_block = pl.BlockSpec((None, None, bk, d), lambda kb, b_, g_: (b_, g_, kb, 0))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, pb=pb, head_dim=d, groups=groups,
-                        pair_index=list_offset(lb, lg, lists.t_info.shape[-1]), kv_index=list_offset(lb, lg, nk),
-                        **batched),
-      grid=(nk, b, kvh),
-      in_specs=[_whole(tinfo.shape), _whole(tstart.shape), _whole(tcount.shape), group_rows, kv_block, kv_block,
-                _whole(q_pos.shape), _whole(kv_pos.shape), group_vec, group_vec, group_rows],
-      out_specs=[kv_block, kv_block],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=_params(pb, pb.num_stages_dkv),
-      interpret=pb.interpret,
-      name="sparse_attention_dkv",
+    functools.partial(
+      _dkv_kernel,
+      pb=pb,
+      head_dim=d,
+      groups=groups,
+      pair_index=list_offset(lb, lg, lists.t_info.shape[-1]),
+      kv_index=list_offset(lb, lg, nk),
+      **batched,
+    ),
+    grid=(nk, b, kvh),
+    in_specs=[
+      _whole(tinfo.shape),
+      _whole(tstart.shape),
+      _whole(tcount.shape),
+      group_rows,
+      kv_block,
+      kv_block,
+      _whole(q_pos.shape),
+      _whole(kv_pos.shape),
+      group_vec,
+      group_vec,
+      group_rows,
+    ],
+    out_specs=[kv_block, kv_block],
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=_params(pb, pb.num_stages_dkv),
+    interpret=pb.interpret,
+    name="sparse_attention_dkv",
   )(tinfo, tstart, tcount, q, k, v, q_pos, kv_pos, lse, delta, d_out)
   return dq, dk, dv
-
-
-def resource_cases():
-  """`pallas_kernels.cubin.KernelCase`s for `DEFAULT_BLOCK_SIZES` at head dim 128, bf16, GQA 4:
-  the forward alone (its launch parameters checked), and forward + backward (the dq and dk/dv
-  kernels too), at 4096 tokens with a 1024-token window and 4 sinks."""
-  from pallas_kernels.cubin import KernelCase
-  from pallas_kernels.sparse_attention.ops import sparse_attention
-
-  mask = dict(window=1024, sinks=4, impl="gpu")
-
-  def args():
-    q = jax.ShapeDtypeStruct((1, 8, 4096, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 2, 4096, 128), jnp.bfloat16)
-    return q, kv, kv
-
-  def forward_and_backward(q, k, v):
-    return jax.grad(lambda q, k, v: sparse_attention(q, k, v, **mask).astype(jnp.float32).sum(),
-                    argnums=(0, 1, 2))(q, k, v)
-
-  bs = DEFAULT_BLOCK_SIZES
-  return [
-      KernelCase(label="sparse_attention forward d128 window+sinks", fn=functools.partial(sparse_attention, **mask),
-                 make_args=args, entry="forward", num_warps=bs.num_warps, num_stages=bs.num_stages),
-      KernelCase(label="sparse_attention forward+backward d128 window+sinks", fn=forward_and_backward,
-                 make_args=args, entry="backward"),
-  ]

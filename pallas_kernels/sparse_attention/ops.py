@@ -28,8 +28,12 @@ from pallas_kernels.sparse_attention.block_lists import BlockSizes, Mask, Proble
 
 IMPLS = ("tpu", "gpu", "cpu", "reference")
 _KERNELS = {"tpu": tpu, "gpu": gpu, "cpu": cpu}
-DEFAULT_BLOCK_SIZES = {"tpu": tpu.DEFAULT_BLOCK_SIZES, "gpu": gpu.DEFAULT_BLOCK_SIZES, "cpu": cpu.DEFAULT_BLOCK_SIZES,
-                       "reference": cpu.DEFAULT_BLOCK_SIZES}
+DEFAULT_BLOCK_SIZES = {
+  "tpu": tpu.DEFAULT_BLOCK_SIZES,
+  "gpu": gpu.DEFAULT_BLOCK_SIZES,
+  "cpu": cpu.DEFAULT_BLOCK_SIZES,
+  "reference": cpu.DEFAULT_BLOCK_SIZES,
+}
 
 
 def default_impl(interpret=False) -> str:
@@ -86,11 +90,25 @@ def _positions(pos, batch: int, length: int, name: str):
   return pos.astype(jnp.int32)
 
 
-def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = True, window: int | None = None,
-                     sinks: int = 0, block_indices: jax.Array | None = None, sink_logits: jax.Array | None = None,
-                     q_positions: jax.Array | None = None, kv_positions: jax.Array | None = None,
-                     block_sizes: BlockSizes | None = None, interpret: Any = False, impl: str | None = None,
-                     batch_axes=("data", "fsdp"), head_axes="tensor", mesh=None) -> jax.Array:
+def sparse_attention(
+  q: jax.Array,
+  k: jax.Array,
+  v: jax.Array,
+  *,
+  causal: bool = True,
+  window: int | None = None,
+  sinks: int = 0,
+  block_indices: jax.Array | None = None,
+  sink_logits: jax.Array | None = None,
+  q_positions: jax.Array | None = None,
+  kv_positions: jax.Array | None = None,
+  block_sizes: BlockSizes | None = None,
+  interpret: Any = False,
+  impl: str | None = None,
+  batch_axes=("data", "fsdp"),
+  head_axes="tensor",
+  mesh=None,
+) -> jax.Array:
   """Block-sparse softmax attention; blocks outside the mask are never loaded.
 
   Args:
@@ -139,8 +157,10 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
   operands, dims = [q, k, v], ["bhsd", "bgtd", "bgtd"]
   if block_indices is not None:
     if block_indices.ndim != 4 or block_indices.shape[:3] != (b, kvh, nq):
-      raise ValueError(f"block_indices must be [{b}, {kvh}, {nq}, k] (batch, kv_heads, query blocks of "
-                       f"{bs.block_q}, k), got {block_indices.shape}")
+      raise ValueError(
+        f"block_indices must be [{b}, {kvh}, {nq}, k] (batch, kv_heads, query blocks of "
+        f"{bs.block_q}, k), got {block_indices.shape}"
+      )
     if not jnp.issubdtype(block_indices.dtype, jnp.integer):
       raise ValueError(f"block_indices must be integers, got {block_indices.dtype}")
     operands.append(block_indices.astype(jnp.int32))
@@ -155,10 +175,21 @@ def sparse_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool =
     qp = jnp.arange(s, dtype=jnp.int32) if q_positions is None else _positions(q_positions, b, s, "q_positions")
     kp = jnp.arange(t, dtype=jnp.int32) if kv_positions is None else _positions(kv_positions, b, t, "kv_positions")
     operands += [qp, kp]
-    dims += ["bs"[2 - qp.ndim:], "bt"[2 - kp.ndim:]]
+    dims += ["bs"[2 - qp.ndim :], "bt"[2 - kp.ndim :]]
   mask = Mask(bool(causal), window, sinks, block_indices is not None)
-  pb = Problem(mask, s, t, bs.block_q, bs.block_kv, h // kvh, bs.num_warps, bs.num_stages, bs.block_q_dkv,
-               bs.num_stages_dkv, interpret)
+  pb = Problem(
+    mask,
+    s,
+    t,
+    bs.block_q,
+    bs.block_kv,
+    h // kvh,
+    bs.num_warps,
+    bs.num_stages,
+    bs.block_q_dkv,
+    bs.num_stages_dkv,
+    interpret,
+  )
   flags = (block_indices is not None, sink_logits is not None, explicit)
   axes = (("b", batch_axes), ("h", head_axes), ("g", head_axes))
   return _sharded(tuple(operands), pb=pb, impl=impl, flags=flags, dims=tuple(dims), axes=axes, mesh=mesh)
@@ -178,10 +209,21 @@ def _local_attention(pb: Problem, impl: str, has_indices: bool, has_sink: bool, 
   b, h, s, d = q.shape
   t = k.shape[2]
   if impl == "reference":
-    qp, kp = (rest if explicit else (None, None))
+    qp, kp = rest if explicit else (None, None)
     return reference.sparse_attention_reference(
-        q, k, v, causal=pb.mask.causal, window=pb.mask.window, sinks=pb.mask.sinks, block_indices=block_indices,
-        sink_logits=sink, q_positions=qp, kv_positions=kp, block_q=pb.block_q, block_kv=pb.block_kv)
+      q,
+      k,
+      v,
+      causal=pb.mask.causal,
+      window=pb.mask.window,
+      sinks=pb.mask.sinks,
+      block_indices=block_indices,
+      sink_logits=sink,
+      q_positions=qp,
+      kv_positions=kp,
+      block_q=pb.block_q,
+      block_kv=pb.block_kv,
+    )
   if explicit:
     q_pos, kv_pos = (jnp.atleast_2d(p) for p in rest)
   else:
@@ -193,8 +235,9 @@ def _local_attention(pb: Problem, impl: str, has_indices: bool, has_sink: bool, 
   v = jnp.pad(v, ((0, 0), (0, 0), (0, tp - t), (0, 0)))
   q_pos = jnp.pad(q_pos, ((0, 0), (0, sp - s)), mode="edge")
   kv_pos = jnp.pad(kv_pos, ((0, 0), (0, tp - t)), mode="edge")
-  need, full, selected = bl.block_masks(pb.mask, q_pos, kv_pos, block_indices, seq_q=s, seq_kv=t,
-                                        block_q=pb.block_q, block_kv=pb.block_kv)
+  need, full, selected = bl.block_masks(
+    pb.mask, q_pos, kv_pos, block_indices, seq_q=s, seq_kv=t, block_q=pb.block_q, block_kv=pb.block_kv
+  )
   topk = 0 if block_indices is None else block_indices.shape[-1]
   maxb = bl.max_blocks(pb.mask, num_kv_blocks=nk, block_q=pb.block_q, block_kv=pb.block_kv, topk=topk)
   lists = bl.build_block_lists(need, full, selected, max_blocks=maxb)
@@ -225,8 +268,9 @@ def _core_bwd(pb, impl, res, d_out):
   q, k, v, sink, q_pos, kv_pos, lists, fallback, out, lse = res
   kernel = _KERNELS[impl]
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # rowsum(dO * O) = rowsum(P * dP)
-  dq, dk, dv = _run(pb, impl, lists, fallback,
-                    lambda l: kernel.backward(pb, q, k, v, sink, q_pos, kv_pos, l, out, lse, d_out, delta))
+  dq, dk, dv = _run(
+    pb, impl, lists, fallback, lambda l: kernel.backward(pb, q, k, v, sink, q_pos, kv_pos, l, out, lse, d_out, delta)
+  )
   d_sink = None
   if sink is not None:
     # d softmax / d sink = -p_sink * rowsum(P * dP) with p_sink = e^{sink - lse}.
@@ -238,9 +282,19 @@ def _core_bwd(pb, impl, res, d_out):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
-def block_stats(seq_q: int, seq_kv: int, *, causal: bool = True, window: int | None = None, sinks: int = 0,
-                block_indices=None, q_positions=None, kv_positions=None, block_sizes: BlockSizes | None = None,
-                impl: str | None = None) -> dict:
+def block_stats(
+  seq_q: int,
+  seq_kv: int,
+  *,
+  causal: bool = True,
+  window: int | None = None,
+  sinks: int = 0,
+  block_indices=None,
+  q_positions=None,
+  kv_positions=None,
+  block_sizes: BlockSizes | None = None,
+  impl: str | None = None,
+) -> dict:
   """How much of the attention the block lists compute (jnp; for benchmarks and notebooks).
 
   Returns a dict of ints/floats: `computed` (query-block x key-block pairs in the lists, summed
@@ -253,12 +307,20 @@ def block_stats(seq_q: int, seq_kv: int, *, causal: bool = True, window: int | N
   mask = Mask(bool(causal), window, sinks, block_indices is not None)
   q_pos = jnp.atleast_2d(jnp.arange(seq_q) if q_positions is None else jnp.asarray(q_positions))
   kv_pos = jnp.atleast_2d(jnp.arange(seq_kv) if kv_positions is None else jnp.asarray(kv_positions))
-  computed, causal_pairs, copies = (int(x) for x in _block_counts(mask, bs.block_q, bs.block_kv, q_pos, kv_pos,
-                                                                   block_indices))
+  computed, causal_pairs, copies = (
+    int(x) for x in _block_counts(mask, bs.block_q, bs.block_kv, q_pos, kv_pos, block_indices)
+  )
   total = -(-seq_q // bs.block_q) * -(-seq_kv // bs.block_kv) * copies
   causal_pairs *= copies
-  return dict(computed=computed, causal=causal_pairs, total=total, vs_causal=computed / causal_pairs,
-              vs_full=computed / total, block_q=bs.block_q, block_kv=bs.block_kv)
+  return dict(
+    computed=computed,
+    causal=causal_pairs,
+    total=total,
+    vs_causal=computed / causal_pairs,
+    vs_full=computed / total,
+    block_q=bs.block_q,
+    block_kv=bs.block_kv,
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))

@@ -13,8 +13,18 @@ import jax.numpy as jnp
 from pallas_kernels.sparse_attention.block_lists import MASK_VALUE, Mask, token_visible
 
 
-def visibility(q_positions, kv_positions, *, num_kv_heads: int, causal=True, window=None, sinks=0,
-               block_indices=None, block_q=None, block_kv=None):
+def visibility(
+  q_positions,
+  kv_positions,
+  *,
+  num_kv_heads: int,
+  causal=True,
+  window=None,
+  sinks=0,
+  block_indices=None,
+  block_q=None,
+  block_kv=None,
+):
   """[B, KVH, S, T] bool (B, KVH may be 1 when shared): which keys each query sees."""
   mask = Mask(causal, window, sinks, block_indices is not None)
   q_pos = q_positions[:, None, :, None]
@@ -29,9 +39,21 @@ def visibility(q_positions, kv_positions, *, num_kv_heads: int, causal=True, win
   return token_visible(mask, q_pos, kv_pos, selected)
 
 
-def sparse_attention_reference(q, k, v, *, causal=True, window=None, sinks=0, block_indices=None,
-                               sink_logits=None, q_positions=None, kv_positions=None, block_q=None,
-                               block_kv=None):
+def sparse_attention_reference(
+  q,
+  k,
+  v,
+  *,
+  causal=True,
+  window=None,
+  sinks=0,
+  block_indices=None,
+  sink_logits=None,
+  q_positions=None,
+  kv_positions=None,
+  block_q=None,
+  block_kv=None,
+):
   """Dense attention with the block-sparse op's mask; differentiable (autodiff).
 
   Args: as `pallas_kernels.sparse_attention`; `block_q` / `block_kv` give the granularity of
@@ -44,11 +66,21 @@ def sparse_attention_reference(q, k, v, *, causal=True, window=None, sinks=0, bl
     raise ValueError("block_indices needs block_q and block_kv (the selection's granularity)")
   q_positions = jnp.arange(s, dtype=jnp.int32)[None] if q_positions is None else jnp.atleast_2d(q_positions)
   kv_positions = jnp.arange(t, dtype=jnp.int32)[None] if kv_positions is None else jnp.atleast_2d(kv_positions)
-  visible = visibility(q_positions, kv_positions, num_kv_heads=kvh, causal=causal, window=window, sinks=sinks,
-                       block_indices=block_indices, block_q=block_q, block_kv=block_kv)[:, :, None]
+  visible = visibility(
+    q_positions,
+    kv_positions,
+    num_kv_heads=kvh,
+    causal=causal,
+    window=window,
+    sinks=sinks,
+    block_indices=block_indices,
+    block_q=block_q,
+    block_kv=block_kv,
+  )[:, :, None]
   qg = q.reshape(b, kvh, g, s, d)
-  scores = jnp.einsum("bkgsd,bktd->bkgst", qg, k, preferred_element_type=jnp.float32,
-                      precision=jax.lax.Precision.HIGHEST) * (d ** -0.5)
+  scores = jnp.einsum(
+    "bkgsd,bktd->bkgst", qg, k, preferred_element_type=jnp.float32, precision=jax.lax.Precision.HIGHEST
+  ) * (d**-0.5)
   scores = jnp.where(visible, scores, MASK_VALUE)
   m = scores.max(-1, keepdims=True)
   if sink_logits is not None:

