@@ -7,7 +7,8 @@
 Compiled HLO prints result types only, so an operand's size is derived: all-gather operand =
 result / group size, reduce-scatter operand = result * group size, otherwise operand = result
 (tuple results are summed). An async collective is reported once, by its `-start` op (kind plus
-"-start"). Used by Distributed Lion's communication test and the quantization benchmark.
+"-start"). Replica groups are read in every form the supported jax versions print (0.11 names the
+mesh axes). Used by Distributed Lion's communication test and the quantization benchmark.
 """
 
 from __future__ import annotations
@@ -57,11 +58,20 @@ def shape_bytes(text: str) -> int:
 
 
 def _group_size(line: str) -> int | None:
+  """Devices per replica group, in each form XLA prints: explicit `{{0,1},{2,3}}`, iota
+  `[groups,size]<=[n]`, or by mesh axes `mesh['data'=4,'fsdp'=2] {'data'}` (jax 0.11 prints this
+  everywhere, 0.10 for some ops, with an optional `, device_ids=(...)` before the braces)."""
   m = re.search(r"replica_groups=\{\{([0-9,]*)\}", line)
   if m:
     return len(m.group(1).split(","))
-  m = re.search(r"replica_groups=\[\d+,(\d+)\]", line)  # iota form [groups, size]<=[n]
-  return int(m.group(1)) if m else None
+  m = re.search(r"replica_groups=\[\d+,(\d+)\]", line)
+  if m:
+    return int(m.group(1))
+  m = re.search(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}", line)  # maybe ", device_ids=(...)" first
+  if m:
+    sizes = {name: int(n) for name, n in re.findall(r"'([^']+)'=(\d+)", m.group(1))}
+    return math.prod(sizes[name] for name in re.findall(r"'([^']+)'", m.group(2)))
+  return None
 
 
 def collectives(hlo_text: str) -> list[Collective]:

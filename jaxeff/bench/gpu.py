@@ -213,6 +213,14 @@ class Run:
   def elapsed(self) -> float:
     return time.perf_counter() - self.start
 
+  def log(self, message: str) -> None:
+    """A progress line on stderr (the table comes last on stdout)."""
+    print(f"[{self.elapsed():6.0f} s] {message}", file=sys.stderr, flush=True)
+
+  def rows(self) -> list:
+    """A list that logs each row appended to it, so a long or stuck run shows where it is."""
+    return _LoggedRows(self)
+
   def over_budget(self) -> bool:
     return self.budget is not None and self.elapsed() > self.budget
 
@@ -228,6 +236,21 @@ class Run:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(self.record, indent=1, default=_jsonable))
     os.replace(tmp, path)
+
+
+class _LoggedRows(list):
+  def __init__(self, run: Run):
+    super().__init__()
+    self.run = run
+
+  def append(self, row: dict) -> None:
+    super().append(row)
+    brief = ", ".join(
+      f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+      for k, v in row.items()
+      if k != "traceback" and not isinstance(v, (dict, list))
+    )
+    self.run.log("  " + brief)
 
 
 def _jsonable(x):
@@ -444,48 +467,52 @@ def _model_cases(run: Run) -> list[dict]:
 
 def correctness(run: Run) -> list[dict]:
   s = run.sizes
-  cases: list[Callable[[], Any]] = []
+  cases: list[tuple[str, Callable[[], Any]]] = []  # (what, check)
+
+  def quant(m, k, n, bits, group, zero_point, act):
+    scaling = f"g{group}" if group else "per-channel"
+    what = f"quant_matmul int{bits} {'zp' if zero_point else 'sym'} {scaling} M={m} K={k} N={n} {jnp.dtype(act).name}"
+    cases.append((what, lambda: _quant_case(run, m, k, n, bits, group, zero_point, act)))
+
   k, n = s.quant_kn
   for bits in (8, 4):
     for zero_point in (False, True):
       for group in (32, 128):
         for m in s.quant_ms:
           for act in (jnp.float32, jnp.bfloat16):
-            cases.append(lambda a=(m, k, n, bits, group, zero_point, act): _quant_case(run, *a))
+            quant(m, k, n, bits, group, zero_point, act)
   rk, rn, rms = s.quant_ragged
   for m in rms:
-    cases.append(lambda m=m: _quant_case(run, m, rk, rn, 8, None, False, jnp.bfloat16))
-    cases.append(lambda m=m: _quant_case(run, m, rk, rn, 4, 32, True, jnp.bfloat16))
+    quant(m, rk, rn, 8, None, False, jnp.bfloat16)
+    quant(m, rk, rn, 4, 32, True, jnp.bfloat16)
+
+  def attention(label, s_q, s_kv, d, **kw):
+    what = f"sparse_attention {label} S={s_q} T={s_kv} d={d}"
+    cases.append((what, lambda: _attention_case(run, label, b, h, kvh, s_q, s_kv, d, **kw)))
+
   b, h, kvh, seq = s.attn_shape
   for d in s.attn_dims:
-    cases.append(lambda d=d: _attention_case(run, "causal", b, h, kvh, seq, seq, d))
-    cases.append(lambda d=d: _attention_case(run, "window+sinks", b, h, kvh, seq, seq, d, window=seq // 4, sinks=16))
-    cases.append(lambda d=d: _attention_case(run, "top-k blocks", b, h, kvh, seq, seq, d, topk=3))
+    attention("causal", seq, seq, d)
+    attention("window+sinks", seq, seq, d, window=seq // 4, sinks=16)
+    attention("top-k blocks", seq, seq, d, topk=3)
   rs, rt = s.attn_ragged
-  cases.append(
-    lambda: _attention_case(
-      run, "causal chunk at positions T-S..T-1", b, h, kvh, rs, rt, s.attn_dims[-1], positions=True
-    )
-  )
-  cases.append(lambda: _model_cases(run))
+  attention("causal chunk at positions T-S..T-1", rs, rt, s.attn_dims[-1], positions=True)
+  cases.append(("the quantized and sparse models", lambda: _model_cases(run)))
   rows = []
-  for case in cases:
+  for i, (what, case) in enumerate(cases):
     if run.over_budget():
-      rows.append(dict(kernel="-", case="remaining cases", skipped="time budget", ok=False))
+      rows.append(dict(kernel="-", case=f"{len(cases) - i} remaining cases", skipped="time budget", ok=False))
       break
     try:
       got = case()
-      rows += got if isinstance(got, list) else [got]
+      got = got if isinstance(got, list) else [got]
     except Exception as e:  # a kernel that fails on the hardware is a finding, not the end of the run
-      rows.append(
-        dict(
-          kernel="?",
-          case=getattr(case, "__name__", "case"),
-          ok=False,
-          error=_one_line(e),
-          traceback=traceback.format_exc(limit=8),
-        )
-      )
+      got = [
+        dict(kernel=what.split()[0], case=what, ok=False, error=_one_line(e), traceback=traceback.format_exc(limit=8))
+      ]
+    rows += got
+    for r in got:
+      run.log(f"  {r['kernel']} {r['case']}: " + ("ok" if r["ok"] else f"FAIL {r.get('error') or r.get('errors')}"))
   return rows
 
 
@@ -496,7 +523,7 @@ def quant_perf(run: Run) -> list[dict]:
   import pallas_kernels as pk
 
   s = run.sizes
-  rows = []
+  rows = run.rows()
   shapes = [
     (kn, s.quant_perf_ms + ((s.prefill_m,) if s.prefill_m and i == 0 else ())) for i, kn in enumerate(s.quant_shapes)
   ]
@@ -581,7 +608,7 @@ def _grad_fn(op):
 def attention_perf(run: Run) -> list[dict]:
   s_ = run.sizes
   h, kvh, d = s_.attn_heads
-  rows = []
+  rows = run.rows()
   kernel = dict(impl=run.impl, interpret=run.interpret)
   dense_impls = ("xla",) if run.dry else ("cudnn", "xla")
   for s in s_.attn_lengths:
@@ -657,7 +684,7 @@ def _attention_checks(run: Run, h, kvh, d, kernel, dense_impls) -> list[dict]:
   import pallas_kernels as pk
 
   s_ = run.sizes
-  rows = []
+  rows = run.rows()
   s = s_.attn_check_len
   q, k, v, do = (
     run.normal(shape, jnp.bfloat16) for shape in ((1, h, s, d), (1, kvh, s, d), (1, kvh, s, d), (1, h, s, d))
@@ -736,7 +763,7 @@ def decode(run: Run) -> list[dict]:
   base = jax.jit(lambda: nnx.state(Llama(cfg, rngs=nnx.Rngs(0))))  # random weights, built on the device
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
   model = nnx.merge(graphdef, base())
-  rows = []
+  rows = run.rows()
   for fmt in s.decode_formats:
     if run.over_budget():
       rows.append(dict(format=fmt, skipped="time budget"))
@@ -800,7 +827,7 @@ def train(run: Run) -> list[dict]:
     "progress=false",
     *(f"model.{k}={v}" for k, v in s.train_model.items()),
   ]
-  rows, adamw_t = [], None
+  rows, adamw_t = run.rows(), None
   for name in s.optimizers:
     if run.over_budget():
       rows.append(dict(optimizer=name, skipped="time budget"))
@@ -1076,7 +1103,7 @@ def main(argv=None) -> int:
     if name not in chosen:
       continue
     t0 = time.perf_counter()
-    print(f"[{run.elapsed():6.0f} s] {name} ...", file=sys.stderr, flush=True)
+    run.log(f"{name} ...")
     entry: dict[str, Any] = {}
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
