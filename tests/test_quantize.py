@@ -59,7 +59,9 @@ def test_quantize_compiles_once_per_weight_shape():
   210 compilations, 12 s, for SmolLM2-135M); now one per distinct weight shape and setting."""
   model = Llama(ModelConfig(**{**CFG, "num_layers": 6}), rngs=nnx.Rngs(0))
   lowered = []
-  listener = lambda event, duration, **kw: lowered.append(event) if event.endswith("jaxpr_to_mlir_module_duration") else None
+  listener = lambda event, duration, **kw: (
+    lowered.append(event) if event.endswith("jaxpr_to_mlir_module_duration") else None
+  )
   jax.monitoring.register_event_duration_secs_listener(listener)
   try:
     quantize(model, bits=4, group_size=32, zero_point=True)
