@@ -63,4 +63,3 @@ def log_to_stderr(level: int = logging.INFO) -> None:
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
-  logger.propagate = False  # once on stderr is enough

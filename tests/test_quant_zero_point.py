@@ -5,6 +5,8 @@ Pallas kernels in interpret mode, the CPU path, XLA, the reference) with a zero 
 device and on meshes, and lowered for TPU and CUDA; `jaxeff.quantize(zero_point=True)`; GGUF Q8_0 /
 Q4_0 / Q4_1 blocks loaded bit for bit; and the reason it all exists, SmolLM2's perplexity."""
 
+import logging
+
 import gguf
 import jax
 import jax.numpy as jnp
@@ -230,7 +232,7 @@ def _mixed_gguf(path):
   return tiny_gguf.write_gguf(path, model, "llama", quant=quant_for), model
 
 
-def test_gguf_blocks_load_bit_exact_and_logits_match_float(tmp_path, capfd, monkeypatch):
+def test_gguf_blocks_load_bit_exact_and_logits_match_float(tmp_path, caplog, monkeypatch):
   monkeypatch.setenv("JAXEFF_CACHE_DIR", str(tmp_path / "cache"))
   path, _ = _mixed_gguf(tmp_path / "mixed.gguf")
   _, weights, others = jaxeff_gguf.quantized_weights(path)
@@ -243,10 +245,12 @@ def test_gguf_blocks_load_bit_exact_and_logits_match_float(tmp_path, capfd, monk
   for name, qw in weights.items():  # q/k included: the rotary row order is undone on the blocks
     np.testing.assert_array_equal(np.asarray(pk.dequantize(qw)), floats[name].T, err_msg=name)
   float_model, _ = hf.load(path)
-  capfd.readouterr()
-  served, _ = hf.load(path, quantized=True)
-  err = capfd.readouterr().err.strip().splitlines()
-  assert err == ["jaxeff.hf.load: 1 Q5_0 tensor(s) dequantized to float (served as stored: Q8_0, Q4_0, Q4_1)"]
+  caplog.clear()
+  with caplog.at_level(logging.INFO, logger="jaxeff"):
+    served, _ = hf.load(path, quantized=True)
+  assert [r.getMessage() for r in caplog.records] == [
+    "jaxeff.hf.load: 1 Q5_0 tensor(s) dequantized to float (served as stored: Q8_0, Q4_0, Q4_1)"
+  ]
   assert isinstance(served.layers[0].self_attn.q_proj, quantization.QuantizedLinear)
   assert isinstance(served.embed_tokens, quantization.QuantizedEmbed)
   assert not isinstance(served.layers[1].mlp.down_proj, quantization.QuantizedLinear)
