@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import pathlib
 import sys
 from collections.abc import Sequence
 
@@ -63,3 +65,113 @@ def log_to_stderr(level: int = logging.INFO) -> None:
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(handler)
+
+
+def use_compile_cache() -> None:
+  """Compiled programs persist across runs (a process-wide option: command lines only), so the
+  second `python -m jaxeff.generate` or `jaxeff.serve` on a model starts in a fraction of the time.
+  JAX_COMPILATION_CACHE_DIR wins; else $JAXEFF_CACHE_DIR/xla or ~/.cache/jaxeff/xla."""
+  import jax
+
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    base = os.environ.get("JAXEFF_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxeff"
+    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(base) / "xla"))
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+  """The model-loading flags `python -m jaxeff.generate` and `python -m jaxeff.serve` share:
+  --checkpoint | --hf (one required), --quant, --zero-point, --group-size, --dtype, --scan-layers."""
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--checkpoint", metavar="DIR", help="a jaxeff.train output directory")
+  src.add_argument("--hf", metavar="DIR_OR_GGUF", help="a Hugging Face checkpoint directory or a .gguf file")
+  p.add_argument(
+    "--quant",
+    choices=("int8", "int4", "gguf"),
+    help="weight-only quantization of every Linear; gguf: serve a --hf .gguf file's Q8_0/Q4_0/Q4_1 "
+    "blocks as stored (no float round trip)",
+  )
+  p.add_argument(
+    "--zero-point",
+    action="store_true",
+    help="with --quant int8/int4: asymmetric (scale and minimum per group; the 4-bit choice)",
+  )
+  p.add_argument(
+    "--group-size",
+    type=int,
+    default=None,
+    metavar="G",
+    help="quantization group size (default: per channel for int8, 32 for int4)",
+  )
+  p.add_argument(
+    "--dtype",
+    choices=("float32", "bfloat16"),
+    default="float32",
+    help="compute and weight dtype (default float32: XLA:CPU runs bf16 matmuls slowly)",
+  )
+  p.add_argument(
+    "--scan-layers",
+    action="store_true",
+    help="--hf: run the layers as one scanned block (compiles several times faster, decodes "
+    "slower); a --checkpoint keeps its own layout",
+  )
+
+
+def check_model_args(p: ArgumentParser, args: argparse.Namespace) -> None:
+  """Usage errors among the model flags (raises `UsageError`)."""
+  if args.zero_point and args.quant not in ("int8", "int4"):
+    p.error("--zero-point needs --quant int8 or int4 (a GGUF's blocks keep their own format)")
+  if args.quant == "gguf" and not (args.hf or "").endswith(".gguf"):
+    p.error("--quant gguf serves a .gguf file's blocks as stored: give --hf FILE.gguf")
+
+
+def load_model(args: argparse.Namespace):
+  """(model, tokenizer) from `add_model_args` flags: --hf or --checkpoint, converted to --dtype and
+  --quant. Raises `JaxeffError`s (a missing path, an unsupported file)."""
+  import jaxeff
+  from jaxeff.errors import CheckpointError, HFError, UsageError
+  from jaxeff.generate import tokenizer as tokenizer_lib
+
+  dtypes = dict(dtype=args.dtype, param_dtype=args.dtype)
+  if args.hf:
+    from jaxeff import hf
+
+    path = pathlib.Path(args.hf)
+    if not path.exists():
+      raise HFError(f"--hf {path}: no such file or directory")
+    if args.quant == "gguf":
+      if args.scan_layers or args.dtype != "float32":
+        raise UsageError("--quant gguf builds float32, per-layer modules: drop --scan-layers / --dtype")
+      model, _ = hf.load(path, quantized=True)
+    else:
+      model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
+    tok = tokenizer_lib.load_tokenizer(path)
+  else:
+    import dataclasses
+
+    from flax import nnx
+
+    from jaxeff import data
+    from jaxeff.models import Llama
+    from jaxeff.training import load_checkpoint
+
+    path = pathlib.Path(args.checkpoint)
+    if not path.is_dir():
+      raise CheckpointError(f"--checkpoint {path}: no such directory")
+    model, train_cfg = load_checkpoint(path)
+    if args.dtype != model.cfg.dtype or args.dtype != model.cfg.param_dtype:
+      converted = nnx.eval_shape(lambda: Llama(dataclasses.replace(model.cfg, **dtypes), rngs=nnx.Rngs(0)))
+      nnx.update(converted, _cast_floats(nnx.state(model), args.dtype))
+      model = converted
+    tok = tokenizer_lib.from_data_tokenizer(data.get_tokenizer(train_cfg.data.tokenizer))
+  if args.quant in ("int8", "int4"):
+    bits = 8 if args.quant == "int8" else 4
+    group = args.group_size if args.group_size is not None else (None if bits == 8 else 32)
+    model = jaxeff.quantize(model, bits=bits, group_size=group, zero_point=args.zero_point, copy=False)
+  return model, tok
+
+
+def _cast_floats(tree, dtype):
+  import jax
+  import jax.numpy as jnp
+
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)

@@ -123,6 +123,8 @@ def test_dry_run_measures_every_row_of_sections_3_to_6(dry_run):
   # int4 weights read fewer bytes per step than int8, int8 fewer than bf16 (same model).
   per_format = {r["format"]: r["weight_bytes"] for r in decode}
   assert per_format["int4"] < per_format["int8"] < per_format["bf16"]
+  (serve,) = sec["serve"]["rows"]
+  assert serve["clients"] == s.serve_clients and serve["tok_s"] > 0 and 0 < serve["itl_p50_ms"] <= serve["itl_p99_ms"]
   train = sec["train"]["rows"]
   assert [r["optimizer"] for r in train] == list(gpu.OPTIMIZERS)
   assert all(np.isfinite(r["loss"]) and r["mfu_pct"] > 0 for r in train)

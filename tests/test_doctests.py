@@ -26,6 +26,7 @@ def test_the_main_apis_have_examples():
   for name in (
     "jaxeff.generate.sampling",
     "jaxeff.generate.engine",
+    "jaxeff.serve.engine",
     "jaxeff.models.llama",
     "jaxeff.sharding",
     "jaxeff.quantization",

@@ -58,3 +58,25 @@ def machine_load() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True, timeout=5).stdout.strip()
   except (OSError, subprocess.SubprocessError):
     return "unknown"
+
+
+def llama_cpp_without_extra_buffers() -> None:
+  """Makes llama-cpp-python load models without llama.cpp's extra CPU buffer types (AMX tiles,
+  repacked weights). On this machine's CPU (AMX-capable), llama.cpp's AMX matmul segfaults on any
+  batch of more than one token (gdb: `ggml_backend_amx_mul_mat`), i.e. every multi-token prompt;
+  llama-cpp-python has no flag for it, so its default model parameters are patched (process-wide:
+  benchmarks only). Decode speed without them: 97 tok/s on SmolLM2 Q4_1 (about what BENCHMARKS.md
+  recorded with them on an earlier machine without AMX)."""
+  import llama_cpp.llama_cpp as lib
+
+  default = lib.llama_model_default_params
+  if getattr(default, "without_extra_buffers", False):
+    return
+
+  def params():
+    p = default()
+    p.use_extra_bufts = False
+    return p
+
+  params.without_extra_buffers = True
+  lib.llama_model_default_params = params

@@ -114,6 +114,10 @@ def _transformers(model, batch, prompts, new_tokens):
 def _llama_cpp(gguf_path, prompt, new_tokens, threads):
   import llama_cpp
 
+  from jaxeff.bench.common import llama_cpp_without_extra_buffers
+
+  llama_cpp_without_extra_buffers()  # see there: llama.cpp's AMX path crashes on this CPU
+
   llm = llama_cpp.Llama(
     model_path=str(gguf_path),
     n_ctx=len(prompt) + new_tokens + 8,

@@ -23,6 +23,8 @@ Sections, in order (a section that raises is recorded and the next one runs):
                 decode step over 4k/32k cached keys, f32 vs bf16 inputs.
 5. decode       a Llama-3.2-1B-shaped model (random bf16 weights) through `Generator` at batch
                 1, 16, 64 in bf16, int8, int4 g128: tokens/s, bytes read per step, % of copy bandwidth.
+   serve        the same model (bf16) behind `jaxeff.serve.Engine` (continuous batching), 64
+                concurrent requests of mixed lengths: output tokens/s, TTFT, inter-token latency.
 6. train        configs/125m.yaml's model, the engine's train step per optimizer (adamw, c_adamw,
                 lion, muon, galore, osd): tokens/s, MFU against section 1's measured bf16 rate,
                 step time relative to AdamW.
@@ -126,6 +128,8 @@ class Sizes:
   decode_formats: tuple = ("bf16", "int8", "int4")
   decode_prompt: int = 128
   decode_new: int = 128
+  # serve: the decode model under continuous batching, this many concurrent requests
+  serve_clients: int = 64
   # train
   train_config: str = "125m"
   train_model: dict = dataclasses.field(default_factory=dict)  # overrides of the config's model
@@ -181,6 +185,7 @@ DRY = Sizes(
   decode_batches=(1, 2),
   decode_prompt=8,
   decode_new=8,
+  serve_clients=4,
   train_config="125m",
   train_model=dict(
     vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=128
@@ -809,6 +814,52 @@ def decode(run: Run) -> list[dict]:
   return rows
 
 
+def serve(run: Run) -> list[dict]:
+  """The decode model (bf16) behind `jaxeff.serve.Engine`: `serve_clients` requests at once, prompt
+  and output lengths drawn from [half, full] of the decode section's; a first round compiles."""
+  from flax import nnx
+
+  from jaxeff.config import ModelConfig
+  from jaxeff.models import Llama
+  from jaxeff.serve import Engine
+
+  s = run.sizes
+  dtype = "float32" if run.dry else "bfloat16"
+  cfg = ModelConfig(**s.decode_model, dtype=dtype, param_dtype=dtype)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  model = nnx.merge(graphdef, jax.jit(lambda: nnx.state(Llama(cfg, rngs=nnx.Rngs(0))))())
+  n = s.serve_clients
+  lengths = run.rng.integers(max(1, s.decode_prompt // 2), s.decode_prompt + 1, n)
+  new = run.rng.integers(max(1, s.decode_new // 2), s.decode_new + 1, n)
+  prompts = [run.rng.integers(0, cfg.vocab_size, int(k)).tolist() for k in lengths]
+  chunk = 1 << max(0, int(lengths.max()) - 1).bit_length()
+  with Engine(model, max_batch=n, max_seq_len=s.decode_prompt + s.decode_new, prefill_chunk=chunk) as engine:
+
+    def round_trip():
+      requests = [engine.submit(p, max_tokens=int(m), stop_tokens=()) for p, m in zip(prompts, new)]
+      t0 = time.perf_counter()
+      for r in requests:
+        r.result()
+      return requests, time.perf_counter() - t0
+
+    round_trip()  # compiles the buckets this traffic reaches
+    requests, seconds = round_trip()
+  tokens = sum(len(r.tokens) for r in requests)
+  ttft = [r.token_times[0] - r.submitted_at for r in requests]
+  itl = [b - a for r in requests for a, b in zip(r.token_times, r.token_times[1:])]
+  return [
+    dict(
+      clients=n,
+      tok_s=tokens / seconds,
+      seconds=seconds,
+      ttft_p50_ms=1e3 * float(np.percentile(ttft, 50)),
+      itl_p50_ms=1e3 * float(np.percentile(itl, 50)),
+      itl_p99_ms=1e3 * float(np.percentile(itl, 99)),
+      programs=len(engine.traces),
+    )
+  ]
+
+
 # ---------------------------------------------------------------------------- 6. training
 
 
@@ -886,6 +937,7 @@ SECTIONS: dict[str, Callable[[Run], list[dict]]] = {
   "quant": quant_perf,
   "attention": attention_perf,
   "decode": decode,
+  "serve": serve,
   "train": train,
 }
 
@@ -1034,6 +1086,12 @@ def table(record: dict) -> str:
             if "tok_s" not in r
             else f"{r['tok_s']:.0f} | {r['bytes_per_step'] / 1e6:.0f} MB | {_f(r['pct_copy'], '.0f')} |"
           )
+        )
+    elif name == "serve":
+      for r in rows:
+        lines.append(
+          f"- {r['clients']} concurrent requests: {r['tok_s']:.0f} output tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} "
+          f"ms, ITL p50/p99 {r['itl_p50_ms']:.1f}/{r['itl_p99_ms']:.1f} ms ({r['programs']} programs compiled)"
         )
     elif name == "train":
       lines += ["| optimizer | step ms | tokens/s | MFU % | vs adamw |", "|---|---|---|---|---|"]

@@ -79,6 +79,10 @@ def linear_bytes(model) -> int:
 def llama_cpp_perplexity(gguf_path, windows: np.ndarray, threads: int) -> float:
   import llama_cpp
 
+  from jaxeff.bench.common import llama_cpp_without_extra_buffers
+
+  llama_cpp_without_extra_buffers()  # see there: llama.cpp's AMX path crashes on this CPU
+
   llm = llama_cpp.Llama(
     model_path=str(gguf_path), n_ctx=windows.shape[1], logits_all=True, n_threads=threads, verbose=False
   )

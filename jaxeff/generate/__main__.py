@@ -14,8 +14,6 @@ prints one `error:` line and exits 2.
 from __future__ import annotations
 
 import argparse
-import os
-import pathlib
 import sys
 import time
 
@@ -33,9 +31,6 @@ def parse_args(argv):
     description=__doc__.split("\n")[0],
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
-  src = p.add_mutually_exclusive_group(required=True)
-  src.add_argument("--checkpoint", metavar="DIR", help="a jaxeff.train output directory")
-  src.add_argument("--hf", metavar="DIR_OR_GGUF", help="a Hugging Face checkpoint directory or a .gguf file")
   p.add_argument("--prompt", help="the prompt text (with --chat: the first user turn)")
   p.add_argument("--chat", action="store_true", help="apply the model's chat template; read turns from stdin")
   p.add_argument("--max-new-tokens", type=int, default=128, metavar="N")
@@ -44,36 +39,7 @@ def parse_args(argv):
   p.add_argument("--top-p", type=float, default=None, metavar="P")
   p.add_argument("--min-p", type=float, default=None, metavar="P")
   p.add_argument("--seed", type=int, default=0, metavar="S")
-  p.add_argument(
-    "--quant",
-    choices=("int8", "int4", "gguf"),
-    help="weight-only quantization of every Linear; gguf: serve a --hf .gguf file's Q8_0/Q4_0/Q4_1 "
-    "blocks as stored (no float round trip)",
-  )
-  p.add_argument(
-    "--zero-point",
-    action="store_true",
-    help="with --quant int8/int4: asymmetric (scale and minimum per group; the 4-bit choice)",
-  )
-  p.add_argument(
-    "--group-size",
-    type=int,
-    default=None,
-    metavar="G",
-    help="quantization group size (default: per channel for int8, 32 for int4)",
-  )
-  p.add_argument(
-    "--dtype",
-    choices=("float32", "bfloat16"),
-    default="float32",
-    help="compute and weight dtype (default float32: XLA:CPU runs bf16 matmuls slowly)",
-  )
-  p.add_argument(
-    "--scan-layers",
-    action="store_true",
-    help="--hf: run the layers as one scanned block (compiles several times faster, decodes "
-    "slower); a --checkpoint keeps its own layout",
-  )
+  cli.add_model_args(p)
   p.add_argument(
     "--max-seq-len",
     type=int,
@@ -86,73 +52,8 @@ def parse_args(argv):
     p.error("give --prompt TEXT (or --chat for an interactive session)")
   if args.max_new_tokens < 1:
     p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-  if args.zero_point and args.quant not in ("int8", "int4"):
-    p.error("--zero-point needs --quant int8 or int4 (a GGUF's blocks keep their own format)")
-  if args.quant == "gguf" and not (args.hf or "").endswith(".gguf"):
-    p.error("--quant gguf serves a .gguf file's blocks as stored: give --hf FILE.gguf")
+  cli.check_model_args(p, args)
   return args
-
-
-def _use_compile_cache():
-  # A CLI may set process-wide options: compiled programs persist across runs, so the second
-  # `python -m jaxeff.generate` on a model starts in a fraction of the first one's time.
-  import jax
-
-  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-    base = os.environ.get("JAXEFF_CACHE_DIR") or pathlib.Path.home() / ".cache" / "jaxeff"
-    jax.config.update("jax_compilation_cache_dir", str(pathlib.Path(base) / "xla"))
-
-
-def load(args):
-  """(model, tokenizer) from --hf or --checkpoint, converted to --dtype and --quant."""
-  import jaxeff
-  from jaxeff.errors import CheckpointError, HFError, UsageError
-  from jaxeff.generate import tokenizer as tokenizer_lib
-
-  dtypes = dict(dtype=args.dtype, param_dtype=args.dtype)
-  if args.hf:
-    from jaxeff import hf
-
-    path = pathlib.Path(args.hf)
-    if not path.exists():
-      raise HFError(f"--hf {path}: no such file or directory")
-    if args.quant == "gguf":
-      if args.scan_layers or args.dtype != "float32":
-        raise UsageError("--quant gguf builds float32, per-layer modules: drop --scan-layers / --dtype")
-      model, _ = hf.load(path, quantized=True)
-    else:
-      model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
-    tok = tokenizer_lib.load_tokenizer(path)
-  else:
-    import dataclasses
-
-    from flax import nnx
-
-    from jaxeff import data
-    from jaxeff.models import Llama
-    from jaxeff.training import load_checkpoint
-
-    path = pathlib.Path(args.checkpoint)
-    if not path.is_dir():
-      raise CheckpointError(f"--checkpoint {path}: no such directory")
-    model, train_cfg = load_checkpoint(path)
-    if args.dtype != model.cfg.dtype or args.dtype != model.cfg.param_dtype:
-      converted = nnx.eval_shape(lambda: Llama(dataclasses.replace(model.cfg, **dtypes), rngs=nnx.Rngs(0)))
-      nnx.update(converted, _cast_floats(nnx.state(model), args.dtype))
-      model = converted
-    tok = tokenizer_lib.from_data_tokenizer(data.get_tokenizer(train_cfg.data.tokenizer))
-  if args.quant in ("int8", "int4"):
-    bits = 8 if args.quant == "int8" else 4
-    group = args.group_size if args.group_size is not None else (None if bits == 8 else 32)
-    model = jaxeff.quantize(model, bits=bits, group_size=group, zero_point=args.zero_point, copy=False)
-  return model, tok
-
-
-def _cast_floats(tree, dtype):
-  import jax
-  import jax.numpy as jnp
-
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
 
 def _sampling(args, tok) -> dict:
@@ -199,7 +100,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
   from jaxeff.generate import Generator
 
   t0 = time.perf_counter()
-  model, tok = load(args)
+  model, tok = cli.load_model(args)
   print(
     f"loaded {args.hf or args.checkpoint} in {time.perf_counter() - t0:.1f} s "
     f"({args.dtype}{', ' + args.quant if args.quant else ''})",
@@ -254,7 +155,7 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     print(f"error: {e}", file=err)
     return 2
   host_malloc.prepare_cpu_host()  # before jax starts (see jaxeff/host_malloc.py)
-  _use_compile_cache()
+  cli.use_compile_cache()
   from jaxeff.checkpoint import quiet_abandoned_reads
 
   quiet_abandoned_reads()  # a damaged checkpoint stays one error line

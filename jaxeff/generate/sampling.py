@@ -139,3 +139,34 @@ def sample(logits: jax.Array, keys: jax.Array, static: SamplingShape, values: di
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filtered_logits(logits, static, values)
   return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def sample_rows(
+  logits: jax.Array,
+  keys: jax.Array,
+  temperature: jax.Array,
+  top_k: jax.Array,
+  top_p: jax.Array,
+  min_p: jax.Array,
+) -> jax.Array:
+  """int32 tokens [B] from logits [B, V], every row with its own settings (arrays [B]).
+
+  What continuous batching needs: requests with different settings share one compiled step.
+  temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 turn their filter off. A row gets exactly
+  what `sample` gives it with the same settings and key (same filters, same order, same draw).
+  When no row samples, the sort behind top-k/top-p is skipped at run time (`lax.cond`).
+  """
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+  def sampled():
+    x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    vocab = x.shape[-1]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(jnp.sort(x, axis=-1)[:, ::-1], (k - 1)[:, None], axis=-1)
+    x = jnp.where(x < kth, _NEG_INF, x)
+    x = top_p_filter(x, top_p[:, None])
+    x = min_p_filter(x, min_p[:, None])
+    drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+  return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)

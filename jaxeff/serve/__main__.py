@@ -1,0 +1,157 @@
+"""Serve a model over OpenAI's HTTP API: `python -m jaxeff.serve (--hf DIR_OR_GGUF | --checkpoint DIR) [options]`.
+
+  python -m jaxeff.serve --hf SmolLM2-135M-Instruct.Q8_0.gguf               # http://127.0.0.1:8000/v1
+  python -m jaxeff.serve --hf model.gguf --quant gguf --max-batch 16 --api-key "$KEY"
+  python -m jaxeff.serve --checkpoint runs/default --port 0                 # any free port (printed)
+
+Loads the model (the same flags as `python -m jaxeff.generate`), compiles the prefill chunks and
+the decode step, prints `serving MODEL on http://HOST:PORT/v1` and serves `jaxeff.serve.app`
+(continuous batching over `--max-batch` slots of `--max-seq-len` positions) until SIGTERM or
+Ctrl-C: then it stops taking connections, gives running requests `--shutdown-timeout` seconds,
+cancels the rest and exits 0. The API key may also come from $JAXEFF_API_KEY. Bad usage or a model
+that cannot be loaded prints one `error:` line and exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import signal
+import socket
+import sys
+import time
+
+from jaxeff import cli
+
+
+def parse_args(argv):
+  """Flags in any order. Raises `jaxeff.cli.UsageError` on bad usage."""
+  p = cli.ArgumentParser(
+    prog="python -m jaxeff.serve",
+    description=__doc__.split("\n")[0],
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  cli.add_model_args(p)
+  p.add_argument("--max-batch", type=int, default=8, metavar="B", help="decode slots (default 8)")
+  p.add_argument("--max-seq-len", type=int, default=2048, metavar="L", help="positions per slot (default 2048)")
+  p.add_argument(
+    "--prefill-chunk", type=int, default=128, metavar="C", help="prompt tokens per step between decode steps"
+  )
+  p.add_argument("--max-waiting", type=int, default=64, metavar="N", help="queued requests before 429 (default 64)")
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+  p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+  p.add_argument("--model-name", default=None, help="the model id clients send (default: the file or directory name)")
+  p.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY (default: $JAXEFF_API_KEY)")
+  p.add_argument("--max-tokens", type=int, default=None, metavar="N", help="cap on a request's max_tokens")
+  p.add_argument("--max-n", type=int, default=4, metavar="N", help="cap on choices per request (default 4)")
+  p.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="N", help="larger bodies get 413 (1 MiB)")
+  p.add_argument(
+    "--shutdown-timeout", type=float, default=10.0, metavar="S", help="seconds running requests get at shutdown"
+  )
+  p.add_argument("--no-warmup", action="store_true", help="compile on the first requests instead of at start")
+  args = p.parse(argv)
+  cli.check_model_args(p, args)
+  for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_n", "max_body_bytes"):
+    if getattr(args, name) < 1:
+      p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+  if args.max_waiting < 0 or not 0 <= args.port < 65536:
+    p.error("--max-waiting must be >= 0 and --port in [0, 65535]")
+  if args.max_tokens is not None and args.max_tokens < 1:
+    p.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+  args.api_key = args.api_key or os.environ.get("JAXEFF_API_KEY") or None
+  return args
+
+
+def run(args, out, err) -> int:
+  import uvicorn
+
+  from jaxeff.serve import Engine
+  from jaxeff.serve.app import ServerSettings, create_app
+
+  t0 = time.perf_counter()
+  model, tok = cli.load_model(args)
+  name = args.model_name or pathlib.Path(args.hf or args.checkpoint).name
+  print(f"loaded {args.hf or args.checkpoint} in {time.perf_counter() - t0:.1f} s", file=err)
+  engine = Engine(
+    model,
+    tok,
+    max_batch=args.max_batch,
+    max_seq_len=args.max_seq_len,
+    prefill_chunk=args.prefill_chunk,
+    max_waiting=args.max_waiting,
+  )
+  if not args.no_warmup:
+    t0 = time.perf_counter()
+
+    def progress(done, total):
+      if done == total or done % 4 == 0:
+        print(f"compiling: {done}/{total} programs ({time.perf_counter() - t0:.0f} s)", file=err, flush=True)
+
+    engine.warm_up(progress)
+  settings = ServerSettings(
+    model_name=name,
+    api_key=args.api_key,
+    max_tokens=args.max_tokens,
+    max_n=args.max_n,
+    max_body_bytes=args.max_body_bytes,
+  )
+  app = create_app(engine, tok, settings)
+  sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+  sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+  sock.bind((args.host, args.port))
+  host, port = sock.getsockname()[:2]
+  config = uvicorn.Config(
+    app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout, access_log=False, lifespan="on"
+  )
+  server = uvicorn.Server(config)
+  print(
+    f"serving {name} on http://{host}:{port}/v1 ({args.max_batch} slots x {args.max_seq_len} positions, "
+    f"KV cache {engine.cache_bytes / 2**20:.1f} MiB{', API key required' if args.api_key else ''})",
+    file=out,
+    flush=True,
+  )
+  # uvicorn re-raises the signal that stopped it once it has shut down gracefully; a no-op handler
+  # makes that a clean exit (status 0) instead of death by SIGTERM.
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: None)
+  server.run(sockets=[sock])
+  print("stopped", file=err)
+  return 0
+
+
+def main(argv=None, out=None, err=None) -> int:
+  from jaxeff import host_malloc
+
+  out, err = out or sys.stdout, err or sys.stderr
+
+  try:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+  except cli.UsageError as e:
+    print(f"error: {e}", file=err)
+    return 2
+  try:
+    import fastapi  # noqa: F401
+    import uvicorn  # noqa: F401
+  except ImportError as e:
+    print(f"error: the server needs the serve extra (pip install 'jaxeff[serve]'): {e}", file=err)
+    return 2
+  host_malloc.prepare_cpu_host()
+  cli.use_compile_cache()
+  cli.log_to_stderr()
+  from jaxeff.errors import JaxeffError
+
+  try:
+    return run(args, out, err)
+  except JaxeffError as e:
+    print(f"error: {e}", file=err)
+    return 2
+  except OSError as e:  # e.g. the port is taken
+    print(f"error: {e}", file=err)
+    return 2
+  except KeyboardInterrupt:
+    return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

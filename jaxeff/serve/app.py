@@ -1,0 +1,601 @@
+"""The OpenAI-compatible HTTP layer over an `Engine`: a thin FastAPI shell (the `serve` extra).
+
+  app = create_app(engine, tokenizer, ServerSettings(model_name="smollm2"))
+  uvicorn.run(app, host="127.0.0.1", port=8000)            # what `python -m jaxeff.serve` does
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (the tokenizer's chat template),
+both with `stream: true` as server-sent events ending in `data: [DONE]`; `GET /v1/models`,
+`GET /health`, `GET /metrics` (Prometheus text). Every response carries `usage`; a stream carries it
+on the chunk that finishes each choice (and in a last chunk with no choices, when the client asks
+with `stream_options.include_usage`, as OpenAI does).
+
+Request fields: OpenAI's `model`, `prompt` (a string, a list of token ids, or a list of either) or
+`messages`, `max_tokens` (or `max_completion_tokens`), `temperature` (default 1, as OpenAI's), `top_p`,
+`n`, `stop` (strings), `seed`, `stream`, `stream_options`; and, as vLLM accepts them, `top_k`, `min_p`
+and `ignore_eos`. Fields that would change the answer but are not implemented (`logprobs`, `echo`,
+`best_of` > 1, `logit_bias`, `suffix`, penalties, tools) are refused with a 400 rather than ignored;
+other unknown fields are ignored, as OpenAI clients send extras.
+
+Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 bad input (one
+message naming the field), 401 a missing or wrong API key (every path but /health, when the server
+has one), 404 an unknown model or path, 413 a body over the size limit, 429 the waiting queue is
+full, 503 shutting down, 500 an error inside this one request (others go on). A client that
+disconnects cancels its request; the engine frees its slot before its next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import logging
+import time
+import uuid
+from typing import Any, Literal
+
+import fastapi
+import prometheus_client
+from fastapi import responses
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field
+
+from jaxeff.errors import GenerationError, HFError
+from jaxeff.generate.tokenizer import StreamDecoder, TextTokenizer
+from jaxeff.serve.engine import Engine, EngineStoppedError, QueueFullError, Request
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+  """What the server allows and calls itself.
+
+  Args:
+    model_name: the id clients pass as `model` (and `/v1/models` lists).
+    api_key: when set, every endpoint but /health needs `Authorization: Bearer <api_key>`.
+    max_tokens: the most new tokens one choice may ask for (None: whatever fits the cache).
+    max_n: the most choices (`n`) per request.
+    max_body_bytes: larger request bodies get 413.
+    default_completion_tokens: `max_tokens` of a /v1/completions request that gives none (OpenAI: 16).
+  """
+
+  model_name: str = "jaxeff"
+  api_key: str | None = None
+  max_tokens: int | None = None
+  max_n: int = 4
+  max_body_bytes: int = 1 << 20
+  default_completion_tokens: int = 16
+
+
+class APIError(Exception):
+  """An error answered as OpenAI's error body with `status`."""
+
+  def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None, kind=None):
+    super().__init__(message)
+    self.status, self.message, self.param, self.code = status, message, param, code
+    self.kind = kind or {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}.get(
+      status, "server_error" if status >= 500 else "invalid_request_error"
+    )
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def _error_response(error: APIError) -> responses.JSONResponse:
+  return responses.JSONResponse(error.body(), status_code=error.status)
+
+
+# ---------------------------------------------------------------------- request bodies
+
+
+class _Sampling(BaseModel):
+  model_config = ConfigDict(extra="allow")
+
+  model: str
+  max_tokens: int | None = None
+  temperature: float = Field(1.0, ge=0, le=2)
+  top_p: float = Field(1.0, gt=0, le=1)
+  top_k: int | None = Field(None, ge=-1)  # -1 or 0: off (vLLM's convention)
+  min_p: float = Field(0.0, ge=0, le=1)
+  n: int = Field(1, ge=1)
+  stop: str | list[str] | None = None
+  seed: int | None = Field(None, ge=0, lt=2**32)
+  stream: bool = False
+  stream_options: dict | None = None
+  ignore_eos: bool = False
+  # Accepted only at the values that change nothing.
+  presence_penalty: float = 0.0
+  frequency_penalty: float = 0.0
+  logprobs: Any = None
+  logit_bias: dict | None = None
+  best_of: int | None = None
+  echo: bool = False
+  suffix: str | None = None
+  tools: list | None = None
+
+
+class CompletionBody(_Sampling):
+  prompt: str | list[int] | list[str] | list[list[int]]
+
+
+class ChatMessage(BaseModel):
+  model_config = ConfigDict(extra="allow")
+
+  role: Literal["system", "user", "assistant", "developer", "tool"]
+  content: str | list[dict] | None = None
+
+
+class ChatBody(_Sampling):
+  messages: list[ChatMessage] = Field(min_length=1)
+  max_completion_tokens: int | None = None
+
+
+_UNSUPPORTED = {
+  "presence_penalty": 0.0,
+  "frequency_penalty": 0.0,
+  "logprobs": None,
+  "logit_bias": None,
+  "echo": False,
+  "suffix": None,
+  "tools": None,
+}
+
+
+# ---------------------------------------------------------------------- text out
+
+
+class TextStream:
+  """New text per token, with `stop` strings: a tail that could still become a stop string is held
+  back until it cannot; on a stop, the text before it is all that is returned."""
+
+  def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
+    self.decoder = StreamDecoder(tokenizer)
+    self.stop = [s for s in stop if s]
+    self.hold = max((len(s) for s in self.stop), default=1) - 1
+    self.text = ""  # decoded so far
+    self.sent = 0  # characters of it already returned
+    self.stopped = False
+
+  def push(self, token: int) -> str:
+    self.text += self.decoder.push(token)
+    for s in self.stop:
+      at = self.text.find(s, max(0, self.sent - len(s)))
+      if at >= 0:
+        self.stopped = True
+        self.text = self.text[:at]
+        return self.flush()
+    # Hold back the longest tail that a stop string could still start with.
+    tail = next((k for k in range(min(self.hold, len(self.text)), 0, -1) if self._could_stop(self.text[-k:])), 0)
+    upto = max(self.sent, len(self.text) - tail)
+    new, self.sent = self.text[self.sent : upto], upto
+    return new
+
+  def _could_stop(self, tail: str) -> bool:
+    return any(s.startswith(tail) for s in self.stop)
+
+  def flush(self) -> str:
+    new, self.sent = self.text[self.sent :], len(self.text)
+    return new
+
+  def finish(self) -> str:
+    """The rest of the text once the tokens end (an incomplete character decodes as U+FFFD)."""
+    if not self.stopped:
+      self.text = self.decoder.tokenizer.decode(self.decoder.ids)
+      for s in self.stop:
+        if (at := self.text.find(s, max(0, self.sent - len(s)))) >= 0:
+          self.stopped, self.text = True, self.text[:at]
+    return self.flush()
+
+
+@dataclasses.dataclass
+class _Choice:
+  index: int
+  request: Request
+  text: TextStream
+  finish_reason: str | None = None
+
+
+def _finish_reason(choice: _Choice) -> str:
+  if choice.text.stopped:
+    return "stop"
+  return choice.request.finish_reason or "stop"
+
+
+# ---------------------------------------------------------------------- metrics
+
+
+class _Metrics:
+  """Prometheus metrics on a registry of this app's own (no process-global state)."""
+
+  LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+  def __init__(self, engine: Engine):
+    self.registry = prometheus_client.CollectorRegistry()
+    r = self.registry
+    running = prometheus_client.Gauge("jaxeff_requests_running", "Requests in a decode slot", registry=r)
+    running.set_function(lambda: engine.num_running)
+    waiting = prometheus_client.Gauge("jaxeff_requests_waiting", "Requests waiting for a slot", registry=r)
+    waiting.set_function(lambda: engine.num_waiting)
+    self.ttft = prometheus_client.Histogram(
+      "jaxeff_time_to_first_token_seconds", "Submit to first token", buckets=self.LATENCY_BUCKETS, registry=r
+    )
+    self.itl = prometheus_client.Histogram(
+      "jaxeff_inter_token_latency_seconds", "Between consecutive tokens", buckets=self.LATENCY_BUCKETS, registry=r
+    )
+    r.register(_EngineCounters(engine))
+
+  def observe(self, request: Request) -> None:
+    times = request.token_times
+    if times:
+      self.ttft.observe(times[0] - request.submitted_at)
+    for a, b in zip(times, times[1:]):
+      self.itl.observe(b - a)
+
+
+class _EngineCounters:
+  def __init__(self, engine: Engine):
+    self.engine = engine
+
+  def collect(self):
+    from prometheus_client.core import CounterMetricFamily
+
+    totals = self.engine.totals
+    yield CounterMetricFamily("jaxeff_generated_tokens", "New tokens generated", value=totals.generated_tokens)
+    yield CounterMetricFamily("jaxeff_prompt_tokens", "Prompt tokens prefilled", value=totals.prompt_tokens)
+    finished = CounterMetricFamily("jaxeff_requests_finished", "Requests ended, by reason", labels=["reason"])
+    for reason, count in sorted(totals.requests_finished.items()):
+      finished.add_metric([reason], count)
+    yield finished
+
+
+# ---------------------------------------------------------------------- the app
+
+
+class _Guard:
+  """ASGI middleware: API key (401) and body size (413) before anything is parsed."""
+
+  def __init__(self, app, settings: ServerSettings):
+    self.app, self.settings = app, settings
+
+  async def __call__(self, scope, receive, send):
+    if scope["type"] != "http":
+      return await self.app(scope, receive, send)
+    if self.settings.api_key is not None and scope["path"] != "/health":
+      auth = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+      if not hmac.compare_digest(auth.encode(), f"Bearer {self.settings.api_key}".encode()):
+        error = APIError(401, "missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key")
+        return await _error_response(error)(scope, receive, send)
+    limit = self.settings.max_body_bytes
+    too_big = APIError(413, f"request body over {limit} bytes", code="request_too_large")
+    length = dict(scope["headers"]).get(b"content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+      return await _error_response(too_big)(scope, receive, send)
+    if scope["method"] not in ("POST", "PUT", "PATCH"):
+      return await self.app(scope, receive, send)
+    # Read the body here (up to the limit), then hand it on: a chunked upload is bounded too.
+    body, more = b"", True
+    while more:
+      message = await receive()
+      if message["type"] == "http.disconnect":
+        return
+      body += message.get("body", b"")
+      more = message.get("more_body", False)
+      if len(body) > limit:
+        return await _error_response(too_big)(scope, receive, send)
+    replayed = False
+
+    async def replay():
+      nonlocal replayed
+      if not replayed:
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+      return await receive()
+
+    return await self.app(scope, replay, send)
+
+
+def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSettings | None = None) -> fastapi.FastAPI:
+  """The ASGI app serving `engine`; `tokenizer` turns text into ids and back (and has the chat
+  template). The app's lifespan starts the engine and, at shutdown, stops it: running requests get
+  until the server's graceful-shutdown deadline, then are cancelled."""
+  settings = settings or ServerSettings()
+  metrics = _Metrics(engine)
+  created = int(time.time())
+
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    engine.start()
+    yield
+    await asyncio.to_thread(engine.stop, 0.0)
+
+  app = fastapi.FastAPI(title="jaxeff", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+  app.state.engine, app.state.metrics = engine, metrics
+  app.add_middleware(_Guard, settings=settings)
+
+  @app.exception_handler(APIError)
+  async def api_error(request, error: APIError):
+    return _error_response(error)
+
+  @app.exception_handler(RequestValidationError)
+  async def bad_body(request, error: RequestValidationError):
+    first = error.errors()[0]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    if first.get("type") == "json_invalid":
+      return _error_response(APIError(400, "the request body is not valid JSON", code="invalid_json"))
+    param = ".".join(loc) or None
+    where = f"{param}: " if param else ""
+    return _error_response(APIError(400, f"{where}{first.get('msg', 'invalid value')}", param=param))
+
+  @app.exception_handler(Exception)
+  async def internal(request, error: Exception):
+    log.exception("unexpected error")
+    return _error_response(APIError(500, f"internal error: {type(error).__name__}: {error}", code="internal_error"))
+
+  @app.exception_handler(404)
+  async def not_found(request, error):
+    return _error_response(APIError(404, f"no such endpoint: {request.method} {request.url.path}"))
+
+  @app.exception_handler(405)
+  async def wrong_method(request, error):
+    return _error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}"))
+
+  @app.get("/health")
+  async def health():
+    return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
+
+  @app.get("/metrics")
+  async def metrics_text():
+    return responses.Response(
+      prometheus_client.generate_latest(metrics.registry), media_type=prometheus_client.CONTENT_TYPE_LATEST
+    )
+
+  @app.get("/v1/models")
+  async def models():
+    model = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "jaxeff"}
+    return {"object": "list", "data": [model]}
+
+  @app.post("/v1/completions")
+  async def completions(body: CompletionBody, http: fastapi.Request):
+    prompts = body.prompt
+    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+      prompts = [prompts]
+    if not prompts:
+      raise APIError(400, "prompt is empty", param="prompt")
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    return await _respond(body, ids, http, chat=False)
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(body: ChatBody, http: fastapi.Request):
+    if body.max_completion_tokens is not None and body.max_tokens is None:
+      body.max_tokens = body.max_completion_tokens
+    messages = []
+    for i, m in enumerate(body.messages):
+      content = m.content
+      if isinstance(content, list):  # content parts: text only
+        if any(part.get("type") != "text" for part in content):
+          raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
+        content = "".join(str(part.get("text", "")) for part in content)
+      messages.append({"role": m.role, "content": content or ""})
+    try:
+      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    except HFError as e:
+      raise APIError(400, str(e), param="messages") from e
+    # The template writes the special tokens itself (BOS included).
+    return await _respond(body, [tokenizer.encode(text, add_special_tokens=False)], http, chat=True)
+
+  def _check(body: _Sampling, ids: list[list[int]], chat: bool) -> int:
+    """Validates what pydantic cannot; the max_tokens to use."""
+    if body.model != settings.model_name:
+      raise APIError(
+        404,
+        f"model {body.model!r} does not exist; this server serves {settings.model_name!r}",
+        param="model",
+        code="model_not_found",
+      )
+    for name, neutral in _UNSUPPORTED.items():
+      if getattr(body, name) not in (neutral, {}, []) and not (name == "logprobs" and getattr(body, name) is False):
+        raise APIError(400, f"{name} is not supported by this server", param=name)
+    if body.best_of not in (None, 1, body.n):
+      raise APIError(400, "best_of is not supported by this server", param="best_of")
+    if body.n > settings.max_n:
+      raise APIError(400, f"n={body.n} is over this server's limit of {settings.max_n}", param="n")
+    if len(ids) * body.n > max(settings.max_n, engine.max_waiting):
+      raise APIError(400, f"{len(ids)} prompts x n={body.n} is more than this server takes at once", param="prompt")
+    longest = max(len(p) for p in ids)
+    if any(len(p) == 0 for p in ids):
+      raise APIError(400, "the prompt encodes to no tokens", param="prompt")
+    vocab = engine.cfg.vocab_size
+    if any(min(p) < 0 or max(p) >= vocab for p in ids):
+      raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
+    room = engine.max_seq_len - longest
+    cap = room if settings.max_tokens is None else min(room, settings.max_tokens)
+    if room < 1:
+      raise APIError(
+        400,
+        f"the prompt has {longest} tokens; this server's context is {engine.max_seq_len} tokens, prompt and "
+        "completion together",
+        param="messages" if chat else "prompt",
+        code="context_length_exceeded",
+      )
+    max_tokens = body.max_tokens
+    if max_tokens is None:
+      return cap if chat else min(cap, settings.default_completion_tokens)
+    if max_tokens < 1:
+      raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
+    if settings.max_tokens is not None and max_tokens > settings.max_tokens:
+      raise APIError(
+        400, f"max_tokens={max_tokens} is over this server's limit of {settings.max_tokens}", param="max_tokens"
+      )
+    if max_tokens > room:
+      raise APIError(
+        400,
+        f"the prompt has {longest} tokens and max_tokens is {max_tokens}: {longest + max_tokens} is more than "
+        f"this server's context of {engine.max_seq_len} tokens",
+        param="max_tokens",
+        code="context_length_exceeded",
+      )
+    return max_tokens
+
+  def _submit(body: _Sampling, ids: list[list[int]], max_tokens: int) -> list[_Choice]:
+    stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stops) > 4:
+      raise APIError(400, f"at most 4 stop strings, got {len(stops)}", param="stop")
+    choices: list[_Choice] = []
+    try:
+      for p in ids:
+        for j in range(body.n):
+          seed = None if body.seed is None else (body.seed + j) % 2**32
+          request = engine.submit(
+            p,
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+            top_p=body.top_p if body.top_p < 1 else None,
+            min_p=body.min_p if body.min_p > 0 else None,
+            seed=seed,
+            stop_tokens=() if body.ignore_eos else tokenizer.stop_tokens,
+          )
+          choices.append(_Choice(len(choices), request, TextStream(tokenizer, stops)))
+    except (QueueFullError, EngineStoppedError, GenerationError) as e:
+      for c in choices:
+        c.request.cancel()
+      if isinstance(e, QueueFullError):
+        raise APIError(429, f"server busy: {e}", code="rate_limit_exceeded", kind="rate_limit_error") from e
+      if isinstance(e, EngineStoppedError):
+        raise APIError(503, "the server is shutting down", code="unavailable", kind="server_error") from e
+      raise APIError(400, str(e)) from e
+    return choices
+
+  def _usage(choices: list[_Choice], ids: list[list[int]]) -> dict:
+    prompt = sum(len(p) for p in ids)
+    completion = sum(len(c.request.tokens) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+  async def _respond(body: _Sampling, ids: list[list[int]], http: fastapi.Request, chat: bool):
+    max_tokens = _check(body, ids, chat)
+    choices = _submit(body, ids, max_tokens)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    kind = "chat.completion" if chat else "text_completion"
+    if body.stream:
+      include_usage = bool((body.stream_options or {}).get("include_usage"))
+      return responses.StreamingResponse(
+        _stream(choices, ids, rid, kind, chat, include_usage),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+      )
+    try:
+      await _collect(choices, http)
+    except asyncio.CancelledError:
+      for c in choices:
+        c.request.cancel()
+      raise
+    out = []
+    for c in choices:
+      c.text.finish()
+      text = c.text.text
+      item = {"index": c.index, "finish_reason": _finish_reason(c)}
+      item |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+      out.append(item)
+    return {
+      "id": rid,
+      "object": kind,
+      "created": int(time.time()),
+      "model": settings.model_name,
+      "choices": out,
+      "usage": _usage(choices, ids),
+    }
+
+  async def _run_choice(choice: _Choice, on_text=None) -> None:
+    """Feeds the choice's tokens through its text stream until it ends (or hits a stop string)."""
+    try:
+      async for token in choice.request:
+        piece = choice.text.push(token)
+        if on_text is not None and piece:
+          await on_text(choice, piece)
+        if choice.text.stopped:
+          choice.request.cancel()
+          break
+    except Exception as e:  # this request failed (in the engine or here); the others go on
+      log.warning("request %d failed: %s", choice.request.id, e)
+      raise APIError(500, f"generation failed: {e}", code="internal_error") from e
+    finally:
+      metrics.observe(choice.request)
+
+  async def _collect(choices: list[_Choice], http: fastapi.Request) -> None:
+    work = asyncio.gather(*(_run_choice(c) for c in choices))
+    watch = asyncio.ensure_future(_watch_disconnect(http))
+    try:
+      done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+      if work not in done:  # the client went away
+        for c in choices:
+          c.request.cancel()
+        work.cancel()
+        raise APIError(499, "client disconnected")
+      work.result()
+    finally:
+      watch.cancel()
+      for c in choices:
+        c.request.cancel()  # no-op for ended ones; frees the others if one failed
+
+  async def _watch_disconnect(http: fastapi.Request) -> None:
+    while not await http.is_disconnected():
+      await asyncio.sleep(0.05)
+
+  async def _stream(choices, ids, rid, kind, chat, include_usage):
+    created_at = int(time.time())
+    events: asyncio.Queue = asyncio.Queue()
+
+    def chunk(choice_list, usage=None):
+      data = {
+        "id": rid,
+        "object": f"{kind}.chunk",
+        "created": created_at,
+        "model": settings.model_name,
+        "choices": choice_list,
+      }
+      if usage is not None:
+        data["usage"] = usage
+      return f"data: {json.dumps(data)}\n\n"
+
+    def delta(choice, text, finish=None):
+      if chat:
+        return {"index": choice.index, "delta": {"content": text} if text else {}, "finish_reason": finish}
+      return {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish}
+
+    async def on_text(choice, piece):
+      await events.put(chunk([delta(choice, piece)]))
+
+    async def run(choice):
+      try:
+        await _run_choice(choice, on_text)
+      except APIError as e:
+        await events.put(f"data: {json.dumps(e.body())}\n\n")
+        return
+      rest = choice.text.finish()
+      usage = _usage([choice], [ids[choice.index // max(1, len(choices) // len(ids))]])
+      await events.put(chunk([delta(choice, rest, _finish_reason(choice))], usage))
+
+    try:
+      if chat:
+        yield chunk(
+          [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for c in choices]
+        )
+      tasks = [asyncio.ensure_future(run(c)) for c in choices]
+      finished = asyncio.ensure_future(asyncio.gather(*tasks))
+      finished.add_done_callback(lambda _: events.put_nowait(None))
+      while (event := await events.get()) is not None:
+        yield event
+      while not events.empty():
+        yield events.get_nowait()
+      if include_usage:
+        yield chunk([], _usage(choices, ids))
+      yield "data: [DONE]\n\n"
+    finally:  # also when the client disconnects and the response is cancelled
+      for c in choices:
+        c.request.cancel()
+      for t in locals().get("tasks", []):
+        t.cancel()
+
+  return app

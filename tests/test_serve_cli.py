@@ -1,0 +1,105 @@
+"""`python -m jaxeff.serve` as a user runs it: a tiny GGUF served as stored, its chat template,
+the API key, and SIGTERM (stop taking connections, finish or cancel, exit 0); bad usage."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import gguf
+import openai
+import pytest
+import tiny_gguf
+
+from jaxeff import hf
+from jaxeff.generate import Generator
+from jaxeff.generate.tokenizer import load_tokenizer
+from jaxeff.serve.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("serve") / "tiny-chat.gguf"
+  model = tiny_gguf.hf_tiny("llama")
+  return tiny_gguf.write_gguf(
+    path, model, "llama", quant=gguf.GGMLQuantizationType.Q8_0, chat_template=tiny_gguf.CHAT_TEMPLATE
+  )
+
+
+def test_serves_a_gguf_and_stops_cleanly_on_sigterm(gguf_file, tmp_path):
+  env = {**os.environ, "JAXEFF_CACHE_DIR": str(tmp_path / "cache"), "JAXEFF_API_KEY": "k"}
+  cmd = [
+    sys.executable,
+    "-m",
+    "jaxeff.serve",
+    "--hf",
+    str(gguf_file),
+    "--quant",
+    "gguf",
+    "--port",
+    "0",
+    "--max-batch",
+    "2",
+    "--max-seq-len",
+    "128",
+    "--prefill-chunk",
+    "32",
+    "--shutdown-timeout",
+    "20",
+  ]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  try:
+    line = proc.stdout.readline()
+    match = re.match(r"serving tiny-chat.gguf on (http://127\.0\.0\.1:\d+/v1) .*API key required", line)
+    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    url = match.group(1)
+    client = openai.OpenAI(base_url=url, api_key="k", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+      openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+
+    # The answer is the stored-blocks model's greedy continuation of the chat template's text.
+    messages = [{"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(model="tiny-chat.gguf", messages=messages, max_tokens=8, temperature=0)
+    model, _ = hf.load(gguf_file, quantized=True)
+    tok = load_tokenizer(gguf_file)
+    ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    expected = Generator(model, max_batch=1, max_seq_len=64).generate(
+      [ids], max_new_tokens=8, stop_tokens=tok.stop_tokens
+    )[0]
+    assert r.choices[0].message.content == tok.decode(expected)
+
+    # SIGTERM while a stream runs: the stream still ends properly ([DONE]) and the process exits 0.
+    chunks, done = [], threading.Event()
+
+    def stream():
+      s = client.completions.create(
+        model="tiny-chat.gguf", prompt="a", max_tokens=100, stream=True, extra_body={"ignore_eos": True}
+      )
+      for c in s:
+        chunks.append(c)
+        done.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    assert done.wait(60)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0, proc.stderr.read()
+    thread.join(60)
+    assert chunks[-1].choices[0].finish_reason == "length" and chunks[-1].usage.completion_tokens == 100
+    with pytest.raises(openai.APIConnectionError):
+      client.models.list()
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+
+
+def test_bad_usage_is_one_error_line(tmp_path, capsys):
+  assert main(["--port", "1"]) == 2
+  assert main(["--hf", str(tmp_path / "missing.gguf"), "--no-warmup"]) == 2
+  assert main(["--hf", "x.gguf", "--max-batch", "0"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+  assert "one of the arguments --checkpoint --hf is required" in err[0]
+  assert "no such file or directory" in err[1] and "--max-batch must be >= 1" in err[2]
