@@ -8,6 +8,7 @@ import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from serving import EOS, byte_tokenizer, tiny_model
@@ -15,7 +16,8 @@ from serving import EOS, byte_tokenizer, tiny_model
 import jaxeff
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
-from jaxeff.generate import Generator
+from jaxeff.generate import Generator, SamplingParams
+from jaxeff.generate.sampling import sample, sample_rows
 from jaxeff.serve import Engine, QueueFullError
 
 MAX_LEN = 160
@@ -29,6 +31,8 @@ def model():
 @pytest.fixture(scope="module")
 def engine(model):
   with Engine(model, byte_tokenizer(), max_batch=3, max_seq_len=MAX_LEN, prefill_chunk=32, max_waiting=32) as e:
+    # Every bucket: rows {1, 2, 3} x spans {128, 160} decode, chunks {16, 32} x spans prefill.
+    assert e.warm_up() == 10 and len(e.traces) == 10
     yield e
 
 
@@ -83,11 +87,39 @@ def test_concurrent_requests_get_exactly_what_they_get_alone(engine, reference):
     t.join()
   assert results == [e[0] for e in expected]
   # 10 requests through 3 slots, five sampling mixes, prompts of 1-90 tokens (chunks of 32 and
-  # padded 16/32 tails): each program compiled once, one per shape bucket, none per request mix.
+  # padded 16/32 tails): each program compiled once, one per shape bucket (all by the warm-up),
+  # none per request mix.
   assert_compiled_once_per_bucket(engine)
+  assert len(engine.traces) == 10
   # A seeded sampled request repeats.
   again = engine.submit(prompts[1], max_tokens=max_tokens[1], stop_tokens=(), **{"seed": 0, **settings[1]})
   assert again.result(timeout=60) == results[1]
+
+
+def test_per_row_sampling_equals_sample_row_by_row():
+  rng = np.random.default_rng(0)
+  logits = jnp.asarray(rng.normal(size=(len(SETTINGS), 50)) * 3, jnp.float32)
+  keys = jax.random.split(jax.random.key(1), len(SETTINGS))
+  params = [SamplingParams(s.get("temperature", 0.0), s.get("top_k"), s.get("top_p"), s.get("min_p")) for s in SETTINGS]
+  rows = sample_rows(
+    logits,
+    keys,
+    jnp.array([p.temperature for p in params], jnp.float32),
+    jnp.array([p.top_k or 0 for p in params], jnp.int32),
+    jnp.array([p.top_p or 1.0 for p in params], jnp.float32),
+    jnp.array([p.min_p or 0.0 for p in params], jnp.float32),
+  )
+  for i, p in enumerate(params):
+    for trial in range(6):  # several keys: the same draw, not just the same support
+      key = jax.random.fold_in(keys[i], trial)
+      want = sample(logits[i : i + 1], key[None], p.static, p.values())
+      got = sample_rows(
+        logits[i : i + 1],
+        key[None],
+        *(jnp.array([v]) for v in (p.temperature, p.top_k or 0, p.top_p or 1.0, p.min_p or 0.0)),
+      )
+      assert int(got[0]) == int(want[0]), (p, trial)
+    assert int(rows[i]) == int(sample(logits[i : i + 1], keys[i][None], p.static, p.values())[0])
 
 
 def test_stop_token_ends_a_request_and_frees_its_slot(engine, reference):
