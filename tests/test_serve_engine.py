@@ -31,8 +31,8 @@ def model():
 @pytest.fixture(scope="module")
 def engine(model):
   with Engine(model, byte_tokenizer(), max_batch=3, max_seq_len=MAX_LEN, prefill_chunk=32, max_waiting=32) as e:
-    # Every bucket: rows {1, 2, 3} x spans {128, 160} decode, chunks {16, 32} x spans prefill.
-    assert e.warm_up() == 10 and len(e.traces) == 10
+    # Every bucket: rows {1, 2, 3} x spans {128, 160} decode; prefill 16 and 32 at span 128, 32 at 160.
+    assert e.warm_up() == 9 and len(e.traces) == 9
     yield e
 
 
@@ -90,7 +90,7 @@ def test_concurrent_requests_get_exactly_what_they_get_alone(engine, reference):
   # padded 16/32 tails): each program compiled once, one per shape bucket (all by the warm-up),
   # none per request mix.
   assert_compiled_once_per_bucket(engine)
-  assert len(engine.traces) == 10
+  assert len(engine.traces) == 9
   # A seeded sampled request repeats.
   again = engine.submit(prompts[1], max_tokens=max_tokens[1], stop_tokens=(), **{"seed": 0, **settings[1]})
   assert again.result(timeout=60) == results[1]

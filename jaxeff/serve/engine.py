@@ -14,11 +14,11 @@
 The JetStream pattern (see ../shared/notes/inference.md, "Serving"): the cache has `max_batch` rows,
 one per decode slot. A background thread runs the schedule:
 - Admit: waiting requests (a bounded queue, `QueueFullError` beyond `max_waiting`) take free slots.
-- Prefill: one chunk of one prompt per iteration (`prefill_chunk` tokens; a shorter rest is padded to
-  a power of two), written straight into the slot's row of the cache. Chunks alternate with decode
-  steps (Sarathi-Serve's chunked prefill), so a long prompt delays running requests by at most one
-  chunk per token, and the first token of a new request waits for at most its own chunks plus one
-  decode step per chunk.
+- Prefill: one chunk of one prompt per iteration (`prefill_chunk` tokens; a short prompt is padded
+  to a power of two, the tail of a long one to a whole chunk), written straight into the slot's row
+  of the cache. Chunks alternate with decode steps (Sarathi-Serve's chunked prefill), so a long
+  prompt delays running requests by at most one chunk per token, and the first token of a new
+  request waits for at most its own chunks plus one decode step per chunk.
 - Decode: one step for the slots up to the highest live one (slots are taken lowest first), over
   the cache positions they have reached: both rounded up to powers of two, so a step costs what the
   live requests need and there is one compiled program per (rows, span) bucket (`warm_up` compiles
@@ -438,9 +438,10 @@ class Engine:
 
   def warm_up(self, progress=None) -> int:
     """Compiles every program traffic can need, before serving it: the decode step for every rows x
-    attention-span bucket and the prefill step for every chunk size x span (so no request waits for
-    a compile). Call it while no request is in the engine; `progress(done, total)` is called after
-    each. Returns the number of programs compiled."""
+    attention-span bucket, the first prefill chunk of every padded size, and a whole chunk at every
+    span (later chunks), so no request waits for a compile. (Only the exact pieces of a prompt
+    that fills the cache to its last chunk compile on first use.) Call it while no request is in
+    the engine; `progress(done, total)` is called after each. Returns the number of programs."""
     if self.num_running or self.num_waiting:
       raise GenerationError("warm_up needs an idle engine (no requests submitted yet)")
     rows = sorted({self.rows_bucket(1 << k) for k in range(self.max_batch.bit_length() + 1)})
@@ -450,7 +451,8 @@ class Engine:
       sizes.append(size)
       size *= 2
     sizes.append(self.prefill_chunk)
-    prefills = {(c, s) for c in sizes for s in spans if c <= s and s >= self.kv_bucket(c)}
+    prefills = {(c, self.kv_bucket(c)) for c in sizes if c <= self.max_seq_len}
+    prefills |= {(self.prefill_chunk, s) for s in spans if s >= self.kv_bucket(self.prefill_chunk)}
     jobs = [("decode", r, s) for r in rows for s in spans] + [("prefill", c, s) for c, s in sorted(prefills)]
     settings = (np.float32(0), np.int32(0), np.float32(1), np.float32(0))
     for done, (kind, size, span) in enumerate(jobs, 1):
@@ -592,7 +594,11 @@ class Engine:
     rest = slot.request.prompt.size - slot.prefilled
     if rest >= self.prefill_chunk:
       return self.prefill_chunk, self.prefill_chunk
+    # A short prompt is padded to a power of two; the tail of a long one to a whole chunk (one
+    # program per attention span instead of one per span and tail size).
     size = min(self.prefill_chunk, max(self.min_prefill_bucket, _pow2_at_least(rest)))
+    if slot.prefilled:
+      size = self.prefill_chunk
     if slot.prefilled + size > self.max_seq_len:  # padding would run off the cache: exact pieces
       size = 1 << (rest.bit_length() - 1)
       return size, size
