@@ -7,14 +7,16 @@ import asyncio
 import threading
 import time
 
+import gguf
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tiny_gguf
 from serving import EOS, byte_tokenizer, tiny_model
 
 import jaxeff
-from jaxeff import sharding
+from jaxeff import hf, sharding
 from jaxeff.errors import GenerationError
 from jaxeff.generate import Generator, SamplingParams
 from jaxeff.generate.sampling import sample, sample_rows
@@ -236,14 +238,7 @@ def test_quantized_bf16_and_gguf_as_stored_models(model, tmp_path, monkeypatch):
   int8 = jaxeff.quantize(model, bits=8)
   bf16 = tiny_model(dtype="bfloat16", param_dtype="bfloat16")
   models = {"int8": int8, "bf16": bf16}
-  pytest.importorskip("gguf")
-  import tiny_gguf
-
-  from jaxeff import hf
-
   monkeypatch.setenv("JAXEFF_CACHE_DIR", str(tmp_path / "cache"))
-  import gguf
-
   path = tiny_gguf.write_gguf(
     tmp_path / "q8.gguf", tiny_gguf.hf_tiny("llama"), "llama", quant=gguf.GGMLQuantizationType.Q8_0
   )

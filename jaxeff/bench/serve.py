@@ -129,8 +129,8 @@ async def drive(url: str, model: str, requests: list[dict], clients: int, extra:
 class _Server:
   """A server process on 127.0.0.1, stopped (SIGTERM, then kill) on exit."""
 
-  def __init__(self, cmd: list[str], url: str | None, env=None, log_path=None):
-    self.cmd, self.url, self.env, self.log_path = cmd, url, env, log_path
+  def __init__(self, cmd: list[str], env=None, log_path=None):
+    self.cmd, self.env, self.log_path, self.url = cmd, env, log_path, None
 
   def __enter__(self):
     self.log = open(self.log_path, "w") if self.log_path else subprocess.DEVNULL
@@ -278,7 +278,7 @@ def main(argv=None) -> int:
   cmd += ["--max-batch", str(args.max_batch), "--max-seq-len", str(max_len), "--prefill-chunk", str(args.prefill_chunk)]
   cmd += args.jaxeff_args.split()
   print(f"jaxeff: {' '.join(cmd[1:])}", flush=True)
-  with _Server(cmd, None, env, tmp / "jaxeff.log") as server:
+  with _Server(cmd, env, tmp / "jaxeff.log") as server:
     server.wait_ready(f"http://127.0.0.1:{port}/v1")
     rows += _run_levels(server.url, "m", levels, requests_for, {"ignore_eos": True}, "jaxeff serve")
   if not args.no_llama_cpp:
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
     server_args += ["--interrupt_requests", "False"]  # its default cuts a running stream off for a new one
     cmd = [sys.executable, "-c", launch, *server_args]
     print(f"llama.cpp: python -m llama_cpp.server {' '.join(server_args)} (no extra buffer types)", flush=True)
-    with _Server(cmd, None, env, tmp / "llama_cpp.log") as server:
+    with _Server(cmd, env, tmp / "llama_cpp.log") as server:
       server.wait_ready(f"http://127.0.0.1:{port}/v1")
       bias = {"logit_bias": {str(t): -100 for t in eos}}
       rows += _run_levels(server.url, "m", levels, requests_for, bias, "llama.cpp server")

@@ -132,14 +132,15 @@ class ChatBody(_Sampling):
   max_completion_tokens: int | None = None
 
 
+# Fields accepted only at the values that change nothing.
 _UNSUPPORTED = {
-  "presence_penalty": 0.0,
-  "frequency_penalty": 0.0,
-  "logprobs": None,
-  "logit_bias": None,
-  "echo": False,
-  "suffix": None,
-  "tools": None,
+  "presence_penalty": (0.0,),
+  "frequency_penalty": (0.0,),
+  "logprobs": (None, False),
+  "logit_bias": (None, {}),
+  "echo": (False,),
+  "suffix": (None, ""),
+  "tools": (None, []),
 }
 
 
@@ -395,7 +396,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         code="model_not_found",
       )
     for name, neutral in _UNSUPPORTED.items():
-      if getattr(body, name) not in (neutral, {}, []) and not (name == "logprobs" and getattr(body, name) is False):
+      if getattr(body, name) not in neutral:
         raise APIError(400, f"{name} is not supported by this server", param=name)
     if body.best_of not in (None, 1, body.n):
       raise APIError(400, "best_of is not supported by this server", param="best_of")
@@ -468,8 +469,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
       raise APIError(400, str(e)) from e
     return choices
 
-  def _usage(choices: list[_Choice], ids: list[list[int]]) -> dict:
-    prompt = sum(len(p) for p in ids)
+  def _usage(choices: list[_Choice], prompt: int) -> dict:
     completion = sum(len(c.request.tokens) for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -504,7 +504,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
       "created": int(time.time()),
       "model": settings.model_name,
       "choices": out,
-      "usage": _usage(choices, ids),
+      "usage": _usage(choices, sum(len(p) for p in ids)),
     }
 
   async def _run_choice(choice: _Choice, on_text=None) -> None:
@@ -546,6 +546,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
   async def _stream(choices, ids, rid, kind, chat, include_usage):
     created_at = int(time.time())
     events: asyncio.Queue = asyncio.Queue()
+    tasks: list[asyncio.Future] = []
 
     def chunk(choice_list, usage=None):
       data = {
@@ -574,7 +575,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         await events.put(f"data: {json.dumps(e.body())}\n\n")
         return
       rest = choice.text.finish()
-      usage = _usage([choice], [ids[choice.index // max(1, len(choices) // len(ids))]])
+      usage = _usage([choice], choice.request.prompt.size)
       await events.put(chunk([delta(choice, rest, _finish_reason(choice))], usage))
 
     try:
@@ -582,20 +583,18 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         yield chunk(
           [{"index": c.index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for c in choices]
         )
-      tasks = [asyncio.ensure_future(run(c)) for c in choices]
-      finished = asyncio.ensure_future(asyncio.gather(*tasks))
-      finished.add_done_callback(lambda _: events.put_nowait(None))
+      tasks += [asyncio.ensure_future(run(c)) for c in choices]
+      # Every choice's events are queued before its task ends, so None comes last.
+      asyncio.gather(*tasks).add_done_callback(lambda _: events.put_nowait(None))
       while (event := await events.get()) is not None:
         yield event
-      while not events.empty():
-        yield events.get_nowait()
       if include_usage:
-        yield chunk([], _usage(choices, ids))
+        yield chunk([], _usage(choices, sum(len(p) for p in ids)))
       yield "data: [DONE]\n\n"
     finally:  # also when the client disconnects and the response is cancelled
       for c in choices:
         c.request.cancel()
-      for t in locals().get("tasks", []):
+      for t in tasks:
         t.cancel()
 
   return app

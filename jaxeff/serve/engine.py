@@ -24,8 +24,8 @@ one per decode slot. A background thread runs the schedule:
   live requests need and there is one compiled program per (rows, span) bucket (`warm_up` compiles
   them before traffic). A step runs on that window of the cache and writes back only its live rows,
   so free and still-prefilling rows in it compute but change nothing. Every per-row setting
-  (temperature, top-k, top-p, min-p, seed, stop ids, remaining tokens) is an array in the step, so
-  no mix of requests recompiles (`traces` counts compilations).
+  (temperature, top-k, top-p, min-p, seed, stop ids) is an array in the step, so no mix of
+  requests recompiles (`traces` counts compilations).
 - Finish: a row that samples a stop id or reaches its `max_tokens` frees its slot at once; a
   cancelled request (`Request.cancel()`, e.g. its client went away) frees it before the next step.
 
@@ -55,14 +55,13 @@ from flax import nnx
 
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
-from jaxeff.generate.sampling import sample_rows
+from jaxeff.generate.sampling import SamplingParams, sample_rows
 from jaxeff.models.attention import index_positions
 from jaxeff.models.kv_cache import KVCache, init_cache
 
 log = logging.getLogger(__name__)
 
 MAX_STOP_TOKENS = 16  # stop ids per row travel as a fixed-size array
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 class QueueFullError(GenerationError):
@@ -114,10 +113,6 @@ class Request:
     except RuntimeError:  # no event loop in this thread: a plain queue
       self._loop = None
       self._events = queue.SimpleQueue()
-
-  @property
-  def num_prompt_tokens(self) -> int:
-    return int(self.prompt.size)
 
   @property
   def done(self) -> bool:
@@ -229,6 +224,24 @@ def _put_window(cache: KVCache, window: KVCache, row: jax.Array | int) -> KVCach
   return jax.tree.map(put, cache, window)
 
 
+def _row_arrays(rows: int, params: dict[int, RequestParams]):
+  """Per-row step arguments for `rows` rows, row i with `params[i]` (others: greedy, no stops):
+  (seeds [rows], (temperature, top_k, top_p, min_p) [rows] each, stop ids [rows, MAX_STOP_TOKENS])."""
+  seeds = np.zeros(rows, np.uint32)
+  temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
+  top_p, min_p = np.ones(rows, np.float32), np.zeros(rows, np.float32)
+  stops = np.full((rows, MAX_STOP_TOKENS), -1, np.int32)
+  for i, p in params.items():
+    seeds[i], temperature[i], top_k[i], top_p[i], min_p[i] = p.seed, p.temperature, p.top_k, p.top_p, p.min_p
+    stops[i, : len(p.stop_tokens)] = p.stop_tokens
+  return seeds, (temperature, top_k, top_p, min_p), stops
+
+
+def _is_stop(tokens: jax.Array, stops: jax.Array) -> jax.Array:
+  """tokens [n] against each row's stop ids [n, MAX_STOP_TOKENS] (-1 pads): bool [n]."""
+  return jnp.any(tokens[:, None] == stops, axis=-1)
+
+
 def _pow2_at_least(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
@@ -305,10 +318,11 @@ class Engine:
   def _mesh(self):
     return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
-  def _prefill_fn(self, state, cache, tokens, slot, start, last, seed, settings, *, kv_len):
+  def _prefill_fn(self, state, cache, tokens, slot, start, last, seeds, settings, stops, *, kv_len):
     """One chunk `tokens` [1, C] of the prompt in `slot`, at positions start..start+C-1 (all below
     the static `kv_len`): writes their keys/values into the slot's cache row; samples the token
-    after chunk index `last`."""
+    after chunk index `last` -> (token [1], whether it is a stop id [1], cache). Per-row
+    arguments as `_row_arrays` makes them, for one row."""
     self.traces["prefill", tokens.shape[1], kv_len] += 1
     model = nnx.merge(self._graphdef, state)
     window = _window(cache, slot, 1, kv_len)  # the slot's row, positions 0..kv_len-1
@@ -316,14 +330,14 @@ class Engine:
     x, window = model.forward_with_cache(tokens, positions, window)
     cache = _put_window(cache, window, slot)
     logits = model.logits(jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False))
-    key = jax.random.fold_in(jax.random.key(seed), start + last + 1)  # the position being sampled
-    token = sample_rows(logits, key[None], *(s[None] for s in settings))
-    return token[0], cache
+    key = jax.random.fold_in(jax.random.key(seeds[0]), start + last + 1)  # the position being sampled
+    token = sample_rows(logits, key[None], *settings)
+    return token, _is_stop(token, stops), cache
 
-  def _decode_fn(self, state, cache, tokens, positions, live, seeds, settings, stops, remaining, *, kv_len):
+  def _decode_fn(self, state, cache, tokens, positions, live, seeds, settings, stops, *, kv_len):
     """One token for each of the cache's first n rows (n = len(tokens)) at its own position, all
-    live ones below the static `kv_len` -> (next tokens [n], finished [n], cache). Rows that are
-    not `live` compute too, but their cache rows are left as they were."""
+    live ones below the static `kv_len` -> (next tokens [n], which are stop ids [n], cache). Rows
+    that are not `live` compute too, but their cache rows are left as they were."""
     self.traces["decode", tokens.shape[0], kv_len] += 1
     model = nnx.merge(self._graphdef, state)
     if tokens.shape[0] == self.max_batch and kv_len == self.max_seq_len:
@@ -340,8 +354,7 @@ class Engine:
       cache = _put_window(cache, new, 0)
     keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.key)(seeds), positions + 1)
     nxt = sample_rows(model.logits(x[:, 0]), keys, *settings)
-    finished = jnp.any(nxt[:, None] == stops, axis=-1) | (remaining <= 1)
-    return nxt, finished, cache
+    return nxt, _is_stop(nxt, stops), cache
 
   # ------------------------------------------------------------------ requests
 
@@ -386,14 +399,7 @@ class Engine:
         f"the prompt has {ids.size} tokens; with max_tokens={max_tokens} it needs {ids.size + max_tokens} "
         f"positions, more than this engine's max_seq_len={self.max_seq_len}"
       )
-    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
-      raise GenerationError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-      raise GenerationError(f"temperature must be >= 0, got {temperature!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-      raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-    if min_p is not None and not 0 <= min_p <= 1:
-      raise GenerationError(f"min_p must be in [0, 1], got {min_p}")
+    sampling = SamplingParams(temperature, top_k, top_p, min_p)  # validates them
     if seed is not None and not 0 <= seed < 2**32:
       raise GenerationError(f"seed must be in [0, 2**32), got {seed}")
     stops = tuple(self.tokenizer.stop_tokens if self.tokenizer else ()) if stop_tokens is None else tuple(stop_tokens)
@@ -401,10 +407,10 @@ class Engine:
       raise GenerationError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
     params = RequestParams(
       max_tokens=int(max_tokens),
-      temperature=float(temperature),
-      top_k=int(top_k or 0),
-      top_p=1.0 if top_p is None else float(top_p),
-      min_p=0.0 if min_p is None else float(min_p),
+      temperature=float(sampling.temperature),
+      top_k=int(sampling.top_k or 0),
+      top_p=1.0 if sampling.top_p is None else float(sampling.top_p),
+      min_p=0.0 if sampling.min_p is None else float(sampling.min_p),
       seed=int(self._seeds.integers(2**32)) if seed is None else int(seed),
       stop_tokens=tuple(int(s) for s in stops),
     )
@@ -454,25 +460,11 @@ class Engine:
     prefills = {(c, self.kv_bucket(c)) for c in sizes if c <= self.max_seq_len}
     prefills |= {(self.prefill_chunk, s) for s in spans if s >= self.kv_bucket(self.prefill_chunk)}
     jobs = [("decode", r, s) for r in rows for s in spans] + [("prefill", c, s) for c, s in sorted(prefills)]
-    settings = (np.float32(0), np.int32(0), np.float32(1), np.float32(0))
     for done, (kind, size, span) in enumerate(jobs, 1):
       with self._mesh():
         if kind == "decode":
-          row_settings = tuple(np.full(size, x) for x in settings)
-          stops = np.full((size, MAX_STOP_TOKENS), -1, np.int32)
           zeros, idle = np.zeros(size, np.int32), np.zeros(size, bool)  # idle rows: nothing written back
-          out = self._decode(
-            self._state,
-            self._cache,
-            zeros,
-            zeros,
-            idle,
-            zeros.astype(np.uint32),
-            row_settings,
-            stops,
-            zeros + 2,
-            kv_len=span,
-          )
+          out = self._decode(self._state, self._cache, zeros, zeros, idle, *_row_arrays(size, {}), kv_len=span)
         else:
           start = np.int32(max(0, min(span, self.max_seq_len) - size))
           tokens = np.zeros((1, size), np.int32)
@@ -483,8 +475,7 @@ class Engine:
             np.int32(0),
             start,
             np.int32(size - 1),
-            np.uint32(0),
-            settings,
+            *_row_arrays(1, {}),
             kv_len=span,
           )
         self._cache = out[-1]
@@ -581,14 +572,6 @@ class Engine:
     self.totals.requests_finished[reason] += 1
     request._finish(reason, error)
 
-  def _settings(self, params: RequestParams):
-    return (
-      np.float32(params.temperature),
-      np.int32(params.top_k),
-      np.float32(params.top_p),
-      np.float32(params.min_p),
-    )
-
   def _chunk(self, slot: _Slot) -> tuple[int, int]:
     """(chunk length C, real tokens in it) for the slot's next prefill chunk."""
     rest = slot.request.prompt.size - slot.prefilled
@@ -612,18 +595,17 @@ class Engine:
     tokens[0, :real] = request.prompt[slot.prefilled : slot.prefilled + real]
     try:
       with self._mesh():
-        token, self._cache = self._prefill(
+        token, stopped, self._cache = self._prefill(
           self._state,
           self._cache,
           tokens,
           np.int32(i),
           np.int32(slot.prefilled),
           np.int32(real - 1),
-          np.uint32(request.params.seed),
-          self._settings(request.params),
+          *_row_arrays(1, {0: request.params}),
           kv_len=self.kv_bucket(slot.prefilled + size),
         )
-        token = int(token)
+        token, stopped = int(token[0]), bool(stopped[0])
     except Exception as e:  # this request alone fails
       log.exception("request %d failed in prefill", request.id)
       self._release(i, "error", e)
@@ -634,7 +616,7 @@ class Engine:
       return
     self.totals.prompt_tokens += request.prompt.size
     slot.position, slot.token = request.prompt.size, token
-    self._deliver(i, token, stopped=token in request.params.stop_tokens, now=time.monotonic())
+    self._deliver(i, token, stopped, now=time.monotonic())
 
   def _deliver(self, i: int, token: int, stopped: bool, now: float) -> None:
     request = self._slots[i].request
@@ -667,32 +649,15 @@ class Engine:
     b = self.rows_bucket(max(live) + 1)
     kv_len = self.kv_bucket(max(self._slots[i].position for i in live) + 1)
     tokens, positions, is_live = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
-    seeds = np.zeros(b, np.uint32)
-    temperature, top_k = np.zeros(b, np.float32), np.zeros(b, np.int32)
-    top_p, min_p = np.ones(b, np.float32), np.zeros(b, np.float32)
-    stops = np.full((b, MAX_STOP_TOKENS), -1, np.int32)
-    remaining = np.full(b, 2, np.int32)
     for i in live:
-      slot, p = self._slots[i], self._slots[i].request.params
-      tokens[i], positions[i], seeds[i], is_live[i] = slot.token, slot.position, p.seed, True
-      temperature[i], top_k[i], top_p[i], min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
-      stops[i, : len(p.stop_tokens)] = p.stop_tokens
-      remaining[i] = p.max_tokens - len(slot.request.tokens)
+      tokens[i], positions[i], is_live[i] = self._slots[i].token, self._slots[i].position, True
+    per_row = _row_arrays(b, {i: self._slots[i].request.params for i in live})
     try:
       with self._mesh():
-        nxt, finished, self._cache = self._decode(
-          self._state,
-          self._cache,
-          tokens,
-          positions,
-          is_live,
-          seeds,
-          (temperature, top_k, top_p, min_p),
-          stops,
-          remaining,
-          kv_len=kv_len,
+        nxt, stopped, self._cache = self._decode(
+          self._state, self._cache, tokens, positions, is_live, *per_row, kv_len=kv_len
         )
-        nxt, finished = np.asarray(nxt), np.asarray(finished)
+        nxt, stopped = np.asarray(nxt), np.asarray(stopped)
     except Exception as e:  # the shared step failed: the requests in it fail
       log.exception("decode step failed")
       for i in live:
@@ -706,5 +671,4 @@ class Engine:
         continue
       slot.position += 1
       slot.token = int(nxt[i])
-      stopped = bool(finished[i]) and slot.token in slot.request.params.stop_tokens
-      self._deliver(i, slot.token, stopped, now)
+      self._deliver(i, slot.token, bool(stopped[i]), now)
