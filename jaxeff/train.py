@@ -3,6 +3,7 @@
   python -m jaxeff.train                                   # small model, embedded corpus, CPU-friendly
   python -m jaxeff.train --config configs/125m.yaml data.dataset=corpus/prepared
   python -m jaxeff.train steps=600 --resume                # continue the run in output_dir exactly
+  python -m jaxeff.train medusa.base=model.gguf steps=300  # Medusa-1 heads for a frozen base instead
 
 One jitted step: cross-entropy, gradients, an optax chain (clip -> optimizer with warmup + cosine).
 Parameters and optimizer state are sharded by the logical-axis rules (jaxeff.sharding) over the
@@ -11,6 +12,15 @@ the training state and the data iterator's position, so `--resume` continues bit
 newest checkpoint that reads back completely (a killed run or a damaged file costs steps, not the run).
 Flags and key=value overrides may come in any order.
 Metrics go to `output_dir/metrics.jsonl` and TensorBoard (`output_dir/tb`).
+
+Medusa mode: with `medusa.base=PATH` (a .gguf file, a Hugging Face directory or a jaxeff.train
+output_dir) the run trains Medusa-1 heads for that frozen model by self-distillation on its greedy
+continuations of prompts from the `data.*` corpus (tokenized with the base's tokenizer) and saves
+them to `output_dir/medusa`, with the acceptance table measured on held-out prompts. Keys
+`medusa.num_heads=4 medusa.num_layers=1 medusa.sequences=64 medusa.eval_sequences=16
+medusa.prompt_len=32 medusa.new_tokens=96 medusa.generate_batch=16 medusa.max_rank=10
+medusa.overwrite=false`, with `steps`, `batch_size`, `seed`, `log_every`, `optimizer.*`;
+jaxeff.training.medusa describes them.
 
 This module is the command line; the engine is `jaxeff.training`, whose public API it re-exports
 (`load_config`, `train`, `load_checkpoint`, `TrainConfig`, ...).
@@ -134,6 +144,8 @@ def main(argv=None) -> int:
   try:
     cfg = load_config(args.config, args.overrides)
     _init_distributed(args)
+    if cfg.medusa.base is not None:
+      return _train_medusa(cfg, args)
     result = train(cfg, resume=args.resume)
   except JaxeffError as e:
     print(f"error: {e}", file=sys.stderr)
@@ -147,6 +159,26 @@ def main(argv=None) -> int:
       f"done: step {result.step}, train loss {result.losses[-1] if result.losses else float('nan'):.4f}, "
       f"val loss {last_val:.4f}; checkpoints and metrics in {result.output_dir}"
     )
+  return 0
+
+
+def _train_medusa(cfg: TrainConfig, args) -> int:
+  """Medusa mode (`medusa.base` set): trains and saves the heads, prints the `done:` line."""
+  from jaxeff.errors import ConfigError
+  from jaxeff.generate.speculative.medusa_heads import format_acceptance
+  from jaxeff.training import medusa
+
+  if args.resume:
+    raise ConfigError("medusa mode does not resume; run it again (medusa.overwrite=true replaces saved heads)")
+  result = medusa.train_medusa(cfg, report=lambda line: print(line, file=sys.stderr, flush=True))
+  info = result.info
+  if info.acceptance is not None:
+    print("\n".join(format_acceptance(info.acceptance)))
+  top1 = "" if info.acceptance is None else f", top-1 acceptance per head {[round(r[0], 3) for r in info.acceptance]}"
+  print(
+    f"done: {info.num_heads} Medusa heads x {info.num_layers} layer(s) for {cfg.medusa.base}, "
+    f"final loss {result.losses[-1]:.4f}{top1}; saved in {result.path}"
+  )
   return 0
 
 

@@ -125,6 +125,10 @@ def test_dry_run_measures_every_row_of_sections_3_to_6(dry_run):
   assert per_format["int4"] < per_format["int8"] < per_format["bf16"]
   (serve,) = sec["serve"]["rows"]
   assert serve["clients"] == s.serve_clients and serve["tok_s"] > 0 and 0 < serve["itl_p50_ms"] <= serve["itl_p99_ms"]
+  spec = sec["speculative"]["rows"]
+  assert [r["tokens"] for r in spec if r["check"] == "verify forward"] == [1, 2, 4, 8, 16]
+  decoded = {r["contender"]: r for r in spec if r["check"] == "decode"}
+  assert set(decoded) == {"plain", "lookup k=8"} and all(r["tok_s"] > 0 and r["exact"] for r in spec[5:])
   train = sec["train"]["rows"]
   assert [r["optimizer"] for r in train] == list(gpu.OPTIMIZERS)
   assert all(np.isfinite(r["loss"]) and r["mfu_pct"] > 0 for r in train)

@@ -44,6 +44,19 @@ def test_prompt_streams_the_greedy_tokens(tiny_gguf):
   assert last.startswith("prefill: ") and "decode: " in last and "tok/s" in last and "KV cache: " in last
 
 
+@pytest.mark.parametrize("speculate", ["lookup", "self:1", "draft:GGUF"])
+def test_speculate_gives_the_same_text_and_reports_acceptance(tiny_gguf, speculate):
+  prompt = ["--hf", str(tiny_gguf), "--prompt", "the cat in the hat", "--max-new-tokens", "12"]
+  _, plain, _ = run_cli(prompt)
+  code, out, err = run_cli(prompt + ["--speculate", speculate.replace("GGUF", str(tiny_gguf)), "--draft-tokens", "3"])
+  assert code == 0, err
+  assert out == plain
+  last = err.strip().splitlines()[-1]
+  assert "| speculative (" in last and "tokens/forward" in last and "% of decode time" in last
+  if speculate.startswith("draft"):  # the draft is the target: every draft accepted
+    assert "4.00 tokens/forward" in last
+
+
 def test_chat_reads_turns_from_stdin(tiny_gguf):
   code, out, err = run_cli(
     [
@@ -106,6 +119,10 @@ def test_checkpoint_with_its_byte_tokenizer(tmp_path):
     (["--hf", "a", "--checkpoint", "b", "--prompt", "x"], "not allowed with"),
     (["--hf", "x.gguf", "--prompt", "x", "--quant", "int3"], "invalid choice"),
     (["--hf", "x.gguf", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
+    (["--hf", "x.gguf", "--prompt", "x", "--speculate", "ngram"], "--speculate takes lookup"),
+    (["--hf", "x.gguf", "--prompt", "x", "--speculate", "self"], "--speculate takes lookup"),
+    (["--hf", "x.gguf", "--prompt", "x", "--tree-size", "8"], "need --speculate"),
+    (["--hf", "x.gguf", "--prompt", "x", "--speculate", "lookup", "--tree-size", "8"], "--tree-size goes with"),
   ],
 )
 def test_bad_arguments(argv, match):
@@ -129,6 +146,9 @@ def test_bad_model_and_prompt(tiny_gguf, tmp_path):
     (["--hf", str(tiny_gguf), "--prompt", "the cat " * 10, "--max-seq-len", "16"], "more than max_seq_len=16"),
     (["--hf", str(tiny_gguf), "--prompt", "the cat", "--top-p", "2"], "top_p"),
     (["--hf", str(tmp_path), "--prompt", "x"], "no config.json"),
+    (["--hf", str(tiny_gguf), "--prompt", "x", "--speculate", "self:9"], "fewer layers"),
+    (["--hf", str(tiny_gguf), "--prompt", "x", "--speculate", "draft:/nonexistent"], "no such file"),
+    (["--hf", str(tiny_gguf), "--prompt", "x", "--speculate", "medusa:/nonexistent"], "Medusa heads checkpoint"),
   ]
   for argv, match in cases:
     code, out, err = run_cli(argv)

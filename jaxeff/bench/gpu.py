@@ -25,6 +25,8 @@ Sections, in order (a section that raises is recorded and the next one runs):
                 1, 16, 64 in bf16, int8, int4 g128: tokens/s, bytes read per step, % of copy bandwidth.
    serve        the same model (bf16) behind `jaxeff.serve.Engine` (continuous batching), 64
                 concurrent requests of mixed lengths: output tokens/s, TTFT, inter-token latency.
+   speculative  the same model at batch 1: a forward over 1-16 tokens against one (what bounds
+                any speculator's speed-up) and prompt lookup against plain decoding.
 6. train        configs/125m.yaml's model, the engine's train step per optimizer (adamw, c_adamw,
                 lion, muon, galore, osd): tokens/s, MFU against section 1's measured bf16 rate,
                 step time relative to AdamW.
@@ -860,6 +862,75 @@ def serve(run: Run) -> list[dict]:
   ]
 
 
+def speculative(run: Run) -> list[dict]:
+  """Speculative decoding's hardware side on the decode model (bf16, batch 1): how much a forward
+  over n tokens costs against a one-token step (what bounds every speculator's speed-up), and
+  prompt lookup against plain decoding end to end (random weights: greedy text loops, which the
+  lookup predicts; trained drafts need a real model)."""
+  from flax import nnx
+
+  from jaxeff.config import ModelConfig
+  from jaxeff.generate import Generator
+  from jaxeff.generate.speculative import PromptLookup
+  from jaxeff.models import Llama
+  from jaxeff.models.kv_cache import init_cache
+
+  s = run.sizes
+  dtype = "float32" if run.dry else "bfloat16"
+  cfg = ModelConfig(**s.decode_model, dtype=dtype, param_dtype=dtype)
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  state = jax.jit(lambda: nnx.state(Llama(cfg, rngs=nnx.Rngs(0))))()
+  max_len = s.decode_prompt + s.decode_new + 16
+
+  @jax.jit
+  def forward(state, cache, tokens, positions):
+    m = nnx.merge(graphdef, state)
+    x, cache = m.forward_with_cache(tokens, positions, cache)
+    return m.logits(x).argmax(-1), cache
+
+  rows = run.rows()
+  one = None
+  for n in (1, 2, 4, 8, 16):
+    cache = init_cache(cfg, 1, max_len)
+    tokens = jnp.zeros((1, n), jnp.int32)
+    positions = (s.decode_prompt + jnp.arange(n, dtype=jnp.int32))[None]
+
+    def step():
+      nonlocal cache
+      out, cache = forward(state, cache, tokens, positions)
+      return out
+
+    seconds = median_seconds(step, s.repeats)
+    one = seconds if n == 1 else one
+    rows.append(dict(check="verify forward", tokens=n, ms=1e3 * seconds, vs_one=seconds / one))
+  model = nnx.merge(graphdef, state)
+  prompt = [run.rng.integers(0, cfg.vocab_size, s.decode_prompt).tolist()]
+  reference = None
+  for name, speculator in (("plain", None), ("lookup k=8", PromptLookup(num_draft=8))):
+    gen = Generator(model, max_batch=1, max_seq_len=max_len, speculator=speculator)
+    gen.generate(prompt, max_new_tokens=s.decode_new)  # compiles
+    times = []
+    for _ in range(max(1, s.repeats // 2)):
+      t0 = time.perf_counter()
+      out = gen.generate(prompt, max_new_tokens=s.decode_new)
+      times.append(time.perf_counter() - t0)
+    reference = out if reference is None else reference
+    rows.append(
+      dict(
+        check="decode",
+        contender=name,
+        tok_s=s.decode_new / statistics.median(times),
+        tokens_per_forward=gen.stats.tokens_per_forward,
+        exact=out == reference,  # bf16: a verification and a one-token step may round apart
+      )
+    )
+  plain = next(r for r in rows if r.get("contender") == "plain")
+  for r in rows:
+    if r.get("check") == "decode":
+      r["speedup"] = r["tok_s"] / plain["tok_s"]
+  return rows
+
+
 # ---------------------------------------------------------------------------- 6. training
 
 
@@ -938,6 +1009,7 @@ SECTIONS: dict[str, Callable[[Run], list[dict]]] = {
   "attention": attention_perf,
   "decode": decode,
   "serve": serve,
+  "speculative": speculative,
   "train": train,
 }
 
@@ -1093,6 +1165,17 @@ def table(record: dict) -> str:
           f"- {r['clients']} concurrent requests: {r['tok_s']:.0f} output tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} "
           f"ms, ITL p50/p99 {r['itl_p50_ms']:.1f}/{r['itl_p99_ms']:.1f} ms ({r['programs']} programs compiled)"
         )
+    elif name == "speculative":
+      for r in rows:
+        if r.get("check") == "verify forward":
+          lines.append(f"- forward over {r['tokens']} tokens: {r['ms']:.2f} ms ({r['vs_one']:.2f}x one token)")
+        elif r.get("check") == "decode":
+          lines.append(
+            f"- {r['contender']}: {r['tok_s']:.0f} tok/s ({r['speedup']:.2f}x), "
+            f"{r['tokens_per_forward']:.2f} tokens/forward, same tokens as plain: {r['exact']}"
+          )
+        else:
+          lines.append(f"- {r.get('error') or r.get('skipped')}")
     elif name == "train":
       lines += ["| optimizer | step ms | tokens/s | MFU % | vs adamw |", "|---|---|---|---|---|"]
       for r in rows:

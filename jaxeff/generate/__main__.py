@@ -3,6 +3,12 @@
   python -m jaxeff.generate --hf SmolLM2-135M-Instruct.Q4_1.gguf --prompt "The capital of France is"
   python -m jaxeff.generate --hf model.gguf --chat                      # interactive, the model's chat template
   python -m jaxeff.generate --checkpoint runs/default --prompt "def "   # a jaxeff.train run (its tokenizer)
+  python -m jaxeff.generate --hf model.gguf --prompt "..." --speculate lookup     # speculative decoding
+
+--speculate lookup | self:L | draft:PATH | medusa:DIR drafts tokens with prompt lookup, the model's
+first L layers, a draft model (a GGUF file or HF directory with the same vocabulary) or trained
+Medusa heads (`python -m jaxeff.train medusa.base=...`), and verifies them in one forward: the same
+text, fewer forwards; the stats line then adds tokens per forward and the draft's share of time.
 
 Streams the new text to stdout as it is generated; then one line on stderr with prefill and decode
 tokens/s and the KV cache's memory. With --chat, each line read from stdin is a user turn (the
@@ -41,6 +47,21 @@ def parse_args(argv):
   p.add_argument("--seed", type=int, default=0, metavar="S")
   cli.add_model_args(p)
   p.add_argument(
+    "--speculate",
+    metavar="SPEC",
+    help="speculative decoding: lookup | self:LAYERS | draft:PATH | medusa:DIR (same output, fewer forwards)",
+  )
+  p.add_argument(
+    "--draft-tokens", type=int, default=None, metavar="K", help="--speculate: draft tokens per step (a chain)"
+  )
+  p.add_argument(
+    "--tree-size",
+    type=int,
+    default=None,
+    metavar="N",
+    help="--speculate medusa: a Sequoia token tree of N nodes from the heads' measured acceptance",
+  )
+  p.add_argument(
     "--max-seq-len",
     type=int,
     default=None,
@@ -53,7 +74,47 @@ def parse_args(argv):
   if args.max_new_tokens < 1:
     p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   cli.check_model_args(p, args)
+  if args.speculate is not None:
+    kind = args.speculate.split(":", 1)[0]
+    if kind not in SPECULATE_KINDS or (kind == "lookup") != (":" not in args.speculate):
+      p.error(f"--speculate takes lookup, self:LAYERS, draft:PATH or medusa:DIR, got {args.speculate!r}")
+    if args.tree_size is not None and kind != "medusa":
+      p.error("--tree-size goes with --speculate medusa:DIR")
+    if args.draft_tokens is not None and (args.draft_tokens < 1 or kind == "medusa"):
+      p.error("--draft-tokens takes a positive count, for lookup/self/draft (Medusa drafts one token per head)")
+  elif args.draft_tokens is not None or args.tree_size is not None:
+    p.error("--draft-tokens and --tree-size need --speculate")
   return args
+
+
+SPECULATE_KINDS = ("lookup", "self", "draft", "medusa")
+
+
+def make_speculator(args, model):
+  """The `--speculate` speculator (None without the flag). Raises JaxeffError for bad values."""
+  from jaxeff.errors import GenerationError, HFError
+  from jaxeff.generate import speculative
+
+  if args.speculate is None:
+    return None
+  kind, _, value = args.speculate.partition(":")
+  count = {} if args.draft_tokens is None else {"num_draft": args.draft_tokens}
+  if kind == "lookup":
+    return speculative.PromptLookup(**count)
+  if kind == "self":
+    if not value.isdigit():
+      raise GenerationError(f"--speculate self:LAYERS needs a layer count, got {value!r}")
+    return speculative.SelfDraft(layers=int(value), **count)
+  if kind == "draft":
+    import pathlib
+
+    from jaxeff import hf
+
+    if not pathlib.Path(value).exists():
+      raise HFError(f"--speculate draft:{value}: no such file or directory")
+    draft, _ = hf.load(value, dtype=model.cfg.dtype, param_dtype=model.cfg.dtype)
+    return speculative.DraftModel(draft, **count)
+  return speculative.Medusa(value, tree_size=args.tree_size)
 
 
 def _sampling(args, tok) -> dict:
@@ -88,11 +149,17 @@ def _generate_one(gen, tok, ids, args, out):
 
 def _stats_line(gen) -> str:
   s, weight_bytes = gen.stats, gen.weight_bytes
-  return (
+  line = (
     f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} new tokens, "
     f"{s.decode_tokens_per_s:.1f} tok/s | weights: {weight_bytes / 2**20:.1f} MiB read per decode "
     f"step | KV cache: {s.cache_bytes / 2**20:.1f} MiB ({gen.max_batch} x {gen.max_seq_len} positions)"
   )
+  if gen.speculator is not None:
+    line += (
+      f" | speculative ({gen.speculator.name}): {s.target_forwards} forwards, "
+      f"{s.tokens_per_forward:.2f} tokens/forward, draft {100 * s.draft_share:.0f}% of decode time"
+    )
+  return line
 
 
 def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
@@ -110,8 +177,10 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     ids = tok.encode(args.prompt)
     if not ids:
       raise GenerationError("the prompt encodes to no tokens")
-    max_len = args.max_seq_len or len(ids) + args.max_new_tokens
-    gen = Generator(model, max_batch=1, max_seq_len=max_len)
+    speculator = make_speculator(args, model)
+    lookahead = 0 if speculator is None else speculator.num_draft
+    max_len = args.max_seq_len or len(ids) + args.max_new_tokens + lookahead
+    gen = Generator(model, max_batch=1, max_seq_len=max_len, speculator=speculator)
     _warm_up(gen, tok, ids, args, err)
     _generate_one(gen, tok, ids, args, out)
     out.write("\n")
@@ -120,7 +189,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
   if not tok.chat_template:
     raise GenerationError("--chat needs a model with a chat template (this one has none); use --prompt")
   # Decode reads the whole static cache every step, so the chat default stays moderate.
-  gen = Generator(model, max_batch=1, max_seq_len=args.max_seq_len or 1024)
+  gen = Generator(model, max_batch=1, max_seq_len=args.max_seq_len or 1024, speculator=make_speculator(args, model))
   messages = []
   first = args.prompt
   while True:

@@ -53,6 +53,7 @@ from flax import nnx
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
 from jaxeff.generate.sampling import SamplingParams, sample
+from jaxeff.generate.speculative.decode import SpeculativeDecoder
 from jaxeff.models.attention import index_positions
 from jaxeff.models.kv_cache import init_cache
 
@@ -71,6 +72,10 @@ class GenerationStats:
   decode_steps: int = 0  # decode steps run (one token per row each)
   decode_seconds: float = 0.0
   cache_bytes: int = 0
+  target_forwards: int = 0  # forwards of the target after prefill (decode steps, or verifications)
+  draft_seconds: float = 0.0  # speculative decoding: time in the draft programs (part of decode_seconds)
+  # speculative decoding: {draft tokens accepted: how many times} over live rows and verifications
+  accepted_histogram: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   @property
   def prefill_tokens_per_s(self) -> float:
@@ -80,6 +85,20 @@ class GenerationStats:
   def decode_tokens_per_s(self) -> float:
     """Decoded tokens per second, all rows together."""
     return self.decode_tokens / self.decode_seconds if self.decode_seconds else float("nan")
+
+  @property
+  def tokens_per_forward(self) -> float:
+    """Mean tokens a row gains per target forward: 1 for plain decoding, 1 + accepted drafts when
+    speculating (before stop tokens and the token budget cut a row's last step short)."""
+    rows = sum(self.accepted_histogram.values())
+    if not rows:
+      return 1.0 if self.target_forwards else float("nan")
+    return 1.0 + sum(k * v for k, v in self.accepted_histogram.items()) / rows
+
+  @property
+  def draft_share(self) -> float:
+    """Fraction of decode time spent drafting (0 without a speculator)."""
+    return self.draft_seconds / self.decode_seconds if self.decode_seconds else float("nan")
 
 
 def prefill_bucket(length: int, max_seq_len: int, min_bucket: int = 16) -> int:
@@ -105,6 +124,10 @@ class Generator:
     min_prefill_bucket: smallest padded prompt length (buckets are powers of two from here).
     loop: "device" (default for `generate`: an on-device `lax.while_loop`) or "host" (a Python loop
       over the compiled one-token step, as `stream` always uses).
+    speculator: a `jaxeff.generate.speculative` speculator (PromptLookup, SelfDraft, DraftModel,
+      Medusa): each step drafts tokens and the target verifies them in one forward, with the same
+      results (greedy: token for token; sampled: the same distribution). Each row then needs the
+      speculator's lookahead (its tree's draft tokens) in cache positions beyond its new tokens.
   """
 
   def __init__(
@@ -116,6 +139,7 @@ class Generator:
     mesh: jax.sharding.Mesh | None = None,
     min_prefill_bucket: int = 16,
     loop: str = "device",
+    speculator=None,
   ):
     if max_batch < 1 or max_seq_len < 2:
       raise GenerationError(f"need max_batch >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
@@ -136,6 +160,10 @@ class Generator:
     if mesh is None:  # committed, as the donated cache comes back: otherwise the second call recompiles
       self._cache = jax.device_put(self._cache, jax.tree.leaves(state)[0].sharding)
     self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(self._cache))
+    self.speculator = speculator
+    self._speculative = None if speculator is None else SpeculativeDecoder(self, speculator)
+    if self._speculative is not None:
+      self.cache_bytes += self._speculative.cache_bytes
     self.stats = GenerationStats(cache_bytes=self.cache_bytes)
 
   def use_weights(self, state) -> None:
@@ -226,13 +254,32 @@ class Generator:
         raise GenerationError(f"prompt {i} is empty (it needs at least one token, e.g. BOS)")
       if ids.min() < 0 or ids.max() >= vocab:
         raise GenerationError(f"prompt {i} has token ids outside [0, {vocab})")
-      if ids.size + max_new_tokens > self.max_seq_len:
+      lookahead = 0 if self._speculative is None else self._speculative.lookahead
+      if ids.size + max_new_tokens + lookahead > self.max_seq_len:
+        spec = f" and the speculator's lookahead of {lookahead}" if lookahead else ""
         raise GenerationError(
-          f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens} it needs "
-          f"{ids.size + max_new_tokens} cache positions, more than max_seq_len={self.max_seq_len}"
+          f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens}{spec} it needs "
+          f"{ids.size + max_new_tokens + lookahead} cache positions, more than max_seq_len={self.max_seq_len}"
         )
       out.append(ids.astype(np.int32))
     return out
+
+  @staticmethod
+  def _stop_array(stop_tokens) -> np.ndarray:
+    """Stop ids as the fixed-size array the compiled programs take (-1: none)."""
+    stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
+    stops[: len(stop_tokens)] = list(stop_tokens)
+    return stops
+
+  def _pad_prompts(self, prompts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens [max_batch, bucket] right-padded, lengths [max_batch]); unused rows a 1-token dummy."""
+    lengths = np.ones(self.max_batch, np.int32)
+    lengths[: len(prompts)] = [len(p) for p in prompts]
+    bucket = prefill_bucket(int(lengths.max()), self.max_seq_len, self.min_prefill_bucket)
+    tokens = np.zeros((self.max_batch, bucket), np.int32)
+    for i, p in enumerate(prompts):
+      tokens[i, : len(p)] = p
+    return tokens, lengths
 
   def _start(self, prompts: list[np.ndarray], sampling: SamplingParams, seed, stop_tokens):
     """Prefills one chunk (<= max_batch prompts): (first tokens, positions, keys, done0, values)."""
@@ -240,12 +287,7 @@ class Generator:
     seeds = np.broadcast_to(np.asarray(seed, np.uint32), (n,)) if np.ndim(seed) == 0 else np.asarray(seed, np.uint32)
     if seeds.shape != (n,):
       raise GenerationError(f"seed must be one integer or one per prompt ({n}), got {len(seeds)}")
-    lengths = np.ones(self.max_batch, np.int32)  # unused rows: a one-token dummy prompt
-    lengths[:n] = [len(p) for p in prompts]
-    bucket = prefill_bucket(int(lengths.max()), self.max_seq_len, self.min_prefill_bucket)
-    tokens = np.zeros((self.max_batch, bucket), np.int32)
-    for i, p in enumerate(prompts):
-      tokens[i, : len(p)] = p
+    tokens, lengths = self._pad_prompts(prompts)
     all_seeds = np.zeros(self.max_batch, np.uint32)
     all_seeds[:n] = seeds
     keys = jax.vmap(jax.random.key)(jnp.asarray(all_seeds))
@@ -292,7 +334,13 @@ class Generator:
     results = []
     for c in range(0, len(prompts), self.max_batch):
       chunk, chunk_seeds = prompts[c : c + self.max_batch], seeds[c : c + self.max_batch]
-      if self.loop == "host":
+      if self._speculative is not None:
+        rows = [[] for _ in chunk]
+        for step, _ in self._speculative.run(chunk, max_new_tokens, sampling, chunk_seeds, stop_tokens):
+          for row, new in zip(rows, step):
+            row += new
+        results += rows
+      elif self.loop == "host":
         rows = [[] for _ in chunk]
         for step in self._host_loop(chunk, max_new_tokens, sampling, chunk_seeds, stop_tokens):
           for row, tok in zip(rows, step):
@@ -324,7 +372,29 @@ class Generator:
     if len(prompts) > self.max_batch:
       raise GenerationError(f"stream takes at most max_batch={self.max_batch} prompts, got {len(prompts)}")
     self.stats = GenerationStats(cache_bytes=self.cache_bytes)
-    yield from self._host_loop(prompts, max_new_tokens, sampling, seed, stop_tokens)
+    if self._speculative is None:
+      yield from self._host_loop(prompts, max_new_tokens, sampling, seed, stop_tokens)
+      return
+    seeds = np.broadcast_to(np.asarray(seed), (len(prompts),)) if np.ndim(seed) == 0 else np.asarray(seed)
+    if seeds.shape != (len(prompts),):
+      raise GenerationError(f"seed must be one integer or one per prompt ({len(prompts)}), got {len(seeds)}")
+    # A verification gives each row several tokens: queue them and yield one per row per step, as
+    # plain decoding does (None once a row has stopped and its queue is empty).
+    queues = [collections.deque() for _ in prompts]
+    finished = [False] * len(prompts)
+    steps = self._speculative.run(prompts, max_new_tokens, sampling, seeds, stop_tokens)
+    while True:
+      while not all(finished[i] or queues[i] for i in range(len(prompts))):
+        try:
+          new, finished = next(steps)
+        except StopIteration:
+          finished = [True] * len(prompts)
+          break
+        for q, row in zip(queues, new):
+          q.extend(row)
+      if not any(queues):
+        return
+      yield [q.popleft() if q else None for q in queues]
 
   def _host_loop(self, prompts, max_new_tokens, sampling, seed, stop_tokens):
     tok, positions, keys, done, values = self._start(prompts, sampling, seed, stop_tokens)
@@ -340,6 +410,7 @@ class Generator:
             self._state, self._cache, tok, positions, keys, values, sampling=sampling.static
           )
         self.stats.decode_steps += 1
+        self.stats.target_forwards += 1
       step = []
       for i, x in enumerate(np.asarray(pending)[:n].tolist()):
         if done[i] or x in stop:
@@ -358,8 +429,7 @@ class Generator:
 
   def _device_loop(self, prompts, max_new_tokens, sampling, seed, stop_tokens) -> list[list[int]]:
     first, positions, keys, done, values = self._start(prompts, sampling, seed, stop_tokens)
-    stops = np.full(MAX_STOP_TOKENS, -1, np.int32)
-    stops[: len(stop_tokens)] = list(stop_tokens)
+    stops = self._stop_array(stop_tokens)
     t0 = time.perf_counter()
     with self._mesh():
       out, steps, self._cache = self._loop(
@@ -377,6 +447,7 @@ class Generator:
       out = np.asarray(out)
     self.stats.decode_seconds += time.perf_counter() - t0
     self.stats.decode_steps += int(steps)
+    self.stats.target_forwards += int(steps)
     rows = []
     for row in out[: len(prompts), :max_new_tokens]:
       stop_at = np.flatnonzero(row < 0)

@@ -53,6 +53,8 @@ class AttentionImpl:
     module: `module(cfg, rngs=...)` builds the layer's own parameters; its `__call__(x, q, k, v)`
       replaces `fn` (whole sequences at positions 0..S-1 only).
     check: extra config checks, `check(cfg)` raising `ConfigError`.
+    mask: takes `mask=` [B, S, T] bool, ANDed with the positional mask (tree verification of
+      speculative decoding: a draft node sees only its ancestors among the other draft nodes).
   """
 
   fn: AttentionFn | None = None
@@ -61,6 +63,7 @@ class AttentionImpl:
   cache: bool = True
   module: Callable | None = None
   check: Callable | None = None
+  mask: bool = False
 
 
 ATTENTION_IMPLS: dict[str, AttentionImpl] = {}
@@ -98,8 +101,9 @@ def index_positions(batch: int, length: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0):
-  """Reference softmax attention in XLA; scores and softmax in f32."""
+def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0, mask=None):
+  """Reference softmax attention in XLA; scores and softmax in f32. `mask` [B, S, T] (optional)
+  hides more keys on top of the positional rule."""
   b, s, h, d = q.shape
   kvh = k.shape[2]
   if q_positions is None or kv_positions is None:
@@ -116,13 +120,15 @@ def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_win
   if sliding_window is not None:
     in_window = q_pos - kv_pos < sliding_window
     visible &= (in_window | (kv_pos < sinks)) if sinks else in_window
+  if mask is not None:
+    visible &= mask[:, None, None]
   scores = jnp.where(visible, scores, _MASKED)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
-register_attention("dense", dense_attention, sinks=True)
+register_attention("dense", dense_attention, sinks=True, mask=True)
 
 
 # ---------------------------------------------------------------- block-causal attention (jnp)
@@ -225,23 +231,25 @@ def _num_query_blocks(seq_len: int) -> int:
   return 1
 
 
-def blocked_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None):
+def blocked_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, mask=None):
   """Block-causal softmax attention with a recomputing backward; same results as `dense_attention`.
 
-  Blocks are skipped only for index positions (both None); given positions run the dense
-  computation, masked by position.
+  Blocks are skipped only for index positions (both None); given positions (or a `mask`) run the
+  dense computation, masked by position.
   """
   b, s, h, d = q.shape
   kvh = k.shape[2]
   num_blocks = _num_query_blocks(s)
-  if q_positions is not None or kv_positions is not None or k.shape[1] != s or num_blocks == 1:
-    return dense_attention(q, k, v, q_positions=q_positions, kv_positions=kv_positions, sliding_window=sliding_window)
+  if q_positions is not None or kv_positions is not None or k.shape[1] != s or num_blocks == 1 or mask is not None:
+    return dense_attention(
+      q, k, v, q_positions=q_positions, kv_positions=kv_positions, sliding_window=sliding_window, mask=mask
+    )
   qt = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
   out = _blocked(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), sliding_window, num_blocks)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
-register_attention("blocked", blocked_attention)
+register_attention("blocked", blocked_attention, mask=True)
 
 
 def mean_key_block_selection(q, k, *, q_positions, kv_positions, topk: int, block_q: int, block_kv: int):

@@ -133,3 +133,50 @@ def write(cache_kv: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Arra
 def as_attention_layout(cache_kv: jax.Array) -> jax.Array:
   """[B, KVH, T, D] -> [B, T, KVH, D], the attention registry's key/value layout."""
   return cache_kv.transpose(0, 2, 1, 3)
+
+
+class TreeSlots(NamedTuple):
+  """Where a token tree of S nodes goes in the cache (speculative decoding's tree verification).
+
+  The nodes are written to consecutive slots `start`..`start` + S - 1 of each row, though several
+  share a position (siblings), so those slots hold the nodes' own positions instead of their index
+  and `ancestors` [S, S] (row: query node, column: key node; a node is its own ancestor) hides
+  everything but a node's own path. Slots before `start` keep their index positions; slots after
+  the tree are later than every node and masked by position. After verification the accepted path
+  is moved into index order (`move`).
+  """
+
+  start: jax.Array  # [B] int32
+  ancestors: jax.Array  # [S, S] bool
+
+
+def tree_layout(tree: TreeSlots, positions: jax.Array, num_slots: int):
+  """(slots [B, S], kv_positions [B, T], mask [B, S, T]) for the tree nodes at `positions` [B, S]."""
+  b, s = positions.shape
+  slots = tree.start[:, None] + jnp.arange(s, dtype=jnp.int32)[None]
+  index = jnp.arange(num_slots, dtype=jnp.int32)[None]
+  offset = index - tree.start[:, None]  # [B, T]: node index for slots inside the tree
+  inside = (offset >= 0) & (offset < s)
+  node = jnp.clip(offset, 0, s - 1)
+  kv_positions = jnp.where(inside, jnp.take_along_axis(positions, node, axis=1), index)
+  mask = jnp.where(inside[:, None, :], tree.ancestors[:, node].transpose(1, 0, 2), True)
+  return slots, kv_positions, mask
+
+
+def move(cache_kv: jax.Array, src: jax.Array, dst_start: jax.Array) -> jax.Array:
+  """One layer's `cache_kv` [B, KVH, T, D] with the slots `src` [B, K] copied to `dst_start`..+K-1.
+
+  All sources are read before anything is written, so overlapping ranges are fine.
+  """
+  rows = jnp.take_along_axis(cache_kv, src[:, None, :, None], axis=2)  # [B, KVH, K, D]
+  for b in range(cache_kv.shape[0]):
+    cache_kv = jax.lax.dynamic_update_slice(cache_kv, rows[b : b + 1], (b, 0, dst_start[b], 0))
+  return constrain(cache_kv, CACHE_AXES)
+
+
+def move_slots(cache: KVCache, src: jax.Array, dst_start: jax.Array) -> KVCache:
+  """`move` in every layer (stacked or per layer)."""
+  if cache.stacked:
+    one = lambda x: jax.vmap(lambda layer: move(layer, src, dst_start))(x)
+    return KVCache(one(cache.k), one(cache.v))
+  return KVCache(*(tuple(move(x, src, dst_start) for x in xs) for xs in (cache.k, cache.v)))

@@ -104,11 +104,13 @@ class Attention(nnx.Module):
       return self._out(self.method(x, q, k, v))
     return self._out(self._attend_fn()(q, k, v, q_positions=positions, kv_positions=positions))
 
-  def cached(self, x, cos, sin, positions, kv):
+  def cached(self, x, cos, sin, positions, kv, tree=None):
     """Writes this step's keys/values into the layer cache `kv` at `positions` [B, S] and attends
-    over the whole cache. Returns (output, (keys, values))."""
+    over the whole cache. Returns (output, (keys, values)). `tree`: (slots, kv_positions, mask)
+    from `kv_cache.tree_layout` (token-tree verification) instead of slot t = position t."""
     cfg = self.cfg
-    if not attention_lib.get_attention(cfg.attention).cache:
+    impl = attention_lib.get_attention(cfg.attention)
+    if not impl.cache:
       raise ValueError(
         f"attention {cfg.attention} runs over whole sequences at positions 0..S-1; "
         f"KV-cache decode and explicit positions are not implemented for it"
@@ -121,14 +123,26 @@ class Attention(nnx.Module):
         "blocks per query block); decode with a full forward, or use sliding_window/attention_sinks"
       )
     q, k, v = self._qkv(x, cos, sin)
-    k_cache, v_cache = (kv_cache_lib.write(c, new, positions) for c, new in zip(kv, (k, v)))
-    kv_positions = attention_lib.index_positions(x.shape[0], k_cache.shape[2])  # slot t holds position t
+    options = {}
+    if tree is None:
+      slots = positions
+      kv_positions = attention_lib.index_positions(x.shape[0], kv[0].shape[2])  # slot t holds position t
+    else:
+      if not impl.mask:
+        able = sorted(n for n, i in attention_lib.ATTENTION_IMPLS.items() if i.mask)
+        raise ValueError(
+          f"token-tree verification needs an attention that takes a mask ({', '.join(able)}), "
+          f"not {cfg.attention!r}; use a chain speculator with this attention"
+        )
+      slots, kv_positions, options["mask"] = tree
+    k_cache, v_cache = (kv_cache_lib.write(c, new, slots) for c, new in zip(kv, (k, v)))
     out = self._attend_fn()(
       q,
       kv_cache_lib.as_attention_layout(k_cache),
       kv_cache_lib.as_attention_layout(v_cache),
       q_positions=positions,
       kv_positions=kv_positions,
+      **options,
     )
     return self._out(out), (k_cache, v_cache)
 
@@ -166,9 +180,9 @@ class Block(nnx.Module):
   def __call__(self, x, cos, sin, positions):
     return self._mlp(x + self.self_attn(self.input_layernorm(x), cos, sin, positions))
 
-  def cached(self, x, cos, sin, positions, kv):
+  def cached(self, x, cos, sin, positions, kv, tree=None):
     """As `__call__`, through the layer cache `kv`: returns (x, (keys, values))."""
-    h, kv = self.self_attn.cached(self.input_layernorm(x), cos, sin, positions, kv)
+    h, kv = self.self_attn.cached(self.input_layernorm(x), cos, sin, positions, kv, tree)
     return self._mlp(x + h), kv
 
 
@@ -241,7 +255,15 @@ class Llama(nnx.Module):
         x = block_fn(block, x, cos, sin, positions)
     return self.norm(x)
 
-  def forward_with_cache(self, tokens: jax.Array, positions: jax.Array, cache: KVCache) -> CachedForward:
+  def forward_with_cache(
+    self,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    *,
+    tree: kv_cache_lib.TreeSlots | None = None,
+    num_layers: int | None = None,
+  ) -> CachedForward:
     """Runs `tokens` [B, S] at `positions` [B, S] through the KV cache: each layer writes its keys
     and values there and attends over the whole cache. Inference only (no remat).
 
@@ -249,6 +271,10 @@ class Llama(nnx.Module):
       tokens: int32 [B, S].
       positions: int32 [B, S], each row's own positions, in [0, cache.max_len).
       cache: a `KVCache` for this model's layout (`jaxeff.models.kv_cache.init_cache(model.cfg, ...)`).
+      tree: the tokens are a token tree (speculative decoding): written at `tree.start`.. and each
+        sees only its ancestors among them (`kv_cache.TreeSlots`); needs an attention with `mask`.
+      num_layers: run only the first `num_layers` layers (then the final norm): a self-speculative
+        draft; the other layers' cache is left as it is.
     """
     if positions is None:
       raise ValueError("a cached forward needs explicit positions (where to write in the cache)")
@@ -257,20 +283,28 @@ class Llama(nnx.Module):
         f"cache layout ({'stacked' if cache.stacked else 'per layer'}) does not match "
         f"model scan_layers={self.cfg.scan_layers}; build it with init_cache(model.cfg, ...)"
       )
+    depth = self.cfg.num_layers if num_layers is None else num_layers
+    if not 1 <= depth <= self.cfg.num_layers:
+      raise ValueError(f"num_layers must be in [1, {self.cfg.num_layers}], got {num_layers}")
     x, cos, sin = self._embed(tokens, positions)
+    layout = None if tree is None else kv_cache_lib.tree_layout(tree, positions, cache.max_len)
     if self.cfg.scan_layers:
 
       @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: LAYERS})
       def run(x, block, kv):
-        return block.cached(x, cos, sin, positions, kv)
+        return block.cached(x, cos, sin, positions, kv, layout)
 
-      x, (k, v) = run(x, self.layers, (cache.k, cache.v))
+      layers = self.layers
+      if depth < self.cfg.num_layers:  # the stacked parameters and cache of the first layers only
+        graphdef, state = nnx.split(layers)
+        layers = nnx.merge(graphdef, jax.tree.map(lambda a: a[:depth], state))
+      x, (k, v) = run(x, layers, (cache.k[:depth], cache.v[:depth]))
+      if depth < self.cfg.num_layers:
+        k, v = (jax.lax.dynamic_update_slice_in_dim(full, part, 0, 0) for full, part in ((cache.k, k), (cache.v, v)))
       return CachedForward(self.norm(x), KVCache(k, v))
-    ks, vs = [], []
-    for block, kv in zip(self.layers, zip(cache.k, cache.v)):
-      x, (k, v) = block.cached(x, cos, sin, positions, kv)
-      ks.append(k)
-      vs.append(v)
+    ks, vs = list(cache.k), list(cache.v)
+    for i in range(depth):
+      x, (ks[i], vs[i]) = self.layers[i].cached(x, cos, sin, positions, (ks[i], vs[i]), layout)
     return CachedForward(self.norm(x), KVCache(tuple(ks), tuple(vs)))
 
   def logits(self, x: jax.Array) -> jax.Array:

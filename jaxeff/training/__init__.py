@@ -1,10 +1,12 @@
 """The training engine: state, steps, hooks, and the loop that ties them together.
 
-- `config`: `TrainConfig`, `OptimizerConfig`, `load_config`.
+- `config`: `TrainConfig`, `OptimizerConfig`, `MedusaConfig`, `load_config`.
 - `state`: `TrainState` (step, params, optimizer state, RNG) and its shardings from logical axes.
 - `step`: the optimizer chain and the train/eval steps of any model and loss (`next_token_loss`).
 - `hooks`: metrics, evaluation, progress, the NaN guard, checkpoint-every.
 - `loop`: `Trainer` (a run's pieces and a generator of steps), `train(cfg)`, `load_checkpoint`.
+- `medusa`: Medusa-1 heads for a frozen base (`train_heads`, `train_medusa`: the `medusa.base=` mode);
+  imported on use.
 
 Checkpoints go through `jaxeff.checkpoint.Checkpointer`. `python -m jaxeff.train` is the command
 line; `jaxeff.train` re-exports this API.
@@ -12,7 +14,14 @@ line; `jaxeff.train` re-exports this API.
 
 from jaxeff.checkpoint import Checkpointer
 from jaxeff.errors import CheckpointError, TrainError
-from jaxeff.training.config import OptimizerConfig, TrainConfig, config_from_dict, config_to_dict, load_config
+from jaxeff.training.config import (
+  MedusaConfig,
+  OptimizerConfig,
+  TrainConfig,
+  config_from_dict,
+  config_to_dict,
+  load_config,
+)
 from jaxeff.training.hooks import Hook, StepContext
 from jaxeff.training.loop import (
   StepInfo,
@@ -37,6 +46,7 @@ from jaxeff.training.step import (
 __all__ = [
   "CheckpointError",
   "Checkpointer",
+  "MedusaConfig",
   "OptimizerConfig",
   "TrainConfig",
   "TrainError",

@@ -42,12 +42,43 @@ class OptimizerConfig:
 
 
 @dataclasses.dataclass
+class MedusaConfig:
+  """Medusa mode: with `base` set, the run trains Medusa-1 heads for that frozen model instead
+  (`jaxeff.training.medusa`, where every key is described)."""
+
+  base: str | None = None  # a .gguf file, a Hugging Face directory or a jaxeff.train output_dir
+  num_heads: int = 4
+  num_layers: int = 1
+  sequences: int = 64  # training prompts
+  eval_sequences: int = 16  # held-out prompts for the acceptance table (0: none)
+  prompt_len: int = 32
+  new_tokens: int = 96  # greedy tokens the base adds to each prompt
+  generate_batch: int = 16
+  max_rank: int = 10
+  overwrite: bool = False  # replace heads already saved in output_dir/medusa
+  chat: bool = False  # wrap each prompt in the base's chat template (a user turn), as chat requests are
+
+  def __post_init__(self):
+    for name in ("num_heads", "num_layers", "sequences", "prompt_len", "generate_batch", "max_rank"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"medusa.{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_sequences < 0:
+      raise ConfigError(f"medusa.eval_sequences must be >= 0, got {self.eval_sequences}")
+    if self.new_tokens < self.num_heads + 1:
+      raise ConfigError(
+        f"medusa.new_tokens must be >= medusa.num_heads + 1 = {self.num_heads + 1} (the last head needs a label), "
+        f"got {self.new_tokens}"
+      )
+
+
+@dataclasses.dataclass
 class TrainConfig:
   """One training run. The defaults are `configs/small.yaml`: a ~3M-parameter byte-level model."""
 
   model: ModelConfig = dataclasses.field(default_factory=lambda: ModelConfig(attention=CPU_ATTENTION))
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+  medusa: MedusaConfig = dataclasses.field(default_factory=MedusaConfig)  # medusa.base set: train Medusa heads
   mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1})  # axes data, fsdp, tensor
   steps: int = 200
   batch_size: int = 16  # global, across all processes
@@ -71,7 +102,7 @@ class TrainConfig:
       raise ConfigError(f"eval_batches must be >= 0, got {self.eval_batches}")
 
 
-_NESTED = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig}
+_NESTED = {"model": ModelConfig, "data": DataConfig, "optimizer": OptimizerConfig, "medusa": MedusaConfig}
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -103,7 +134,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
   """A YAML config file (optional) plus `key=value` overrides -> `TrainConfig`.
 
   Args:
-    path: a YAML file with sections `model`, `data`, `optimizer`, `mesh` and top-level run keys
+    path: a YAML file with sections `model`, `data`, `optimizer`, `mesh`, `medusa` and top-level run keys
       (see configs/). None: the built-in small CPU config (`TrainConfig()`), which the overrides
       then modify. A file's `model` section starts from `ModelConfig`'s defaults.
     overrides: `key=value` strings with dotted keys (`model.num_layers=2`); values parse as YAML
