@@ -57,6 +57,15 @@ def test_speculate_gives_the_same_text_and_reports_acceptance(tiny_gguf, specula
     assert "4.00 tokens/forward" in last
 
 
+def test_streaming_kv_cache_runs_past_max_seq_len(tiny_gguf):
+  argv = ["--hf", str(tiny_gguf), "--prompt", "the cat in the hat", "--max-new-tokens", "40"]
+  code, out, err = run_cli(argv + ["--kv-cache", "streaming:2,8", "--max-seq-len", "16"])
+  assert code == 0, err
+  assert out.strip()
+  last = err.strip().splitlines()[-1]
+  assert "2 sinks + 8 recent tokens, StreamingLLM" in last and "KV cache: " in last
+
+
 def test_chat_reads_turns_from_stdin(tiny_gguf):
   code, out, err = run_cli(
     [
@@ -123,6 +132,8 @@ def test_checkpoint_with_its_byte_tokenizer(tmp_path):
     (["--hf", "x.gguf", "--prompt", "x", "--speculate", "self"], "--speculate takes lookup"),
     (["--hf", "x.gguf", "--prompt", "x", "--tree-size", "8"], "need --speculate"),
     (["--hf", "x.gguf", "--prompt", "x", "--speculate", "lookup", "--tree-size", "8"], "--tree-size goes with"),
+    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "h2o:4"], "--kv-cache takes dense or streaming"),
+    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "streaming:4,8", "--speculate", "lookup"], "dense cache"),
   ],
 )
 def test_bad_arguments(argv, match):

@@ -1,6 +1,7 @@
 """Text generation with a static KV cache: `Generator`, `generate`, and `python -m jaxeff.generate`."""
 
 from jaxeff.generate.engine import GenerationError, GenerationStats, Generator, generate, generator_for, prefill_bucket
+from jaxeff.generate.kv_cache import perplexity
 from jaxeff.generate.sampling import SamplingParams
 
 __all__ = [
@@ -9,6 +10,7 @@ __all__ = [
   "Generator",
   "generate",
   "generator_for",
+  "perplexity",
   "prefill_bucket",
   "SamplingParams",
 ]

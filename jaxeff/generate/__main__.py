@@ -62,6 +62,12 @@ def parse_args(argv):
     help="--speculate medusa: a Sequoia token tree of N nodes from the heads' measured acceptance",
   )
   p.add_argument(
+    "--kv-cache",
+    metavar="POLICY",
+    default="dense",
+    help="dense (default) | streaming:SINKS,WINDOW (StreamingLLM: flat memory, text may run past --max-seq-len)",
+  )
+  p.add_argument(
     "--max-seq-len",
     type=int,
     default=None,
@@ -84,7 +90,26 @@ def parse_args(argv):
       p.error("--draft-tokens takes a positive count, for lookup/self/draft (Medusa drafts one token per head)")
   elif args.draft_tokens is not None or args.tree_size is not None:
     p.error("--draft-tokens and --tree-size need --speculate")
+  try:
+    args.kv_policy = parse_kv_cache(args.kv_cache)
+  except ValueError as e:
+    p.error(str(e))
+  if args.kv_policy is not None and args.speculate is not None:
+    p.error("--speculate runs on the dense cache: drop --kv-cache or --speculate")
   return args
+
+
+def parse_kv_cache(text: str):
+  """`--kv-cache` -> a policy (None for dense); ValueError with the accepted forms otherwise."""
+  from jaxeff.generate.kv_cache import StreamingLLM
+
+  kind, _, value = text.partition(":")
+  if kind == "dense" and not value:
+    return None
+  parts = value.split(",")
+  if kind == "streaming" and len(parts) == 2 and all(x.strip().isdigit() for x in parts):
+    return StreamingLLM(sinks=int(parts[0]), window=int(parts[1]))
+  raise ValueError(f"--kv-cache takes dense or streaming:SINKS,WINDOW (e.g. streaming:4,1020), got {text!r}")
 
 
 SPECULATE_KINDS = ("lookup", "self", "draft", "medusa")
@@ -147,12 +172,19 @@ def _generate_one(gen, tok, ids, args, out):
   return decoder.ids
 
 
+def _cache_shape(gen) -> str:
+  if gen.bounded:
+    policy = gen.kv_cache
+    return f"{gen.max_batch} x {policy.sinks} sinks + {policy.window} recent tokens, StreamingLLM"
+  return f"{gen.max_batch} x {gen.max_seq_len} positions"
+
+
 def _stats_line(gen) -> str:
   s, weight_bytes = gen.stats, gen.weight_bytes
   line = (
     f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} new tokens, "
     f"{s.decode_tokens_per_s:.1f} tok/s | weights: {weight_bytes / 2**20:.1f} MiB read per decode "
-    f"step | KV cache: {s.cache_bytes / 2**20:.1f} MiB ({gen.max_batch} x {gen.max_seq_len} positions)"
+    f"step | KV cache: {s.cache_bytes / 2**20:.1f} MiB ({_cache_shape(gen)})"
   )
   if gen.speculator is not None:
     line += (
@@ -180,7 +212,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     speculator = make_speculator(args, model)
     lookahead = 0 if speculator is None else speculator.num_draft
     max_len = args.max_seq_len or len(ids) + args.max_new_tokens + lookahead
-    gen = Generator(model, max_batch=1, max_seq_len=max_len, speculator=speculator)
+    gen = Generator(model, max_batch=1, max_seq_len=max_len, speculator=speculator, kv_cache=args.kv_policy)
     _warm_up(gen, tok, ids, args, err)
     _generate_one(gen, tok, ids, args, out)
     out.write("\n")
@@ -189,7 +221,13 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
   if not tok.chat_template:
     raise GenerationError("--chat needs a model with a chat template (this one has none); use --prompt")
   # Decode reads the whole static cache every step, so the chat default stays moderate.
-  gen = Generator(model, max_batch=1, max_seq_len=args.max_seq_len or 1024, speculator=make_speculator(args, model))
+  gen = Generator(
+    model,
+    max_batch=1,
+    max_seq_len=args.max_seq_len or 1024,
+    speculator=make_speculator(args, model),
+    kv_cache=args.kv_policy,
+  )
   messages = []
   first = args.prompt
   while True:

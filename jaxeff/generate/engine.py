@@ -52,10 +52,10 @@ from flax import nnx
 
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
+from jaxeff.generate import kv_cache as kv_cache_lib
 from jaxeff.generate.sampling import SamplingParams, sample
 from jaxeff.generate.speculative.decode import SpeculativeDecoder
 from jaxeff.models.attention import index_positions
-from jaxeff.models.kv_cache import init_cache
 
 MAX_STOP_TOKENS = 16  # stop ids travel as a fixed-size array, so their number never recompiles
 LOOPS = ("device", "host")
@@ -124,6 +124,9 @@ class Generator:
     min_prefill_bucket: smallest padded prompt length (buckets are powers of two from here).
     loop: "device" (default for `generate`: an on-device `lax.while_loop`) or "host" (a Python loop
       over the compiled one-token step, as `stream` always uses).
+    kv_cache: a cache policy from `jaxeff.generate.kv_cache` (default `Dense()`: one slot per
+      position). A bounded one (`StreamingLLM`) keeps a fixed-size buffer instead, so prompt plus
+      new tokens may run past max_seq_len (prompts longer than its window are prefilled in chunks).
     speculator: a `jaxeff.generate.speculative` speculator (PromptLookup, SelfDraft, DraftModel,
       Medusa): each step drafts tokens and the target verifies them in one forward, with the same
       results (greedy: token for token; sampled: the same distribution). Each row then needs the
@@ -140,6 +143,7 @@ class Generator:
     min_prefill_bucket: int = 16,
     loop: str = "device",
     speculator=None,
+    kv_cache=None,
   ):
     if max_batch < 1 or max_seq_len < 2:
       raise GenerationError(f"need max_batch >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
@@ -154,9 +158,14 @@ class Generator:
     self.traces: collections.Counter = collections.Counter()
     self._prefill = jax.jit(self._prefill_fn, static_argnames="sampling", donate_argnames="cache")
     self._decode = jax.jit(self._decode_fn, static_argnames="sampling", donate_argnames="cache")
-    self._loop = jax.jit(self._loop_fn, static_argnames="sampling", donate_argnames="cache")
+    self._loop = jax.jit(self._loop_fn, static_argnames=("sampling", "out_len"), donate_argnames="cache")
+    self.kv_cache = kv_cache_lib.Dense() if kv_cache is None else kv_cache
+    self.bounded = not isinstance(self.kv_cache, kv_cache_lib.Dense)
+    if self.bounded and speculator is not None:
+      raise GenerationError("speculative decoding runs on the dense cache; drop kv_cache or the speculator")
+    self._ring_prefill = jax.jit(self._ring_prefill_fn, static_argnames="sampling", donate_argnames="cache")
     with self._mesh():
-      self._cache = jax.jit(lambda: init_cache(self.cfg, max_batch, max_seq_len))()
+      self._cache = jax.jit(lambda: self.kv_cache.init(self.cfg, max_batch, max_seq_len))()
     if mesh is None:  # committed, as the donated cache comes back: otherwise the second call recompiles
       self._cache = jax.device_put(self._cache, jax.tree.leaves(state)[0].sharding)
     self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(self._cache))
@@ -193,6 +202,21 @@ class Generator:
     logits = model.logits(last)
     return sample(logits, _fold_positions(keys, lengths), sampling, values), cache
 
+  def _ring_prefill_fn(self, state, cache, tokens, start, lengths, keys, values, first, *, sampling):
+    """One chunk of the prompts [B, C] at positions start.. through a bounded cache: rows whose
+    last prompt token is in this chunk sample their first new token here (else keep `first`)."""
+    self.traces["ring_prefill", tokens.shape[1], sampling] += 1
+    model = self._model(state)
+    if_first = start == 0  # a new request: forget the previous one's tokens
+    cache = cache.replace(slot_positions=jnp.where(if_first, -1, cache.slot_positions))
+    positions = start + index_positions(*tokens.shape)
+    positions = jnp.where(positions < lengths[:, None], positions, -1)  # padding: not written
+    x, cache = model.forward_with_cache(tokens, positions, cache)
+    offset = jnp.clip(lengths - 1 - start, 0, tokens.shape[1] - 1)
+    logits = model.logits(jnp.take_along_axis(x, offset[:, None, None], axis=1)[:, 0])
+    here = (lengths - 1 >= start) & (lengths - 1 < start + tokens.shape[1])
+    return jnp.where(here, sample(logits, _fold_positions(keys, lengths), sampling, values), first), cache
+
   def _decode_fn(self, state, cache, tokens, positions, keys, values, *, sampling):
     """One token per row at its own position -> (next token [B], next positions [B], cache)."""
     self.traces["decode", sampling] += 1
@@ -201,10 +225,10 @@ class Generator:
     next_positions = positions + 1
     return sample(model.logits(x[:, 0]), _fold_positions(keys, next_positions), sampling, values), next_positions, cache
 
-  def _loop_fn(self, state, cache, first, positions, keys, done, stop_tokens, num_tokens, values, *, sampling):
-    """Up to `num_tokens` tokens per row on the device: [B, max_seq_len] ids, -1 after a row stops."""
+  def _loop_fn(self, state, cache, first, positions, keys, done, stop_tokens, num_tokens, values, *, sampling, out_len):
+    """Up to `num_tokens` tokens per row on the device: [B, out_len] ids, -1 after a row stops."""
     self.traces["loop", sampling] += 1
-    out = jnp.full((first.shape[0], self.max_seq_len), -1, jnp.int32)
+    out = jnp.full((first.shape[0], out_len), -1, jnp.int32)
 
     def record(out, t, tok, done):
       stopped = done | jnp.isin(tok, stop_tokens)
@@ -255,7 +279,7 @@ class Generator:
       if ids.min() < 0 or ids.max() >= vocab:
         raise GenerationError(f"prompt {i} has token ids outside [0, {vocab})")
       lookahead = 0 if self._speculative is None else self._speculative.lookahead
-      if ids.size + max_new_tokens + lookahead > self.max_seq_len:
+      if not self.bounded and ids.size + max_new_tokens + lookahead > self.max_seq_len:
         spec = f" and the speculator's lookahead of {lookahead}" if lookahead else ""
         raise GenerationError(
           f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens}{spec} it needs "
@@ -275,6 +299,8 @@ class Generator:
     """(tokens [max_batch, bucket] right-padded, lengths [max_batch]); unused rows a 1-token dummy."""
     lengths = np.ones(self.max_batch, np.int32)
     lengths[: len(prompts)] = [len(p) for p in prompts]
+    if self.bounded:  # prefilled in chunks by `_ring_prefill_chunks`
+      return None, lengths
     bucket = prefill_bucket(int(lengths.max()), self.max_seq_len, self.min_prefill_bucket)
     tokens = np.zeros((self.max_batch, bucket), np.int32)
     for i, p in enumerate(prompts):
@@ -295,14 +321,41 @@ class Generator:
     done = np.arange(self.max_batch) >= n
     t0 = time.perf_counter()
     with self._mesh():
-      first, self._cache = self._prefill(
-        self._state, self._cache, tokens, lengths, keys, values, sampling=sampling.static
-      )
+      if self.bounded:
+        first = self._ring_prefill_chunks(prompts, lengths, keys, values, sampling)
+      else:
+        first, self._cache = self._prefill(
+          self._state, self._cache, tokens, lengths, keys, values, sampling=sampling.static
+        )
       first.block_until_ready()
     self.stats.prefill_seconds += time.perf_counter() - t0
     self.stats.prompt_tokens += int(lengths[:n].sum())
     # Committed like the positions each decode step returns, so step 2 reuses step 1's program.
     return first, jax.device_put(lengths, first.sharding), keys, done, values
+
+  def _ring_prefill_chunks(self, prompts, lengths, keys, values, sampling):
+    """Prefill through a bounded cache, in chunks of at most its window (power-of-two buckets)."""
+    longest = int(lengths.max())
+    chunk = min(prefill_bucket(longest, 1 << 30, self.min_prefill_bucket), self.kv_cache.max_chunk(longest))
+    padded = np.zeros((self.max_batch, -(-longest // chunk) * chunk), np.int32)
+    for i, p in enumerate(prompts):
+      padded[i, : len(p)] = p
+    first = np.zeros(self.max_batch, np.int32)
+    if self.mesh is None:  # committed like the chunks' outputs: one program for every chunk
+      first = jax.device_put(first, jax.tree.leaves(self._state)[0].sharding)
+    for start in range(0, padded.shape[1], chunk):
+      first, self._cache = self._ring_prefill(
+        self._state,
+        self._cache,
+        padded[:, start : start + chunk],
+        np.int32(start),
+        lengths,
+        keys,
+        values,
+        first,
+        sampling=sampling.static,
+      )
+    return first
 
   def generate(
     self,
@@ -443,6 +496,7 @@ class Generator:
         np.int32(max_new_tokens),
         values,
         sampling=sampling.static,
+        out_len=_bucket(max_new_tokens) if self.bounded else self.max_seq_len,
       )
       out = np.asarray(out)
     self.stats.decode_seconds += time.perf_counter() - t0

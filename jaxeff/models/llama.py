@@ -42,6 +42,8 @@ from jaxeff.models import attention as attention_lib
 from jaxeff.models import kv_cache as kv_cache_lib
 from jaxeff.models.kv_cache import KVCache
 from jaxeff.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
+from jaxeff.models.ring_cache import RingCache, ring_attention
+from jaxeff.models.ring_cache import advance as ring_advance
 from jaxeff.sharding import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB, constrain
 
 BATCH_SEQ_EMBED = (BATCH, SEQ, EMBED)
@@ -79,14 +81,28 @@ class Attention(nnx.Module):
     return functools.partial(impl.fn, sliding_window=cfg.sliding_window, **options)
 
   def _qkv(self, x, cos, sin):
+    """q, k, v [B, S, heads, D]; q and k rotated unless cos is None (a ring cache rotates later)."""
     cfg = self.cfg
     b, s, _ = x.shape
     q = self.q_proj(x).reshape(b, s, cfg.num_heads, cfg.head_dim)
     k = self.k_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
     v = self.v_proj(x).reshape(b, s, cfg.num_kv_heads, cfg.head_dim)
-    q = constrain(apply_rope(q, cos, sin), (BATCH, SEQ, HEADS, HEAD_DIM))
-    k = constrain(apply_rope(k, cos, sin), (BATCH, SEQ, KV_HEADS, HEAD_DIM))
+    if cos is not None:
+      q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = constrain(q, (BATCH, SEQ, HEADS, HEAD_DIM))
+    k = constrain(k, (BATCH, SEQ, KV_HEADS, HEAD_DIM))
     return q, k, constrain(v, (BATCH, SEQ, KV_HEADS, HEAD_DIM))
+
+  def ring(self, x, positions, kv, cache: RingCache):
+    """Attention through a sinks + window ring cache (`jaxeff.models.ring_cache`): returns
+    (output, (keys, values)) with this chunk written into the ring."""
+    cfg = self.cfg
+    q, k, v = self._qkv(x, None, None)
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    out, k_cache, v_cache = ring_attention(
+      q, k, v, positions, kv[0], kv[1], cache.slot_positions, sinks=cache.sinks, window=cache.window, inv_freq=inv_freq
+    )
+    return self._out(out), (k_cache, v_cache)
 
   def _out(self, out):
     b, s = out.shape[:2]
@@ -179,6 +195,11 @@ class Block(nnx.Module):
 
   def __call__(self, x, cos, sin, positions):
     return self._mlp(x + self.self_attn(self.input_layernorm(x), cos, sin, positions))
+
+  def ring(self, x, positions, kv, cache):
+    """As `cached`, through a ring cache."""
+    h, kv = self.self_attn.ring(self.input_layernorm(x), positions, kv, cache)
+    return self._mlp(x + h), kv
 
   def cached(self, x, cos, sin, positions, kv, tree=None):
     """As `__call__`, through the layer cache `kv`: returns (x, (keys, values))."""
@@ -278,6 +299,10 @@ class Llama(nnx.Module):
     """
     if positions is None:
       raise ValueError("a cached forward needs explicit positions (where to write in the cache)")
+    if isinstance(cache, RingCache):
+      if tree is not None or num_layers is not None:
+        raise ValueError("a ring cache takes plain chunks (no token tree, all layers)")
+      return self._forward_ring(tokens, positions, cache)
     if cache.stacked != self.cfg.scan_layers:
       raise ConfigError(
         f"cache layout ({'stacked' if cache.stacked else 'per layer'}) does not match "
@@ -306,6 +331,31 @@ class Llama(nnx.Module):
     for i in range(depth):
       x, (ks[i], vs[i]) = self.layers[i].cached(x, cos, sin, positions, (ks[i], vs[i]), layout)
     return CachedForward(self.norm(x), KVCache(tuple(ks), tuple(vs)))
+
+  def _forward_ring(self, tokens, positions, cache: RingCache) -> CachedForward:
+    cfg = self.cfg
+    if cfg.sliding_window is not None or cfg.attention_sinks:
+      raise ConfigError("a ring (sinks + window) cache replaces the model's own sliding window; use one of them")
+    if tokens.shape[1] > cache.window:
+      raise ValueError(f"a chunk through a ring cache holds at most {cache.window} tokens, got {tokens.shape[1]}")
+    if cache.stacked != cfg.scan_layers:
+      raise ConfigError("ring cache layout does not match model scan_layers; build it with init_ring_cache(model.cfg)")
+    x = constrain(self.embed_tokens(tokens), BATCH_SEQ_EMBED)
+    if cfg.scan_layers:
+
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: LAYERS})
+      def run(x, block, kv):
+        return block.ring(x, positions, kv, cache)
+
+      x, (k, v) = run(x, self.layers, (cache.k, cache.v))
+    else:
+      ks, vs = [], []
+      for block, kv in zip(self.layers, zip(cache.k, cache.v)):
+        x, (k, v) = block.ring(x, positions, kv, cache)
+        ks.append(k)
+        vs.append(v)
+      k, v = tuple(ks), tuple(vs)
+    return CachedForward(self.norm(x), cache.replace(k=k, v=v, slot_positions=ring_advance(cache, positions)))
 
   def logits(self, x: jax.Array) -> jax.Array:
     """f32 logits [..., vocab] from final hidden states [..., hidden] (the LM head, tied or not)."""

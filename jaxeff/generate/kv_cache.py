@@ -1,0 +1,136 @@
+"""KV-cache policies: what a decoder keeps of its past, in a fixed-size buffer, and `perplexity`.
+
+>>> import numpy as np
+>>> from flax import nnx
+>>> from jaxeff import ModelConfig
+>>> from jaxeff.models import Llama
+>>> from jaxeff.generate.kv_cache import StreamingLLM, perplexity
+>>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+>>> model = Llama(cfg, rngs=nnx.Rngs(0))
+>>> tokens = np.random.default_rng(0).integers(0, 64, 200)
+>>> dense = perplexity(model, tokens, chunk=64)
+>>> covered = perplexity(model, tokens, kv_cache=StreamingLLM(sinks=4, window=196), chunk=64)
+>>> bool(abs(dense - covered) < 1e-3 * dense)        # a budget that covers the text: dense attention
+True
+>>> StreamingLLM(sinks=4, window=28).cache_bytes(cfg, batch_size=1)   # flat: 32 slots, however long
+4224
+
+Policies (each a fixed-shape buffer sharded by the cache's logical axes):
+- `Dense()`: the static cache, one slot per position (`jaxeff.models.kv_cache`), the default.
+- `StreamingLLM(sinks=4, window=W)` (Xiao et al. 2024): the first `sinks` tokens plus the last
+  `window`, positions cache-relative as in the paper (`jaxeff.models.ring_cache`), so text may run
+  on past the trained context with flat memory.
+
+`perplexity(model, tokens, kv_cache=policy, chunk=256)` is next-token perplexity of a long
+sequence as a decoder with that cache sees it: the text goes through the cache in chunks (each
+token attends to what the policy kept of the past, plus the chunk up to itself), the measurement
+every paper of this family reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff.errors import GenerationError
+from jaxeff.models import kv_cache as dense_cache
+from jaxeff.models import ring_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Dense:
+  """One slot per position: exact attention, memory grows with the text."""
+
+  def init(self, cfg, batch_size: int, length: int):
+    return dense_cache.init_cache(cfg, batch_size, length)
+
+  def cache_bytes(self, cfg, batch_size: int, length: int) -> int:
+    return dense_cache.cache_bytes(cfg, batch_size, length)
+
+  def max_chunk(self, length: int) -> int:
+    return length
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM:
+  """Attention sinks plus a window of recent tokens (StreamingLLM): `sinks + window` slots.
+
+  Args:
+    sinks: the first tokens, kept forever (the paper: 4).
+    window: recent tokens kept; a chunk of new tokens holds at most this many.
+  """
+
+  sinks: int = 4
+  window: int = 1020
+
+  def __post_init__(self):
+    if self.sinks < 0 or self.window < 1:
+      raise GenerationError(f"StreamingLLM needs sinks >= 0 and window >= 1, got {self.sinks}, {self.window}")
+
+  def init(self, cfg, batch_size: int, length: int | None = None):
+    return ring_cache.init_ring_cache(cfg, batch_size, sinks=self.sinks, window=self.window)
+
+  def cache_bytes(self, cfg, batch_size: int, length: int | None = None) -> int:
+    return dense_cache.cache_bytes(cfg, batch_size, self.sinks + self.window) + 4 * batch_size * (
+      self.sinks + self.window
+    )
+
+  def max_chunk(self, length: int) -> int:
+    return self.window
+
+
+def _forward_program(graphdef):
+  @functools.partial(jax.jit, donate_argnums=1)
+  def forward(state, cache, tokens, positions, targets, weights):
+    model = nnx.merge(graphdef, state)
+    x, cache = model.forward_with_cache(tokens, positions, cache)
+    logp = jax.nn.log_softmax(model.logits(x), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * weights), cache
+
+  return forward
+
+
+def perplexity(model, tokens, *, kv_cache=None, chunk: int = 256) -> float:
+  """exp(mean next-token negative log-likelihood) of `tokens` (int [N] or [B, N]) read in chunks
+  through the cache policy `kv_cache` (None: `Dense()`), as a decoder with that cache sees it.
+
+  Every chunk compiles once (a shorter last chunk is padded and masked), so the cost is one
+  program per call whatever the length. Raises GenerationError for bad input."""
+  policy = Dense() if kv_cache is None else kv_cache
+  tokens = np.asarray(tokens)
+  if tokens.ndim == 1:
+    tokens = tokens[None]
+  if tokens.ndim != 2 or tokens.shape[1] < 2:
+    raise GenerationError(f"perplexity needs at least 2 tokens per row, got shape {tokens.shape}")
+  if tokens.min() < 0 or tokens.max() >= model.cfg.vocab_size:
+    raise GenerationError(f"token ids must lie in [0, {model.cfg.vocab_size})")
+  b, n = tokens.shape
+  if chunk < 1:
+    raise GenerationError(f"chunk must be >= 1, got {chunk}")
+  chunk = min(chunk, policy.max_chunk(n), n - 1)
+  steps = math.ceil((n - 1) / chunk)
+  length = steps * chunk  # the dense cache holds the padded text
+  graphdef, state = nnx.split(model)
+  forward = _forward_program(graphdef)
+  cache = jax.jit(lambda: policy.init(model.cfg, b, length))()
+  # Committed like the cache each chunk returns, so the second chunk reuses the first's program.
+  cache = jax.device_put(cache, jax.tree.leaves(state)[0].sharding)
+  padded = np.zeros((b, length + 1), np.int32)
+  padded[:, :n] = tokens
+  total = 0.0
+  for i in range(steps):
+    start = i * chunk
+    positions = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (b, chunk))
+    weights = (positions + 1 < n).astype(np.float32)  # the padded tail predicts nothing
+    nll, cache = forward(
+      state, cache, padded[:, start : start + chunk], positions, padded[:, start + 1 : start + chunk + 1], weights
+    )
+    total += float(nll)
+  return math.exp(total / (b * (n - 1)))
