@@ -64,6 +64,9 @@ def test_streaming_kv_cache_runs_past_max_seq_len(tiny_gguf):
   assert out.strip()
   last = err.strip().splitlines()[-1]
   assert "2 sinks + 8 recent tokens, StreamingLLM" in last and "KV cache: " in last
+  code, _, err = run_cli(argv + ["--kv-cache", "h2o:4,8"])
+  assert code == 0, err
+  assert "4 heavy hitters + 8 recent tokens, H2O" in err.strip().splitlines()[-1]
 
 
 def test_chat_reads_turns_from_stdin(tiny_gguf):
@@ -132,7 +135,8 @@ def test_checkpoint_with_its_byte_tokenizer(tmp_path):
     (["--hf", "x.gguf", "--prompt", "x", "--speculate", "self"], "--speculate takes lookup"),
     (["--hf", "x.gguf", "--prompt", "x", "--tree-size", "8"], "need --speculate"),
     (["--hf", "x.gguf", "--prompt", "x", "--speculate", "lookup", "--tree-size", "8"], "--tree-size goes with"),
-    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "h2o:4"], "--kv-cache takes dense or streaming"),
+    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "h2o:4"], "--kv-cache takes dense, streaming"),
+    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "kivi:2,32"], "--kv-cache takes dense, streaming"),
     (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "streaming:4,8", "--speculate", "lookup"], "dense cache"),
   ],
 )

@@ -65,7 +65,8 @@ def parse_args(argv):
     "--kv-cache",
     metavar="POLICY",
     default="dense",
-    help="dense (default) | streaming:SINKS,WINDOW (StreamingLLM: flat memory, text may run past --max-seq-len)",
+    help="dense (default) | streaming:SINKS,WINDOW (StreamingLLM: flat memory, text may run past --max-seq-len) "
+    "| h2o:HEAVY,RECENT (heavy hitters + recent tokens)",
   )
   p.add_argument(
     "--max-seq-len",
@@ -101,15 +102,21 @@ def parse_args(argv):
 
 def parse_kv_cache(text: str):
   """`--kv-cache` -> a policy (None for dense); ValueError with the accepted forms otherwise."""
-  from jaxeff.generate.kv_cache import StreamingLLM
+  from jaxeff.generate.kv_cache import H2O, StreamingLLM
 
   kind, _, value = text.partition(":")
   if kind == "dense" and not value:
     return None
   parts = value.split(",")
-  if kind == "streaming" and len(parts) == 2 and all(x.strip().isdigit() for x in parts):
-    return StreamingLLM(sinks=int(parts[0]), window=int(parts[1]))
-  raise ValueError(f"--kv-cache takes dense or streaming:SINKS,WINDOW (e.g. streaming:4,1020), got {text!r}")
+  if len(parts) == 2 and all(x.strip().isdigit() for x in parts):
+    a, b = int(parts[0]), int(parts[1])
+    if kind == "streaming" and b >= 1:
+      return StreamingLLM(sinks=a, window=b)
+    if kind == "h2o" and b >= 1:
+      return H2O(heavy=a, recent=b)
+  raise ValueError(
+    f"--kv-cache takes dense, streaming:SINKS,WINDOW (e.g. streaming:4,1020) or h2o:HEAVY,RECENT, got {text!r}"
+  )
 
 
 SPECULATE_KINDS = ("lookup", "self", "draft", "medusa")
@@ -173,9 +180,13 @@ def _generate_one(gen, tok, ids, args, out):
 
 
 def _cache_shape(gen) -> str:
-  if gen.bounded:
-    policy = gen.kv_cache
+  from jaxeff.generate.kv_cache import H2O, StreamingLLM
+
+  policy = gen.kv_cache
+  if isinstance(policy, StreamingLLM):
     return f"{gen.max_batch} x {policy.sinks} sinks + {policy.window} recent tokens, StreamingLLM"
+  if isinstance(policy, H2O):
+    return f"{gen.max_batch} x {policy.heavy} heavy hitters + {policy.recent} recent tokens, H2O"
   return f"{gen.max_batch} x {gen.max_seq_len} positions"
 
 

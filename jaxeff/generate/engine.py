@@ -207,8 +207,8 @@ class Generator:
     last prompt token is in this chunk sample their first new token here (else keep `first`)."""
     self.traces["ring_prefill", tokens.shape[1], sampling] += 1
     model = self._model(state)
-    if_first = start == 0  # a new request: forget the previous one's tokens
-    cache = cache.replace(slot_positions=jnp.where(if_first, -1, cache.slot_positions))
+    # A new request (start 0) forgets the previous one's tokens.
+    cache = jax.tree.map(lambda empty, old: jnp.where(start == 0, empty, old), self.kv_cache.reset(cache), cache)
     positions = start + index_positions(*tokens.shape)
     positions = jnp.where(positions < lengths[:, None], positions, -1)  # padding: not written
     x, cache = model.forward_with_cache(tokens, positions, cache)

@@ -20,6 +20,9 @@ Policies (each a fixed-shape buffer sharded by the cache's logical axes):
 - `StreamingLLM(sinks=4, window=W)` (Xiao et al. 2024): the first `sinks` tokens plus the last
   `window`, positions cache-relative as in the paper (`jaxeff.models.ring_cache`), so text may run
   on past the trained context with flat memory.
+- `H2O(heavy=HH, recent=R)` (Zhang et al. 2023): per layer and kv head, the HH tokens with the
+  most accumulated attention plus the R newest (`jaxeff.models.h2o_cache`); scores are updated
+  inside the compiled step.
 
 `perplexity(model, tokens, kv_cache=policy, chunk=256)` is next-token perplexity of a long
 sequence as a decoder with that cache sees it: the text goes through the cache in chunks (each
@@ -39,8 +42,8 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.errors import GenerationError
+from jaxeff.models import h2o_cache, ring_cache
 from jaxeff.models import kv_cache as dense_cache
-from jaxeff.models import ring_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +79,9 @@ class StreamingLLM:
   def init(self, cfg, batch_size: int, length: int | None = None):
     return ring_cache.init_ring_cache(cfg, batch_size, sinks=self.sinks, window=self.window)
 
+  def reset(self, cache):
+    return ring_cache.reset(cache)
+
   def cache_bytes(self, cfg, batch_size: int, length: int | None = None) -> int:
     return dense_cache.cache_bytes(cfg, batch_size, self.sinks + self.window) + 4 * batch_size * (
       self.sinks + self.window
@@ -83,6 +89,38 @@ class StreamingLLM:
 
   def max_chunk(self, length: int) -> int:
     return self.window
+
+
+@dataclasses.dataclass(frozen=True)
+class H2O:
+  """Heavy-hitter oracle (H2O): the `heavy` tokens with the most accumulated attention plus the
+  `recent` newest, per layer and kv head: `heavy + recent` slots. Positions stay absolute (as the
+  paper's), so text is bounded by the model's trained context, memory is not.
+
+  Args:
+    heavy: heavy hitters kept (the paper: 20% of the budget works as well as the full cache).
+    recent: newest tokens kept; a chunk of new tokens holds at most heavy + recent.
+  """
+
+  heavy: int = 64
+  recent: int = 64
+
+  def __post_init__(self):
+    if self.heavy < 0 or self.recent < 1:
+      raise GenerationError(f"H2O needs heavy >= 0 and recent >= 1, got {self.heavy}, {self.recent}")
+
+  def init(self, cfg, batch_size: int, length: int | None = None):
+    return h2o_cache.init_h2o_cache(cfg, batch_size, heavy=self.heavy, recent=self.recent)
+
+  def reset(self, cache):
+    return h2o_cache.reset(cache)
+
+  def cache_bytes(self, cfg, batch_size: int, length: int | None = None) -> int:
+    slots = self.heavy + self.recent
+    return dense_cache.cache_bytes(cfg, batch_size, slots) + 8 * cfg.num_layers * batch_size * cfg.num_kv_heads * slots
+
+  def max_chunk(self, length: int) -> int:
+    return self.heavy + self.recent
 
 
 def _forward_program(graphdef):

@@ -40,6 +40,7 @@ from jaxeff.config import ModelConfig
 from jaxeff.errors import ConfigError
 from jaxeff.models import attention as attention_lib
 from jaxeff.models import kv_cache as kv_cache_lib
+from jaxeff.models.h2o_cache import H2OCache, h2o_attention
 from jaxeff.models.kv_cache import KVCache
 from jaxeff.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
 from jaxeff.models.ring_cache import RingCache, ring_attention
@@ -119,6 +120,13 @@ class Attention(nnx.Module):
         )
       return self._out(self.method(x, q, k, v))
     return self._out(self._attend_fn()(q, k, v, q_positions=positions, kv_positions=positions))
+
+  def h2o(self, x, cos, sin, positions, layer, cache: H2OCache):
+    """Attention through a heavy-hitter cache (`jaxeff.models.h2o_cache`): returns (output,
+    layer state after this chunk's selection)."""
+    q, k, v = self._qkv(x, cos, sin)
+    out, layer = h2o_attention(q, k, v, positions, layer, heavy=cache.heavy, recent=cache.recent)
+    return self._out(out), layer
 
   def cached(self, x, cos, sin, positions, kv, tree=None):
     """Writes this step's keys/values into the layer cache `kv` at `positions` [B, S] and attends
@@ -200,6 +208,11 @@ class Block(nnx.Module):
     """As `cached`, through a ring cache."""
     h, kv = self.self_attn.ring(self.input_layernorm(x), positions, kv, cache)
     return self._mlp(x + h), kv
+
+  def h2o(self, x, cos, sin, positions, layer, cache):
+    """As `cached`, through a heavy-hitter cache."""
+    h, layer = self.self_attn.h2o(self.input_layernorm(x), cos, sin, positions, layer, cache)
+    return self._mlp(x + h), layer
 
   def cached(self, x, cos, sin, positions, kv, tree=None):
     """As `__call__`, through the layer cache `kv`: returns (x, (keys, values))."""
@@ -299,9 +312,11 @@ class Llama(nnx.Module):
     """
     if positions is None:
       raise ValueError("a cached forward needs explicit positions (where to write in the cache)")
-    if isinstance(cache, RingCache):
+    if isinstance(cache, (RingCache, H2OCache)):
       if tree is not None or num_layers is not None:
-        raise ValueError("a ring cache takes plain chunks (no token tree, all layers)")
+        raise ValueError("a bounded cache takes plain chunks (no token tree, all layers)")
+      if isinstance(cache, H2OCache):
+        return self._forward_h2o(tokens, positions, cache)
       return self._forward_ring(tokens, positions, cache)
     if cache.stacked != self.cfg.scan_layers:
       raise ConfigError(
@@ -356,6 +371,30 @@ class Llama(nnx.Module):
         vs.append(v)
       k, v = tuple(ks), tuple(vs)
     return CachedForward(self.norm(x), cache.replace(k=k, v=v, slot_positions=ring_advance(cache, positions)))
+
+  def _forward_h2o(self, tokens, positions, cache: H2OCache) -> CachedForward:
+    cfg = self.cfg
+    if cfg.sliding_window is not None or cfg.attention_sinks:
+      raise ConfigError("an H2O cache replaces the model's own sliding window; use one of them")
+    if cache.stacked != cfg.scan_layers:
+      raise ConfigError("H2O cache layout does not match model scan_layers; build it with init_h2o_cache(model.cfg)")
+    # Padding (position < 0) is rotated at 0 and never kept or seen.
+    x, cos, sin = self._embed(tokens, jnp.maximum(positions, 0))
+    if cfg.scan_layers:
+
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: LAYERS})
+      def run(x, block, layer):
+        return block.h2o(x, cos, sin, positions, layer, cache)
+
+      x, layers = run(x, self.layers, cache.layers())
+    else:
+      per_layer = []
+      for block, layer in zip(self.layers, zip(*cache.layers())):
+        x, layer = block.h2o(x, cos, sin, positions, layer, cache)
+        per_layer.append(layer)
+      layers = tuple(tuple(xs) for xs in zip(*per_layer))
+    k, v, slot_positions, scores = layers
+    return CachedForward(self.norm(x), cache.replace(k=k, v=v, positions=slot_positions, scores=scores))
 
   def logits(self, x: jax.Array) -> jax.Array:
     """f32 logits [..., vocab] from final hidden states [..., hidden] (the LM head, tied or not)."""
