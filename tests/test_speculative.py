@@ -229,7 +229,7 @@ def test_tree_verification_equals_each_path_alone(model):
 SMALL = ModelConfig(
   vocab_size=6, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.5
 )
-SAMPLES = 1536
+SAMPLES = 1024
 
 
 def exact_distribution(model, prompt, steps):
