@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from jaxeff.bench import common
+from jaxeff.generate.kv_cache import token_nll
 
 SHARED_TEXT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 
@@ -44,38 +45,8 @@ def _text(path: str | None) -> tuple[str, str]:
 
 def segment_perplexities(model, tokens, policy, chunk: int, segment: int) -> list[float]:
   """Perplexity of each `segment` tokens of `tokens` as a decoder with `policy` reads the text."""
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from jaxeff.generate.kv_cache import Dense
-
-  policy = policy or Dense()
-  n = len(tokens)
-  chunk = min(chunk, policy.max_chunk(n))
-  steps = -(-(n - 1) // chunk)
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, cache, toks, positions, targets):
-    m = nnx.merge(graphdef, state)
-    x, cache = m.forward_with_cache(toks, positions, cache)
-    logp = jax.nn.log_softmax(m.logits(x), axis=-1)
-    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[0, :, 0], cache
-
-  cache = jax.device_put(
-    jax.jit(lambda: policy.init(model.cfg, 1, steps * chunk))(), jax.tree.leaves(state)[0].sharding
-  )
-  padded = np.zeros(steps * chunk + 1, np.int32)
-  padded[:n] = tokens
-  nll = []
-  for i in range(steps):
-    s = i * chunk
-    out, cache = forward(
-      state, cache, padded[None, s : s + chunk], np.arange(s, s + chunk)[None], padded[None, s + 1 : s + chunk + 1]
-    )
-    nll.append(np.asarray(out))
-  nll = np.concatenate(nll)[: n - 1]
-  return [float(np.exp(nll[i : i + segment].mean())) for i in range(0, n - 1, segment)]
+  nll = token_nll(model, tokens, kv_cache=policy, chunk=chunk)[0]
+  return [float(np.exp(nll[i : i + segment].mean())) for i in range(0, len(nll), segment)]
 
 
 def main(argv=None) -> int:

@@ -125,21 +125,20 @@ class H2O:
 
 def _forward_program(graphdef):
   @functools.partial(jax.jit, donate_argnums=1)
-  def forward(state, cache, tokens, positions, targets, weights):
+  def forward(state, cache, tokens, positions, targets):
     model = nnx.merge(graphdef, state)
     x, cache = model.forward_with_cache(tokens, positions, cache)
     logp = jax.nn.log_softmax(model.logits(x), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum(nll * weights), cache
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0], cache
 
   return forward
 
 
-def perplexity(model, tokens, *, kv_cache=None, chunk: int = 256) -> float:
-  """exp(mean next-token negative log-likelihood) of `tokens` (int [N] or [B, N]) read in chunks
+def token_nll(model, tokens, *, kv_cache=None, chunk: int = 256) -> np.ndarray:
+  """Next-token negative log-likelihoods [B, N-1] of `tokens` (int [N] or [B, N]) read in chunks
   through the cache policy `kv_cache` (None: `Dense()`), as a decoder with that cache sees it.
 
-  Every chunk compiles once (a shorter last chunk is padded and masked), so the cost is one
+  Every chunk compiles once (a shorter last chunk is padded, its tail dropped), so the cost is one
   program per call whatever the length. Raises GenerationError for bad input."""
   policy = Dense() if kv_cache is None else kv_cache
   tokens = np.asarray(tokens)
@@ -162,13 +161,18 @@ def perplexity(model, tokens, *, kv_cache=None, chunk: int = 256) -> float:
   cache = jax.device_put(cache, jax.tree.leaves(state)[0].sharding)
   padded = np.zeros((b, length + 1), np.int32)
   padded[:, :n] = tokens
-  total = 0.0
+  nll = []
   for i in range(steps):
     start = i * chunk
     positions = np.broadcast_to(np.arange(start, start + chunk, dtype=np.int32), (b, chunk))
-    weights = (positions + 1 < n).astype(np.float32)  # the padded tail predicts nothing
-    nll, cache = forward(
-      state, cache, padded[:, start : start + chunk], positions, padded[:, start + 1 : start + chunk + 1], weights
+    out, cache = forward(
+      state, cache, padded[:, start : start + chunk], positions, padded[:, start + 1 : start + chunk + 1]
     )
-    total += float(nll)
-  return math.exp(total / (b * (n - 1)))
+    nll.append(np.asarray(out, np.float64))
+  return np.concatenate(nll, axis=1)[:, : n - 1]  # the padded tail predicts nothing
+
+
+def perplexity(model, tokens, *, kv_cache=None, chunk: int = 256) -> float:
+  """exp(mean next-token negative log-likelihood) of `tokens` (int [N] or [B, N]) read in chunks
+  through the cache policy `kv_cache` (None: `Dense()`); see `token_nll`."""
+  return math.exp(float(token_nll(model, tokens, kv_cache=kv_cache, chunk=chunk).mean()))

@@ -31,10 +31,12 @@ class Speculator:
   Attributes:
     tree: the static candidate tree; `tree.size - 1` draft tokens per step.
     name: shown in statistics and the CLI.
+    rule: "exact" (lossless speculative sampling) or "typical" (Medusa's typical acceptance).
   """
 
   tree: Tree
   name: str = "speculator"
+  rule: str = "exact"  # the verification rule at temperature > 0 ("typical": Medusa's, lossy)
 
   @property
   def num_draft(self) -> int:

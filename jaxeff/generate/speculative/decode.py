@@ -212,7 +212,7 @@ class SpeculativeDecoder:
           stops,
           max_new,
           sampling=sampling.static,
-          rule=getattr(self.spec, "rule", "exact"),
+          rule=self.spec.rule,
         )
         emitted, accepted, done = np.asarray(emitted), np.asarray(accepted), np.asarray(state.done)
       stats.target_forwards += 1
