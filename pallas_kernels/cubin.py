@@ -179,12 +179,12 @@ def kernel_cases() -> list[KernelCase]:
 
   A new GPU kernel adds a `cubin_cases.py` beside its kernel and one line here.
   """
+  from pallas_kernels.kivi_attention import cubin_cases as kivi_attention_cases
   from pallas_kernels.quant_matmul import cubin_cases as quant_matmul_cases
   from pallas_kernels.sparse_attention import cubin_cases as sparse_attention_cases
 
-  return [
-    KernelCase(**case) for module in (quant_matmul_cases, sparse_attention_cases) for case in module.cubin_cases()
-  ]
+  modules = (quant_matmul_cases, sparse_attention_cases, kivi_attention_cases)
+  return [KernelCase(**case) for module in modules for case in module.cubin_cases()]
 
 
 # ---------------------------------------------------------------------------- extracting kernels

@@ -102,7 +102,7 @@ def test_dry_run_checks_every_kernel_case_of_the_plan(dry_run):
   assert {r["compute_dtype"] for r in quant} == {"float32", "bfloat16"}
 
 
-def test_dry_run_measures_every_row_of_sections_3_to_6(dry_run):
+def test_dry_run_measures_every_row_of_sections_3_to_6_and_long_context(dry_run):
   _, record = dry_run
   s, sec = gpu.DRY, record["sections"]
   quant = sec["quant"]["rows"]
@@ -129,6 +129,12 @@ def test_dry_run_measures_every_row_of_sections_3_to_6(dry_run):
   assert [r["tokens"] for r in spec if r["check"] == "verify forward"] == [1, 2, 4, 8, 16]
   decoded = {r["contender"]: r for r in spec if r["check"] == "decode"}
   assert set(decoded) == {"plain", "lookup k=8"} and all(r["tok_s"] > 0 and r["exact"] for r in spec[5:])
+  long = sec["long_context"]["rows"]
+  kernel = [r for r in long if r["check"] == "kivi kernel"]
+  assert [r["bits"] for r in kernel] == [4, 2] and all(r["ok"] for r in kernel)
+  steps = {r["cache"]: r for r in long if r["check"] == "decode step"}
+  assert len(steps) == 5 and all(r["tok_s"] > 0 for r in steps.values())
+  assert steps["KIVI-2"]["cache_bytes"] < steps["KIVI-4"]["cache_bytes"] < steps["dense"]["cache_bytes"]
   train = sec["train"]["rows"]
   assert [r["optimizer"] for r in train] == list(gpu.OPTIMIZERS)
   assert all(np.isfinite(r["loss"]) and r["mfu_pct"] > 0 for r in train)

@@ -67,6 +67,12 @@ def test_streaming_kv_cache_runs_past_max_seq_len(tiny_gguf):
   code, _, err = run_cli(argv + ["--kv-cache", "h2o:4,8"])
   assert code == 0, err
   assert "4 heavy hitters + 8 recent tokens, H2O" in err.strip().splitlines()[-1]
+  code, _, err = run_cli(argv + ["--kv-cache", "snapkv:40"])
+  assert code == 0, err
+  assert "prompt kept to 40, SnapKV" in err.strip().splitlines()[-1]
+  code, _, err = run_cli(argv + ["--kv-cache", "kivi:4,32"])
+  assert code == 0, err
+  assert "at 4 bits, 32 newest in full precision, KIVI" in err.strip().splitlines()[-1]
 
 
 def test_chat_reads_turns_from_stdin(tiny_gguf):
@@ -136,7 +142,9 @@ def test_checkpoint_with_its_byte_tokenizer(tmp_path):
     (["--hf", "x.gguf", "--prompt", "x", "--tree-size", "8"], "need --speculate"),
     (["--hf", "x.gguf", "--prompt", "x", "--speculate", "lookup", "--tree-size", "8"], "--tree-size goes with"),
     (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "h2o:4"], "--kv-cache takes dense, streaming"),
-    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "kivi:2,32"], "--kv-cache takes dense, streaming"),
+    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "kivi:2"], "--kv-cache takes dense, streaming"),
+    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "kivi:3,32"], "--kv-cache kivi:3,32: KIVI needs bits"),
+    (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "snapkv:16"], "window < budget"),
     (["--hf", "x.gguf", "--prompt", "x", "--kv-cache", "streaming:4,8", "--speculate", "lookup"], "dense cache"),
   ],
 )

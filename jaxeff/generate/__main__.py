@@ -66,7 +66,8 @@ def parse_args(argv):
     metavar="POLICY",
     default="dense",
     help="dense (default) | streaming:SINKS,WINDOW (StreamingLLM: flat memory, text may run past --max-seq-len) "
-    "| h2o:HEAVY,RECENT (heavy hitters + recent tokens)",
+    "| h2o:HEAVY,RECENT (heavy hitters + recent tokens) | snapkv:BUDGET (prompt entries kept per head, SnapKV) "
+    "| kivi:BITS,RESIDUAL (2/4-bit cache, RESIDUAL newest tokens in full precision, KIVI)",
   )
   p.add_argument(
     "--max-seq-len",
@@ -102,20 +103,28 @@ def parse_args(argv):
 
 def parse_kv_cache(text: str):
   """`--kv-cache` -> a policy (None for dense); ValueError with the accepted forms otherwise."""
-  from jaxeff.generate.kv_cache import H2O, StreamingLLM
+  from jaxeff.errors import GenerationError
+  from jaxeff.generate.kv_cache import H2O, KIVI, SnapKV, StreamingLLM
 
   kind, _, value = text.partition(":")
   if kind == "dense" and not value:
     return None
   parts = value.split(",")
-  if len(parts) == 2 and all(x.strip().isdigit() for x in parts):
-    a, b = int(parts[0]), int(parts[1])
-    if kind == "streaming" and b >= 1:
-      return StreamingLLM(sinks=a, window=b)
-    if kind == "h2o" and b >= 1:
-      return H2O(heavy=a, recent=b)
+  numbers = [int(x) for x in parts] if all(x.strip().isdigit() for x in parts) else []
+  make = {
+    ("streaming", 2): lambda a, b: StreamingLLM(sinks=a, window=b),
+    ("h2o", 2): lambda a, b: H2O(heavy=a, recent=b),
+    ("snapkv", 1): lambda c: SnapKV(budget=c),
+    ("kivi", 2): lambda bits, r: KIVI(bits=bits, residual=r),
+  }.get((kind, len(numbers)))
+  if make is not None:
+    try:
+      return make(*numbers)
+    except GenerationError as e:
+      raise ValueError(f"--kv-cache {text}: {e}") from None
   raise ValueError(
-    f"--kv-cache takes dense, streaming:SINKS,WINDOW (e.g. streaming:4,1020) or h2o:HEAVY,RECENT, got {text!r}"
+    "--kv-cache takes dense, streaming:SINKS,WINDOW (e.g. streaming:4,1020), h2o:HEAVY,RECENT, snapkv:BUDGET "
+    f"or kivi:BITS,RESIDUAL (e.g. kivi:2,128), got {text!r}"
   )
 
 
@@ -179,14 +188,30 @@ def _generate_one(gen, tok, ids, args, out):
   return decoder.ids
 
 
+def _default_cache_len(policy, prompt: int, new_tokens: int) -> int:
+  """Cache positions a one-prompt run needs under `policy` (None: dense)."""
+  from jaxeff.generate.kv_cache import SnapKV
+
+  if isinstance(policy, SnapKV):
+    return max(policy.budget, policy.slots_needed(prompt, new_tokens))
+  return prompt + new_tokens  # dense, KIVI; bounded caches ignore it
+
+
 def _cache_shape(gen) -> str:
-  from jaxeff.generate.kv_cache import H2O, StreamingLLM
+  from jaxeff.generate.kv_cache import H2O, KIVI, SnapKV, StreamingLLM
 
   policy = gen.kv_cache
   if isinstance(policy, StreamingLLM):
     return f"{gen.max_batch} x {policy.sinks} sinks + {policy.window} recent tokens, StreamingLLM"
   if isinstance(policy, H2O):
     return f"{gen.max_batch} x {policy.heavy} heavy hitters + {policy.recent} recent tokens, H2O"
+  if isinstance(policy, SnapKV):
+    return f"{gen.max_batch} x {gen.max_seq_len} positions, prompt kept to {policy.budget}, SnapKV"
+  if isinstance(policy, KIVI):
+    return (
+      f"{gen.max_batch} x {gen.max_seq_len} positions at {policy.bits} bits, {policy.residual} newest in "
+      f"full precision, KIVI"
+    )
   return f"{gen.max_batch} x {gen.max_seq_len} positions"
 
 
@@ -222,7 +247,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
       raise GenerationError("the prompt encodes to no tokens")
     speculator = make_speculator(args, model)
     lookahead = 0 if speculator is None else speculator.num_draft
-    max_len = args.max_seq_len or len(ids) + args.max_new_tokens + lookahead
+    max_len = args.max_seq_len or _default_cache_len(args.kv_policy, len(ids), args.max_new_tokens + lookahead)
     gen = Generator(model, max_batch=1, max_seq_len=max_len, speculator=speculator, kv_cache=args.kv_policy)
     _warm_up(gen, tok, ids, args, err)
     _generate_one(gen, tok, ids, args, out)

@@ -125,8 +125,9 @@ class Generator:
     loop: "device" (default for `generate`: an on-device `lax.while_loop`) or "host" (a Python loop
       over the compiled one-token step, as `stream` always uses).
     kv_cache: a cache policy from `jaxeff.generate.kv_cache` (default `Dense()`: one slot per
-      position). A bounded one (`StreamingLLM`) keeps a fixed-size buffer instead, so prompt plus
-      new tokens may run past max_seq_len (prompts longer than its window are prefilled in chunks).
+      position). A bounded one (`StreamingLLM`, `H2O`) keeps a fixed-size buffer instead, so prompt
+      plus new tokens may run past max_seq_len (prompts longer than its window are prefilled in
+      chunks); `SnapKV` compresses the prompt, so min(prompt, budget) plus new tokens must fit.
     speculator: a `jaxeff.generate.speculative` speculator (PromptLookup, SelfDraft, DraftModel,
       Medusa): each step drafts tokens and the target verifies them in one forward, with the same
       results (greedy: token for token; sampled: the same distribution). Each row then needs the
@@ -279,11 +280,12 @@ class Generator:
       if ids.min() < 0 or ids.max() >= vocab:
         raise GenerationError(f"prompt {i} has token ids outside [0, {vocab})")
       lookahead = 0 if self._speculative is None else self._speculative.lookahead
-      if not self.bounded and ids.size + max_new_tokens + lookahead > self.max_seq_len:
+      need = self.kv_cache.slots_needed(ids.size, max_new_tokens) + lookahead
+      if need > self.max_seq_len:
         spec = f" and the speculator's lookahead of {lookahead}" if lookahead else ""
         raise GenerationError(
           f"prompt {i} has {ids.size} tokens; with max_new_tokens={max_new_tokens}{spec} it needs "
-          f"{ids.size + max_new_tokens + lookahead} cache positions, more than max_seq_len={self.max_seq_len}"
+          f"{need} cache positions, more than max_seq_len={self.max_seq_len}"
         )
       out.append(ids.astype(np.int32))
     return out

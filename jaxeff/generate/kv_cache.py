@@ -23,6 +23,10 @@ Policies (each a fixed-shape buffer sharded by the cache's logical axes):
 - `H2O(heavy=HH, recent=R)` (Zhang et al. 2023): per layer and kv head, the HH tokens with the
   most accumulated attention plus the R newest (`jaxeff.models.h2o_cache`); scores are updated
   inside the compiled step.
+- `SnapKV(budget=C, window=32, pool=7)` (Li et al. 2024): at prefill, per layer and kv head, what
+  the prompt's last `window` tokens attend to (`jaxeff.models.snapkv_cache`); decoding appends.
+- `KIVI(bits=2|4, group=32, residual=128)` (Liu et al. 2024): every token, keys quantized per
+  channel and values per token, the newest in full precision (`jaxeff.models.kivi_cache`).
 
 `perplexity(model, tokens, kv_cache=policy, chunk=256)` is next-token perplexity of a long
 sequence as a decoder with that cache sees it: the text goes through the cache in chunks (each
@@ -42,7 +46,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.errors import GenerationError
-from jaxeff.models import h2o_cache, ring_cache
+from jaxeff.models import h2o_cache, kivi_cache, ring_cache, snapkv_cache
 from jaxeff.models import kv_cache as dense_cache
 
 
@@ -57,6 +61,14 @@ class Dense:
     return dense_cache.cache_bytes(cfg, batch_size, length)
 
   def max_chunk(self, length: int) -> int:
+    return length
+
+  def slots_needed(self, prompt: int, new_tokens: int) -> int:
+    """Cache slots a request of `prompt` tokens plus `new_tokens` needs (0: any fits)."""
+    return prompt + new_tokens
+
+  def reading_length(self, length: int, chunk: int) -> int:
+    """The `length` to `init` a cache with for reading a text of `length` tokens in chunks."""
     return length
 
 
@@ -90,6 +102,12 @@ class StreamingLLM:
   def max_chunk(self, length: int) -> int:
     return self.window
 
+  def slots_needed(self, prompt: int, new_tokens: int) -> int:
+    return 0  # bounded: any request fits
+
+  def reading_length(self, length: int, chunk: int) -> int:
+    return length
+
 
 @dataclasses.dataclass(frozen=True)
 class H2O:
@@ -121,6 +139,136 @@ class H2O:
 
   def max_chunk(self, length: int) -> int:
     return self.heavy + self.recent
+
+  def slots_needed(self, prompt: int, new_tokens: int) -> int:
+    return 0  # bounded: any request fits
+
+  def reading_length(self, length: int, chunk: int) -> int:
+    return length
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapKV:
+  """Prompt-time selection (SnapKV): at prefill, per layer and kv head, the `budget - window`
+  earlier tokens the last `window` prompt tokens attend to most (votes average-pooled over `pool`
+  neighbours) plus that window stay; decoding appends to them. Memory: the budget plus the new
+  tokens, however long the prompt. Positions stay absolute (text bounded by the trained context).
+
+  With a `Generator`, `max_seq_len` is the cache's slots: min(prompt, budget) plus the new tokens
+  must fit, and a prompt is prefilled in one chunk (the paper's selection). `perplexity` reads a
+  text in chunks and compresses after each (chunk 1: no compression, plain dense attention).
+
+  Args:
+    budget: prompt entries kept per layer and kv head, the observation window included.
+    window: the observation window (the paper: 32); each chunk holds at least one of its queries.
+    pool: average-pooling kernel over the votes (the paper: 7; odd).
+  """
+
+  budget: int = 1024
+  window: int = 32
+  pool: int = 7
+
+  def __post_init__(self):
+    if not 1 <= self.window < self.budget or self.pool < 1:
+      raise GenerationError(
+        f"SnapKV needs 1 <= window < budget and pool >= 1, got budget={self.budget}, window={self.window}, "
+        f"pool={self.pool}"
+      )
+
+  def init(self, cfg, batch_size: int, length: int):
+    if length < self.budget:
+      raise GenerationError(f"SnapKV(budget={self.budget}) needs at least {self.budget} cache slots, got {length}")
+    return snapkv_cache.init_snapkv_cache(
+      cfg, batch_size, length, budget=self.budget, window=self.window, pool=self.pool
+    )
+
+  def reset(self, cache):
+    return snapkv_cache.reset(cache)
+
+  def cache_bytes(self, cfg, batch_size: int, length: int) -> int:
+    return (
+      dense_cache.cache_bytes(cfg, batch_size, length) + 4 * cfg.num_layers * batch_size * cfg.num_kv_heads * length
+    )
+
+  def max_chunk(self, length: int) -> int:
+    return 1 << 30  # no limit: a prompt is selected from in one chunk
+
+  def slots_needed(self, prompt: int, new_tokens: int) -> int:
+    return min(prompt, self.budget) + new_tokens
+
+  def reading_length(self, length: int, chunk: int) -> int:
+    return length if chunk == 1 else self.budget
+
+
+@dataclasses.dataclass(frozen=True)
+class KIVI:
+  """Low-bit cache (KIVI): keys quantized per channel over groups of `group` tokens, values per
+  token, to `bits` bits; the newest `residual` tokens (at least residual - group + 1) stay in full
+  precision. Every token is kept, in about bits/16 of a 16-bit cache's bytes plus scales.
+
+  With a `Generator`, `max_seq_len` is the positions per row, as with the dense cache; a prompt of
+  up to `prefill_chunk` tokens is prefilled in one chunk in full precision, then quantized (the
+  paper's prefill).
+
+  Args:
+    bits: 2 or 4 (8 also works).
+    group: tokens per key scale, channels per value scale (the paper: 32).
+    residual: full-precision tokens, a multiple of `group` (the paper: 128).
+    prefill_chunk: a `Generator` reads longer prompts in chunks of this many tokens (each attends
+      in full precision to itself and the residual, to the older tokens quantized), which bounds
+      prefill's attention memory.
+    impl, interpret: the quantized-attention op's implementation
+      (`pallas_kernels.kivi_attention.quantized_attention`; default: the Pallas kernel on TPU and
+      GPU, the XLA path on CPU).
+  """
+
+  bits: int = 2
+  group: int = 32
+  residual: int = 128
+  prefill_chunk: int = 2048
+  impl: str | None = None
+  interpret: bool = False
+
+  def __post_init__(self):
+    if self.prefill_chunk < 1:
+      raise GenerationError(f"KIVI's prefill_chunk must be >= 1, got {self.prefill_chunk}")
+    if self.bits not in (2, 4, 8) or self.group < 1 or self.residual < self.group or self.residual % self.group:
+      raise GenerationError(
+        f"KIVI needs bits in (2, 4, 8), group >= 1 and residual a positive multiple of group, got "
+        f"bits={self.bits}, group={self.group}, residual={self.residual}"
+      )
+
+  def init(self, cfg, batch_size: int, length: int):
+    try:
+      kivi_cache.check_settings(cfg, self.bits, self.group, self.residual)
+    except ValueError as e:
+      raise GenerationError(str(e)) from None
+    return kivi_cache.init_kivi_cache(
+      cfg,
+      batch_size,
+      length,
+      bits=self.bits,
+      group=self.group,
+      residual=self.residual,
+      impl=self.impl,
+      interpret=self.interpret,
+    )
+
+  def reset(self, cache):
+    return kivi_cache.reset(cache)
+
+  def cache_bytes(self, cfg, batch_size: int, length: int) -> int:
+    shapes = jax.eval_shape(lambda: self.init(cfg, batch_size, length))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
+
+  def max_chunk(self, length: int) -> int:
+    return self.prefill_chunk
+
+  def slots_needed(self, prompt: int, new_tokens: int) -> int:
+    return prompt + new_tokens
+
+  def reading_length(self, length: int, chunk: int) -> int:
+    return length
 
 
 def _forward_program(graphdef):
@@ -156,7 +304,7 @@ def token_nll(model, tokens, *, kv_cache=None, chunk: int = 256) -> np.ndarray:
   length = steps * chunk  # the dense cache holds the padded text
   graphdef, state = nnx.split(model)
   forward = _forward_program(graphdef)
-  cache = jax.jit(lambda: policy.init(model.cfg, b, length))()
+  cache = jax.jit(lambda: policy.init(model.cfg, b, policy.reading_length(length, chunk)))()
   # Committed like the cache each chunk returns, so the second chunk reuses the first's program.
   cache = jax.device_put(cache, jax.tree.leaves(state)[0].sharding)
   padded = np.zeros((b, length + 1), np.int32)

@@ -84,19 +84,19 @@ def init_h2o_cache(cfg, batch_size: int, *, heavy: int, recent: int, dtype=None)
   )
 
 
-def h2o_attention(q, k_new, v_new, positions, layer, *, heavy: int, recent: int):
-  """One layer's attention for a chunk through the H2O cache, and the cache after selection.
+def attend_cache_and_chunk(q, k_new, v_new, positions, k_cache, v_cache, slot_pos):
+  """A chunk's attention over per-head cached entries plus itself (causal by position).
 
-  q [B, C, H, D], k_new/v_new [B, C, KVH, D] (rotated at their positions), positions [B, C]
-  (negative: padding, neither kept nor seen), layer = (k [B, KVH, T, D], v, positions
-  [B, KVH, T], scores [B, KVH, T]). Returns (out [B, C, H, D], layer)."""
-  k_cache, v_cache, slot_pos, scores = layer
+  q [B, C, H, D], k_new/v_new [B, C, KVH, D], positions [B, C] (negative: padding, neither seeing
+  nor seen), k_cache/v_cache [B, KVH, T, D] with slot positions [B, KVH, T] (-1: empty). Returns
+  (out [B, C, H, D], probs f32 [B, KVH, G, C, T + C], keys, values [B, KVH, T + C, D], key positions
+  [B, KVH, T + C]): the union the caller selects from."""
   b, c, h, d = q.shape
-  kvh, t = k_cache.shape[1], k_cache.shape[2]
+  kvh = k_cache.shape[1]
   g = h // kvh
-  keys = jnp.concatenate([k_cache, k_new.transpose(0, 2, 1, 3).astype(k_cache.dtype)], axis=2)  # [B, KVH, T+C, D]
+  keys = jnp.concatenate([k_cache, k_new.transpose(0, 2, 1, 3).astype(k_cache.dtype)], axis=2)
   values = jnp.concatenate([v_cache, v_new.transpose(0, 2, 1, 3).astype(v_cache.dtype)], axis=2)
-  kpos = jnp.concatenate([slot_pos, jnp.broadcast_to(positions[:, None], (b, kvh, c))], axis=2)  # [B, KVH, T+C]
+  kpos = jnp.concatenate([slot_pos, jnp.broadcast_to(positions[:, None], (b, kvh, c))], axis=2)
   qg = q.reshape(b, c, kvh, g, d).transpose(0, 2, 3, 1, 4)  # [B, KVH, G, C, D]
   s = jnp.einsum("bkgsd,bktd->bkgst", qg, keys, preferred_element_type=jnp.float32) / jnp.sqrt(d)
   qp = positions[:, None, None, :, None]
@@ -104,7 +104,19 @@ def h2o_attention(q, k_new, v_new, positions, layer, *, heavy: int, recent: int)
   visible = (kp >= 0) & (kp <= qp) & (qp >= 0)
   probs = jnp.where(visible, jax.nn.softmax(jnp.where(visible, s, _MASKED), axis=-1), 0.0)
   out = jnp.einsum("bkgst,bktd->bkgsd", probs.astype(values.dtype), values)
-  out = out.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, c, h, d).astype(q.dtype), probs, keys, values, kpos
+
+
+def h2o_attention(q, k_new, v_new, positions, layer, *, heavy: int, recent: int):
+  """One layer's attention for a chunk through the H2O cache, and the cache after selection.
+
+  q [B, C, H, D], k_new/v_new [B, C, KVH, D] (rotated at their positions), positions [B, C]
+  (negative: padding, neither kept nor seen), layer = (k [B, KVH, T, D], v, positions
+  [B, KVH, T], scores [B, KVH, T]). Returns (out [B, C, H, D], layer)."""
+  k_cache, v_cache, slot_pos, scores = layer
+  b, c = positions.shape
+  kvh, t = k_cache.shape[1], k_cache.shape[2]
+  out, probs, keys, values, kpos = attend_cache_and_chunk(q, k_new, v_new, positions, k_cache, v_cache, slot_pos)
   acc = jnp.concatenate([scores, jnp.zeros((b, kvh, c), jnp.float32)], axis=2) + probs.sum(axis=(2, 3))
   # Keep the `recent` newest positions, then the best-scored of the rest; empty slots last.
   newest = jnp.max(positions, axis=1)[:, None, None]
@@ -120,7 +132,7 @@ def h2o_attention(q, k_new, v_new, positions, layer, *, heavy: int, recent: int)
     constrain(kept_pos, SLOT_AXES),
     constrain(jnp.where(kept_pos >= 0, take(acc), 0.0), SLOT_AXES),
   )
-  return out.astype(q.dtype), layer
+  return out, layer
 
 
 def reset(cache: H2OCache) -> H2OCache:

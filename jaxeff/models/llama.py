@@ -41,10 +41,13 @@ from jaxeff.errors import ConfigError
 from jaxeff.models import attention as attention_lib
 from jaxeff.models import kv_cache as kv_cache_lib
 from jaxeff.models.h2o_cache import H2OCache, h2o_attention
+from jaxeff.models.kivi_cache import KIVICache, kivi_attention
+from jaxeff.models.kivi_cache import advance as kivi_advance
 from jaxeff.models.kv_cache import KVCache
 from jaxeff.models.layers import Embed, Linear, RMSNorm, apply_rope, rope_cos_sin, rope_frequencies
 from jaxeff.models.ring_cache import RingCache, ring_attention
 from jaxeff.models.ring_cache import advance as ring_advance
+from jaxeff.models.snapkv_cache import SnapKVCache, snapkv_attention
 from jaxeff.sharding import BATCH, EMBED, HEAD_DIM, HEADS, KV_HEADS, LAYERS, MLP, SEQ, VOCAB, constrain
 
 BATCH_SEQ_EMBED = (BATCH, SEQ, EMBED)
@@ -121,11 +124,11 @@ class Attention(nnx.Module):
       return self._out(self.method(x, q, k, v))
     return self._out(self._attend_fn()(q, k, v, q_positions=positions, kv_positions=positions))
 
-  def h2o(self, x, cos, sin, positions, layer, cache: H2OCache):
-    """Attention through a heavy-hitter cache (`jaxeff.models.h2o_cache`): returns (output,
-    layer state after this chunk's selection)."""
+  def selective(self, x, cos, sin, positions, layer, attend):
+    """Attention through a cache that keeps its own entries per kv head (H2O, SnapKV): `attend`
+    (q, k, v, positions, layer) -> (output, layer state after this chunk)."""
     q, k, v = self._qkv(x, cos, sin)
-    out, layer = h2o_attention(q, k, v, positions, layer, heavy=cache.heavy, recent=cache.recent)
+    out, layer = attend(q, k, v, positions, layer)
     return self._out(out), layer
 
   def cached(self, x, cos, sin, positions, kv, tree=None):
@@ -209,9 +212,9 @@ class Block(nnx.Module):
     h, kv = self.self_attn.ring(self.input_layernorm(x), positions, kv, cache)
     return self._mlp(x + h), kv
 
-  def h2o(self, x, cos, sin, positions, layer, cache):
-    """As `cached`, through a heavy-hitter cache."""
-    h, layer = self.self_attn.h2o(self.input_layernorm(x), cos, sin, positions, layer, cache)
+  def selective(self, x, cos, sin, positions, layer, attend):
+    """As `cached`, through a cache with per-head entries (H2O, SnapKV)."""
+    h, layer = self.self_attn.selective(self.input_layernorm(x), cos, sin, positions, layer, attend)
     return self._mlp(x + h), layer
 
   def cached(self, x, cos, sin, positions, kv, tree=None):
@@ -312,12 +315,12 @@ class Llama(nnx.Module):
     """
     if positions is None:
       raise ValueError("a cached forward needs explicit positions (where to write in the cache)")
-    if isinstance(cache, (RingCache, H2OCache)):
+    if isinstance(cache, (RingCache, H2OCache, SnapKVCache, KIVICache)):
       if tree is not None or num_layers is not None:
         raise ValueError("a bounded cache takes plain chunks (no token tree, all layers)")
-      if isinstance(cache, H2OCache):
-        return self._forward_h2o(tokens, positions, cache)
-      return self._forward_ring(tokens, positions, cache)
+      if isinstance(cache, RingCache):
+        return self._forward_ring(tokens, positions, cache)
+      return self._forward_selective(tokens, positions, cache)
     if cache.stacked != self.cfg.scan_layers:
       raise ConfigError(
         f"cache layout ({'stacked' if cache.stacked else 'per layer'}) does not match "
@@ -372,29 +375,52 @@ class Llama(nnx.Module):
       k, v = tuple(ks), tuple(vs)
     return CachedForward(self.norm(x), cache.replace(k=k, v=v, slot_positions=ring_advance(cache, positions)))
 
-  def _forward_h2o(self, tokens, positions, cache: H2OCache) -> CachedForward:
+  def _forward_selective(self, tokens, positions, cache) -> CachedForward:
+    """Through an H2O or SnapKV cache (per layer and kv head its own kept entries) or a KIVI one
+    (attention over quantized entries inside the layer)."""
     cfg = self.cfg
+    name = type(cache).__name__
     if cfg.sliding_window is not None or cfg.attention_sinks:
-      raise ConfigError("an H2O cache replaces the model's own sliding window; use one of them")
+      raise ConfigError(f"an {name} replaces the model's own sliding window; use one of them")
     if cache.stacked != cfg.scan_layers:
-      raise ConfigError("H2O cache layout does not match model scan_layers; build it with init_h2o_cache(model.cfg)")
+      raise ConfigError(f"{name} layout does not match model scan_layers; build it with the policy's init(model.cfg)")
+    if isinstance(cache, H2OCache):
+      attend = functools.partial(h2o_attention, heavy=cache.heavy, recent=cache.recent)
+    elif isinstance(cache, SnapKVCache):
+      attend = functools.partial(snapkv_attention, budget=cache.budget, window=cache.window, pool=cache.pool)
+    else:
+      counters = (cache.quantized, cache.end) + kivi_advance(cache, positions)
+      attend = functools.partial(
+        kivi_attention,
+        counters=counters,
+        bits=cache.bits,
+        group=cache.group,
+        impl=cache.impl,
+        interpret=cache.interpret,
+      )
     # Padding (position < 0) is rotated at 0 and never kept or seen.
     x, cos, sin = self._embed(tokens, jnp.maximum(positions, 0))
     if cfg.scan_layers:
 
       @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: LAYERS})
       def run(x, block, layer):
-        return block.h2o(x, cos, sin, positions, layer, cache)
+        return block.selective(x, cos, sin, positions, layer, attend)
 
       x, layers = run(x, self.layers, cache.layers())
     else:
       per_layer = []
       for block, layer in zip(self.layers, zip(*cache.layers())):
-        x, layer = block.h2o(x, cos, sin, positions, layer, cache)
+        x, layer = block.selective(x, cos, sin, positions, layer, attend)
         per_layer.append(layer)
       layers = tuple(tuple(xs) for xs in zip(*per_layer))
-    k, v, slot_positions, scores = layers
-    return CachedForward(self.norm(x), cache.replace(k=k, v=v, positions=slot_positions, scores=scores))
+    if isinstance(cache, H2OCache):
+      k, v, slot_positions, scores = layers
+      return CachedForward(self.norm(x), cache.replace(k=k, v=v, positions=slot_positions, scores=scores))
+    if isinstance(cache, KIVICache):
+      quantized, end = counters[2:]
+      return CachedForward(self.norm(x), cache.with_layers(layers).replace(quantized=quantized, end=end))
+    k, v, slot_positions = layers
+    return CachedForward(self.norm(x), cache.replace(k=k, v=v, positions=slot_positions))
 
   def logits(self, x: jax.Array) -> jax.Array:
     """f32 logits [..., vocab] from final hidden states [..., hidden] (the LM head, tied or not)."""
