@@ -1,4 +1,4 @@
-"""GGUF files (llama.cpp) of Llama-family models -> float checkpoints and tokenizers.
+"""GGUF files (llama.cpp) of Llama-family models -> float checkpoints and tokenizers, and back.
 
 `jaxeff.hf.load("SmolLM2-135M-Instruct.Q4_1.gguf")` returns the model (converted once, cached by
 hash); `jaxeff.gguf.tokenizer(path)` its `tokenizers.Tokenizer`.
@@ -18,6 +18,11 @@ tokenizer_config.json (special tokens, chat template) once into a cache folder n
 SHA-256 (`$JAXEFF_CACHE_DIR/gguf/`, default `~/.cache/jaxeff/gguf/`), so `jaxeff.hf.load` of a
 `.gguf` reads a plain HF directory from the second time on. Written to a temporary folder and
 renamed into place: an interrupted conversion leaves nothing half-written.
+
+`write(path, hf_config, tensors, tokenizer_dir, file_type=...)` goes the other way: a Hugging
+Face config and HF-named float tensors (`jaxeff.hf.hf_tensors`) plus a tokenizer directory to a
+GGUF llama.cpp loads (its tensor names, q/k rows in its order, tokenizer and chat template
+metadata), as f16, q8_0, q4_0 or q4_1.
 
 Supported: general.architecture `llama` (Llama 1-3, and Mistral, which llama.cpp writes as llama)
 and `qwen2`; byte-level BPE tokenizers (`gpt2`: SmolLM, Llama 3, Qwen2, ...) and SentencePiece BPE
@@ -506,3 +511,186 @@ def converted_checkpoint(path: str | os.PathLike, cache_dir: str | os.PathLike |
   if (out / "model.safetensors").exists():
     return out
   return convert(path, out)
+
+
+# ---------------------------------------------------------------------------- writing
+
+FILE_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
+_HF_TO_GGUF = {v: k for k, v in _TOP_NAMES.items()}
+_HF_LAYER_TO_GGUF = {v: k for k, v in _LAYER_NAMES.items()}
+_NORMAL, _UNUSED = 1, 5
+
+
+def _gguf_name(name: str) -> str:
+  if name in _HF_TO_GGUF:
+    return _HF_TO_GGUF[name]
+  parts = name.split(".", 3)
+  if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _HF_LAYER_TO_GGUF:
+    return f"blk.{parts[2]}.{_HF_LAYER_TO_GGUF[parts[3]]}"
+  raise GGUFError(f"tensor {name!r} has no GGUF (llama.cpp) name")
+
+
+def permute_rotary_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+  """llama.cpp's q/k row order (the inverse of `unpermute_rotary_rows`)."""
+  head_dim = w.shape[0] // num_heads
+  return w.reshape(num_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _pre_tokenizer_name(pre: dict | None) -> str:
+  """llama.cpp's `tokenizer.ggml.pre` for a tokenizer.json pre-tokenizer (the inverse of
+  `_byte_level_tokenizer`'s table)."""
+  steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+  kinds = [p.get("type") for p in steps]
+  if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits"):
+    return "smollm"
+  if kinds == ["ByteLevel"]:
+    return "gpt-2"  # llama.cpp's name for GPT-2's split pattern
+  if kinds and kinds[0] == "Split":
+    pattern = steps[0].get("pattern", {}).get("Regex")
+    for name, split in (("llama-bpe", _LLAMA3_SPLIT), ("qwen2", _QWEN2_SPLIT)):
+      if pattern == split:
+        return name
+  raise GGUFError(f"no llama.cpp pre-tokenizer name for this tokenizer.json pre_tokenizer ({kinds})")
+
+
+def _tokenizer_metadata(writer, tokenizer_dir: pathlib.Path, vocab_size: int) -> None:
+  """Byte-level BPE tokenizer (tokenizer.json, tokenizer_config.json) -> GGUF tokenizer metadata."""
+  tok_json = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+  config_path = tokenizer_dir / "tokenizer_config.json"
+  config = json.loads(config_path.read_text()) if config_path.exists() else {}
+  model = tok_json.get("model", {})
+  if model.get("type") != "BPE" or not any(
+    p.get("type") == "ByteLevel"
+    for p in [tok_json.get("decoder") or {}, *(tok_json.get("decoder") or {}).get("decoders", [])]
+  ):
+    raise GGUFError("GGUF export writes byte-level BPE tokenizers (gpt2 kind: SmolLM, Llama 3, Qwen2) only")
+  tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+  types = [_UNUSED] * vocab_size
+  for text, i in model["vocab"].items():
+    if i < vocab_size:
+      tokens[i], types[i] = text, _NORMAL
+  for added in tok_json.get("added_tokens", []):
+    if added["id"] < vocab_size:
+      tokens[added["id"]] = added["content"]
+      types[added["id"]] = _CONTROL if added.get("special") else _USER_DEFINED
+  merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json.get("pre_tokenizer")))
+  writer.add_token_list(tokens)
+  writer.add_token_types(types)
+  writer.add_token_merges(merges)
+  ids = {t: i for i, t in enumerate(tokens)}
+
+  def special(key):
+    value = config.get(key)
+    value = value.get("content") if isinstance(value, dict) else value
+    return ids.get(value) if value is not None else None
+
+  for key, add in (
+    ("bos_token", writer.add_bos_token_id),
+    ("eos_token", writer.add_eos_token_id),
+    ("pad_token", writer.add_pad_token_id),
+    ("unk_token", writer.add_unk_token_id),
+  ):
+    if special(key) is not None:
+      add(special(key))
+  writer.add_add_bos_token(bool(config.get("add_bos_token", False)))
+  if config.get("chat_template"):
+    writer.add_chat_template(config["chat_template"])
+
+
+def write(
+  path: str | os.PathLike,
+  hf_cfg: dict,
+  tensors: dict[str, np.ndarray],
+  tokenizer_dir: str | os.PathLike,
+  *,
+  file_type: str = "f16",
+  name: str | None = None,
+) -> pathlib.Path:
+  """Writes a GGUF file llama.cpp loads: the model `hf_cfg` describes (config.json's dict, llama or
+  qwen2), its HF-named float tensors, and the byte-level BPE tokenizer in `tokenizer_dir`.
+
+  Matrices are stored as `file_type` (f32, f16, or the block formats q8_0, q4_0, q4_1, quantized
+  by the `gguf` package: 32 weights per block along each row); norms and biases stay f32. The file
+  is written next to `path` and renamed into place; an existing `path` is never overwritten.
+  """
+  gguf = _gguf()
+  path = pathlib.Path(path)
+  if file_type not in FILE_TYPES:
+    raise GGUFError(f"GGUF type must be one of {', '.join(FILE_TYPES)}, got {file_type!r}")
+  if path.exists():
+    raise GGUFError(f"{path} already exists; GGUF export never overwrites")
+  arch = hf_cfg.get("model_type")
+  if arch == "mistral":
+    arch = "llama"  # llama.cpp reads Mistral as llama
+  if arch not in ARCHITECTURES:
+    raise GGUFError(f"GGUF export supports {', '.join(ARCHITECTURES)} models, not {hf_cfg.get('model_type')!r}")
+  rope = hf_cfg.get("rope_scaling") or {}
+  kind = rope.get("rope_type", rope.get("type", "default")) if rope else "default"
+  if kind not in ("default", "linear"):
+    raise GGUFError(f"GGUF export supports no rope scaling or linear scaling, not {kind!r}")
+  heads, kv_heads = hf_cfg["num_attention_heads"], hf_cfg["num_key_value_heads"]
+  head_dim = hf_cfg.get("head_dim") or hf_cfg["hidden_size"] // heads
+  qtype = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "q4_1": gguf.GGMLQuantizationType.Q4_1,
+  }[file_type]
+  ftype = {
+    "f32": gguf.LlamaFileType.ALL_F32,
+    "f16": gguf.LlamaFileType.MOSTLY_F16,
+    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+    "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
+  }[file_type]
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  writer = gguf.GGUFWriter(str(tmp), arch)
+  try:
+    writer.add_name(name or path.stem)
+    writer.add_context_length(int(hf_cfg["max_position_embeddings"]))
+    writer.add_embedding_length(int(hf_cfg["hidden_size"]))
+    writer.add_block_count(int(hf_cfg["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(hf_cfg["intermediate_size"]))
+    writer.add_head_count(int(heads))
+    writer.add_head_count_kv(int(kv_heads))
+    writer.add_key_length(int(head_dim))
+    writer.add_value_length(int(head_dim))
+    writer.add_rope_dimension_count(int(head_dim))
+    writer.add_rope_freq_base(float(hf_cfg.get("rope_theta") or 10000.0))
+    if kind == "linear":
+      writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+      writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_layer_norm_rms_eps(float(hf_cfg["rms_norm_eps"]))
+    writer.add_vocab_size(int(hf_cfg["vocab_size"]))
+    writer.add_file_type(ftype)
+    _tokenizer_metadata(writer, pathlib.Path(tokenizer_dir), int(hf_cfg["vocab_size"]))
+    for hf_name, w in tensors.items():
+      if hf_name == "lm_head.weight" and hf_cfg.get("tie_word_embeddings"):
+        continue
+      gguf_name = _gguf_name(hf_name)
+      w = np.asarray(w, np.float32)
+      if arch == "llama" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):
+        w = permute_rotary_rows(w, heads if "q_proj" in hf_name else kv_heads)
+      if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+        writer.add_tensor(gguf_name, np.ascontiguousarray(w))
+      elif qtype == gguf.GGMLQuantizationType.F16:
+        writer.add_tensor(gguf_name, w.astype(np.float16))
+      else:
+        if w.shape[-1] % GGUF_BLOCK:
+          raise GGUFError(f"{hf_name}: rows of {w.shape[-1]} do not split into {file_type} blocks of {GGUF_BLOCK}")
+        writer.add_tensor(gguf_name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    if path.exists():
+      raise GGUFError(f"{path} appeared while writing; GGUF export never overwrites")
+    tmp.rename(path)
+  finally:
+    if tmp.exists():
+      tmp.unlink()
+  return path

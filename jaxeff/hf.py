@@ -325,6 +325,22 @@ def _load_gguf_as_is(path: pathlib.Path, *, mesh, **overrides) -> tuple[Llama, M
   return model, cfg
 
 
+def hf_tensors(model: Llama, cfg: ModelConfig) -> dict[str, np.ndarray]:
+  """The model's parameters under Hugging Face's names and layout ([out, in] linears), float32 on
+  the host (what `save` writes and `jaxeff.gguf.write` converts)."""
+  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  tensors: dict[str, np.ndarray] = {}
+  for key, (name, tr) in _top_names(cfg).items():
+    v = np.asarray(jax.device_get(_get(params, key)), np.float32)
+    tensors[name] = np.ascontiguousarray(v.T if tr else v)
+  for key, (name, tr) in _hf_names(cfg).items():
+    for i in range(cfg.num_layers):
+      v = _get(params["layers"], key)[i] if cfg.scan_layers else _get(params["layers"][i], key)
+      v = np.asarray(jax.device_get(v), np.float32)
+      tensors[name.format(i=i)] = np.ascontiguousarray(v.T if tr else v)
+  return tensors
+
+
 def save(
   model: Llama, cfg: ModelConfig, path: str | os.PathLike, *, architecture: str | None = None, overwrite: bool = False
 ) -> pathlib.Path:
@@ -339,16 +355,7 @@ def save(
   if path.exists() and any(path.iterdir()) and not overwrite:
     raise HFError(f"{path} exists and is not empty (pass overwrite=True to replace it)")
   hf_cfg = config_to_hf(cfg, architecture)
-  params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  tensors: dict[str, np.ndarray] = {}
-  for key, (name, tr) in _top_names(cfg).items():
-    v = np.asarray(jax.device_get(_get(params, key)), np.float32)
-    tensors[name] = np.ascontiguousarray(v.T if tr else v)
-  for key, (name, tr) in _hf_names(cfg).items():
-    for i in range(cfg.num_layers):
-      v = _get(params["layers"], key)[i] if cfg.scan_layers else _get(params["layers"][i], key)
-      v = np.asarray(jax.device_get(v), np.float32)
-      tensors[name.format(i=i)] = np.ascontiguousarray(v.T if tr else v)
+  tensors = hf_tensors(model, cfg)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
   try:

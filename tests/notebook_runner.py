@@ -11,6 +11,9 @@ from nbclient import NotebookClient
 COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
 # Generation with SmolLM2 (the serving notebook, a server in the background, stays with the others).
 GENERATION = ("inference", "long_context", "speculative_decoding")
+# Run on one CPU device, as on a Colab machine: training SmolLM2 over the suite's 8 fake devices
+# (which share 2 cores) took over 10 minutes for what one device does in one.
+SINGLE_DEVICE = ("finetune",)
 
 
 def notebooks(names=None) -> list[pathlib.Path]:
@@ -24,6 +27,12 @@ def optimized_xla(monkeypatch) -> None:
   inference notebook: 92 s with them, 47 s without, measured alone)."""
   cheap = ("--xla_backend_optimization_level", "--xla_llvm_disable_expensive_passes")
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(cheap)]
+  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
+
+
+def single_device(monkeypatch) -> None:
+  """The kernel sees one CPU device (drops conftest's fake device count)."""
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
 
 

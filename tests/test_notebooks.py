@@ -15,4 +15,6 @@ def test_every_notebook_is_run_by_one_file():
 @pytest.mark.parametrize("path", OTHERS, ids=[p.stem for p in OTHERS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
   notebook_runner.optimized_xla(monkeypatch)
+  if path.stem in notebook_runner.SINGLE_DEVICE:
+    notebook_runner.single_device(monkeypatch)
   notebook_runner.run(path, tmp_path)

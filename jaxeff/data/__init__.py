@@ -16,13 +16,26 @@ At scale, tokenize once and train from disk::
   python -m jaxeff.data prepare --input 'corpus/*.jsonl' [--tokenizer tokenizer.json] --output DIR
   DataConfig(dataset="DIR")     # or `data.dataset=DIR` on the training command line
 
+Fine-tuning on conversations: `DataConfig(format="chat", paths=["chats.jsonl"], tokenizer=...)` and
+`load_data(cfg, seq_len)` give `ChatData` (one conversation per row, a `loss_mask` on assistant
+tokens; `jaxeff.data.chat`), which `train_iterator` and `val_batches` batch the same way.
+
 Modules: `sources` (DataConfig, DataError, corpus files and the documents in text / jsonl /
 parquet files), `tokenizer` (bytes or a tokenizer.json), `prepared` (`prepare`, `TokenFile`: the
 on-disk format), `pipeline` (TextData, the grain datasets; split, packing, sharding and state
 are described there).
 """
 
-from jaxeff.data.pipeline import TextData, load_tokens, train_dataset, train_iterator, val_batches, vocab_size
+from jaxeff.data.chat import ChatData, ChatTemplate
+from jaxeff.data.pipeline import (
+  TextData,
+  load_data,
+  load_tokens,
+  train_dataset,
+  train_iterator,
+  val_batches,
+  vocab_size,
+)
 from jaxeff.data.prepared import TokenFile, prepare
 from jaxeff.data.sources import DataConfig, DataError, corpus_files, default_corpus_files, resolve_paths
 from jaxeff.data.tokenizer import BYTE_EOD_ID, BYTE_VOCAB_SIZE, EOD_TOKENS, ByteTokenizer, HFTokenizer, get_tokenizer
@@ -31,6 +44,9 @@ __all__ = [
   "DataConfig",
   "DataError",
   "TextData",
+  "ChatData",
+  "ChatTemplate",
+  "load_data",
   "TokenFile",
   "prepare",
   "load_tokens",

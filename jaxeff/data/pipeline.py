@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jaxeff.data.chat import ChatData, rows_batch
 from jaxeff.data.prepared import TokenFile, check_tokenizer, read_index, token_dtype
 from jaxeff.data.sources import DataConfig, DataError, corpus_files, iter_documents
 from jaxeff.data.tokenizer import get_tokenizer
@@ -93,6 +94,11 @@ class TextData:
     return cls(train=tokens[:split], val=tokens[split:], vocab_size=vocab, seed=cfg.seed)
 
 
+def load_data(cfg: DataConfig, seq_len: int) -> TextData | ChatData:
+  """The run's data: `TextData` (data.format=text) or `ChatData` rows of `seq_len + 1` (chat)."""
+  return ChatData.load(cfg, seq_len) if cfg.format == "chat" else TextData.load(cfg)
+
+
 def vocab_size(data: DataConfig | TextData) -> int:
   """Number of token ids (256 for bytes, the tokenizer's size with added tokens otherwise)."""
   if isinstance(data, TextData):
@@ -102,8 +108,8 @@ def vocab_size(data: DataConfig | TextData) -> int:
   return get_tokenizer(data.tokenizer).vocab_size
 
 
-def _as_data(data: DataConfig | TextData) -> TextData:
-  return data if isinstance(data, TextData) else TextData.load(data)
+def _as_data(data: DataConfig | TextData | ChatData) -> TextData | ChatData:
+  return data if isinstance(data, (TextData, ChatData)) else TextData.load(data)
 
 
 def _local_rows(batch_size: int, process_index: int, process_count: int) -> slice:
@@ -153,6 +159,10 @@ def train_dataset(
   """
   data = _as_data(data)
   rows = _local_rows(batch_size, process_index, process_count)
+  if isinstance(data, ChatData):  # one conversation per row, shuffled and repeated like windows
+    tokens, mask = data.train_tokens, data.train_mask
+    ds = _grain().MapDataset.range(len(tokens)).shuffle(seed=data.seed).repeat()
+    return ds.batch(batch_size, drop_remainder=True).map(lambda ids: rows_batch(tokens, mask, ids[rows]))
   tokens = data.train
   ds = _grain().MapDataset.range(_num_windows(tokens, seq_len, "train"))
   ds = ds.shuffle(seed=data.seed).repeat()  # `repeat` reseeds the shuffle every epoch.
@@ -190,6 +200,15 @@ def val_batches(
   """
   data = _as_data(data)
   rows = _local_rows(batch_size, process_index, process_count)
+  if isinstance(data, ChatData):
+    tokens, mask = data.val_tokens, data.val_mask
+    count = len(tokens) // batch_size if max_batches is None else min(len(tokens) // batch_size, max_batches)
+    if len(tokens) and not count:
+      raise DataError(
+        f"validation split too short: {len(tokens)} chat records, fewer than batch_size={batch_size}; "
+        f"raise data.val_fraction or lower batch_size"
+      )
+    return [rows_batch(tokens, mask, np.arange(i * batch_size, (i + 1) * batch_size)[rows]) for i in range(count)]
   tokens = data.val
   if len(tokens) == 0:
     return []

@@ -38,6 +38,8 @@ class DataConfig:
   val_fraction: float = 0.05  # tail of the token stream held out for validation
   max_corpus_bytes: int = 16_000_000  # cap on the default corpus (keeps startup fast)
   seed: int = 0  # shuffle seed, 0 <= seed < 2**32
+  format: str = "text"  # "text": documents packed into windows; "chat": JSONL conversations (jaxeff.data.chat)
+  truncate: bool = False  # chat: cut records longer than seq_len + 1 tokens (else they are skipped and counted)
 
   def __post_init__(self):
     if isinstance(self.paths, (str, os.PathLike)):
@@ -52,6 +54,10 @@ class DataConfig:
       raise DataError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
     if self.max_corpus_bytes <= 0:
       raise DataError(f"data.max_corpus_bytes must be positive, got {self.max_corpus_bytes}")
+    if self.format not in ("text", "chat"):
+      raise DataError(f"data.format must be text or chat, got {self.format!r}")
+    if self.format == "chat" and self.dataset is not None:
+      raise DataError("data.format=chat reads JSONL files (data.paths), not a prepared data.dataset")
     if not 0 <= self.seed < 2**32:
       raise DataError(f"data.seed must be in [0, 2**32), got {self.seed}")
 

@@ -57,19 +57,9 @@ class TextTokenizer:
     """The conversation as the model expects it (Hugging Face chat-template semantics)."""
     if not self.chat_template:
       raise HFError("this model has no chat template (tokenizer_config.json 'chat_template')")
-    import jinja2
-    from jinja2 import sandbox
+    from jaxeff.data.chat import render_template
 
-    env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-
-    def raise_exception(message):
-      raise HFError(f"chat template: {message}")
-
-    env.globals["raise_exception"] = raise_exception
-    tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
-    return env.from_string(self.chat_template).render(
-      messages=messages, add_generation_prompt=add_generation_prompt, **tokens
-    )
+    return render_template(self.chat_template, messages, add_generation_prompt, self.special_tokens)
 
 
 def _token_content(value) -> str | None:

@@ -79,6 +79,9 @@ class TrainConfig:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   medusa: MedusaConfig = dataclasses.field(default_factory=MedusaConfig)  # medusa.base set: train Medusa heads
+  # Fine-tune a pretrained model: a Hugging Face directory or a .gguf file (jaxeff.training.pretrained):
+  # its architecture and tokenizer; model.* keys may change compute settings only.
+  init_from: str | None = None
   mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1})  # axes data, fsdp, tensor
   steps: int = 200
   batch_size: int = 16  # global, across all processes
@@ -139,11 +142,14 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
       then modify. A file's `model` section starts from `ModelConfig`'s defaults.
     overrides: `key=value` strings with dotted keys (`model.num_layers=2`); values parse as YAML
       (`mesh={data: 4}`, `data.paths=[a.txt]`, `optimizer.clip_norm=null`).
+    With `init_from=PATH` the model config and tokenizer come from that checkpoint
+    (`jaxeff.training.pretrained.resolve`); the `model.*` keys given may change compute settings only.
 
   Raises:
     ConfigError: a missing or invalid file, an unknown key, a value of the wrong type.
   """
   values = load_yaml(path) if path else config_to_dict(TrainConfig())
+  given_model = set((values.get("model") or {}) if path else ())  # the keys a file's model section sets
   for item in overrides:
     key, sep, raw = item.partition("=")
     if not sep or not key:
@@ -153,4 +159,16 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     except yaml.YAMLError:
       value = raw
     _set_path(values, key.strip(), value)
-  return config_from_dict(values)
+    if key.strip().startswith("model."):
+      given_model.add(key.strip().split(".", 1)[1])
+    elif key.strip() == "model" and isinstance(value, dict):
+      given_model |= set(value)
+  cfg = config_from_dict(values)
+  if cfg.init_from is not None:
+    from jaxeff.training import pretrained
+
+    if cfg.medusa.base is not None:
+      raise ConfigError("init_from (fine-tuning) and medusa.base (Medusa heads) are different runs; give one")
+    default = {} if path else {"attention": CPU_ATTENTION}  # the built-in config's CPU attention
+    cfg = pretrained.resolve(cfg, given_model, default)
+  return cfg

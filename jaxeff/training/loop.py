@@ -215,8 +215,14 @@ class Trainer:
     self._batch_sharding = jax.NamedSharding(self.mesh, sharding.logical_to_spec((sharding.BATCH, None)))
 
   def init_state(self) -> TrainState:
-    """A fresh state (seed `cfg.seed`), each array created in its sharding."""
-    return init_state(self.make_model, self.tx, self.shardings, self.cfg.seed)
+    """A fresh state (seed `cfg.seed`), each array created in its sharding; with `cfg.init_from`,
+    the pretrained parameters (read once, placed by their logical axes)."""
+    params = None
+    if self.cfg.init_from is not None:
+      from jaxeff.training import pretrained
+
+      params = pretrained.load_params(self.cfg, self.mesh)
+    return init_state(self.make_model, self.tx, self.shardings, self.cfg.seed, params)
 
   def global_batch(self, local: dict) -> dict:
     """This process's rows of a batch (host arrays) -> global arrays split over the batch axes."""
@@ -284,7 +290,7 @@ def train(
   trainer = Trainer(cfg, model_factory=model_factory, loss_fn=loss_fn)
   _check_writable(out_dir, ckpt_dir)  # before the data is tokenized and anything compiles
   # Data first (the tokenizer is built once, here): a bad path fails before any compilation.
-  data = data_lib.TextData.load(cfg.data)
+  data = data_lib.load_data(cfg.data, cfg.seq_len)
   if cfg.model.vocab_size < data.vocab_size:
     raise ConfigError(
       f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's vocabulary ({data.vocab_size})"

@@ -108,13 +108,21 @@ def state_shardings(abstract: TrainState, mesh: Mesh, per_device: bool = False) 
 
 
 def init_state(
-  make_model: Callable[[], nnx.Module], tx: optax.GradientTransformation, shardings: TrainState, seed: int
+  make_model: Callable[[], nnx.Module],
+  tx: optax.GradientTransformation,
+  shardings: TrainState,
+  seed: int,
+  params: nnx.State | None = None,
 ) -> TrainState:
-  """A fresh state, each array created directly in its sharding (no device holds it whole)."""
+  """A fresh state, each array created directly in its sharding (no device holds it whole);
+  `params` (e.g. pretrained ones) instead of `make_model`'s initialization."""
   mesh = jax.tree.leaves(shardings)[0].mesh
   with jax.set_mesh(mesh):
-    # Two programs, not one: the parameters' is the same for every optimizer (compiled once).
-    params = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings.params)()
+    if params is None:
+      # Two programs, not one: the parameters' is the same for every optimizer (compiled once).
+      params = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings.params)()
+    else:
+      params = jax.device_put(params, shardings.params)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)
   return TrainState(
     step=jax.device_put(jnp.zeros((), jnp.int32), shardings.step),

@@ -1,0 +1,204 @@
+"""Fine-tuning end to end on a tiny GGUF: chat records -> masked rows, `init_from` (the checkpoint's
+architecture, tokenizer and weights), training on the masked loss, resume, and export back to GGUF
+(llama.cpp loads it and decodes what jaxeff decodes) and to Hugging Face (transformers' logits)."""
+
+import io
+import json
+import logging
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from tiny_gguf import CHAT_TEMPLATE, hf_tiny, write_gguf
+
+import jaxeff.hf
+from jaxeff import export, training
+from jaxeff.data.chat import ChatData, ChatTemplate, encode_chat
+from jaxeff.data.sources import DataConfig
+from jaxeff.data.tokenizer import HFTokenizer
+from jaxeff.errors import ConfigError
+from jaxeff.gguf import converted_checkpoint
+
+CHATS = [
+  {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "in the hat"}]},
+  {
+    "messages": [
+      {"role": "system", "content": "be brief"},
+      {"role": "user", "content": "12 cats?"},
+      {"role": "assistant", "content": "the cat 12"},
+      {"role": "user", "content": "and then"},
+      {"role": "assistant", "content": "the hat"},
+    ]
+  },
+  {"prompt": "a cat", "completion": "the cat sat"},
+]
+BAD = [
+  {"text": "no messages here"},
+  {"messages": [{"role": "robot", "content": "hi"}, {"role": "assistant", "content": "x"}]},
+  {"messages": [{"role": "user", "content": "only a question"}]},
+  {"messages": [{"role": "user", "content": "long " * 60}, {"role": "assistant", "content": "x"}]},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+  """(tiny.gguf, its converted HF directory, chats.jsonl with good and bad records)."""
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("JAXEFF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    root = tmp_path_factory.mktemp("ft")
+    path = write_gguf(
+      root / "tiny.gguf", hf_tiny("llama", seed=3, tie_word_embeddings=True), "llama", chat_template=CHAT_TEMPLATE
+    )
+    chats = root / "chats.jsonl"
+    lines = [json.dumps(r) for r in CHATS * 8] + [json.dumps(r) for r in BAD] + ["{not json"]
+    chats.write_text("\n".join(lines) + "\n")
+    yield path, converted_checkpoint(path), chats
+
+
+def test_chat_rows_mask_exactly_the_assistant_replies(tiny):
+  _, directory, _ = tiny
+  template = ChatTemplate.from_dir(directory)
+  tok = HFTokenizer(directory / "tokenizer.json")
+  messages = CHATS[1]["messages"]
+  ids, mask = encode_chat(messages, template, tok.encode)
+  assert tok.decode(ids) == template.render(messages, add_generation_prompt=False)
+  # The trained tokens are the two replies, each with the end-of-turn text that closes it.
+  trained = tok.decode(ids[mask])
+  assert trained == "the cat 12<|im_end|>\nthe hat<|im_end|>\n"
+  assert "be brief" in tok.decode(ids[~mask]) and "and then" in tok.decode(ids[~mask])
+
+
+def test_bad_records_are_counted_in_one_line(tiny, caplog):
+  _, directory, chats = tiny
+  cfg = DataConfig(format="chat", paths=[str(chats)], tokenizer=str(directory / "tokenizer.json"), val_fraction=0.1)
+  with caplog.at_level(logging.WARNING, logger="jaxeff.data.chat"):
+    data = ChatData.load(cfg, seq_len=128)
+  assert data.skipped == {
+    "no messages": 1,
+    "unknown role": 1,
+    "no assistant turn": 1,
+    "longer than seq_len + 1 = 129 tokens": 1,
+    "not JSON": 1,
+  }
+  (line,) = [r.getMessage() for r in caplog.records]
+  assert line.startswith("data: 5 of 29 chat records skipped")
+  assert len(data.train_tokens) + len(data.val_tokens) == 24
+  assert data.train_tokens.shape[1] == 129 and data.train_mask[:, 1:].any(axis=1).all()
+  truncated = ChatData.load(DataConfig(**{**cfg.__dict__, "truncate": True}), seq_len=128)
+  assert "longer than seq_len + 1 = 129 tokens" not in truncated.skipped
+
+
+def _overrides(tiny, out, *extra):
+  path, _, chats = tiny
+  return [
+    f"init_from={path}",
+    "data.format=chat",
+    f"data.paths=[{chats}]",
+    "data.val_fraction=0.34",
+    "seq_len=128",
+    "batch_size=8",
+    "eval_every=10",
+    "eval_batches=1",
+    "log_every=5",
+    "checkpoint_every=10",
+    "optimizer.learning_rate=3e-3",
+    "optimizer.warmup_steps=2",
+    "progress=false",
+    "tensorboard=false",
+    f"output_dir={out}",
+    *extra,
+  ]
+
+
+@pytest.fixture(scope="module")
+def run(tiny, tmp_path_factory):
+  """A 20-step fine-tuning run of the tiny GGUF on the chat records."""
+  out = tmp_path_factory.mktemp("run")
+  cfg = training.load_config(None, _overrides(tiny, out, "steps=20"))
+  return cfg, training.train(cfg)
+
+
+def test_init_from_takes_the_checkpoint_and_starts_from_its_weights(tiny, run):
+  path, directory, _ = tiny
+  cfg, result = run
+  model, source_cfg = jaxeff.hf.load(path)
+  assert (cfg.model.num_layers, cfg.model.vocab_size, cfg.model.tie_embeddings) == (2, 300, True)
+  assert cfg.model.attention == "blocked"  # the built-in config's CPU attention, a compute setting
+  assert cfg.data.tokenizer == str(directory / "tokenizer.json")
+  trainer = training.Trainer(cfg)
+  start = trainer.init_state()
+  want = jax.tree.leaves(nnx.state(model))
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(jax.tree.leaves(start.params), want))
+  # It learned the replies: the masked loss fell.
+  assert result.losses[-1] < 0.6 * result.losses[0], result.losses
+  assert np.isfinite(list(result.val_losses.values())).all()
+
+
+def test_architecture_overrides_are_refused_compute_ones_taken(tiny, tmp_path):
+  with pytest.raises(ConfigError, match=r"num_layers=3 \(checkpoint: 2\): would change the architecture"):
+    training.load_config(None, _overrides(tiny, tmp_path, "model.num_layers=3"))
+  cfg = training.load_config(None, _overrides(tiny, tmp_path, "model.remat=full", "model.attention=dense"))
+  assert (cfg.model.remat, cfg.model.attention, cfg.model.num_layers) == ("full", "dense", 2)
+  with pytest.raises(ConfigError, match="drop data.tokenizer"):
+    training.load_config(None, _overrides(tiny, tmp_path, f"data.tokenizer={tmp_path / 'other.json'}"))
+
+
+def test_resume_continues_the_fine_tuning_run(tiny, run):
+  cfg, result = run
+  more = training.load_config(None, _overrides(tiny, cfg.output_dir, "steps=22"))
+  resumed = training.train(more, resume=True)
+  assert len(resumed.losses) == 2 and resumed.step == 22
+
+
+def test_gguf_export_loads_in_llama_cpp_and_decodes_as_jaxeff(tiny, run, tmp_path):
+  llama_cpp = pytest.importorskip("llama_cpp")
+  from jaxeff.bench.common import llama_cpp_without_extra_buffers
+  from jaxeff.generate import Generator
+
+  cfg, _ = run
+  out = io.StringIO()
+  assert export.main(["--checkpoint", str(cfg.output_dir), "--gguf", str(tmp_path / "ft.gguf")], out=out) == 0
+  assert "GGUF (f16)" in out.getvalue()
+  trained, _ = training.load_checkpoint(cfg.output_dir)
+  exported, exported_cfg = jaxeff.hf.load(tmp_path / "ft.gguf")  # jaxeff reads its own export back
+  tokens = np.arange(3, 40, dtype=np.int32)[None]
+  np.testing.assert_allclose(exported(tokens), trained(tokens), atol=2e-2)  # f16 weights
+  llama_cpp_without_extra_buffers()
+  llm = llama_cpp.Llama(model_path=str(tmp_path / "ft.gguf"), n_ctx=64, verbose=False)
+  prompts = [[5, 80, 81, 7], [1, 40, 100, 101, 102, 90], [60, 61]]
+  want = Generator(exported, max_batch=1, max_seq_len=128).generate(prompts, max_new_tokens=8)
+  for prompt, expected in zip(prompts, want):
+    got = []
+    for t in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+      got.append(int(t))
+      if len(got) == 8:
+        break
+    assert got == expected, (prompt, got, expected)
+  assert llm.metadata.get("tokenizer.chat_template") == CHAT_TEMPLATE
+  # Quantized exports: a block format per type, read back within its rounding.
+  for kind, tol in (("q8_0", 0.05), ("q4_1", 0.5)):
+    path = tmp_path / f"ft-{kind}.gguf"
+    assert (
+      export.main(["--checkpoint", str(cfg.output_dir), "--gguf", str(path), "--type", kind], out=io.StringIO()) == 0
+    )
+    quantized, _ = jaxeff.hf.load(path)
+    assert np.abs(np.asarray(quantized(tokens)) - np.asarray(trained(tokens))).max() < tol
+  # Never overwrites.
+  err = io.StringIO()
+  assert export.main(["--checkpoint", str(cfg.output_dir), "--gguf", str(tmp_path / "ft.gguf")], err=err) == 2
+  assert "already exists" in err.getvalue()
+
+
+def test_hf_export_loads_in_transformers(run, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  cfg, _ = run
+  assert export.main(["--checkpoint", str(cfg.output_dir), "--hf", str(tmp_path / "hf")], out=io.StringIO()) == 0
+  assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "tokenizer_config.json").is_file()
+  trained, _ = training.load_checkpoint(cfg.output_dir)
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+  tokens = np.arange(3, 40, dtype=np.int64)[None]
+  with torch.no_grad():
+    want = hf_model(torch.from_numpy(tokens)).logits.numpy()
+  np.testing.assert_allclose(np.asarray(trained(tokens.astype(np.int32))), want, atol=1e-4, rtol=1e-4)
