@@ -4,6 +4,12 @@
   python -m jaxeff.train --config configs/125m.yaml data.dataset=corpus/prepared
   python -m jaxeff.train steps=600 --resume                # continue the run in output_dir exactly
   python -m jaxeff.train medusa.base=model.gguf steps=300  # Medusa-1 heads for a frozen base instead
+  python -m jaxeff.train init_from=model.gguf data.format=chat data.paths=[chats.jsonl]   # fine-tune
+
+Fine-tuning: `init_from=PATH` (a Hugging Face directory or a GGUF file) starts from that model's
+weights, with its architecture and tokenizer (`model.*` keys may change compute settings only);
+`data.format=chat` trains on the assistant tokens of JSONL conversations (`jaxeff.data.chat`);
+`python -m jaxeff.export` turns the run back into a transformers directory or a GGUF.
 
 One jitted step: cross-entropy, gradients, an optax chain (clip -> optimizer with warmup + cosine).
 Parameters and optimizer state are sharded by the logical-axis rules (jaxeff.sharding) over the
