@@ -14,6 +14,7 @@ from tiny_gguf import CHAT_TEMPLATE, hf_tiny, write_gguf
 
 import jaxeff.hf
 from jaxeff import export, training
+from jaxeff.data import vocab_size
 from jaxeff.data.chat import ChatData, ChatTemplate, encode_chat
 from jaxeff.data.sources import DataConfig
 from jaxeff.data.tokenizer import HFTokenizer
@@ -83,7 +84,7 @@ def test_bad_records_are_counted_in_one_line(tiny, caplog):
   }
   (line,) = [r.getMessage() for r in caplog.records]
   assert line.startswith("data: 5 of 29 chat records skipped")
-  assert len(data.train_tokens) + len(data.val_tokens) == 24
+  assert len(data.train_tokens) + len(data.val_tokens) == 24 and vocab_size(data) == 300
   assert data.train_tokens.shape[1] == 129 and data.train_mask[:, 1:].any(axis=1).all()
   truncated = ChatData.load(DataConfig(**{**cfg.__dict__, "truncate": True}), seq_len=128)
   assert "longer than seq_len + 1 = 129 tokens" not in truncated.skipped

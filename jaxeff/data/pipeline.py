@@ -99,9 +99,9 @@ def load_data(cfg: DataConfig, seq_len: int) -> TextData | ChatData:
   return ChatData.load(cfg, seq_len) if cfg.format == "chat" else TextData.load(cfg)
 
 
-def vocab_size(data: DataConfig | TextData) -> int:
+def vocab_size(data: DataConfig | TextData | ChatData) -> int:
   """Number of token ids (256 for bytes, the tokenizer's size with added tokens otherwise)."""
-  if isinstance(data, TextData):
+  if isinstance(data, (TextData, ChatData)):
     return data.vocab_size
   if data.dataset is not None:
     return read_index(pathlib.Path(data.dataset))["vocab_size"]
