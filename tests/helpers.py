@@ -2,6 +2,8 @@
 
 import jax
 import optax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 
 def run_optimizer(tx: optax.GradientTransformation, params, grads):
@@ -21,3 +23,23 @@ def optimizer_runner(tx: optax.GradientTransformation):
     return params, state
 
   return go
+
+
+def racy_kernel(x):
+  """A Pallas TPU kernel whose 2 simulated cores (a "parallel" axis) write one shared scratch
+  buffer: a race the simulator's detector must report. The race tests run it first, so their
+  "no RACE DETECTED" assertion is known to see the detector's output (jax exposes no public flag)."""
+
+  def kernel(x_ref, o_ref, scratch):
+    scratch[...] = x_ref[...]
+    o_ref[...] = x_ref[...] + scratch[...]
+
+  return pl.pallas_call(
+    kernel,
+    grid=(2,),
+    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+    in_specs=[pl.BlockSpec(memory_space=pltpu.VMEM)],
+    scratch_shapes=[pltpu.VMEM(x.shape, x.dtype)],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
+    interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
+  )(x)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental import pallas as pl
+from helpers import racy_kernel
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -129,26 +129,9 @@ def test_impl_matches_reference(impl, bits, dtype, m, group, monkeypatch):
 # --- TPU-semantics simulator ---------------------------------------------------------------------
 
 
-def _two_cores_one_buffer(x):
-  # Both cores of a "parallel" axis write the same shared buffer: the detector must report it.
-  def kernel(x_ref, o_ref, shared):
-    shared[...] = x_ref[...] * 2
-    o_ref[...] = shared[...]
-
-  return pl.pallas_call(
-    kernel,
-    grid=(2,),
-    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-    in_specs=[pl.BlockSpec(memory_space=pltpu.VMEM)],
-    scratch_shapes=[pltpu.VMEM(x.shape, x.dtype)],
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-    interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
-  )(x)
-
-
 @pytest.mark.slow
 def test_tpu_kernel_in_tpu_simulator_finds_no_race(capfd):
-  jax.block_until_ready(_two_cores_one_buffer(jnp.ones((8, 128), jnp.float32)))
+  jax.block_until_ready(racy_kernel(jnp.ones((8, 128), jnp.float32)))
   assert "RACE DETECTED" in capfd.readouterr().out  # the detector works and its report reaches us
   params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=1)
   # 2 rows x 1 kv head: the parallel grid spreads over the 2 simulated cores; blocks 0-1 of row 0

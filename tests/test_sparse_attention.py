@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import racy_kernel
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 import pallas_kernels as pk
@@ -380,27 +380,10 @@ def test_gradients_match_reference(impl, blocks, kw, s, groups):
 # --- TPU-semantics simulator ---------------------------------------------------------------------
 
 
-def _racy_copy(x):
-  # Two cores on a "parallel" axis write one shared scratch buffer: a race the detector must report.
-  def kernel(x_ref, o_ref, scratch):
-    scratch[...] = x_ref[...]
-    o_ref[...] = x_ref[...] + scratch[...]
-
-  return pl.pallas_call(
-    kernel,
-    grid=(2,),
-    out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
-    in_specs=[pl.BlockSpec(memory_space=pltpu.VMEM)],
-    scratch_shapes=[pltpu.VMEM(x.shape, x.dtype)],
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-    interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
-  )(x)
-
-
 @pytest.mark.slow
 def test_tpu_kernels_in_tpu_simulator_find_no_race(capfd):
   """Race detection on 2 simulated cores, NaN-filled scratch, ragged lengths, forward and backward."""
-  jax.block_until_ready(_racy_copy(jnp.ones((8, 128), jnp.float32)))
+  jax.block_until_ready(racy_kernel(jnp.ones((8, 128), jnp.float32)))
   assert "RACE DETECTED" in capfd.readouterr().out  # the detector works and its report is seen here
   params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=3)
   # 2 kv heads: every kernel's parallel grid has >= 2 points to spread over the 2 simulated cores.

@@ -189,12 +189,10 @@ def _generate_one(gen, tok, ids, args, out):
 
 
 def _default_cache_len(policy, prompt: int, new_tokens: int) -> int:
-  """Cache positions a one-prompt run needs under `policy` (None: dense)."""
-  from jaxeff.generate.kv_cache import SnapKV
+  """Cache positions a one-prompt run needs under `policy` (None: dense; bounded ones ignore it)."""
+  from jaxeff.generate.kv_cache import Dense
 
-  if isinstance(policy, SnapKV):
-    return max(policy.budget, policy.slots_needed(prompt, new_tokens))
-  return prompt + new_tokens  # dense, KIVI; bounded caches ignore it
+  return (policy or Dense()).slots_needed(prompt, new_tokens) or prompt + new_tokens
 
 
 def _cache_shape(gen) -> str:

@@ -161,8 +161,10 @@ class Generator:
     self._decode = jax.jit(self._decode_fn, static_argnames="sampling", donate_argnames="cache")
     self._loop = jax.jit(self._loop_fn, static_argnames=("sampling", "out_len"), donate_argnames="cache")
     self.kv_cache = kv_cache_lib.Dense() if kv_cache is None else kv_cache
-    self.bounded = not isinstance(self.kv_cache, kv_cache_lib.Dense)
-    if self.bounded and speculator is not None:
+    # Any other policy reads prompts through its own cache in chunks (padding never written) and
+    # keeps no slot per position beyond what it chose.
+    self.chunked_prefill = not isinstance(self.kv_cache, kv_cache_lib.Dense)
+    if self.chunked_prefill and speculator is not None:
       raise GenerationError("speculative decoding runs on the dense cache; drop kv_cache or the speculator")
     self._ring_prefill = jax.jit(self._ring_prefill_fn, static_argnames="sampling", donate_argnames="cache")
     with self._mesh():
@@ -204,7 +206,7 @@ class Generator:
     return sample(logits, _fold_positions(keys, lengths), sampling, values), cache
 
   def _ring_prefill_fn(self, state, cache, tokens, start, lengths, keys, values, first, *, sampling):
-    """One chunk of the prompts [B, C] at positions start.. through a bounded cache: rows whose
+    """One chunk of the prompts [B, C] at positions start.. through a policy's cache: rows whose
     last prompt token is in this chunk sample their first new token here (else keep `first`)."""
     self.traces["ring_prefill", tokens.shape[1], sampling] += 1
     model = self._model(state)
@@ -301,7 +303,7 @@ class Generator:
     """(tokens [max_batch, bucket] right-padded, lengths [max_batch]); unused rows a 1-token dummy."""
     lengths = np.ones(self.max_batch, np.int32)
     lengths[: len(prompts)] = [len(p) for p in prompts]
-    if self.bounded:  # prefilled in chunks by `_ring_prefill_chunks`
+    if self.chunked_prefill:  # prefilled in chunks by `_ring_prefill_chunks`
       return None, lengths
     bucket = prefill_bucket(int(lengths.max()), self.max_seq_len, self.min_prefill_bucket)
     tokens = np.zeros((self.max_batch, bucket), np.int32)
@@ -323,7 +325,7 @@ class Generator:
     done = np.arange(self.max_batch) >= n
     t0 = time.perf_counter()
     with self._mesh():
-      if self.bounded:
+      if self.chunked_prefill:
         first = self._ring_prefill_chunks(prompts, lengths, keys, values, sampling)
       else:
         first, self._cache = self._prefill(
@@ -336,7 +338,7 @@ class Generator:
     return first, jax.device_put(lengths, first.sharding), keys, done, values
 
   def _ring_prefill_chunks(self, prompts, lengths, keys, values, sampling):
-    """Prefill through a bounded cache, in chunks of at most its window (power-of-two buckets)."""
+    """Prefill through a policy's cache, in chunks of at most its `max_chunk` (power-of-two buckets)."""
     longest = int(lengths.max())
     chunk = min(prefill_bucket(longest, 1 << 30, self.min_prefill_bucket), self.kv_cache.max_chunk(longest))
     padded = np.zeros((self.max_batch, -(-longest // chunk) * chunk), np.int32)
@@ -498,7 +500,7 @@ class Generator:
         np.int32(max_new_tokens),
         values,
         sampling=sampling.static,
-        out_len=_bucket(max_new_tokens) if self.bounded else self.max_seq_len,
+        out_len=_bucket(max_new_tokens) if self.chunked_prefill else self.max_seq_len,
       )
       out = np.asarray(out)
     self.stats.decode_seconds += time.perf_counter() - t0

@@ -50,17 +50,19 @@ from jaxeff.models import h2o_cache, kivi_cache, ring_cache, snapkv_cache
 from jaxeff.models import kv_cache as dense_cache
 
 
-@dataclasses.dataclass(frozen=True)
-class Dense:
-  """One slot per position: exact attention, memory grows with the text."""
+class CachePolicy:
+  """What every policy answers; the defaults are the dense cache's (one slot per position)."""
 
   def init(self, cfg, batch_size: int, length: int):
-    return dense_cache.init_cache(cfg, batch_size, length)
+    raise NotImplementedError
 
-  def cache_bytes(self, cfg, batch_size: int, length: int) -> int:
-    return dense_cache.cache_bytes(cfg, batch_size, length)
+  def cache_bytes(self, cfg, batch_size: int, length: int | None = None) -> int:
+    """Bytes `init` would allocate (every buffer, bookkeeping included)."""
+    shapes = jax.eval_shape(lambda: self.init(cfg, batch_size, length))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
 
   def max_chunk(self, length: int) -> int:
+    """Most tokens one forward may bring (prefill reads longer prompts in chunks of this)."""
     return length
 
   def slots_needed(self, prompt: int, new_tokens: int) -> int:
@@ -73,7 +75,15 @@ class Dense:
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingLLM:
+class Dense(CachePolicy):
+  """One slot per position: exact attention, memory grows with the text."""
+
+  def init(self, cfg, batch_size: int, length: int):
+    return dense_cache.init_cache(cfg, batch_size, length)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamingLLM(CachePolicy):
   """Attention sinks plus a window of recent tokens (StreamingLLM): `sinks + window` slots.
 
   Args:
@@ -94,23 +104,15 @@ class StreamingLLM:
   def reset(self, cache):
     return ring_cache.reset(cache)
 
-  def cache_bytes(self, cfg, batch_size: int, length: int | None = None) -> int:
-    return dense_cache.cache_bytes(cfg, batch_size, self.sinks + self.window) + 4 * batch_size * (
-      self.sinks + self.window
-    )
-
   def max_chunk(self, length: int) -> int:
     return self.window
 
   def slots_needed(self, prompt: int, new_tokens: int) -> int:
     return 0  # bounded: any request fits
 
-  def reading_length(self, length: int, chunk: int) -> int:
-    return length
-
 
 @dataclasses.dataclass(frozen=True)
-class H2O:
+class H2O(CachePolicy):
   """Heavy-hitter oracle (H2O): the `heavy` tokens with the most accumulated attention plus the
   `recent` newest, per layer and kv head: `heavy + recent` slots. Positions stay absolute (as the
   paper's), so text is bounded by the model's trained context, memory is not.
@@ -133,22 +135,15 @@ class H2O:
   def reset(self, cache):
     return h2o_cache.reset(cache)
 
-  def cache_bytes(self, cfg, batch_size: int, length: int | None = None) -> int:
-    slots = self.heavy + self.recent
-    return dense_cache.cache_bytes(cfg, batch_size, slots) + 8 * cfg.num_layers * batch_size * cfg.num_kv_heads * slots
-
   def max_chunk(self, length: int) -> int:
     return self.heavy + self.recent
 
   def slots_needed(self, prompt: int, new_tokens: int) -> int:
     return 0  # bounded: any request fits
 
-  def reading_length(self, length: int, chunk: int) -> int:
-    return length
-
 
 @dataclasses.dataclass(frozen=True)
-class SnapKV:
+class SnapKV(CachePolicy):
   """Prompt-time selection (SnapKV): at prefill, per layer and kv head, the `budget - window`
   earlier tokens the last `window` prompt tokens attend to most (votes average-pooled over `pool`
   neighbours) plus that window stay; decoding appends to them. Memory: the budget plus the new
@@ -185,23 +180,19 @@ class SnapKV:
   def reset(self, cache):
     return snapkv_cache.reset(cache)
 
-  def cache_bytes(self, cfg, batch_size: int, length: int) -> int:
-    return (
-      dense_cache.cache_bytes(cfg, batch_size, length) + 4 * cfg.num_layers * batch_size * cfg.num_kv_heads * length
-    )
-
   def max_chunk(self, length: int) -> int:
     return 1 << 30  # no limit: a prompt is selected from in one chunk
 
   def slots_needed(self, prompt: int, new_tokens: int) -> int:
-    return min(prompt, self.budget) + new_tokens
+    # The cache holds the whole budget after a selection, whatever the request.
+    return max(self.budget, min(prompt, self.budget) + new_tokens)
 
   def reading_length(self, length: int, chunk: int) -> int:
     return length if chunk == 1 else self.budget
 
 
 @dataclasses.dataclass(frozen=True)
-class KIVI:
+class KIVI(CachePolicy):
   """Low-bit cache (KIVI): keys quantized per channel over groups of `group` tokens, values per
   token, to `bits` bits; the newest `residual` tokens (at least residual - group + 1) stay in full
   precision. Every token is kept, in about bits/16 of a 16-bit cache's bytes plus scales.
@@ -257,18 +248,8 @@ class KIVI:
   def reset(self, cache):
     return kivi_cache.reset(cache)
 
-  def cache_bytes(self, cfg, batch_size: int, length: int) -> int:
-    shapes = jax.eval_shape(lambda: self.init(cfg, batch_size, length))
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes))
-
   def max_chunk(self, length: int) -> int:
     return self.prefill_chunk
-
-  def slots_needed(self, prompt: int, new_tokens: int) -> int:
-    return prompt + new_tokens
-
-  def reading_length(self, length: int, chunk: int) -> int:
-    return length
 
 
 def _forward_program(graphdef):

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxeff.models.attention import _MASKED
-from jaxeff.models.kv_cache import CACHE_AXES, cache_dtype
-from jaxeff.sharding import BATCH, KV_HEADS, LAYERS, SEQ, constrain
+from jaxeff.models.kv_cache import CACHE_AXES, cache_dtype, layer_buffers
+from jaxeff.sharding import BATCH, KV_HEADS, SEQ, constrain
 
 SLOT_AXES = (BATCH, KV_HEADS, SEQ)
 
@@ -69,16 +69,11 @@ def init_h2o_cache(cfg, batch_size: int, *, heavy: int, recent: int, dtype=None)
   kv_shape = (batch_size, cfg.num_kv_heads, t, cfg.head_dim)
   slot_shape = (batch_size, cfg.num_kv_heads, t)
 
-  def make(shape, fill, dt, axes):
-    if cfg.scan_layers:
-      return constrain(jnp.full((cfg.num_layers,) + shape, fill, dt), (LAYERS,) + axes)
-    return tuple(constrain(jnp.full(shape, fill, dt), axes) for _ in range(cfg.num_layers))
-
   return H2OCache(
-    make(kv_shape, 0, dtype, CACHE_AXES),
-    make(kv_shape, 0, dtype, CACHE_AXES),
-    make(slot_shape, -1, jnp.int32, SLOT_AXES),
-    make(slot_shape, 0, jnp.float32, SLOT_AXES),
+    layer_buffers(cfg, kv_shape, 0, dtype, CACHE_AXES),
+    layer_buffers(cfg, kv_shape, 0, dtype, CACHE_AXES),
+    layer_buffers(cfg, slot_shape, -1, jnp.int32, SLOT_AXES),
+    layer_buffers(cfg, slot_shape, 0, jnp.float32, SLOT_AXES),
     heavy=heavy,
     recent=recent,
   )

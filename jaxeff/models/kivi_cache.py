@@ -29,8 +29,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxeff.models.attention import _MASKED
-from jaxeff.models.kv_cache import CACHE_AXES, cache_dtype
-from jaxeff.sharding import BATCH, LAYERS, constrain
+from jaxeff.models.kv_cache import CACHE_AXES, cache_dtype, layer_buffers
+from jaxeff.sharding import BATCH, constrain
 from pallas_kernels.kivi_attention import merge, quantize_keys, quantize_values
 from pallas_kernels.kivi_attention import quantized_attention as quantized_attention_op
 from pallas_kernels.kivi_attention.quantize import check_format, codes_per_byte, value_group
@@ -115,13 +115,8 @@ def init_kivi_cache(
     ((b, h, residual, d), dtype),
   )
 
-  def make(shape, dt):
-    if cfg.scan_layers:
-      return constrain(jnp.zeros((cfg.num_layers,) + shape, dt), (LAYERS,) + CACHE_AXES)
-    return tuple(constrain(jnp.zeros(shape, dt), CACHE_AXES) for _ in range(cfg.num_layers))
-
   rows = constrain(jnp.zeros((b,), jnp.int32), ROW_AXES)
-  arrays = (make(s, dt) for s, dt in shapes)
+  arrays = (layer_buffers(cfg, shape, 0, dt, CACHE_AXES) for shape, dt in shapes)
   return KIVICache(*arrays, rows, rows, bits=bits, group=group, residual=residual, impl=impl, interpret=interpret)
 
 

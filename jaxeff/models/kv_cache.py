@@ -42,7 +42,6 @@ from jaxeff.config import ModelConfig
 from jaxeff.sharding import BATCH, HEAD_DIM, KV_HEADS, LAYERS, SEQ, constrain
 
 CACHE_AXES = (BATCH, KV_HEADS, SEQ, HEAD_DIM)
-STACKED_CACHE_AXES = (LAYERS,) + CACHE_AXES
 
 
 class KVCache(NamedTuple):
@@ -97,11 +96,15 @@ def init_cache(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> K
     raise ValueError(f"cache needs batch_size >= 1 and max_len >= 1, got {batch_size}, {max_len}")
   dtype = cache_dtype(cfg) if dtype is None else jnp.dtype(dtype)
   shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)
+  return KVCache(*(layer_buffers(cfg, shape, 0, dtype, CACHE_AXES) for _ in range(2)))
+
+
+def layer_buffers(cfg: ModelConfig, shape: tuple, fill, dtype, axes: tuple):
+  """One `shape` buffer filled with `fill` per layer, constrained to `axes`: a tuple, or one array
+  with a leading LAYERS axis for `cfg.scan_layers` (the layout every cache of this package uses)."""
   if cfg.scan_layers:
-    zeros = lambda: constrain(jnp.zeros((cfg.num_layers,) + shape, dtype), STACKED_CACHE_AXES)
-    return KVCache(zeros(), zeros())
-  zeros = lambda: tuple(constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(cfg.num_layers))
-  return KVCache(zeros(), zeros())
+    return constrain(jnp.full((cfg.num_layers,) + tuple(shape), fill, dtype), (LAYERS,) + tuple(axes))
+  return tuple(constrain(jnp.full(shape, fill, dtype), axes) for _ in range(cfg.num_layers))
 
 
 def cache_bytes(cfg: ModelConfig, batch_size: int, max_len: int, dtype=None) -> int:

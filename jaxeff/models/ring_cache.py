@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxeff.models.attention import _MASKED
-from jaxeff.models.kv_cache import CACHE_AXES, STACKED_CACHE_AXES, cache_dtype
+from jaxeff.models.kv_cache import CACHE_AXES, cache_dtype, layer_buffers
 from jaxeff.models.layers import apply_rope, rope_cos_sin
 from jaxeff.sharding import BATCH, SEQ, constrain
 
@@ -63,12 +63,7 @@ def init_ring_cache(cfg, batch_size: int, *, sinks: int, window: int, dtype=None
     raise ValueError(f"a ring cache needs sinks >= 0 and window >= 1, got {sinks}, {window}")
   dtype = cache_dtype(cfg) if dtype is None else jnp.dtype(dtype)
   shape = (batch_size, cfg.num_kv_heads, sinks + window, cfg.head_dim)
-  if cfg.scan_layers:
-    zeros = lambda: constrain(jnp.zeros((cfg.num_layers,) + shape, dtype), STACKED_CACHE_AXES)
-    k, v = zeros(), zeros()
-  else:
-    zeros = lambda: tuple(constrain(jnp.zeros(shape, dtype), CACHE_AXES) for _ in range(cfg.num_layers))
-    k, v = zeros(), zeros()
+  k, v = (layer_buffers(cfg, shape, 0, dtype, CACHE_AXES) for _ in range(2))
   slots = constrain(jnp.full((batch_size, sinks + window), -1, jnp.int32), (BATCH, SEQ))
   return RingCache(k, v, slots, sinks=sinks, window=window)
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxeff.models.h2o_cache import SLOT_AXES, attend_cache_and_chunk
-from jaxeff.models.kv_cache import CACHE_AXES, cache_dtype
-from jaxeff.sharding import LAYERS, constrain
+from jaxeff.models.kv_cache import CACHE_AXES, cache_dtype, layer_buffers
+from jaxeff.sharding import constrain
 
 
 @struct.dataclass
@@ -64,15 +64,10 @@ def init_snapkv_cache(cfg, batch_size: int, slots: int, *, budget: int, window: 
   kv_shape = (batch_size, cfg.num_kv_heads, slots, cfg.head_dim)
   slot_shape = (batch_size, cfg.num_kv_heads, slots)
 
-  def make(shape, fill, dt, axes):
-    if cfg.scan_layers:
-      return constrain(jnp.full((cfg.num_layers,) + shape, fill, dt), (LAYERS,) + axes)
-    return tuple(constrain(jnp.full(shape, fill, dt), axes) for _ in range(cfg.num_layers))
-
   return SnapKVCache(
-    make(kv_shape, 0, dtype, CACHE_AXES),
-    make(kv_shape, 0, dtype, CACHE_AXES),
-    make(slot_shape, -1, jnp.int32, SLOT_AXES),
+    layer_buffers(cfg, kv_shape, 0, dtype, CACHE_AXES),
+    layer_buffers(cfg, kv_shape, 0, dtype, CACHE_AXES),
+    layer_buffers(cfg, slot_shape, -1, jnp.int32, SLOT_AXES),
     budget=budget,
     window=window,
     pool=pool,
