@@ -1,4 +1,4 @@
-"""Runs a colab/ notebook top to bottom (nbclient, fresh kernel). The notebooks are split over two
+"""Runs a colab/ notebook top to bottom (nbclient, fresh kernel). The notebooks are split over three
 test files (the suite distributes whole files over its workers, and together they would make one
 worker's run the longest); `test_notebooks.py` checks that each notebook is in exactly one."""
 

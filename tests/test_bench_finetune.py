@@ -25,6 +25,7 @@ def test_quick_run_reports_every_optimizer(tmp_path, monkeypatch, shakespeare_pa
   argv = ["--quick", "--model", str(model), "--text", str(shakespeare_path), "--kinds", "chat"]
   assert finetune.main(argv + ["--optimizers", "adamw,osd:32", "--json", str(out)]) == 0
   results = json.loads(out.read_text())["results"]
+  assert out.with_suffix(".png").stat().st_size > 10_000  # the curves
   assert [(r["kind"], r["optimizer"]) for r in results] == [("chat", "adamw"), ("chat", "osd:32")]
   for r in results:
     assert r["opt_bytes"] > 0 and r["peak_rss"] > 0 and r["step_s"] > 0

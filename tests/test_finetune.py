@@ -16,9 +16,10 @@ import jaxeff.hf
 from jaxeff import export, training
 from jaxeff.data import vocab_size
 from jaxeff.data.chat import ChatData, ChatTemplate, encode_chat
+from jaxeff.data.pipeline import TextData
 from jaxeff.data.sources import DataConfig
 from jaxeff.data.tokenizer import HFTokenizer
-from jaxeff.errors import ConfigError
+from jaxeff.errors import ConfigError, DataError
 from jaxeff.gguf import converted_checkpoint
 
 CHATS = [
@@ -52,7 +53,7 @@ def tiny(tmp_path_factory):
       root / "tiny.gguf", hf_tiny("llama", seed=3, tie_word_embeddings=True), "llama", chat_template=CHAT_TEMPLATE
     )
     chats = root / "chats.jsonl"
-    lines = [json.dumps(r) for r in CHATS * 8] + [json.dumps(r) for r in BAD] + ["{not json"]
+    lines = [json.dumps(r) for r in CHATS * 16] + [json.dumps(r) for r in BAD] + ["{not json"]
     chats.write_text("\n".join(lines) + "\n")
     yield path, converted_checkpoint(path), chats
 
@@ -83,11 +84,48 @@ def test_bad_records_are_counted_in_one_line(tiny, caplog):
     "not JSON": 1,
   }
   (line,) = [r.getMessage() for r in caplog.records]
-  assert line.startswith("data: 5 of 29 chat records skipped")
-  assert len(data.train_tokens) + len(data.val_tokens) == 24 and vocab_size(data) == 300
-  assert data.train_tokens.shape[1] == 129 and data.train_mask[:, 1:].any(axis=1).all()
+  assert line.startswith("data: 5 of 53 chat records skipped")
+  assert vocab_size(data) == 300 and data.train.tokens.shape[1] == 129
+  # Packed (the default): every conversation once, several to a row.
+  assert sum(int(rows.segments.max(axis=1).sum()) for rows in (data.train, data.val)) == 48
+  assert len(data.train) + len(data.val) < 48 and data.train.batch(np.arange(2))["loss_mask"].any(axis=1).all()
+  padded = ChatData.load(DataConfig(**{**cfg.__dict__, "pack": False}), seq_len=128)
+  assert len(padded.train) + len(padded.val) == 48 and padded.train.loss_mask[:, 1:].any(axis=1).all()
   truncated = ChatData.load(DataConfig(**{**cfg.__dict__, "truncate": True}), seq_len=128)
   assert "longer than seq_len + 1 = 129 tokens" not in truncated.skipped
+
+
+def test_prepare_chat_gives_what_training_reads_from_jsonl(tiny, tmp_path, capsys):
+  from jaxeff.data.__main__ import main as data_main
+
+  _, directory, chats = tiny
+  tokenizer = str(directory / "tokenizer.json")
+  argv = ["prepare", "--format", "chat", "--input", str(chats), "--tokenizer", tokenizer]
+  assert data_main([*argv, "--output", str(tmp_path / "chat"), "--quiet"]) == 0
+  # The 48 good records and the long one (lengths are checked against seq_len when training reads it).
+  assert "in 49 conversations" in capsys.readouterr().out
+  from_jsonl = DataConfig(format="chat", paths=[str(chats)], tokenizer=tokenizer, val_fraction=0.1)
+  from_dir = DataConfig(format="chat", dataset=str(tmp_path / "chat"), tokenizer=tokenizer, val_fraction=0.1)
+  want, got = ChatData.load(from_jsonl, seq_len=128), ChatData.load(from_dir, seq_len=128)
+  assert got.skipped == want.skipped and got.vocab_size == want.vocab_size
+  for a, b in ((got.train, want.train), (got.val, want.val)):
+    for field in ("tokens", "loss_mask", "segments", "positions"):
+      np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+  # Each kind of directory is refused by the other format, in one line.
+  with pytest.raises(DataError, match="holds chat conversations; set data.format=chat"):
+    TextData.load(DataConfig(dataset=str(tmp_path / "chat")))
+  text_dir = tmp_path / "text"
+  (chats.parent / "doc.txt").write_text("plain text")
+  assert data_main(["prepare", "--input", str(chats.parent / "doc.txt"), "--output", str(text_dir), "--quiet"]) == 0
+  with pytest.raises(DataError, match="holds text documents, not chat conversations"):
+    ChatData.load(DataConfig(format="chat", dataset=str(text_dir)), seq_len=128)
+
+
+def test_packing_needs_an_attention_that_masks_by_segment(tiny, tmp_path):
+  cfg = training.load_config(None, _overrides(tiny, tmp_path, "model.attention=sparse"))
+  with pytest.raises(ConfigError, match="choose one or set data.pack=false"):
+    training.Trainer(cfg)
+  training.Trainer(training.load_config(None, _overrides(tiny, tmp_path, "model.attention=sparse", "data.pack=false")))
 
 
 def _overrides(tiny, out, *extra):

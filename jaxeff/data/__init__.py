@@ -17,8 +17,10 @@ At scale, tokenize once and train from disk::
   DataConfig(dataset="DIR")     # or `data.dataset=DIR` on the training command line
 
 Fine-tuning on conversations: `DataConfig(format="chat", paths=["chats.jsonl"], tokenizer=...)` and
-`load_data(cfg, seq_len)` give `ChatData` (one conversation per row, a `loss_mask` on assistant
-tokens; `jaxeff.data.chat`), which `train_iterator` and `val_batches` batch the same way.
+`load_data(cfg, seq_len)` give `ChatData` (conversations packed into rows with segment ids, or one
+padded row each with `pack=False`; a `loss_mask` on assistant tokens; `jaxeff.data.chat`), which
+`train_iterator` and `val_batches` batch the same way. `prepare --format chat` tokenizes
+conversations once for `DataConfig(format="chat", dataset="DIR")`.
 
 Modules: `sources` (DataConfig, DataError, corpus files and the documents in text / jsonl /
 parquet files), `tokenizer` (bytes or a tokenizer.json), `prepared` (`prepare`, `TokenFile`: the

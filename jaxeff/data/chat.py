@@ -9,11 +9,14 @@ learns to stop). Spans come from rendering incrementally: the conversation up to
 generation prompt, then with the reply; each piece is tokenized on its own, so the mask lines up
 with the tokens exactly.
 
-Rows: each conversation is one row of `seq_len + 1` tokens, right-padded (padding counts for
-nothing); inputs are the first `seq_len`, targets the last, `loss_mask` marks the targets that are
-assistant tokens. Conversations are not packed together, so no example attends to another. A
-record that cannot be used (no messages, an unknown role, no assistant turn, not JSON, longer than
-`seq_len + 1` tokens unless `data.truncate`) is counted by reason and reported in one log line.
+Rows of `seq_len + 1` tokens: inputs are the first `seq_len`, targets the last, `loss_mask` marks
+the targets that are assistant tokens. With `data.pack` (the default) conversations are packed
+next-fit into rows, each numbered by a segment id with its own positions from 0: the model's
+attention keeps every conversation from seeing the others, and RoPE gives each the phases it has
+alone, so a packed row trains exactly as its conversations would one by one (tested). With
+`data.pack=false` each conversation is one right-padded row. A record that cannot be used (no
+messages, an unknown role, no assistant turn, not JSON, longer than `seq_len + 1` tokens unless
+`data.truncate`) is counted by reason and reported in one log line.
 """
 
 from __future__ import annotations
@@ -132,78 +135,156 @@ def encode_chat(messages: list[dict], template: ChatTemplate, encode) -> tuple[n
 
 
 @dataclasses.dataclass
-class ChatData:
-  """Conversations as fixed rows: `tokens` int32 [N, seq_len + 1] and `loss_mask` bool [N, seq_len + 1]
-  (True: an assistant token), split by record order into train (head) and val (tail)."""
+class ChatRows:
+  """Rows of `seq_len + 1` tokens, each holding one conversation (padded) or several (packed).
 
-  train_tokens: np.ndarray
-  train_mask: np.ndarray
-  val_tokens: np.ndarray
-  val_mask: np.ndarray
+  tokens int32, loss_mask bool (True: an assistant token), segments int32 (1, 2, ... for the
+  conversations of a row, 0 for padding), positions int32 (restarting at 0 for each conversation):
+  all [N, seq_len + 1]."""
+
+  tokens: np.ndarray
+  loss_mask: np.ndarray
+  segments: np.ndarray
+  positions: np.ndarray
+  packed: bool
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  def batch(self, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows `ids` as a batch: inputs, targets one token later, the targets' loss mask; packed rows
+    add the inputs' `segment_ids` and `positions` (`next_token_loss` passes them to the model)."""
+    t, m, seg = self.tokens[ids], self.loss_mask[ids], self.segments[ids]
+    # A target counts when it is an assistant token of the same conversation as its input.
+    batch = {
+      "inputs": np.ascontiguousarray(t[:, :-1]),
+      "targets": np.ascontiguousarray(t[:, 1:]),
+      "loss_mask": np.ascontiguousarray(m[:, 1:] & (seg[:, 1:] == seg[:, :-1])),
+    }
+    if self.packed:
+      batch["segment_ids"] = np.ascontiguousarray(seg[:, :-1])
+      batch["positions"] = np.ascontiguousarray(self.positions[ids][:, :-1])
+    return batch
+
+
+def build_rows(conversations: list[tuple[np.ndarray, np.ndarray]], length: int, pack: bool) -> ChatRows:
+  """Conversations (ids, mask), each at most `length` tokens, as rows of `length` tokens.
+
+  Packing is next-fit in the given order: a conversation goes into the current row when it fits,
+  else it starts a new one (rows keep the data's order, so the split and shuffle stay as they are)."""
+  groups: list[list[int]] = []
+  used = length  # forces a first row
+  for i, (ids, _) in enumerate(conversations):
+    if not pack or used + len(ids) > length:
+      groups.append([])
+      used = 0
+    groups[-1].append(i)
+    used += len(ids)
+  n = len(groups)
+  tokens, mask = np.zeros((n, length), np.int32), np.zeros((n, length), bool)
+  segments, positions = np.zeros((n, length), np.int32), np.zeros((n, length), np.int32)
+  for row, members in enumerate(groups):
+    at = 0
+    for segment, i in enumerate(members, start=1):
+      ids, m = conversations[i]
+      end = at + len(ids)
+      tokens[row, at:end], mask[row, at:end] = ids, m
+      segments[row, at:end], positions[row, at:end] = segment, np.arange(len(ids))
+      at = end
+  return ChatRows(tokens, mask, segments, positions, pack)
+
+
+def read_conversations(paths, template: ChatTemplate, encode) -> tuple[list, collections.Counter, int]:
+  """([(ids, mask)] of every usable record in `paths`' JSONL files, skipped reasons, records read)."""
+  from jaxeff.data.sources import resolve_paths
+
+  conversations, skipped, total = [], collections.Counter(), 0
+  for path in resolve_paths(paths):
+    with open(path, encoding="utf-8") as f:
+      for line in f:
+        if not line.strip():
+          continue
+        total += 1
+        try:
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            raise BadRecord("not JSON") from None
+          conversations.append(encode_chat(messages_of(record), template, encode))
+        except BadRecord as e:
+          skipped[str(e)] += 1
+  return conversations, skipped, total
+
+
+def fit_to_length(conversations, length: int, truncate: bool, skipped: collections.Counter) -> list:
+  """The conversations that fit in `length` tokens (cut to it with `truncate`) and still train on
+  an assistant token; the others counted in `skipped`."""
+  kept = []
+  for ids, mask in conversations:
+    if len(ids) > length:
+      if not truncate:
+        skipped[f"longer than seq_len + 1 = {length} tokens"] += 1
+        continue
+      ids, mask = ids[:length], mask[:length]
+    if not mask[1:].any():
+      skipped["no assistant token within seq_len"] += 1
+      continue
+    kept.append((ids, mask))
+  return kept
+
+
+@dataclasses.dataclass
+class ChatData:
+  """Conversations as rows (`ChatRows`), split by record order into train (head) and val (tail)."""
+
+  train: ChatRows
+  val: ChatRows
   vocab_size: int
   seed: int = 0
   skipped: dict = dataclasses.field(default_factory=dict)  # reason -> count
 
   @classmethod
   def load(cls, cfg, seq_len: int, tokenizer=None) -> ChatData:
-    """Reads the JSONL files of `cfg.paths` (a DataConfig with format "chat")."""
-    from jaxeff.data.sources import resolve_paths
+    """Reads the JSONL files of `cfg.paths`, or the prepared chat directory `cfg.dataset` (a
+    DataConfig with format "chat")."""
     from jaxeff.data.tokenizer import get_tokenizer
 
-    if not cfg.paths:
-      raise DataError("data.format=chat reads JSONL files: give data.paths")
-    if cfg.tokenizer is None:
-      raise DataError("data.format=chat needs the model's tokenizer and chat template (data.tokenizer, or init_from)")
-    tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
-    template = ChatTemplate.from_dir(pathlib.Path(cfg.tokenizer).parent)
-    rows, masks, skipped, total = [], [], collections.Counter(), 0
-    for path in resolve_paths(cfg.paths):
-      with open(path, encoding="utf-8") as f:
-        for line in f:
-          if not line.strip():
-            continue
-          total += 1
-          try:
-            try:
-              record = json.loads(line)
-            except json.JSONDecodeError:
-              raise BadRecord("not JSON") from None
-            ids, mask = encode_chat(messages_of(record), template, tokenizer.encode)
-            if len(ids) > seq_len + 1:
-              if not cfg.truncate:
-                raise BadRecord(f"longer than seq_len + 1 = {seq_len + 1} tokens")
-              ids, mask = ids[: seq_len + 1], mask[: seq_len + 1]
-            if not mask[1:].any():
-              raise BadRecord("no assistant token within seq_len")
-          except BadRecord as e:
-            skipped[str(e)] += 1
-            continue
-          row, row_mask = np.zeros(seq_len + 1, np.int32), np.zeros(seq_len + 1, bool)
-          row[: len(ids)], row_mask[: len(ids)] = ids, mask
-          rows.append(row)
-          masks.append(row_mask)
+    if cfg.dataset is not None:
+      from jaxeff.data.prepared import read_chat
+
+      conversations, skipped, total, vocab = read_chat(pathlib.Path(cfg.dataset), cfg.tokenizer)
+    else:
+      if not cfg.paths:
+        raise DataError("data.format=chat reads JSONL files (data.paths) or a prepared chat data.dataset")
+      if cfg.tokenizer is None:
+        raise DataError("data.format=chat needs the model's tokenizer and chat template (data.tokenizer, or init_from)")
+      tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
+      template = ChatTemplate.from_dir(pathlib.Path(cfg.tokenizer).parent)
+      conversations, skipped, total = read_conversations(cfg.paths, template, tokenizer.encode)
+      vocab = tokenizer.vocab_size
+    conversations = fit_to_length(conversations, seq_len + 1, cfg.truncate, skipped)
     if skipped:
       why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
       log.warning("data: %d of %d chat records skipped (%s)", sum(skipped.values()), total, why)
-    if not rows:
-      raise DataError(f"no usable chat records in data.paths ({total} read)")
-    tokens, mask = np.stack(rows), np.stack(masks)
-    num_val = round(len(rows) * cfg.val_fraction)
+    if not conversations:
+      raise DataError(f"no usable chat records in the data ({total} read)")
+    num_val = round(len(conversations) * cfg.val_fraction)
     if cfg.val_fraction > 0:
       num_val = max(num_val, 1)
-    split = len(rows) - num_val
+    split = len(conversations) - num_val
     if split < 1:
-      raise DataError(f"{len(rows)} chat records leave none for training with data.val_fraction={cfg.val_fraction}")
-    return cls(
-      tokens[:split], mask[:split], tokens[split:], mask[split:], tokenizer.vocab_size, cfg.seed, dict(skipped)
-    )
-
-
-def rows_batch(tokens: np.ndarray, mask: np.ndarray, ids: np.ndarray) -> dict[str, np.ndarray]:
-  """Rows `ids` as a batch: inputs, targets one token later, and the targets' loss mask."""
-  t, m = tokens[ids], mask[ids]
-  return {
-    "inputs": np.ascontiguousarray(t[:, :-1]),
-    "targets": np.ascontiguousarray(t[:, 1:]),
-    "loss_mask": np.ascontiguousarray(m[:, 1:]),
-  }
+      raise DataError(
+        f"{len(conversations)} chat records leave none for training with data.val_fraction={cfg.val_fraction}"
+      )
+    train = build_rows(conversations[:split], seq_len + 1, cfg.pack)
+    val = build_rows(conversations[split:], seq_len + 1, cfg.pack)
+    if cfg.pack:
+      filled = sum(len(ids) for ids, _ in conversations) / ((len(train) + len(val)) * (seq_len + 1))
+      log.info(
+        "data: %d conversations packed into %d rows of %d tokens (%.0f%% filled)",
+        len(conversations),
+        len(train) + len(val),
+        seq_len + 1,
+        100 * filled,
+      )
+    return cls(train, val, vocab, cfg.seed, dict(skipped))

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jaxeff.data.chat import ChatData, rows_batch
+from jaxeff.data.chat import ChatData
 from jaxeff.data.prepared import TokenFile, check_tokenizer, read_index, token_dtype
 from jaxeff.data.sources import DataConfig, DataError, corpus_files, iter_documents
 from jaxeff.data.tokenizer import get_tokenizer
@@ -78,6 +78,8 @@ class TextData:
     if cfg.dataset is not None:
       directory = pathlib.Path(cfg.dataset)
       index = read_index(directory)
+      if index.get("kind", "text") != "text":
+        raise DataError(f"data.dataset {directory} holds chat conversations; set data.format=chat")
       if cfg.tokenizer is not None:
         check_tokenizer(index, tokenizer, directory)
       tokens, vocab = TokenFile(directory), index["vocab_size"]
@@ -159,10 +161,10 @@ def train_dataset(
   """
   data = _as_data(data)
   rows = _local_rows(batch_size, process_index, process_count)
-  if isinstance(data, ChatData):  # one conversation per row, shuffled and repeated like windows
-    tokens, mask = data.train_tokens, data.train_mask
-    ds = _grain().MapDataset.range(len(tokens)).shuffle(seed=data.seed).repeat()
-    return ds.batch(batch_size, drop_remainder=True).map(lambda ids: rows_batch(tokens, mask, ids[rows]))
+  if isinstance(data, ChatData):  # rows of conversations, shuffled and repeated like windows
+    chat = data.train
+    ds = _grain().MapDataset.range(len(chat)).shuffle(seed=data.seed).repeat()
+    return ds.batch(batch_size, drop_remainder=True).map(lambda ids: chat.batch(ids[rows]))
   tokens = data.train
   ds = _grain().MapDataset.range(_num_windows(tokens, seq_len, "train"))
   ds = ds.shuffle(seed=data.seed).repeat()  # `repeat` reseeds the shuffle every epoch.
@@ -201,14 +203,14 @@ def val_batches(
   data = _as_data(data)
   rows = _local_rows(batch_size, process_index, process_count)
   if isinstance(data, ChatData):
-    tokens, mask = data.val_tokens, data.val_mask
-    count = len(tokens) // batch_size if max_batches is None else min(len(tokens) // batch_size, max_batches)
-    if len(tokens) and not count:
+    chat = data.val
+    count = len(chat) // batch_size if max_batches is None else min(len(chat) // batch_size, max_batches)
+    if len(chat) and not count:
       raise DataError(
-        f"validation split too short: {len(tokens)} chat records, fewer than batch_size={batch_size}; "
+        f"validation split too short: {len(chat)} rows of chat records, fewer than batch_size={batch_size}; "
         f"raise data.val_fraction or lower batch_size"
       )
-    return [rows_batch(tokens, mask, np.arange(i * batch_size, (i + 1) * batch_size)[rows]) for i in range(count)]
+    return [chat.batch(np.arange(i * batch_size, (i + 1) * batch_size)[rows]) for i in range(count)]
   tokens = data.val
   if len(tokens) == 0:
     return []

@@ -19,10 +19,18 @@ and renamed into place at the end: an interrupted run leaves no half-written dat
 
 Reading: `TokenFile` never maps or loads the file; each window is one `os.pread`, so memory
 stays flat whatever the corpus size, and each process reads only the rows it feeds.
+
+Chat data (`prepare(..., format="chat")`, JSON-lines conversations as `jaxeff.data.chat` reads
+them, rendered with the chat template beside the tokenizer.json): the same files, one document
+per conversation (no end-of-document id: the template closes each turn), plus `loss_mask.bin`
+(uint8 per token, 1 on assistant tokens); the index says `"kind": "chat"` and counts the records
+read and skipped by reason. Lengths are checked against seq_len when training loads it
+(`read_chat`), since one prepared set serves any seq_len.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import json
 import logging
@@ -35,7 +43,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxeff.data.sources import DataError, resolve_paths, unit_documents, work_units
+from jaxeff.data.sources import DataError, jsonl_lines, resolve_paths, unit_documents, work_units
 from jaxeff.data.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -53,11 +61,42 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # ---------------------------------------------------------------------------- writing
 
 _worker_tokenizer = None
+_worker_template = None
 
 
-def _init_worker(tokenizer_path):
-  global _worker_tokenizer
+def _init_worker(tokenizer_path, chat=False):
+  global _worker_tokenizer, _worker_template
   _worker_tokenizer = get_tokenizer(tokenizer_path)
+  if chat:
+    from jaxeff.data.chat import ChatTemplate
+
+    _worker_template = ChatTemplate.from_dir(pathlib.Path(tokenizer_path).parent)
+
+
+def _tokenize_chat_unit(job) -> tuple[str, list[int], dict, int]:
+  """Tokenizes the conversations of one JSON-lines byte range into its part files (tokens and
+  loss mask); returns (part path, conversation lengths, skipped reasons, records read)."""
+  from jaxeff.data.chat import BadRecord, encode_chat, messages_of
+
+  unit, part_path, dtype = job
+  _, path, start, stop = unit
+  lengths, skipped, total = [], collections.Counter(), 0
+  with open(part_path, "wb") as out, open(part_path + ".mask", "wb") as out_mask:
+    for _, line in jsonl_lines(path, start, stop):
+      total += 1
+      try:
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError:
+          raise BadRecord("not JSON") from None
+        ids, mask = encode_chat(messages_of(record), _worker_template, _worker_tokenizer.encode)
+      except BadRecord as e:
+        skipped[str(e)] += 1
+        continue
+      lengths.append(len(ids))
+      out.write(ids.astype(dtype).tobytes())
+      out_mask.write(mask.astype(np.uint8).tobytes())
+  return part_path, lengths, dict(skipped), total
 
 
 def _tokenize_unit(job) -> tuple[str, list[int]]:
@@ -86,16 +125,20 @@ def prepare(
   tokenizer: str | None = None,
   workers: int | None = None,
   progress: bool = True,
+  format: str = "text",
 ) -> dict:
   """Tokenizes `inputs` once into a prepared directory `output` (see the module docstring).
 
   Args:
     inputs: files or globs (`**` recurses): text, `.jsonl` (a `text` field per line), `.parquet`
-      (a `text` column).
+      (a `text` column); for `format="chat"`, `.jsonl` conversations only.
     output: the directory to create; an existing non-empty one is an error (never overwritten).
-    tokenizer: a tokenizer.json; None: UTF-8 bytes (vocab 256), as in training.
+    tokenizer: a tokenizer.json; None: UTF-8 bytes (vocab 256), as in training. Chat data needs
+      the model's, with its chat template beside it (tokenizer_config.json).
     workers: tokenizer processes (default: the CPU count).
     progress: log one line per finished piece (logger jaxeff.data.prepared, level INFO).
+    format: "text" (documents) or "chat" (conversations with a loss mask; bad records are
+      counted in the index and reported in one log line).
 
   Returns:
     The index (also written to `output/index.json`).
@@ -105,10 +148,22 @@ def prepare(
       an existing output.
   """
   output = pathlib.Path(output)
+  if format not in ("text", "chat"):
+    raise DataError(f"format must be text or chat, got {format!r}")
+  chat = format == "chat"
   if output.exists() and (not output.is_dir() or any(output.iterdir())):
     raise DataError(f"output {output} already exists; prepare never overwrites (choose a new directory)")
+  if chat and tokenizer is None:
+    raise DataError("chat data needs the model's tokenizer.json (--tokenizer), with its chat template beside it")
   tok = get_tokenizer(tokenizer)  # here first: a bad tokenizer fails before any work
+  if chat:
+    from jaxeff.data.chat import ChatTemplate
+
+    ChatTemplate.from_dir(pathlib.Path(tokenizer).parent)  # a missing template fails here too
   files = resolve_paths(list(inputs))
+  if chat and any(f.suffix.lower() != ".jsonl" for f in files):
+    odd = next(f for f in files if f.suffix.lower() != ".jsonl")
+    raise DataError(f"chat data is read from .jsonl files (one conversation per line), not {odd}")
   units = [u for f in files for u in work_units(f, CHUNK_BYTES)]
   dtype = token_dtype(tok.vocab_size)
   output.parent.mkdir(parents=True, exist_ok=True)
@@ -117,15 +172,16 @@ def prepare(
     jobs = [(u, str(tmp / f"part-{i:06d}.bin"), dtype) for i, u in enumerate(units)]
     workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     results = []
+    work = _tokenize_chat_unit if chat else _tokenize_unit
     if workers == 1:
-      _init_worker(tokenizer)
-      done = map(_tokenize_unit, jobs)
+      _init_worker(tokenizer, chat)
+      done = map(work, jobs)
     else:
       # "spawn": forking a process that may already run jax's threads can deadlock.
       pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tokenizer,)
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tokenizer, chat)
       )
-      done = pool.map(_tokenize_unit, jobs)  # map keeps input order
+      done = pool.map(work, jobs)  # map keeps input order
     try:
       for i, result in enumerate(done):
         results.append(result)
@@ -134,17 +190,25 @@ def prepare(
     finally:
       if workers > 1:
         pool.shutdown(cancel_futures=True)
-    lengths = np.asarray([n for _, ls in results for n in ls], np.int64)
+    lengths = np.asarray([n for r in results for n in r[1]], np.int64)
+    skipped, records = collections.Counter(), 0
+    for r in results if chat else ():
+      skipped.update(r[2])
+      records += r[3]
+    if skipped:
+      why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+      log.warning("prepare: %d of %d chat records skipped (%s)", sum(skipped.values()), records, why)
     if lengths.sum() == 0:
       raise DataError(
         f"empty corpus: the input files ({', '.join(f.name for f in files[:3])}"
-        f"{', ...' if len(files) > 3 else ''}) hold no text"
+        f"{', ...' if len(files) > 3 else ''}) hold no {'usable conversation' if chat else 'text'}"
       )
-    with open(tmp / "tokens.bin", "wb") as out:
-      for part, _ in results:
-        with open(part, "rb") as f:
-          shutil.copyfileobj(f, out, 16 << 20)
-        os.remove(part)
+    for name, suffix in (("tokens.bin", ""), ("loss_mask.bin", ".mask")) if chat else (("tokens.bin", ""),):
+      with open(tmp / name, "wb") as out:
+        for r in results:
+          with open(r[0] + suffix, "rb") as f:
+            shutil.copyfileobj(f, out, 16 << 20)
+          os.remove(r[0] + suffix)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype("<i8")
     starts.tofile(tmp / "documents.bin")
     index = {
@@ -156,7 +220,10 @@ def prepare(
       "eod_id": tok.eod_id,
       "tokenizer_sha256": tok.fingerprint,
       "inputs": [str(f) for f in files],
+      "kind": format,
     }
+    if chat:
+      index.update(records=records, skipped=dict(skipped))
     (tmp / "index.json").write_text(json.dumps(index, indent=1))
     if output.exists():
       output.rmdir()  # empty (checked above)
@@ -252,3 +319,27 @@ def check_tokenizer(index: dict, tokenizer: ByteTokenizer | HFTokenizer, directo
       f"data.dataset {directory} was prepared with {made}, but data.tokenizer is {given}; "
       f"drop data.tokenizer or prepare the dataset again"
     )
+
+
+def read_chat(directory: pathlib.Path, tokenizer: str | None) -> tuple[list, collections.Counter, int, int]:
+  """A prepared chat directory's conversations: ([(ids int32, mask bool)], skipped reasons counted
+  at prepare, records read, vocab size). `tokenizer` (data.tokenizer), when given, must be the one
+  it was prepared with."""
+  index = read_index(directory)
+  if index.get("kind", "text") != "chat":
+    raise DataError(f"data.dataset {directory} holds text documents, not chat conversations; set data.format=text")
+  if tokenizer is not None:
+    check_tokenizer(index, get_tokenizer(tokenizer), directory)
+  tokens = np.fromfile(directory / "tokens.bin", np.dtype(index["dtype"]).newbyteorder("<")).astype(np.int32)
+  mask = np.fromfile(directory / "loss_mask.bin", np.uint8).astype(bool)
+  if len(mask) != len(tokens):
+    raise DataError(f"{directory / 'loss_mask.bin'} does not hold one byte per token (truncated?)")
+  starts = np.fromfile(directory / "documents.bin", "<i8")
+  bounds = np.append(starts, len(tokens))
+  conversations = [(tokens[a:b], mask[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+  return (
+    conversations,
+    collections.Counter(index.get("skipped", {})),
+    index.get("records", len(conversations)),
+    index["vocab_size"],
+  )

@@ -40,6 +40,7 @@ class DataConfig:
   seed: int = 0  # shuffle seed, 0 <= seed < 2**32
   format: str = "text"  # "text": documents packed into windows; "chat": JSONL conversations (jaxeff.data.chat)
   truncate: bool = False  # chat: cut records longer than seq_len + 1 tokens (else they are skipped and counted)
+  pack: bool = True  # chat: several conversations per row, masked from each other; false: one padded row each
 
   def __post_init__(self):
     if isinstance(self.paths, (str, os.PathLike)):
@@ -56,8 +57,6 @@ class DataConfig:
       raise DataError(f"data.max_corpus_bytes must be positive, got {self.max_corpus_bytes}")
     if self.format not in ("text", "chat"):
       raise DataError(f"data.format must be text or chat, got {self.format!r}")
-    if self.format == "chat" and self.dataset is not None:
-      raise DataError("data.format=chat reads JSONL files (data.paths), not a prepared data.dataset")
     if not 0 <= self.seed < 2**32:
       raise DataError(f"data.seed must be in [0, 2**32), got {self.seed}")
 
@@ -111,26 +110,32 @@ def corpus_files(cfg: DataConfig) -> list[pathlib.Path]:
 # ---------------------------------------------------------------------------- documents
 
 
-def _jsonl_documents(path: pathlib.Path, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
-  """`text` fields of the lines that begin in bytes [start, stop) of a JSON-lines file."""
+def jsonl_lines(path: pathlib.Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+  """(byte offset, line) of the non-blank lines that begin in bytes [start, stop) of a file."""
   with open(path, "rb") as f:
     if start:
       f.seek(start - 1)
       f.readline()  # the line holding byte start-1 belongs to the previous range
     while stop is None or f.tell() < stop:
+      offset = f.tell()
       line = f.readline()
       if not line:
         break
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DataError(f"{path}: a line near byte {f.tell() - len(line)} is not valid JSON ({e.msg})") from None
-      text = record.get("text") if isinstance(record, dict) else None
-      if not isinstance(text, str):
-        raise DataError(f"{path}: the line at byte {f.tell() - len(line)} has no string field 'text'")
-      yield text.encode("utf-8")
+      if line.strip():
+        yield offset, line
+
+
+def _jsonl_documents(path: pathlib.Path, start: int = 0, stop: int | None = None) -> Iterator[bytes]:
+  """`text` fields of the lines that begin in bytes [start, stop) of a JSON-lines file."""
+  for offset, line in jsonl_lines(path, start, stop):
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise DataError(f"{path}: a line near byte {offset} is not valid JSON ({e.msg})") from None
+    text = record.get("text") if isinstance(record, dict) else None
+    if not isinstance(text, str):
+      raise DataError(f"{path}: the line at byte {offset} has no string field 'text'")
+    yield text.encode("utf-8")
 
 
 def _parquet_file(path: pathlib.Path):

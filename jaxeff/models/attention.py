@@ -9,8 +9,11 @@ and applies causal masking by position: a key is visible when kv_pos <= q_pos, a
 window also q_pos - kv_pos < sliding_window. The registry entry (`AttentionImpl`) says what else an
 implementation takes, and the model passes exactly that: `sinks=N` (StreamingLLM attention sinks:
 keys at positions < N stay visible, still causal) when it supports sinks and
-`ModelConfig.attention_sinks` is set, `topk_blocks=K` likewise. Grouped-query attention: query
-head h reads kv head h // (H // KVH).
+`ModelConfig.attention_sinks` is set, `topk_blocks=K` likewise, and `segment_ids=` [B, S] int for
+packed examples (several training examples in one row): a key is then visible only from queries of
+its own segment, still causal by index (the positions given to RoPE restart per example, so masking
+goes by index here; positions are None). Grouped-query attention: query head h reads kv head
+h // (H // KVH).
 
 What the model knows statically it passes statically, so no implementation re-checks it at run
 time: positions are None exactly when they are 0..S-1 for every row on both sides (self-attention
@@ -55,6 +58,7 @@ class AttentionImpl:
     check: extra config checks, `check(cfg)` raising `ConfigError`.
     mask: takes `mask=` [B, S, T] bool, ANDed with the positional mask (tree verification of
       speculative decoding: a draft node sees only its ancestors among the other draft nodes).
+    segments: takes `segment_ids=` [B, S] (packed examples; self-attention at index positions).
   """
 
   fn: AttentionFn | None = None
@@ -64,6 +68,7 @@ class AttentionImpl:
   module: Callable | None = None
   check: Callable | None = None
   mask: bool = False
+  segments: bool = False
 
 
 ATTENTION_IMPLS: dict[str, AttentionImpl] = {}
@@ -101,15 +106,27 @@ def index_positions(batch: int, length: int) -> jax.Array:
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
 
 
-def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0, mask=None):
+def segment_mask(segment_ids: jax.Array) -> jax.Array:
+  """[B, S, S] bool: query s and key t belong to the same packed example."""
+  return segment_ids[:, :, None] == segment_ids[:, None, :]
+
+
+def dense_attention(
+  q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0, mask=None, segment_ids=None
+):
   """Reference softmax attention in XLA; scores and softmax in f32. `mask` [B, S, T] (optional)
-  hides more keys on top of the positional rule."""
+  hides more keys on top of the positional rule; `segment_ids` [B, S] (self-attention) hides keys
+  of other segments."""
   b, s, h, d = q.shape
   kvh = k.shape[2]
   if q_positions is None or kv_positions is None:
     if (q_positions is None) != (kv_positions is None) or k.shape[1] != s:
       raise ValueError("positions may be None only on both sides of a self-attention (q and k of one length)")
     q_positions = kv_positions = index_positions(b, s)
+  if segment_ids is not None:
+    if k.shape[1] != s:
+      raise ValueError("segment_ids are for self-attention (q and k of one length)")
+    mask = segment_mask(segment_ids) if mask is None else mask & segment_mask(segment_ids)
   # Heads-major operands, each matmul in the [batch, m, k] x [batch, k, n] form: a KV cache stored
   # heads-major ([B, KVH, T, D]) is then read in place (XLA cancels the transposes).
   q = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
@@ -128,7 +145,7 @@ def dense_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_win
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
-register_attention("dense", dense_attention, sinks=True, mask=True)
+register_attention("dense", dense_attention, sinks=True, mask=True, segments=True)
 
 
 # ---------------------------------------------------------------- block-causal attention (jnp)
@@ -152,23 +169,26 @@ def _query_blocks(seq_len: int, num_blocks: int, window: int | None):
     yield q0, q0 + size, k0
 
 
-def _block_scores(q, k, q0, k0, window, scale):
+def _block_scores(q, k, segments, q0, k0, window, scale):
   # q [B, KVH, G, s, D] (rows q0..), k [B, KVH, t, D] (rows k0..) -> f32 scores [B, KVH, G, s, t],
-  # masked by index (= position here).
+  # masked by index (= position here) and, for packed rows, by segment.
   s = jnp.einsum("bkgsd,bktd->bkgst", q, k, preferred_element_type=jnp.float32) * scale
   qi = q0 + jnp.arange(q.shape[3])[:, None]
   ki = k0 + jnp.arange(k.shape[2])[None, :]
   visible = ki <= qi
   if window is not None:
     visible &= qi - ki < window
+  if segments is not None:
+    same = segments[:, q0 : q0 + q.shape[3], None] == segments[:, None, k0 : k0 + k.shape[2]]
+    visible = visible & same[:, None, None]
   return jnp.where(visible, s, _MASKED), visible
 
 
-def _forward(q, k, v, window, num_blocks):
+def _forward(q, k, v, segments, window, num_blocks):
   scale = q.shape[-1] ** -0.5
   outs, maxes, inv_sums = [], [], []
   for q0, q1, k0 in _query_blocks(q.shape[3], num_blocks, window):
-    s, _ = _block_scores(q[:, :, :, q0:q1], k[:, :, k0:q1], q0, k0, window, scale)
+    s, _ = _block_scores(q[:, :, :, q0:q1], k[:, :, k0:q1], segments, q0, k0, window, scale)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
@@ -182,7 +202,7 @@ def _forward(q, k, v, window, num_blocks):
   return jnp.concatenate(outs, axis=3), stats
 
 
-def _backward(q, k, v, out, stats, d_out, window, num_blocks):
+def _backward(q, k, v, segments, out, stats, d_out, window, num_blocks):
   scale = q.shape[-1] ** -0.5
   # delta = rowsum(dO * O) = rowsum(P * dP): the softmax-backward correction term.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
@@ -191,7 +211,7 @@ def _backward(q, k, v, out, stats, d_out, window, num_blocks):
   dv = jnp.zeros(v.shape, jnp.float32)
   for q0, q1, k0 in _query_blocks(q.shape[3], num_blocks, window):
     qb, kb, vb, dob = q[:, :, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], d_out[:, :, :, q0:q1]
-    s, visible = _block_scores(qb, kb, q0, k0, window, scale)
+    s, visible = _block_scores(qb, kb, segments, q0, k0, window, scale)
     p = jnp.exp(s - stats[0][:, :, :, q0:q1]) * stats[1][:, :, :, q0:q1]
     dv = dv.at[:, :, k0:q1].add(
       jnp.einsum("bkgst,bkgsd->bktd", p.astype(dob.dtype), dob, preferred_element_type=jnp.float32)
@@ -204,19 +224,20 @@ def _backward(q, k, v, out, stats, d_out, window, num_blocks):
   return jnp.concatenate(dq_blocks, axis=3), dk.astype(k.dtype), dv.astype(v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _blocked(q, k, v, window, num_blocks):
-  return _forward(q, k, v, window, num_blocks)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(q, k, v, segments, window, num_blocks):
+  return _forward(q, k, v, segments, window, num_blocks)[0]
 
 
-def _blocked_fwd(q, k, v, window, num_blocks):
-  out, stats = _forward(q, k, v, window, num_blocks)
-  return out, (q, k, v, out, stats)
+def _blocked_fwd(q, k, v, segments, window, num_blocks):
+  out, stats = _forward(q, k, v, segments, window, num_blocks)
+  return out, (q, k, v, segments, out, stats)
 
 
 def _blocked_bwd(window, num_blocks, res, d_out):
-  q, k, v, out, stats = res
-  return _backward(q, k, v, out, stats, d_out, window, num_blocks)
+  q, k, v, segments, out, stats = res
+  # Segment ids are integers: no cotangent.
+  return (*_backward(q, k, v, segments, out, stats, d_out, window, num_blocks), None)
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)
@@ -231,25 +252,34 @@ def _num_query_blocks(seq_len: int) -> int:
   return 1
 
 
-def blocked_attention(q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, mask=None):
+def blocked_attention(
+  q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, mask=None, segment_ids=None
+):
   """Block-causal softmax attention with a recomputing backward; same results as `dense_attention`.
 
-  Blocks are skipped only for index positions (both None); given positions (or a `mask`) run the
-  dense computation, masked by position.
+  Blocks are skipped only for index positions (both None), packed rows (`segment_ids`) included;
+  given positions (or a `mask`) run the dense computation, masked by position.
   """
   b, s, h, d = q.shape
   kvh = k.shape[2]
   num_blocks = _num_query_blocks(s)
   if q_positions is not None or kv_positions is not None or k.shape[1] != s or num_blocks == 1 or mask is not None:
     return dense_attention(
-      q, k, v, q_positions=q_positions, kv_positions=kv_positions, sliding_window=sliding_window, mask=mask
+      q,
+      k,
+      v,
+      q_positions=q_positions,
+      kv_positions=kv_positions,
+      sliding_window=sliding_window,
+      mask=mask,
+      segment_ids=segment_ids,
     )
   qt = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
-  out = _blocked(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), sliding_window, num_blocks)
+  out = _blocked(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids, sliding_window, num_blocks)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
-register_attention("blocked", blocked_attention, mask=True)
+register_attention("blocked", blocked_attention, mask=True, segments=True)
 
 
 def mean_key_block_selection(q, k, *, q_positions, kv_positions, topk: int, block_q: int, block_kv: int):

@@ -20,6 +20,11 @@ statically) and returns logits. `forward_with_cache` writes each layer's keys an
 position) and returns the final hidden states with the updated cache; the caller takes logits
 of the positions it needs (`model.logits`), e.g. only each prompt's last one at prefill.
 
+Packed examples (fine-tuning on short conversations): `model(tokens, positions, segment_ids)` with
+`segment_ids` [B, S] numbering the examples of each row and `positions` restarting at 0 for each:
+a token attends only to earlier tokens of its own example, and each example sees the RoPE phases
+it would see alone. Needs an attention implementation with `segments` (dense, blocked).
+
 Module and parameter names follow Hugging Face's (q_proj, gate_proj, input_layernorm, ...), so
 `jaxeff.hf` maps checkpoints one to one. Every parameter carries logical axes (`jaxeff.sharding`'s
 rules map them to the mesh); activations are constrained by the same names. The attention
@@ -112,9 +117,20 @@ class Attention(nnx.Module):
     b, s = out.shape[:2]
     return self.o_proj(out.reshape(b, s, self.cfg.num_heads * self.cfg.head_dim))
 
-  def __call__(self, x, cos, sin, positions):
-    """Attention over the tokens of `x`; positions [B, S], or None for 0..S-1."""
+  def __call__(self, x, cos, sin, positions, segment_ids=None):
+    """Attention over the tokens of `x`; positions [B, S], or None for 0..S-1. With `segment_ids`
+    (packed examples) the positions went to RoPE only: attention is causal by index within each
+    segment."""
     q, k, v = self._qkv(x, cos, sin)
+    if segment_ids is not None:
+      impl = attention_lib.get_attention(self.cfg.attention)
+      if not impl.segments:
+        able = sorted(n for n, i in attention_lib.ATTENTION_IMPLS.items() if i.segments)
+        raise ValueError(
+          f"packed examples (segment_ids) need an attention that masks by segment ({', '.join(able)}), "
+          f"not {self.cfg.attention!r}"
+        )
+      return self._out(self._attend_fn()(q, k, v, q_positions=None, kv_positions=None, segment_ids=segment_ids))
     if self.method is not None:
       if positions is not None:
         raise ValueError(
@@ -204,8 +220,8 @@ class Block(nnx.Module):
   def _mlp(self, x):
     return constrain(x + self.mlp(self.post_attention_layernorm(x)), BATCH_SEQ_EMBED)
 
-  def __call__(self, x, cos, sin, positions):
-    return self._mlp(x + self.self_attn(self.input_layernorm(x), cos, sin, positions))
+  def __call__(self, x, cos, sin, positions, segment_ids=None):
+    return self._mlp(x + self.self_attn(self.input_layernorm(x), cos, sin, positions, segment_ids))
 
   def ring(self, x, positions, kv, cache):
     """As `cached`, through a ring cache."""
@@ -230,7 +246,7 @@ _REMAT_POLICIES = {
 
 
 def _block_fn(remat: str):
-  call = lambda block, x, cos, sin, pos: block(x, cos, sin, pos)
+  call = lambda block, x, cos, sin, pos, seg: block(x, cos, sin, pos, seg)
   if remat == "none":
     return call
   return nnx.remat(call, policy=_REMAT_POLICIES[remat])
@@ -275,21 +291,23 @@ class Llama(nnx.Module):
     cos, sin = rope_cos_sin(rope_positions, rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     return constrain(self.embed_tokens(tokens), BATCH_SEQ_EMBED), cos, sin
 
-  def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+  def hidden_states(
+    self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
     """Final-norm hidden states [B, S, hidden] of int32 `tokens` [B, S] at `positions` [B, S]
-    (None: 0..S-1)."""
+    (None: 0..S-1). `segment_ids` [B, S]: packed examples (module docstring)."""
     x, cos, sin = self._embed(tokens, positions)
     block_fn = _block_fn(self.cfg.remat)
     if self.cfg.scan_layers:
 
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry, transform_metadata={nnx.PARTITION_NAME: LAYERS})
       def run(x, block):
-        return block_fn(block, x, cos, sin, positions)
+        return block_fn(block, x, cos, sin, positions, segment_ids)
 
       x = run(x, self.layers)
     else:
       for block in self.layers:
-        x = block_fn(block, x, cos, sin, positions)
+        x = block_fn(block, x, cos, sin, positions, segment_ids)
     return self.norm(x)
 
   def forward_with_cache(
@@ -427,6 +445,9 @@ class Llama(nnx.Module):
     logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
     return logits.astype(jnp.float32)
 
-  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    """int32 tokens [B, S] -> f32 logits [B, S, vocab]; positions [B, S] (None: 0..S-1)."""
-    return constrain(self.logits(self.hidden_states(tokens, positions)), (BATCH, SEQ, VOCAB))
+  def __call__(
+    self, tokens: jax.Array, positions: jax.Array | None = None, segment_ids: jax.Array | None = None
+  ) -> jax.Array:
+    """int32 tokens [B, S] -> f32 logits [B, S, vocab]; positions [B, S] (None: 0..S-1);
+    `segment_ids` [B, S]: packed examples (module docstring)."""
+    return constrain(self.logits(self.hidden_states(tokens, positions, segment_ids)), (BATCH, SEQ, VOCAB))

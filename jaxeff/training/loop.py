@@ -48,6 +48,7 @@ from jaxeff.checkpoint import Checkpointer, describe_error
 from jaxeff.config import ModelConfig, differences
 from jaxeff.errors import CheckpointError, ConfigError, TrainError
 from jaxeff.models import Llama
+from jaxeff.models import attention as attention_lib
 from jaxeff.training import hooks as hooks_lib
 from jaxeff.training.config import TrainConfig, config_from_dict, config_to_dict
 from jaxeff.training.state import TrainState, abstract_state, init_state, signature, state_shardings
@@ -202,6 +203,13 @@ class Trainer:
       raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the data x fsdp mesh size {data_parallel}")
     if cfg.batch_size % jax.process_count():
       raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {jax.process_count()} processes")
+    if cfg.data.format == "chat" and cfg.data.pack and model_factory is llama:
+      able = sorted(n for n, i in attention_lib.ATTENTION_IMPLS.items() if i.segments)
+      if cfg.model.attention not in able:
+        raise ConfigError(
+          f"data.pack=true keeps packed conversations apart with an attention that masks by segment "
+          f"({', '.join(able)}), not model.attention={cfg.model.attention}; choose one or set data.pack=false"
+        )
     self.spec = optimizer_spec(cfg.optimizer)
     self.make_model = lambda: model_factory(cfg.model, nnx.Rngs(cfg.seed))
     self.graphdef, params = nnx.split(nnx.eval_shape(self.make_model))

@@ -94,9 +94,13 @@ def next_token_loss(model, batch: dict) -> jax.Array:
 
   `batch["inputs"]`, `batch["targets"]`: int32 [B, S]. An optional `batch["loss_mask"]` [B, S]
   (bool or 0/1) says which targets count (e.g. only assistant tokens of a chat): the mean is over
-  those (0 when none).
+  those (0 when none). Packed rows carry `batch["segment_ids"]` and `batch["positions"]` [B, S]
+  (each example's own positions), passed to the model so examples do not attend to each other.
   """
-  logits = model(batch["inputs"])
+  if "segment_ids" in batch:
+    logits = model(batch["inputs"], batch["positions"], batch["segment_ids"])
+  else:
+    logits = model(batch["inputs"])
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
   mask = batch.get("loss_mask")
   if mask is None:
