@@ -7,9 +7,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import racy_kernel
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -245,30 +245,13 @@ def test_tpu_decode_blocks_move_mibs_with_all_of_k_and_set_vmem_limit():
 # --- the TPU simulator: race detection and NaN-filled memory ------------------------------------
 
 
-def _racy_kernel(x):
-  """A positive control: the reduction axis marked "parallel", so two cores write one block."""
-
-  def kernel(x_ref, o_ref):
-    o_ref[...] = x_ref[...] * 2
-
-  return pl.pallas_call(
-    kernel,
-    out_shape=jax.ShapeDtypeStruct((8, 128), jnp.float32),
-    grid=(2,),
-    in_specs=[pl.BlockSpec((8, 128), lambda k: (0, k))],
-    out_specs=pl.BlockSpec((8, 128), lambda k: (0, 0)),
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
-    interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
-  )(x)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("bits,group_size,m,k,n", [(4, 64, 20, 520, 200)])
 def test_tpu_kernel_in_tpu_simulator_finds_no_race(capfd, bits, group_size, m, k, n):
   """TPU semantics on two simulated cores: race detection, NaN-filled uninitialized memory, edge
   blocks on every axis. The detector only prints, so the test reads what it printed, and a
   deliberately racy kernel shows that a race would be seen."""
-  jax.block_until_ready(_racy_kernel(jnp.ones((8, 256), jnp.float32)))
+  jax.block_until_ready(racy_kernel(jnp.ones((8, 128), jnp.float32)))
   assert "RACE DETECTED" in capfd.readouterr().out
   x, w = _data(m, k, n)
   qw = pk.quantize_weight(w, bits=bits, group_size=group_size)

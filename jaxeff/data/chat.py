@@ -194,6 +194,21 @@ def build_rows(conversations: list[tuple[np.ndarray, np.ndarray]], length: int, 
   return ChatRows(tokens, mask, segments, positions, pack)
 
 
+def encode_record(line: str | bytes, template: ChatTemplate, encode) -> tuple[np.ndarray, np.ndarray]:
+  """(token ids, loss mask) of one JSONL line; BadRecord with the reason when it cannot be used."""
+  try:
+    record = json.loads(line)
+  except json.JSONDecodeError:
+    raise BadRecord("not JSON") from None
+  return encode_chat(messages_of(record), template, encode)
+
+
+def skipped_summary(skipped: collections.Counter, total: int) -> str:
+  """'N of TOTAL chat records skipped (n1 reason1, n2 reason2, ...)', most frequent reason first."""
+  why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
+  return f"{sum(skipped.values())} of {total} chat records skipped ({why})"
+
+
 def read_conversations(paths, template: ChatTemplate, encode) -> tuple[list, collections.Counter, int]:
   """([(ids, mask)] of every usable record in `paths`' JSONL files, skipped reasons, records read)."""
   from jaxeff.data.sources import resolve_paths
@@ -206,11 +221,7 @@ def read_conversations(paths, template: ChatTemplate, encode) -> tuple[list, col
           continue
         total += 1
         try:
-          try:
-            record = json.loads(line)
-          except json.JSONDecodeError:
-            raise BadRecord("not JSON") from None
-          conversations.append(encode_chat(messages_of(record), template, encode))
+          conversations.append(encode_record(line, template, encode))
         except BadRecord as e:
           skipped[str(e)] += 1
   return conversations, skipped, total
@@ -264,8 +275,7 @@ class ChatData:
       vocab = tokenizer.vocab_size
     conversations = fit_to_length(conversations, seq_len + 1, cfg.truncate, skipped)
     if skipped:
-      why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
-      log.warning("data: %d of %d chat records skipped (%s)", sum(skipped.values()), total, why)
+      log.warning("data: %s", skipped_summary(skipped, total))
     if not conversations:
       raise DataError(f"no usable chat records in the data ({total} read)")
     num_val = round(len(conversations) * cfg.val_fraction)

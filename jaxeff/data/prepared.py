@@ -76,7 +76,7 @@ def _init_worker(tokenizer_path, chat=False):
 def _tokenize_chat_unit(job) -> tuple[str, list[int], dict, int]:
   """Tokenizes the conversations of one JSON-lines byte range into its part files (tokens and
   loss mask); returns (part path, conversation lengths, skipped reasons, records read)."""
-  from jaxeff.data.chat import BadRecord, encode_chat, messages_of
+  from jaxeff.data.chat import BadRecord, encode_record
 
   unit, part_path, dtype = job
   _, path, start, stop = unit
@@ -85,11 +85,7 @@ def _tokenize_chat_unit(job) -> tuple[str, list[int], dict, int]:
     for _, line in jsonl_lines(path, start, stop):
       total += 1
       try:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:
-          raise BadRecord("not JSON") from None
-        ids, mask = encode_chat(messages_of(record), _worker_template, _worker_tokenizer.encode)
+        ids, mask = encode_record(line, _worker_template, _worker_tokenizer.encode)
       except BadRecord as e:
         skipped[str(e)] += 1
         continue
@@ -196,8 +192,9 @@ def prepare(
       skipped.update(r[2])
       records += r[3]
     if skipped:
-      why = ", ".join(f"{n} {reason}" for reason, n in skipped.most_common())
-      log.warning("prepare: %d of %d chat records skipped (%s)", sum(skipped.values()), records, why)
+      from jaxeff.data.chat import skipped_summary
+
+      log.warning("prepare: %s", skipped_summary(skipped, records))
     if lengths.sum() == 0:
       raise DataError(
         f"empty corpus: the input files ({', '.join(f.name for f in files[:3])}"

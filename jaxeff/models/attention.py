@@ -83,6 +83,11 @@ def register_attention(name: str, fn: AttentionFn | None = None, **supports) -> 
   return impl
 
 
+def implementing(capability: str) -> list[str]:
+  """Names of the registered implementations whose `capability` field (sinks, mask, ...) is set."""
+  return sorted(n for n, i in ATTENTION_IMPLS.items() if getattr(i, capability))
+
+
 def get_attention(name: str) -> AttentionImpl:
   if name not in ATTENTION_IMPLS:
     raise ConfigError(f"unknown model.attention {name!r}; available: {', '.join(sorted(ATTENTION_IMPLS))}")
@@ -94,7 +99,7 @@ def check_config(cfg) -> AttentionImpl:
   impl = get_attention(cfg.attention)
   for field, supported in (("attention_sinks", impl.sinks), ("attention_topk_blocks", impl.topk_blocks)):
     if getattr(cfg, field) and not supported:
-      able = sorted(n for n, i in ATTENTION_IMPLS.items() if getattr(i, field.removeprefix("attention_")))
+      able = implementing(field.removeprefix("attention_"))
       raise ConfigError(f"model.{field} is implemented by attention {', '.join(able)}, not {cfg.attention!r}")
   if impl.check is not None:
     impl.check(cfg)

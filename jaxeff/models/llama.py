@@ -125,7 +125,7 @@ class Attention(nnx.Module):
     if segment_ids is not None:
       impl = attention_lib.get_attention(self.cfg.attention)
       if not impl.segments:
-        able = sorted(n for n, i in attention_lib.ATTENTION_IMPLS.items() if i.segments)
+        able = attention_lib.implementing("segments")
         raise ValueError(
           f"packed examples (segment_ids) need an attention that masks by segment ({', '.join(able)}), "
           f"not {self.cfg.attention!r}"
@@ -172,7 +172,7 @@ class Attention(nnx.Module):
       kv_positions = attention_lib.index_positions(x.shape[0], kv[0].shape[2])  # slot t holds position t
     else:
       if not impl.mask:
-        able = sorted(n for n, i in attention_lib.ATTENTION_IMPLS.items() if i.mask)
+        able = attention_lib.implementing("mask")
         raise ValueError(
           f"token-tree verification needs an attention that takes a mask ({', '.join(able)}), "
           f"not {cfg.attention!r}; use a chain speculator with this attention"

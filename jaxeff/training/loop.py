@@ -204,7 +204,7 @@ class Trainer:
     if cfg.batch_size % jax.process_count():
       raise ConfigError(f"batch_size={cfg.batch_size} must be divisible by the {jax.process_count()} processes")
     if cfg.data.format == "chat" and cfg.data.pack and model_factory is llama:
-      able = sorted(n for n, i in attention_lib.ATTENTION_IMPLS.items() if i.segments)
+      able = attention_lib.implementing("segments")
       if cfg.model.attention not in able:
         raise ConfigError(
           f"data.pack=true keeps packed conversations apart with an attention that masks by segment "
