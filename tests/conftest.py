@@ -15,6 +15,10 @@ if "xla_backend_optimization_level" not in _flags:
   _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = _flags.strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Two workers share two cores: torch's OpenMP threads (the transformers references) spin-wait for a
+# core the other worker holds (test_gguf's greedy reference: 12 s alone, 39 s beside a busy core,
+# 16 s with one thread). Child processes inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import atexit
 import shutil
@@ -37,6 +41,14 @@ import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+  """Files holding a `slow` test run first (pyproject turns off xdist's reordering by test count,
+  which queued the one-test notebook and GPU dry-run files last): the many short files then fill
+  both workers to the end instead of one worker finishing a two-minute file alone."""
+  slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order otherwise
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """Helpers several test modules share."""
 
+import os
+
 import jax
 import optax
 from jax.experimental import pallas as pl
@@ -43,3 +45,11 @@ def racy_kernel(x):
     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)),
     interpret=pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2),
   )(x)
+
+
+def one_device_env(**extra) -> dict[str, str]:
+  """This process's environment for a child process that sees one CPU device (conftest's fake
+  device count dropped; its other XLA flags, the compilation cache and the thread limit kept)."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", **extra}
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  return env

@@ -11,9 +11,8 @@ from nbclient import NotebookClient
 COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
 # Generation with SmolLM2 (the serving notebook, a server in the background, stays with the others).
 GENERATION = ("inference", "long_context", "speculative_decoding")
-# Run on one CPU device, as on a Colab machine: training SmolLM2 over the suite's 8 fake devices
-# (which share 2 cores) took over 10 minutes for what one device does in one.
-SINGLE_DEVICE = ("finetune",)
+# Fine-tuning SmolLM2, the longest notebook.
+FINETUNE = ("finetune",)
 
 
 def notebooks(names=None) -> list[pathlib.Path]:
@@ -31,12 +30,17 @@ def optimized_xla(monkeypatch) -> None:
 
 
 def single_device(monkeypatch) -> None:
-  """The kernel sees one CPU device (drops conftest's fake device count)."""
+  """The kernel sees one CPU device, as on a Colab CPU runtime (drops conftest's fake device count:
+  over 8 fake devices sharing 2 cores, training SmolLM2 took over 10 minutes for what one device
+  does in one, and the small notebooks ran about a tenth slower)."""
   flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
   monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
 
 
-def run(path: pathlib.Path, tmp_path: pathlib.Path) -> None:
+def run(path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch) -> None:
+  """Runs the notebook in a fresh kernel on one CPU device with XLA's usual optimizations."""
+  optimized_xla(monkeypatch)
+  single_device(monkeypatch)
   nb = nbformat.read(path, as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]

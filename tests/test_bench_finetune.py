@@ -16,6 +16,7 @@ def test_chat_records_pair_each_speech_with_the_previous_cue():
   assert records[1]["messages"][0]["content"] == "Continue the play after: Resolved."
 
 
+@pytest.mark.slow
 def test_quick_run_reports_every_optimizer(tmp_path, monkeypatch, shakespeare_path):
   monkeypatch.setenv("JAXEFF_CACHE_DIR", str(tmp_path / "cache"))
   model = write_gguf(

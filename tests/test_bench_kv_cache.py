@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from jaxeff.bench import kv_cache
 
 
+@pytest.mark.slow
 def test_quick_run_reports_budget_long_text_decode_and_passkey(tmp_path):
   out = tmp_path / "kv.json"
   assert kv_cache.main(["--quick", "--json", str(out)]) == 0

@@ -3,20 +3,21 @@ bad input, and the low-rank state table at several ranks."""
 
 import json
 import math
-import os
 import subprocess
 import sys
 
+import helpers
 import pytest
 
 from jaxeff.bench import optimizers as bench
 
 
+@pytest.mark.slow
 def test_quick_run_reports_every_field(tmp_path, capsys):
   # Through the CLI as users run it (its own 4 fake devices, not the suite's 8): before the
   # projectors' SVDs ran one matrix at a time on CPU, this run hung in GaLore's first refresh.
   out = tmp_path / "res"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env = helpers.one_device_env()
   cmd = [
     sys.executable,
     "-m",

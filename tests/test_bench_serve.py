@@ -5,11 +5,13 @@ tiny test vocabulary, so the quick run leaves it out)."""
 import json
 
 import gguf
+import pytest
 import tiny_gguf
 
 from jaxeff.bench import serve
 
 
+@pytest.mark.slow
 def test_quick_load_run_reports_every_level(tmp_path, monkeypatch):
   monkeypatch.setenv("JAXEFF_CACHE_DIR", str(tmp_path / "cache"))
   path = tiny_gguf.write_gguf(

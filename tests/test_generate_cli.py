@@ -180,6 +180,7 @@ def test_bad_model_and_prompt(tiny_gguf, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("error: ") and match in lines[0], err
 
 
+@pytest.mark.slow
 def test_smollm2_cli_subprocess():
   env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
   proc = subprocess.run(

@@ -150,6 +150,7 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_transformers):
   np.testing.assert_allclose(ours, ref, atol=1e-4 * np.abs(ref).max(), rtol=0)
 
 
+@pytest.mark.slow
 def test_smollm2_greedy_matches_transformers(smollm2, smollm2_transformers):
   path, model, _ = smollm2
   tok = jaxeff.gguf.tokenizer(path)

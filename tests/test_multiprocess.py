@@ -2,11 +2,11 @@
 with the default (blocked) attention at a length where it splits the sequence into blocks."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
 
+import helpers
 import pytest
 from test_train import BLOCKING, BLOCKING_SEQ_LEN, TINY
 
@@ -20,8 +20,10 @@ def _free_port():
 
 
 def _env(devices):
-  # The CLI adds the XLA:CPU scheduler flag itself (jaxeff.host_malloc.set_cpu_xla_flags).
-  return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  # The suite's other XLA flags (the cheap compiles) kept; its device count replaced.
+  env = helpers.one_device_env()
+  env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+  return env
 
 
 def _losses(out_dir):

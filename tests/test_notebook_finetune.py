@@ -5,11 +5,10 @@ the notebooks evenly (notebook_runner.py)."""
 import notebook_runner
 import pytest
 
-PATHS = notebook_runner.notebooks(notebook_runner.SINGLE_DEVICE)
+PATHS = notebook_runner.notebooks(notebook_runner.FINETUNE)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-  notebook_runner.optimized_xla(monkeypatch)
-  notebook_runner.single_device(monkeypatch)
-  notebook_runner.run(path, tmp_path)
+  notebook_runner.run(path, tmp_path, monkeypatch)

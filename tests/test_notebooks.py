@@ -4,7 +4,7 @@ test_notebooks_generation.py, fine-tuning in test_notebook_finetune.py, the rest
 import notebook_runner
 import pytest
 
-ELSEWHERE = notebook_runner.GENERATION + notebook_runner.SINGLE_DEVICE
+ELSEWHERE = notebook_runner.GENERATION + notebook_runner.FINETUNE
 OTHERS = [p for p in notebook_runner.notebooks() if p.stem not in ELSEWHERE]
 
 
@@ -13,7 +13,7 @@ def test_every_notebook_is_run_by_one_file():
   assert set(ELSEWHERE) <= names and len(OTHERS) + len(ELSEWHERE) == len(names)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", OTHERS, ids=[p.stem for p in OTHERS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-  notebook_runner.optimized_xla(monkeypatch)
-  notebook_runner.run(path, tmp_path)
+  notebook_runner.run(path, tmp_path, monkeypatch)

@@ -7,7 +7,7 @@ import pytest
 PATHS = notebook_runner.notebooks(notebook_runner.GENERATION)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", PATHS, ids=[p.stem for p in PATHS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-  notebook_runner.optimized_xla(monkeypatch)
-  notebook_runner.run(path, tmp_path)
+  notebook_runner.run(path, tmp_path, monkeypatch)

@@ -136,6 +136,7 @@ def _cases(draw):
 _ODD_INT4_GROUPS = dict(bits=4, group_size=128, m=1, k=384, n=200, dtype=jnp.float32, small_blocks=True)
 
 
+@pytest.mark.slow
 @settings(deadline=None, max_examples=10, derandomize=True)
 @given(_cases())
 @example(_ODD_INT4_GROUPS)

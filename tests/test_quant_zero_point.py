@@ -280,6 +280,7 @@ def smollm2_windows():
   return path, quant_accuracy.token_windows(path, text, 2, 192)
 
 
+@pytest.mark.slow
 def test_smollm2_perplexity_zero_point_int4_keeps_quality_and_gguf_as_is_equals_float(smollm2_windows):
   """384 tokens are enough to see it (measured +23% / +40% on Shakespeare / the Python corpus):
   symmetric int4 g32 loses >10%, with a zero point <3%; int8 <2% (the bench's 3072 tokens give

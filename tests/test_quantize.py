@@ -2,7 +2,10 @@
 checkpoints (save_quantized / load_quantized), and a briefly trained model keeps its perplexity."""
 
 import pathlib
+import subprocess
+import sys
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,36 +192,34 @@ SEQ = 64
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   """A briefly trained model (hidden 256: int4 group 128 gives 2 or 4 groups per column), its
-  training run directory, and validation batches. Trained once for the tests below (~30 s)."""
+  training run directory, and validation batches. Trained once for the tests below by the CLI, in a
+  process on one CPU device (17 s; 28 s over the suite's 8 fake devices)."""
   out = tmp_path_factory.mktemp("run")
   data = [f"data.paths=[{SHAKESPEARE}]"] if SHAKESPEARE.exists() else ["data.max_corpus_bytes=2000000"]
-  cfg = train_lib.load_config(
-    None,
-    data
-    + [
-      "model.hidden_size=256",
-      "model.intermediate_size=512",
-      "model.num_layers=2",
-      "model.num_heads=4",
-      "model.num_kv_heads=2",
-      "batch_size=8",
-      f"seq_len={SEQ}",
-      "steps=150",
-      "log_every=50",
-      "eval_every=150",
-      "eval_batches=0",
-      "checkpoint_every=150",
-      "progress=false",
-      "tensorboard=false",
-      "optimizer.learning_rate=3e-3",
-      "optimizer.warmup_steps=10",
-      f"output_dir={out}",
-    ],
-  )
-  train_lib.train(cfg)
-  # From the checkpoint: on one device (the trained copy is replicated over the 8 fake devices,
-  # so every forward would run 8 times on this CPU).
-  model, _ = train_lib.load_checkpoint(out)
+  overrides = data + [
+    "model.hidden_size=256",
+    "model.intermediate_size=512",
+    "model.num_layers=2",
+    "model.num_heads=4",
+    "model.num_kv_heads=2",
+    "batch_size=8",
+    f"seq_len={SEQ}",
+    "steps=150",
+    "log_every=50",
+    "eval_every=150",
+    "eval_batches=0",
+    "checkpoint_every=150",
+    "progress=false",
+    "tensorboard=false",
+    "optimizer.learning_rate=3e-3",
+    "optimizer.warmup_steps=10",
+    f"output_dir={out}",
+  ]
+  cmd = [sys.executable, "-m", "jaxeff.train", *overrides]
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=helpers.one_device_env(), timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  model, _ = train_lib.load_checkpoint(out)  # on this process's first device
+  cfg = train_lib.load_config(None, overrides)
   return model, out, data_lib.val_batches(cfg.data, seq_len=SEQ, batch_size=16, max_batches=8)
 
 
@@ -227,6 +228,7 @@ def _val_perplexity(model, batches):
   return float(np.exp(np.mean([float(step(model, b)) for b in batches])))
 
 
+@pytest.mark.slow
 def test_trained_model_perplexity_int8_within_1pct_int4_g128_within_5pct(trained, capsys):
   """The issue's accuracy bar: int8 per-channel within 1% of f32, int4 group-128 within 5%."""
   model, _, batches = trained

@@ -233,6 +233,7 @@ def test_async_stream_yields_tokens_as_they_come(engine, reference):
   assert len(request.token_times) == 9 and request.token_times == sorted(request.token_times)
 
 
+@pytest.mark.slow
 def test_quantized_bf16_and_gguf_as_stored_models(model, tmp_path, monkeypatch):
   prompts = _prompts(5, [6, 25, 40])
   int8 = jaxeff.quantize(model, bits=8)

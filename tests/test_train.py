@@ -83,6 +83,7 @@ def test_loss_falls_and_metrics_written(tmp_path):
   assert (tmp_path / "run" / "checkpoints" / "40").exists()  # the final step is always saved
 
 
+@pytest.mark.slow
 def test_default_config_reports_mfu_at_most_100_percent(tmp_path):
   """Defect: `python -m jaxeff.train` showed mfu=100.1% and 102.6%: the CPU peak came from three
   1024^3 matmuls timed once while the data pipeline started. It is now the best of several 2048^3
@@ -313,6 +314,7 @@ def test_import_has_no_side_effects():
 OPTIMIZERS = ["adamw", "c_adamw", "lion", "c_lion", "distributed_lion", "muon", "c_muon", "galore", "osd"]
 
 
+@pytest.mark.slow
 def test_every_optimizer_trains_from_the_cli(tmp_path, capsys):
   """optimizer.name selects each of jaxeff.optim's transformations; a few steps lower the loss."""
   lrs = {"lion": 1e-3, "c_lion": 1e-3, "distributed_lion": 1e-3}

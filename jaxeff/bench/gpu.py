@@ -203,6 +203,9 @@ DRY = Sizes(
   ),
   train_batch=(2, 64),
   train_steps=1,
+  # The section's three code paths (the baseline, an orthogonalized update, a low-rank rank
+  # setting); every optimizer trains through the same engine in tests/test_train.py.
+  optimizers=("adamw", "muon", "osd"),
   repeats=1,
 )
 

@@ -113,7 +113,7 @@ def rows(
     out.append(dict(weights=label, perplexity=ppl, linear_bytes=nbytes, seconds=time.perf_counter() - start))
     log(f"  {label}: perplexity {ppl:.3f}")
 
-  float_model, _ = hf.load(gguf_path)
+  float_model, _ = hf.load(gguf_path, scan_layers=True)  # one compiled layer, looped: each variant compiles fast
   add("float (the GGUF dequantized to f32)", float_model)
   for label, kw in variants:
     add(f"jaxeff.quantize {label}", quantize(float_model, **kw))
