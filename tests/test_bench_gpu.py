@@ -94,7 +94,7 @@ def test_dry_run_checks_every_kernel_case_of_the_plan(dry_run):
   attention = [r for r in rows if r["kernel"] == "sparse_attention"]
   model = [r for r in rows if r["kernel"] == "model"]
   # bits x zero point x group x M x activation dtype, plus the ragged shapes at two Ms.
-  assert len(quant) == 2 * 2 * 2 * len(s.quant_ms) * 2 + 2 * len(s.quant_ragged[2])
+  assert len(quant) == 2 * 2 * len(s.quant_groups) * len(s.quant_ms) * 2 + 2 * len(s.quant_ragged[2])
   assert len(attention) == 3 * len(s.attn_dims) + 1 and len(model) == 3
   assert all(r["ok"] and r["max_error"] <= r["tol"] for r in rows)
   # Backward checked too: every attention row compares dq, dk, dv.
