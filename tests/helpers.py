@@ -47,9 +47,12 @@ def racy_kernel(x):
   )(x)
 
 
-def one_device_env(**extra) -> dict[str, str]:
-  """This process's environment for a child process that sees one CPU device (conftest's fake
-  device count dropped; its other XLA flags, the compilation cache and the thread limit kept)."""
+def cpu_env(devices: int = 1, **extra) -> dict[str, str]:
+  """This process's environment for a child process on `devices` CPU devices (conftest's fake
+  device count replaced; its other XLA flags, the compilation cache and the thread limit kept)."""
   env = {**os.environ, "JAX_PLATFORMS": "cpu", **extra}
-  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  if devices > 1:
+    flags.append(f"--xla_force_host_platform_device_count={devices}")
+  env["XLA_FLAGS"] = " ".join(flags)
   return env

@@ -2,9 +2,9 @@
 test files (the suite distributes whole files over its workers, and together they would make one
 worker's run the longest); `test_notebooks.py` checks that each notebook is in exactly one."""
 
-import os
 import pathlib
 
+import helpers
 import nbformat
 from nbclient import NotebookClient
 
@@ -20,27 +20,15 @@ def notebooks(names=None) -> list[pathlib.Path]:
   return [p for p in paths if names is None or p.stem in names]
 
 
-def optimized_xla(monkeypatch) -> None:
-  """The kernel (and the processes it starts) compile with XLA:CPU's usual optimizations: the
-  suite's cheapest-compile flags (conftest) cost a notebook more in run time than they save (the
-  inference notebook: 92 s with them, 47 s without, measured alone)."""
-  cheap = ("--xla_backend_optimization_level", "--xla_llvm_disable_expensive_passes")
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(cheap)]
-  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
-
-
-def single_device(monkeypatch) -> None:
-  """The kernel sees one CPU device, as on a Colab CPU runtime (drops conftest's fake device count:
-  over 8 fake devices sharing 2 cores, training SmolLM2 took over 10 minutes for what one device
-  does in one, and the small notebooks ran about a tenth slower)."""
-  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
-
-
 def run(path: pathlib.Path, tmp_path: pathlib.Path, monkeypatch) -> None:
-  """Runs the notebook in a fresh kernel on one CPU device with XLA's usual optimizations."""
-  optimized_xla(monkeypatch)
-  single_device(monkeypatch)
+  """Runs the notebook in a fresh kernel on one CPU device, as on a Colab CPU runtime (over the
+  suite's 8 fake devices sharing 2 cores, training SmolLM2 took over 10 minutes for what one device
+  does in one), compiled with XLA:CPU's usual optimizations: the suite's cheapest-compile flags
+  cost a notebook more in run time than they save (the inference notebook: 92 s with them, 47 s
+  without, measured alone). The processes a notebook starts inherit both."""
+  cheap = ("--xla_backend_optimization_level", "--xla_llvm_disable_expensive_passes")
+  flags = [f for f in helpers.cpu_env()["XLA_FLAGS"].split() if not f.startswith(cheap)]
+  monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
   nb = nbformat.read(path, as_version=4)
   NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
   errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]

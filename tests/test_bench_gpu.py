@@ -44,7 +44,7 @@ ABSENT = (
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("gpu_dry")
-  env = helpers.one_device_env(PYTHONPATH=str(REPO))
+  env = helpers.cpu_env(PYTHONPATH=str(REPO))
   proc = subprocess.run(
     [
       sys.executable,

@@ -17,7 +17,7 @@ def test_quick_run_reports_every_field(tmp_path, capsys):
   # Through the CLI as users run it (its own 4 fake devices, not the suite's 8): before the
   # projectors' SVDs ran one matrix at a time on CPU, this run hung in GaLore's first refresh.
   out = tmp_path / "res"
-  env = helpers.one_device_env()
+  env = helpers.cpu_env()
   cmd = [
     sys.executable,
     "-m",

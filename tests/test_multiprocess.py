@@ -19,13 +19,6 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _env(devices):
-  # The suite's other XLA flags (the cheap compiles) kept; its device count replaced.
-  env = helpers.one_device_env()
-  env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
-  return env
-
-
 def _losses(out_dir):
   lines = [json.loads(l) for l in (out_dir / "metrics.jsonl").read_text().splitlines()]
   return [l["loss"] for l in lines if "loss" in l]
@@ -35,7 +28,7 @@ def test_two_processes_match_one(tmp_path):
   args = [*TINY, *BLOCKING, "steps=4", "mesh={data: -1}"]
   cmd = [sys.executable, "-m", "jaxeff.train", *args]
   single = subprocess.run(
-    cmd + [f"output_dir={tmp_path / 'single'}"], env=_env(8), capture_output=True, text=True, timeout=300
+    cmd + [f"output_dir={tmp_path / 'single'}"], env=helpers.cpu_env(8), capture_output=True, text=True, timeout=300
   )
   assert single.returncode == 0, single.stderr[-2000:]
 
@@ -52,7 +45,7 @@ def test_two_processes_match_one(tmp_path):
         "--process-id",
         str(i),
       ],
-      env=_env(4),
+      env=helpers.cpu_env(4),
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
       text=True,

@@ -216,7 +216,7 @@ def trained(tmp_path_factory):
     f"output_dir={out}",
   ]
   cmd = [sys.executable, "-m", "jaxeff.train", *overrides]
-  proc = subprocess.run(cmd, capture_output=True, text=True, env=helpers.one_device_env(), timeout=300)
+  proc = subprocess.run(cmd, capture_output=True, text=True, env=helpers.cpu_env(), timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
   model, _ = train_lib.load_checkpoint(out)  # on this process's first device
   cfg = train_lib.load_config(None, overrides)
