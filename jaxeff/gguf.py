@@ -1,13 +1,15 @@
 """GGUF files (llama.cpp) of Llama-family models -> float checkpoints and tokenizers, and back.
 
 `jaxeff.hf.load("SmolLM2-135M-Instruct.Q4_1.gguf")` returns the model (converted once, cached by
-hash); `jaxeff.gguf.tokenizer(path)` its `tokenizers.Tokenizer`.
+hash); `jaxeff.gguf.tokenizer(path)` its `tokenizers.Tokenizer`; `read_file(path)` its metadata and
+tensors as stored.
 
 A GGUF holds the weights (often quantized: Q4_1, Q8_0, K-quants, ...) and, as metadata, the model's
 shape and its tokenizer (vocabulary, merges, token types, special ids, chat template), all under
 llama.cpp's names. `read` turns it into what a Hugging Face checkpoint holds: a config.json dict and
 HF-named float32 tensors, dequantized by the `gguf` package (the reference implementation of every
-format). Two things differ from HF's layout and are undone here:
+format; the header is parsed here in one pass, the tensors stay in the memory-mapped file). Two
+things differ from HF's layout and are undone here:
 - llama.cpp stores linear weights as [out, in] like PyTorch, but for the `llama` architecture it
   reorders the rows of q_proj and k_proj within each head (it interleaves the two rotary halves, for
   its own RoPE kernel); the reverse permutation restores HF's "rotate halves" order.
@@ -32,12 +34,14 @@ style `rope_freqs` scaling, and YaRN rope scaling.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import pathlib
 import shutil
 import tempfile
+from typing import Any
 
 import numpy as np
 
@@ -81,20 +85,156 @@ def _gguf():
   return gguf
 
 
-def _reader(path: str | os.PathLike):
+# The spec's metadata value types (gguf_metadata_value_type): the scalar ones as little-endian numpy
+# dtypes; 8 is a string (u64 length + UTF-8 bytes), 9 an array (u32 element type, u64 count).
+_VALUE_DTYPES = {
+  0: np.dtype("<u1"),
+  1: np.dtype("<i1"),
+  2: np.dtype("<u2"),
+  3: np.dtype("<i2"),
+  4: np.dtype("<u4"),
+  5: np.dtype("<i4"),
+  6: np.dtype("<f4"),
+  7: np.dtype("?"),
+  10: np.dtype("<u8"),
+  11: np.dtype("<i8"),
+  12: np.dtype("<f8"),
+}
+_STRING, _ARRAY = 8, 9
+# Element types whose tensors are plain arrays; every other ggml type is blocks of bytes.
+_PLAIN_TYPES = {
+  "F16": np.float16,
+  "F32": np.float32,
+  "F64": np.float64,
+  "I8": np.int8,
+  "I16": np.int16,
+  "I32": np.int32,
+  "I64": np.int64,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+  """One tensor of a GGUF file, its data a read-only view of the mapped file: typed for plain
+  types (shape = the dims reversed), raw bytes [..., bytes per row] for block types (what
+  `gguf.quants.dequantize` takes)."""
+
+  name: str
+  tensor_type: Any  # gguf.GGMLQuantizationType
+  shape: tuple[int, ...]  # ggml's order: innermost dimension first
+  data: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class GGUFFile:
+  metadata: dict  # every key/value as Python values (str, int, float, bool, lists)
+  tensors: list[GGUFTensor]
+
+
+class _Cursor:
+  """Reads the header's little-endian values in order from a memoryview of the file."""
+
+  def __init__(self, buf: memoryview):
+    self.buf, self.offset = buf, 0
+
+  def scalar(self, dtype: np.dtype):
+    value = np.frombuffer(self.buf, dtype, 1, self.offset)[0].item()
+    self.offset += dtype.itemsize
+    return value
+
+  def u32(self) -> int:
+    return self.scalar(_VALUE_DTYPES[4])
+
+  def u64(self) -> int:
+    return self.scalar(_VALUE_DTYPES[10])
+
+  def string(self) -> str:
+    n = self.u64()
+    text = str(self.buf[self.offset : self.offset + n], "utf-8")
+    self.offset += n
+    return text
+
+  def value(self, kind: int):
+    if kind == _STRING:
+      return self.string()
+    if kind == _ARRAY:
+      item, count = self.u32(), self.u64()
+      if item in _VALUE_DTYPES:  # numbers in one read (a vocabulary's scores and types)
+        dtype = _VALUE_DTYPES[item]
+        values = np.frombuffer(self.buf, dtype, count, self.offset).tolist()
+        self.offset += dtype.itemsize * count
+        return values
+      return [self.value(item) for _ in range(count)]
+    if kind not in _VALUE_DTYPES:
+      raise ValueError(f"unknown metadata value type {kind} at byte {self.offset}")
+    return self.scalar(_VALUE_DTYPES[kind])
+
+
+def read_file(path: str | os.PathLike) -> GGUFFile:
+  """The file's metadata and tensors (GGUF v2/v3, little-endian), the tensors' data left in the
+  memory-mapped file. `gguf.GGUFReader` builds a NumPy view per header value (2-3 s for SmolLM2's
+  49k-token vocabulary, each time a GGUF's tokenizer or blocks were read); this parses the header in
+  one pass (0.2 s). `tests/test_gguf.py` checks it against that reader."""
   gguf = _gguf()
   path = pathlib.Path(path)
   if not path.is_file():
     raise GGUFError(f"GGUF file not found: {path}")
   try:
-    return gguf.GGUFReader(str(path))
-  except Exception as e:  # the gguf package raises ValueError/struct.error/... on a damaged file
+    mapped = np.memmap(path, mode="r")
+  except ValueError as e:  # an empty file cannot be mapped
     raise GGUFError(f"{path} is not a readable GGUF file: {e}") from None
+  try:
+    return _parse(mapped, gguf)
+  except GGUFError as e:
+    raise GGUFError(f"{path} is not a readable GGUF file: {e}") from None
+  except (ValueError, IndexError, UnicodeDecodeError, OverflowError) as e:  # truncated or damaged
+    raise GGUFError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
 
 
-def metadata(reader) -> dict:
-  """All key/value metadata of a `gguf.GGUFReader` as Python values (strings, numbers, lists)."""
-  return {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+def _parse(mapped: np.memmap, gguf) -> GGUFFile:
+  cur = _Cursor(memoryview(mapped))
+  if bytes(cur.buf[:4]) != b"GGUF":
+    raise GGUFError("GGUF magic invalid")
+  cur.offset = 4
+  version = cur.u32()
+  if version not in (2, 3):
+    swapped = int.from_bytes(version.to_bytes(4, "little"), "big")
+    raise GGUFError(
+      "big-endian GGUF files are not supported" if swapped in (2, 3) else f"unsupported GGUF version {version}"
+    )
+  tensor_count, kv_count = cur.u64(), cur.u64()
+  meta = {}
+  for _ in range(kv_count):
+    key = cur.string()
+    meta[key] = cur.value(cur.u32())
+  infos = []
+  for _ in range(tensor_count):
+    name = cur.string()
+    dims = tuple(cur.u64() for _ in range(cur.u32()))
+    infos.append((name, dims, gguf.GGMLQuantizationType(cur.u32()), cur.u64()))
+  alignment = meta.get("general.alignment", 32)
+  if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+    raise GGUFError(f"general.alignment {alignment!r} is not a power of two")
+  start = -(-cur.offset // alignment) * alignment
+  tensors, names = [], set()
+  for name, dims, kind, offset in infos:
+    if name in names:
+      raise GGUFError(f"tensor {name!r} appears twice")
+    names.add(name)
+    block, type_bytes = gguf.GGML_QUANT_SIZES[kind]
+    elements = int(np.prod(dims, dtype=np.int64))
+    shape = tuple(reversed(dims))
+    if kind.name in _PLAIN_TYPES:
+      dtype = np.dtype(_PLAIN_TYPES[kind.name]).newbyteorder("<")
+    else:
+      dtype, shape = np.dtype(np.uint8), (*shape[:-1], shape[-1] // block * type_bytes)
+    nbytes = elements * type_bytes // block
+    begin = start + offset
+    if begin + nbytes > mapped.size:
+      raise GGUFError(f"tensor {name!r} ends at byte {begin + nbytes}, past the end of the file ({mapped.size})")
+    data = np.frombuffer(mapped, dtype, nbytes // dtype.itemsize, begin).reshape(shape)
+    tensors.append(GGUFTensor(name, kind, dims, data))
+  return GGUFFile(meta, tensors)
 
 
 def hf_config(meta: dict, tensor_names) -> dict:
@@ -177,8 +317,8 @@ def _rotary_heads(cfg: dict, name: str) -> int | None:
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
   """(HF config.json dict, HF-named float32 tensors) of a GGUF file."""
-  reader = _reader(path)
-  return _read(reader, metadata(reader))
+  reader = read_file(path)
+  return _read(reader, reader.metadata)
 
 
 def _read(reader, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
@@ -258,8 +398,8 @@ def quantized_weights(path: str | os.PathLike) -> tuple[dict, dict, dict[str, li
     `AS_IS` type, {type name: [HF names]} for 2-D tensors of other quantized types, which a loader
     dequantizes to float instead).
   """
-  reader = _reader(path)
-  meta = metadata(reader)
+  reader = read_file(path)
+  meta = reader.metadata
   cfg = hf_config(meta, (t.name for t in reader.tensors))
   weights, others = {}, {}
   for t in reader.tensors:
@@ -448,7 +588,7 @@ def build_tokenizer(meta: dict):
 
 def tokenizer(path: str | os.PathLike):
   """The GGUF file's tokenizer as a `tokenizers.Tokenizer` (rebuilt from its metadata)."""
-  return build_tokenizer(metadata(_reader(path)))[0]
+  return build_tokenizer(read_file(path).metadata)[0]
 
 
 # ---------------------------------------------------------------------------- cached conversion
@@ -476,8 +616,8 @@ def convert(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists():
     raise GGUFError(f"{out_dir} already exists; convert writes a new directory")
-  reader = _reader(path)
-  meta = metadata(reader)
+  reader = read_file(path)
+  meta = reader.metadata
   cfg, tensors = _read(reader, meta)
   tok, tok_config = build_tokenizer(meta)
   out_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,7 @@ from tiny_gguf import hf_tiny, write_gguf
 
 import jaxeff.gguf
 import jaxeff.hf
+from jaxeff.errors import GGUFError
 from jaxeff.generate import Generator
 
 
@@ -91,6 +92,69 @@ def test_bad_gguf_files(tmp_path, cache_dir):
   assert not (cache_dir / "gguf").exists() or not any((cache_dir / "gguf").iterdir())
 
 
+def test_reader_equals_the_gguf_package(tmp_path):
+  """jaxeff reads the header itself (the package's reader took seconds on a real vocabulary): the
+  same metadata values and tensor views as `gguf.GGUFReader`, for every value type and tensor kind."""
+  rng = np.random.default_rng(0)
+  w = gguf.GGUFWriter(str(tmp_path / "all.gguf"), "llama")
+  w.add_uint8("t.u8", 200)
+  w.add_int8("t.i8", -5)
+  w.add_uint16("t.u16", 60000)
+  w.add_int16("t.i16", -3000)
+  w.add_uint32("t.u32", 4_000_000_000)
+  w.add_int32("t.i32", -7)
+  w.add_float32("t.f32", 0.1)
+  w.add_uint64("t.u64", 2**60)
+  w.add_int64("t.i64", -(2**40))
+  w.add_float64("t.f64", 1e-300)
+  w.add_bool("t.bool", True)
+  w.add_string("t.str", "héllo ✓")
+  w.add_array("t.ints", [3, -1, 4])
+  w.add_array("t.floats", [0.5, 1.5])
+  w.add_array("t.strs", ["a", "", "ü" * 40])
+  w.add_array("t.empty", [])
+  w.add_array("t.nested", [[1, 2], [3]])
+  w.add_custom_alignment(64)
+  plain = {"F32": rng.normal(size=(3, 64)).astype(np.float32), "F16": rng.normal(size=(2, 5, 32)).astype(np.float16)}
+  for name, x in plain.items():
+    w.add_tensor(name, x)
+  for kind in ("Q8_0", "Q4_0", "Q4_1"):
+    qtype = gguf.GGMLQuantizationType[kind]
+    w.add_tensor(kind, gguf.quants.quantize(rng.normal(size=(4, 64)).astype(np.float32), qtype), raw_dtype=qtype)
+  k_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q4_K][1]  # K-quant blocks, raw
+  w.add_tensor("Q4_K", rng.integers(0, 256, (2, k_bytes), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+
+  ours = jaxeff.gguf.read_file(tmp_path / "all.gguf")
+  ref = gguf.GGUFReader(str(tmp_path / "all.gguf"))
+  want = {k: f.contents() for k, f in ref.fields.items() if not k.startswith("GGUF.")}
+  assert want.pop("t.nested") == [1, 2, 3]  # the package flattens nested arrays; jaxeff keeps them
+  assert ours.metadata.pop("t.nested") == [[1, 2], [3]]
+  assert ours.metadata == want
+  for key, value in want.items():
+    assert type(ours.metadata[key]) is type(value), key
+    if isinstance(value, list) and value:
+      assert type(ours.metadata[key][0]) is type(value[0]), key
+  assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors] == [*plain, "Q8_0", "Q4_0", "Q4_1", "Q4_K"]
+  for got, t in zip(ours.tensors, ref.tensors):
+    assert (got.tensor_type, got.shape) == (t.tensor_type, tuple(t.shape.tolist())), t.name
+    assert got.data.dtype == t.data.dtype and got.data.shape == t.data.shape, t.name
+    np.testing.assert_array_equal(got.data, t.data)
+  np.testing.assert_array_equal(ours.tensors[0].data, plain["F32"])
+
+  whole = (tmp_path / "all.gguf").read_bytes()
+  for cut in (3, 40, len(whole) - 100):  # magic, header, last tensor's data
+    (tmp_path / "cut.gguf").write_bytes(whole[:cut])
+    with pytest.raises(GGUFError, match="not a readable GGUF file"):
+      jaxeff.gguf.read_file(tmp_path / "cut.gguf")
+  (tmp_path / "v1.gguf").write_bytes(whole[:4] + (1).to_bytes(4, "little") + whole[8:])
+  with pytest.raises(GGUFError, match="unsupported GGUF version 1"):
+    jaxeff.gguf.read_file(tmp_path / "v1.gguf")
+
+
 def test_tokenizers_match_transformers(tmp_path):
   texts = [
     "the cat in the hat",
@@ -142,6 +206,7 @@ def test_smollm2_config(smollm2):
   assert cfg.tie_embeddings and cfg.rope_theta == 1e5 and cfg.intermediate_size == 1536
 
 
+@pytest.mark.usefixtures("runtime_bound")
 def test_smollm2_logits_match_transformers(smollm2, smollm2_transformers):
   _, model, _ = smollm2
   tokens = np.random.default_rng(1).integers(0, 49152, size=(2, 24)).astype(np.int32)
@@ -151,6 +216,7 @@ def test_smollm2_logits_match_transformers(smollm2, smollm2_transformers):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("runtime_bound")
 def test_smollm2_greedy_matches_transformers(smollm2, smollm2_transformers):
   path, model, _ = smollm2
   tok = jaxeff.gguf.tokenizer(path)
