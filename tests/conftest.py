@@ -9,11 +9,13 @@ if "xla_force_host_platform_device_count" not in _flags:
 # See jaxeff/host_malloc.py: XLA:CPU's concurrent scheduler can deadlock multi-device collectives.
 if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
   _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
-# The tests check what is computed, not how fast, and most of their time is XLA:CPU compiling
-# small programs: skip LLVM's expensive optimizations (about a fifth of the suite's time).
-if "xla_backend_optimization_level" not in _flags:
-  _flags += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 os.environ["XLA_FLAGS"] = _flags.strip()
+# The tests check what is computed, not how fast, and most of their time is XLA:CPU compiling
+# small programs: skip LLVM's expensive optimizations (about a fifth of the suite's time). JAX's
+# flag rather than XLA_FLAGS, so that the few tests that mostly run programs (the `runtime_bound`
+# fixture: SmolLM2, 3x faster decode) can turn it off for their own compilations.
+if "xla_backend_optimization_level" not in _flags:
+  os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Two workers share two cores: torch's OpenMP threads (the transformers references) spin-wait for a
 # core the other worker holds (test_gguf's greedy reference: 12 s alone, 39 s beside a busy core,
@@ -34,6 +36,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   atexit.register(shutil.rmtree, _cache, ignore_errors=True)
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+# GGUF conversions (jaxeff.gguf.converted_checkpoint) go to a cache of this session's, shared the
+# same way: the tests never write to ~/.cache, and SmolLM2 is converted once, not once per test file.
+if "JAXEFF_CACHE_DIR" not in os.environ:
+  _gguf_cache = tempfile.mkdtemp(prefix="jaxeff-tests-cache-")
+  atexit.register(shutil.rmtree, _gguf_cache, ignore_errors=True)
+  os.environ["JAXEFF_CACHE_DIR"] = _gguf_cache
 
 import pathlib
 
@@ -49,6 +57,18 @@ def pytest_collection_modifyitems(config, items):
   both workers to the end instead of one worker finishing a two-minute file alone."""
   slow_files = {item.path for item in items if item.get_closest_marker("slow")}
   items.sort(key=lambda item: item.path not in slow_files)  # stable: collection order otherwise
+
+
+@pytest.fixture
+def runtime_bound():
+  """XLA's usual optimizations for this test's compilations: for tests whose time goes to running
+  programs (SmolLM2 forwards and decoding), not to compiling them."""
+  import jax
+
+  previous = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", previous)
 
 
 @pytest.fixture

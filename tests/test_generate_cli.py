@@ -17,11 +17,9 @@ from jaxeff.generate.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_gguf(tmp_path_factory):
-  with pytest.MonkeyPatch.context() as mp:  # conversions of this test file go to a temporary cache
-    mp.setenv("JAXEFF_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
-    path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
-    yield write_gguf(path, hf_tiny("llama", seed=2, tie_word_embeddings=True), "llama", chat_template=CHAT_TEMPLATE)
+def tiny_gguf(tmp_path_factory):  # converted into the session's cache (conftest), as SmolLM2 is
+  path = tmp_path_factory.mktemp("gguf") / "tiny.gguf"
+  return write_gguf(path, hf_tiny("llama", seed=2, tie_word_embeddings=True), "llama", chat_template=CHAT_TEMPLATE)
 
 
 def run_cli(argv, stdin=""):

@@ -330,6 +330,7 @@ def smollm2():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("runtime_bound")
 def test_smollm2_greedy_is_exact_with_a_self_draft(smollm2):
   """The real model (stacked layers: the self-draft runs a slice of them) in f32."""
   model, tokenizer = smollm2

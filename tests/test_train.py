@@ -84,6 +84,7 @@ def test_loss_falls_and_metrics_written(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("runtime_bound")
 def test_default_config_reports_mfu_at_most_100_percent(tmp_path):
   """Defect: `python -m jaxeff.train` showed mfu=100.1% and 102.6%: the CPU peak came from three
   1024^3 matmuls timed once while the data pipeline started. It is now the best of several 2048^3
@@ -94,7 +95,7 @@ def test_default_config_reports_mfu_at_most_100_percent(tmp_path):
     None,
     [
       f"output_dir={tmp_path / 'run'}",
-      "steps=4",
+      "steps=2",
       "log_every=1",
       "eval_every=100",
       "eval_batches=1",
@@ -105,7 +106,7 @@ def test_default_config_reports_mfu_at_most_100_percent(tmp_path):
   )
   train_lib.train(cfg)
   lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "mfu" in l]
-  assert len(lines) == 4 and all(0 < l["mfu"] <= 1.0 for l in lines), lines
+  assert len(lines) == 2 and all(0 < l["mfu"] <= 1.0 for l in lines), lines
 
 
 def test_resume_is_bit_exact_with_blocked_attention(tmp_path):
