@@ -187,7 +187,7 @@ def read_file(path: str | os.PathLike) -> GGUFFile:
     return _parse(mapped, gguf)
   except GGUFError as e:
     raise GGUFError(f"{path} is not a readable GGUF file: {e}") from None
-  except (ValueError, IndexError, UnicodeDecodeError, OverflowError) as e:  # truncated or damaged
+  except (ValueError, KeyError, IndexError, UnicodeDecodeError, OverflowError) as e:  # truncated or damaged
     raise GGUFError(f"{path} is not a readable GGUF file: {type(e).__name__}: {e}") from None
 
 

@@ -283,19 +283,14 @@ def smollm2_windows():
 @pytest.mark.slow
 def test_smollm2_perplexity_zero_point_int4_keeps_quality_and_gguf_as_is_equals_float(smollm2_windows):
   """384 tokens are enough to see it (measured +23% / +40% on Shakespeare / the Python corpus):
-  symmetric int4 g32 loses >10%, with a zero point <3%; int8 <2% (the bench's 3072 tokens give
-  +0.5%); the GGUF served as stored equals the float-loaded model."""
+  symmetric int4 g32 loses >10%, with a zero point <3%; the GGUF served as stored equals the
+  float-loaded model. (int8's bar is test_quantize's trained model and the bench's 3072 tokens.)"""
   path, windows = smollm2_windows
-  variants = [
-    v
-    for v in quant_accuracy.VARIANTS
-    if v[0] in ("int8 per-channel, symmetric", "int4 g32, symmetric", "int4 g32, zero point")
-  ]
+  variants = [v for v in quant_accuracy.VARIANTS if v[0] in ("int4 g32, symmetric", "int4 g32, zero point")]
   table = {
     r["weights"]: r for r in quant_accuracy.rows(path, windows, variants=variants, llama_cpp=False, log=lambda *_: None)
   }
   vs = lambda label: table[label]["vs_float"]
-  assert abs(vs("jaxeff.quantize int8 per-channel, symmetric")) < 0.02, table  # 384 tokens: noisier than the bench
   assert vs("jaxeff.quantize int4 g32, symmetric") > 0.10, table
   assert abs(vs("jaxeff.quantize int4 g32, zero point")) < 0.03, table
   assert abs(vs("GGUF as stored (Q4_1 Linears, Q8_0 embedding)")) < 1e-4, table
