@@ -317,16 +317,15 @@ def _rotary_heads(cfg: dict, name: str) -> int | None:
 
 def read(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
   """(HF config.json dict, HF-named float32 tensors) of a GGUF file."""
-  reader = read_file(path)
-  return _read(reader, reader.metadata)
+  return _read(read_file(path))
 
 
-def _read(reader, meta: dict) -> tuple[dict, dict[str, np.ndarray]]:
+def _read(gguf_file: GGUFFile) -> tuple[dict, dict[str, np.ndarray]]:
   gguf = _gguf()
 
-  cfg = hf_config(meta, (t.name for t in reader.tensors))
+  cfg = hf_config(gguf_file.metadata, (t.name for t in gguf_file.tensors))
   tensors = {}
-  for t in reader.tensors:
+  for t in gguf_file.tensors:
     name = _hf_name(t.name)
     try:
       w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
@@ -398,11 +397,10 @@ def quantized_weights(path: str | os.PathLike) -> tuple[dict, dict, dict[str, li
     `AS_IS` type, {type name: [HF names]} for 2-D tensors of other quantized types, which a loader
     dequantizes to float instead).
   """
-  reader = read_file(path)
-  meta = reader.metadata
-  cfg = hf_config(meta, (t.name for t in reader.tensors))
+  gguf_file = read_file(path)
+  cfg = hf_config(gguf_file.metadata, (t.name for t in gguf_file.tensors))
   weights, others = {}, {}
-  for t in reader.tensors:
+  for t in gguf_file.tensors:
     name, kind = _hf_name(t.name), t.tensor_type.name
     if len(t.shape) != 2 or kind in ("F32", "F16", "BF16", "F64"):
       continue
@@ -616,10 +614,9 @@ def convert(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path
   out_dir = pathlib.Path(out_dir)
   if out_dir.exists():
     raise GGUFError(f"{out_dir} already exists; convert writes a new directory")
-  reader = read_file(path)
-  meta = reader.metadata
-  cfg, tensors = _read(reader, meta)
-  tok, tok_config = build_tokenizer(meta)
+  gguf_file = read_file(path)
+  cfg, tensors = _read(gguf_file)
+  tok, tok_config = build_tokenizer(gguf_file.metadata)
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
   try:

@@ -26,22 +26,26 @@ import atexit
 import shutil
 import tempfile
 
+
+def _session_dir(variable: str, prefix: str) -> None:
+  """A fresh directory for this session in $variable, unless it is set already: the pytest process
+  that starts the xdist workers (pyproject's addopts) creates it, the workers and the child
+  processes inherit it, and it is removed at exit."""
+  if variable not in os.environ:
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ[variable] = path
+
+
 # Compile time dominates many tests (each CLI run, notebook kernel and process compiles the same
-# small programs again). A persistent XLA cache, fresh for this session and shared with child
-# processes through the environment, cut the every-optimizer CLI test from 101 s to 64 s. The
-# pytest process that starts the xdist workers (pyproject's addopts) creates it; the workers
-# inherit it, so they share compiled programs too.
+# small programs again): a persistent XLA cache shared by all of them cut the every-optimizer CLI
+# test from 101 s to 64 s.
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-  _cache = tempfile.mkdtemp(prefix="jaxeff-tests-xla-cache-")
-  atexit.register(shutil.rmtree, _cache, ignore_errors=True)
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
-# GGUF conversions (jaxeff.gguf.converted_checkpoint) go to a cache of this session's, shared the
-# same way: the tests never write to ~/.cache, and SmolLM2 is converted once, not once per test file.
-if "JAXEFF_CACHE_DIR" not in os.environ:
-  _gguf_cache = tempfile.mkdtemp(prefix="jaxeff-tests-cache-")
-  atexit.register(shutil.rmtree, _gguf_cache, ignore_errors=True)
-  os.environ["JAXEFF_CACHE_DIR"] = _gguf_cache
+_session_dir("JAX_COMPILATION_CACHE_DIR", "jaxeff-tests-xla-cache-")
+# GGUF conversions (jaxeff.gguf.converted_checkpoint) too: the tests never write to ~/.cache, and
+# SmolLM2 is converted once, not once per test file.
+_session_dir("JAXEFF_CACHE_DIR", "jaxeff-tests-cache-")
 
 import pathlib
 
