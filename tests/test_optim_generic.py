@@ -145,8 +145,11 @@ def test_inject_hyperparams_dtype_and_multisteps(name):
   grads = [jnp.ones((2, 3)), -jnp.ones((2, 5, 2))]
   u, s = jax.jit(plain.update)(grads, plain.init(params), params)
   ui, si = jax.jit(injected.update)(grads, injected.init(params), params)
+  # f32 rounding of the same program, hyperparameters as constants or as inputs; Muon's five
+  # Newton-Schulz iterations amplify it to ~1e-5 (XLA:CPU's classic emitters: 1.2e-5).
+  rtol = 1e-4 if "muon" in name else 1e-5
   for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(ui)):
-    np.testing.assert_allclose(a, b, rtol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=rtol)
   for a, b in zip(jax.tree.leaves(s), jax.tree.leaves(si.inner_state)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
