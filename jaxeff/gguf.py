@@ -85,22 +85,6 @@ def _gguf():
   return gguf
 
 
-# The spec's metadata value types (gguf_metadata_value_type): the scalar ones as little-endian numpy
-# dtypes; 8 is a string (u64 length + UTF-8 bytes), 9 an array (u32 element type, u64 count).
-_VALUE_DTYPES = {
-  0: np.dtype("<u1"),
-  1: np.dtype("<i1"),
-  2: np.dtype("<u2"),
-  3: np.dtype("<i2"),
-  4: np.dtype("<u4"),
-  5: np.dtype("<i4"),
-  6: np.dtype("<f4"),
-  7: np.dtype("?"),
-  10: np.dtype("<u8"),
-  11: np.dtype("<i8"),
-  12: np.dtype("<f8"),
-}
-_STRING, _ARRAY = 8, 9
 # Element types whose tensors are plain arrays; every other ggml type is blocks of bytes.
 _PLAIN_TYPES = {
   "F16": np.float16,
@@ -132,10 +116,14 @@ class GGUFFile:
 
 
 class _Cursor:
-  """Reads the header's little-endian values in order from a memoryview of the file."""
+  """Reads the header's little-endian values in order from a memoryview of the file. `dtypes`: the
+  spec's scalar value types as NumPy dtypes (the gguf package's table); the other two types are a
+  string (u64 length + UTF-8 bytes) and an array (u32 element type, u64 count, the elements)."""
 
-  def __init__(self, buf: memoryview):
+  def __init__(self, buf: memoryview, gguf):
     self.buf, self.offset = buf, 0
+    self.dtypes = {int(k): np.dtype(v).newbyteorder("<") for k, v in gguf.GGUFReader.gguf_scalar_to_np.items()}
+    self.string_type, self.array_type = int(gguf.GGUFValueType.STRING), int(gguf.GGUFValueType.ARRAY)
 
   def scalar(self, dtype: np.dtype):
     value = np.frombuffer(self.buf, dtype, 1, self.offset)[0].item()
@@ -143,10 +131,10 @@ class _Cursor:
     return value
 
   def u32(self) -> int:
-    return self.scalar(_VALUE_DTYPES[4])
+    return self.scalar(np.dtype("<u4"))
 
   def u64(self) -> int:
-    return self.scalar(_VALUE_DTYPES[10])
+    return self.scalar(np.dtype("<u8"))
 
   def string(self) -> str:
     n = self.u64()
@@ -155,19 +143,19 @@ class _Cursor:
     return text
 
   def value(self, kind: int):
-    if kind == _STRING:
+    if kind == self.string_type:
       return self.string()
-    if kind == _ARRAY:
+    if kind == self.array_type:
       item, count = self.u32(), self.u64()
-      if item in _VALUE_DTYPES:  # numbers in one read (a vocabulary's scores and types)
-        dtype = _VALUE_DTYPES[item]
+      if item in self.dtypes:  # numbers in one read (a vocabulary's scores and types)
+        dtype = self.dtypes[item]
         values = np.frombuffer(self.buf, dtype, count, self.offset).tolist()
         self.offset += dtype.itemsize * count
         return values
       return [self.value(item) for _ in range(count)]
-    if kind not in _VALUE_DTYPES:
+    if kind not in self.dtypes:
       raise ValueError(f"unknown metadata value type {kind} at byte {self.offset}")
-    return self.scalar(_VALUE_DTYPES[kind])
+    return self.scalar(self.dtypes[kind])
 
 
 def read_file(path: str | os.PathLike) -> GGUFFile:
@@ -192,7 +180,7 @@ def read_file(path: str | os.PathLike) -> GGUFFile:
 
 
 def _parse(mapped: np.memmap, gguf) -> GGUFFile:
-  cur = _Cursor(memoryview(mapped))
+  cur = _Cursor(memoryview(mapped), gguf)
   if bytes(cur.buf[:4]) != b"GGUF":
     raise GGUFError("GGUF magic invalid")
   cur.offset = 4
