@@ -24,8 +24,11 @@ MODULES = _modules_with_examples()
 
 def test_the_main_apis_have_examples():
   for name in (
-    "jaxeff.generate.sampling",
-    "jaxeff.generate.engine",
+    "jaxeff.inference.sampling",
+    "jaxeff.inference.runner",
+    "jaxeff.inference.cache.dense",
+    "jaxeff.inference.perplexity",
+    "jaxeff.generate.generator",
     "jaxeff.serve.engine",
     "jaxeff.models.llama",
     "jaxeff.sharding",

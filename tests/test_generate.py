@@ -14,7 +14,7 @@ import jaxeff
 from jaxeff import sharding
 from jaxeff.config import ModelConfig
 from jaxeff.generate import GenerationError, Generator, SamplingParams, generate, prefill_bucket
-from jaxeff.generate import sampling as sampling_lib
+from jaxeff.inference import sampling as sampling_lib
 from jaxeff.models import Llama
 
 # Larger-than-default init so logits are peaked: greedy comparisons then have no near-ties.
@@ -154,7 +154,8 @@ def test_no_recompilation_within_a_prefill_bucket(model, reference):
   # Three prompts on max_batch=2: served in two chunks. Compiles prefill (bucket 16) and the decode loop.
   assert gen.generate(PROMPTS, max_new_tokens=4) == [r[:4] for r in reference]
   traces = dict(gen.traces)
-  assert traces == {("prefill", 16, SamplingParams().static): 1, ("loop", SamplingParams().static): 1}
+  greedy = SamplingParams().static
+  assert traces == {("prefill", 2, 16, None, greedy): 1, ("decode_loop", greedy): 1}
   with CompileCounter() as counter:
     gen.generate([[7] * 9, [3] * 14], max_new_tokens=6)  # other lengths, same bucket, other new tokens
     gen.generate([[2]], max_new_tokens=3, temperature=0.0)
@@ -162,12 +163,12 @@ def test_no_recompilation_within_a_prefill_bucket(model, reference):
   assert dict(gen.traces) == traces
   with CompileCounter() as counter:  # a longer prompt: exactly one new program (the 32-token prefill)
     gen.generate([[4] * 20], max_new_tokens=2)
-  assert sum(counter.names.values()) == 1 and gen.traces["prefill", 32, SamplingParams().static] == 1, counter.names
+  assert sum(counter.names.values()) == 1 and gen.traces["prefill", 2, 32, None, greedy] == 1, counter.names
   gen.generate([[1, 2]], max_new_tokens=3, temperature=0.5, top_p=0.8, seed=1)
   with CompileCounter() as counter:  # other temperature / top-p values: same programs
     gen.generate([[1, 2]], max_new_tokens=3, temperature=1.5, top_p=0.3, seed=2)
   assert sum(counter.names.values()) == 0, counter.names
-  assert gen.traces["loop", SamplingParams(1.0, None, 0.5).static] == 1
+  assert gen.traces["decode_loop", SamplingParams(1.0, None, 0.5).static] == 1
 
 
 def test_stream_compiles_prefill_and_decode_once(model):
@@ -191,7 +192,7 @@ def test_prefill_buckets():
 
 def test_cache_buffers_are_donated_and_reused(gen):
   gen.generate([[1, 2, 3]], max_new_tokens=3)
-  old = jax.tree.leaves(gen._cache)[0]
+  old = jax.tree.leaves(gen.runner.cache)[0]
   gen.generate([[1, 2, 3]], max_new_tokens=3)
   assert old.is_deleted()  # donated: XLA wrote the new cache into its buffer
 
@@ -233,11 +234,11 @@ def test_sampling_follows_the_filtered_distribution():
   logits = jnp.asarray(np.log(np.array([0.4, 0.3, 0.15, 0.1, 0.05])), jnp.float32)[None].repeat(4000, 0)
   keys = jax.random.split(jax.random.key(0), 4000)
   params = SamplingParams(temperature=1.0, top_k=3)
-  draws = np.asarray(sampling_lib.sample(logits, keys, params.static, params.values()))
+  draws = np.asarray(sampling_lib.sample(logits, keys, params.static, params.rows(4000)))
   freq = np.bincount(draws, minlength=5) / draws.size
   np.testing.assert_allclose(freq, [0.4 / 0.85, 0.3 / 0.85, 0.15 / 0.85, 0, 0], atol=0.03)
   hot = SamplingParams(temperature=2.0)
-  draws = np.asarray(sampling_lib.sample(logits, keys, hot.static, hot.values()))
+  draws = np.asarray(sampling_lib.sample(logits, keys, hot.static, hot.rows(4000)))
   want = _np_softmax(np.log([0.4, 0.3, 0.15, 0.1, 0.05]) / 2.0)
   np.testing.assert_allclose(np.bincount(draws, minlength=5) / draws.size, want, atol=0.03)
 
@@ -260,7 +261,7 @@ def test_bad_requests(model):
     ([], "non-empty"),
     ([[]], "empty"),
     ([[1, 2, 500]], "outside"),
-    ([[1] * 14], "more than max_seq_len"),
+    ([[1] * 14], "at most 2 new tokens fit"),
     ([1, 2, 3], "list of token ids"),
   ]
   for prompts, match in cases:
@@ -294,7 +295,7 @@ def test_bf16_generation_close_to_f32(model, reference):
   )
   nnx.update(bf16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(model)))
   gen = Generator(bf16, max_batch=4, max_seq_len=32)
-  assert jax.tree.leaves(gen._cache)[0].dtype == jnp.bfloat16
+  assert jax.tree.leaves(gen.runner.cache)[0].dtype == jnp.bfloat16
   out = gen.generate(PROMPTS, max_new_tokens=6)
   assert [len(r) for r in out] == [6, 6, 6]
   # bf16 weights and math: the same model up to rounding, so the greedy tokens mostly agree with f32's.
@@ -312,7 +313,7 @@ def test_tensor_parallel_decode_equals_one_device():
   assert sharded.layers[0].self_attn.k_proj.kernel[...].sharding.is_equivalent_to(tensor_cols, 2)
   gen = Generator(sharded, max_batch=4, max_seq_len=32, mesh=mesh)
   cache_spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "tensor"))
-  assert all(x.sharding.is_equivalent_to(cache_spec, 4) for x in jax.tree.leaves(gen._cache))
+  assert all(x.sharding.is_equivalent_to(cache_spec, 4) for x in jax.tree.leaves(gen.runner.cache))
   assert gen.generate(PROMPTS, max_new_tokens=8) == want
   host = Generator(sharded, max_batch=4, max_seq_len=32, mesh=mesh, loop="host")
   assert host.generate(PROMPTS, max_new_tokens=8) == want

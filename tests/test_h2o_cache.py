@@ -9,9 +9,19 @@ from flax import nnx
 
 from jaxeff.config import ModelConfig
 from jaxeff.generate import GenerationError, Generator
-from jaxeff.generate.kv_cache import H2O, StreamingLLM, perplexity
+from jaxeff.inference import H2O, StreamingLLM, perplexity
 from jaxeff.models import Llama
-from jaxeff.models.h2o_cache import h2o_attention
+from jaxeff.models.attention import BoundAttention, get_attention
+from jaxeff.models.layers import Rope
+
+
+def h2o_attention(q, k, v, positions, layer, *, heavy, recent):
+  """The policy's attend for random q/k/v as given (an identity rotary embedding), dense attention."""
+  rope = Rope.make(positions, jnp.zeros(q.shape[-1] // 2))
+  return H2O(heavy=heavy, recent=recent).attend(
+    positions, q, k, v, rope, layer, BoundAttention("dense", get_attention("dense"))
+  )
+
 
 CFG = ModelConfig(
   vocab_size=64,
@@ -87,3 +97,13 @@ def test_generator_with_h2o(model):
   assert [len(o) for o in out] == [40, 40] and small.cache_bytes == H2O(4, 4).cache_bytes(CFG, 2)
   with pytest.raises(GenerationError, match="heavy >= 0"):
     H2O(heavy=-1)
+
+
+def test_h2o_is_bounded_by_the_trained_context(model):
+  """Defect: H2O took any length although its positions stay absolute (no model was trained past
+  its max_seq_len). A request must now fit the model's context; the cache's size does not matter."""
+  short = ModelConfig(**{**CFG.__dict__, "max_seq_len": 40})
+  gen = Generator(Llama(short, rngs=nnx.Rngs(0)), max_batch=1, max_seq_len=64, kv_cache=H2O(heavy=4, recent=4))
+  assert len(gen.generate([TOKENS[:10].tolist()], max_new_tokens=30)[0]) == 30  # 40 positions: fits
+  with pytest.raises(GenerationError, match="at most 30 new tokens fit"):
+    gen.generate([TOKENS[:10].tolist()], max_new_tokens=31)

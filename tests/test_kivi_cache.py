@@ -12,9 +12,10 @@ from flax import nnx
 
 from jaxeff.config import ModelConfig
 from jaxeff.generate import GenerationError, Generator
-from jaxeff.generate.kv_cache import KIVI, Dense, perplexity
+from jaxeff.inference import KIVI, perplexity
 from jaxeff.models import Llama
-from jaxeff.models.kivi_cache import advance, init_kivi_cache, kivi_attention
+from jaxeff.models.attention import BoundAttention, get_attention
+from jaxeff.models.layers import Rope
 
 CFG = ModelConfig(
   vocab_size=64,
@@ -55,12 +56,18 @@ def test_chunks_and_decode_match_a_numpy_replay(bits):
   group, residual, d, steps = 4, 8, 8, 30
   lengths = [13, 9]
   rng = np.random.default_rng(bits)
-  cfg = dataclasses.replace(CFG, hidden_size=32, head_dim=8)
-  cache = init_kivi_cache(cfg, 2, 64, bits=bits, group=group, residual=residual)
-  layer = tuple(x[0] for x in cache.layers())
-  step = jax.jit(
-    lambda q, k, v, pos, layer, counters: kivi_attention(q, k, v, pos, layer, counters, bits=bits, group=group)
-  )
+  cfg = dataclasses.replace(CFG, hidden_size=32, head_dim=8, num_layers=1)
+  policy = KIVI(bits=bits, group=group, residual=residual)
+  cache = policy.init(cfg, 2, 64)
+  attention = BoundAttention("dense", get_attention("dense"))
+
+  @jax.jit
+  def step(q, k, v, positions, cache):  # one layer through the policy, random q/k/v as given
+    begun = policy.begin(cache, positions)
+    rope = Rope.make(positions, jnp.zeros(d // 2))  # the identity
+    out, layer = policy.attend(begun, q, k, v, rope, cache.layer(0), attention)
+    return out, policy.finish(cache, (layer,), begun)
+
   old = [[np.zeros((0, 2, d), np.float32)] * 2 for _ in range(2)]  # per row: dequantized (keys, values)
   fresh = [[np.zeros((0, 2, d), np.float32)] * 2 for _ in range(2)]  # per row: full precision
   chunks = [np.array([[p if p < n else -1 for p in range(16)] for n in lengths], np.int32)]
@@ -69,9 +76,8 @@ def test_chunks_and_decode_match_a_numpy_replay(bits):
     c = positions.shape[1]
     q = rng.normal(size=(2, c, 4, d)).astype(np.float32)
     k, v = (rng.normal(size=(2, c, 2, d)).astype(np.float32) for _ in range(2))
-    counters = (cache.quantized, cache.end) + advance(cache, jnp.asarray(positions))
-    out, layer = step(q, k, v, positions, layer, counters)
-    cache = cache.replace(quantized=counters[2], end=counters[3])
+    out, cache = step(q, k, v, positions, cache)
+    quantized, end = (np.asarray(x) for x in cache.rows)
     for row in range(2):
       n = int((positions[row] >= 0).sum())
       ok, ov = old[row]
@@ -90,7 +96,7 @@ def test_chunks_and_decode_match_a_numpy_replay(bits):
         ov = np.concatenate([ov, per_token.reshape(group, 2, d)])
         fk, fv = fk[group:], fv[group:]
       old[row], fresh[row] = [ok, ov], [fk, fv]
-      assert int(cache.quantized[row]) == len(ok) and int(cache.end[row]) == len(ok) + len(fk)
+      assert int(quantized[row]) == len(ok) and int(end[row]) == len(ok) + len(fk)
   assert all(len(o[0]) > 20 for o in old)  # most tokens went through quantization
 
 
@@ -119,7 +125,7 @@ def test_generator_with_kivi(model):
   assert set(quantized.traces.values()) == {1}
   # 4-bit codes plus f32 scales and minimums per 8 (3 bytes per f32 element), the residual ring.
   assert quantized.cache_bytes == KIVI(bits=4, group=8, residual=8).cache_bytes(CFG, 2, 64) < 0.55 * dense.cache_bytes
-  with pytest.raises(GenerationError, match="more than max_seq_len=64"):
+  with pytest.raises(GenerationError, match="at most 4 new tokens fit"):
     quantized.generate([list(TOKENS[:60])], max_new_tokens=8)
 
 
@@ -130,4 +136,3 @@ def test_bad_settings():
     KIVI(bits=3)
   with pytest.raises(GenerationError, match="head_dim"):
     KIVI(bits=2, group=8, residual=8).init(dataclasses.replace(CFG, head_dim=6), 1, 16)
-  assert Dense().slots_needed(3, 4) == 7

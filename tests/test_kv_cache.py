@@ -1,4 +1,4 @@
-"""Static KV cache: prefill + token-by-token decode == one full forward (f32, 1e-5)."""
+"""The dense KV cache: prefill + token-by-token decode == one full forward (f32, 1e-5)."""
 
 import dataclasses
 
@@ -10,8 +10,8 @@ from flax import nnx
 
 from jaxeff import sharding
 from jaxeff.config import ModelConfig
-from jaxeff.models import Llama, init_cache
-from jaxeff.models.kv_cache import KVCache, cache_bytes
+from jaxeff.inference.cache import Dense
+from jaxeff.models import Llama
 
 # GQA (4 query heads on 2 kv heads); prefill 7 tokens then decode 6, one at a time.
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2)
@@ -26,6 +26,10 @@ def cached_logits(model, tokens, positions, cache):
 
 def _tokens(b=2, s=TOTAL, seed=0):
   return jax.random.randint(jax.random.key(seed), (b, s), 0, CFG.vocab_size, dtype=jnp.int32)
+
+
+def init_cache(cfg, batch, length):
+  return Dense().init(cfg, batch, length)
 
 
 def _prefill_then_decode(model, tokens, positions, max_len=MAX_LEN):
@@ -50,7 +54,7 @@ def test_cached_decode_equals_full_forward(scan_layers, window):
   assert cached.shape == full.shape
   np.testing.assert_allclose(cached, full, rtol=1e-5, atol=1e-5)
   assert cache.stacked == scan_layers
-  k0 = cache.k[0]  # layer 0 (stacked or per layer)
+  k0 = cache.layer(0)[0]  # layer 0's keys (stacked or per layer)
   assert k0.shape == (2, cfg.num_kv_heads, MAX_LEN, cfg.head_dim)
   # Slots past the last position were never written.
   assert not np.asarray(k0[:, :, TOTAL:]).any() and np.asarray(k0[:, :, :TOTAL]).all(axis=-1).all()
@@ -82,7 +86,8 @@ def test_stale_slots_are_masked():
   tokens = _tokens()
   positions = jnp.broadcast_to(jnp.arange(TOTAL, dtype=jnp.int32), tokens.shape)
   garbage = init_cache(CFG, 2, MAX_LEN)
-  garbage = KVCache(*(tuple(jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(kv)) for kv in garbage))
+  leaves, treedef = jax.tree.flatten(garbage)
+  garbage = jax.tree.unflatten(treedef, [jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
   step = nnx.jit(cached_logits)
   fresh, _ = step(model, tokens, positions, init_cache(CFG, 2, MAX_LEN))
   reused, _ = step(model, tokens, positions, garbage)
@@ -93,8 +98,8 @@ def test_stale_slots_are_masked():
 def test_bf16_cache_dtype_and_bytes():
   cfg = dataclasses.replace(CFG, dtype="bfloat16")
   cache = init_cache(cfg, 3, 10)
-  assert cache.k[0].dtype == jnp.bfloat16
-  assert cache.nbytes == cache_bytes(cfg, 3, 10) == 2 * 3 * 3 * 10 * 2 * 8 * 2
+  assert cache.layer(0)[0].dtype == jnp.bfloat16
+  assert cache.nbytes == Dense().cache_bytes(cfg, 3, 10) == 2 * 3 * 3 * 10 * 2 * 8 * 2
 
 
 def test_cache_errors():
@@ -106,7 +111,7 @@ def test_cache_errors():
     model.forward_with_cache(
       tokens, jnp.zeros_like(tokens), init_cache(dataclasses.replace(CFG, scan_layers=True), 2, 8)
     )
-  with pytest.raises(ValueError, match="max_len"):
+  with pytest.raises(ValueError, match="length >= 1"):
     init_cache(CFG, 2, 0)
 
 
@@ -121,5 +126,6 @@ def test_cache_is_sharded_by_logical_axes():
     cache = jax.jit(lambda: init_cache(cfg, 2, 8))()
     logits, cache = nnx.jit(cached_logits)(model, tokens, positions, cache)
   want = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data", "tensor", None, None))
-  assert cache.k.sharding.is_equivalent_to(want, 5) and cache.v.sharding.is_equivalent_to(want, 5)
+  k, v = cache.layers
+  assert k.sharding.is_equivalent_to(want, 5) and v.sharding.is_equivalent_to(want, 5)
   np.testing.assert_allclose(logits, model(tokens), rtol=1e-5, atol=1e-5)

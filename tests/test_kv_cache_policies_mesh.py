@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from jaxeff import sharding
 from jaxeff.config import ModelConfig
 from jaxeff.generate import Generator
-from jaxeff.generate.kv_cache import H2O, KIVI, SnapKV, StreamingLLM
+from jaxeff.inference import H2O, KIVI, SnapKV, StreamingLLM
 from jaxeff.models import Llama
 
 CFG = ModelConfig(
@@ -40,7 +40,7 @@ def test_policy_on_a_mesh_equals_one_device(policy):
   mesh = sharding.make_mesh({"data": 2, "tensor": 4})
   sharded = sharding.create_sharded(lambda: Llama(cfg, rngs=nnx.Rngs(1)), mesh)
   gen = Generator(sharded, max_batch=2, max_seq_len=64, mesh=mesh, kv_cache=policy)
-  per_head = [x for x in jax.tree.leaves(gen._cache) if x.ndim >= 3]  # [B, KVH, ...] per layer
+  per_head = [x for x in jax.tree.leaves(gen.runner.cache.layers) if x.ndim >= 3]  # [B, KVH, ...] per layer
   assert per_head and all(
     x.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor")), x.ndim) for x in per_head
   )

@@ -10,9 +10,13 @@ from flax import nnx
 
 from jaxeff.config import ModelConfig
 from jaxeff.generate import GenerationError
-from jaxeff.generate.kv_cache import StreamingLLM, perplexity
+from jaxeff.inference import StreamingLLM, perplexity
 from jaxeff.models import Llama
-from jaxeff.models.ring_cache import init_ring_cache
+
+
+def init_ring_cache(cfg, batch, *, sinks, window):
+  return StreamingLLM(sinks=sinks, window=window).init(cfg, batch)
+
 
 CFG = ModelConfig(
   vocab_size=64,
@@ -86,12 +90,12 @@ def test_thousands_of_steps_wrap_with_flat_memory_and_one_program(model):
   for t in range(steps):
     tok, cache = step(state, cache, tok, jnp.full((2, 1), t, jnp.int32))
     if t in (3, 19, 20, 1234):
-      slots = np.asarray(cache.slot_positions)
+      slots = np.asarray(cache.rows[0])  # each slot's absolute position
       assert (slots[:, :sinks] == np.arange(sinks)).all()  # sinks never evicted
       held = sorted(slots[0, sinks:][slots[0, sinks:] >= 0].tolist())
       assert held == list(range(max(sinks, t - window + 1), t + 1))  # the last `window` positions
   assert len(traces) == 1 and cache.nbytes == nbytes
-  assert np.isfinite(np.asarray(cache.k[0])).all()
+  assert np.isfinite(np.asarray(cache.layer(0)[0])).all()
 
 
 def test_sinks_help_past_the_window(model):
@@ -142,6 +146,6 @@ def test_generator_runs_past_max_seq_len_in_flat_memory_and_prefills_long_prompt
   # The first new token after the long prompt: the one-layer model over the kept tokens.
   kept = np.asarray(prompt[:2] + prompt[-16:], np.int32)[None]
   assert out[0][0] == int(np.argmax(np.asarray(one(kept))[0, -1]))
-  prefills = {k: v for k, v in gen.traces.items() if k[0] == "ring_prefill"}
-  assert [k[1] for k in prefills] == [16] and set(prefills.values()) == {1}  # 4 chunks, one program
-  assert sum(1 for k in gen.traces if k[0] == "loop") == 1
+  prefills = {k: v for k, v in gen.traces.items() if k[0] == "prefill"}
+  assert [k[2] for k in prefills] == [16] and set(prefills.values()) == {1}  # 4 chunks, one program
+  assert sum(1 for k in gen.traces if k[0] == "decode_loop") == 1

@@ -19,7 +19,7 @@ import jaxeff
 from jaxeff import hf, sharding
 from jaxeff.errors import GenerationError
 from jaxeff.generate import Generator, SamplingParams
-from jaxeff.generate.sampling import sample, sample_rows
+from jaxeff.inference.sampling import SamplingShape, row_values, sample
 from jaxeff.serve import Engine, QueueFullError
 
 MAX_LEN = 160
@@ -48,8 +48,14 @@ def assert_compiled_once_per_bucket(engine):
   assert engine.traces and all(n == 1 for n in engine.traces.values()), engine.traces
   rows = {min(engine.max_batch, 1 << k) for k in range(engine.max_batch.bit_length() + 1)}
   spans = {min(engine.max_seq_len, engine.min_kv_bucket << k) for k in range(8)}
-  for kind, size, span in engine.traces:
-    assert span in spans and (size in rows if kind == "decode" else size in (16, 32)), (kind, size, span)
+  for key in engine.traces:
+    if key[0] == "decode":
+      _, size, span, shape = key
+      assert size in rows, key
+    else:
+      _, n, size, span, shape = key
+      assert key[0] == "prefill" and n == 1 and size in (16, 32), key
+    assert span in spans and shape == SamplingShape.any(), key
 
 
 def _prompts(seed, lengths):
@@ -98,30 +104,21 @@ def test_concurrent_requests_get_exactly_what_they_get_alone(engine, reference):
   assert again.result(timeout=60) == results[1]
 
 
-def test_per_row_sampling_equals_sample_row_by_row():
+def test_one_sampler_for_one_row_or_many():
+  """A batch of rows with mixed settings (the engine's program shape) samples each row exactly as
+  that row alone with its own program shape: same filters, same order, same draw."""
   rng = np.random.default_rng(0)
   logits = jnp.asarray(rng.normal(size=(len(SETTINGS), 50)) * 3, jnp.float32)
   keys = jax.random.split(jax.random.key(1), len(SETTINGS))
   params = [SamplingParams(s.get("temperature", 0.0), s.get("top_k"), s.get("top_p"), s.get("min_p")) for s in SETTINGS]
-  rows = sample_rows(
-    logits,
-    keys,
-    jnp.array([p.temperature for p in params], jnp.float32),
-    jnp.array([p.top_k or 0 for p in params], jnp.int32),
-    jnp.array([p.top_p or 1.0 for p in params], jnp.float32),
-    jnp.array([p.min_p or 0.0 for p in params], jnp.float32),
-  )
+  mixed = sample(logits, keys, SamplingShape.any(), row_values(params))
   for i, p in enumerate(params):
     for trial in range(6):  # several keys: the same draw, not just the same support
       key = jax.random.fold_in(keys[i], trial)
-      want = sample(logits[i : i + 1], key[None], p.static, p.values())
-      got = sample_rows(
-        logits[i : i + 1],
-        key[None],
-        *(jnp.array([v]) for v in (p.temperature, p.top_k or 0, p.top_p or 1.0, p.min_p or 0.0)),
-      )
+      want = sample(logits[i : i + 1], key[None], p.static, p.rows(1))
+      got = sample(logits[i : i + 1], key[None], SamplingShape.any(), row_values([p]))
       assert int(got[0]) == int(want[0]), (p, trial)
-    assert int(rows[i]) == int(sample(logits[i : i + 1], keys[i][None], p.static, p.values())[0])
+    assert int(mixed[i]) == int(sample(logits[i : i + 1], keys[i][None], p.static, p.rows(1))[0])
 
 
 def test_stop_token_ends_a_request_and_frees_its_slot(engine, reference):
@@ -143,18 +140,18 @@ def test_chunked_prefill_interleaves_with_decoding(engine, model):
   for _ in running:  # wait until it decodes
     break
   counts = []
-  prefill = engine._prefill
+  prefill = engine.runner.prefill
 
   def recording(*args, **kwargs):
     counts.append(len(running.tokens))
     return prefill(*args, **kwargs)
 
-  engine._prefill = recording
+  engine.runner.prefill = recording
   try:
     long = engine.submit(_prompts(2, [150])[0], max_tokens=4, stop_tokens=())
     long.result(timeout=60)
   finally:
-    engine._prefill = prefill
+    engine.runner.prefill = prefill
   running.cancel()
   assert len(counts) == 5
   assert all(b > a for a, b in zip(counts, counts[1:])), counts
@@ -182,14 +179,14 @@ def test_cancel_frees_the_slot_within_a_step(model):
 def test_a_failing_request_fails_alone(engine, reference):
   prompts = _prompts(3, [8, 20, 30])
   boom = np.array([255, 255, 255, 255])
-  prefill = engine._prefill
+  prefill = engine.runner.prefill
 
-  def failing(state, cache, tokens, *rest, **kwargs):
+  def failing(tokens, **kwargs):
     if np.array_equal(np.asarray(tokens)[0, :4], boom):
       raise RuntimeError("injected failure")
-    return prefill(state, cache, tokens, *rest, **kwargs)
+    return prefill(tokens, **kwargs)
 
-  engine._prefill = failing
+  engine.runner.prefill = failing
   try:
     good = [engine.submit(p, max_tokens=10, stop_tokens=()) for p in prompts]
     bad = engine.submit(boom.tolist() + [1, 2], max_tokens=10, stop_tokens=())
@@ -202,7 +199,7 @@ def test_a_failing_request_fails_alone(engine, reference):
     for p, r in zip(prompts, more):
       assert r.result(timeout=60) == reference.generate([p], max_new_tokens=6)[0]
   finally:
-    engine._prefill = prefill
+    engine.runner.prefill = prefill
 
 
 def test_bad_requests_are_refused_with_a_message(engine):
@@ -210,7 +207,7 @@ def test_bad_requests_are_refused_with_a_message(engine):
     (dict(prompt=[], max_tokens=2), "empty"),
     (dict(prompt=[1, 300], max_tokens=2), r"outside \[0, 264\)"),
     (dict(prompt=[1], max_tokens=0), "max_tokens must be a positive integer"),
-    (dict(prompt=[1] * 150, max_tokens=20), "more than this engine's max_seq_len=160"),
+    (dict(prompt=[1] * 150, max_tokens=20), "leaves room for 10 new tokens, not max_tokens=20"),
     (dict(prompt=[1], max_tokens=2, temperature=-1), "temperature"),
     (dict(prompt=[1], max_tokens=2, top_p=0), "top_p"),
     (dict(prompt=[1], max_tokens=2, stop_tokens=list(range(17))), "at most 16 stop tokens"),
@@ -256,7 +253,7 @@ def test_tensor_parallel_slots_on_a_mesh(model, reference):
   mesh = sharding.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
   prompts = _prompts(6, [7, 30, 19, 44])
   with Engine(model, max_batch=4, max_seq_len=MAX_LEN, mesh=mesh) as engine:
-    k = engine._cache.k[0]
+    k = engine.runner.cache.layer(0)[0]
     assert k.sharding.spec[:2] == ("data", "tensor"), k.sharding  # rows over data, kv heads over tensor
     got = engine.generate(prompts, max_tokens=10, stop_tokens=())
   assert got == [reference.generate([p], max_new_tokens=10)[0] for p in prompts]

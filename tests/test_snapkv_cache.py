@@ -9,9 +9,17 @@ from flax import nnx
 
 from jaxeff.config import ModelConfig
 from jaxeff.generate import GenerationError, Generator
-from jaxeff.generate.kv_cache import SnapKV, perplexity
+from jaxeff.inference import SnapKV, perplexity
 from jaxeff.models import Llama
-from jaxeff.models.snapkv_cache import snapkv_attention
+from jaxeff.models.attention import BoundAttention, get_attention
+from jaxeff.models.layers import Rope
+
+
+def snapkv_attention(q, k, v, positions, layer, **settings):
+  """The policy's attend for random q/k/v as given (an identity rotary embedding), dense attention."""
+  rope = Rope.make(positions, jnp.zeros(q.shape[-1] // 2))
+  return SnapKV(**settings).attend(positions, q, k, v, rope, layer, BoundAttention("dense", get_attention("dense")))
+
 
 CFG = ModelConfig(
   vocab_size=64,
@@ -125,10 +133,26 @@ def test_generator_with_snapkv(model):
   assert len(out) == 20 and out[0] == full[0]  # the first token comes from the full prompt
   assert covering.cache_bytes == SnapKV(budget=40).cache_bytes(CFG, 2, 64)
   # One prefill per prompt bucket (32, 128), one decode loop per output bucket (16, 32).
-  counts = {key[:2] if key[0] == "ring_prefill" else key[0]: n for key, n in covering.traces.items()}
-  assert counts == {("ring_prefill", 32): 1, ("ring_prefill", 128): 1, "loop": 2}
-  with pytest.raises(GenerationError, match="needs 65 cache positions"):
+  counts = {(key[0], key[2]) if key[0] == "prefill" else key[0]: n for key, n in covering.traces.items()}
+  assert counts == {("prefill", 32): 1, ("prefill", 128): 1, "decode_loop": 2}
+  with pytest.raises(GenerationError, match="at most 24 new tokens fit"):
     covering.generate([long_prompt], max_new_tokens=25)  # 40 kept + 25 > 64 slots
+
+
+def test_long_prompt_memory_is_linear():
+  """Defect: a prompt was prefilled as one chunk with [B, KVH, G, C, T + C] f32 scores: 17 GB for
+  this 32k-token prompt on this small model, past the suite machine's memory. Prompts now come in
+  `prefill_chunk`s and the votes read only the observation window's rows."""
+  import psutil
+
+  cfg = ModelConfig(**{**CFG.__dict__, "num_layers": 1, "max_seq_len": 1 << 16})
+  model = Llama(cfg, rngs=nnx.Rngs(0))
+  prompt = np.random.default_rng(1).integers(0, 64, 1 << 15).tolist()
+  gen = Generator(model, max_batch=1, max_seq_len=72, kv_cache=SnapKV(budget=64, window=8, prefill_chunk=1024))
+  before = psutil.Process().memory_info().rss
+  assert len(gen.generate([prompt], max_new_tokens=8)[0]) == 8
+  assert psutil.Process().memory_info().rss - before < 2 << 30
+  assert {key[2] for key in gen.traces if key[0] == "prefill"} == {1024}  # 32 chunks, one program
 
 
 def test_bad_settings():

@@ -22,10 +22,10 @@ from jaxeff.generate import GenerationError, Generator, SamplingParams
 from jaxeff.generate.speculative import DraftModel, Medusa, PromptLookup, SelfDraft, Speculator, Tree
 from jaxeff.generate.speculative.lookup import lookup_draft
 from jaxeff.generate.speculative.medusa_heads import MedusaHeads
-from jaxeff.generate.speculative.verify import accept_greedy
+from jaxeff.inference.verify import accept_greedy
 from jaxeff.models import Llama
 from jaxeff.models.attention import index_positions
-from jaxeff.models.kv_cache import TreeSlots, init_cache
+from jaxeff.inference.cache import Dense, TreeSlots
 
 # Peaked logits (larger init): greedy comparisons have no near-ties.
 CFG = ModelConfig(
@@ -93,7 +93,7 @@ def test_typical_acceptance_is_greedy_at_temperature_zero_and_samples_otherwise(
   assert gen.generate(PROMPTS, max_new_tokens=NEW) == plain
   out = gen.generate(PROMPTS, max_new_tokens=NEW, temperature=0.7, seed=1)
   assert [len(o) for o in out] == [NEW] * 3 and all(0 <= t < CFG.vocab_size for o in out for t in o)
-  assert ("spec_verify", SamplingParams(0.7).static, "typical") in gen.traces
+  assert ("verify", 4, None, SamplingParams(0.7).static, "typical") in gen.traces
 
 
 def test_draft_equal_to_target_accepts_everything(model, plain):
@@ -192,7 +192,7 @@ def test_tree_verification_equals_each_path_alone(model):
   rng = np.random.default_rng(1)
   prompt = np.asarray([PROMPTS[2]], np.int32)
   forward = nnx.jit(lambda m, t, p, c, tree=None: m.forward_with_cache(t, p, c, tree=tree))
-  _, cache = forward(model, prompt, index_positions(*prompt.shape), init_cache(CFG, 1, SEQ))
+  _, cache = forward(model, prompt, index_positions(*prompt.shape), Dense().init(CFG, 1, SEQ))
   pos = prompt.shape[1]
   root = int(rng.integers(CFG.vocab_size))
   tokens = np.concatenate([[root], rng.integers(0, CFG.vocab_size, tree.size - 1)]).astype(np.int32)[None]
@@ -297,7 +297,7 @@ def test_sampling_check_can_fail(small_target):
 
 
 def test_bad_speculator_settings(model):
-  with pytest.raises(GenerationError, match="lookahead of 6"):
+  with pytest.raises(GenerationError, match="lookahead of 6.*at most 16 new tokens fit"):
     Generator(model, max_batch=1, max_seq_len=32, speculator=PromptLookup(num_draft=6)).generate(
       [[1] * 10], max_new_tokens=20
     )
@@ -315,7 +315,7 @@ def test_bad_speculator_settings(model):
 def test_tree_needs_an_attention_that_takes_a_mask():
   sparse = Llama(ModelConfig(**{**CFG.__dict__, "attention": "sparse"}), rngs=nnx.Rngs(0))
   gen = Generator(sparse, max_batch=1, max_seq_len=SEQ, speculator=Medusa(random_heads(3), tree=MEDUSA_TREE))
-  with pytest.raises(ValueError, match="needs an attention that takes a mask"):
+  with pytest.raises(ValueError, match="needs an attention with mask"):
     gen.generate([PROMPTS[1]], max_new_tokens=4)
 
 

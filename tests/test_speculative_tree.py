@@ -1,4 +1,4 @@
-"""jaxeff.generate.speculative.tree: the Tree's structure and validation, E[tokens], and Sequoia's DP
+"""jaxeff.inference.tree: the Tree's structure and validation, E[tokens], and Sequoia's DP
 against a brute-force search over every small tree."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 
-from jaxeff.generate.speculative.tree import Tree, best_tree, sequoia_tree
+from jaxeff.inference.tree import Tree, best_tree, sequoia_tree
 
 # Canonical ids: 0 root, 1 (0,), 2 (1,), 3 (0, 0), 4 (0, 1), 5 (1, 0), 6 (0, 0, 0).
 PATHS = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]

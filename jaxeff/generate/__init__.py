@@ -1,8 +1,10 @@
-"""Text generation with a static KV cache: `Generator`, `generate`, and `python -m jaxeff.generate`."""
+"""Text generation: `Generator` (static batches on the inference core's model runner), `generate`,
+speculative decoding (`jaxeff.generate.speculative`), and `python -m jaxeff.generate`."""
 
-from jaxeff.generate.engine import GenerationError, GenerationStats, Generator, generate, generator_for, prefill_bucket
-from jaxeff.generate.kv_cache import perplexity
-from jaxeff.generate.sampling import SamplingParams
+from jaxeff.errors import GenerationError
+from jaxeff.generate.generator import GenerationStats, Generator, generate, generator_for, prefill_bucket
+from jaxeff.inference.perplexity import perplexity
+from jaxeff.inference.sampling import SamplingParams
 
 __all__ = [
   "GenerationError",

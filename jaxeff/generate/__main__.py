@@ -82,80 +82,33 @@ def parse_args(argv):
   if args.max_new_tokens < 1:
     p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   cli.check_model_args(p, args)
+  from jaxeff.errors import GenerationError
+  from jaxeff.generate.speculative import spec as speculate_spec
+  from jaxeff.inference import cache as cache_lib
+
   if args.speculate is not None:
-    kind = args.speculate.split(":", 1)[0]
-    if kind not in SPECULATE_KINDS or (kind == "lookup") != (":" not in args.speculate):
-      p.error(f"--speculate takes lookup, self:LAYERS, draft:PATH or medusa:DIR, got {args.speculate!r}")
-    if args.tree_size is not None and kind != "medusa":
-      p.error("--tree-size goes with --speculate medusa:DIR")
-    if args.draft_tokens is not None and (args.draft_tokens < 1 or kind == "medusa"):
-      p.error("--draft-tokens takes a positive count, for lookup/self/draft (Medusa drafts one token per head)")
+    try:
+      speculate_spec.check(args.speculate, num_draft=args.draft_tokens, tree_size=args.tree_size)
+    except GenerationError as e:
+      p.error(str(e))
   elif args.draft_tokens is not None or args.tree_size is not None:
     p.error("--draft-tokens and --tree-size need --speculate")
   try:
-    args.kv_policy = parse_kv_cache(args.kv_cache)
-  except ValueError as e:
+    args.kv_policy = cache_lib.parse(args.kv_cache)
+  except GenerationError as e:
     p.error(str(e))
-  if args.kv_policy is not None and args.speculate is not None:
+  if not args.kv_policy.exact_rollback and args.speculate is not None:
     p.error("--speculate runs on the dense cache: drop --kv-cache or --speculate")
   return args
 
 
-def parse_kv_cache(text: str):
-  """`--kv-cache` -> a policy (None for dense); ValueError with the accepted forms otherwise."""
-  from jaxeff.errors import GenerationError
-  from jaxeff.generate.kv_cache import H2O, KIVI, SnapKV, StreamingLLM
-
-  kind, _, value = text.partition(":")
-  if kind == "dense" and not value:
-    return None
-  parts = value.split(",")
-  numbers = [int(x) for x in parts] if all(x.strip().isdigit() for x in parts) else []
-  make = {
-    ("streaming", 2): lambda a, b: StreamingLLM(sinks=a, window=b),
-    ("h2o", 2): lambda a, b: H2O(heavy=a, recent=b),
-    ("snapkv", 1): lambda c: SnapKV(budget=c),
-    ("kivi", 2): lambda bits, r: KIVI(bits=bits, residual=r),
-  }.get((kind, len(numbers)))
-  if make is not None:
-    try:
-      return make(*numbers)
-    except GenerationError as e:
-      raise ValueError(f"--kv-cache {text}: {e}") from None
-  raise ValueError(
-    "--kv-cache takes dense, streaming:SINKS,WINDOW (e.g. streaming:4,1020), h2o:HEAVY,RECENT, snapkv:BUDGET "
-    f"or kivi:BITS,RESIDUAL (e.g. kivi:2,128), got {text!r}"
-  )
-
-
-SPECULATE_KINDS = ("lookup", "self", "draft", "medusa")
-
-
 def make_speculator(args, model):
   """The `--speculate` speculator (None without the flag). Raises JaxeffError for bad values."""
-  from jaxeff.errors import GenerationError, HFError
-  from jaxeff.generate import speculative
+  from jaxeff.generate.speculative import spec as speculate_spec
 
   if args.speculate is None:
     return None
-  kind, _, value = args.speculate.partition(":")
-  count = {} if args.draft_tokens is None else {"num_draft": args.draft_tokens}
-  if kind == "lookup":
-    return speculative.PromptLookup(**count)
-  if kind == "self":
-    if not value.isdigit():
-      raise GenerationError(f"--speculate self:LAYERS needs a layer count, got {value!r}")
-    return speculative.SelfDraft(layers=int(value), **count)
-  if kind == "draft":
-    import pathlib
-
-    from jaxeff import hf
-
-    if not pathlib.Path(value).exists():
-      raise HFError(f"--speculate draft:{value}: no such file or directory")
-    draft, _ = hf.load(value, dtype=model.cfg.dtype, param_dtype=model.cfg.dtype)
-    return speculative.DraftModel(draft, **count)
-  return speculative.Medusa(value, tree_size=args.tree_size)
+  return speculate_spec.from_spec(args.speculate, model, num_draft=args.draft_tokens, tree_size=args.tree_size)
 
 
 def _sampling(args, tok) -> dict:
@@ -188,37 +141,12 @@ def _generate_one(gen, tok, ids, args, out):
   return decoder.ids
 
 
-def _default_cache_len(policy, prompt: int, new_tokens: int) -> int:
-  """Cache positions a one-prompt run needs under `policy` (None: dense; bounded ones ignore it)."""
-  from jaxeff.generate.kv_cache import Dense
-
-  return (policy or Dense()).slots_needed(prompt, new_tokens) or prompt + new_tokens
-
-
-def _cache_shape(gen) -> str:
-  from jaxeff.generate.kv_cache import H2O, KIVI, SnapKV, StreamingLLM
-
-  policy = gen.kv_cache
-  if isinstance(policy, StreamingLLM):
-    return f"{gen.max_batch} x {policy.sinks} sinks + {policy.window} recent tokens, StreamingLLM"
-  if isinstance(policy, H2O):
-    return f"{gen.max_batch} x {policy.heavy} heavy hitters + {policy.recent} recent tokens, H2O"
-  if isinstance(policy, SnapKV):
-    return f"{gen.max_batch} x {gen.max_seq_len} positions, prompt kept to {policy.budget}, SnapKV"
-  if isinstance(policy, KIVI):
-    return (
-      f"{gen.max_batch} x {gen.max_seq_len} positions at {policy.bits} bits, {policy.residual} newest in "
-      f"full precision, KIVI"
-    )
-  return f"{gen.max_batch} x {gen.max_seq_len} positions"
-
-
 def _stats_line(gen) -> str:
   s, weight_bytes = gen.stats, gen.weight_bytes
   line = (
     f"prefill: {s.prompt_tokens} tokens, {s.prefill_tokens_per_s:.1f} tok/s | decode: {s.new_tokens} new tokens, "
     f"{s.decode_tokens_per_s:.1f} tok/s | weights: {weight_bytes / 2**20:.1f} MiB read per decode "
-    f"step | KV cache: {s.cache_bytes / 2**20:.1f} MiB ({_cache_shape(gen)})"
+    f"step | KV cache: {s.cache_bytes / 2**20:.1f} MiB ({gen.kv_cache.describe(gen.max_batch, gen.max_seq_len)})"
   )
   if gen.speculator is not None:
     line += (
@@ -245,7 +173,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
       raise GenerationError("the prompt encodes to no tokens")
     speculator = make_speculator(args, model)
     lookahead = 0 if speculator is None else speculator.num_draft
-    max_len = args.max_seq_len or _default_cache_len(args.kv_policy, len(ids), args.max_new_tokens + lookahead)
+    max_len = args.max_seq_len or args.kv_policy.length_for(len(ids), args.max_new_tokens + lookahead)
     gen = Generator(model, max_batch=1, max_seq_len=max_len, speculator=speculator, kv_cache=args.kv_policy)
     _warm_up(gen, tok, ids, args, err)
     _generate_one(gen, tok, ids, args, out)

@@ -1,8 +1,8 @@
-"""Sharded Llama-family models: the decoder, its layers, the attention registry and the KV cache."""
+"""Sharded Llama-family models: the decoder, its layers and the attention registry (KV caches:
+`jaxeff.inference.cache`)."""
 
 from jaxeff.models import nsa  # noqa: F401  (registers attention "nsa")
 from jaxeff.models.attention import ATTENTION_IMPLS, AttentionImpl, register_attention
-from jaxeff.models.kv_cache import KVCache, init_cache
 from jaxeff.models.layers import Linear
 from jaxeff.models.llama import CachedForward, Llama
 
@@ -10,8 +10,6 @@ __all__ = [
   "ATTENTION_IMPLS",
   "AttentionImpl",
   "register_attention",
-  "KVCache",
-  "init_cache",
   "Linear",
   "CachedForward",
   "Llama",

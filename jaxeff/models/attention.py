@@ -6,10 +6,15 @@ Every implementation's function has the signature
      kv_positions [B, T] | None, sliding_window: int | None, **options) -> [B, S, H, D]
 
 and applies causal masking by position: a key is visible when kv_pos <= q_pos, and with a sliding
-window also q_pos - kv_pos < sliding_window. The registry entry (`AttentionImpl`) says what else an
-implementation takes, and the model passes exactly that: `sinks=N` (StreamingLLM attention sinks:
-keys at positions < N stay visible, still causal) when it supports sinks and
-`ModelConfig.attention_sinks` is set, `topk_blocks=K` likewise, and `segment_ids=` [B, S] int for
+window also q_pos - kv_pos < sliding_window. Two optional outputs serve the KV-cache policies
+(`jaxeff.inference.cache`), which merge attention over several key sets or keep what is attended
+to: `return_lse=True` (capability `lse`) and `query_weights=` [B, S] (capability `key_weights`)
+make it return an `AttentionResult` (out, lse [B, S, H] f32: each query's log-sum-exp of its
+visible scores; key_weights [B, KVH, T] f32: the attention each key received, summed over the
+kv head's query heads and over the queries weighted by `query_weights`). The registry entry
+(`AttentionImpl`) says what else an implementation takes, and the model passes exactly that:
+`sinks=N` (StreamingLLM attention sinks: keys at positions < N stay visible, still causal) when it
+supports sinks and `ModelConfig.attention_sinks` is set, `topk_blocks=K` likewise, and `segment_ids=` [B, S] int for
 packed examples (several training examples in one row): a key is then visible only from queries of
 its own segment, still causal by index (the positions given to RoPE restart per example, so masking
 goes by index here; positions are None). Grouped-query attention: query head h reads kv head
@@ -32,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +47,7 @@ from jaxeff.errors import ConfigError
 
 AttentionFn = Callable[..., jax.Array]
 # A large finite mask value, not -inf: a fully masked row then gives a uniform softmax, not NaN.
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
+MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,9 @@ class AttentionImpl:
     mask: takes `mask=` [B, S, T] bool, ANDed with the positional mask (tree verification of
       speculative decoding: a draft node sees only its ancestors among the other draft nodes).
     segments: takes `segment_ids=` [B, S] (packed examples; self-attention at index positions).
+    lse: takes `return_lse=True` (returns an `AttentionResult` with each query's log-sum-exp).
+    key_weights: takes `query_weights=` [B, S] (returns an `AttentionResult` with the attention each
+      key received).
   """
 
   fn: AttentionFn | None = None
@@ -69,6 +78,16 @@ class AttentionImpl:
   check: Callable | None = None
   mask: bool = False
   segments: bool = False
+  lse: bool = False
+  key_weights: bool = False
+
+
+class AttentionResult(NamedTuple):
+  """What an implementation returns when asked for `return_lse` or `query_weights`."""
+
+  out: jax.Array  # [B, S, H, D]
+  lse: jax.Array | None  # [B, S, H] f32, or None when not asked for
+  key_weights: jax.Array | None  # [B, KVH, T] f32, or None when not asked for
 
 
 ATTENTION_IMPLS: dict[str, AttentionImpl] = {}
@@ -106,6 +125,37 @@ def check_config(cfg) -> AttentionImpl:
   return impl
 
 
+@dataclasses.dataclass(frozen=True)
+class BoundAttention:
+  """A registered implementation with a model's options bound (sliding window, sinks, top-k
+  blocks): what the model's attention layers and the KV-cache policies call. Keywords given at
+  the call win over the bound ones (a policy's own window, say)."""
+
+  name: str
+  impl: AttentionImpl
+  options: tuple[tuple[str, object], ...] = ()
+
+  def __call__(self, q, k, v, **kwargs):
+    return self.impl.fn(q, k, v, **{**dict(self.options), **kwargs})
+
+  def require(self, capability: str, purpose: str) -> None:
+    """Raises ConfigError unless the implementation has `capability` (an `AttentionImpl` field)."""
+    if not getattr(self.impl, capability):
+      able = ", ".join(implementing(capability))
+      raise ConfigError(f"{purpose} needs an attention with {capability} ({able}), not {self.name!r}")
+
+
+def bind(cfg) -> BoundAttention:
+  """`cfg.attention`'s implementation with the model's options (`ModelConfig` fields) bound."""
+  impl = get_attention(cfg.attention)
+  options = {"sliding_window": cfg.sliding_window}
+  if cfg.attention_sinks:
+    options["sinks"] = cfg.attention_sinks
+  if cfg.attention_topk_blocks:
+    options["topk_blocks"] = cfg.attention_topk_blocks
+  return BoundAttention(cfg.attention, impl, tuple(options.items()))
+
+
 def index_positions(batch: int, length: int) -> jax.Array:
   """Positions 0..length-1 for every row: what `None` positions stand for."""
   return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -117,11 +167,22 @@ def segment_mask(segment_ids: jax.Array) -> jax.Array:
 
 
 def dense_attention(
-  q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, sinks=0, mask=None, segment_ids=None
+  q,
+  k,
+  v,
+  *,
+  q_positions=None,
+  kv_positions=None,
+  sliding_window=None,
+  sinks=0,
+  mask=None,
+  segment_ids=None,
+  return_lse=False,
+  query_weights=None,
 ):
   """Reference softmax attention in XLA; scores and softmax in f32. `mask` [B, S, T] (optional)
   hides more keys on top of the positional rule; `segment_ids` [B, S] (self-attention) hides keys
-  of other segments."""
+  of other segments. `return_lse` / `query_weights`: an `AttentionResult` (module docstring)."""
   b, s, h, d = q.shape
   kvh = k.shape[2]
   if q_positions is None or kv_positions is None:
@@ -144,13 +205,24 @@ def dense_attention(
     visible &= (in_window | (kv_pos < sinks)) if sinks else in_window
   if mask is not None:
     visible &= mask[:, None, None]
-  scores = jnp.where(visible, scores, _MASKED)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgst,bktd->bkgsd", probs, v)
-  return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+  scores = jnp.where(visible, scores, MASKED)
+  probs32 = jax.nn.softmax(scores, axis=-1)
+  out = jnp.einsum("bkgst,bktd->bkgsd", probs32.astype(v.dtype), v)
+  out = out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
+  if not return_lse and query_weights is None:
+    return out
+  lse = None
+  if return_lse:
+    lse = jax.nn.logsumexp(scores, axis=-1).transpose(0, 3, 1, 2).reshape(b, s, h)
+  weights = None
+  if query_weights is not None:
+    # A query that sees nothing has a uniform softmax over masked keys: it gives no weight.
+    seen = jnp.where(visible, probs32, 0.0)
+    weights = jnp.einsum("bkgst,bs->bkt", seen, query_weights.astype(jnp.float32))
+  return AttentionResult(out, lse, weights)
 
 
-register_attention("dense", dense_attention, sinks=True, mask=True, segments=True)
+register_attention("dense", dense_attention, sinks=True, mask=True, segments=True, lse=True, key_weights=True)
 
 
 # ---------------------------------------------------------------- block-causal attention (jnp)
@@ -186,7 +258,7 @@ def _block_scores(q, k, segments, q0, k0, window, scale):
   if segments is not None:
     same = segments[:, q0 : q0 + q.shape[3], None] == segments[:, None, k0 : k0 + k.shape[2]]
     visible = visible & same[:, None, None]
-  return jnp.where(visible, s, _MASKED), visible
+  return jnp.where(visible, s, MASKED), visible
 
 
 def _forward(q, k, v, segments, window, num_blocks):
@@ -258,17 +330,30 @@ def _num_query_blocks(seq_len: int) -> int:
 
 
 def blocked_attention(
-  q, k, v, *, q_positions=None, kv_positions=None, sliding_window=None, mask=None, segment_ids=None
+  q,
+  k,
+  v,
+  *,
+  q_positions=None,
+  kv_positions=None,
+  sliding_window=None,
+  mask=None,
+  segment_ids=None,
+  return_lse=False,
+  query_weights=None,
 ):
   """Block-causal softmax attention with a recomputing backward; same results as `dense_attention`.
 
   Blocks are skipped only for index positions (both None), packed rows (`segment_ids`) included;
-  given positions (or a `mask`) run the dense computation, masked by position.
+  given positions (or a `mask`, `return_lse`, `query_weights`: what KV-cache policies ask) run the
+  dense computation, masked by position.
   """
   b, s, h, d = q.shape
   kvh = k.shape[2]
   num_blocks = _num_query_blocks(s)
-  if q_positions is not None or kv_positions is not None or k.shape[1] != s or num_blocks == 1 or mask is not None:
+  extras = return_lse or query_weights is not None
+  dense = q_positions is not None or kv_positions is not None or k.shape[1] != s or num_blocks == 1
+  if dense or mask is not None or extras:
     return dense_attention(
       q,
       k,
@@ -278,13 +363,15 @@ def blocked_attention(
       sliding_window=sliding_window,
       mask=mask,
       segment_ids=segment_ids,
+      return_lse=return_lse,
+      query_weights=query_weights,
     )
   qt = q.reshape(b, s, kvh, h // kvh, d).transpose(0, 2, 3, 1, 4)
   out = _blocked(qt, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), segment_ids, sliding_window, num_blocks)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, s, h, d)
 
 
-register_attention("blocked", blocked_attention, mask=True, segments=True)
+register_attention("blocked", blocked_attention, mask=True, segments=True, lse=True, key_weights=True)
 
 
 def mean_key_block_selection(q, k, *, q_positions, kv_positions, topk: int, block_q: int, block_kv: int):

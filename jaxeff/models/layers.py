@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,6 +115,26 @@ def rope_cos_sin(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, 
   """cos, sin of shape [batch, seq, head_dim // 2] for integer positions [batch, seq]."""
   angles = positions.astype(jnp.float32)[..., None] * inv_freq
   return jnp.cos(angles), jnp.sin(angles)
+
+
+class Rope(NamedTuple):
+  """Rotary embedding at some positions: what a KV-cache policy rotates queries and keys with.
+  `apply(x)` rotates [B, S, heads, D] at the positions it was made for; `at(positions)` gives the
+  embedding at other positions (StreamingLLM's cache-relative ones)."""
+
+  cos: jax.Array  # [B, S, D // 2]
+  sin: jax.Array
+  inv_freq: jax.Array  # [D // 2]
+
+  @classmethod
+  def make(cls, positions: jax.Array, inv_freq: jax.Array) -> Rope:
+    return cls(*rope_cos_sin(positions, inv_freq), inv_freq)
+
+  def apply(self, x: jax.Array) -> jax.Array:
+    return apply_rope(x, self.cos, self.sin)
+
+  def at(self, positions: jax.Array) -> Rope:
+    return Rope.make(positions, self.inv_freq)
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:

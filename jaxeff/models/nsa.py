@@ -36,11 +36,10 @@ from flax import nnx
 from jaxeff import sharding
 from jaxeff.config import ModelConfig
 from jaxeff.errors import ConfigError
-from jaxeff.models.attention import register_attention
+from jaxeff.models.attention import MASKED, register_attention
 from jaxeff.models.layers import Linear, param
 from jaxeff.sharding import EMBED, HEAD_DIM
 
-_MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 _ALWAYS = 1e9  # the score that forces a block into the selection
 
 
@@ -113,7 +112,7 @@ class NativeSparseAttention(nnx.Module):
       v_cmp = self.compress(v, starts, add_position=False).transpose(0, 2, 1, 3)
       scores = jnp.einsum("bkgsd,bkmd->bkgsm", qg, k_cmp, preferred_element_type=jnp.float32) / np.sqrt(d)
       visible = (starts + cfg.nsa_compress_block - 1)[None, :] <= np.arange(s)[:, None]  # [S, M]
-      scores = jnp.where(visible, scores, _MASKED)
+      scores = jnp.where(visible, scores, MASKED)
       probs = jnp.where(visible, jax.nn.softmax(scores, axis=-1), 0.0)  # a query before any block: zeros
       o_cmp = jnp.einsum("bkgsm,bkmd->bkgsd", probs.astype(v_cmp.dtype), v_cmp).reshape(b, h, s, d)
       # Selection scores per (kv head, query block, key block), shared by the group's heads.

@@ -1,4 +1,4 @@
-"""Continuous batching over the static KV cache: requests join and leave between decode steps.
+"""Continuous batching on the inference core: requests join and leave between steps.
 
 >>> from flax import nnx
 >>> from jaxeff import ModelConfig
@@ -11,35 +11,38 @@
 ...   len(a.result()), len(b.result()), a.finish_reason          # or: `async for token in a` / `for token in a`
 (4, 3, 'length')
 
-The JetStream pattern (see ../shared/notes/inference.md, "Serving"): the cache has `max_batch` rows,
-one per decode slot. A background thread runs the schedule:
+The engine is a scheduler: the model runner (`jaxeff.inference.ModelRunner`) owns the weights, the
+KV cache (any policy: `kv_cache=`), the speculator (`speculator=`) and every compiled program; the
+engine decides what runs. The JetStream pattern (../shared/notes/inference.md, "Serving"): the cache
+has `max_batch` rows, one per slot. A background thread runs the schedule:
 - Admit: waiting requests (a bounded queue, `QueueFullError` beyond `max_waiting`) take free slots.
-- Prefill: one chunk of one prompt per iteration (`prefill_chunk` tokens; a short prompt is padded
-  to a power of two, the tail of a long one to a whole chunk), written straight into the slot's row
-  of the cache. Chunks alternate with decode steps (Sarathi-Serve's chunked prefill), so a long
-  prompt delays running requests by at most one chunk per token, and the first token of a new
-  request waits for at most its own chunks plus one decode step per chunk.
+- Prefill: one chunk of one prompt per iteration (`prefill_chunk` tokens, at most the policy's
+  `max_chunk`; a short prompt is padded to a power of two, the tail of a long one to a whole
+  chunk), written straight into the slot's row of the cache (a new request first empties it).
+  Chunks alternate with decode steps (Sarathi-Serve's chunked prefill), so a long prompt delays
+  running requests by at most one chunk per step.
 - Decode: one step for the slots up to the highest live one (slots are taken lowest first), over
-  the cache positions they have reached: both rounded up to powers of two, so a step costs what the
-  live requests need and there is one compiled program per (rows, span) bucket (`warm_up` compiles
-  them before traffic). A step runs on that window of the cache and writes back only its live rows,
-  so free and still-prefilling rows in it compute but change nothing. Every per-row setting
-  (temperature, top-k, top-p, min-p, seed, stop ids) is an array in the step, so no mix of
-  requests recompiles (`traces` counts compilations).
+  the cache positions they have reached (for the dense cache): both rounded up to powers of two,
+  so a step costs what the live requests need and there is one compiled program per (rows, span)
+  bucket (`warm_up` compiles them before traffic). Rows in the step that are not decoding keep
+  their state. With a speculator, a step is the runner's draft and verification: each row gains
+  what it accepts (1 to lookahead + 1 tokens). Every per-row setting (temperature, top-k, top-p,
+  min-p, seed, stop ids, token budget) is an array in the step, so no mix of requests recompiles
+  (`traces` counts compilations).
 - Finish: a row that samples a stop id or reaches its `max_tokens` frees its slot at once; a
   cancelled request (`Request.cancel()`, e.g. its client went away) frees it before the next step.
 
 Exactness: a row's computation never reads another row, a request's prefill chunks depend only on
 its own length, and its PRNG key is its seed folded with each position (as in `Generator`), so a
-request gets the same tokens alone or among others, greedy or seeded. An exception while prefilling
-one request fails that request alone; one in the shared decode step fails the requests in it.
+request gets the same tokens alone or among others, greedy or seeded, with every cache policy and
+speculator. An exception while prefilling one request fails that request alone; one in the shared
+decode step fails the requests in it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import itertools
 import logging
@@ -49,19 +52,13 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from jaxeff import sharding
 from jaxeff.errors import GenerationError
-from jaxeff.generate.sampling import SamplingParams, sample_rows
-from jaxeff.models.attention import index_positions
-from jaxeff.models.kv_cache import KVCache, init_cache
+from jaxeff.inference.runner import MAX_STOP_TOKENS, ModelRunner, RowSettings, pow2_at_least, row_arrays
+from jaxeff.inference.sampling import SamplingParams, SamplingShape
 
 log = logging.getLogger(__name__)
-
-MAX_STOP_TOKENS = 16  # stop ids per row travel as a fixed-size array
 
 
 class QueueFullError(GenerationError):
@@ -77,12 +74,13 @@ class RequestParams:
   """One request's settings (validated by `Engine.submit`)."""
 
   max_tokens: int
-  temperature: float = 0.0
-  top_k: int = 0  # 0: off
-  top_p: float = 1.0  # 1: off
-  min_p: float = 0.0  # 0: off
+  sampling: SamplingParams = SamplingParams()
   seed: int = 0
   stop_tokens: tuple[int, ...] = ()
+
+  @property
+  def row(self) -> RowSettings:
+    return RowSettings(self.sampling, self.seed, self.stop_tokens)
 
 
 _DONE = object()
@@ -94,7 +92,9 @@ class Request:
 
   After it ends: `finish_reason` is "stop" (a stop id, not included in the tokens), "length"
   (`max_tokens` reached), "cancelled" or "error" (`error` holds the exception, which iterating
-  raises). Times (`time.monotonic()`): `submitted_at`, `token_times` (one per token).
+  raises). Times (`time.monotonic()`): `submitted_at`, `token_times` (one per token). With a
+  speculator: `forwards` (target forwards after prefill that gave it tokens) and `accepted` (draft
+  tokens accepted), so tokens per forward is (len(tokens) - 1) / forwards.
   """
 
   def __init__(self, request_id: int, prompt: np.ndarray, params: RequestParams):
@@ -104,6 +104,8 @@ class Request:
     self.finish_reason: str | None = None
     self.error: BaseException | None = None
     self.submitted_at = time.monotonic()
+    self.forwards = 0
+    self.accepted = 0
     self.cancelled = False
     self._wake_engine = lambda: None
     self._finished = threading.Event()
@@ -195,55 +197,8 @@ class EngineTotals:
   generated_tokens: int = 0
   decode_steps: int = 0
   prefill_chunks: int = 0
-
-
-def _window(cache: KVCache, row: jax.Array | int, rows: int, kv_len: int) -> KVCache:
-  """Rows row..row+rows-1 and positions 0..kv_len-1 of every layer: a small cache a step runs on.
-
-  A step on the window, then `_put_window`, costs what the live requests need: the whole cache
-  neither moves nor is read (slicing the full cache inside the step copied all of it, measured).
-  """
-  axis = 1 if cache.stacked else 0
-
-  def take(c):
-    c = jax.lax.dynamic_slice_in_dim(c, row, rows, axis=axis)
-    return jax.lax.slice_in_dim(c, 0, kv_len, axis=axis + 2)
-
-  return jax.tree.map(take, cache)
-
-
-def _put_window(cache: KVCache, window: KVCache, row: jax.Array | int) -> KVCache:
-  """Writes `window` back at rows row.. and positions 0.. (in place: the cache is donated)."""
-  axis = 1 if cache.stacked else 0
-
-  def put(c, w):
-    start = [0] * c.ndim
-    start[axis] = row
-    return jax.lax.dynamic_update_slice(c, w.astype(c.dtype), start)
-
-  return jax.tree.map(put, cache, window)
-
-
-def _row_arrays(rows: int, params: dict[int, RequestParams]):
-  """Per-row step arguments for `rows` rows, row i with `params[i]` (others: greedy, no stops):
-  (seeds [rows], (temperature, top_k, top_p, min_p) [rows] each, stop ids [rows, MAX_STOP_TOKENS])."""
-  seeds = np.zeros(rows, np.uint32)
-  temperature, top_k = np.zeros(rows, np.float32), np.zeros(rows, np.int32)
-  top_p, min_p = np.ones(rows, np.float32), np.zeros(rows, np.float32)
-  stops = np.full((rows, MAX_STOP_TOKENS), -1, np.int32)
-  for i, p in params.items():
-    seeds[i], temperature[i], top_k[i], top_p[i], min_p[i] = p.seed, p.temperature, p.top_k, p.top_p, p.min_p
-    stops[i, : len(p.stop_tokens)] = p.stop_tokens
-  return seeds, (temperature, top_k, top_p, min_p), stops
-
-
-def _is_stop(tokens: jax.Array, stops: jax.Array) -> jax.Array:
-  """tokens [n] against each row's stop ids [n, MAX_STOP_TOKENS] (-1 pads): bool [n]."""
-  return jnp.any(tokens[:, None] == stops, axis=-1)
-
-
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, n - 1).bit_length()
+  draft_tokens: int = 0  # speculation: draft tokens proposed to live rows
+  accepted_tokens: int = 0  # of those, accepted
 
 
 class Engine:
@@ -254,7 +209,8 @@ class Engine:
     tokenizer: optional `jaxeff.generate.tokenizer.TextTokenizer`: its stop ids are every request's
       default, and `submit` then also takes text.
     max_batch: decode slots (rows of the KV cache).
-    max_seq_len: positions per slot: a request's prompt plus its max_tokens must fit.
+    max_seq_len: positions per slot (what the cache policy makes of them: its `room` decides how
+      many new tokens a prompt leaves).
     prefill_chunk: prompt tokens prefilled per scheduler iteration (between two decode steps).
     max_waiting: requests that may wait for a slot (beyond those free slots take at once); more
       raise `QueueFullError`.
@@ -263,7 +219,9 @@ class Engine:
     min_prefill_bucket: smallest padded chunk (chunks shorter than `prefill_chunk` are padded to a
       power of two from here).
     min_kv_bucket: smallest attention span (steps attend over a power of two of cache positions,
-      from here up to max_seq_len, that covers every live position).
+      from here up to max_seq_len, that covers every live position; the dense cache only).
+    kv_cache: the cache policy (`jaxeff.inference.cache`; default dense).
+    speculator: a `jaxeff.generate.speculative` speculator; each step then drafts and verifies.
   """
 
   def __init__(
@@ -278,31 +236,25 @@ class Engine:
     mesh: jax.sharding.Mesh | None = None,
     min_prefill_bucket: int = 16,
     min_kv_bucket: int = 128,
+    kv_cache=None,
+    speculator=None,
   ):
-    if max_batch < 1 or max_seq_len < 2:
-      raise GenerationError(f"need max_batch >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
     if prefill_chunk < 1 or max_waiting < 0:
       raise GenerationError(f"need prefill_chunk >= 1 and max_waiting >= 0, got {prefill_chunk}, {max_waiting}")
+    self.runner = ModelRunner(
+      model, max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache, speculator=speculator, mesh=mesh
+    )
     self.cfg = model.cfg
     self.tokenizer = tokenizer
     self.max_batch, self.max_seq_len, self.mesh = max_batch, max_seq_len, mesh
-    self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
-    self.min_prefill_bucket = min(min_prefill_bucket, prefill_chunk)
+    self.speculator = speculator
+    self.prefill_chunk = min(prefill_chunk, self.runner.max_chunk())
+    self.max_waiting = max_waiting
+    self.min_prefill_bucket = min(min_prefill_bucket, self.prefill_chunk)
     self.min_kv_bucket = min_kv_bucket
-    self._graphdef, state = nnx.split(model)
-    if mesh is not None:
-      state = jax.device_put(state, sharding.state_shardings(state, mesh))
-    self._state = state
-    self.traces: collections.Counter = collections.Counter()  # compilations per program
-    self._prefill = jax.jit(self._prefill_fn, donate_argnames="cache", static_argnames="kv_len")
-    self._decode = jax.jit(self._decode_fn, donate_argnames="cache", static_argnames="kv_len")
     # Rows of a decode step: a multiple of the mesh's batch split, so a step partitions like the cache.
     self.min_rows = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
-    with self._mesh():
-      self._cache = jax.jit(lambda: init_cache(self.cfg, max_batch, max_seq_len))()
-    if mesh is None:  # committed, like the donated cache that comes back (no second compile)
-      self._cache = jax.device_put(self._cache, jax.tree.leaves(state)[0].sharding)
-    self.cache_bytes = sum(x.nbytes for x in jax.tree.leaves(self._cache))
+    self.cache_bytes = self.runner.cache_bytes
     self.totals = EngineTotals()
     self._slots: list[_Slot | None] = [None] * max_batch
     self._waiting: collections.deque[Request] = collections.deque()
@@ -313,48 +265,18 @@ class Engine:
     self._stop_requested = False
     self._thread: threading.Thread | None = None
 
-  # ------------------------------------------------------------------ compiled programs
+  @property
+  def traces(self) -> collections.Counter:
+    """Compilations per runner program and shape."""
+    return self.runner.traces
 
-  def _mesh(self):
-    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+  @property
+  def kv_cache(self):
+    return self.runner.policy
 
-  def _prefill_fn(self, state, cache, tokens, slot, start, last, seeds, settings, stops, *, kv_len):
-    """One chunk `tokens` [1, C] of the prompt in `slot`, at positions start..start+C-1 (all below
-    the static `kv_len`): writes their keys/values into the slot's cache row; samples the token
-    after chunk index `last` -> (token [1], whether it is a stop id [1], cache). Per-row
-    arguments as `_row_arrays` makes them, for one row."""
-    self.traces["prefill", tokens.shape[1], kv_len] += 1
-    model = nnx.merge(self._graphdef, state)
-    window = _window(cache, slot, 1, kv_len)  # the slot's row, positions 0..kv_len-1
-    positions = start + index_positions(*tokens.shape)
-    x, window = model.forward_with_cache(tokens, positions, window)
-    cache = _put_window(cache, window, slot)
-    logits = model.logits(jax.lax.dynamic_index_in_dim(x, last, axis=1, keepdims=False))
-    key = jax.random.fold_in(jax.random.key(seeds[0]), start + last + 1)  # the position being sampled
-    token = sample_rows(logits, key[None], *settings)
-    return token, _is_stop(token, stops), cache
-
-  def _decode_fn(self, state, cache, tokens, positions, live, seeds, settings, stops, *, kv_len):
-    """One token for each of the cache's first n rows (n = len(tokens)) at its own position, all
-    live ones below the static `kv_len` -> (next tokens [n], which are stop ids [n], cache). Rows
-    that are not `live` compute too, but their cache rows are left as they were."""
-    self.traces["decode", tokens.shape[0], kv_len] += 1
-    model = nnx.merge(self._graphdef, state)
-    if tokens.shape[0] == self.max_batch and kv_len == self.max_seq_len:
-      # The window would be the whole cache: run on it in place. Idle rows write only the last
-      # position, which a request's own decode overwrites before reading it.
-      positions = jnp.where(live, positions, self.max_seq_len - 1)
-      x, cache = model.forward_with_cache(tokens[:, None], positions[:, None], cache)
-    else:
-      window = _window(cache, 0, tokens.shape[0], kv_len)
-      positions = jnp.where(live, positions, kv_len - 1)  # inside the window; not written back
-      x, new = model.forward_with_cache(tokens[:, None], positions[:, None], window)
-      keep = live[:, None, None, None] if not window.stacked else live[None, :, None, None, None]
-      new = jax.tree.map(lambda n, w: jnp.where(keep, n, w), new, window)
-      cache = _put_window(cache, new, 0)
-    keys = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.key)(seeds), positions + 1)
-    nxt = sample_rows(model.logits(x[:, 0]), keys, *settings)
-    return nxt, _is_stop(nxt, stops), cache
+  def room(self, prompt_tokens: int) -> int | None:
+    """New tokens a prompt of `prompt_tokens` tokens leaves room for (None: any number)."""
+    return self.runner.room(prompt_tokens)
 
   # ------------------------------------------------------------------ requests
 
@@ -394,10 +316,12 @@ class Engine:
       raise GenerationError(f"the prompt has token ids outside [0, {self.cfg.vocab_size})")
     if not isinstance(max_tokens, (int, np.integer)) or isinstance(max_tokens, bool) or max_tokens < 1:
       raise GenerationError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-    if ids.size + max_tokens > self.max_seq_len:
+    room = self.room(ids.size)
+    if room is not None and max_tokens > room:
       raise GenerationError(
-        f"the prompt has {ids.size} tokens; with max_tokens={max_tokens} it needs {ids.size + max_tokens} "
-        f"positions, more than this engine's max_seq_len={self.max_seq_len}"
+        f"the prompt has {ids.size} tokens; this engine's cache ({self.kv_cache.describe(1, self.max_seq_len)}"
+        f"{', speculation included' if self.runner.lookahead else ''}) leaves room for {max(room, 0)} new tokens, "
+        f"not max_tokens={max_tokens}"
       )
     sampling = SamplingParams(temperature, top_k, top_p, min_p)  # validates them
     if seed is not None and not 0 <= seed < 2**32:
@@ -407,10 +331,7 @@ class Engine:
       raise GenerationError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
     params = RequestParams(
       max_tokens=int(max_tokens),
-      temperature=float(sampling.temperature),
-      top_k=int(sampling.top_k or 0),
-      top_p=1.0 if sampling.top_p is None else float(sampling.top_p),
-      min_p=0.0 if sampling.min_p is None else float(sampling.min_p),
+      sampling=sampling,
       seed=int(self._seeds.integers(2**32)) if seed is None else int(seed),
       stop_tokens=tuple(int(s) for s in stops),
     )
@@ -443,43 +364,49 @@ class Engine:
     return len(self._waiting)
 
   def warm_up(self, progress=None) -> int:
-    """Compiles every program traffic can need, before serving it: the decode step for every rows x
-    attention-span bucket, the first prefill chunk of every padded size, and a whole chunk at every
-    span (later chunks), so no request waits for a compile. (Only the exact pieces of a prompt
-    that fills the cache to its last chunk compile on first use.) Call it while no request is in
-    the engine; `progress(done, total)` is called after each. Returns the number of programs."""
+    """Compiles every program traffic can need, before serving it: the decode step (with a
+    speculator: its draft and verification) for every rows x attention-span bucket, the first
+    prefill chunk of every padded size, and a whole chunk at every span (later chunks), so no
+    request waits for a compile. (Only the exact pieces of a prompt that fills the cache to its
+    last chunk compile on first use.) Call it while no request is in the engine; `progress(done,
+    total)` is called after each. Returns the number of programs."""
     if self.num_running or self.num_waiting:
       raise GenerationError("warm_up needs an idle engine (no requests submitted yet)")
     rows = sorted({self.rows_bucket(1 << k) for k in range(self.max_batch.bit_length() + 1)})
-    spans = sorted({self.kv_bucket(self.min_kv_bucket << k) for k in range(self.max_seq_len.bit_length())})
+    spans = sorted({self.kv_bucket(self.min_kv_bucket << k) for k in range(self.max_seq_len.bit_length())}, key=str)
     sizes, size = [], self.min_prefill_bucket
     while size < self.prefill_chunk:
       sizes.append(size)
       size *= 2
     sizes.append(self.prefill_chunk)
     prefills = {(c, self.kv_bucket(c)) for c in sizes if c <= self.max_seq_len}
-    prefills |= {(self.prefill_chunk, s) for s in spans if s >= self.kv_bucket(self.prefill_chunk)}
-    jobs = [("decode", r, s) for r in rows for s in spans] + [("prefill", c, s) for c, s in sorted(prefills)]
+    if self.kv_cache.spans:
+      prefills |= {(self.prefill_chunk, s) for s in spans if s >= self.kv_bucket(self.prefill_chunk)}
+    jobs = [("decode", r, s) for r in rows for s in spans] + [("prefill", c, s) for c, s in sorted(prefills, key=str)]
     for done, (kind, size, span) in enumerate(jobs, 1):
-      with self._mesh():
-        if kind == "decode":
-          zeros, idle = np.zeros(size, np.int32), np.zeros(size, bool)  # idle rows: nothing written back
-          out = self._decode(self._state, self._cache, zeros, zeros, idle, *_row_arrays(size, {}), kv_len=span)
+      if kind == "decode":
+        idle = np.zeros(size, bool)  # no row is live: nothing is written back
+        arrays = row_arrays([None] * size)
+        if self.speculator is None:
+          out = self.runner.decode(
+            np.zeros(size, np.int32), positions=np.zeros(size, np.int32), live=idle, rows=arrays,
+            shape=SamplingShape.any(), span=span, protect=True,
+          )  # fmt: skip
         else:
-          start = np.int32(max(0, min(span, self.max_seq_len) - size))
-          tokens = np.zeros((1, size), np.int32)
-          out = self._prefill(
-            self._state,
-            self._cache,
-            tokens,
-            np.int32(0),
-            start,
-            np.int32(size - 1),
-            *_row_arrays(1, {}),
-            kv_len=span,
-          )
-        self._cache = out[-1]
-        jax.block_until_ready(out)
+          draft, q = self.runner.draft(rows=arrays, live=idle, shape=SamplingShape.any(), span=span, protect=True)
+          out = self.runner.verify(
+            draft, q, remaining=np.zeros(size, np.int32), rows=arrays, live=idle, shape=SamplingShape.any(),
+            span=span, protect=True,
+          )  # fmt: skip
+      else:
+        start = max(0, min(span or self.max_seq_len, self.max_seq_len) - size)
+        # A prompt that ends in the chunk, in a free row (emptied first: starting at 0 if it does).
+        out = self.runner.prefill(
+          np.zeros((1, size), np.int32), starts=np.array([start], np.int32),
+          lengths=np.array([start + size], np.int32), rows=row_arrays([None]), row0=0,
+          shape=SamplingShape.any(), span=span,
+        )  # fmt: skip
+      jax.block_until_ready(out)
       if progress is not None:
         progress(done, len(jobs))
     return len(jobs)
@@ -579,10 +506,11 @@ class Engine:
       return self.prefill_chunk, self.prefill_chunk
     # A short prompt is padded to a power of two; the tail of a long one to a whole chunk (one
     # program per attention span instead of one per span and tail size).
-    size = min(self.prefill_chunk, max(self.min_prefill_bucket, _pow2_at_least(rest)))
+    size = min(self.prefill_chunk, max(self.min_prefill_bucket, pow2_at_least(rest)))
     if slot.prefilled:
       size = self.prefill_chunk
-    if slot.prefilled + size > self.max_seq_len:  # padding would run off the cache: exact pieces
+    if self.kv_cache.pads_to_end and slot.prefilled + size > self.max_seq_len:
+      # Padding would be written past the cache's end: exact pieces.
       size = 1 << (rest.bit_length() - 1)
       return size, size
     return size, rest
@@ -594,18 +522,16 @@ class Engine:
     tokens = np.zeros((1, size), np.int32)
     tokens[0, :real] = request.prompt[slot.prefilled : slot.prefilled + real]
     try:
-      with self._mesh():
-        token, stopped, self._cache = self._prefill(
-          self._state,
-          self._cache,
-          tokens,
-          np.int32(i),
-          np.int32(slot.prefilled),
-          np.int32(real - 1),
-          *_row_arrays(1, {0: request.params}),
-          kv_len=self.kv_bucket(slot.prefilled + size),
-        )
-        token, stopped = int(token[0]), bool(stopped[0])
+      token, stopped = self.runner.prefill(
+        tokens,
+        starts=np.array([slot.prefilled], np.int32),
+        lengths=np.array([request.prompt.size], np.int32),
+        rows=row_arrays([request.params.row]),
+        row0=i,
+        shape=SamplingShape.any(),
+        span=self.kv_bucket(slot.prefilled + size),
+      )
+      token, stopped = int(token[0]), bool(stopped[0])
     except Exception as e:  # this request alone fails
       log.exception("request %d failed in prefill", request.id)
       self._release(i, "error", e)
@@ -632,32 +558,43 @@ class Engine:
     if len(request.tokens) >= request.params.max_tokens:
       self._release(i, "length")
 
-  def kv_bucket(self, length: int) -> int:
+  def kv_bucket(self, length: int) -> int | None:
     """Cache positions a step attends over when its positions are below `length`: a power of two
-    >= min_kv_bucket, capped at max_seq_len (one compiled program per bucket)."""
-    return min(self.max_seq_len, max(self.min_kv_bucket, _pow2_at_least(length)))
+    >= min_kv_bucket, capped at max_seq_len (one compiled program per bucket); None for a cache
+    policy without spans (every step reads its whole state)."""
+    return self.runner.span_for(length, self.min_kv_bucket)
 
   def rows_bucket(self, rows: int) -> int:
     """Rows a decode step runs when the highest live slot is `rows - 1`: a power of two (at least
     the mesh's batch split), capped at max_batch."""
-    return min(self.max_batch, max(self.min_rows, _pow2_at_least(rows)))
+    return min(self.max_batch, max(self.min_rows, pow2_at_least(rows)))
 
   def _decode_step(self) -> None:
     live = [i for i, s in enumerate(self._slots) if s is not None and s.decoding]
     # Only the rows up to the highest live slot run (slots are filled lowest first), and attention
     # reads only the positions they have reached: a step costs what the live requests need.
     b = self.rows_bucket(max(live) + 1)
-    kv_len = self.kv_bucket(max(self._slots[i].position for i in live) + 1)
+    reach = max(self._slots[i].position for i in live) + 1 + self.runner.lookahead
+    span = self.kv_bucket(reach)
     tokens, positions, is_live = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
+    remaining = np.zeros(b, np.int32)
+    settings: list[RowSettings | None] = [None] * b
     for i in live:
-      tokens[i], positions[i], is_live[i] = self._slots[i].token, self._slots[i].position, True
-    per_row = _row_arrays(b, {i: self._slots[i].request.params for i in live})
+      slot = self._slots[i]
+      tokens[i], positions[i], is_live[i] = slot.token, slot.position, True
+      remaining[i] = slot.request.params.max_tokens - len(slot.request.tokens)
+      settings[i] = slot.request.params.row
+    arrays = row_arrays(settings)
+    step = dict(live=is_live, rows=arrays, shape=SamplingShape.any(), span=span, protect=True)
     try:
-      with self._mesh():
-        nxt, stopped, self._cache = self._decode(
-          self._state, self._cache, tokens, positions, is_live, *per_row, kv_len=kv_len
-        )
-        nxt, stopped = np.asarray(nxt), np.asarray(stopped)
+      if self.speculator is None:
+        nxt, stopped = self.runner.decode(tokens, positions=positions, **step)
+        emitted = np.asarray(nxt)[:, None]
+        accepted, done = None, np.asarray(stopped)
+      else:
+        draft, q = self.runner.draft(**step)
+        emitted, accepted, done = self.runner.verify(draft, q, remaining=remaining, **step)
+        emitted, accepted, done = np.asarray(emitted), np.asarray(accepted), np.asarray(done)
     except Exception as e:  # the shared step failed: the requests in it fail
       log.exception("decode step failed")
       for i in live:
@@ -669,6 +606,21 @@ class Engine:
       slot = self._slots[i]
       if slot is None:
         continue
-      slot.position += 1
-      slot.token = int(nxt[i])
-      self._deliver(i, slot.token, bool(stopped[i]), now)
+      if accepted is None:  # plain decoding: one token, or the stop id that ends the request
+        slot.position += 1
+        slot.token = int(emitted[i, 0])
+        self._deliver(i, slot.token, bool(done[i]), now)
+        continue
+      request = slot.request
+      request.forwards += 1
+      request.accepted += int(accepted[i])
+      self.totals.draft_tokens += self.runner.lookahead
+      self.totals.accepted_tokens += int(accepted[i])
+      new = [int(t) for t in emitted[i] if t >= 0]
+      slot.position += int(accepted[i]) + 1
+      for token in new:
+        self._deliver(i, token, False, now)
+        if self._slots[i] is None:  # its max_tokens reached
+          break
+      if self._slots[i] is not None and done[i]:
+        self._release(i, "stop")

@@ -29,11 +29,11 @@ forwards, accepted tokens per forward (`accepted_histogram`, `tokens_per_forward
 share of decode time.
 """
 
-from jaxeff.generate.speculative.base import DraftContext, Speculator
 from jaxeff.generate.speculative.draft import DraftModel, SelfDraft
 from jaxeff.generate.speculative.lookup import PromptLookup
 from jaxeff.generate.speculative.medusa import Medusa
-from jaxeff.generate.speculative.tree import Tree, best_tree, sequoia_tree
+from jaxeff.inference.speculation import DraftContext, Speculator
+from jaxeff.inference.tree import Tree, best_tree, sequoia_tree
 
 __all__ = [
   "DraftContext",

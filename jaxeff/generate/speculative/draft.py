@@ -24,19 +24,22 @@ from flax import nnx
 
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
-from jaxeff.generate.sampling import filtered_logits, sample
-from jaxeff.generate.speculative.base import DraftContext, Speculator
-from jaxeff.generate.speculative.tree import Tree
-from jaxeff.models.attention import index_positions
-from jaxeff.models.kv_cache import init_cache
+from jaxeff.inference.cache import Dense
+from jaxeff.inference.sampling import filtered_logits, sample
+from jaxeff.inference.speculation import DraftContext, Speculator
+from jaxeff.inference.tree import Tree
 
 
 def _draw(logits, key, sampling, values):
-  """(token [B], q [B, V] or None) from draft logits [B, V]."""
+  """(token [B], q [B, V] or None) from draft logits [B, V] (rows at temperature 0: the argmax)."""
   if sampling.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), None
-  filtered = filtered_logits(logits, sampling, values)
-  return sample(logits, key, sampling, values), jax.nn.softmax(filtered, axis=-1)
+  q = jax.lax.cond(
+    jnp.any(jnp.asarray(values["temperature"]) > 0),
+    lambda: jax.nn.softmax(filtered_logits(logits, sampling, values), axis=-1),
+    lambda: jnp.zeros(logits.shape, jnp.float32),  # every row greedy: q is never read
+  )
+  return sample(logits, key, sampling, values), q
 
 
 def _draft_keys(keys, positions):
@@ -127,14 +130,14 @@ class DraftModel(Speculator):
     return self._state
 
   def init_cache(self):
-    cache = jax.jit(lambda: init_cache(self.cfg, *self._cache_shape))()
+    cache = jax.jit(lambda: Dense().init(self.cfg, *self._cache_shape))()
     if self._mesh is None:  # committed like the target's, so the donated cache keeps its program
       cache = jax.device_put(cache, jax.tree.leaves(self._state)[0].sharding)
     return cache
 
-  def prefill(self, params, cache, tokens, lengths):
+  def prefill(self, params, cache, tokens, positions):
     model = nnx.merge(self._graphdef, params)
-    return model.forward_with_cache(tokens, index_positions(*tokens.shape), cache).cache
+    return model.forward_with_cache(tokens, positions, cache).cache
 
   def draft(self, target, target_cache, params, cache, ctx: DraftContext, sampling, values):
     model = nnx.merge(self._graphdef, params)

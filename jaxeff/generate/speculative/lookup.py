@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxeff.errors import GenerationError
-from jaxeff.generate.speculative.base import DraftContext, Speculator
-from jaxeff.generate.speculative.tree import Tree
+from jaxeff.inference.speculation import DraftContext, Speculator
+from jaxeff.inference.tree import Tree
 
 
 def lookup_draft(history: jax.Array, pos: jax.Array, *, max_ngram: int, num_draft: int) -> tuple[jax.Array, jax.Array]:

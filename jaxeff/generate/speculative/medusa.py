@@ -10,7 +10,7 @@ step's heads, so the draft costs only the heads and one LM-head product for all 
 
 Trees: a chain of top-1 tokens (depth = number of heads) by default; `tree_size=N` builds
 Sequoia's optimal tree of N nodes from the acceptance table measured when the heads were trained
-(`jaxeff.generate.speculative.tree.sequoia_tree`); `tree=` takes any `Tree` (e.g. Medusa's
+(`jaxeff.inference.tree.sequoia_tree`); `tree=` takes any `Tree` (e.g. Medusa's
 "medusa_choices" through `Tree.from_paths`). Verification is exact (greedy: the argmax; sampled:
 the lossless rule for deterministic candidates); `typical=True` uses Medusa's typical acceptance
 instead, which is faster at temperature > 0 but changes the output distribution (lossy).
@@ -28,8 +28,8 @@ from flax import nnx
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
 from jaxeff.generate.speculative import medusa_heads
-from jaxeff.generate.speculative.base import DraftContext, Speculator
-from jaxeff.generate.speculative.tree import Tree, sequoia_tree
+from jaxeff.inference.speculation import DraftContext, Speculator
+from jaxeff.inference.tree import Tree, sequoia_tree
 
 
 class Medusa(Speculator):

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff.generate.speculative.tree import Tree
+from jaxeff.inference.tree import Tree
 
 
 def _path_accepted(ok: jax.Array, tree: Tree) -> jax.Array:

@@ -23,7 +23,7 @@ rank, so a tree has exactly one representation (`Tree` rejects any other order; 
 builds the canonical tree from paths in any order). For verification, `depth` gives the position
 offsets, `ancestors` the attention mask (row = query node) and `paths` the node ids of each path.
 
->>> from jaxeff.generate.speculative.tree import Tree, sequoia_tree
+>>> from jaxeff.inference.tree import Tree, sequoia_tree
 >>> tree = Tree.from_paths([(1,), (0, 0), (0,)])        # Medusa's "medusa_choices" format
 >>> tree.parents, tree.ranks
 ((-1, 0, 0, 1), (0, 0, 1, 0))

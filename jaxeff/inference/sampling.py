@@ -1,13 +1,13 @@
-"""Next-token sampling inside the compiled step: greedy, temperature, top-k, top-p, min-p.
+"""One sampler for one row or many, inside the compiled step: greedy, temperature, top-k, top-p, min-p.
 
 >>> import jax, jax.numpy as jnp
->>> from jaxeff.generate.sampling import SamplingParams, sample
+>>> from jaxeff.inference.sampling import SamplingParams, sample
 >>> params = SamplingParams(temperature=0.8, top_p=0.95)
 >>> logits = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]]))  # [B, V]
 >>> keys = jax.random.split(jax.random.key(0), 2)                     # one key per row
->>> sample(logits, keys, params.static, params.values()).shape
+>>> sample(logits, keys, params.static, params.rows(2)).shape
 (2,)
->>> sample(logits, keys, SamplingParams().static, {}).tolist()         # greedy: the argmax
+>>> sample(logits, keys, SamplingParams().static, SamplingParams().rows(2)).tolist()   # greedy: the argmax
 [0, 2]
 
 The filters apply in the order Hugging Face's `generate` applies them: temperature, then top-k
@@ -16,12 +16,14 @@ until their probability mass reaches p) and min-p (Nguyen et al. 2024: keep toke
 probability is at least min_p times the largest). Ties at a filter's threshold are kept, so the kept
 set never depends on the order of equal logits. temperature=0 is greedy (argmax, first index on a tie).
 
-Each row draws from its own key, so a row's tokens depend only on its logits and its key: the same
-seed gives the same tokens whether a prompt runs alone or in a batch.
+Settings travel in two parts. What shapes the compiled program (greedy or not, which filters may
+run) is static: a hashable `SamplingShape`. The values are per-row arrays (`SamplingParams.rows`,
+or `row_values` for rows with different settings, as continuous batching has): temperature, top_k,
+top_p, min_p, each [B], with neutral values (top_k 0, top_p 1, min_p 0) turning a row's filter
+off and temperature 0 making a row greedy. New values never recompile.
 
-What decides the compiled program's structure (greedy or not, top-k's k, whether top-p and min-p
-apply) is static (`SamplingParams.static`, a hashable `SamplingShape`); the temperature, p and
-min-p values are arrays, so changing them does not recompile.
+Each row draws from its own key, so a row's tokens depend only on its logits, its settings and its
+key: the same seed gives the same tokens whether a prompt runs alone or in a batch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxeff.errors import GenerationError
 
@@ -38,12 +41,22 @@ _NEG_INF = -jnp.inf
 
 @dataclasses.dataclass(frozen=True)
 class SamplingShape:
-  """The part of the sampling settings that shapes the compiled program (a jit static argument)."""
+  """The part of the sampling settings that shapes the compiled program (a jit static argument):
+  greedy (argmax only), or sampling with the filters that may be on in some row."""
 
   greedy: bool = True
-  top_k: int | None = None
-  top_p: bool = False  # a nucleus filter runs (its p is an array)
-  min_p: bool = False  # a min-p filter runs (its ratio is an array)
+  top_k: bool = False
+  top_p: bool = False
+  min_p: bool = False
+
+  @classmethod
+  def any(cls) -> SamplingShape:
+    """Every filter may be on: one program for any mix of rows (continuous batching)."""
+    return cls(False, True, True, True)
+
+
+NEUTRAL = {"temperature": 0.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0}
+_DTYPES = {"temperature": np.float32, "top_k": np.int32, "top_p": np.float32, "min_p": np.float32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +78,9 @@ class SamplingParams:
   def __post_init__(self):
     if not self.temperature >= 0:
       raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
-    if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+    if self.top_k is not None and (
+      not isinstance(self.top_k, (int, np.integer)) or isinstance(self.top_k, bool) or self.top_k < 1
+    ):
       raise GenerationError(f"top_k must be a positive integer or None, got {self.top_k!r}")
     if self.top_p is not None and not 0 < self.top_p <= 1:
       raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -81,15 +96,32 @@ class SamplingParams:
     """The part that shapes the compiled program (a jit static argument)."""
     if self.greedy:
       return SamplingShape()
-    return SamplingShape(False, self.top_k, self.top_p is not None, self.min_p is not None)
+    return SamplingShape(False, self.top_k is not None, self.top_p is not None, self.min_p is not None)
 
-  def values(self) -> dict[str, jax.Array]:
-    """The part passed as arrays (changing it does not recompile)."""
+  def value(self) -> dict[str, float]:
+    """This request's values, neutral where a filter is off."""
+    if self.greedy:
+      return dict(NEUTRAL)
     return {
-      "temperature": jnp.float32(self.temperature or 1.0),
-      "top_p": jnp.float32(self.top_p or 1.0),
-      "min_p": jnp.float32(self.min_p or 0.0),
+      "temperature": float(self.temperature),
+      "top_k": int(self.top_k or 0),
+      "top_p": 1.0 if self.top_p is None else float(self.top_p),
+      "min_p": 0.0 if self.min_p is None else float(self.min_p),
     }
+
+  def rows(self, n: int) -> dict[str, np.ndarray]:
+    """The values as per-row arrays for `n` rows alike."""
+    return row_values([self] * n)
+
+
+def row_values(params: list[SamplingParams | None]) -> dict[str, np.ndarray]:
+  """Per-row value arrays [len(params)]: row i with `params[i]`'s values (None: greedy)."""
+  out = {name: np.full(len(params), value, _DTYPES[name]) for name, value in NEUTRAL.items()}
+  for i, p in enumerate(params):
+    if p is not None:
+      for name, value in p.value().items():
+        out[name][i] = value
+  return out
 
 
 def top_k_filter(logits: jax.Array, k: int) -> jax.Array:
@@ -121,52 +153,35 @@ def min_p_filter(logits: jax.Array, min_p: jax.Array) -> jax.Array:
 
 
 def filtered_logits(logits: jax.Array, static: SamplingShape, values: dict) -> jax.Array:
-  """Temperature-scaled logits [B, V] with the configured filters applied (-inf outside)."""
-  logits = logits.astype(jnp.float32) / values["temperature"]
-  if static.top_k is not None:
-    logits = top_k_filter(logits, static.top_k)
+  """Temperature-scaled logits [B, V] with the filters of `static` applied, each row with its own
+  values ([B] arrays; neutral values leave a row alone): -inf outside what is kept."""
+  b, vocab = logits.shape
+  row = lambda name: jnp.broadcast_to(jnp.asarray(values[name]), (b,))[:, None]
+  temperature = row("temperature")
+  x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+  if static.top_k:
+    top_k = row("top_k")
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+    kth = jnp.take_along_axis(jnp.sort(x, axis=-1)[:, ::-1], k - 1, axis=-1)
+    x = jnp.where(x < kth, _NEG_INF, x)
   if static.top_p:
-    logits = top_p_filter(logits, values["top_p"])
+    x = top_p_filter(x, row("top_p"))
   if static.min_p:
-    logits = min_p_filter(logits, values["min_p"])
-  return logits
+    x = min_p_filter(x, row("min_p"))
+  return x
 
 
 def sample(logits: jax.Array, keys: jax.Array, static: SamplingShape, values: dict) -> jax.Array:
-  """int32 tokens [B] from logits [B, V], one typed PRNG key per row (`keys` [B]); `static` and
-  `values` are a `SamplingParams`' `.static` and `.values()`."""
-  if static.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  logits = filtered_logits(logits, static, values)
-  return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
-
-
-def sample_rows(
-  logits: jax.Array,
-  keys: jax.Array,
-  temperature: jax.Array,
-  top_k: jax.Array,
-  top_p: jax.Array,
-  min_p: jax.Array,
-) -> jax.Array:
-  """int32 tokens [B] from logits [B, V], every row with its own settings (arrays [B]).
-
-  What continuous batching needs: requests with different settings share one compiled step.
-  temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 turn their filter off. A row gets exactly
-  what `sample` gives it with the same settings and key (same filters, same order, same draw).
-  When no row samples, the sort behind top-k/top-p is skipped at run time (`lax.cond`).
-  """
+  """int32 tokens [B] from logits [B, V]: one typed PRNG key per row (`keys` [B]), the program's
+  `SamplingShape` and per-row `values` (`SamplingParams.rows` / `row_values`). Rows with
+  temperature 0 take the argmax; when no row samples, the filters are skipped at run time."""
   greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if static.greedy:
+    return greedy
+  temperature = jnp.broadcast_to(jnp.asarray(values["temperature"]), greedy.shape)
 
   def sampled():
-    x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    vocab = x.shape[-1]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(jnp.sort(x, axis=-1)[:, ::-1], (k - 1)[:, None], axis=-1)
-    x = jnp.where(x < kth, _NEG_INF, x)
-    x = top_p_filter(x, top_p[:, None])
-    x = min_p_filter(x, min_p[:, None])
-    drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+    drawn = jax.vmap(jax.random.categorical)(keys, filtered_logits(logits, static, values)).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
   return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)

@@ -1,0 +1,569 @@
+"""The model runner: one model's weights, mesh, KV cache and compiled programs, under every driver.
+
+>>> import numpy as np
+>>> from flax import nnx
+>>> from jaxeff import ModelConfig
+>>> from jaxeff.models import Llama
+>>> from jaxeff.inference import ModelRunner, RowSettings, row_arrays
+>>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
+>>> runner = ModelRunner(Llama(cfg, rngs=nnx.Rngs(0)), max_batch=2, max_seq_len=32)
+>>> rows = row_arrays([RowSettings(), RowSettings()])             # greedy, seed 0, no stop ids
+>>> tokens = np.array([[1, 2, 3, 0], [4, 5, 0, 0]], np.int32)    # right-padded prompts
+>>> first, stopped = runner.prefill(tokens, starts=np.zeros(2, np.int32), lengths=np.array([3, 2], np.int32), rows=rows)
+>>> nxt, stopped = runner.decode(first, positions=np.array([3, 2], np.int32), rows=rows)
+>>> np.asarray(nxt).shape
+(2,)
+
+The drivers (`jaxeff.generate.Generator`: static batches; `jaxeff.serve.Engine`: continuous
+batching; the speculative loop inside both) own no model program: they choose rows, chunks and
+buckets and call these, each compiled once per shape (rows, chunk, attention span, sampling
+shape), with every per-row setting an array so new values never recompile (`traces` counts
+compilations):
+
+- `prefill(tokens [n, C], starts, lengths, ...)`: a chunk of n rows' prompts at their positions
+  starts..; a row whose prompt ends in the chunk samples its first token. A row starting at 0 is
+  emptied first (a new request). Prompts longer than the policy's `max_chunk` come in chunks.
+- `decode(tokens [n], positions [n], ...)`: one token per row at its own position.
+- `decode_loop(...)`: up to N decode steps on the device (`lax.while_loop`), stopping early.
+- `draft(...)` / `verify(...)`: one step of speculative decoding (the speculator's draft, then one
+  target forward over its token tree, the verification rule, the accepted path moved into place).
+
+A step may run on a window of the cache (`row0` and n rows, and for the dense cache only the first
+`span` positions: a step then costs what its live rows need); `live` rows are the ones it is for,
+and with `protect=True` no other row's state changes (continuous batching has rows mid-prefill
+beside the decoding ones).
+
+Exactness: a row's computation never reads another row; its sampling key is its seed folded with
+the position being sampled; so a request gets the same tokens alone or among others, greedy or
+seeded.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxeff import sharding
+from jaxeff.errors import GenerationError
+from jaxeff.inference.cache import Dense, TreeSlots
+from jaxeff.inference.cache.base import select_rows
+from jaxeff.inference.sampling import SamplingParams, SamplingShape, filtered_logits, row_values, sample
+from jaxeff.inference.speculation import DraftContext
+from jaxeff.inference.verify import accept_greedy, accept_sampled, accept_typical
+from jaxeff.models.attention import index_positions
+from jaxeff.sharding import BATCH, EMBED, SEQ, constrain
+
+MAX_STOP_TOKENS = 16  # stop ids per row travel as a fixed-size array, so their number never recompiles
+
+
+def pow2_at_least(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSettings:
+  """One row's request settings: sampling, PRNG seed, stop ids."""
+
+  sampling: SamplingParams = SamplingParams()
+  seed: int = 0
+  stop_tokens: tuple[int, ...] = ()
+
+  def __post_init__(self):
+    if len(self.stop_tokens) > MAX_STOP_TOKENS:
+      raise GenerationError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(self.stop_tokens)}")
+    if not 0 <= int(self.seed) < 2**32:
+      raise GenerationError(f"seed must be in [0, 2**32), got {self.seed}")
+
+
+class RowArrays(NamedTuple):
+  """Per-row step arguments: what `row_arrays` makes of `RowSettings`."""
+
+  seeds: np.ndarray  # [n] uint32
+  values: dict  # sampling values, [n] each (`jaxeff.inference.sampling.row_values`)
+  stops: np.ndarray  # [n, MAX_STOP_TOKENS] int32, -1 pads
+
+
+def row_arrays(settings: list[RowSettings | None]) -> RowArrays:
+  """Arrays for a step over len(settings) rows (None: an unused row, greedy, no stop ids)."""
+  n = len(settings)
+  seeds = np.zeros(n, np.uint32)
+  stops = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
+  for i, s in enumerate(settings):
+    if s is not None:
+      seeds[i] = s.seed
+      stops[i, : len(s.stop_tokens)] = s.stop_tokens
+  return RowArrays(seeds, row_values([None if s is None else s.sampling for s in settings]), stops)
+
+
+def shape_of(settings: list[RowSettings | None]) -> SamplingShape:
+  """The smallest program shape serving these rows (greedy when none samples)."""
+  shapes = [s.sampling.static for s in settings if s is not None and not s.sampling.greedy]
+  if not shapes:
+    return SamplingShape()
+  return SamplingShape(False, *(any(getattr(x, f) for x in shapes) for f in ("top_k", "top_p", "min_p")))
+
+
+class SpecRows(NamedTuple):
+  """Per-row state of speculative decoding (device arrays, rows on axis 0)."""
+
+  history: jax.Array  # [B, T] int32: each row's tokens by position (prompt, then accepted)
+  pos: jax.Array  # [B] int32: the root's position (the newest token, not yet in the cache)
+  hidden: jax.Array  # [B, H]: the target's final hidden state that produced the root
+
+
+def _keys(seeds, positions):
+  return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
+
+
+def _is_stop(tokens, stops):
+  """tokens [n] or [n, k] against each row's stop ids [n, MAX_STOP_TOKENS]: bool like tokens."""
+  return jnp.any(tokens[..., None] == stops.reshape(stops.shape[0], *([1] * (tokens.ndim - 1)), -1), axis=-1)
+
+
+def _take_rows(tree, row0, n):
+  return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, row0, n, axis=0), tree)
+
+
+def _put_rows(tree, part, row0):
+  def put(full, piece):
+    start = [0] * full.ndim
+    start[0] = row0
+    return jax.lax.dynamic_update_slice(full, piece.astype(full.dtype), start)
+
+  return jax.tree.map(put, tree, part)
+
+
+def _where_rows(mask, new, old):
+  return jax.tree.map(lambda a, b: jnp.where(mask.reshape(-1, *([1] * (a.ndim - 1))), a, b), new, old)
+
+
+class ModelRunner:
+  """A model's graph and weights, one KV cache of `max_batch` rows, and the compiled programs.
+
+  Args:
+    model: a `jaxeff.models.Llama` (float, bf16, `jaxeff.quantize`d, or a GGUF as stored); its
+      weights are used as they are (shared, not copied; `use_weights` swaps them).
+    max_batch: rows of the cache.
+    max_seq_len: positions per row (what the policy makes of them: `kv_cache.room`).
+    kv_cache: the cache policy (`jaxeff.inference.cache`; default `Dense()`).
+    speculator: a `jaxeff.generate.speculative` speculator; then the runner also keeps each row's
+      history and the speculator's own state, and `draft`/`verify` run.
+    mesh: optional device mesh: weights placed by their logical axes, the cache created in its
+      sharding (rows over data/fsdp, kv heads over tensor).
+  """
+
+  def __init__(self, model, *, max_batch: int, max_seq_len: int, kv_cache=None, speculator=None, mesh=None):
+    if max_batch < 1 or max_seq_len < 2:
+      raise GenerationError(f"need max_batch >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
+    self.cfg = model.cfg
+    self.max_batch, self.max_seq_len, self.mesh = max_batch, max_seq_len, mesh
+    self.policy = Dense() if kv_cache is None else kv_cache
+    self.policy.check_model(self.cfg)
+    if speculator is not None and not self.policy.exact_rollback:
+      raise GenerationError(
+        f"speculative decoding needs a cache that can take back rejected tokens (dense), not {self.policy.name}: "
+        "drop the speculator or the cache policy"
+      )
+    self._graphdef, state = nnx.split(model)
+    self.use_weights(state)
+    self.traces: collections.Counter = collections.Counter()  # compilations per program and shape
+    with self.on_mesh():
+      self._cache = self._committed(jax.jit(lambda: self.policy.init(self.cfg, max_batch, max_seq_len))())
+    self.speculator = speculator
+    self._spec_params = self._spec_cache = self._spec_rows = None
+    if speculator is not None:
+      speculator.bind(self.model(), max_batch=max_batch, max_seq_len=max_seq_len, mesh=mesh)
+      self._spec_params = speculator.params()
+      with self.on_mesh():
+        self._spec_cache = speculator.init_cache()
+        make = lambda: SpecRows(
+          constrain(jnp.zeros((max_batch, max_seq_len), jnp.int32), (BATCH, SEQ)),
+          constrain(jnp.zeros((max_batch,), jnp.int32), (BATCH,)),
+          constrain(jnp.zeros((max_batch, self.cfg.hidden_size), jnp.dtype(self.cfg.dtype)), (BATCH, EMBED)),
+        )
+        self._spec_rows = self._committed(jax.jit(make)())
+    donate = ("cache", "spec_cache", "spec_rows")
+    self._prefill = jax.jit(self._prefill_fn, donate_argnames=donate, static_argnames=("shape", "span"))
+    self._decode = jax.jit(self._decode_fn, donate_argnames="cache", static_argnames=("shape", "span", "protect"))
+    self._decode_loop = jax.jit(self._decode_loop_fn, donate_argnames="cache", static_argnames=("shape", "out_len"))
+    self._draft = jax.jit(self._draft_fn, donate_argnames=donate, static_argnames=("shape", "span", "protect"))
+    self._verify = jax.jit(
+      self._verify_fn, donate_argnames=("cache", "spec_rows"), static_argnames=("shape", "span", "protect", "rule")
+    )
+
+  # ------------------------------------------------------------------ state
+
+  def use_weights(self, state) -> None:
+    """Serves these weights from now on: an `nnx.state` of a model with this runner's graph and
+    the same shapes and dtypes (e.g. after more training); nothing recompiles."""
+    if self.mesh is not None:
+      state = jax.device_put(state, sharding.state_shardings(state, self.mesh))
+    self._state = state
+
+  def model(self):
+    """The model (graph merged with the served weights)."""
+    return nnx.merge(self._graphdef, self._state)
+
+  def on_mesh(self):
+    """A context that makes this runner's mesh the current one (a no-op without a mesh)."""
+    return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
+
+  def _committed(self, tree):
+    # Committed like the donated buffers that come back, so the second call reuses the first's program.
+    if self.mesh is not None:
+      return tree
+    return jax.device_put(tree, jax.tree.leaves(self._state)[0].sharding)
+
+  def committed(self, x):
+    """`x` placed as the programs' outputs are (a driver feeding outputs back passes its first
+    inputs through this, so the second call reuses the first call's program)."""
+    return self._committed(x)
+
+  @property
+  def cache(self):
+    """The KV cache's current state (a `jaxeff.inference.cache.Cache`; donated to each program, so
+    read it between calls, not across them)."""
+    return self._cache
+
+  @property
+  def cache_bytes(self) -> int:
+    """Bytes of the KV cache (and the speculator's own state)."""
+    trees = (self._cache, self._spec_cache, self._spec_rows)
+    return sum(x.nbytes for t in trees if t is not None for x in jax.tree.leaves(t))
+
+  @property
+  def weight_bytes(self) -> int:
+    """Bytes of the served weights (quantized ones as stored): what a decode step reads at least once."""
+    return sum(x.nbytes for x in jax.tree.leaves(self._state) if hasattr(x, "nbytes"))
+
+  @property
+  def lookahead(self) -> int:
+    """Cache positions past a row's newest token that a speculation step writes (0 without one)."""
+    return 0 if self.speculator is None else self.speculator.tree.size - 1
+
+  def room(self, prompt: int) -> int | None:
+    """New tokens that fit after a prompt of `prompt` tokens (None: any number)."""
+    room = self.policy.room(self.cfg, self.max_seq_len, prompt)
+    return None if room is None else room - self.lookahead
+
+  def max_chunk(self) -> int:
+    """Most prompt tokens one prefill call may take."""
+    return self.policy.max_chunk(self.max_seq_len)
+
+  def span_for(self, positions: int, min_span: int = 1) -> int | None:
+    """The attention span (a power of two >= min_span, capped at max_seq_len) a step over
+    positions below `positions` runs with; None where the policy has no spans (whole cache)."""
+    if not self.policy.spans:
+      return None
+    return min(self.max_seq_len, max(min_span, pow2_at_least(positions)))
+
+  # ------------------------------------------------------------------ windows
+
+  def _windows(self, row0, n, span):
+    """None when a step over rows row0..row0+n-1 and `span` covers the whole cache, else where."""
+    if n == self.max_batch and (span is None or span >= self.max_seq_len):
+      return None
+    return (row0, n, span)
+
+  @staticmethod
+  def _open(cache, where):
+    return cache if where is None or cache is None else cache.policy.take_window(cache, *where)
+
+  @staticmethod
+  def _close(cache, part, where):
+    return part if where is None or cache is None else cache.policy.put_window(cache, part, where[0])
+
+  # ------------------------------------------------------------------ programs (traced)
+
+  def _prefill_fn(
+    self, state, cache, spec_params, spec_cache, spec_rows, tokens, starts, lengths, first, rows, row0, *, shape, span
+  ):
+    n, c = tokens.shape
+    self.traces["prefill", n, c, span, shape] += 1
+    model = nnx.merge(self._graphdef, state)
+    where = self._windows(row0, n, span)
+    window = self._open(cache, where)
+    window = self.policy.reset_rows(window, starts == 0)  # a new request forgets the previous one
+    positions = starts[:, None] + index_positions(n, c)
+    if not self.policy.pads_to_end:
+      positions = jnp.where(positions < lengths[:, None], positions, -1)  # padding: not kept
+    x, window = model.forward_with_cache(tokens, positions, window)
+    cache = self._close(cache, window, where)
+    offset = jnp.clip(lengths - 1 - starts, 0, c - 1)
+    last = jnp.take_along_axis(x, offset[:, None, None], axis=1)[:, 0]
+    here = (lengths - 1 >= starts) & (lengths - 1 < starts + c)  # the prompt ends in this chunk
+    sampled = sample(model.logits(last), _keys(rows.seeds, lengths), shape, rows.values)
+    first = jnp.where(here, sampled, first)
+    if self.speculator is not None:
+      spec_window = self._open(spec_cache, where)
+      spec_window = self.speculator.prefill(spec_params, spec_window, tokens, positions)
+      spec_cache = self._close(spec_cache, spec_window, where)
+      own = _take_rows(spec_rows, row0, n)
+      t = own.history.shape[1]
+      at = jnp.where((positions >= 0) & (positions < lengths[:, None]), positions, t)  # padding dropped
+      history = own.history.at[jnp.arange(n)[:, None], at].set(tokens, mode="drop")
+      history = history.at[jnp.arange(n), jnp.where(here, lengths, t)].set(first, mode="drop")
+      own = SpecRows(
+        history,
+        jnp.where(here, lengths, own.pos),
+        jnp.where(here[:, None], last.astype(own.hidden.dtype), own.hidden),
+      )
+      spec_rows = _put_rows(spec_rows, own, row0)
+    return first, _is_stop(first, rows.stops), cache, spec_cache, spec_rows
+
+  def _decode_fn(self, state, cache, tokens, positions, live, rows, row0, *, shape, span, protect):
+    n = tokens.shape[0]
+    self.traces["decode", n, span, shape] += 1
+    model = nnx.merge(self._graphdef, state)
+    where = self._windows(row0, n, span)
+    window = self._open(cache, where)
+    positions_in = positions
+    if protect and not self.policy.pads_to_end:
+      positions_in = jnp.where(live, positions, -1)  # idle rows: padding, which these policies never keep
+    elif protect and where is None:
+      # The whole cache: idle rows write only the last position, which a request's own decode
+      # overwrites before reading it (no prompt reaches it: every request takes >= 1 new token).
+      positions_in = jnp.where(live, positions, self.max_seq_len - 1)
+    elif protect:
+      positions_in = jnp.where(live, positions, span - 1)  # inside the window; not written back
+    x, new = model.forward_with_cache(tokens[:, None], positions_in[:, None], window)
+    if protect and self.policy.pads_to_end and where is not None:
+      new = select_rows(new, live, new, window)  # idle rows of the window are written back unchanged
+    cache = self._close(cache, new, where)
+    nxt = sample(model.logits(x[:, 0]), _keys(rows.seeds, positions + 1), shape, rows.values)
+    return nxt, _is_stop(nxt, rows.stops), cache
+
+  def _decode_loop_fn(self, state, cache, first, positions, done, rows, num_tokens, *, shape, out_len):
+    """Up to `num_tokens` tokens per row on the device: [B, out_len] ids, -1 after a row stops."""
+    self.traces["decode_loop", shape] += 1
+    out = jnp.full((first.shape[0], out_len), -1, jnp.int32)
+
+    def record(out, t, tok, done):
+      stopped = done | _is_stop(tok, rows.stops)
+      return jax.lax.dynamic_update_slice(out, jnp.where(stopped, -1, tok)[:, None], (0, t)), stopped
+
+    out, done = record(out, 0, first, done)
+
+    # The weights ride in the carry (unchanged): nnx modules must live at the loop body's trace
+    # level for the nnx.scan over layers inside.
+    def cond(carry):
+      _, _, _, _, t, done, _ = carry
+      return (t < num_tokens) & ~jnp.all(done)
+
+    def body(carry):
+      state, cache, tok, pos, t, done, out = carry
+      model = nnx.merge(self._graphdef, state)
+      x, cache = model.forward_with_cache(tok[:, None], pos[:, None], cache)
+      tok = sample(model.logits(x[:, 0]), _keys(rows.seeds, pos + 1), shape, rows.values)
+      out, done = record(out, t, tok, done)
+      return state, cache, tok, pos + 1, t + 1, done, out
+
+    init = (state, cache, first, positions, jnp.int32(1), done, out)
+    _, cache, _, _, steps, _, out = jax.lax.while_loop(cond, body, init)
+    return out, steps - 1, cache
+
+  def _draft_fn(self, state, cache, spec_params, spec_cache, spec_rows, live, rows, row0, *, shape, span, protect):
+    n = live.shape[0]
+    self.traces["draft", n, span, shape] += 1
+    where = self._windows(row0, n, span)
+    window, spec_window = self._open(cache, where), self._open(spec_cache, where)
+    own = _take_rows(spec_rows, row0, n)
+    last = jnp.take_along_axis(own.history, own.pos[:, None], axis=1)[:, 0]
+    ctx = DraftContext(own.history, own.pos, last, own.hidden, _keys(rows.seeds, own.pos))
+    model = nnx.merge(self._graphdef, state)
+    tokens, q, new, new_spec = self.speculator.draft(model, window, spec_params, spec_window, ctx, shape, rows.values)
+    if protect:  # idle rows (mid-prefill, free) keep their state
+      new = select_rows(new, live, new, window)
+      if new_spec is not None:
+        new_spec = select_rows(new_spec, live, new_spec, spec_window)
+    cache, spec_cache = self._close(cache, new, where), self._close(spec_cache, new_spec, where)
+    return tokens.astype(jnp.int32), q, cache, spec_cache, spec_rows
+
+  def _verify_fn(
+    self, state, cache, spec_rows, draft_tokens, q, live, remaining, rows, row0, *, shape, span, protect, rule
+  ):
+    tree = self.speculator.tree
+    n = live.shape[0]
+    self.traces["verify", n, span, shape, rule] += 1
+    where = self._windows(row0, n, span)
+    window = self._open(cache, where)
+    own = _take_rows(spec_rows, row0, n)
+    ids = jnp.arange(n)
+    model = nnx.merge(self._graphdef, state)
+    root = own.history[ids, own.pos]
+    tokens = jnp.concatenate([root[:, None], draft_tokens], axis=1)  # [n, N]
+    depth = jnp.asarray(np.asarray(tree.depth), jnp.int32)
+    positions = own.pos[:, None] + depth[None]
+    is_chain = tree.max_depth == tree.size - 1
+    slots = None if is_chain else TreeSlots(own.pos, jnp.asarray(np.asarray(tree.ancestors)))
+    x, new = model.forward_with_cache(tokens, positions, window, tree=slots)
+    logits = model.logits(x)  # [n, N, V]
+    final, bonus = accept_greedy(logits, tokens, tree)
+    if not shape.greedy:
+      sampled = rows.values["temperature"] > 0
+
+      def sampled_rule():
+        key = _keys(rows.seeds, own.pos)
+        filtered = jax.vmap(lambda lg: filtered_logits(lg, shape, rows.values), in_axes=1, out_axes=1)(logits)
+        if rule == "typical":
+          final_s, bonus_s = accept_typical(filtered, tokens, tree, key)
+        else:
+          q_all = None if q is None else jnp.concatenate([jnp.zeros_like(q[:, :1]), q], axis=1)
+          final_s, bonus_s = accept_sampled(filtered, tokens, tree, key, q_all)
+        return jnp.where(sampled, final_s, final), jnp.where(sampled, bonus_s, bonus)
+
+      # Rows at temperature 0 keep the greedy rule; when none samples, the filters never run.
+      final, bonus = jax.lax.cond(jnp.any(sampled), sampled_rule, lambda: (final, bonus))
+    accepted = depth[final]  # draft tokens accepted per row
+    path = jnp.asarray(np.asarray(tree.paths))[final]  # [n, D+1] node ids, -1 after the final node
+    if not is_chain:  # the accepted path's keys/values into consecutive slots after the root
+      src = own.pos[:, None] + jnp.where(path[:, 1:] >= 0, path[:, 1:], jnp.arange(1, tree.max_depth + 1)[None])
+      new = self.policy.move(new, src, own.pos + 1)
+    if protect:
+      new = select_rows(new, live, new, window)
+    cache = self._close(cache, new, where)
+    d = tree.max_depth
+    path_tokens = jnp.take_along_axis(tokens, jnp.maximum(path[:, 1:], 0), axis=1)  # [n, D]
+    j = jnp.arange(d + 1)[None]
+    gained = accepted + 1
+    proposed = jnp.where(j < accepted[:, None], jnp.pad(path_tokens, ((0, 0), (0, 1))), bonus[:, None])
+    is_stop = _is_stop(proposed, rows.stops) & (j < gained[:, None])
+    first_stop = jnp.min(jnp.where(is_stop, j, d + 1), axis=1)
+    keep = jnp.minimum(jnp.minimum(first_stop, gained), remaining)
+    keep = jnp.where(live, keep, 0)
+    done = live & ((first_stop < gained) | (keep >= remaining))
+    emitted = jnp.where(j < keep[:, None], proposed, -1)
+    # History: the accepted tokens and the bonus after the root; the slots after them keep theirs.
+    t = own.history.shape[1]
+    at = own.pos[:, None] + 1 + j
+    at = jnp.where(live[:, None] & (j < gained[:, None]) & (at < t), at, t)
+    history = own.history.at[ids[:, None], at].set(proposed, mode="drop")
+    own = SpecRows(
+      history,
+      jnp.where(live, own.pos + gained, own.pos),
+      jnp.where(live[:, None], x[ids, final].astype(own.hidden.dtype), own.hidden),
+    )
+    spec_rows = _put_rows(spec_rows, own, row0)
+    return emitted, jnp.where(live, accepted, -1), done, cache, spec_rows
+
+  # ------------------------------------------------------------------ calls (host side)
+
+  def prefill(self, tokens, *, starts, lengths, rows: RowArrays, first=None, row0: int = 0, shape=None, span=None):
+    """A prompt chunk for rows row0..row0+n-1: `tokens` [n, C] at positions starts[i].. (right-
+    padded; `lengths` [n] the prompts' full lengths). Returns (first tokens [n], whether each is a
+    stop id [n]) as device arrays: a row's first new token where its prompt ends in this chunk,
+    else `first` (its earlier value)."""
+    n, c = np.shape(tokens)
+    if first is None:
+      first = self.committed(np.zeros(n, np.int32))
+    shape = SamplingShape() if shape is None else shape
+    with self.on_mesh():
+      first, stopped, self._cache, self._spec_cache, self._spec_rows = self._prefill(
+        self._state,
+        self._cache,
+        self._spec_params,
+        self._spec_cache,
+        self._spec_rows,
+        np.asarray(tokens, np.int32),
+        np.asarray(starts, np.int32),
+        np.asarray(lengths, np.int32),
+        first,
+        rows,
+        np.int32(row0),
+        shape=shape,
+        span=span,
+      )
+    return first, stopped
+
+  def decode(
+    self, tokens, *, positions, rows: RowArrays, live=None, row0: int = 0, shape=None, span=None, protect=False
+  ):
+    """One token for each of rows row0..row0+n-1 at its own position: (next tokens [n], whether
+    each is a stop id [n]). With `protect`, rows not `live` keep their cache state."""
+    n = np.shape(tokens)[0]
+    live = np.ones(n, bool) if live is None else live
+    with self.on_mesh():
+      nxt, stopped, self._cache = self._decode(
+        self._state,
+        self._cache,
+        tokens,
+        positions,
+        np.asarray(live, bool),
+        rows,
+        np.int32(row0),
+        shape=SamplingShape() if shape is None else shape,
+        span=span,
+        protect=protect,
+      )
+    return nxt, stopped
+
+  def decode_loop(self, first, *, positions, rows: RowArrays, num_tokens: int, done, out_len: int, shape=None):
+    """Up to `num_tokens` tokens for every row on the device (the first is `first`): ([B, out_len]
+    ids, -1 from a row's stop id on; decode steps run) over the whole cache."""
+    with self.on_mesh():
+      out, steps, self._cache = self._decode_loop(
+        self._state,
+        self._cache,
+        first,
+        positions,
+        np.asarray(done, bool),
+        rows,
+        np.int32(num_tokens),
+        shape=SamplingShape() if shape is None else shape,
+        out_len=out_len,
+      )
+    return out, steps
+
+  def draft(self, *, rows: RowArrays, live=None, row0: int = 0, shape=None, span=None, protect=False):
+    """The speculator's draft for rows row0..: (draft tokens [n, N-1], draft distributions or None)
+    as device arrays, passed on to `verify`."""
+    n = rows.seeds.shape[0]
+    live = np.ones(n, bool) if live is None else live
+    with self.on_mesh():
+      tokens, q, self._cache, self._spec_cache, self._spec_rows = self._draft(
+        self._state,
+        self._cache,
+        self._spec_params,
+        self._spec_cache,
+        self._spec_rows,
+        np.asarray(live, bool),
+        rows,
+        np.int32(row0),
+        shape=SamplingShape() if shape is None else shape,
+        span=span,
+        protect=protect,
+      )
+    return tokens, q
+
+  def verify(
+    self, draft_tokens, q, *, remaining, rows: RowArrays, live=None, row0=0, shape=None, span=None, protect=False
+  ):
+    """One target forward over the draft tree of rows row0..: (emitted [n, D+1] token ids, -1 after
+    a row's last; draft tokens accepted [n], -1 for rows not live; done [n]: a stop id or the row's
+    `remaining` budget reached). Rows advance by what they accept."""
+    n = rows.seeds.shape[0]
+    live = np.ones(n, bool) if live is None else live
+    with self.on_mesh():
+      emitted, accepted, done, self._cache, self._spec_rows = self._verify(
+        self._state,
+        self._cache,
+        self._spec_rows,
+        draft_tokens,
+        q,
+        np.asarray(live, bool),
+        np.asarray(remaining, np.int32),
+        rows,
+        np.int32(row0),
+        shape=SamplingShape() if shape is None else shape,
+        span=span,
+        protect=protect,
+        rule=self.speculator.rule,
+      )
+    return emitted, accepted, done
