@@ -103,3 +103,37 @@ def test_bad_usage_is_one_error_line(tmp_path, capsys):
   assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
   assert "one of the arguments --checkpoint --hf is required" in err[0]
   assert "no such file or directory" in err[1] and "--max-batch must be >= 1" in err[2]
+
+
+def test_a_failed_engine_fails_its_requests_and_exits_1(gguf_file, tmp_path):
+  """The scheduler's own code raises (not one request's program): the request in flight gets 503,
+  the engine logs one line naming the cause, and the server exits 1 on its own."""
+  script = (
+    "import sys\n"
+    "from jaxeff.serve import __main__, engine\n"
+    "def broken_step(self):\n"
+    "  raise RuntimeError('injected scheduler failure')\n"
+    "engine.Engine._decode_step = broken_step\n"
+    "sys.exit(__main__.main(sys.argv[1:]))\n"
+  )
+  args = ["--hf", str(gguf_file), "--quant", "gguf", "--port", "0", "--max-seq-len", "64", "--no-warmup"]
+  env = {**os.environ, "JAXEFF_CACHE_DIR": str(tmp_path / "cache")}
+  cmd = [sys.executable, "-c", script, *args]
+  proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  try:
+    line = proc.stdout.readline()
+    match = re.match(r"serving tiny-chat.gguf on (http://127\.0\.0\.1:\d+/v1) ", line)
+    assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+    client = openai.OpenAI(base_url=match.group(1), api_key="none", max_retries=0, timeout=60)
+    with pytest.raises(openai.InternalServerError, match="injected scheduler failure") as failed:
+      client.completions.create(model="tiny-chat.gguf", prompt="a", max_tokens=8)
+    assert failed.value.status_code == 503
+    assert proc.wait(60) == 1
+    causes = [line for line in proc.stderr.read().splitlines() if "injected scheduler failure" in line]
+    # orbax's absl logging calls logging.basicConfig() at import, so the root logger echoes every
+    # jaxeff line in its own format ("ERROR:jaxeff...."), until jaxeff.cli.log_to_stderr stops propagation.
+    causes = [line for line in causes if not line.startswith("ERROR:jaxeff.")]
+    assert len(causes) == 1 and causes[0].startswith("the engine failed: RuntimeError"), causes
+  finally:
+    if proc.poll() is None:
+      proc.kill()

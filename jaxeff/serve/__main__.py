@@ -9,7 +9,9 @@ the decode step, prints `serving MODEL on http://HOST:PORT/v1` and serves `jaxef
 (continuous batching over `--max-batch` slots of `--max-seq-len` positions) until SIGTERM or
 Ctrl-C: then it stops taking connections, gives running requests `--shutdown-timeout` seconds,
 cancels the rest and exits 0. The API key may also come from $JAXEFF_API_KEY. Bad usage or a model
-that cannot be loaded prints one `error:` line and exits 2.
+that cannot be loaded prints one `error:` line and exits 2. If the engine fails (its scheduler
+thread dies), its requests fail with 503, the engine logs one line naming the cause, and the server
+shuts down and exits 1.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pathlib
 import signal
 import socket
 import sys
+import threading
 import time
 
 from jaxeff import cli
@@ -115,7 +118,21 @@ def run(args, out, err) -> int:
   # makes that a clean exit (status 0) instead of death by SIGTERM.
   for sig in (signal.SIGINT, signal.SIGTERM):
     signal.signal(sig, lambda *_: None)
-  server.run(sockets=[sock])
+  served = threading.Event()
+
+  def exit_if_the_engine_fails():
+    while not served.wait(0.1):
+      if engine.failure is not None:
+        server.should_exit = True  # a graceful shutdown: the failed requests' answers go out first
+        return
+
+  threading.Thread(target=exit_if_the_engine_fails, name="jaxeff-serve-watch", daemon=True).start()
+  try:
+    server.run(sockets=[sock])
+  finally:
+    served.set()
+  if engine.failure is not None:
+    return 1  # the engine logged why
   print("stopped", file=err)
   return 0
 

@@ -9,18 +9,35 @@ both with `stream: true` as server-sent events ending in `data: [DONE]`; `GET /v
 on the chunk that finishes each choice (and in a last chunk with no choices, when the client asks
 with `stream_options.include_usage`, as OpenAI does).
 
-Request fields: OpenAI's `model`, `prompt` (a string, a list of token ids, or a list of either) or
-`messages`, `max_tokens` (or `max_completion_tokens`), `temperature` (default 1, as OpenAI's), `top_p`,
-`n`, `stop` (strings), `seed`, `stream`, `stream_options`; and, as vLLM accepts them, `top_k`, `min_p`
-and `ignore_eos`. Fields that would change the answer but are not implemented (`logprobs`, `echo`,
-`best_of` > 1, `logit_bias`, `suffix`, penalties, tools) are refused with a 400 rather than ignored;
-other unknown fields are ignored, as OpenAI clients send extras.
+Request fields, each honoured or refused, never silently dropped (a dropped field would change the
+answer without telling the client):
+- Honoured: OpenAI's `model`, `prompt` (a string, a list of token ids, or a list of either) or
+  `messages`, `max_tokens` (chat: or `max_completion_tokens`), `temperature` (default 1, as
+  OpenAI's), `top_p`, `n`, `stop` (strings), `seed`, `stream`, `stream_options.include_usage`; and,
+  as vLLM takes them, `top_k`, `min_p`, `ignore_eos` and `stop_token_ids` (ids that end the choice
+  besides the model's own end-of-sequence ids; like those, not returned).
+- Accepted only at the value that changes nothing (`_NEUTRAL`), else 400: `presence_penalty` and
+  `frequency_penalty` 0, `repetition_penalty` 1, `min_tokens` 0, `logit_bias` {}, `logprobs` off,
+  `top_logprobs` 0, `best_of` 1 (or n), `echo` false, `suffix` "", `tools` / `functions` [],
+  `tool_choice` / `function_call` "none" or "auto" (there are no tools), `parallel_tool_calls` any
+  (no tools), `response_format` {"type": "text"}.
+- Accepted and ignored, as they never change the answer: `_IGNORED` (`user`, `metadata`, `store`,
+  `service_tier`, `prompt_cache_key`, `safety_identifier`).
+- Any other field: 400, its message and `param` naming it.
+
+A choice's `finish_reason` is OpenAI's "stop" (an end-of-sequence or stop id, or a `stop` string)
+or "length" (`max_tokens`); a request that cannot finish is an error instead. `usage.completion_tokens`
+counts the tokens the answer consumed: every token generated, except that after a `stop` string
+counting ends at the token whose text completed it (tokens the engine generated past it are not
+counted), and a stop id is not counted (it is not returned either).
 
 Errors are OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 bad input (one
 message naming the field), 401 a missing or wrong API key (every path but /health, when the server
 has one), 404 an unknown model or path, 413 a body over the size limit, 429 the waiting queue is
-full, 503 shutting down, 500 an error inside this one request (others go on). A client that
-disconnects cancels its request; the engine frees its slot before its next step.
+full, 503 the server is shutting down or its engine has failed (then /health answers 503 too, and
+in-flight requests fail with 503), 500 an error inside this one request (others go on). A stream
+that fails once begun ends with an error event (OpenAI's error body) instead. A client that disconnects
+cancels its request; the engine frees its slot before its next step.
 """
 
 from __future__ import annotations
@@ -91,7 +108,7 @@ def _error_response(error: APIError) -> responses.JSONResponse:
 
 
 class _Sampling(BaseModel):
-  model_config = ConfigDict(extra="allow")
+  model_config = ConfigDict(extra="allow")  # unknown fields are refused by name (`_check`)
 
   model: str
   max_tokens: int | None = None
@@ -101,23 +118,25 @@ class _Sampling(BaseModel):
   min_p: float = Field(0.0, ge=0, le=1)
   n: int = Field(1, ge=1)
   stop: str | list[str] | None = None
+  stop_token_ids: list[int] | None = None
   seed: int | None = Field(None, ge=0, lt=2**32)
   stream: bool = False
   stream_options: dict | None = None
   ignore_eos: bool = False
-  # Accepted only at the values that change nothing.
+  # Accepted only at the values that change nothing (_NEUTRAL).
   presence_penalty: float = 0.0
   frequency_penalty: float = 0.0
-  logprobs: Any = None
+  repetition_penalty: float = 1.0
+  min_tokens: int = 0
   logit_bias: dict | None = None
-  best_of: int | None = None
-  echo: bool = False
-  suffix: str | None = None
-  tools: list | None = None
+  logprobs: Any = None
 
 
 class CompletionBody(_Sampling):
   prompt: str | list[int] | list[str] | list[list[int]]
+  best_of: int | None = None
+  echo: bool = False
+  suffix: str | None = None
 
 
 class ChatMessage(BaseModel):
@@ -130,18 +149,34 @@ class ChatMessage(BaseModel):
 class ChatBody(_Sampling):
   messages: list[ChatMessage] = Field(min_length=1)
   max_completion_tokens: int | None = None
+  top_logprobs: int | None = None
+  tools: list | None = None
+  tool_choice: Any = None
+  functions: list | None = None
+  function_call: Any = None
+  parallel_tool_calls: bool | None = None  # any value: there are no tools
+  response_format: dict | None = None
 
 
 # Fields accepted only at the values that change nothing.
-_UNSUPPORTED = {
+_NEUTRAL = {
   "presence_penalty": (0.0,),
   "frequency_penalty": (0.0,),
-  "logprobs": (None, False),
+  "repetition_penalty": (1.0,),
+  "min_tokens": (0,),
   "logit_bias": (None, {}),
+  "logprobs": (None, False),
+  "top_logprobs": (None, 0),
   "echo": (False,),
   "suffix": (None, ""),
   "tools": (None, []),
+  "functions": (None, []),
+  "tool_choice": (None, "none", "auto"),
+  "function_call": (None, "none", "auto"),
+  "response_format": (None, {"type": "text"}),
 }
+# Fields that never change the answer: accepted and ignored.
+_IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 
 # ---------------------------------------------------------------------- text out
@@ -149,45 +184,45 @@ _UNSUPPORTED = {
 
 class TextStream:
   """New text per token, with `stop` strings: a tail that could still become a stop string is held
-  back until it cannot; on a stop, the text before it is all that is returned."""
+  back until it cannot; on a stop, the text before it is all that is returned. Constant work per
+  token: only the held-back tail and the new text are searched."""
 
   def __init__(self, tokenizer: TextTokenizer, stop: list[str]):
     self.decoder = StreamDecoder(tokenizer)
     self.stop = [s for s in stop if s]
     self.hold = max((len(s) for s in self.stop), default=1) - 1
-    self.text = ""  # decoded so far
-    self.sent = 0  # characters of it already returned
+    self.pieces: list[str] = []  # the text returned so far
+    self.tail = ""  # decoded, not returned yet: it could begin a stop string
+    self.tokens = 0  # tokens consumed: up to the one that completed a stop string
     self.stopped = False
 
+  @property
+  def text(self) -> str:
+    """The text so far (all of it, once `finish` has returned), cut before a stop string."""
+    return "".join(self.pieces) + self.tail
+
   def push(self, token: int) -> str:
-    self.text += self.decoder.push(token)
-    for s in self.stop:
-      at = self.text.find(s, max(0, self.sent - len(s)))
-      if at >= 0:
-        self.stopped = True
-        self.text = self.text[:at]
-        return self.flush()
-    # Hold back the longest tail that a stop string could still start with.
-    tail = next((k for k in range(min(self.hold, len(self.text)), 0, -1) if self._could_stop(self.text[-k:])), 0)
-    upto = max(self.sent, len(self.text) - tail)
-    new, self.sent = self.text[self.sent : upto], upto
-    return new
-
-  def _could_stop(self, tail: str) -> bool:
-    return any(s.startswith(tail) for s in self.stop)
-
-  def flush(self) -> str:
-    new, self.sent = self.text[self.sent :], len(self.text)
-    return new
+    self.tokens += 1
+    return self._add(self.decoder.push(token), final=False)
 
   def finish(self) -> str:
     """The rest of the text once the tokens end (an incomplete character decodes as U+FFFD)."""
-    if not self.stopped:
-      self.text = self.decoder.tokenizer.decode(self.decoder.ids)
-      for s in self.stop:
-        if (at := self.text.find(s, max(0, self.sent - len(s)))) >= 0:
-          self.stopped, self.text = True, self.text[:at]
-    return self.flush()
+    return "" if self.stopped else self._add(self.decoder.finish(), final=True)
+
+  def _add(self, new: str, final: bool) -> str:
+    text = self.tail + new
+    found = [at for s in self.stop if (at := text.find(s)) >= 0]
+    if found:
+      self.stopped, text, final = True, text[: min(found)], True
+    # Hold back the longest tail that a stop string could still start with.
+    keep = 0 if final else next((k for k in range(min(self.hold, len(text)), 0, -1) if self._could_stop(text[-k:])), 0)
+    out, self.tail = text[: len(text) - keep], text[len(text) - keep :]
+    if out:
+      self.pieces.append(out)
+    return out
+
+  def _could_stop(self, tail: str) -> bool:
+    return any(s.startswith(tail) for s in self.stop)
 
 
 @dataclasses.dataclass
@@ -195,13 +230,11 @@ class _Choice:
   index: int
   request: Request
   text: TextStream
-  finish_reason: str | None = None
 
 
 def _finish_reason(choice: _Choice) -> str:
-  if choice.text.stopped:
-    return "stop"
-  return choice.request.finish_reason or "stop"
+  """OpenAI's finish reason of a choice that ended (one that failed or was cancelled raised instead)."""
+  return "length" if not choice.text.stopped and choice.request.finish_reason == "length" else "stop"
 
 
 # ---------------------------------------------------------------------- metrics
@@ -342,8 +375,16 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
   async def wrong_method(request, error):
     return _error_response(APIError(405, f"{request.method} is not allowed on {request.url.path}"))
 
+  def _engine_failed() -> APIError:
+    return APIError(503, str(engine.failure), code="engine_failed")
+
+  def _shutting_down() -> APIError:
+    return APIError(503, "the server is shutting down", code="unavailable")
+
   @app.get("/health")
   async def health():
+    if engine.failure is not None:
+      return _error_response(_engine_failed())
     return {"status": "ok", "running": engine.num_running, "waiting": engine.num_waiting}
 
   @app.get("/metrics")
@@ -395,11 +436,19 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         param="model",
         code="model_not_found",
       )
-    for name, neutral in _UNSUPPORTED.items():
-      if getattr(body, name) not in neutral:
+    for name in body.model_extra or {}:
+      if name not in _IGNORED:
         raise APIError(400, f"{name} is not supported by this server", param=name)
-    if body.best_of not in (None, 1, body.n):
+    for name, neutral in _NEUTRAL.items():
+      value = getattr(body, name) if name in type(body).model_fields else neutral[0]
+      if not any(type(value) is type(n) and value == n for n in neutral):  # logprobs 0 is not False
+        allowed = " or ".join(json.dumps(n) for n in neutral)
+        raise APIError(400, f"{name} is not supported by this server (only {allowed})", param=name)
+    if getattr(body, "best_of", None) not in (None, 1, body.n):
       raise APIError(400, "best_of is not supported by this server", param="best_of")
+    vocab = engine.cfg.vocab_size
+    if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
+      raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
     if body.n > settings.max_n:
       raise APIError(400, f"n={body.n} is over this server's limit of {settings.max_n}", param="n")
     if len(ids) * body.n > max(settings.max_n, engine.max_waiting):
@@ -407,7 +456,6 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     longest = max(len(p) for p in ids)
     if any(len(p) == 0 for p in ids):
       raise APIError(400, "the prompt encodes to no tokens", param="prompt")
-    vocab = engine.cfg.vocab_size
     if any(min(p) < 0 or max(p) >= vocab for p in ids):
       raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
     room = engine.max_seq_len - longest
@@ -443,6 +491,8 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4:
       raise APIError(400, f"at most 4 stop strings, got {len(stops)}", param="stop")
+    stop_ids = () if body.ignore_eos else tokenizer.stop_tokens
+    stop_ids = tuple(dict.fromkeys([*stop_ids, *(body.stop_token_ids or ())]))
     choices: list[_Choice] = []
     try:
       for p in ids:
@@ -456,7 +506,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
             top_p=body.top_p if body.top_p < 1 else None,
             min_p=body.min_p if body.min_p > 0 else None,
             seed=seed,
-            stop_tokens=() if body.ignore_eos else tokenizer.stop_tokens,
+            stop_tokens=stop_ids,
           )
           choices.append(_Choice(len(choices), request, TextStream(tokenizer, stops)))
     except (QueueFullError, EngineStoppedError, GenerationError) as e:
@@ -465,12 +515,12 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
       if isinstance(e, QueueFullError):
         raise APIError(429, f"server busy: {e}", code="rate_limit_exceeded", kind="rate_limit_error") from e
       if isinstance(e, EngineStoppedError):
-        raise APIError(503, "the server is shutting down", code="unavailable", kind="server_error") from e
+        raise (_engine_failed() if engine.failure else _shutting_down()) from e
       raise APIError(400, str(e)) from e
     return choices
 
   def _usage(choices: list[_Choice], prompt: int) -> dict:
-    completion = sum(len(c.request.tokens) for c in choices)
+    completion = sum(c.text.tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
   async def _respond(body: _Sampling, ids: list[list[int]], http: fastapi.Request, chat: bool):
@@ -508,7 +558,8 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     }
 
   async def _run_choice(choice: _Choice, on_text=None) -> None:
-    """Feeds the choice's tokens through its text stream until it ends (or hits a stop string)."""
+    """Feeds the choice's tokens through its text stream until it ends (or hits a stop string);
+    raises an `APIError` if it cannot end so."""
     try:
       async for token in choice.request:
         piece = choice.text.push(token)
@@ -517,11 +568,15 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         if choice.text.stopped:
           choice.request.cancel()
           break
+    except EngineStoppedError as e:  # the engine failed (and logged why) or is stopping
+      raise (_engine_failed() if engine.failure else _shutting_down()) from e
     except Exception as e:  # this request failed (in the engine or here); the others go on
       log.warning("request %d failed: %s", choice.request.id, e)
       raise APIError(500, f"generation failed: {e}", code="internal_error") from e
     finally:
       metrics.observe(choice.request)
+    if choice.request.finish_reason == "cancelled" and not choice.text.stopped:  # the engine stopped under it
+      raise _shutting_down()
 
   async def _collect(choices: list[_Choice], http: fastapi.Request) -> None:
     work = asyncio.gather(*(_run_choice(c) for c in choices))

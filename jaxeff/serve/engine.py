@@ -69,6 +69,11 @@ class EngineStoppedError(GenerationError):
   """The engine is shutting down and takes no new requests (HTTP 503)."""
 
 
+class EngineFailedError(EngineStoppedError):
+  """The engine's scheduler thread died of an unexpected error (its `__cause__`): the requests it
+  held fail with this, and it takes no new ones (HTTP 503)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RequestParams:
   """One request's settings (validated by `Engine.submit`)."""
@@ -204,6 +209,10 @@ class EngineTotals:
 class Engine:
   """Continuous-batching generation for one model: `submit` requests at any time from any thread.
 
+  If the scheduler thread dies of an unexpected error, `failure` holds the `EngineFailedError`
+  (its cause chained): every waiting and running request fails with it, the engine takes no new
+  requests, and it logs one line naming the cause. It does not restart.
+
   Args:
     model: a `jaxeff.models.Llama` (float, bf16, `jaxeff.quantize`d, or a GGUF served as stored).
     tokenizer: optional `jaxeff.generate.tokenizer.TextTokenizer`: its stop ids are every request's
@@ -223,6 +232,8 @@ class Engine:
     kv_cache: the cache policy (`jaxeff.inference.cache`; default dense).
     speculator: a `jaxeff.generate.speculative` speculator; each step then drafts and verifies.
   """
+
+  failure: EngineFailedError | None = None  # set when the scheduler thread has died
 
   def __init__(
     self,
@@ -459,6 +470,28 @@ class Engine:
   # ------------------------------------------------------------------ the scheduler
 
   def _run(self) -> None:
+    try:
+      self._schedule()
+    except BaseException as e:  # a bug in the scheduler, not in one request: nothing can go on
+      self._fail(e)
+
+  def _fail(self, cause: BaseException) -> None:
+    """Fails every request the engine holds and refuses new ones (the scheduler thread is ending)."""
+    failure = EngineFailedError(f"the engine failed: {type(cause).__name__}: {cause}")
+    failure.__cause__ = cause
+    with self._cv:
+      self._accepting = False
+      self.failure = failure
+      held = list(self._waiting) + [s.request for s in self._slots if s is not None]
+      self._waiting.clear()
+      self._slots = [None] * self.max_batch
+    log.error("%s; it takes no more requests (%d failed with it)", failure, len(held))
+    log.debug("the scheduler thread's traceback", exc_info=cause)
+    for request in held:
+      self.totals.requests_finished["error"] += 1
+      request._finish("error", failure)
+
+  def _schedule(self) -> None:
     while True:
       with self._cv:
         while not self._stop_requested and not self._waiting and not any(self._slots):
