@@ -175,3 +175,91 @@ def _cast_floats(tree, dtype):
   import jax.numpy as jnp
 
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def add_inference_args(p: argparse.ArgumentParser) -> None:
+  """The inference flags `python -m jaxeff.generate` and `python -m jaxeff.serve` share:
+  --speculate (with --draft-tokens, --tree-size), --kv-cache, --mesh."""
+  p.add_argument(
+    "--speculate",
+    metavar="SPEC",
+    help="speculative decoding: lookup | self:LAYERS | draft:PATH | medusa:DIR (same output, fewer forwards)",
+  )
+  p.add_argument(
+    "--draft-tokens", type=int, default=None, metavar="K", help="--speculate: draft tokens per step (a chain)"
+  )
+  p.add_argument(
+    "--tree-size",
+    type=int,
+    default=None,
+    metavar="N",
+    help="--speculate medusa: a Sequoia token tree of N nodes from the heads' measured acceptance",
+  )
+  p.add_argument(
+    "--kv-cache",
+    metavar="POLICY",
+    default="dense",
+    help="dense (default) | streaming:SINKS,WINDOW (StreamingLLM: flat memory, text may run past --max-seq-len) "
+    "| h2o:HEAVY,RECENT (heavy hitters + recent tokens) | snapkv:BUDGET (prompt entries kept per head, SnapKV) "
+    "| kivi:BITS,RESIDUAL (2/4-bit cache, RESIDUAL newest tokens in full precision, KIVI)",
+  )
+  p.add_argument(
+    "--mesh",
+    metavar="AXES",
+    default=None,
+    help="shard over the devices: e.g. tensor=2 or data=2,tensor=4 (axes data, fsdp, tensor; the product is the "
+    "device count used; default one device)",
+  )
+
+
+def check_inference_args(p: ArgumentParser, args: argparse.Namespace) -> None:
+  """Usage errors among the inference flags (raises `UsageError`); sets `args.kv_policy` (the cache
+  policy) and `args.mesh_shape` (a dict, or None)."""
+  from jaxeff.errors import GenerationError
+  from jaxeff.generate.speculative import spec as speculate_spec
+  from jaxeff.inference import cache as cache_lib
+
+  if args.speculate is not None:
+    try:
+      speculate_spec.check(args.speculate, num_draft=args.draft_tokens, tree_size=args.tree_size)
+    except GenerationError as e:
+      p.error(str(e))
+  elif args.draft_tokens is not None or args.tree_size is not None:
+    p.error("--draft-tokens and --tree-size need --speculate")
+  try:
+    args.kv_policy = cache_lib.parse(args.kv_cache)
+  except GenerationError as e:
+    p.error(str(e))
+  if not args.kv_policy.exact_rollback and args.speculate is not None:
+    p.error("--speculate runs on the dense cache: drop --kv-cache or --speculate")
+  args.mesh_shape = None
+  if args.mesh is not None:
+    from jaxeff.sharding import MESH_AXES
+
+    shape = {}
+    for part in args.mesh.split(","):
+      name, _, size = part.partition("=")
+      if name not in MESH_AXES or not size.isdigit() or int(size) < 1 or name in shape:
+        p.error(f"--mesh takes AXIS=N,... with axes {', '.join(MESH_AXES)} (each once, N >= 1), got {args.mesh!r}")
+      shape[name] = int(size)
+    args.mesh_shape = shape
+
+
+def make_mesh(args):
+  """The device mesh `--mesh` asks for (None without the flag). Raises JaxeffError when the devices
+  do not match."""
+  if args.mesh_shape is None:
+    return None
+  import math
+
+  import jax
+
+  from jaxeff import sharding
+
+  count = math.prod(args.mesh_shape.values())
+  devices = jax.devices()
+  if count > len(devices):
+    from jaxeff.errors import MeshError
+
+    raise MeshError(f"--mesh {args.mesh} needs {count} devices; this machine has {len(devices)}")
+  return sharding.make_mesh(args.mesh_shape, devices=devices[:count])

@@ -195,14 +195,14 @@ def test_disconnect_cancels_and_a_full_queue_answers_429(server):
   long = {"model": "tiny", "prompt": "go", "max_tokens": 200, "stream": True, "ignore_eos": True}
   # Once all 4 slots decode (none prefilling, none waiting), decode steps wait at a gate, so the
   # slots stay full while the test looks.
-  gate, decode = threading.Event(), engine._decode
+  gate, decode = threading.Event(), engine.runner.decode
 
   def gated(*args, **kwargs):
     if not engine.num_waiting and all(s is not None and s.decoding for s in engine._slots):
       gate.wait()
     return decode(*args, **kwargs)
 
-  engine._decode = gated
+  engine.runner.decode = gated
   streams, waiting = [], []
   try:
     with httpx.Client(timeout=60) as http:
@@ -223,7 +223,7 @@ def test_disconnect_cancels_and_a_full_queue_answers_429(server):
       _wait_for(lambda: sum(s.request.cancelled for s in engine._slots if s is not None) == 4)
   finally:
     gate.set()
-    engine._decode = decode
+    engine.runner.decode = decode
     for t in waiting:
       t.join(60)
   _wait_for(lambda: engine.totals.requests_finished["cancelled"] >= cancelled + 4)
@@ -236,14 +236,14 @@ def test_disconnect_cancels_and_a_full_queue_answers_429(server):
 
 def test_a_failing_request_fails_alone_over_http(server, client, reference):
   url, engine = server
-  prefill = engine._prefill
+  prefill = engine.runner.prefill
 
-  def failing(state, cache, tokens, *rest, **kwargs):
+  def failing(tokens, **kwargs):
     if np.asarray(tokens)[0, :4].tolist() == list(b"BOOM"):
       raise RuntimeError("injected failure")
-    return prefill(state, cache, tokens, *rest, **kwargs)
+    return prefill(tokens, **kwargs)
 
-  engine._prefill = failing
+  engine.runner.prefill = failing
   try:
     results = {}
 
@@ -256,5 +256,5 @@ def test_a_failing_request_fails_alone_over_http(server, client, reference):
       client.completions.create(model="tiny", prompt=[*b"BOOM", 1], max_tokens=20)
     thread.join(60)
   finally:
-    engine._prefill = prefill
+    engine.runner.prefill = prefill
   assert results["good"].choices[0].text == _greedy_text(reference, byte_tokenizer().encode("fine"), 20)

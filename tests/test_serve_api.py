@@ -221,14 +221,14 @@ def test_usage_counts_tokens_up_to_the_one_that_completed_the_stop_string(client
 
 def _gate_decoding(engine):
   """Decode steps wait at the returned event once a request decodes: (entered, release)."""
-  entered, release, decode = threading.Event(), threading.Event(), engine._decode
+  entered, release, decode = threading.Event(), threading.Event(), engine.runner.decode
 
   def gated(*args, **kwargs):
     entered.set()
     release.wait(TIMEOUT)
     return decode(*args, **kwargs)
 
-  engine._decode = gated
+  engine.runner.decode = gated
   return entered, release
 
 

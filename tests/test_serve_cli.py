@@ -9,6 +9,7 @@ import sys
 import threading
 
 import gguf
+import httpx2
 import openai
 import pytest
 import tiny_gguf
@@ -137,3 +138,53 @@ def test_a_failed_engine_fails_its_requests_and_exits_1(gguf_file, tmp_path):
   finally:
     if proc.poll() is None:
       proc.kill()
+
+
+def test_serves_with_speculation_on_a_mesh_and_with_a_cache_policy(gguf_file, tmp_path):
+  """--speculate lookup on a 2-device tensor mesh, then --kv-cache: the server's answers are the
+  plain model's greedy tokens (exact), and /metrics reports speculation and the cache's bytes."""
+  from helpers import cpu_env
+
+  model, _ = hf.load(gguf_file, quantized=True)
+  tok = load_tokenizer(gguf_file)
+  prompt = "abcabcabcabc"
+  ids = tok.encode(prompt)
+  expected = tok.decode(Generator(model, max_batch=1, max_seq_len=64).generate([ids], max_new_tokens=12)[0])
+  runs = {
+    "speculate": ["--speculate", "lookup", "--draft-tokens", "3", "--mesh", "tensor=2"],
+    "kv_cache": ["--kv-cache", "h2o:32,32", "--no-warmup"],
+  }
+  for name, flags in runs.items():
+    env = cpu_env(2, JAXEFF_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "jaxeff.serve", "--hf", str(gguf_file), "--quant", "gguf", "--port", "0"]
+    cmd += ["--max-batch", "2", "--max-seq-len", "64", "--prefill-chunk", "16", *flags]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+      line = proc.stdout.readline()
+      match = re.match(r"serving tiny-chat.gguf on (http://127\.0\.0\.1:\d+/v1) ", line)
+      assert match, (line, proc.stderr.read() if proc.poll() is not None else "")
+      assert ("mesh tensor=2" in line and "PromptLookup" in line) if name == "speculate" else "H2O" in line, line
+      client = openai.OpenAI(base_url=match.group(1), api_key="none", max_retries=0)
+      answers = [None] * 3
+
+      def ask(i):
+        answers[i] = client.completions.create(
+          model="tiny-chat.gguf", prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+        )
+
+      threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+      for t in threads:
+        t.start()
+      for t in threads:
+        t.join(120)
+      assert [a.choices[0].text for a in answers] == [expected] * 3
+      metrics = httpx2.get(match.group(1).removesuffix("/v1") + "/metrics").text
+      assert re.search(r'jaxeff_kv_cache_bytes\{policy="(dense|H2O)"\} [1-9]', metrics), metrics
+      if name == "speculate":
+        accepted = float(re.search(r"^jaxeff_accepted_tokens_total (\S+)", metrics, re.M).group(1))
+        assert accepted > 0 and "jaxeff_request_tokens_per_forward_count 3.0" in metrics
+      proc.send_signal(signal.SIGTERM)
+      assert proc.wait(60) == 0, proc.stderr.read()
+    finally:
+      if proc.poll() is None:
+        proc.kill()

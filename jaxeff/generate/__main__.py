@@ -46,29 +46,7 @@ def parse_args(argv):
   p.add_argument("--min-p", type=float, default=None, metavar="P")
   p.add_argument("--seed", type=int, default=0, metavar="S")
   cli.add_model_args(p)
-  p.add_argument(
-    "--speculate",
-    metavar="SPEC",
-    help="speculative decoding: lookup | self:LAYERS | draft:PATH | medusa:DIR (same output, fewer forwards)",
-  )
-  p.add_argument(
-    "--draft-tokens", type=int, default=None, metavar="K", help="--speculate: draft tokens per step (a chain)"
-  )
-  p.add_argument(
-    "--tree-size",
-    type=int,
-    default=None,
-    metavar="N",
-    help="--speculate medusa: a Sequoia token tree of N nodes from the heads' measured acceptance",
-  )
-  p.add_argument(
-    "--kv-cache",
-    metavar="POLICY",
-    default="dense",
-    help="dense (default) | streaming:SINKS,WINDOW (StreamingLLM: flat memory, text may run past --max-seq-len) "
-    "| h2o:HEAVY,RECENT (heavy hitters + recent tokens) | snapkv:BUDGET (prompt entries kept per head, SnapKV) "
-    "| kivi:BITS,RESIDUAL (2/4-bit cache, RESIDUAL newest tokens in full precision, KIVI)",
-  )
+  cli.add_inference_args(p)
   p.add_argument(
     "--max-seq-len",
     type=int,
@@ -82,23 +60,7 @@ def parse_args(argv):
   if args.max_new_tokens < 1:
     p.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
   cli.check_model_args(p, args)
-  from jaxeff.errors import GenerationError
-  from jaxeff.generate.speculative import spec as speculate_spec
-  from jaxeff.inference import cache as cache_lib
-
-  if args.speculate is not None:
-    try:
-      speculate_spec.check(args.speculate, num_draft=args.draft_tokens, tree_size=args.tree_size)
-    except GenerationError as e:
-      p.error(str(e))
-  elif args.draft_tokens is not None or args.tree_size is not None:
-    p.error("--draft-tokens and --tree-size need --speculate")
-  try:
-    args.kv_policy = cache_lib.parse(args.kv_cache)
-  except GenerationError as e:
-    p.error(str(e))
-  if not args.kv_policy.exact_rollback and args.speculate is not None:
-    p.error("--speculate runs on the dense cache: drop --kv-cache or --speculate")
+  cli.check_inference_args(p, args)
   return args
 
 
@@ -174,7 +136,14 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     speculator = make_speculator(args, model)
     lookahead = 0 if speculator is None else speculator.num_draft
     max_len = args.max_seq_len or args.kv_policy.length_for(len(ids), args.max_new_tokens + lookahead)
-    gen = Generator(model, max_batch=1, max_seq_len=max_len, speculator=speculator, kv_cache=args.kv_policy)
+    gen = Generator(
+      model,
+      max_batch=1,
+      max_seq_len=max_len,
+      speculator=speculator,
+      kv_cache=args.kv_policy,
+      mesh=cli.make_mesh(args),
+    )
     _warm_up(gen, tok, ids, args, err)
     _generate_one(gen, tok, ids, args, out)
     out.write("\n")
@@ -189,6 +158,7 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
     max_seq_len=args.max_seq_len or 1024,
     speculator=make_speculator(args, model),
     kv_cache=args.kv_policy,
+    mesh=cli.make_mesh(args),
   )
   messages = []
   first = args.prompt

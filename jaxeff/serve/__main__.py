@@ -3,10 +3,13 @@
   python -m jaxeff.serve --hf SmolLM2-135M-Instruct.Q8_0.gguf               # http://127.0.0.1:8000/v1
   python -m jaxeff.serve --hf model.gguf --quant gguf --max-batch 16 --api-key "$KEY"
   python -m jaxeff.serve --checkpoint runs/default --port 0                 # any free port (printed)
+  python -m jaxeff.serve --hf model.gguf --speculate lookup --kv-cache streaming:4,1020 --mesh tensor=2
 
 Loads the model (the same flags as `python -m jaxeff.generate`), compiles the prefill chunks and
 the decode step, prints `serving MODEL on http://HOST:PORT/v1` and serves `jaxeff.serve.app`
-(continuous batching over `--max-batch` slots of `--max-seq-len` positions) until SIGTERM or
+(continuous batching over `--max-batch` slots of `--max-seq-len` positions, with the cache policy of
+`--kv-cache`, the speculator of `--speculate` and the device mesh of `--mesh`: the flags of
+`python -m jaxeff.generate`, exact per request under any mix of requests) until SIGTERM or
 Ctrl-C: then it stops taking connections, gives running requests `--shutdown-timeout` seconds,
 cancels the rest and exits 0. The API key may also come from $JAXEFF_API_KEY. Bad usage or a model
 that cannot be loaded prints one `error:` line and exits 2. If the engine fails (its scheduler
@@ -36,6 +39,7 @@ def parse_args(argv):
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   cli.add_model_args(p)
+  cli.add_inference_args(p)
   p.add_argument("--max-batch", type=int, default=8, metavar="B", help="decode slots (default 8)")
   p.add_argument("--max-seq-len", type=int, default=2048, metavar="L", help="positions per slot (default 2048)")
   p.add_argument(
@@ -55,6 +59,7 @@ def parse_args(argv):
   p.add_argument("--no-warmup", action="store_true", help="compile on the first requests instead of at start")
   args = p.parse(argv)
   cli.check_model_args(p, args)
+  cli.check_inference_args(p, args)
   for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_n", "max_body_bytes"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -69,6 +74,7 @@ def parse_args(argv):
 def run(args, out, err) -> int:
   import uvicorn
 
+  from jaxeff.generate.speculative import spec as speculate_spec
   from jaxeff.serve import Engine
   from jaxeff.serve.app import ServerSettings, create_app
 
@@ -76,6 +82,9 @@ def run(args, out, err) -> int:
   model, tok = cli.load_model(args)
   name = args.model_name or pathlib.Path(args.hf or args.checkpoint).name
   print(f"loaded {args.hf or args.checkpoint} in {time.perf_counter() - t0:.1f} s", file=err)
+  speculator = None
+  if args.speculate is not None:
+    speculator = speculate_spec.from_spec(args.speculate, model, num_draft=args.draft_tokens, tree_size=args.tree_size)
   engine = Engine(
     model,
     tok,
@@ -83,6 +92,9 @@ def run(args, out, err) -> int:
     max_seq_len=args.max_seq_len,
     prefill_chunk=args.prefill_chunk,
     max_waiting=args.max_waiting,
+    kv_cache=args.kv_policy,
+    speculator=speculator,
+    mesh=cli.make_mesh(args),
   )
   if not args.no_warmup:
     t0 = time.perf_counter()
@@ -109,8 +121,10 @@ def run(args, out, err) -> int:
   )
   server = uvicorn.Server(config)
   print(
-    f"serving {name} on http://{host}:{port}/v1 ({args.max_batch} slots x {args.max_seq_len} positions, "
-    f"KV cache {engine.cache_bytes / 2**20:.1f} MiB{', API key required' if args.api_key else ''})",
+    f"serving {name} on http://{host}:{port}/v1 ({engine.kv_cache.describe(args.max_batch, args.max_seq_len)}, "
+    f"KV cache {engine.cache_bytes / 2**20:.1f} MiB"
+    f"{f', speculating with {speculator!r}' if speculator is not None else ''}"
+    f"{f', mesh {args.mesh}' if args.mesh else ''}{', API key required' if args.api_key else ''})",
     file=out,
     flush=True,
   )

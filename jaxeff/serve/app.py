@@ -258,6 +258,23 @@ class _Metrics:
     self.itl = prometheus_client.Histogram(
       "jaxeff_inter_token_latency_seconds", "Between consecutive tokens", buckets=self.LATENCY_BUCKETS, registry=r
     )
+    cache = prometheus_client.Gauge(
+      "jaxeff_kv_cache_bytes", "Bytes of the KV cache (and the speculator's state)", ["policy"], registry=r
+    )
+    cache.labels(engine.kv_cache.name).set(engine.cache_bytes)
+    self.speculating = engine.speculator is not None
+    self.tokens_per_forward = prometheus_client.Histogram(
+      "jaxeff_request_tokens_per_forward",
+      "Per request: new tokens per target forward after prefill (speculative decoding; 1 without)",
+      buckets=(1, 1.25, 1.5, 1.75, 2, 2.5, 3, 4, 5, 6, 8, 12, 16),
+      registry=r,
+    )
+    self.accepted = prometheus_client.Histogram(
+      "jaxeff_request_accepted_draft_tokens",
+      "Per request: draft tokens accepted per verification (speculative decoding)",
+      buckets=(0, 0.25, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 16),
+      registry=r,
+    )
     r.register(_EngineCounters(engine))
 
   def observe(self, request: Request) -> None:
@@ -266,6 +283,9 @@ class _Metrics:
       self.ttft.observe(times[0] - request.submitted_at)
     for a, b in zip(times, times[1:]):
       self.itl.observe(b - a)
+    if self.speculating and request.forwards:
+      self.tokens_per_forward.observe((len(request.tokens) - 1) / request.forwards)
+      self.accepted.observe(request.accepted / request.forwards)
 
 
 class _EngineCounters:
@@ -282,6 +302,9 @@ class _EngineCounters:
     for reason, count in sorted(totals.requests_finished.items()):
       finished.add_metric([reason], count)
     yield finished
+    if self.engine.speculator is not None:
+      yield CounterMetricFamily("jaxeff_draft_tokens", "Draft tokens proposed to live rows", value=totals.draft_tokens)
+      yield CounterMetricFamily("jaxeff_accepted_tokens", "Draft tokens accepted", value=totals.accepted_tokens)
 
 
 # ---------------------------------------------------------------------- the app
