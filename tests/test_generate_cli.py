@@ -164,7 +164,7 @@ def test_bad_model_and_prompt(tiny_gguf, tmp_path):
   w.close()
   cases = [
     (["--hf", str(tmp_path / "gpt2.gguf"), "--prompt", "x"], "unsupported GGUF architecture 'gpt2'"),
-    (["--hf", str(tiny_gguf), "--prompt", "the cat " * 10, "--max-seq-len", "16"], "more than max_seq_len=16"),
+    (["--hf", str(tiny_gguf), "--prompt", "the cat " * 10, "--max-seq-len", "16"], "at most 0 new tokens fit"),
     (["--hf", str(tiny_gguf), "--prompt", "the cat", "--top-p", "2"], "top_p"),
     (["--hf", str(tmp_path), "--prompt", "x"], "no config.json"),
     (["--hf", str(tiny_gguf), "--prompt", "x", "--speculate", "self:9"], "fewer layers"),
