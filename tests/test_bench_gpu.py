@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeff.bench import gpu
+from jaxeff.bench.gpu import ceilings, correctness, harness, plan, runner
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Installed here by the test extras, absent from the GPU machine's image (or only there as
@@ -75,7 +75,7 @@ def test_dry_run_runs_every_section_without_optional_packages(dry_run):
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert record is not None
   assert record["meta"]["dry_run"] and record["meta"]["seed"] == 7
-  assert list(record["sections"]) == list(gpu.SECTIONS)
+  assert list(record["sections"]) == list(runner.SECTIONS)
   for name, section in record["sections"].items():
     assert "error" not in section, (name, section.get("traceback"))
     rows = section["rows"]
@@ -88,7 +88,7 @@ def test_dry_run_runs_every_section_without_optional_packages(dry_run):
 
 def test_dry_run_checks_every_kernel_case_of_the_plan(dry_run):
   _, record = dry_run
-  s = gpu.DRY
+  s = plan.DRY
   rows = record["sections"]["correctness"]["rows"]
   quant = [r for r in rows if r["kernel"] == "quant_matmul"]
   attention = [r for r in rows if r["kernel"] == "sparse_attention"]
@@ -104,7 +104,7 @@ def test_dry_run_checks_every_kernel_case_of_the_plan(dry_run):
 
 def test_dry_run_measures_every_row_of_sections_3_to_6_and_long_context(dry_run):
   _, record = dry_run
-  s, sec = gpu.DRY, record["sections"]
+  s, sec = plan.DRY, record["sections"]
   quant = sec["quant"]["rows"]
   expected = sum(len(s.quant_perf_ms) + (i == 0 and bool(s.prefill_m)) for i in range(len(s.quant_shapes))) * 3
   assert len(quant) == expected and all(r["us"] > 0 and r["rotating_copies"] >= 2 for r in quant)
@@ -145,19 +145,19 @@ def test_dry_run_measures_every_row_of_sections_3_to_6_and_long_context(dry_run)
 
 def _run(tmp_path):
   args = argparse.Namespace(dry_run=True, quick=False, seed=1, budget=None, argv=["--dry-run"])
-  return gpu.Run(args, gpu.DRY, tmp_path)
+  return harness.Run(args, plan.DRY, tmp_path)
 
 
 def test_a_wrong_or_unwritten_kernel_output_fails_its_check(tmp_path, monkeypatch):
   run = _run(tmp_path)
-  assert gpu._quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)["ok"]
+  assert correctness.quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)["ok"]
   import pallas_kernels as pk
 
   real = pk.quant_matmul
   monkeypatch.setattr(pk, "quant_matmul", lambda x, qw, **kw: real(x, qw, **kw).at[:, -1].multiply(1.1))
-  assert not gpu._quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)["ok"]
+  assert not correctness.quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)["ok"]
   monkeypatch.setattr(pk, "quant_matmul", lambda x, qw, **kw: real(x, qw, **kw).at[0, 0].set(jnp.nan))
-  row = gpu._quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)
+  row = correctness.quant_case(run, 1, 256, 64, 8, 32, False, jnp.float32)
   assert not row["ok"] and row["max_error"] == float("inf")
 
 
@@ -165,8 +165,8 @@ def test_a_failing_section_is_recorded_and_fails_the_run(tmp_path, monkeypatch, 
   def broken(run):
     raise RuntimeError("illegal memory access")
 
-  monkeypatch.setitem(gpu.SECTIONS, "ceilings", broken)
-  assert gpu.main(["--dry-run", "--sections", "ceilings", "--out", str(tmp_path)]) == 1
+  monkeypatch.setattr(ceilings, "measure", broken)
+  assert runner.main(["--dry-run", "--sections", "ceilings", "--out", str(tmp_path)]) == 1
   record = json.loads((tmp_path / "gpu_bench.json").read_text())
   assert record["sections"]["ceilings"]["error"] == "RuntimeError: illegal memory access"
   assert record["failures"] == ["section ceilings: RuntimeError: illegal memory access"]
@@ -174,7 +174,7 @@ def test_a_failing_section_is_recorded_and_fails_the_run(tmp_path, monkeypatch, 
 
 
 def test_without_a_gpu_the_real_plan_refuses_in_one_line(tmp_path, capsys):
-  assert gpu.main(["--out", str(tmp_path)]) == 2
+  assert runner.main(["--out", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: no GPU here")
-  assert gpu.main(["--dry-run", "--sections", "ceilings,nope"]) == 2
+  assert runner.main(["--dry-run", "--sections", "ceilings,nope"]) == 2

@@ -23,36 +23,20 @@ Goals (issue 14, GPU only): >= 5x dense flash attention at 32k with 90% of block
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 import pallas_kernels as pk
-from jaxeff.bench.common import machine_load
+from jaxeff.bench import common
 from pallas_kernels.sparse_attention import block_stats
 from pallas_kernels.sparse_attention.ops import default_impl, resolve_block_sizes
 
 CPU_LENGTHS = [4096, 8192]
 ACCEL_LENGTHS = [4096, 8192, 16384, 32768, 65536]
 SKIPS = [0.5, 0.9, 0.97]
-
-
-def _median_times(fns: dict, rounds: int) -> dict:
-  """name -> median seconds; one warm-up (compile) call each, then `rounds` alternating rounds."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(rounds):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _masks(s: int, skip: float, bq: int, bk: int, batch: int, kv_heads: int, seed: int):
@@ -106,7 +90,7 @@ def run(args) -> list[dict]:
       if not args.forward_only:
         fns[f"{n}_fb"] = lambda fb=fb: fb(q, k, v, do)
     print(f"seq {s}: timing {len(fns)} programs x {args.rounds} rounds ...", file=sys.stderr, flush=True)
-    med = _median_times(fns, args.rounds)
+    med = common.alternating(fns, args.rounds)
     for n, (skip, label, param, stats, _, _) in enumerate(configs):
       row = dict(
         seq=s,
@@ -138,23 +122,41 @@ def _ratio(a, b):
   return "-" if a is None or b is None else f"{a / b:.2f}x"
 
 
+COLUMNS = (
+  "seq",
+  "pattern",
+  "mask",
+  "skipped (target)",
+  "computed vs causal / vs S*T",
+  "dense fwd ms",
+  "sparse fwd ms",
+  "fwd speedup (ideal)",
+  "dense f+b ms",
+  "sparse f+b ms",
+  "f+b speedup (ideal)",
+)
+
+
 def markdown(rows, header: str) -> str:
-  lines = [
-    header,
-    "",
-    "| seq | pattern | mask | skipped (target) | computed vs causal / vs S*T | dense fwd ms | sparse fwd ms "
-    "| fwd speedup (ideal) | dense f+b ms | sparse f+b ms | f+b speedup (ideal) |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
-  ]
+  cells = []
   for r in rows:
     ideal = 1 / r["ideal_share"]
-    lines.append(
-      f"| {r['seq']} | {r['pattern']} | {r['param']} | {100 * r['skipped']:.1f}% ({100 * r['target_skip']:.0f}%) "
-      f"| {100 * r['vs_causal']:.1f}% / {100 * r['vs_full']:.1f}% | {_ms(r['dense_fwd'])} | {_ms(r['sparse_fwd'])} "
-      f"| {_ratio(r['dense_fwd'], r['sparse_fwd'])} ({ideal:.1f}x) | {_ms(r['dense_fb'])} | {_ms(r['sparse_fb'])} "
-      f"| {_ratio(r['dense_fb'], r['sparse_fb'])} ({ideal:.1f}x) |"
+    cells.append(
+      (
+        r["seq"],
+        r["pattern"],
+        r["param"],
+        f"{100 * r['skipped']:.1f}% ({100 * r['target_skip']:.0f}%)",
+        f"{100 * r['vs_causal']:.1f}% / {100 * r['vs_full']:.1f}%",
+        _ms(r["dense_fwd"]),
+        _ms(r["sparse_fwd"]),
+        f"{_ratio(r['dense_fwd'], r['sparse_fwd'])} ({ideal:.1f}x)",
+        _ms(r["dense_fb"]),
+        _ms(r["sparse_fb"]),
+        f"{_ratio(r['dense_fb'], r['sparse_fb'])} ({ideal:.1f}x)",
+      )
     )
-  return "\n".join(lines)
+  return "\n".join([header, "", *common.markdown_table(COLUMNS, cells)])
 
 
 def main(argv=None) -> int:
@@ -199,14 +201,13 @@ def main(argv=None) -> int:
   if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
     bad.append(f"--json: directory of {args.json!r} does not exist")
   if bad:
-    print(f"error: {bad[0]}", file=sys.stderr)
-    return 2
+    return common.error(bad[0])
   rows = run(args)
   device = jax.devices()[0].device_kind
   header = (
     f"{device}, {args.batch}x{args.heads} heads ({args.kv_heads} kv) x d{args.head_dim}, "
     f"{'f32' if cpu else 'bf16'}, sparse impl {args.impl or default_impl()}, {args.rounds} rounds, medians; "
-    f"load: {machine_load()}"
+    f"load: {common.machine_load()}"
   )
   print(markdown(rows, header))
   if cpu:
@@ -214,10 +215,8 @@ def main(argv=None) -> int:
       "\nGPU goals (>= 5x dense flash attention at 32k with 90% skipped, within 1.3x of ideal): "
       "unmeasured (no GPU on this machine)."
     )
-  if args.json:  # written whole or not at all
-    with open(args.json + ".tmp", "w") as f:
-      json.dump(rows, f, indent=1)
-    os.replace(args.json + ".tmp", args.json)
+  if args.json:
+    common.write_json(args.json, rows, indent=1)
   return 0
 
 

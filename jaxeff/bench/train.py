@@ -10,19 +10,17 @@ MFU is measured against this machine's f32 matmul peak on CPU (see jaxeff.train.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxeff import cli, sharding
+from jaxeff import cli, sharding, training
 from jaxeff import train as train_lib
+from jaxeff.bench import common
 from jaxeff.errors import JaxeffError
 from jaxeff.hf import config_to_hf
 from jaxeff.models import Llama
@@ -30,8 +28,6 @@ from jaxeff.models import Llama
 
 def _jax_step(cfg: train_lib.TrainConfig):
   """`jaxeff.train`'s own step (TrainState, spec-driven gradients, clipping) on one device."""
-  from jaxeff import training
-
   make_model = lambda: Llama(cfg.model, rngs=nnx.Rngs(0))
   graphdef, params = nnx.split(nnx.eval_shape(make_model))
   mesh = sharding.make_mesh({"data": 1}, jax.devices()[:1])
@@ -83,15 +79,6 @@ def _torch_step(cfg: train_lib.TrainConfig):
   return run, torch.__version__, transformers.__version__, torch.get_num_threads()
 
 
-def _time(fn, steps: int) -> list[float]:
-  out = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    fn()
-    out.append(time.perf_counter() - t)
-  return out
-
-
 def main(argv=None) -> int:
   p = cli.ArgumentParser(prog="python -m jaxeff.bench train", description=__doc__.split("\n")[0])
   p.add_argument("--config", help="training config (default: the built-in small CPU config)")
@@ -103,16 +90,13 @@ def main(argv=None) -> int:
     args = p.parse(argv)  # flags and key=value overrides in any order
     cfg = train_lib.load_config(args.config, args.overrides)
   except JaxeffError as e:  # a usage or config error
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return common.error(str(e))
   jax_run = _jax_step(cfg)
   torch_run, torch_v, tf_v, threads = _torch_step(cfg)
-  for fn in (jax_run, torch_run):  # compile / warm caches
-    fn(), fn()
-  times = {"jaxeff": [], "transformers": []}
-  for _ in range(args.rounds):
-    times["jaxeff"] += _time(jax_run, args.steps)
-    times["transformers"] += _time(torch_run, args.steps)
+  # Two warm-up steps each: compiles, then caches warm.
+  times = common.alternating_times(
+    {"jaxeff": jax_run, "transformers": torch_run}, args.rounds, calls=args.steps, warmup=2
+  )
 
   tokens = cfg.batch_size * cfg.seq_len
   flops = cfg.model.flops_per_token(cfg.seq_len) * tokens
@@ -129,13 +113,15 @@ def main(argv=None) -> int:
     f"{platform.machine()}, torch threads {threads}"
   )
   print(f"peak for MFU: {peak / 1e9:.0f} GFLOP/s; {args.rounds} rounds x {args.steps} steps, medians\n")
-  print("| implementation | step (ms) | tokens/s | MFU |")
-  print("|---|---:|---:|---:|")
-  for name, r in rows.items():
-    label = f"jaxeff (jax {jax.__version__})" if name == "jaxeff" else f"transformers {tf_v} (torch {torch_v}, AdamW)"
-    print(f"| {label} | {r['step_ms']:.0f} | {r['tokens_per_s']:,.0f} | {r['mfu']:.1%} |")
+  labels = {
+    "jaxeff": f"jaxeff (jax {jax.__version__})",
+    "transformers": f"transformers {tf_v} (torch {torch_v}, AdamW)",
+  }
+  cells = [
+    (labels[name], f"{r['step_ms']:.0f}", f"{r['tokens_per_s']:,.0f}", f"{r['mfu']:.1%}") for name, r in rows.items()
+  ]
+  print("\n".join(common.markdown_table(("implementation", "step (ms)", "tokens/s", "MFU"), cells, "lrrr")))
   print(f"\njaxeff / transformers tokens/s ratio: {ratio:.2f} (goal on CPU: >= 1.0)")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump({"rows": rows, "ratio": ratio, "times": times, "peak_flops": peak}, f, indent=2)
+    common.write_json(args.json, {"rows": rows, "ratio": ratio, "times": times, "peak_flops": peak})
   return 0
