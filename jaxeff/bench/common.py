@@ -23,8 +23,8 @@ from flax import nnx
 
 from jaxeff import sharding
 from jaxeff.config import ModelConfig
+from jaxeff.inference.cache import Dense
 from jaxeff.models import Llama
-from jaxeff.models.kv_cache import init_cache
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -136,7 +136,7 @@ def cached_forward_seconds(model, sizes: Iterable[int], max_seq_len: int, *, sta
 
   out = {}
   for size in sizes:
-    box = [init_cache(model.cfg, 1, max_seq_len)]
+    box = [Dense().init(model.cfg, 1, max_seq_len)]
     tokens = jnp.zeros((1, size), jnp.int32)
     positions = (start + jnp.arange(size, dtype=jnp.int32))[None]
 

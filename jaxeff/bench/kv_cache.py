@@ -35,8 +35,8 @@ from jaxeff import hf
 from jaxeff.bench import common
 from jaxeff.data.sources import default_corpus_files
 from jaxeff.generate import Generator
-from jaxeff.generate.kv_cache import H2O, KIVI, Dense, SnapKV, StreamingLLM, token_nll
 from jaxeff.generate.tokenizer import load_tokenizer
+from jaxeff.inference import H2O, KIVI, Dense, SnapKV, StreamingLLM, token_nll
 
 
 def _text(path: str | None) -> tuple[str, str]:
@@ -252,8 +252,8 @@ def main(argv=None) -> int:
           key = 10000 + int(np.random.default_rng(context + int(100 * depth)).integers(0, 90000))
           ids = passkey_prompt(tok, context, depth, key)
           if gen is None:
-            need = policy.slots_needed(len(ids), 8) if policy is not None else len(ids) + 8
-            gen = Generator(model, max_batch=1, max_seq_len=max(need, 8, getattr(policy, "budget", 0)), kv_cache=policy)
+            length = (policy or Dense()).length_for(len(ids), 8)
+            gen = Generator(model, max_batch=1, max_seq_len=max(length, 8), kv_cache=policy)
           out = gen.generate([ids], max_new_tokens=8)[0]
           hit = str(key) in (tok.decode(out) if tok is not None else "")
           found[label][context] = found[label].get(context, 0) + int(hit)

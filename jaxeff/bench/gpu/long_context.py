@@ -3,8 +3,9 @@ tokens at batch 1 and 8: dense, StreamingLLM 4 + 1020, H2O 512 + 512, KIVI-4 and
 quantized part read by the Pallas kernel): ms, tokens/s, cache bytes, speed-up over dense; and the
 KIVI kernel against its reference at that size.
 
-Moved here from bench/gpu.py as it was: it rebuilds the cache policies' bookkeeping by hand
-(`_filled_cache`) until it is rewritten onto the cache-policy interface.
+The caches are filled with random contents and their bookkeeping set by each policy's
+`as_filled(cache, context)` (slot maps, counters as `context` tokens leave them), so no long prompt
+has to be read first.
 """
 
 from __future__ import annotations
@@ -21,9 +22,8 @@ from jaxeff.bench.gpu.harness import Run, fmt, one_line, relative_error
 
 
 def _filled_cache(policy, cfg, batch: int, context: int, key):
-  """`policy`'s cache as it is after `context` tokens: random keys and values (codes, scales),
-  its bookkeeping (slot positions, counters) as that many tokens leave it; built on the device."""
-  from jaxeff.generate.kv_cache import H2O, KIVI, StreamingLLM
+  """`policy`'s cache as it is after `context` tokens: random keys and values (codes, scales), its
+  bookkeeping as the policy says that many tokens leave it; built on the device."""
 
   def build():
     cache = policy.init(cfg, batch, context + 8)
@@ -37,26 +37,7 @@ def _filled_cache(policy, cfg, batch: int, context: int, key):
         fill.append(jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype))
       else:
         fill.append(x)
-    cache = jax.tree.unflatten(treedef, fill)
-    if isinstance(policy, StreamingLLM):  # sinks 0.., the window the last `window` positions
-      slot = jnp.arange(policy.sinks + policy.window)
-      recent = (
-        context - policy.window + (slot - policy.sinks - (context - policy.window - policy.sinks)) % policy.window
-      )
-      pos = jnp.where(slot < policy.sinks, slot, recent)
-      cache = cache.replace(slot_positions=jnp.broadcast_to(pos, cache.slot_positions.shape).astype(jnp.int32))
-    elif isinstance(policy, H2O):  # the newest heavy + recent positions kept
-      size = policy.heavy + policy.recent
-      pos = jax.tree.map(
-        lambda p: jnp.broadcast_to(context - size + jnp.arange(size), p.shape).astype(jnp.int32), cache.positions
-      )
-      cache = cache.replace(positions=pos, scores=jax.tree.map(jnp.abs, cache.scores))
-    elif isinstance(policy, KIVI):
-      quantized = -(-(context - policy.residual) // policy.group) * policy.group
-      cache = cache.replace(
-        quantized=jnp.full((batch,), quantized, jnp.int32), end=jnp.full((batch,), context, jnp.int32)
-      )
-    return cache
+    return policy.as_filled(jax.tree.unflatten(treedef, fill), context)
 
   return jax.jit(build)()
 
@@ -68,7 +49,7 @@ def measure(run: Run) -> list[dict]:
   from flax import nnx
 
   from jaxeff.config import ModelConfig
-  from jaxeff.generate.kv_cache import H2O, KIVI, Dense, StreamingLLM
+  from jaxeff.inference import H2O, KIVI, Dense, StreamingLLM
   from jaxeff.models import Llama
   from pallas_kernels.kivi_attention import quantize_keys, quantize_values, quantized_attention
 
