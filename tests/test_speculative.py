@@ -22,10 +22,10 @@ from jaxeff.generate import GenerationError, Generator, SamplingParams
 from jaxeff.generate.speculative import DraftModel, Medusa, PromptLookup, SelfDraft, Speculator, Tree
 from jaxeff.generate.speculative.lookup import lookup_draft
 from jaxeff.generate.speculative.medusa_heads import MedusaHeads
+from jaxeff.inference.cache import Dense, TreeSlots
 from jaxeff.inference.verify import accept_greedy
 from jaxeff.models import Llama
 from jaxeff.models.attention import index_positions
-from jaxeff.inference.cache import Dense, TreeSlots
 
 # Peaked logits (larger init): greedy comparisons have no near-ties.
 CFG = ModelConfig(
