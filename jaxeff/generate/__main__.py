@@ -149,11 +149,11 @@ def make_speculator(args, model):
   if kind == "draft":
     import pathlib
 
-    from jaxeff import hf
+    from jaxeff import loader
 
     if not pathlib.Path(value).exists():
       raise HFError(f"--speculate draft:{value}: no such file or directory")
-    draft, _ = hf.load(value, dtype=model.cfg.dtype, param_dtype=model.cfg.dtype)
+    draft, _ = loader.load(value, dtype=model.cfg.dtype, param_dtype=model.cfg.dtype)
     return speculative.DraftModel(draft, **count)
   return speculative.Medusa(value, tree_size=args.tree_size)
 
