@@ -42,11 +42,14 @@ import hashlib
 import logging
 import os
 import pathlib
+import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jaxeff.errors import CheckpointError
 
@@ -78,8 +81,6 @@ def describe_error(e: BaseException, limit: int = 300) -> str:
 
 
 def _closed_loop_wakeup(exc: BaseException | None, tb) -> bool:
-  import traceback
-
   return (
     isinstance(exc, RuntimeError)
     and str(exc) == "Event loop is closed"
@@ -92,8 +93,6 @@ def _closed_loop_wakeup(exc: BaseException | None, tb) -> bool:
 
 def _from_abandoned_read(exc: BaseException | None) -> bool:
   """`exc` (or its causes) was raised in orbax's checkpoint code or by a read of an OCDBT file."""
-  import traceback
-
   seen = 0
   while exc is not None and seen < 16:
     if any("/orbax/checkpoint/" in f.filename.replace("\\", "/") for f in traceback.extract_tb(exc.__traceback__)):
@@ -138,8 +137,6 @@ def quiet_abandoned_reads() -> None:
   """Drops the reports (1)-(3) of a failed read's abandoned siblings from stderr, process-wide
   (`sys.excepthook`, `sys.unraisablehook`, asyncio's logger). For command lines, which call it
   at start; `import jaxeff` never changes process-wide hooks. Idempotent."""
-  import sys
-
   asyncio_log = logging.getLogger("asyncio")
   if not any(isinstance(f, _AbandonedReadLogs) for f in asyncio_log.filters):
     asyncio_log.addFilter(_AbandonedReadLogs())
@@ -388,8 +385,6 @@ class Checkpointer:
       destination.mkdir(parents=True, exist_ok=True)
       os.replace(self.directory / str(step), target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
       multihost_utils.sync_global_devices(f"jaxeff checkpoint step {step} set aside")
     self._manager.close()  # forget the step (a reload would re-read every step's metadata)
     self._manager = self._open()

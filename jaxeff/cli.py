@@ -29,7 +29,7 @@ import pathlib
 import sys
 from collections.abc import Sequence
 
-from jaxeff.errors import UsageError
+from jaxeff.errors import CheckpointError, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -111,8 +111,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--scan-layers",
     action="store_true",
-    help="--hf: run the layers as one scanned block (compiles several times faster, decodes "
-    "slower); a --checkpoint keeps its own layout",
+    help="run the layers as one scanned block (compiles several times faster, decodes slower)",
   )
 
 
@@ -122,59 +121,25 @@ def check_model_args(p: ArgumentParser, args: argparse.Namespace) -> None:
     p.error("--zero-point needs --quant int8 or int4 (a GGUF's blocks keep their own format)")
   if args.quant == "gguf" and not (args.hf or "").endswith(".gguf"):
     p.error("--quant gguf serves a .gguf file's blocks as stored: give --hf FILE.gguf")
+  if args.quant == "gguf" and (args.scan_layers or args.dtype != "float32"):
+    p.error("--quant gguf builds float32, per-layer modules: drop --scan-layers / --dtype")
 
 
 def load_model(args: argparse.Namespace):
-  """(model, tokenizer) from `add_model_args` flags: --hf or --checkpoint, converted to --dtype and
-  --quant. Raises `JaxeffError`s (a missing path, an unsupported file)."""
-  import jaxeff
-  from jaxeff.errors import CheckpointError, HFError, UsageError
-  from jaxeff.generate import tokenizer as tokenizer_lib
+  """(model, tokenizer) from `add_model_args` flags: `jaxeff.load` of --hf or --checkpoint with
+  --dtype, --scan-layers and --quant. Raises `JaxeffError`s (a missing path, an unsupported file)."""
+  # Here: jax, flax and the models are heavy, and `python -m jaxeff.data` needs none of them.
+  from jaxeff import loader
 
-  dtypes = dict(dtype=args.dtype, param_dtype=args.dtype)
-  if args.hf:
-    from jaxeff import hf
-
-    path = pathlib.Path(args.hf)
-    if not path.exists():
-      raise HFError(f"--hf {path}: no such file or directory")
-    if args.quant == "gguf":
-      if args.scan_layers or args.dtype != "float32":
-        raise UsageError("--quant gguf builds float32, per-layer modules: drop --scan-layers / --dtype")
-      model, _ = hf.load(path, quantized=True)
-    else:
-      model, _ = hf.load(path, scan_layers=args.scan_layers, **dtypes)
-    tok = tokenizer_lib.load_tokenizer(path)
-  else:
-    import dataclasses
-
-    from flax import nnx
-
-    from jaxeff import data
-    from jaxeff.models import Llama
-    from jaxeff.training import load_checkpoint
-
-    path = pathlib.Path(args.checkpoint)
-    if not path.is_dir():
-      raise CheckpointError(f"--checkpoint {path}: no such directory")
-    model, train_cfg = load_checkpoint(path)
-    if args.dtype != model.cfg.dtype or args.dtype != model.cfg.param_dtype:
-      converted = nnx.eval_shape(lambda: Llama(dataclasses.replace(model.cfg, **dtypes), rngs=nnx.Rngs(0)))
-      nnx.update(converted, _cast_floats(nnx.state(model), args.dtype))
-      model = converted
-    tok = tokenizer_lib.from_data_tokenizer(data.get_tokenizer(train_cfg.data.tokenizer))
-  if args.quant in ("int8", "int4"):
-    bits = 8 if args.quant == "int8" else 4
-    group = args.group_size if args.group_size is not None else (None if bits == 8 else 32)
-    model = jaxeff.quantize(model, bits=bits, group_size=group, zero_point=args.zero_point, copy=False)
-  return model, tok
-
-
-def _cast_floats(tree, dtype):
-  import jax
-  import jax.numpy as jnp
-
-  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+  path = pathlib.Path(args.hf or args.checkpoint)
+  if args.hf and not path.exists():
+    raise CheckpointError(f"--hf {path}: no such file or directory")
+  if args.checkpoint and not path.is_dir():
+    raise CheckpointError(f"--checkpoint {path}: no such directory")
+  overrides = dict(dtype=args.dtype, param_dtype=args.dtype)
+  if args.scan_layers:
+    overrides["scan_layers"] = True
+  return loader.load(path, quant=args.quant, zero_point=args.zero_point, group_size=args.group_size, **overrides)
 
 
 def add_inference_args(p: argparse.ArgumentParser) -> None:

@@ -19,8 +19,12 @@ import pathlib
 import shutil
 import sys
 import tempfile
+import time
 
-from jaxeff import cli
+from jaxeff import cli, gguf, hf
+from jaxeff.checkpoint import quiet_abandoned_reads
+from jaxeff.errors import GGUFError, HFError, JaxeffError
+from jaxeff.training import load_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -50,9 +54,6 @@ def tokenizer_dir(cfg) -> pathlib.Path | None:
 
 def export_hf(model, cfg, out: str | pathlib.Path) -> pathlib.Path:
   """A transformers directory for the run's model (`cfg`: its TrainConfig) with its tokenizer files."""
-  from jaxeff import hf
-  from jaxeff.errors import HFError
-
   out = pathlib.Path(out)
   if out.exists():
     raise HFError(f"{out} already exists; export never overwrites")
@@ -72,9 +73,6 @@ def export_hf(model, cfg, out: str | pathlib.Path) -> pathlib.Path:
 
 def export_gguf(model, cfg, out: str | pathlib.Path, file_type: str = "f16") -> pathlib.Path:
   """A GGUF file of the run's model with its tokenizer (a byte-level run has none to write)."""
-  from jaxeff import gguf, hf
-  from jaxeff.errors import GGUFError
-
   source = tokenizer_dir(cfg)
   if source is None or not (source / "tokenizer.json").exists():
     raise GGUFError(
@@ -87,10 +85,6 @@ def export_gguf(model, cfg, out: str | pathlib.Path, file_type: str = "f16") -> 
 
 
 def run(args, out=sys.stdout) -> int:
-  import time
-
-  from jaxeff.training import load_checkpoint
-
   t0 = time.perf_counter()
   model, cfg = load_checkpoint(args.checkpoint, args.step)
   if args.hf is not None:
@@ -111,12 +105,8 @@ def main(argv=None, out=sys.stdout, err=sys.stderr) -> int:
   except cli.UsageError as e:
     print(f"error: {e}", file=err)
     return 2
-  from jaxeff.checkpoint import quiet_abandoned_reads
-
   quiet_abandoned_reads()
   cli.log_to_stderr()
-  from jaxeff.errors import JaxeffError
-
   try:
     return run(args, out)
   except JaxeffError as e:

@@ -1,7 +1,8 @@
 """GGUF files (llama.cpp) of Llama-family models -> float checkpoints and tokenizers, and back.
 
-`jaxeff.hf.load("SmolLM2-135M-Instruct.Q4_1.gguf")` returns the model (converted once, cached by
-hash); `jaxeff.gguf.tokenizer(path)` its `tokenizers.Tokenizer`; `read_file(path)` its metadata and
+`jaxeff.load("SmolLM2-135M-Instruct.Q4_1.gguf")` returns the model and its tokenizer (converted
+once, cached by hash; `quant="gguf"` keeps the Q8_0/Q4_0/Q4_1 blocks as stored, `quantized_weights`);
+`jaxeff.gguf.tokenizer(path)` its `tokenizers.Tokenizer`; `read_file(path)` its metadata and
 tensors as stored.
 
 A GGUF holds the weights (often quantized: Q4_1, Q8_0, K-quants, ...) and, as metadata, the model's
@@ -17,9 +18,9 @@ things differ from HF's layout and are undone here:
 
 `converted_checkpoint(path)` writes config.json, model.safetensors (float32), tokenizer.json and
 tokenizer_config.json (special tokens, chat template) once into a cache folder named by the file's
-SHA-256 (`$JAXEFF_CACHE_DIR/gguf/`, default `~/.cache/jaxeff/gguf/`), so `jaxeff.hf.load` of a
-`.gguf` reads a plain HF directory from the second time on. Written to a temporary folder and
-renamed into place: an interrupted conversion leaves nothing half-written.
+SHA-256 (`$JAXEFF_CACHE_DIR/gguf/`, default `~/.cache/jaxeff/gguf/`), so `jaxeff.load` of a
+`.gguf` reads a plain HF directory (`jaxeff.hf.load`) from the second time on. Written to a
+temporary folder and renamed into place: an interrupted conversion leaves nothing half-written.
 
 `write(path, hf_config, tensors, tokenizer_dir, file_type=...)` goes the other way: a Hugging
 Face config and HF-named float tensors (`jaxeff.hf.hf_tensors`) plus a tokenizer directory to a

@@ -20,9 +20,7 @@ downloaded: `path` is a local directory.
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 import os
 import pathlib
 import shutil
@@ -40,7 +38,6 @@ from jaxeff.errors import HFError
 from jaxeff.models import attention as attention_lib
 from jaxeff.models.llama import Llama
 
-log = logging.getLogger(__name__)
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -218,28 +215,12 @@ def _get(d, path):
   return d
 
 
-def load(
-  path: str | os.PathLike, *, mesh: Mesh | None = None, quantized: bool = False, **overrides
-) -> tuple[Llama, ModelConfig]:
-  """Loads a local HF checkpoint directory, or a llama.cpp `.gguf` file (dequantized to float once and
-  cached, see `jaxeff.gguf`); `overrides` set ModelConfig fields (e.g. scan_layers=True).
-
-  With `mesh`, every weight is placed by its logical axes and each device receives only its shard
-  (no device ever holds the whole model); without, everything goes to the first device.
-
-  `quantized=True` (GGUF only) serves the file's Q8_0, Q4_0 and Q4_1 matrices as they are stored:
-  each becomes a `QuantizedLinear` (or `QuantizedEmbed`) holding the file's own integers, scales
-  and minimums (`jaxeff.gguf.quantized_weights`), so nothing is re-quantized and 4-bit weights
-  stay 4-bit in memory. Matrices of other quantized types (K-quants, Q5_x) stay float, with one
-  warning saying which.
-  """
+def load_config(path: str | os.PathLike, **overrides) -> ModelConfig:
+  """The ModelConfig of the Hugging Face directory `path` (its config.json), with `overrides` as
+  `config_from_hf` takes them; nothing else is read."""
   path = pathlib.Path(path)
-  if quantized:
-    return _load_gguf_as_is(path, mesh=mesh, **overrides)
   if path.suffix == ".gguf":
-    from jaxeff import gguf  # here: only GGUF files need the gguf package
-
-    path = gguf.converted_checkpoint(path)
+    raise HFError(f"{path} is a GGUF file; jaxeff.load reads it (the model and its tokenizer)")
   if not path.is_dir():
     raise HFError(f"checkpoint directory not found: {path}")
   if not (path / "config.json").exists():
@@ -248,7 +229,19 @@ def load(
     hf_cfg = json.loads((path / "config.json").read_text())
   except json.JSONDecodeError as e:
     raise HFError(f"{path / 'config.json'} is not valid JSON: {e}") from None
-  cfg = config_from_hf(hf_cfg, **overrides)
+  return config_from_hf(hf_cfg, **overrides)
+
+
+def load(path: str | os.PathLike, *, mesh: Mesh | None = None, **overrides) -> tuple[Llama, ModelConfig]:
+  """Loads a local Hugging Face checkpoint directory (config.json and *.safetensors); `overrides`
+  set compute fields of its ModelConfig (e.g. scan_layers=True, dtype="bfloat16").
+
+  With `mesh`, every weight is placed by its logical axes and each device receives only its shard
+  (no device ever holds the whole model); without, everything goes to the first device.
+  `jaxeff.load` reads a GGUF file or a training run too, and returns the tokenizer with the model.
+  """
+  path = pathlib.Path(path)
+  cfg = load_config(path, **overrides)
   tensors = _read_safetensors(path)
   pdt = jnp.dtype(cfg.param_dtype)
 
@@ -301,32 +294,6 @@ def load(
   shardings = sharding.model_shardings(state, mesh)
   nnx.replace_by_pure_dict(state, params)
   return nnx.merge(graphdef, sharding.place(state, shardings)), cfg
-
-
-def _load_gguf_as_is(path: pathlib.Path, *, mesh, **overrides) -> tuple[Llama, ModelConfig]:
-  from jaxeff import gguf
-  from jaxeff.quantization import QuantizedEmbed, QuantizedLinear, replace_module
-
-  if path.suffix != ".gguf":
-    raise HFError(f"quantized=True loads a .gguf file's quantized blocks as they are; {path} is not a .gguf")
-  if overrides.get("scan_layers"):
-    raise HFError("quantized=True builds per-layer quantized modules; scan_layers=True is not supported with it")
-  model, cfg = load(path, mesh=None, **overrides)  # the float model: norms, structure, non-as-is tensors
-  _, weights, others = gguf.quantized_weights(path)
-  if others:
-    listed = ", ".join(f"{len(names)} {kind}" for kind, names in sorted(others.items()))
-    log.warning(
-      "jaxeff.hf.load: %s tensor(s) dequantized to float (served as stored: %s)", listed, ", ".join(gguf.AS_IS)
-    )
-  for name, qw in weights.items():
-    # "model.layers.3.mlp.up_proj.weight" -> ("layers", 3, "mlp", "up_proj"); "lm_head.weight" -> ("lm_head",)
-    path_ = tuple(int(p) if p.isdigit() else p for p in name.removeprefix("model.").split(".")[:-1])
-    old = functools.reduce(lambda m, p: m[p] if isinstance(p, int) else getattr(m, p), path_, model)
-    replace_module(model, path_, (QuantizedEmbed if path_ == ("embed_tokens",) else QuantizedLinear)(old, weight=qw))
-  if mesh is not None:
-    state = nnx.state(model)
-    nnx.update(model, sharding.place(state, sharding.model_shardings(state, mesh)))
-  return model, cfg
 
 
 def hf_tensors(model: Llama, cfg: ModelConfig) -> dict[str, np.ndarray]:

@@ -6,10 +6,11 @@
   python -m jaxeff.train medusa.base=model.gguf steps=300  # Medusa-1 heads for a frozen base instead
   python -m jaxeff.train init_from=model.gguf data.format=chat data.paths=[chats.jsonl]   # fine-tune
 
-Fine-tuning: `init_from=PATH` (a Hugging Face directory or a GGUF file) starts from that model's
-weights, with its architecture and tokenizer (`model.*` keys may change compute settings only);
-`data.format=chat` trains on the assistant tokens of JSONL conversations (`jaxeff.data.chat`);
-`python -m jaxeff.export` turns the run back into a transformers directory or a GGUF.
+Fine-tuning: `init_from=PATH` (a Hugging Face directory, a GGUF file or a jaxeff.train output_dir:
+anything `jaxeff.load` reads) starts from that model's weights, with its architecture and tokenizer
+(`model.*` keys may change compute settings only); `data.format=chat` trains on the assistant
+tokens of JSONL conversations (`jaxeff.data.chat`); `python -m jaxeff.export` turns the run back
+into a transformers directory or a GGUF.
 
 One jitted step: cross-entropy, gradients, an optax chain (clip -> optimizer with warmup + cosine).
 Parameters and optimizer state are sharded by the logical-axis rules (jaxeff.sharding) over the
@@ -25,8 +26,9 @@ continuations of prompts from the `data.*` corpus (tokenized with the base's tok
 them to `output_dir/medusa`, with the acceptance table measured on held-out prompts. Keys
 `medusa.num_heads=4 medusa.num_layers=1 medusa.sequences=64 medusa.eval_sequences=16
 medusa.prompt_len=32 medusa.new_tokens=96 medusa.generate_batch=16 medusa.max_rank=10
-medusa.overwrite=false`, with `steps`, `batch_size`, `seed`, `log_every`, `optimizer.*`;
-jaxeff.training.medusa describes them.
+medusa.overwrite=false`, with `steps`, `batch_size`, `seed`, `log_every`, `mesh`, `optimizer.*`;
+jaxeff.generate.speculative.medusa_training describes them. The heads train on the same engine
+(`jaxeff.training.Trainer`) as any model.
 
 This module is the command line; the engine is `jaxeff.training`, whose public API it re-exports
 (`load_config`, `train`, `load_checkpoint`, `TrainConfig`, ...).
@@ -38,7 +40,12 @@ import argparse
 import os
 import sys
 
-from jaxeff import cli
+import jax
+
+from jaxeff import cli, host_malloc
+from jaxeff.checkpoint import quiet_abandoned_reads
+from jaxeff.errors import ConfigError, JaxeffError
+from jaxeff.generate.speculative import medusa_heads, medusa_training
 from jaxeff.training import (
   Checkpointer,
   CheckpointError,
@@ -114,10 +121,6 @@ def parse_args(argv):
 
 
 def _init_distributed(args):
-  import jax
-
-  from jaxeff.errors import ConfigError
-
   if args.coordinator or args.num_processes:
     if not (args.coordinator and args.num_processes and args.process_id is not None):
       raise ConfigError("--coordinator, --num-processes and --process-id go together")
@@ -131,22 +134,14 @@ def _init_distributed(args):
 
 def main(argv=None) -> int:
   """The command line; returns the exit status (2 with one `error:` line for bad input)."""
-  from jaxeff import host_malloc
-
   try:
     args = parse_args(sys.argv[1:] if argv is None else argv)
   except cli.UsageError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   host_malloc.prepare_cpu_host()  # before the backend starts; see jaxeff/host_malloc.py
-  from jaxeff.checkpoint import quiet_abandoned_reads
-
   quiet_abandoned_reads()  # a damaged checkpoint stays one error line
   cli.log_to_stderr()
-  import jax
-
-  from jaxeff.errors import JaxeffError
-
   try:
     cfg = load_config(args.config, args.overrides)
     _init_distributed(args)
@@ -170,16 +165,12 @@ def main(argv=None) -> int:
 
 def _train_medusa(cfg: TrainConfig, args) -> int:
   """Medusa mode (`medusa.base` set): trains and saves the heads, prints the `done:` line."""
-  from jaxeff.errors import ConfigError
-  from jaxeff.generate.speculative.medusa_heads import format_acceptance
-  from jaxeff.training import medusa
-
   if args.resume:
     raise ConfigError("medusa mode does not resume; run it again (medusa.overwrite=true replaces saved heads)")
-  result = medusa.train_medusa(cfg, report=lambda line: print(line, file=sys.stderr, flush=True))
+  result = medusa_training.train_medusa(cfg, report=lambda line: print(line, file=sys.stderr, flush=True))
   info = result.info
   if info.acceptance is not None:
-    print("\n".join(format_acceptance(info.acceptance)))
+    print("\n".join(medusa_heads.format_acceptance(info.acceptance)))
   top1 = "" if info.acceptance is None else f", top-1 acceptance per head {[round(r[0], 3) for r in info.acceptance]}"
   print(
     f"done: {info.num_heads} Medusa heads x {info.num_layers} layer(s) for {cfg.medusa.base}, "

@@ -11,7 +11,7 @@ import time
 from flax import nnx
 
 from jaxeff import ModelConfig
-from jaxeff.generate.tokenizer import TextTokenizer
+from jaxeff.data.tokenizer import ByteTokenizer
 from jaxeff.models import Llama
 
 BOS, EOS = 256, 257
@@ -21,21 +21,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def byte_tokenizer() -> TextTokenizer:
+def byte_tokenizer() -> ByteTokenizer:
   """UTF-8 bytes as ids 0-255, BOS 256, EOS 257 (the stop id), and a small chat template."""
-
-  def encode(text, specials):
-    return ([BOS] if specials else []) + list(text.encode())
-
-  def decode(ids):
-    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
-
-  return TextTokenizer(
-    encode,
-    decode,
-    stop_tokens=[EOS],
-    chat_template=CHAT_TEMPLATE,
-    special_tokens={"bos_token": "", "eos_token": ""},
+  return ByteTokenizer(
+    bos_id=BOS, eod_id=EOS, chat_template=CHAT_TEMPLATE, special_tokens={"bos_token": "", "eos_token": ""}
   )
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from jaxeff import data as data_lib
 from jaxeff.data import DataConfig, DataError, TextData
+from jaxeff.errors import HFError
 
 
 def _write_corpus(tmp_path, n_docs=4, doc_len=500, seed=0):
@@ -62,9 +63,9 @@ def test_byte_tokens_round_trip():
   tok = data_lib.ByteTokenizer()
   text = "héllo, wörld ✓\n"
   ids = tok.encode(text)
-  assert ids.dtype == np.int32
-  assert ids.tolist() == list(text.encode("utf-8"))
+  assert ids == list(text.encode("utf-8"))
   assert tok.decode(ids) == text
+  assert [d.dtype for d in tok.encode_each([b"ab", "c"])] == [np.int32, np.int32]
 
 
 def test_load_tokens_concatenates_documents_with_eod(tmp_path):
@@ -88,7 +89,7 @@ def test_hf_tokenizer_json(tmp_path):
   cfg = DataConfig(paths=[str(tmp_path / "*.txt")], tokenizer=str(tok_path))
 
   hf = data_lib.get_tokenizer(cfg.tokenizer)
-  assert hf.encode("world jax hello").tolist() == [3, 4, 2]
+  assert hf.encode("world jax hello") == [3, 4, 2]
   assert hf.eod_id == 1
   assert data_lib.vocab_size(cfg) == 5
   # Unknown words map to [UNK]; each document ends with <|endoftext|>.
@@ -115,6 +116,66 @@ def test_hf_tokenizer_trained_bpe(tmp_path):
   assert len(tokens) < len(text)  # merges were learned
   assert hf.decode(tokens[:-1]) == text
   assert tokens.max() < data_lib.vocab_size(cfg) == tok.get_vocab_size()
+
+
+def test_one_tokenizer_type_serves_data_and_generation(tmp_path):
+  """`HFTokenizer` (a tokenizer.json and what lies beside it) and `ByteTokenizer` are both the
+  `Tokenizer` every part of jaxeff takes: prompts with special tokens, documents without."""
+  vocab = {"[UNK]": 0, "[BOS]": 1, "</s>": 2, "<|im_end|>": 3, "hi": 4, "there": 5}
+  tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+  tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+  tok.add_special_tokens(["[BOS]", "</s>", "<|im_end|>"])
+  tok.post_processor = tokenizers.processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", 1)])
+  tok.decoder = tokenizers.decoders.WordPiece()  # joins words with spaces
+  tok.save(str(tmp_path / "tokenizer.json"))
+
+  bare = data_lib.HFTokenizer(tmp_path)  # a directory or its tokenizer.json: the same tokenizer
+  assert bare.path == tmp_path / "tokenizer.json" and bare.fingerprint == data_lib.HFTokenizer(bare.path).fingerprint
+  assert isinstance(bare, data_lib.Tokenizer) and isinstance(data_lib.ByteTokenizer(), data_lib.Tokenizer)
+  assert bare.encode("hi there") == [1, 4, 5] and bare.encode("hi there", add_special_tokens=False) == [4, 5]
+  assert [d.tolist() for d in bare.encode_each([b"hi", "there hi"])] == [[4, 2], [5, 4, 2]]  # eod, never BOS
+  assert bare.decode([1, 4, 5, 3]) == "hi there" and bare.decode([4, 3], skip_special_tokens=False) == "hi <|im_end|>"
+  assert bare.eod_id == 2 and bare.stop_tokens == (2,) and bare.chat_template is None  # no config: stop at eod
+  with pytest.raises(HFError, match="no chat template"):
+    bare.apply_chat_template([{"role": "user", "content": "hi"}])
+
+  template = "{% for m in messages %}{{ m['content'] }}{{ eos_token }}{% endfor %}"
+  (tmp_path / "tokenizer_config.json").write_text(
+    json.dumps({"eos_token": "<|im_end|>", "chat_template": [{"name": "default", "template": template}]})
+  )
+  chat = data_lib.HFTokenizer(tmp_path / "tokenizer.json")
+  assert chat.chat_template == template and chat.stop_tokens == (3,)
+  assert chat.apply_chat_template([{"role": "user", "content": "hi"}]) == "hi<|im_end|>"
+  (tmp_path / "tokenizer_config.json").write_text("{}")
+  (tmp_path / "chat_template.jinja").write_text(template)
+  assert data_lib.HFTokenizer(tmp_path).chat_template == template
+  with pytest.raises(DataError, match="past the 256 byte values"):
+    data_lib.ByteTokenizer(bos_id=10)
+
+
+def test_data_modules_import_without_a_cycle():
+  """jaxeff.data's modules import one another at module level only, in one direction."""
+  import ast
+
+  root = pathlib.Path(data_lib.__file__).parent
+  graph = {}
+  for path in root.glob("*.py"):
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    imports = [
+      n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("jaxeff.data.")
+    ]
+    assert all(id(n) in top for n in imports), f"{path.name} imports jaxeff.data inside a function"
+    graph[path.stem] = {n.module.split(".")[2] for n in imports}
+  graph.pop("__init__"), graph.pop("__main__")
+  order = []
+  while graph:
+    ready = sorted(m for m, deps in graph.items() if not deps - set(order))
+    assert ready, f"import cycle among {sorted(graph)}"
+    order += ready
+    for m in ready:
+      graph.pop(m)
+  assert order.index("chat") < order.index("prepared") < order.index("pipeline")
 
 
 def test_default_corpus_is_stdlib_bytes():

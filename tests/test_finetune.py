@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 from tiny_gguf import CHAT_TEMPLATE, hf_tiny, write_gguf
 
-import jaxeff.hf
+import jaxeff
 from jaxeff import export, training
-from jaxeff.data import vocab_size
-from jaxeff.data.chat import ChatData, ChatTemplate, encode_chat
+from jaxeff.data import load_chat, vocab_size
+from jaxeff.data.chat import encode_chat
 from jaxeff.data.pipeline import TextData
 from jaxeff.data.sources import DataConfig
 from jaxeff.data.tokenizer import HFTokenizer
@@ -61,13 +61,12 @@ def tiny(tmp_path_factory):
 
 def test_chat_rows_mask_exactly_the_assistant_replies(tiny):
   _, directory, _ = tiny
-  template = ChatTemplate.from_dir(directory)
-  tok = HFTokenizer(directory / "tokenizer.json")
+  tok = HFTokenizer(directory / "tokenizer.json")  # its chat template comes from the directory
   messages = CHATS[1]["messages"]
-  ids, mask = encode_chat(messages, template, tok.encode)
-  assert tok.decode(ids) == template.render(messages, add_generation_prompt=False)
+  ids, mask = encode_chat(messages, tok)
+  assert tok.decode(ids, skip_special_tokens=False) == tok.apply_chat_template(messages, add_generation_prompt=False)
   # The trained tokens are the two replies, each with the end-of-turn text that closes it.
-  trained = tok.decode(ids[mask])
+  trained = tok.decode(ids[mask], skip_special_tokens=False)
   assert trained == "the cat 12<|im_end|>\nthe hat<|im_end|>\n"
   assert "be brief" in tok.decode(ids[~mask]) and "and then" in tok.decode(ids[~mask])
 
@@ -76,7 +75,7 @@ def test_bad_records_are_counted_in_one_line(tiny, caplog):
   _, directory, chats = tiny
   cfg = DataConfig(format="chat", paths=[str(chats)], tokenizer=str(directory / "tokenizer.json"), val_fraction=0.1)
   with caplog.at_level(logging.WARNING, logger="jaxeff.data.chat"):
-    data = ChatData.load(cfg, seq_len=128)
+    data = load_chat(cfg, seq_len=128)
   assert data.skipped == {
     "no messages": 1,
     "unknown role": 1,
@@ -90,9 +89,9 @@ def test_bad_records_are_counted_in_one_line(tiny, caplog):
   # Packed (the default): every conversation once, several to a row.
   assert sum(int(rows.segments.max(axis=1).sum()) for rows in (data.train, data.val)) == 48
   assert len(data.train) + len(data.val) < 48 and data.train.batch(np.arange(2))["loss_mask"].any(axis=1).all()
-  padded = ChatData.load(DataConfig(**{**cfg.__dict__, "pack": False}), seq_len=128)
+  padded = load_chat(DataConfig(**{**cfg.__dict__, "pack": False}), seq_len=128)
   assert len(padded.train) + len(padded.val) == 48 and padded.train.loss_mask[:, 1:].any(axis=1).all()
-  truncated = ChatData.load(DataConfig(**{**cfg.__dict__, "truncate": True}), seq_len=128)
+  truncated = load_chat(DataConfig(**{**cfg.__dict__, "truncate": True}), seq_len=128)
   assert "longer than seq_len + 1 = 129 tokens" not in truncated.skipped
 
 
@@ -107,7 +106,7 @@ def test_prepare_chat_gives_what_training_reads_from_jsonl(tiny, tmp_path, capsy
   assert "in 49 conversations" in capsys.readouterr().out
   from_jsonl = DataConfig(format="chat", paths=[str(chats)], tokenizer=tokenizer, val_fraction=0.1)
   from_dir = DataConfig(format="chat", dataset=str(tmp_path / "chat"), tokenizer=tokenizer, val_fraction=0.1)
-  want, got = ChatData.load(from_jsonl, seq_len=128), ChatData.load(from_dir, seq_len=128)
+  want, got = load_chat(from_jsonl, seq_len=128), load_chat(from_dir, seq_len=128)
   assert got.skipped == want.skipped and got.vocab_size == want.vocab_size
   for a, b in ((got.train, want.train), (got.val, want.val)):
     for field in ("tokens", "loss_mask", "segments", "positions"):
@@ -119,7 +118,7 @@ def test_prepare_chat_gives_what_training_reads_from_jsonl(tiny, tmp_path, capsy
   (chats.parent / "doc.txt").write_text("plain text")
   assert data_main(["prepare", "--input", str(chats.parent / "doc.txt"), "--output", str(text_dir), "--quiet"]) == 0
   with pytest.raises(DataError, match="holds text documents, not chat conversations"):
-    ChatData.load(DataConfig(format="chat", dataset=str(text_dir)), seq_len=128)
+    load_chat(DataConfig(format="chat", dataset=str(text_dir)), seq_len=128)
 
 
 def test_packing_needs_an_attention_that_masks_by_segment(tiny, tmp_path):
@@ -162,7 +161,7 @@ def run(tiny, tmp_path_factory):
 def test_init_from_takes_the_checkpoint_and_starts_from_its_weights(tiny, run):
   path, directory, _ = tiny
   cfg, result = run
-  model, source_cfg = jaxeff.hf.load(path)
+  model, _ = jaxeff.load(path)
   assert (cfg.model.num_layers, cfg.model.vocab_size, cfg.model.tie_embeddings) == (2, 300, True)
   assert cfg.model.attention == "blocked"  # the built-in config's CPU attention, a compute setting
   assert cfg.data.tokenizer == str(directory / "tokenizer.json")
@@ -201,7 +200,7 @@ def test_gguf_export_loads_in_llama_cpp_and_decodes_as_jaxeff(tiny, run, tmp_pat
   assert export.main(["--checkpoint", str(cfg.output_dir), "--gguf", str(tmp_path / "ft.gguf")], out=out) == 0
   assert "GGUF (f16)" in out.getvalue()
   trained, _ = training.load_checkpoint(cfg.output_dir)
-  exported, exported_cfg = jaxeff.hf.load(tmp_path / "ft.gguf")  # jaxeff reads its own export back
+  exported, _ = jaxeff.load(tmp_path / "ft.gguf")  # jaxeff reads its own export back
   tokens = np.arange(3, 40, dtype=np.int32)[None]
   np.testing.assert_allclose(exported(tokens), trained(tokens), atol=2e-2)  # f16 weights
   llama_cpp_without_extra_buffers()
@@ -219,7 +218,7 @@ def test_gguf_export_loads_in_llama_cpp_and_decodes_as_jaxeff(tiny, run, tmp_pat
   # Quantized exports: perplexity on the held-out conversations within each format's expected change
   # (llama.cpp's tables for Llama-class models: q8_0 ~0.1%, q4_0 / q4_1 a few percent; measured
   # here: +0.03%, +0.12%, -0.23%). A wrong block layout or row order is off by orders of magnitude.
-  val = ChatData.load(cfg.data, cfg.seq_len).val
+  val = load_chat(cfg.data, cfg.seq_len).val
   held_out = val.batch(np.arange(len(val)))
   base = float(next_token_loss(trained, held_out))
   for kind, tol in (("q8_0", 0.005), ("q4_0", 0.05), ("q4_1", 0.05)):
@@ -227,7 +226,7 @@ def test_gguf_export_loads_in_llama_cpp_and_decodes_as_jaxeff(tiny, run, tmp_pat
     assert (
       export.main(["--checkpoint", str(cfg.output_dir), "--gguf", str(path), "--type", kind], out=io.StringIO()) == 0
     )
-    quantized, _ = jaxeff.hf.load(path)
+    quantized, _ = jaxeff.load(path)
     change = np.exp(float(next_token_loss(quantized, held_out)) - base) - 1
     assert abs(change) < tol, (kind, change)
   # Never overwrites.

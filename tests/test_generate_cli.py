@@ -31,10 +31,9 @@ def run_cli(argv, stdin=""):
 def test_prompt_streams_the_greedy_tokens(tiny_gguf):
   code, out, err = run_cli(["--hf", str(tiny_gguf), "--prompt", "the cat in the hat", "--max-new-tokens", "12"])
   assert code == 0, err
-  import jaxeff.hf
+  import jaxeff
 
-  model, _ = jaxeff.hf.load(tiny_gguf)
-  tok = load_tokenizer(tiny_gguf)
+  model, tok = jaxeff.load(tiny_gguf)
   ids = tok.encode("the cat in the hat")
   want = Generator(model, max_batch=1, max_seq_len=64).generate([ids], max_new_tokens=12, stop_tokens=tok.stop_tokens)
   assert out == tok.decode(want[0]) + "\n" and out.strip()

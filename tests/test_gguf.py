@@ -14,9 +14,9 @@ import transformers
 from smollm2 import smollm2_path
 from tiny_gguf import hf_tiny, write_gguf
 
+import jaxeff
 import jaxeff.gguf
-import jaxeff.hf
-from jaxeff.errors import GGUFError
+from jaxeff.errors import CheckpointError, GGUFError, HFError
 from jaxeff.generate import Generator
 
 
@@ -45,7 +45,8 @@ def cache_dir(tmp_path, monkeypatch):
 def test_tiny_gguf_matches_source_and_transformers(tmp_path, cache_dir, kind, quant, extra):
   source = hf_tiny(kind, **extra)
   path = write_gguf(tmp_path / f"tiny-{kind}.gguf", source, kind, quant=gguf.GGMLQuantizationType[quant])
-  model, cfg = jaxeff.hf.load(path)
+  model, _ = jaxeff.load(path)
+  cfg = model.cfg
   assert (cfg.qkv_bias, cfg.tie_embeddings, cfg.num_kv_heads) == (kind == "qwen2", extra["tie_word_embeddings"], 2)
   ours = np.asarray(model(jnp.asarray(TOKENS)))
   ref = _logits(
@@ -75,11 +76,11 @@ def test_conversion_is_cached_by_hash(tmp_path, cache_dir):
 
 
 def test_bad_gguf_files(tmp_path, cache_dir):
-  with pytest.raises(jaxeff.hf.HFError, match="not found"):
-    jaxeff.hf.load(tmp_path / "missing.gguf")
+  with pytest.raises(CheckpointError, match="missing.gguf: no such file or directory"):
+    jaxeff.load(tmp_path / "missing.gguf")
   (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
-  with pytest.raises(jaxeff.hf.HFError, match="not a readable GGUF"):
-    jaxeff.hf.load(tmp_path / "junk.gguf")
+  with pytest.raises(GGUFError, match="not a readable GGUF"):
+    jaxeff.load(tmp_path / "junk.gguf")
   w = gguf.GGUFWriter(str(tmp_path / "gpt2.gguf"), "gpt2")
   w.add_block_count(1)
   w.add_tensor("token_embd.weight", np.zeros((8, 4), np.float32))
@@ -87,8 +88,8 @@ def test_bad_gguf_files(tmp_path, cache_dir):
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(jaxeff.hf.HFError, match="unsupported GGUF architecture 'gpt2'"):
-    jaxeff.hf.load(tmp_path / "gpt2.gguf")
+  with pytest.raises(HFError, match="unsupported GGUF architecture 'gpt2'"):
+    jaxeff.load(tmp_path / "gpt2.gguf")
   assert not (cache_dir / "gguf").exists() or not any((cache_dir / "gguf").iterdir())
 
 
@@ -183,8 +184,8 @@ def test_tokenizers_match_transformers(tmp_path):
 @pytest.fixture(scope="module")
 def smollm2():
   path = smollm2_path()
-  model, cfg = jaxeff.hf.load(path, scan_layers=True)  # one compiled layer: compiles in seconds
-  return path, model, cfg
+  model, _ = jaxeff.load(path, scan_layers=True)  # one compiled layer: compiles in seconds
+  return path, model, model.cfg
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import jaxeff
 from jaxeff import ModelConfig
 from jaxeff import train as train_lib
 from jaxeff.errors import CheckpointError, ConfigError
 from jaxeff.generate import Generator
 from jaxeff.generate.speculative import medusa_heads as medusa
+from jaxeff.generate.speculative.medusa_training import distillation_set, train_heads
 from jaxeff.models import Llama
-from jaxeff.training.medusa import distillation_set, train_heads
 
 VOCAB, HIDDEN, PROMPT, NEW, K = 96, 32, 8, 16, 3
 TINY = ModelConfig(
@@ -190,12 +191,12 @@ CLI_ARGS = [
 
 
 def test_chat_prompts_wrap_every_window_alike(tiny_gguf):
-  from jaxeff.generate.tokenizer import load_tokenizer
-  from jaxeff.training.medusa import CHAT_INSTRUCTION, chat_prompts
+  from jaxeff.generate.speculative.medusa_training import CHAT_INSTRUCTION, chat_prompts
+  from jaxeff.loader import load_tokenizer
 
   windows = np.arange(3 * 5).reshape(3, 5) + 40
-  prompts = chat_prompts(windows, str(tiny_gguf))
   tok = load_tokenizer(tiny_gguf)
+  prompts = chat_prompts(windows, tok)
   want = tok.encode(
     tok.apply_chat_template([{"role": "user", "content": CHAT_INSTRUCTION + "\x00"}]), add_special_tokens=False
   )
@@ -221,10 +222,8 @@ def test_cli_trains_heads_for_a_gguf(tmp_path, tiny_gguf):
   assert out[0].startswith("acceptance on held-out") and len(out) == 1 + 3 + 1
   assert "distillation set: 12 prompts x 12 greedy tokens" in proc.stderr and "step 4: loss" in proc.stderr
 
-  import jaxeff.hf
-
   heads, info = medusa.load_heads(heads_dir)
-  medusa.check_base(info, jaxeff.hf.load(tiny_gguf)[0])
+  medusa.check_base(info, jaxeff.load(tiny_gguf)[0])
   assert (info.num_heads, info.num_layers, info.hidden_size, info.vocab_size) == (3, 1, 64, 300)
   assert np.asarray(info.acceptance).shape == (3, 4) and info.training["steps"] == 4 and info.training["chat"]
   assert info.base_path == str(tiny_gguf) and heads.w.shape == (3, 1, 64, 64)

@@ -19,9 +19,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from test_quant_matmul import LAYERS, MESHES, SMALL_BLOCKS
 
+import jaxeff
 import pallas_kernels as pk
 from jaxeff import gguf as jaxeff_gguf
-from jaxeff import hf, quantization, sharding
+from jaxeff import quantization, sharding
 from jaxeff.bench import quant_accuracy
 from pallas_kernels.compat import lowering_for
 from pallas_kernels.quant_matmul import weights as weights_lib
@@ -244,12 +245,12 @@ def test_gguf_blocks_load_bit_exact_and_logits_match_float(tmp_path, caplog, mon
   assert others == {"Q5_0": ["model.layers.1.mlp.down_proj.weight"]}
   for name, qw in weights.items():  # q/k included: the rotary row order is undone on the blocks
     np.testing.assert_array_equal(np.asarray(pk.dequantize(qw)), floats[name].T, err_msg=name)
-  float_model, _ = hf.load(path)
+  float_model, _ = jaxeff.load(path)
   caplog.clear()
   with caplog.at_level(logging.INFO, logger="jaxeff"):
-    served, _ = hf.load(path, quantized=True)
+    served, _ = jaxeff.load(path, quant="gguf")
   assert [r.getMessage() for r in caplog.records] == [
-    "jaxeff.hf.load: 1 Q5_0 tensor(s) dequantized to float (served as stored: Q8_0, Q4_0, Q4_1)"
+    "jaxeff.load: 1 Q5_0 tensor(s) dequantized to float (served as stored: Q8_0, Q4_0, Q4_1)"
   ]
   assert isinstance(served.layers[0].self_attn.q_proj, quantization.QuantizedLinear)
   assert isinstance(served.embed_tokens, quantization.QuantizedEmbed)
@@ -257,11 +258,6 @@ def test_gguf_blocks_load_bit_exact_and_logits_match_float(tmp_path, caplog, mon
   tokens = jnp.asarray([[1, 5, 9, 33, 200, 7, 7, 150]])
   want, got = np.asarray(float_model(tokens)), np.asarray(served(tokens))
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-
-
-def test_gguf_as_is_errors(tmp_path):
-  with pytest.raises(hf.HFError, match="is not a .gguf"):
-    hf.load(tmp_path, quantized=True)
 
 
 # ---------------------------------------------------------------- SmolLM2: why zero points
@@ -332,9 +328,9 @@ def test_gguf_as_stored_on_a_mesh_equals_one_device(tmp_path, monkeypatch):
   monkeypatch.setenv("JAXEFF_CACHE_DIR", str(tmp_path / "cache"))
   path, _ = _mixed_gguf(tmp_path / "mixed.gguf")
   tokens = jnp.asarray([[1, 5, 9, 33, 200, 7, 7, 150]] * 4)
-  want = np.asarray(hf.load(path, quantized=True)[0](tokens))
+  want = np.asarray(jaxeff.load(path, quant="gguf")[0](tokens))
   mesh = sharding.make_mesh({"data": 2, "tensor": 4})
-  model, _ = hf.load(path, quantized=True, mesh=mesh)
+  model, _ = jaxeff.load(path, quant="gguf", mesh=mesh)
   qvalue = model.layers[0].mlp.up_proj.qvalue[...]
   assert not qvalue.sharding.is_fully_replicated  # placed by its logical axes, not copied whole
   with jax.set_mesh(mesh):

@@ -14,9 +14,8 @@ import openai
 import pytest
 import tiny_gguf
 
-from jaxeff import hf
+import jaxeff
 from jaxeff.generate import Generator
-from jaxeff.generate.tokenizer import load_tokenizer
 from jaxeff.serve.__main__ import main
 
 
@@ -63,8 +62,7 @@ def test_serves_a_gguf_and_stops_cleanly_on_sigterm(gguf_file, tmp_path):
     # The answer is the stored-blocks model's greedy continuation of the chat template's text.
     messages = [{"role": "user", "content": "hello"}]
     r = client.chat.completions.create(model="tiny-chat.gguf", messages=messages, max_tokens=8, temperature=0)
-    model, _ = hf.load(gguf_file, quantized=True)
-    tok = load_tokenizer(gguf_file)
+    model, tok = jaxeff.load(gguf_file, quant="gguf")
     ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
     expected = Generator(model, max_batch=1, max_seq_len=64).generate(
       [ids], max_new_tokens=8, stop_tokens=tok.stop_tokens
@@ -145,8 +143,7 @@ def test_serves_with_speculation_on_a_mesh_and_with_a_cache_policy(gguf_file, tm
   plain model's greedy tokens (exact), and /metrics reports speculation and the cache's bytes."""
   from helpers import cpu_env
 
-  model, _ = hf.load(gguf_file, quantized=True)
-  tok = load_tokenizer(gguf_file)
+  model, tok = jaxeff.load(gguf_file, quant="gguf")
   prompt = "abcabcabcabc"
   ids = tok.encode(prompt)
   expected = tok.decode(Generator(model, max_batch=1, max_seq_len=64).generate([ids], max_new_tokens=12)[0])

@@ -16,7 +16,7 @@ import tiny_gguf
 from serving import EOS, byte_tokenizer, tiny_model
 
 import jaxeff
-from jaxeff import hf, sharding
+from jaxeff import sharding
 from jaxeff.errors import GenerationError
 from jaxeff.generate import Generator, SamplingParams
 from jaxeff.inference.sampling import SamplingShape, row_values, sample
@@ -240,7 +240,7 @@ def test_quantized_bf16_and_gguf_as_stored_models(model, tmp_path, monkeypatch):
   path = tiny_gguf.write_gguf(
     tmp_path / "q8.gguf", tiny_gguf.hf_tiny("llama"), "llama", quant=gguf.GGMLQuantizationType.Q8_0
   )
-  models["gguf"] = hf.load(path, quantized=True)[0]
+  models["gguf"] = jaxeff.load(path, quant="gguf")[0]
   for name, m in models.items():
     ref = Generator(m, max_batch=1, max_seq_len=64)
     expected = [ref.generate([p], max_new_tokens=8)[0] for p in prompts]

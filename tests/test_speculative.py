@@ -16,7 +16,6 @@ from flax import nnx
 from smollm2 import smollm2_path
 
 import jaxeff.gguf
-import jaxeff.hf
 from jaxeff.config import ModelConfig
 from jaxeff.generate import GenerationError, Generator, SamplingParams
 from jaxeff.generate.speculative import DraftModel, Medusa, PromptLookup, SelfDraft, Speculator, Tree
@@ -324,7 +323,7 @@ def test_tree_needs_an_attention_that_takes_a_mask():
 
 @pytest.fixture(scope="module")
 def smollm2():
-  model, _ = jaxeff.hf.load(smollm2_path(), scan_layers=True)
+  model, _ = jaxeff.load(smollm2_path(), scan_layers=True)
   tokenizer = jaxeff.gguf.tokenizer(smollm2_path())
   return model, tokenizer
 

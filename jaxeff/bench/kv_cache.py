@@ -31,11 +31,10 @@ import time
 import jax
 import numpy as np
 
-from jaxeff import hf
+import jaxeff
 from jaxeff.bench import common
 from jaxeff.data.sources import default_corpus_files
 from jaxeff.generate import Generator
-from jaxeff.generate.tokenizer import load_tokenizer
 from jaxeff.inference import H2O, KIVI, Dense, SnapKV, StreamingLLM, token_nll
 
 
@@ -108,8 +107,7 @@ def main(argv=None) -> int:
     name = "tiny random model (bytes)"
   else:
     path = common.require_smollm2("kv_cache")
-    model, cfg = hf.load(path, scan_layers=True)
-    tok = load_tokenizer(path)
+    model, tok = jaxeff.load(path, scan_layers=True)
     all_tokens = np.asarray(tok.encode(text[: 40 * args.long]), np.int32)
     sinks, window = 4, 1020
     name = "SmolLM2-135M-Instruct f32"

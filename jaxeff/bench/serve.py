@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from jaxeff import hf
+import jaxeff
 from jaxeff.bench import common
 from jaxeff.data.sources import default_corpus_files
 from jaxeff.generate import Generator
@@ -211,8 +211,7 @@ def _format_row(r: dict) -> str:
 def static_batches(gguf_path, requests_for, levels, max_batch: int) -> list[dict]:
   """The same requests through `Generator.generate` in static batches: every batch waits for its
   longest request (no continuous batching); only each request's own tokens count."""
-  model, _ = hf.load(gguf_path)
-  tok = load_tokenizer(gguf_path)
+  model, tok = jaxeff.load(gguf_path)
   rows = []
   for c in levels:
     requests = requests_for(c)

@@ -27,11 +27,10 @@ import time
 
 import numpy as np
 
-from jaxeff import hf
+import jaxeff
 from jaxeff.bench import common
 from jaxeff.generate import Generator, speculative
 from jaxeff.generate.speculative import medusa_heads
-from jaxeff.generate.tokenizer import load_tokenizer
 
 PASSAGE = (
   "The old lighthouse keeper climbed the narrow stairs every evening at dusk. He carried a lantern, a tin of oil "
@@ -156,8 +155,7 @@ def main(argv=None) -> int:
   else:
     path = common.require_smollm2("speculative")
     print(f"loading {path.name} ...", flush=True)
-    model, cfg = hf.load(path)
-    tokenizer = load_tokenizer(path)
+    model, tokenizer = jaxeff.load(path)
     kinds = prompts(tokenizer)
     stop_tokens = tokenizer.stop_tokens
     hf_model = None

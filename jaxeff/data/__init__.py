@@ -22,15 +22,17 @@ padded row each with `pack=False`; a `loss_mask` on assistant tokens; `jaxeff.da
 `train_iterator` and `val_batches` batch the same way. `prepare --format chat` tokenizes
 conversations once for `DataConfig(format="chat", dataset="DIR")`.
 
-Modules: `sources` (DataConfig, DataError, corpus files and the documents in text / jsonl /
-parquet files), `tokenizer` (bytes or a tokenizer.json), `prepared` (`prepare`, `TokenFile`: the
-on-disk format), `pipeline` (TextData, the grain datasets; split, packing, sharding and state
-are described there).
+Modules, lower first: `sources` (DataConfig, DataError, corpus files and the documents in text /
+jsonl / parquet files), `tokenizer` (`Tokenizer`, the one type data, training and generation share:
+bytes, or a tokenizer.json with its chat template), `chat` (conversations -> masked rows),
+`prepared` (`prepare`, `TokenFile`: the on-disk format), `pipeline` (TextData, `load_data`, the
+grain datasets; split, packing, sharding and state are described there).
 """
 
-from jaxeff.data.chat import ChatData, ChatTemplate
+from jaxeff.data.chat import ChatData
 from jaxeff.data.pipeline import (
   TextData,
+  load_chat,
   load_data,
   load_tokens,
   train_dataset,
@@ -40,14 +42,22 @@ from jaxeff.data.pipeline import (
 )
 from jaxeff.data.prepared import TokenFile, prepare
 from jaxeff.data.sources import DataConfig, DataError, corpus_files, default_corpus_files, resolve_paths
-from jaxeff.data.tokenizer import BYTE_EOD_ID, BYTE_VOCAB_SIZE, EOD_TOKENS, ByteTokenizer, HFTokenizer, get_tokenizer
+from jaxeff.data.tokenizer import (
+  BYTE_EOD_ID,
+  BYTE_VOCAB_SIZE,
+  EOD_TOKENS,
+  ByteTokenizer,
+  HFTokenizer,
+  Tokenizer,
+  get_tokenizer,
+)
 
 __all__ = [
   "DataConfig",
   "DataError",
   "TextData",
   "ChatData",
-  "ChatTemplate",
+  "load_chat",
   "load_data",
   "TokenFile",
   "prepare",
@@ -59,6 +69,7 @@ __all__ = [
   "corpus_files",
   "default_corpus_files",
   "resolve_paths",
+  "Tokenizer",
   "ByteTokenizer",
   "HFTokenizer",
   "get_tokenizer",

@@ -2,7 +2,7 @@
 
 A record is `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}` (the
 OpenAI shape) or `{"prompt": "...", "completion": "..."}` (one user turn and its answer). It is
-rendered with the model's own chat template (`ChatTemplate`, from the tokenizer directory's
+rendered with the model's own chat template (the tokenizer's, from the tokenizer directory's
 tokenizer_config.json or chat_template.jinja, Hugging Face semantics) and the loss counts the
 assistant's tokens only, including the end-of-turn text that closes each reply (so the model
 learns to stop). Spans come from rendering incrementally: the conversation up to a reply with the
@@ -17,6 +17,9 @@ alone, so a packed row trains exactly as its conversations would one by one (tes
 `data.pack=false` each conversation is one right-padded row. A record that cannot be used (no
 messages, an unknown role, no assistant turn, not JSON, longer than `seq_len + 1` tokens unless
 `data.truncate`) is counted by reason and reported in one log line.
+
+`ChatData.build` makes the rows from conversations read here (`read_conversations`) or from a
+prepared directory (`jaxeff.data.prepared.read_chat`); `jaxeff.data.load_data` picks the source.
 """
 
 from __future__ import annotations
@@ -25,59 +28,15 @@ import collections
 import dataclasses
 import json
 import logging
-import pathlib
 
 import numpy as np
 
+from jaxeff.data.sources import resolve_paths
+from jaxeff.data.tokenizer import Tokenizer
 from jaxeff.errors import DataError
 
 log = logging.getLogger(__name__)
 ROLES = ("system", "user", "assistant")
-
-
-@dataclasses.dataclass(frozen=True)
-class ChatTemplate:
-  """A Hugging Face chat template (Jinja) and the special tokens it may use."""
-
-  template: str
-  special_tokens: dict
-
-  @classmethod
-  def from_dir(cls, directory: str | pathlib.Path) -> ChatTemplate:
-    directory = pathlib.Path(directory)
-    config = {}
-    if (directory / "tokenizer_config.json").is_file():
-      config = json.loads((directory / "tokenizer_config.json").read_text())
-    template = config.get("chat_template")
-    if (directory / "chat_template.jinja").is_file():
-      template = template or (directory / "chat_template.jinja").read_text()
-    if isinstance(template, list):  # several named templates: the default one
-      template = next((t["template"] for t in template if t.get("name") == "default"), None)
-    if not template:
-      raise DataError(f"data.format=chat needs a chat template; {directory} has none (tokenizer_config.json)")
-    specials = {}
-    for name in ("bos_token", "eos_token", "unk_token", "pad_token"):
-      value = config.get(name)
-      specials[name] = value.get("content") if isinstance(value, dict) else value
-    return cls(template, specials)
-
-  def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-    return render_template(self.template, messages, add_generation_prompt, self.special_tokens)
-
-
-def render_template(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
-  """A chat template rendered as transformers does (sandboxed Jinja, trim/lstrip blocks)."""
-  import jinja2
-  from jinja2 import sandbox
-
-  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-
-  def raise_exception(message):
-    raise DataError(f"chat template: {message}")
-
-  env.globals["raise_exception"] = raise_exception
-  tokens = {k: v for k, v in special_tokens.items() if v is not None}
-  return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
 
 
 class BadRecord(ValueError):
@@ -106,29 +65,37 @@ def messages_of(record) -> list[dict]:
   return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def encode_chat(messages: list[dict], template: ChatTemplate, encode) -> tuple[np.ndarray, np.ndarray]:
-  """(token ids, loss mask) of a conversation: the mask is True on assistant replies' tokens.
+def check_chat_template(tokenizer: Tokenizer, where) -> None:
+  """DataError unless `tokenizer` has a chat template (`where`: the tokenizer's directory, for the message)."""
+  if not tokenizer.chat_template:
+    raise DataError(f"data.format=chat needs a chat template; {where} has none (tokenizer_config.json)")
 
-  `encode(text) -> ids` without special tokens added (the template writes them as text)."""
+
+def encode_chat(messages: list[dict], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+  """(token ids, loss mask) of a conversation, rendered with the tokenizer's chat template: the
+  mask is True on assistant replies' tokens. No special tokens are added (the template writes them)."""
+
+  def render(upto: int, add_generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages[:upto], add_generation_prompt=add_generation_prompt)
+
   pieces: list[tuple[str, bool]] = []
   done = ""
   for i, m in enumerate(messages):
     if m["role"] != "assistant":
       continue
-    prompt = template.render(messages[:i], add_generation_prompt=True)
-    full = template.render(messages[: i + 1], add_generation_prompt=False)
+    prompt, full = render(i, True), render(i + 1, False)
     if not prompt.startswith(done) or not full.startswith(prompt):
       raise BadRecord("the chat template does not render this conversation incrementally")
     pieces += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
     done = full
-  whole = template.render(messages, add_generation_prompt=False)
+  whole = render(len(messages), False)
   if not whole.startswith(done):
     raise BadRecord("the chat template does not render this conversation incrementally")
   pieces.append((whole[len(done) :], False))
   ids, mask = [], []
   for text, trained in pieces:
     if text:
-      piece = np.asarray(encode(text), np.int32)
+      piece = np.asarray(tokenizer.encode(text, add_special_tokens=False), np.int32)
       ids.append(piece)
       mask.append(np.full(len(piece), trained))
   return np.concatenate(ids), np.concatenate(mask)
@@ -194,13 +161,13 @@ def build_rows(conversations: list[tuple[np.ndarray, np.ndarray]], length: int, 
   return ChatRows(tokens, mask, segments, positions, pack)
 
 
-def encode_record(line: str | bytes, template: ChatTemplate, encode) -> tuple[np.ndarray, np.ndarray]:
+def encode_record(line: str | bytes, tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
   """(token ids, loss mask) of one JSONL line; BadRecord with the reason when it cannot be used."""
   try:
     record = json.loads(line)
   except json.JSONDecodeError:
     raise BadRecord("not JSON") from None
-  return encode_chat(messages_of(record), template, encode)
+  return encode_chat(messages_of(record), tokenizer)
 
 
 def skipped_summary(skipped: collections.Counter, total: int) -> str:
@@ -209,10 +176,8 @@ def skipped_summary(skipped: collections.Counter, total: int) -> str:
   return f"{sum(skipped.values())} of {total} chat records skipped ({why})"
 
 
-def read_conversations(paths, template: ChatTemplate, encode) -> tuple[list, collections.Counter, int]:
+def read_conversations(paths, tokenizer: Tokenizer) -> tuple[list, collections.Counter, int]:
   """([(ids, mask)] of every usable record in `paths`' JSONL files, skipped reasons, records read)."""
-  from jaxeff.data.sources import resolve_paths
-
   conversations, skipped, total = [], collections.Counter(), 0
   for path in resolve_paths(paths):
     with open(path, encoding="utf-8") as f:
@@ -221,7 +186,7 @@ def read_conversations(paths, template: ChatTemplate, encode) -> tuple[list, col
           continue
         total += 1
         try:
-          conversations.append(encode_record(line, template, encode))
+          conversations.append(encode_record(line, tokenizer))
         except BadRecord as e:
           skipped[str(e)] += 1
   return conversations, skipped, total
@@ -255,24 +220,12 @@ class ChatData:
   skipped: dict = dataclasses.field(default_factory=dict)  # reason -> count
 
   @classmethod
-  def load(cls, cfg, seq_len: int, tokenizer=None) -> ChatData:
-    """Reads the JSONL files of `cfg.paths`, or the prepared chat directory `cfg.dataset` (a
-    DataConfig with format "chat")."""
-    from jaxeff.data.tokenizer import get_tokenizer
-
-    if cfg.dataset is not None:
-      from jaxeff.data.prepared import read_chat
-
-      conversations, skipped, total, vocab = read_chat(pathlib.Path(cfg.dataset), cfg.tokenizer)
-    else:
-      if not cfg.paths:
-        raise DataError("data.format=chat reads JSONL files (data.paths) or a prepared chat data.dataset")
-      if cfg.tokenizer is None:
-        raise DataError("data.format=chat needs the model's tokenizer and chat template (data.tokenizer, or init_from)")
-      tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
-      template = ChatTemplate.from_dir(pathlib.Path(cfg.tokenizer).parent)
-      conversations, skipped, total = read_conversations(cfg.paths, template, tokenizer.encode)
-      vocab = tokenizer.vocab_size
+  def build(
+    cls, conversations: list, skipped: collections.Counter, total: int, vocab_size: int, cfg, seq_len: int
+  ) -> ChatData:
+    """Rows of `seq_len + 1` tokens from conversations [(ids, mask)] as read (`read_conversations`,
+    or a prepared directory's `read_chat`), `total` records of which `skipped` counts the unusable
+    ones; `cfg`: the DataConfig (truncate, val_fraction, pack, seed). Logs one line for skipped records."""
     conversations = fit_to_length(conversations, seq_len + 1, cfg.truncate, skipped)
     if skipped:
       log.warning("data: %s", skipped_summary(skipped, total))
@@ -297,4 +250,4 @@ class ChatData:
         seq_len + 1,
         100 * filled,
       )
-    return cls(train, val, vocab, cfg.seed, dict(skipped))
+    return cls(train, val, vocab_size, cfg.seed, dict(skipped))

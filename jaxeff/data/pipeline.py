@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jaxeff.data.chat import ChatData
-from jaxeff.data.prepared import TokenFile, check_tokenizer, read_index, token_dtype
+from jaxeff.data.chat import ChatData, check_chat_template, read_conversations
+from jaxeff.data.prepared import TokenFile, check_tokenizer, read_chat, read_index, token_dtype
 from jaxeff.data.sources import DataConfig, DataError, corpus_files, iter_documents
-from jaxeff.data.tokenizer import get_tokenizer
+from jaxeff.data.tokenizer import Tokenizer, get_tokenizer
 
 if TYPE_CHECKING:  # annotations only: grain is imported where batches are built
   import grain
@@ -45,7 +45,7 @@ def _grain():
   return grain
 
 
-def load_tokens(cfg: DataConfig, tokenizer=None) -> np.ndarray:
+def load_tokens(cfg: DataConfig, tokenizer: Tokenizer | None = None) -> np.ndarray:
   """The corpus of `cfg.paths` (or the default corpus) as one int32 stream, each document
   followed by the end-of-document id. Tokenizes in memory: for large corpora use `prepare`."""
   tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)  # first: a missing tokenizer.json fails early
@@ -96,9 +96,27 @@ class TextData:
     return cls(train=tokens[:split], val=tokens[split:], vocab_size=vocab, seed=cfg.seed)
 
 
+def load_chat(cfg: DataConfig, seq_len: int, tokenizer: Tokenizer | None = None) -> ChatData:
+  """`ChatData` rows of `seq_len + 1` tokens from the JSONL files of `cfg.paths` (rendered with
+  the chat template of `tokenizer`, default `cfg.tokenizer`'s), or from the prepared chat directory
+  `cfg.dataset`."""
+  if cfg.dataset is not None:
+    conversations, skipped, total, vocab = read_chat(pathlib.Path(cfg.dataset), cfg.tokenizer)
+  else:
+    if not cfg.paths:
+      raise DataError("data.format=chat reads JSONL files (data.paths) or a prepared chat data.dataset")
+    if cfg.tokenizer is None:
+      raise DataError("data.format=chat needs the model's tokenizer and chat template (data.tokenizer, or init_from)")
+    tokenizer = tokenizer or get_tokenizer(cfg.tokenizer)
+    check_chat_template(tokenizer, pathlib.Path(cfg.tokenizer).parent)
+    conversations, skipped, total = read_conversations(cfg.paths, tokenizer)
+    vocab = tokenizer.vocab_size
+  return ChatData.build(conversations, skipped, total, vocab, cfg, seq_len)
+
+
 def load_data(cfg: DataConfig, seq_len: int) -> TextData | ChatData:
   """The run's data: `TextData` (data.format=text) or `ChatData` rows of `seq_len + 1` (chat)."""
-  return ChatData.load(cfg, seq_len) if cfg.format == "chat" else TextData.load(cfg)
+  return load_chat(cfg, seq_len) if cfg.format == "chat" else TextData.load(cfg)
 
 
 def vocab_size(data: DataConfig | TextData | ChatData) -> int:

@@ -43,8 +43,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxeff.data.chat import BadRecord, check_chat_template, encode_record, skipped_summary
 from jaxeff.data.sources import DataError, jsonl_lines, resolve_paths, unit_documents, work_units
-from jaxeff.data.tokenizer import ByteTokenizer, HFTokenizer, get_tokenizer
+from jaxeff.data.tokenizer import Tokenizer, get_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -61,23 +62,16 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # ---------------------------------------------------------------------------- writing
 
 _worker_tokenizer = None
-_worker_template = None
 
 
-def _init_worker(tokenizer_path, chat=False):
-  global _worker_tokenizer, _worker_template
+def _init_worker(tokenizer_path):
+  global _worker_tokenizer
   _worker_tokenizer = get_tokenizer(tokenizer_path)
-  if chat:
-    from jaxeff.data.chat import ChatTemplate
-
-    _worker_template = ChatTemplate.from_dir(pathlib.Path(tokenizer_path).parent)
 
 
 def _tokenize_chat_unit(job) -> tuple[str, list[int], dict, int]:
   """Tokenizes the conversations of one JSON-lines byte range into its part files (tokens and
   loss mask); returns (part path, conversation lengths, skipped reasons, records read)."""
-  from jaxeff.data.chat import BadRecord, encode_record
-
   unit, part_path, dtype = job
   _, path, start, stop = unit
   lengths, skipped, total = [], collections.Counter(), 0
@@ -85,7 +79,7 @@ def _tokenize_chat_unit(job) -> tuple[str, list[int], dict, int]:
     for _, line in jsonl_lines(path, start, stop):
       total += 1
       try:
-        ids, mask = encode_record(line, _worker_template, _worker_tokenizer.encode)
+        ids, mask = encode_record(line, _worker_tokenizer)
       except BadRecord as e:
         skipped[str(e)] += 1
         continue
@@ -153,9 +147,7 @@ def prepare(
     raise DataError("chat data needs the model's tokenizer.json (--tokenizer), with its chat template beside it")
   tok = get_tokenizer(tokenizer)  # here first: a bad tokenizer fails before any work
   if chat:
-    from jaxeff.data.chat import ChatTemplate
-
-    ChatTemplate.from_dir(pathlib.Path(tokenizer).parent)  # a missing template fails here too
+    check_chat_template(tok, pathlib.Path(tokenizer).parent)  # a missing template fails here too
   files = resolve_paths(list(inputs))
   if chat and any(f.suffix.lower() != ".jsonl" for f in files):
     odd = next(f for f in files if f.suffix.lower() != ".jsonl")
@@ -170,12 +162,12 @@ def prepare(
     results = []
     work = _tokenize_chat_unit if chat else _tokenize_unit
     if workers == 1:
-      _init_worker(tokenizer, chat)
+      _init_worker(tokenizer)
       done = map(work, jobs)
     else:
       # "spawn": forking a process that may already run jax's threads can deadlock.
       pool = concurrent.futures.ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tokenizer, chat)
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker, initargs=(tokenizer,)
       )
       done = pool.map(work, jobs)  # map keeps input order
     try:
@@ -192,8 +184,6 @@ def prepare(
       skipped.update(r[2])
       records += r[3]
     if skipped:
-      from jaxeff.data.chat import skipped_summary
-
       log.warning("prepare: %s", skipped_summary(skipped, records))
     if lengths.sum() == 0:
       raise DataError(
@@ -307,7 +297,7 @@ def read_index(directory: pathlib.Path) -> dict:
   return index
 
 
-def check_tokenizer(index: dict, tokenizer: ByteTokenizer | HFTokenizer, directory: pathlib.Path) -> None:
+def check_tokenizer(index: dict, tokenizer: Tokenizer, directory: pathlib.Path) -> None:
   """DataError unless `tokenizer` is the one `directory` was prepared with."""
   if index["tokenizer_sha256"] != tokenizer.fingerprint:
     made = "bytes" if index["tokenizer_sha256"] is None else "a tokenizer.json"

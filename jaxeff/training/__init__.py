@@ -1,12 +1,15 @@
 """The training engine: state, steps, hooks, and the loop that ties them together.
 
-- `config`: `TrainConfig`, `OptimizerConfig`, `MedusaConfig`, `load_config`.
+- `config`: `TrainConfig`, `OptimizerConfig`, `MedusaConfig`, `load_config` (`init_from` through
+  `jaxeff.load`).
 - `state`: `TrainState` (step, params, optimizer state, RNG) and its shardings from logical axes.
 - `step`: the optimizer chain and the train/eval steps of any model and loss (`next_token_loss`).
 - `hooks`: metrics, evaluation, progress, the NaN guard, checkpoint-every.
-- `loop`: `Trainer` (a run's pieces and a generator of steps), `train(cfg)`, `load_checkpoint`.
-- `medusa`: Medusa-1 heads for a frozen base (`train_heads`, `train_medusa`: the `medusa.base=` mode);
-  imported on use.
+- `loop`: `Trainer` (a run's pieces and a generator of steps; any model factory, loss and
+  trainable subset), `train(cfg)`, `load_checkpoint`.
+
+Other engines' models train on the same `Trainer`: Medusa heads on a frozen base, for one
+(`jaxeff.generate.speculative.medusa_training`, the `medusa.base=` mode of `python -m jaxeff.train`).
 
 Checkpoints go through `jaxeff.checkpoint.Checkpointer`. `python -m jaxeff.train` is the command
 line; `jaxeff.train` re-exports this API.
@@ -27,6 +30,7 @@ from jaxeff.training.loop import (
   StepInfo,
   Trainer,
   TrainResult,
+  check_writable,
   llama,
   load_checkpoint,
   measured_peak_flops,
@@ -58,6 +62,7 @@ __all__ = [
   "StepInfo",
   "Trainer",
   "TrainResult",
+  "check_writable",
   "llama",
   "load_checkpoint",
   "measured_peak_flops",

@@ -14,12 +14,15 @@ Every key is checked against the dataclass fields (unknown keys and wrong types 
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 from typing import Any
 
 import yaml
 
+from jaxeff import loader
 from jaxeff.config import ConfigError, ModelConfig, from_dict, load_yaml
 from jaxeff.data import DataConfig
+from jaxeff.errors import JaxeffError
 
 # The CPU training default: exact like "dense", but its backward recomputes instead of storing
 # probabilities and skips masked blocks (BENCHMARKS.md). Only the built-in config (no --config)
@@ -44,7 +47,7 @@ class OptimizerConfig:
 @dataclasses.dataclass
 class MedusaConfig:
   """Medusa mode: with `base` set, the run trains Medusa-1 heads for that frozen model instead
-  (`jaxeff.training.medusa`, where every key is described)."""
+  (`jaxeff.generate.speculative.medusa_training`, where every key is described)."""
 
   base: str | None = None  # a .gguf file, a Hugging Face directory or a jaxeff.train output_dir
   num_heads: int = 4
@@ -79,8 +82,8 @@ class TrainConfig:
   data: DataConfig = dataclasses.field(default_factory=DataConfig)
   optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
   medusa: MedusaConfig = dataclasses.field(default_factory=MedusaConfig)  # medusa.base set: train Medusa heads
-  # Fine-tune a pretrained model: a Hugging Face directory or a .gguf file (jaxeff.training.pretrained):
-  # its architecture and tokenizer; model.* keys may change compute settings only.
+  # Fine-tune a pretrained model: a Hugging Face directory, a .gguf file or a jaxeff.train output_dir
+  # (anything jaxeff.load reads): its architecture and tokenizer; model.* keys may change compute settings only.
   init_from: str | None = None
   mesh: dict = dataclasses.field(default_factory=lambda: {"data": -1})  # axes data, fsdp, tensor
   steps: int = 200
@@ -142,8 +145,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
       then modify. A file's `model` section starts from `ModelConfig`'s defaults.
     overrides: `key=value` strings with dotted keys (`model.num_layers=2`); values parse as YAML
       (`mesh={data: 4}`, `data.paths=[a.txt]`, `optimizer.clip_norm=null`).
-    With `init_from=PATH` the model config and tokenizer come from that checkpoint
-    (`jaxeff.training.pretrained.resolve`); the `model.*` keys given may change compute settings only.
+    With `init_from=PATH` the model config and tokenizer come from that checkpoint (`resolve_init_from`);
+    the `model.*` keys given may change compute settings only.
 
   Raises:
     ConfigError: a missing or invalid file, an unknown key, a value of the wrong type.
@@ -165,10 +168,34 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
       given_model |= set(value)
   cfg = config_from_dict(values)
   if cfg.init_from is not None:
-    from jaxeff.training import pretrained
-
     if cfg.medusa.base is not None:
       raise ConfigError("init_from (fine-tuning) and medusa.base (Medusa heads) are different runs; give one")
     default = {} if path else {"attention": CPU_ATTENTION}  # the built-in config's CPU attention
-    cfg = pretrained.resolve(cfg, given_model, default)
+    cfg = resolve_init_from(cfg, given_model, default)
   return cfg
+
+
+def resolve_init_from(cfg: TrainConfig, given_model_keys: set[str], default_compute: dict) -> TrainConfig:
+  """`cfg` (with `init_from`: anything `jaxeff.load` reads) with the model config and tokenizer of
+  that checkpoint; `Trainer.init_state` then starts from its weights.
+
+  Args:
+    given_model_keys: the `model.*` keys the user set (a config file's or overrides'); only these
+      are applied, and only compute settings may be among them (else one `ConfigError` line).
+    default_compute: compute settings to use where the user gave none (the built-in config's CPU
+      attention).
+  """
+  compute = {**default_compute, **{k: getattr(cfg.model, k) for k in given_model_keys}}
+  try:
+    model = loader.model_config(cfg.init_from, **compute)
+    tokenizer = loader.tokenizer_file(cfg.init_from)
+  except JaxeffError as e:
+    raise ConfigError(f"init_from {cfg.init_from}: {e}") from None
+  given = cfg.data.tokenizer
+  if given is not None and (tokenizer is None or pathlib.Path(given).resolve() != tokenizer.resolve()):
+    raise ConfigError(
+      f"data.tokenizer={given} differs from init_from's tokenizer ({tokenizer or 'bytes'}); a fine-tuning run uses "
+      f"the pretrained model's tokenizer: drop data.tokenizer"
+    )
+  data = dataclasses.replace(cfg.data, tokenizer=None if tokenizer is None else str(tokenizer))
+  return dataclasses.replace(cfg, model=model, data=data)

@@ -18,7 +18,10 @@ with hooks and checkpoints; `load_checkpoint` for what it saved.
 
 The engine is model-agnostic: `model_factory(model_config, rngs)` builds any NNX module whose
 parameters carry logical axes (default `Llama`), `loss_fn(model, batch)` is differentiated
-(default `next_token_loss`, with an optional `loss_mask` in the batch).
+(default `next_token_loss`, with an optional `loss_mask` in the batch). `trainable` (an NNX
+filter, default `nnx.Param`) says which variables train; the model's other variables (a frozen
+base under trained heads or adapters) enter the loss as constants, with no gradient and no
+optimizer state.
 
 One step directory per checkpoint (`jaxeff.checkpoint.Checkpointer`): item `params`, item `train`
 (step, optimizer state, RNG), the data iterator's position (`data`) and `meta` (format, config, and
@@ -43,9 +46,9 @@ import yaml
 from flax import nnx
 
 from jaxeff import data as data_lib
-from jaxeff import sharding
+from jaxeff import loader, sharding
 from jaxeff.checkpoint import Checkpointer, describe_error
-from jaxeff.config import ModelConfig, differences
+from jaxeff.config import COMPUTE_FIELDS, ModelConfig, differences
 from jaxeff.errors import CheckpointError, ConfigError, TrainError
 from jaxeff.models import Llama
 from jaxeff.models import attention as attention_lib
@@ -62,7 +65,7 @@ from jaxeff.training.step import (
 )
 
 log = logging.getLogger(__name__)
-CHECKPOINT_FORMAT = "jaxeff.train/2"
+CHECKPOINT_FORMAT = loader.RUN_FORMAT
 ModelFactory = Callable[[ModelConfig, nnx.Rngs], nnx.Module]
 
 
@@ -190,12 +193,22 @@ class Trainer:
     model_factory: `model_factory(model_config, rngs)` -> an NNX module with logically named
       parameters (default `Llama`).
     loss_fn: `loss_fn(model, batch) -> scalar` (default `next_token_loss`).
+    trainable: an NNX filter of the variables that train (default `nnx.Param`). A model with
+      other variables is built once here, eagerly, to take their values (`frozen`), which are
+      placed by their logical axes and passed to every step unchanged.
 
   Raises:
     ConfigError, MeshError: bad settings, before anything compiles.
   """
 
-  def __init__(self, cfg: TrainConfig, *, model_factory: ModelFactory = llama, loss_fn: LossFn = next_token_loss):
+  def __init__(
+    self,
+    cfg: TrainConfig,
+    *,
+    model_factory: ModelFactory = llama,
+    loss_fn: LossFn = next_token_loss,
+    trainable: nnx.filterlib.Filter = nnx.Param,
+  ):
     self.cfg = cfg
     self.mesh = sharding.make_mesh(cfg.mesh)
     data_parallel = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -212,7 +225,12 @@ class Trainer:
         )
     self.spec = optimizer_spec(cfg.optimizer)
     self.make_model = lambda: model_factory(cfg.model, nnx.Rngs(cfg.seed))
-    self.graphdef, params = nnx.split(nnx.eval_shape(self.make_model))
+    self.trainable = trainable
+    self.graphdef, params, frozen = nnx.split(nnx.eval_shape(self.make_model), trainable, ...)
+    self.frozen = None  # the values of the model's non-trainable variables, if it has any
+    if jax.tree.leaves(frozen):
+      values = nnx.split(self.make_model(), trainable, ...)[2]
+      self.frozen = jax.device_put(values, sharding.state_shardings(frozen, self.mesh))
     self.tx, self.schedule = make_optimizer(cfg.optimizer, cfg.steps, params, self.mesh)
     self.abstract = abstract_state(params, self.tx)
     self.shardings = state_shardings(self.abstract, self.mesh, per_device=self.spec.gradients == "per_device")
@@ -224,20 +242,34 @@ class Trainer:
 
   def init_state(self) -> TrainState:
     """A fresh state (seed `cfg.seed`), each array created in its sharding; with `cfg.init_from`,
-    the pretrained parameters (read once, placed by their logical axes)."""
+    the pretrained parameters (read once by `jaxeff.load`, placed by their logical axes)."""
     params = None
     if self.cfg.init_from is not None:
-      from jaxeff.training import pretrained
+      params = self._pretrained_params()
+    return init_state(self.make_model, self.tx, self.shardings, self.cfg.seed, params, self.trainable)
 
-      params = pretrained.load_params(self.cfg, self.mesh)
-    return init_state(self.make_model, self.tx, self.shardings, self.cfg.seed, params)
+  def _pretrained_params(self) -> nnx.State:
+    cfg = self.cfg
+    compute = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(ModelConfig) if f.name in COMPUTE_FIELDS}
+    model, _ = loader.load(cfg.init_from, mesh=self.mesh, **compute)
+    if model.cfg != cfg.model:
+      raise ConfigError(f"init_from {cfg.init_from}: the checkpoint's config changed since the run was configured")
+    return nnx.state(model, self.trainable)
 
   def global_batch(self, local: dict) -> dict:
     """This process's rows of a batch (host arrays) -> global arrays split over the batch axes."""
     return {k: jax.make_array_from_process_local_data(self._batch_sharding, np.asarray(v)) for k, v in local.items()}
 
   def model(self, state: TrainState) -> nnx.Module:
-    return nnx.merge(self.graphdef, state.params)
+    """The model with `state`'s parameters (and the frozen variables)."""
+    return nnx.merge(self.graphdef, state.params, *self._frozen())
+
+  def evaluate(self, params: nnx.State, batch: dict) -> jax.Array:
+    """The loss of the model with `params` on a global batch (`eval_step`, frozen variables included)."""
+    return self.eval_step(params, batch, *self._frozen())
+
+  def _frozen(self) -> tuple:
+    return () if self.frozen is None else (self.frozen,)
 
   def steps(self, state: TrainState, batches: Iterable[dict], last_step: int | None = None) -> Iterator[StepInfo]:
     """Steps from `state` until `last_step` (default `cfg.steps`) or until `batches` (process-local
@@ -254,7 +286,7 @@ class Trainer:
       except StopIteration:
         return
       with jax.set_mesh(self.mesh):
-        state, metrics = self.train_step(state, self.global_batch(batch))
+        state, metrics = self.train_step(state, self.global_batch(batch), *self._frozen())
       if sync:
         jax.block_until_ready(metrics)
       yield StepInfo(step, state, metrics)
@@ -296,7 +328,7 @@ def train(
   out_dir = pathlib.Path(cfg.output_dir)
   ckpt_dir = out_dir / "checkpoints"
   trainer = Trainer(cfg, model_factory=model_factory, loss_fn=loss_fn)
-  _check_writable(out_dir, ckpt_dir)  # before the data is tokenized and anything compiles
+  check_writable(out_dir, ckpt_dir)  # before the data is tokenized and anything compiles
   # Data first (the tokenizer is built once, here): a bad path fails before any compilation.
   data = data_lib.load_data(cfg.data, cfg.seq_len)
   if cfg.model.vocab_size < data.vocab_size:
@@ -339,7 +371,7 @@ def train(
       )
 
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    evaluator = hooks_lib.Evaluator(cfg.eval_every, trainer.eval_step, val, trainer.global_batch)
+    evaluator = hooks_lib.Evaluator(cfg.eval_every, trainer.evaluate, val, trainer.global_batch)
     all_hooks = [
       hooks_lib.NaNGuard(ckpt.latest_step, ckpt_dir),  # first: nothing sees a diverged state
       hooks_lib.MetricsLogger(
@@ -396,8 +428,9 @@ def _drive(trainer: Trainer, state: TrainState, batches, hooks: list[hooks_lib.H
   return state, losses
 
 
-def _check_writable(out_dir: pathlib.Path, ckpt_dir: pathlib.Path) -> None:
-  """Creates `out_dir` and writes a probe file there and in `ckpt_dir` (when it exists)."""
+def check_writable(out_dir: pathlib.Path, ckpt_dir: pathlib.Path) -> None:
+  """Creates `out_dir` and writes a probe file there and in `ckpt_dir` (when it exists); a
+  `TrainError` naming the directory otherwise (before anything is computed)."""
   try:
     if out_dir.exists() and not out_dir.is_dir():
       raise NotADirectoryError(0, "it is a file, not a directory", str(out_dir))
@@ -450,7 +483,8 @@ def load_checkpoint(
   *,
   model_factory: ModelFactory = llama,
 ) -> tuple[nnx.Module, TrainConfig]:
-  """The model a training run saved, e.g. for evaluation, quantization or serving.
+  """The model a training run saved, e.g. for evaluation, quantization or serving
+  (`jaxeff.loader.read_run`; `jaxeff.load(output_dir)` returns it with the run's tokenizer).
 
   Args:
     output_dir: the run's `output_dir` (holding `checkpoints/`).
@@ -467,26 +501,5 @@ def load_checkpoint(
     TrainError: no checkpoints, or one of another format.
     CheckpointError: the step (with `step=None`: every step) is damaged or cannot be read.
   """
-  ckpt_dir = pathlib.Path(output_dir) / "checkpoints"
-
-  def read(s: int):
-    meta = ckpt.document(s, "meta")
-    if meta.get("format") != CHECKPOINT_FORMAT:
-      raise TrainError(
-        f"checkpoint step {s} in {ckpt_dir} has format {meta.get('format')!r}; this jaxeff reads {CHECKPOINT_FORMAT!r}"
-      )
-    cfg = config_from_dict(meta["config"])
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: model_factory(cfg.model, nnx.Rngs(0))))
-    target = sharding.with_shardings(abstract, sharding.model_shardings(abstract, mesh))
-    return nnx.merge(graphdef, ckpt.restore(s, {"params": target})["params"]), cfg
-
-  with Checkpointer(ckpt_dir, read_only=True) as ckpt:
-    if not ckpt.steps():
-      raise TrainError(f"no checkpoints in {ckpt_dir}")
-    if step is not None:
-      return read(step)
-    newest, (model, cfg), skipped = ckpt.restore_newest(read)
-  if skipped:
-    why = "; ".join(f"step {s} {reason}" for s, reason in skipped)
-    log.warning("load_checkpoint: checkpoint %s; loaded step %s", why, newest)
-  return model, cfg
+  model, config = loader.read_run(output_dir, step, mesh, model_factory=model_factory)
+  return model, config_from_dict(config)

@@ -113,14 +113,16 @@ def init_state(
   shardings: TrainState,
   seed: int,
   params: nnx.State | None = None,
+  trainable: nnx.filterlib.Filter = nnx.Param,
 ) -> TrainState:
   """A fresh state, each array created directly in its sharding (no device holds it whole);
-  `params` (e.g. pretrained ones) instead of `make_model`'s initialization."""
+  `params` (e.g. pretrained ones) instead of `make_model`'s initialization. The state holds the
+  model's `trainable` variables."""
   mesh = jax.tree.leaves(shardings)[0].mesh
   with jax.set_mesh(mesh):
     if params is None:
       # Two programs, not one: the parameters' is the same for every optimizer (compiled once).
-      params = jax.jit(lambda: nnx.state(make_model()), out_shardings=shardings.params)()
+      params = jax.jit(lambda: nnx.state(make_model(), trainable), out_shardings=shardings.params)()
     else:
       params = jax.device_put(params, shardings.params)
     opt_state = jax.jit(tx.init, out_shardings=shardings.opt_state)(params)

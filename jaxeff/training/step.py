@@ -4,7 +4,9 @@ The step never tests optimizer names: `jaxeff.optim.spec(name)` says whether the
 the all-reduced mean gradient or each device's own (`gradients`), whether global-norm clipping
 belongs in front of it (`clip`), and which extra arguments it takes (`takes_logical_axes`,
 `takes_mesh`). Nor does it know the model: it merges the graph with the state's parameters and
-calls `loss_fn(model, batch)` (default `next_token_loss`, which honours a `loss_mask`).
+calls `loss_fn(model, batch)` (default `next_token_loss`, which honours a `loss_mask`). A model
+with frozen variables (`Trainer(trainable=...)`) gets them as the steps' optional last argument:
+merged into the model, never differentiated or updated.
 """
 
 from __future__ import annotations
@@ -129,14 +131,16 @@ def make_train_step(
     state_shardings: pins the new state to this layout, so XLA's propagation cannot drift it
       between steps (and checkpoints restore to the same layout).
     loss_fn: `loss_fn(model, batch) -> scalar`, differentiated with respect to the parameters.
+
+  The step is `step(state, batch, frozen=None)`: `frozen`, the model's non-trainable variables.
   """
   if spec.gradients == "per_device" and mesh is None:
     raise ValueError("per-device gradients need the mesh")
 
-  def value_and_grad(params, batch):
-    return jax.value_and_grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch))(params)
+  def step(state: TrainState, batch: dict, frozen: nnx.State | None = None):
+    def value_and_grad(params, batch):
+      return jax.value_and_grad(lambda p: loss_fn(_merge(graphdef, p, frozen), batch))(params)
 
-  def step(state: TrainState, batch: dict):
     if spec.gradients == "per_device":
       losses, grads = optim.local_grads(value_and_grad, state.params, batch, mesh=mesh)
       loss = jnp.mean(losses)
@@ -154,6 +158,10 @@ def make_train_step(
   return step
 
 
-def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn = next_token_loss) -> Callable[[nnx.State, dict], jax.Array]:
-  """`eval_step(params, batch) -> mean loss`."""
-  return lambda params, batch: loss_fn(nnx.merge(graphdef, params), batch)
+def make_eval_step(graphdef: nnx.GraphDef, loss_fn: LossFn = next_token_loss) -> Callable[..., jax.Array]:
+  """`eval_step(params, batch, frozen=None) -> mean loss`."""
+  return lambda params, batch, frozen=None: loss_fn(_merge(graphdef, params, frozen), batch)
+
+
+def _merge(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State | None) -> nnx.Module:
+  return nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)

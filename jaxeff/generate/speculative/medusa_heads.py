@@ -18,14 +18,15 @@ The reference gives each head its own Linear(H, vocab); for SmolLM2-135M that wo
 module whose job is a small correction of the hidden state.
 
 Training (Medusa-1: heads only, the base frozen) is self-distillation on greedy outputs: the base
-continues prompts cut from a corpus greedily (`jaxeff.training.medusa.distillation_set`), and head
+continues prompts cut from a corpus greedily (`medusa_training.distillation_set`), and head
 k at position t learns the hard label x[t + k + 2] by cross-entropy. A position counts for head k
 when the label and every token between t and it are the base's own continuation (t >= prompt_len - 1 and
 t + k + 2 < prompt_len + new_tokens): what a head sees at inference, where the tokens before its
 guess were all accepted, i.e. the base's greedy choices. `measure_acceptance` gives, per head and
 rank, how often the head's rank-r candidate is that label on held-out sequences (the table token
-trees such as Sequoia's are built from). `jaxeff.training.medusa` trains the heads
-(`python -m jaxeff.train medusa.base=...`).
+trees such as Sequoia's are built from). The heads train on the training engine,
+`jaxeff.training.Trainer(model_factory=model_factory(base, K, L), loss_fn=distillation_loss(),
+trainable=TRAINABLE)`; `medusa_training` drives it (`python -m jaxeff.train medusa.base=...`).
 
 >>> import tempfile
 >>> import jax.numpy as jnp, numpy as np
@@ -277,6 +278,42 @@ def heads_loss(
   weights = head_weight ** jnp.arange(heads.num_heads, dtype=jnp.float32)
   per_head = per_head_loss(base, heads, hidden, labels, mask, chunk=chunk)
   return jnp.sum(weights * per_head) / jnp.sum(weights)
+
+
+# ---------------------------------------------------------------------------- on the training engine
+
+
+class HeadsOnBase(nnx.Module):
+  """The module Medusa-1 trains on `jaxeff.training.Trainer`: the heads and the base they read.
+  `TRAINABLE` selects the heads' parameters; the base's stay frozen (constants of the step)."""
+
+  def __init__(self, heads: MedusaHeads, base):
+    self.heads, self.base = heads, base
+
+
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains("heads"))
+
+
+def model_factory(base, num_heads: int, num_layers: int, *, param_dtype=jnp.float32):
+  """`Trainer`'s model factory for fresh (zero-initialized) heads on `base` (the model config it
+  is given is ignored: the heads' size is the base's)."""
+
+  def make(_cfg, rngs: nnx.Rngs) -> HeadsOnBase:
+    return HeadsOnBase(
+      MedusaHeads(base.cfg.hidden_size, num_heads, num_layers, param_dtype=param_dtype, rngs=rngs), base
+    )
+
+  return make
+
+
+def distillation_loss(head_weight: float = HEAD_WEIGHT):
+  """`Trainer`'s loss: `heads_loss` of a batch of counted positions, `{"hidden" [P, H] (the base's
+  hidden states), "labels" int32 [P, K], "mask" f32 [P, K]}` (rows of `training_arrays`)."""
+
+  def loss(model: HeadsOnBase, batch: dict) -> jax.Array:
+    return heads_loss(model.base, model.heads, batch["hidden"], batch["labels"], batch["mask"], head_weight=head_weight)
+
+  return loss
 
 
 def measure_acceptance(

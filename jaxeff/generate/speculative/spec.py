@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pathlib
 
+from jaxeff import loader
 from jaxeff.errors import GenerationError, HFError
 from jaxeff.generate.speculative.draft import DraftModel, SelfDraft
 from jaxeff.generate.speculative.lookup import PromptLookup
@@ -46,10 +47,8 @@ def from_spec(spec: str, target, *, num_draft: int | None = None, tree_size: int
       raise GenerationError(f"--speculate self:LAYERS needs a layer count, got {value!r}")
     return SelfDraft(layers=int(value), **count)
   if kind == "draft":
-    from jaxeff import hf  # the HF/GGUF reader: only a draft model needs it
-
     if not pathlib.Path(value).exists():
       raise HFError(f"--speculate draft:{value}: no such file or directory")
-    draft, _ = hf.load(value, dtype=target.cfg.dtype, param_dtype=target.cfg.dtype)
+    draft, _ = loader.load(value, dtype=target.cfg.dtype, param_dtype=target.cfg.dtype)
     return DraftModel(draft, **count)
   return Medusa(value, tree_size=tree_size)

@@ -1,25 +1,27 @@
 """Training Medusa-1 heads on a frozen base model by self-distillation (`python -m jaxeff.train medusa.base=...`).
 
-The heads are `jaxeff.generate.speculative.medusa_heads` (Cai et al. 2024, "Medusa: Simple LLM
-Inference Acceleration Framework with Multiple Decoding Heads"): head k maps the base's final
-hidden state h at position t to h_k = h + SiLU(W_k h + b_k) (L such blocks), and the base's own
-LM head turns h_k into logits for the token at t + k + 2. Medusa-1 trains only the heads; the
-base stays frozen and gets no gradient.
+The heads are `medusa_heads.MedusaHeads` (Cai et al. 2024, "Medusa: Simple LLM Inference
+Acceleration Framework with Multiple Decoding Heads"): head k maps the base's final hidden state h
+at position t to h_k = h + SiLU(W_k h + b_k) (L such blocks), and the base's own LM head turns h_k
+into logits for the token at t + k + 2. Medusa-1 trains only the heads; the base stays frozen and
+gets no gradient.
 
 Self-distillation on greedy outputs: prompts of `prompt_len` tokens, cut from the corpus at evenly
-spread places, are continued greedily by the base for `new_tokens` tokens (`distillation_set`,
-built once per run); head k learns the hard label x[t + k + 2] of every position whose label and
-the tokens before it are the base's continuation, by cross-entropy, the loss
+spread places, are continued greedily by the base for `new_tokens` tokens (`distillation_set`, one
+`Generator`, built once per run); head k learns the hard label x[t + k + 2] of every position whose
+label and the tokens before it are the base's continuation, by cross-entropy, the loss
 sum_k 0.8^k CE_k / sum_k 0.8^k. The base's hidden states of the set are computed once, so a step
 runs only the heads and the shared LM head (over chunks of positions, to keep the logits of a
-49152-token vocabulary within a few hundred MB).
+49152-token vocabulary within a few hundred MB). The steps are the training engine's:
+`jaxeff.training.Trainer` with the heads' model factory and distillation loss
+(`medusa_heads.model_factory`, `distillation_loss`; the base frozen by `TRAINABLE`), data-parallel
+over the run's mesh.
 
 >>> import numpy as np
 >>> from flax import nnx
 >>> from jaxeff import ModelConfig
 >>> from jaxeff.models import Llama
->>> from jaxeff.training.medusa import distillation_set
->>> from jaxeff.training.medusa import train_heads
+>>> from jaxeff.generate.speculative.medusa_training import distillation_set, train_heads
 >>> cfg = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4, num_kv_heads=2)
 >>> base = Llama(cfg, rngs=nnx.Rngs(0))
 >>> data = distillation_set(base, np.arange(4 * 6).reshape(4, 6) % 64, new_tokens=8, batch=4)
@@ -32,7 +34,8 @@ The command line (`jaxeff.train` with `medusa.base` set; the `medusa:` section o
   python -m jaxeff.train medusa.base=SmolLM2-135M-Instruct.Q4_1.gguf steps=300 batch_size=8 \\
       optimizer.learning_rate=1e-3 output_dir=runs/medusa
 
-  medusa.base              the base: a .gguf file, a Hugging Face directory, or a jaxeff.train output_dir
+  medusa.base              the base: anything `jaxeff.load` reads (a .gguf file, a Hugging Face
+                           directory, a jaxeff.train output_dir)
   medusa.num_heads=4       K heads (head k guesses the token k + 2 ahead)
   medusa.num_layers=1      residual SiLU blocks per head
   medusa.sequences=64      training prompts (the head of the corpus's token stream)
@@ -46,14 +49,14 @@ The command line (`jaxeff.train` with `medusa.base` set; the `medusa:` section o
                            text:" + the window), so the heads learn the base's replies to chat requests
 
 Also used: `steps`, `batch_size` (a step trains on batch_size sequences' worth of positions,
-batch_size * (new_tokens - 1), drawn from a shuffle of all the set's positions, epoch after
-epoch), `seed` (the shuffle), `log_every`, `optimizer.*` (`make_optimizer`: warmup + cosine;
-weight decay on the heads' matrices only), `data.paths` / `data.max_corpus_bytes` /
-`data.val_fraction` (the corpus, tokenized with the BASE's tokenizer; `data.tokenizer` and
-`data.dataset` are refused), `output_dir`. `model.*` comes from the base: an override that
-differs from it is refused. The heads go to `output_dir/medusa` (`load_heads` reads them), the
-metrics to `output_dir/medusa_metrics.jsonl`; progress lines go to stderr, the acceptance table
-and the `done:` line to stdout.
+batch_size * (new_tokens - 1), rounded up to a multiple of the mesh's data-parallel size, drawn from
+a shuffle of all the set's positions, epoch after epoch), `seed` (the shuffle), `log_every`, `mesh`,
+`optimizer.*` (`make_optimizer`: warmup + cosine; weight decay on the heads' matrices only),
+`data.paths` / `data.max_corpus_bytes` / `data.val_fraction` (the corpus, tokenized with the BASE's
+tokenizer; `data.tokenizer` and `data.dataset` are refused), `output_dir`. `model.*` comes from the
+base: an override that differs from it is refused. The heads go to `output_dir/medusa`
+(`load_heads` reads them), the metrics to `output_dir/medusa_metrics.jsonl`; progress lines go to
+stderr, the acceptance table and the `done:` line to stdout.
 """
 
 from __future__ import annotations
@@ -67,44 +70,23 @@ from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from jaxeff import data as data_lib
-from jaxeff.errors import ConfigError, DataError, HFError
-from jaxeff.generate import Generator
+from jaxeff import loader, sharding
+from jaxeff.data.tokenizer import Tokenizer
+from jaxeff.errors import ConfigError, DataError, JaxeffError
+from jaxeff.generate.generator import Generator
 from jaxeff.generate.speculative import medusa_heads as heads_lib
 from jaxeff.generate.speculative.medusa_heads import DistillationSet, MedusaHeads, MedusaInfo
-from jaxeff.training.config import OptimizerConfig, TrainConfig
-from jaxeff.training.step import make_optimizer, optimizer_spec
+from jaxeff.training import OptimizerConfig, TrainConfig, Trainer, check_writable
 
 logger = logging.getLogger(__name__)
 HEADS_DIR = "medusa"  # under output_dir
 METRICS_FILE = "medusa_metrics.jsonl"
 
 
-# ---------------------------------------------------------------------------- the trainer
-
-
-def _position_batches(num_positions: int, batch: int, seed: int) -> Iterator[np.ndarray]:
-  """Index batches over shuffled positions, epoch after epoch (a batch may straddle two epochs)."""
-  rng = np.random.default_rng(seed)
-  order = np.zeros(0, np.int64)
-  while True:
-    while len(order) < batch:
-      order = np.concatenate([order, rng.permutation(num_positions)])
-    yield order[:batch].astype(np.int32)
-    order = order[batch:]
-
-
-def format_record(step: int, record: dict) -> str:
-  """One progress line of `train_heads`' log record."""
-  rate = f", {record['positions_per_s']:,.0f} positions/s" if "positions_per_s" in record else ""
-  return f"step {step}: loss {record['loss']:.4f}, grad_norm {record['grad_norm']:.3f}, lr {record['lr']:.2e}{rate}"
-
-
-def _default_log(step: int, record: dict) -> None:
-  logger.info(format_record(step, record))
+# ---------------------------------------------------------------------------- the distillation set
 
 
 def distillation_set(
@@ -133,6 +115,65 @@ def distillation_set(
   return DistillationSet(np.concatenate([prompts, np.asarray(rows, np.int32)], axis=1), p)
 
 
+CHAT_INSTRUCTION = "Continue this text:\n\n"
+
+
+def chat_prompts(windows: np.ndarray, tokenizer: Tokenizer) -> np.ndarray:
+  """Corpus windows [N, P] as user turns in the base's chat template (the tokenizer's), ending in
+  the assistant's generation prompt: [N, prefix + P + suffix]. The template is rendered once around
+  a marker and its two sides tokenized, so every prompt has the same length (the window's tokens
+  are kept as they are, not re-tokenized inside the text)."""
+  if not tokenizer.chat_template:
+    raise ConfigError("medusa.chat needs a base with a chat template; this one has none")
+  marker = "\x00WINDOW\x00"
+  messages = [{"role": "user", "content": CHAT_INSTRUCTION + marker}]
+  before, after = tokenizer.apply_chat_template(messages, add_generation_prompt=True).split(marker)
+  prefix = np.asarray(tokenizer.encode(before, add_special_tokens=False), np.int32)
+  suffix = np.asarray(tokenizer.encode(after, add_special_tokens=False), np.int32)
+  n = len(windows)
+  return np.concatenate([np.tile(prefix, (n, 1)), np.asarray(windows, np.int32), np.tile(suffix, (n, 1))], axis=1)
+
+
+# ---------------------------------------------------------------------------- training the heads
+
+
+def _position_batches(num_positions: int, batch: int, seed: int) -> Iterator[np.ndarray]:
+  """Index batches over shuffled positions, epoch after epoch (a batch may straddle two epochs)."""
+  rng = np.random.default_rng(seed)
+  order = np.zeros(0, np.int64)
+  while True:
+    while len(order) < batch:
+      order = np.concatenate([order, rng.permutation(num_positions)])
+    yield order[:batch].astype(np.int32)
+    order = order[batch:]
+
+
+def format_record(step: int, record: dict) -> str:
+  """One progress line of `train_heads`' log record."""
+  rate = f", {record['positions_per_s']:,.0f} positions/s" if "positions_per_s" in record else ""
+  return f"step {step}: loss {record['loss']:.4f}, grad_norm {record['grad_norm']:.3f}, lr {record['lr']:.2e}{rate}"
+
+
+def _default_log(step: int, record: dict) -> None:
+  logger.info(format_record(step, record))
+
+
+def positions_per_step(batch_size: int, new_tokens: int, mesh: dict | None = None) -> int:
+  """Positions a step trains on: `batch_size` sequences' worth, batch_size * (new_tokens - 1),
+  rounded up to a multiple of the data-parallel devices of `mesh` (`TrainConfig.mesh`; None: all)."""
+  shape = sharding.make_mesh(mesh).shape
+  parallel = shape["data"] * shape["fsdp"]
+  return -(-batch_size * (new_tokens - 1) // parallel) * parallel
+
+
+def _beside(tree, base):
+  """`tree` on the device(s) of the base's first parameter (replicated over a mesh it spans)."""
+  where = jax.tree.leaves(nnx.state(base))[0].sharding
+  if not isinstance(where, jax.sharding.SingleDeviceSharding):
+    where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
+  return jax.device_put(tree, where)
+
+
 def train_heads(
   base,
   sequences: DistillationSet,
@@ -148,8 +189,10 @@ def train_heads(
   log_every: int = 10,
   log: Callable[[int, dict], None] | None = None,
   hidden_batch: int = 16,
+  mesh: dict | None = None,
 ) -> tuple[MedusaHeads, list[float]]:
-  """Trains fresh (zero-initialized) Medusa heads for the frozen `base` on `sequences`.
+  """Trains fresh (zero-initialized) Medusa heads for the frozen `base` on `sequences`, with the
+  training engine (`jaxeff.training.Trainer`).
 
   Args:
     base: the base model (`jaxeff.models.Llama`); read, never changed.
@@ -157,7 +200,8 @@ def train_heads(
     num_heads, num_layers: K and L of the heads.
     steps: optimizer steps.
     batch_size: sequences' worth of positions per step: batch_size * (new_tokens - 1) positions
-      drawn from a shuffle of all counted positions, epoch after epoch.
+      (rounded up to a multiple of the data-parallel devices) drawn from a shuffle of all counted
+      positions, epoch after epoch.
     learning_rate: the peak learning rate; replaces `optimizer.learning_rate` when given.
     optimizer: the optax chain's settings (`make_optimizer`: clipping, warmup + cosine); None:
       AdamW with warmup over a tenth of the steps. Weight decay applies to w, never to b.
@@ -166,9 +210,10 @@ def train_heads(
     log_every: `log(step, record)` every this many steps and at the last; record: loss, grad_norm,
       lr, positions_per_s (not for the compiling first step). None logs a line to `jaxeff`'s logger.
     hidden_batch: sequences per forward when the base's hidden states are computed (once).
+    mesh: the devices the steps run on, as `TrainConfig.mesh` (default: all, data-parallel).
 
   Returns:
-    (heads, the loss of every step).
+    (heads, the loss of every step), the heads on the base's device(s).
   """
   if steps < 1 or batch_size < 1 or log_every < 1:
     raise ConfigError(f"steps, batch_size and log_every must be >= 1, got {steps}, {batch_size}, {log_every}")
@@ -176,55 +221,47 @@ def train_heads(
   opt = optimizer or OptimizerConfig(learning_rate=1e-3, warmup_steps=max(1, steps // 10))
   if learning_rate is not None:
     opt = dataclasses.replace(opt, learning_rate=learning_rate)
-  if optimizer_spec(opt).gradients != "mean":
-    raise ConfigError(f"optimizer {opt.name!r} votes over per-device gradients; Medusa heads train on one device")
-  hidden, labels, mask = heads_lib.training_arrays(base, sequences, num_heads, batch=hidden_batch)
-
-  heads = MedusaHeads(base.cfg.hidden_size, num_heads, num_layers, rngs=nnx.Rngs(seed))
-  heads_def, params = nnx.split(heads)
-  base_def, base_state = nnx.split(base)
+  factory = heads_lib.model_factory(base, num_heads, num_layers)
   # Weight decay pulls w towards 0 (the base's own prediction), never b: w is the 4-D leaf.
+  _, params, _ = nnx.split(nnx.eval_shape(lambda: factory(None, nnx.Rngs(0))), heads_lib.TRAINABLE, ...)
   decay = jax.tree.map(lambda p: p.ndim == 4, params)
   opt = dataclasses.replace(opt, hyperparams={"mask": decay, **opt.hyperparams})
-  tx, schedule = make_optimizer(opt, steps, params)
-  # Committed where the hidden states are (replicated over a mesh), like the step's outputs: an
-  # uncommitted first state would make the second step compile again.
-  where = hidden.sharding
-  if not isinstance(where, jax.sharding.SingleDeviceSharding):
-    where = jax.sharding.NamedSharding(where.mesh, jax.sharding.PartitionSpec())
-  params = jax.device_put(params, where)
-  opt_state = jax.device_put(tx.init(params), where)
-
-  def loss_fn(params, base_state, h, y, m):
-    model = nnx.merge(base_def, jax.lax.stop_gradient(base_state))
-    return heads_lib.heads_loss(model, nnx.merge(heads_def, params), h, y, m, head_weight=head_weight)
-
-  @jax.jit
-  def step(params, opt_state, base_state, hidden, labels, mask, idx):
-    loss, grads = jax.value_and_grad(loss_fn)(params, base_state, hidden[idx], labels[idx], mask[idx])
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-
-  per_step = batch_size * (sequences.new_tokens - 1)
-  batches = _position_batches(hidden.shape[0], per_step, seed)
+  mesh = dict(mesh or {"data": -1})
+  per_step = positions_per_step(batch_size, sequences.new_tokens, mesh)
+  trainer = Trainer(
+    TrainConfig(model=base.cfg, optimizer=opt, mesh=mesh, steps=steps, batch_size=per_step, seed=seed),
+    model_factory=factory,
+    loss_fn=heads_lib.distillation_loss(head_weight),
+    trainable=heads_lib.TRAINABLE,
+  )
+  hidden, labels, mask = (
+    np.asarray(a) for a in heads_lib.training_arrays(base, sequences, num_heads, batch=hidden_batch)
+  )
+  batches = (
+    {"hidden": hidden[i], "labels": labels[i], "mask": mask[i]}
+    for i in _position_batches(hidden.shape[0], per_step, seed)
+  )
   losses: list[float] = []
   pending: list[dict] = []
   clock, clock_steps = None, 0
-  for i in range(1, steps + 1):
-    params, opt_state, metrics = step(params, opt_state, base_state, hidden, labels, mask, next(batches))
-    pending.append(metrics)
+  state = trainer.init_state()
+  for info in trainer.steps(state, batches):
+    state, i = info.state, info.step
+    pending.append(info.metrics)
     clock_steps += 1
     if i == 1 or i % log_every == 0 or i == steps:
       fetched = jax.device_get(pending)
       losses += [float(m["loss"]) for m in fetched]
       pending = []
-      record = {"loss": losses[-1], "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(schedule(i - 1))}
+      record = {"loss": losses[-1], "grad_norm": float(fetched[-1]["grad_norm"]), "lr": float(trainer.schedule(i - 1))}
       if clock is not None:  # the first step compiles: it is kept out of the rate
         record["positions_per_s"] = clock_steps * per_step / (time.perf_counter() - clock)
       if i % log_every == 0 or i == steps:
         log(i, record)
       clock, clock_steps = time.perf_counter(), 0
-  return nnx.merge(heads_def, params), losses
+  heads = trainer.model(state).heads
+  heads_def, heads_state = nnx.split(heads)
+  return nnx.merge(heads_def, _beside(heads_state, base)), losses
 
 
 # ---------------------------------------------------------------------------- the command-line mode
@@ -238,74 +275,6 @@ class MedusaResult:
   info: MedusaInfo
   losses: list[float]
   path: pathlib.Path  # where the heads were saved
-
-
-def base_kind(path: str) -> str:
-  """ "hf" (a `.gguf` file or a Hugging Face directory) or "checkpoint" (a `jaxeff.train` output_dir).
-
-  Raises:
-    ConfigError: `path` does not exist or is none of these.
-  """
-  base = pathlib.Path(path)
-  if not base.exists():
-    raise ConfigError(f"medusa.base {base}: no such file or directory")
-  if base.is_file() and base.suffix == ".gguf" or (base / "config.json").is_file():
-    return "hf"
-  if (base / "checkpoints").is_dir():
-    return "checkpoint"
-  raise ConfigError(
-    f"medusa.base {base} is not a .gguf file, a Hugging Face directory (config.json) or a jaxeff.train "
-    f"output_dir (checkpoints/)"
-  )
-
-
-def load_base(path: str):
-  """(model, corpus tokenizer) of a base: a `.gguf` file, a Hugging Face directory (with its
-  tokenizer.json), or a `jaxeff.train` output_dir (with the tokenizer it trained with).
-
-  Raises:
-    ConfigError: a path that does not exist or is none of these. HFError, GGUFError,
-    CheckpointError, TrainError: one that cannot be read.
-  """
-  base = pathlib.Path(path)
-  if base_kind(path) == "checkpoint":
-    from jaxeff.training.loop import load_checkpoint
-
-    model, run_cfg = load_checkpoint(base)
-    return model, data_lib.get_tokenizer(run_cfg.data.tokenizer)
-  from jaxeff import hf
-
-  model, _ = hf.load(base)
-  hf_dir = base
-  if base.suffix == ".gguf":
-    from jaxeff import gguf
-
-    hf_dir = gguf.converted_checkpoint(base)  # the conversion hf.load made (cached)
-  if not (hf_dir / "tokenizer.json").is_file():
-    raise HFError(f"medusa.base {base} has no tokenizer.json (the corpus is tokenized with the base's tokenizer)")
-  return model, data_lib.HFTokenizer(hf_dir / "tokenizer.json")
-
-
-CHAT_INSTRUCTION = "Continue this text:\n\n"
-
-
-def chat_prompts(windows: np.ndarray, base_path: str) -> np.ndarray:
-  """Corpus windows [N, P] as user turns in the base's chat template, ending in the assistant's
-  generation prompt: [N, prefix + P + suffix]. The template is rendered once around a marker and
-  its two sides tokenized, so every prompt has the same length (the window's tokens are kept as
-  they are, not re-tokenized inside the text)."""
-  from jaxeff.generate.tokenizer import load_tokenizer
-
-  tok = load_tokenizer(base_path)
-  if not tok.chat_template:
-    raise ConfigError(f"medusa.chat needs a base with a chat template; {base_path} has none")
-  marker = "\x00WINDOW\x00"
-  text = tok.apply_chat_template([{"role": "user", "content": CHAT_INSTRUCTION + marker}], add_generation_prompt=True)
-  before, after = text.split(marker)
-  prefix = np.asarray(tok.encode(before, add_special_tokens=False), np.int32)
-  suffix = np.asarray(tok.encode(after, add_special_tokens=False), np.int32)
-  n = len(windows)
-  return np.concatenate([np.tile(prefix, (n, 1)), np.asarray(windows, np.int32), np.tile(suffix, (n, 1))], axis=1)
 
 
 def _check_settings(cfg: TrainConfig) -> None:
@@ -333,28 +302,29 @@ def _check_model_overrides(cfg: TrainConfig, base_cfg) -> None:
 
 
 def train_medusa(cfg: TrainConfig, *, report: Callable[[str], None] | None = None) -> MedusaResult:
-  """Medusa mode of `python -m jaxeff.train`: loads `cfg.medusa.base`, builds the distillation
-  sets from the corpus of `cfg.data`, trains the heads, measures their acceptance on the held-out
-  set (`result.info.acceptance`; `format_acceptance` prints it) and saves everything to
-  `output_dir/medusa`. Progress lines go to `report` (default: the `jaxeff` logger), metrics to
+  """Medusa mode of `python -m jaxeff.train`: loads `cfg.medusa.base` (`jaxeff.load`), builds the
+  distillation sets from the corpus of `cfg.data`, trains the heads, measures their acceptance on
+  the held-out set (`result.info.acceptance`; `format_acceptance` prints it) and saves everything
+  to `output_dir/medusa`. Progress lines go to `report` (default: the `jaxeff` logger), metrics to
   `output_dir/medusa_metrics.jsonl`.
 
   Raises:
     ConfigError, DataError, HFError, CheckpointError, TrainError: bad input, before training.
   """
-  from jaxeff.training.loop import _check_writable
-
   report = report or logger.info
   m = cfg.medusa
   out_dir = pathlib.Path(cfg.output_dir)
   heads_dir = out_dir / HEADS_DIR
   _check_settings(cfg)
-  base_kind(m.base)  # a wrong path fails before output_dir is created
-  _check_writable(out_dir, out_dir)
+  try:
+    loader.path_kind(m.base)  # a wrong path fails before output_dir is created
+  except JaxeffError as e:
+    raise ConfigError(f"medusa.base {e}") from None
+  check_writable(out_dir, out_dir)
   heads_lib.check_can_save(heads_dir, overwrite=m.overwrite)  # before anything is computed
 
   t0 = time.perf_counter()
-  base, tokenizer = load_base(m.base)
+  base, tokenizer = loader.load(m.base)
   _check_model_overrides(cfg, base.cfg)
   report(f"base {m.base}: {base.cfg.num_layers} layers, hidden {base.cfg.hidden_size}, vocab {base.cfg.vocab_size}")
   tokens = data_lib.load_tokens(cfg.data, tokenizer)
@@ -374,7 +344,7 @@ def train_medusa(cfg: TrainConfig, *, report: Callable[[str], None] | None = Non
   if m.eval_sequences:
     prompts = np.concatenate([prompts, heads_lib.corpus_prompts(val_tokens, m.eval_sequences, m.prompt_len)])
   if m.chat:
-    prompts = chat_prompts(prompts, m.base)
+    prompts = chat_prompts(prompts, tokenizer)
     report(f"chat prompts: {prompts.shape[1]} tokens each (template around the corpus window)")
   both = distillation_set(base, prompts, m.new_tokens, batch=m.generate_batch, log=report)
   train_set, eval_set = both.rows(slice(0, m.sequences)), both.rows(slice(m.sequences, None))
@@ -400,6 +370,7 @@ def train_medusa(cfg: TrainConfig, *, report: Callable[[str], None] | None = Non
       log_every=cfg.log_every,
       log=log,
       hidden_batch=m.generate_batch,
+      mesh=cfg.mesh,
     )
     train_seconds = time.perf_counter() - t_train
     acceptance = None
@@ -419,7 +390,8 @@ def train_medusa(cfg: TrainConfig, *, report: Callable[[str], None] | None = Non
       "seconds": round(train_seconds, 3),
       "total_seconds": round(time.perf_counter() - t0, 3),
       "final_loss": losses[-1],
-      "tokens": cfg.steps * cfg.batch_size * (m.new_tokens - 1),  # positions trained on, repeats included
+      # positions trained on, repeats included
+      "tokens": cfg.steps * positions_per_step(cfg.batch_size, m.new_tokens, cfg.mesh),
       "distillation_tokens": m.sequences * m.new_tokens,  # greedy tokens of the training set
       "sequences": m.sequences,
       "eval_sequences": len(eval_set),
