@@ -39,16 +39,27 @@ DECODING = threading.Event()
 DECODING.set()
 
 
-def _gated_tokenizer() -> TextTokenizer:
+class _Wrapped:
+  """`tok` with its own decode(ids) (everything else delegated)."""
+
+  def __init__(self, tok, decode):
+    self._tok, self._decode = tok, decode
+
+  def __getattr__(self, name):
+    return getattr(self._tok, name)
+
+  def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    return self._decode(ids)
+
+
+def _gated_tokenizer():
   tok = byte_tokenizer()
 
   def decode(ids):
     assert DECODING.wait(TIMEOUT)
     return tok.decode(ids)
 
-  return TextTokenizer(
-    tok.encode, decode, stop_tokens=tok.stop_tokens, chat_template=tok.chat_template, special_tokens=tok.special_tokens
-  )
+  return _Wrapped(tok, decode)
 
 
 @pytest.fixture(scope="module")
@@ -353,7 +364,7 @@ def _counting(tok: TextTokenizer) -> tuple[TextTokenizer, list[int]]:
     count[0] += len(ids)
     return tok.decode(ids)
 
-  return TextTokenizer(lambda text, specials: tok.encode(text, specials), decode), count
+  return _Wrapped(tok, decode), count
 
 
 def _streamed(tok: TextTokenizer, ids: list[int]) -> tuple[list[str], str]:

@@ -100,6 +100,7 @@ def _generate_one(gen, tok, ids, args, out):
     if step[0] is not None:
       out.write(decoder.push(step[0]))
       out.flush()
+  out.write(decoder.finish())  # text still held back (an incomplete character at the very end)
   return decoder.ids
 
 

@@ -115,6 +115,9 @@ def run(args, out, err) -> int:
   sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
   sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
   sock.bind((args.host, args.port))
+  # Listening before the "serving" line: a client that connects as soon as it reads it waits in the
+  # backlog until uvicorn accepts, instead of being refused while uvicorn starts up.
+  sock.listen(2048)
   host, port = sock.getsockname()[:2]
   config = uvicorn.Config(
     app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout, access_log=False, lifespan="on"

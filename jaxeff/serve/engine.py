@@ -349,6 +349,8 @@ class Engine:
     request = Request(next(self._ids), ids.astype(np.int32), params)
     request._wake_engine = self._wake
     with self._cv:
+      if self.failure is not None:
+        raise self.failure
       if not self._accepting:
         raise EngineStoppedError("the engine is shutting down")
       # Requests that free slots will take at once do not count as waiting.
