@@ -61,9 +61,6 @@ def log_to_stderr(level: int = logging.INFO) -> None:
   lines, which call it at start; `import jaxeff` configures no logging. Idempotent."""
   logger = logging.getLogger("jaxeff")
   logger.setLevel(level)
-  # Not also through the root logger: a library that calls logging.basicConfig() (orbax's absl
-  # logging does at import) would print every line a second time in its own format.
-  logger.propagate = False
   if not any(isinstance(h, _Stderr) for h in logger.handlers):
     handler = _Stderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
