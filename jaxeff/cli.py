@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import pathlib
 import sys
 from collections.abc import Sequence
 
-from jaxeff.errors import CheckpointError, UsageError
+from jaxeff.errors import CheckpointError, GenerationError, MeshError, UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -180,7 +181,6 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
 def check_inference_args(p: ArgumentParser, args: argparse.Namespace) -> None:
   """Usage errors among the inference flags (raises `UsageError`); sets `args.kv_policy` (the cache
   policy) and `args.mesh_shape` (a dict, or None)."""
-  from jaxeff.errors import GenerationError
   from jaxeff.generate.speculative import spec as speculate_spec
   from jaxeff.inference import cache as cache_lib
 
@@ -199,7 +199,7 @@ def check_inference_args(p: ArgumentParser, args: argparse.Namespace) -> None:
     p.error("--speculate runs on the dense cache: drop --kv-cache or --speculate")
   args.mesh_shape = None
   if args.mesh is not None:
-    from jaxeff.sharding import MESH_AXES
+    from jaxeff.sharding import MESH_AXES  # imports jax: only when the flag is given
 
     shape = {}
     for part in args.mesh.split(","):
@@ -215,16 +215,12 @@ def make_mesh(args):
   do not match."""
   if args.mesh_shape is None:
     return None
-  import math
-
-  import jax
+  import jax  # the command lines import jax after they set its flags
 
   from jaxeff import sharding
 
   count = math.prod(args.mesh_shape.values())
   devices = jax.devices()
   if count > len(devices):
-    from jaxeff.errors import MeshError
-
     raise MeshError(f"--mesh {args.mesh} needs {count} devices; this machine has {len(devices)}")
   return sharding.make_mesh(args.mesh_shape, devices=devices[:count])

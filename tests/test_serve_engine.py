@@ -111,14 +111,15 @@ def test_one_sampler_for_one_row_or_many():
   logits = jnp.asarray(rng.normal(size=(len(SETTINGS), 50)) * 3, jnp.float32)
   keys = jax.random.split(jax.random.key(1), len(SETTINGS))
   params = [SamplingParams(s.get("temperature", 0.0), s.get("top_k"), s.get("top_p"), s.get("min_p")) for s in SETTINGS]
-  mixed = sample(logits, keys, SamplingShape.any(), row_values(params))
+  draw = jax.jit(sample, static_argnums=2)  # one program per shape, not op by op
+  mixed = draw(logits, keys, SamplingShape.any(), row_values(params))
   for i, p in enumerate(params):
     for trial in range(6):  # several keys: the same draw, not just the same support
       key = jax.random.fold_in(keys[i], trial)
-      want = sample(logits[i : i + 1], key[None], p.static, p.rows(1))
-      got = sample(logits[i : i + 1], key[None], SamplingShape.any(), row_values([p]))
+      want = draw(logits[i : i + 1], key[None], p.static, p.rows(1))
+      got = draw(logits[i : i + 1], key[None], SamplingShape.any(), row_values([p]))
       assert int(got[0]) == int(want[0]), (p, trial)
-    assert int(mixed[i]) == int(sample(logits[i : i + 1], keys[i][None], p.static, p.rows(1))[0])
+    assert int(mixed[i]) == int(draw(logits[i : i + 1], keys[i][None], p.static, p.rows(1))[0])
 
 
 def test_stop_token_ends_a_request_and_frees_its_slot(engine, reference):

@@ -23,7 +23,8 @@ import argparse
 import sys
 import time
 
-from jaxeff import cli
+from jaxeff import cli, host_malloc
+from jaxeff.errors import GenerationError, JaxeffError
 
 
 def parse_args(argv):
@@ -120,7 +121,6 @@ def _stats_line(gen) -> str:
 
 
 def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
-  from jaxeff.errors import GenerationError
   from jaxeff.generate import Generator
 
   t0 = time.perf_counter()
@@ -187,8 +187,6 @@ def run(args, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
 
 
 def main(argv=None, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
-  from jaxeff import host_malloc
-
   try:
     args = parse_args(sys.argv[1:] if argv is None else argv)
   except cli.UsageError as e:
@@ -200,8 +198,6 @@ def main(argv=None, stdin=sys.stdin, out=sys.stdout, err=sys.stderr) -> int:
 
   quiet_abandoned_reads()  # a damaged checkpoint stays one error line
   cli.log_to_stderr()
-  from jaxeff.errors import JaxeffError
-
   try:
     return run(args, stdin, out, err)
   except JaxeffError as e:

@@ -28,7 +28,8 @@ import sys
 import threading
 import time
 
-from jaxeff import cli
+from jaxeff import cli, host_malloc
+from jaxeff.errors import JaxeffError
 
 
 def parse_args(argv):
@@ -155,8 +156,6 @@ def run(args, out, err) -> int:
 
 
 def main(argv=None, out=None, err=None) -> int:
-  from jaxeff import host_malloc
-
   out, err = out or sys.stdout, err or sys.stderr
 
   try:
@@ -173,8 +172,6 @@ def main(argv=None, out=None, err=None) -> int:
   host_malloc.prepare_cpu_host()
   cli.use_compile_cache()
   cli.log_to_stderr()
-  from jaxeff.errors import JaxeffError
-
   try:
     return run(args, out, err)
   except JaxeffError as e:

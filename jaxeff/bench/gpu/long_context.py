@@ -14,11 +14,16 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from jaxeff.bench import common
 from jaxeff.bench.common import median_seconds  # by name: `common` is a local below
 from jaxeff.bench.gpu import harness
 from jaxeff.bench.gpu.harness import Run, fmt, one_line, relative_error
+from jaxeff.config import ModelConfig
+from jaxeff.inference import H2O, KIVI, Dense, StreamingLLM
+from jaxeff.models import Llama
+from pallas_kernels.kivi_attention import quantize_keys, quantize_values, quantized_attention
 
 
 def _filled_cache(policy, cfg, batch: int, context: int, key):
@@ -46,13 +51,6 @@ def measure(run: Run) -> list[dict]:
   """One decode step of the decode model over a cache holding `long_contexts` tokens, per cache
   policy and batch: dense, StreamingLLM 4 + 1020, H2O 512 + 512, KIVI-4 and KIVI-2 (attention over
   the quantized part in the Pallas kernel); and the KIVI kernel against its reference there."""
-  from flax import nnx
-
-  from jaxeff.config import ModelConfig
-  from jaxeff.inference import H2O, KIVI, Dense, StreamingLLM
-  from jaxeff.models import Llama
-  from pallas_kernels.kivi_attention import quantize_keys, quantize_values, quantized_attention
-
   s = run.sizes
   dtype = "float32" if run.dry else "bfloat16"
   # head_dim 64 (the real model's) also in the dry run: the GPU kernel's 2-bit tiles need 16 bytes a token.
