@@ -45,3 +45,23 @@ def test_policy_on_a_mesh_equals_one_device(policy):
     x.sharding.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), "tensor")), x.ndim) for x in per_head
   )
   assert gen.generate(PROMPTS, max_new_tokens=10) == want
+
+
+def test_a_sharded_model_brings_its_mesh():
+  """A model placed on a mesh, given without `mesh=`: the runner and `perplexity` run on its mesh
+  (the cache created in its sharding; KIVI's per-row counters included) and equal one device."""
+  from jaxeff.inference import perplexity
+
+  mesh = sharding.make_mesh({"data": 2, "tensor": 4})
+  sharded = sharding.create_sharded(lambda: Llama(CFG, rngs=nnx.Rngs(1)), mesh)
+  plain = Llama(CFG, rngs=nnx.Rngs(1))
+  policy = KIVI(bits=4, group=8, residual=16)
+  tokens = np.concatenate(PROMPTS)
+  assert perplexity(sharded, tokens, kv_cache=policy, chunk=16) == pytest.approx(
+    perplexity(plain, tokens, kv_cache=policy, chunk=16), rel=1e-5
+  )
+  gen = Generator(sharded, max_batch=2, max_seq_len=64, kv_cache=policy)
+  assert gen.runner.mesh is not None
+  assert gen.generate(PROMPTS, max_new_tokens=6) == Generator(
+    plain, max_batch=2, max_seq_len=64, kv_cache=policy
+  ).generate(PROMPTS, max_new_tokens=6)

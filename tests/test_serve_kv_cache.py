@@ -44,3 +44,26 @@ def test_a_bounded_cache_serves_past_max_seq_len(model):
   with Engine(model, max_batch=1, max_seq_len=32, prefill_chunk=16, kv_cache=StreamingLLM(4, 28)) as engine:
     assert engine.room(50) is None
     assert len(engine.submit(prompt, max_tokens=60, stop_tokens=()).result(timeout=120)) == 60
+
+
+def test_the_server_takes_prompts_past_max_seq_len_with_a_bounded_cache(model):
+  """The HTTP layer asks the cache policy what fits: with StreamingLLM a prompt longer than
+  max_seq_len is served (a dense cache answers 400 context_length_exceeded)."""
+  import openai
+  from serving import byte_tokenizer, running_server
+
+  from jaxeff.serve.app import ServerSettings, create_app
+
+  prompt = "".join(chr(ord("a") + i % 26) for i in range(50))
+  for policy, ok in ((StreamingLLM(4, 28), True), (None, False)):
+    engine = Engine(model, byte_tokenizer(), max_batch=1, max_seq_len=32, prefill_chunk=16, kv_cache=policy)
+    with running_server(create_app(engine, byte_tokenizer(), ServerSettings(model_name="tiny"))) as url:
+      client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+      ask = lambda: client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=20, extra_body={"ignore_eos": True}
+      )
+      if ok:
+        assert ask().usage.completion_tokens == 20
+      else:
+        with pytest.raises(openai.BadRequestError, match="context"):
+          ask()

@@ -108,6 +108,7 @@ def main(argv=None) -> int:
   else:
     path = common.require_smollm2("kv_cache")
     model, tok = jaxeff.load(path, scan_layers=True)
+    cfg = model.cfg
     all_tokens = np.asarray(tok.encode(text[: 40 * args.long]), np.int32)
     sinks, window = 4, 1020
     name = "SmolLM2-135M-Instruct f32"

@@ -18,7 +18,7 @@ Goals (issue 26, this 2-core CPU): at 8 clients, throughput >= 3x the 1-client t
 `--variants "plain=;lookup=--speculate lookup"` serves the same load from several jaxeff servers one
 after the other (label=extra flags), and `--workload` picks the requests: `mixed` (the default
 above), `grounded` (each prompt a passage then its first half again: the continuation copies the
-input, what prompt lookup is for) or `long` (prompts of ~1-2k tokens with short answers: what a
+input, what prompt lookup is for) or `long` (prompts of ~0.8-1.8k tokens, short answers: what a
 bounded KV cache such as `--kv-cache streaming:4,508` is for).
 `--quick --gguf TINY.gguf` runs 1 and 2 clients with short requests: a smoke test of the
 machinery (the suite's), not a measurement.
@@ -65,7 +65,7 @@ def _corpus() -> str:
 WORKLOADS = {  # prompt characters, new tokens (ranges); "grounded" repeats half of its passage
   "mixed": ((60, 480), (16, 65)),  # ~16-128 prompt tokens
   "grounded": ((240, 480), (32, 65)),
-  "long": ((4000, 7000), (16, 33)),  # ~1-2k prompt tokens
+  "long": ((2500, 5500), (16, 33)),  # ~0.8-1.8k prompt tokens
 }
 
 

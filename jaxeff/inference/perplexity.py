@@ -31,6 +31,7 @@ from flax import nnx
 
 from jaxeff.errors import GenerationError
 from jaxeff.inference.cache import Dense
+from jaxeff.inference.runner import mesh_of
 
 
 def _forward_program(graphdef):
@@ -66,9 +67,13 @@ def token_nll(model, tokens, *, kv_cache=None, chunk: int = 256) -> np.ndarray:
   length = steps * chunk  # the dense cache holds the padded text
   graphdef, state = nnx.split(model)
   forward = _forward_program(graphdef)
-  cache = jax.jit(lambda: policy.init(model.cfg, b, policy.reading_length(length, chunk)))()
-  # Committed like the cache each chunk returns, so the second chunk reuses the first's program.
-  cache = jax.device_put(cache, jax.tree.leaves(state)[0].sharding)
+  make = jax.jit(lambda: policy.init(model.cfg, b, policy.reading_length(length, chunk)))
+  mesh = mesh_of(state)
+  if mesh is not None:  # a sharded model: the cache in its logical sharding on the same mesh
+    with jax.set_mesh(mesh):
+      cache = make()
+  else:  # committed like the cache each chunk returns, so the second chunk reuses the first's program
+    cache = jax.device_put(make(), jax.tree.leaves(state)[0].sharding)
   padded = np.zeros((b, length + 1), np.int32)
   padded[:, :n] = tokens
   nll = []

@@ -118,6 +118,14 @@ class SpecRows(NamedTuple):
   hidden: jax.Array  # [B, H]: the target's final hidden state that produced the root
 
 
+def mesh_of(state) -> jax.sharding.Mesh | None:
+  """The mesh `state`'s arrays are sharded over (None on one device)."""
+  placement = getattr(jax.tree.leaves(state)[0], "sharding", None)
+  if isinstance(placement, jax.sharding.NamedSharding) and placement.mesh.size > 1:
+    return placement.mesh
+  return None
+
+
 def _keys(seeds, positions):
   return jax.vmap(lambda s, p: jax.random.fold_in(jax.random.key(s), p))(seeds, positions)
 
@@ -163,6 +171,9 @@ class ModelRunner:
     if max_batch < 1 or max_seq_len < 2:
       raise GenerationError(f"need max_batch >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
     self.cfg = model.cfg
+    self._graphdef, state = nnx.split(model)
+    if mesh is None:
+      mesh = mesh_of(state)  # a model placed on a mesh runs there
     self.max_batch, self.max_seq_len, self.mesh = max_batch, max_seq_len, mesh
     self.policy = Dense() if kv_cache is None else kv_cache
     self.policy.check_model(self.cfg)
@@ -171,7 +182,6 @@ class ModelRunner:
         f"speculative decoding needs a cache that can take back rejected tokens (dense), not {self.policy.name}: "
         "drop the speculator or the cache policy"
       )
-    self._graphdef, state = nnx.split(model)
     self.use_weights(state)
     self.traces: collections.Counter = collections.Counter()  # compilations per program and shape
     with self.on_mesh():

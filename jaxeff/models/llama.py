@@ -274,13 +274,12 @@ class Llama(nnx.Module):
       raise ValueError(f"num_layers must be in [1, {cfg.num_layers}], got {num_layers}")
     policy = cache.policy
     policy.check_model(cfg)
-    step = policy.begin(cache, positions, tree=tree, partial=depth < cfg.num_layers)
+    # Padding (position < 0) is rotated at 0; policies that take padding never keep or show it.
+    rope = Rope.make(jnp.maximum(positions, 0), rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
+    step = policy.begin(cache, positions, rope=rope, tree=tree, partial=depth < cfg.num_layers)
     attention = attention_lib.bind(cfg)
     attend = lambda q, k, v, rope, layer: policy.attend(step, q, k, v, rope, layer, attention)
-    # Padding (position < 0) is rotated at 0; policies that take padding never keep or show it.
-    clamped = jnp.maximum(positions, 0)
     x = constrain(self.embed_tokens(tokens), BATCH_SEQ_EMBED)
-    rope = Rope.make(clamped, rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
     if cfg.scan_layers:
 
       @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata={nnx.PARTITION_NAME: LAYERS})

@@ -481,9 +481,12 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
       raise APIError(400, "the prompt encodes to no tokens", param="prompt")
     if any(min(p) < 0 or max(p) >= vocab for p in ids):
       raise APIError(400, f"prompt token ids must lie in [0, {vocab})", param="prompt")
-    room = engine.max_seq_len - longest
-    cap = room if settings.max_tokens is None else min(room, settings.max_tokens)
-    if room < 1:
+    # What the cache policy leaves (a bounded cache: any number; then a request with no max_tokens
+    # ends at max_seq_len new tokens unless the server caps them).
+    room = engine.room(longest)
+    cap = engine.max_seq_len if room is None else room
+    cap = cap if settings.max_tokens is None else min(cap, settings.max_tokens)
+    if room is not None and room < 1:
       raise APIError(
         400,
         f"the prompt has {longest} tokens; this server's context is {engine.max_seq_len} tokens, prompt and "
@@ -500,7 +503,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
       raise APIError(
         400, f"max_tokens={max_tokens} is over this server's limit of {settings.max_tokens}", param="max_tokens"
       )
-    if max_tokens > room:
+    if room is not None and max_tokens > room:
       raise APIError(
         400,
         f"the prompt has {longest} tokens and max_tokens is {max_tokens}: {longest + max_tokens} is more than "

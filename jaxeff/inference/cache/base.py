@@ -139,8 +139,10 @@ class CachePolicy:
 
   # ------------------------------------------------------------------ the forward
 
-  def begin(self, cache: Cache, positions: jax.Array, *, tree=None, partial: bool = False):
-    """What every layer's `attend` needs for a chunk at `positions` [B, C] (computed once)."""
+  def begin(self, cache: Cache, positions: jax.Array, *, rope=None, tree=None, partial: bool = False):
+    """What every layer's `attend` needs for a chunk at `positions` [B, C], computed once for all
+    layers (`rope`: the rotary embedding at the chunk's positions, for tables a policy needs at
+    other positions)."""
     if tree is not None or partial:
       raise GenerationError(f"the {self.name} cache takes plain chunks (no token tree, all layers)")
     return positions

@@ -129,7 +129,7 @@ class Dense(CachePolicy):
         "blocks per query block); decode with a full forward, or use sliding_window/attention_sinks"
       )
 
-  def begin(self, cache: Cache, positions, *, tree=None, partial=False):
+  def begin(self, cache: Cache, positions, *, rope=None, tree=None, partial=False):
     num_slots = cache.layer(0)[0].shape[2] if not cache.stacked else cache.layers[0].shape[3]
     if tree is None:
       kv_positions = index_positions(positions.shape[0], num_slots)  # slot t holds position t

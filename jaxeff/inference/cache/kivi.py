@@ -128,7 +128,7 @@ class KIVI(CachePolicy):
   def row_buffers(self, cfg, batch_size, length):
     return (Buffer((batch_size,), 0, jnp.int32, ROW_AXES),) * 2
 
-  def begin(self, cache, positions, *, tree=None, partial=False):
+  def begin(self, cache, positions, *, rope=None, tree=None, partial=False):
     super().begin(cache, positions, tree=tree, partial=partial)
     quantized, end = cache.rows
     new_end = jnp.maximum(end, jnp.max(positions, axis=1) + 1)
