@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import sys
 from collections.abc import Sequence
 
@@ -143,9 +144,9 @@ def load_model(args: argparse.Namespace):
   return loader.load(path, quant=args.quant, zero_point=args.zero_point, group_size=args.group_size, **overrides)
 
 
-def add_inference_args(p: argparse.ArgumentParser) -> None:
+def add_inference_args(p: argparse.ArgumentParser, *, kv_cache: str = "dense") -> None:
   """The inference flags `python -m jaxeff.generate` and `python -m jaxeff.serve` share:
-  --speculate (with --draft-tokens, --tree-size), --kv-cache, --mesh."""
+  --speculate (with --draft-tokens, --tree-size), --kv-cache (default `kv_cache`), --mesh."""
   p.add_argument(
     "--speculate",
     metavar="SPEC",
@@ -164,8 +165,10 @@ def add_inference_args(p: argparse.ArgumentParser) -> None:
   p.add_argument(
     "--kv-cache",
     metavar="POLICY",
-    default="dense",
-    help="dense (default) | streaming:SINKS,WINDOW (StreamingLLM: flat memory, text may run past --max-seq-len) "
+    default=kv_cache,
+    help=f"(default {kv_cache}) dense (a row of --max-seq-len positions per request) | paged | paged:BLOCK_SIZE "
+    "(a pool of blocks of 16 or BLOCK_SIZE tokens shared by the requests) | streaming:SINKS,WINDOW "
+    "(StreamingLLM: flat memory, text may run past --max-seq-len) "
     "| h2o:HEAVY,RECENT (heavy hitters + recent tokens) | snapkv:BUDGET (prompt entries kept per head, SnapKV) "
     "| kivi:BITS,RESIDUAL (2/4-bit cache, RESIDUAL newest tokens in full precision, KIVI)",
   )
@@ -208,6 +211,40 @@ def check_inference_args(p: ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--mesh takes AXIS=N,... with axes {', '.join(MESH_AXES)} (each once, N >= 1), got {args.mesh!r}")
       shape[name] = int(size)
     args.mesh_shape = shape
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_memory(text: str) -> int | float:
+  """A memory size: bytes with an optional unit (`2GiB`, `512MiB`, `1.5GB`, `100000000`) -> int, or
+  a fraction of the device's memory (`0.5`: in (0, 1]) -> float. Raises UsageError otherwise."""
+  match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+  unit = match and match.group(2).lower()
+  if not match or unit not in _UNITS:
+    raise UsageError(f"a memory size is bytes with a unit (e.g. 2GiB, 512MiB) or a fraction like 0.5, got {text!r}")
+  value = float(match.group(1))
+  if not unit and "." in match.group(1):
+    if not 0 < value <= 1:
+      raise UsageError(f"a fraction of the device's memory must be in (0, 1], got {text}")
+    return value
+  if value * _UNITS[unit] < 1:
+    raise UsageError(f"a memory size must be at least one byte, got {text!r}")
+  return int(value * _UNITS[unit])
+
+
+def device_memory(fraction: float) -> int:
+  """`fraction` of the first device's memory in bytes (what it reports); raises MeshError where a
+  device reports none (CPU)."""
+  import jax
+
+  stats = jax.devices()[0].memory_stats() or {}
+  if "bytes_limit" not in stats:
+    raise MeshError(
+      f"a fraction of device memory ({fraction}) needs a device that reports its memory (GPU, TPU); "
+      f"{jax.devices()[0].platform} does not: give bytes, e.g. 2GiB"
+    )
+  return int(stats["bytes_limit"] * fraction)
 
 
 def make_mesh(args):

@@ -27,6 +27,8 @@ def test_the_main_apis_have_examples():
     "jaxeff.inference.sampling",
     "jaxeff.inference.runner",
     "jaxeff.inference.cache.dense",
+    "jaxeff.inference.cache.paged",
+    "jaxeff.inference.blocks",
     "jaxeff.inference.perplexity",
     "jaxeff.generate.generator",
     "jaxeff.serve.engine",

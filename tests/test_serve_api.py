@@ -231,15 +231,19 @@ def test_usage_counts_tokens_up_to_the_one_that_completed_the_stop_string(client
 
 
 def _gate_decoding(engine):
-  """Decode steps wait at the returned event once a request decodes: (entered, release)."""
-  entered, release, decode = threading.Event(), threading.Event(), engine.runner.decode
+  """Steps wait at the returned event once a request decodes: (entered, release). (The paged
+  engine's steps are `runner.step`, prefill and decode together; the dense one's `runner.decode`.)"""
+  entered, release = threading.Event(), threading.Event()
+  name = "step" if engine.blocks is not None else "decode"
+  run = getattr(engine.runner, name)
 
   def gated(*args, **kwargs):
-    entered.set()
-    release.wait(TIMEOUT)
-    return decode(*args, **kwargs)
+    if any(s is not None and s.decoding for s in engine._slots):
+      entered.set()
+      release.wait(TIMEOUT)
+    return run(*args, **kwargs)
 
-  engine.runner.decode = gated
+  setattr(engine.runner, name, gated)
   return entered, release
 
 
@@ -297,7 +301,9 @@ def test_a_failed_engine_answers_503_everywhere_and_nothing_hangs(model, caplog)
       release.wait(TIMEOUT)
       raise RuntimeError("injected scheduler failure")
 
-    engine._decode_step = broken_step  # the scheduler's own code fails, not one request's program
+    # The scheduler's own code fails (the paged engine's planning, the dense one's decode step),
+    # not one request's program.
+    setattr(engine, "_plan" if engine.blocks is not None else "_decode_step", broken_step)
     results = {}
 
     def whole(name):

@@ -15,6 +15,7 @@ import pytest
 import tiny_gguf
 
 import jaxeff
+from jaxeff import cli
 from jaxeff.generate import Generator
 from jaxeff.serve.__main__ import main
 
@@ -48,6 +49,10 @@ def test_serves_a_gguf_and_stops_cleanly_on_sigterm(gguf_file, tmp_path):
     "32",
     "--shutdown-timeout",
     "20",
+    "--kv-cache-memory",
+    "2MiB",
+    "--token-budget",
+    "64",
   ]
   proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
   try:
@@ -68,6 +73,13 @@ def test_serves_a_gguf_and_stops_cleanly_on_sigterm(gguf_file, tmp_path):
       [ids], max_new_tokens=8, stop_tokens=tok.stop_tokens
     )[0]
     assert r.choices[0].message.content == tok.decode(expected)
+    # The same conversation again: its prompt's blocks come from the prefix cache (the default).
+    again = client.chat.completions.create(model="tiny-chat.gguf", messages=messages, max_tokens=8, temperature=0)
+    assert again.choices[0].message.content == r.choices[0].message.content
+    metrics = httpx2.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": "Bearer k"}).text
+    hit = float(re.search(r"^jaxeff_prefix_cache_hit_tokens_total (\S+)", metrics, re.M).group(1))
+    assert hit >= 16 * (len(ids) // 16 - 1) and hit > 0, metrics
+    assert re.search(r'jaxeff_kv_cache_bytes\{policy="paged"\} 2\.0\d*e\+06', metrics), metrics
 
     # SIGTERM while a stream runs: the stream still ends properly ([DONE]) and the process exits 0.
     chunks, done = [], threading.Event()
@@ -98,10 +110,28 @@ def test_bad_usage_is_one_error_line(tmp_path, capsys):
   assert main(["--port", "1"]) == 2
   assert main(["--hf", str(tmp_path / "missing.gguf"), "--no-warmup"]) == 2
   assert main(["--hf", "x.gguf", "--max-batch", "0"]) == 2
+  assert main(["--hf", "x.gguf", "--kv-cache", "dense", "--kv-cache-memory", "1GiB"]) == 2
+  assert main(["--hf", "x.gguf", "--kv-cache-memory", "lots"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 3 and all(line.startswith("error: ") for line in err), err
+  assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
   assert "one of the arguments --checkpoint --hf is required" in err[0]
   assert "no such file or directory" in err[1] and "--max-batch must be >= 1" in err[2]
+  assert "--kv-cache-memory sizes the paged cache, not --kv-cache dense" in err[3]
+  assert "bytes with a unit (e.g. 2GiB, 512MiB) or a fraction like 0.5, got 'lots'" in err[4]
+
+
+@pytest.mark.parametrize(
+  "text, value",
+  [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("100000", 100000), ("0.5", 0.5)],
+)
+def test_memory_sizes(text, value):
+  assert cli.parse_memory(text) == value and type(cli.parse_memory(text)) is type(value)
+
+
+@pytest.mark.parametrize("text", ["0.0", "1.5", "2XB", "-1GiB", ""])
+def test_bad_memory_sizes(text):
+  with pytest.raises(cli.UsageError):
+    cli.parse_memory(text)
 
 
 def test_a_failed_engine_fails_its_requests_and_exits_1(gguf_file, tmp_path):
@@ -112,7 +142,7 @@ def test_a_failed_engine_fails_its_requests_and_exits_1(gguf_file, tmp_path):
     "from jaxeff.serve import __main__, engine\n"
     "def broken_step(self):\n"
     "  raise RuntimeError('injected scheduler failure')\n"
-    "engine.Engine._decode_step = broken_step\n"
+    "engine.Engine._plan = broken_step\n"
     "sys.exit(__main__.main(sys.argv[1:]))\n"
   )
   args = ["--hf", str(gguf_file), "--quant", "gguf", "--port", "0", "--max-seq-len", "64", "--no-warmup"]
@@ -176,7 +206,7 @@ def test_serves_with_speculation_on_a_mesh_and_with_a_cache_policy(gguf_file, tm
         t.join(120)
       assert [a.choices[0].text for a in answers] == [expected] * 3
       metrics = httpx2.get(match.group(1).removesuffix("/v1") + "/metrics").text
-      assert re.search(r'jaxeff_kv_cache_bytes\{policy="(dense|H2O)"\} [1-9]', metrics), metrics
+      assert re.search(r'jaxeff_kv_cache_bytes\{policy="(paged|H2O)"\} [1-9]', metrics), metrics
       if name == "speculate":
         accepted = float(re.search(r"^jaxeff_accepted_tokens_total (\S+)", metrics, re.M).group(1))
         assert accepted > 0 and "jaxeff_request_tokens_per_forward_count 3.0" in metrics

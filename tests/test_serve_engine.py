@@ -1,7 +1,8 @@
-"""The continuous-batching engine against `Generator` (an independent static-batch path): exact
-tokens under concurrency, one compile per program whatever the request mix, chunked prefill
-interleaved with decoding, stops, cancellation, the waiting-queue bound, per-request failure,
-quantized / bf16 / GGUF-as-stored models and a tensor-parallel mesh."""
+"""The continuous-batching engine on the dense cache (a row of max_seq_len positions per slot;
+the paged cache, the default, has tests/test_serve_paged.py) against `Generator` (an independent
+static-batch path): exact tokens under concurrency, one compile per program whatever the request
+mix, chunked prefill interleaved with decoding, stops, cancellation, the waiting-queue bound,
+per-request failure, quantized / bf16 / GGUF-as-stored models and a tensor-parallel mesh."""
 
 import asyncio
 import threading
@@ -19,6 +20,7 @@ import jaxeff
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
 from jaxeff.generate import Generator, SamplingParams
+from jaxeff.inference.cache import Dense
 from jaxeff.inference.sampling import SamplingShape, row_values, sample
 from jaxeff.serve import Engine, QueueFullError
 
@@ -32,7 +34,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def engine(model):
-  with Engine(model, byte_tokenizer(), max_batch=3, max_seq_len=MAX_LEN, prefill_chunk=32, max_waiting=32) as e:
+  with Engine(
+    model, byte_tokenizer(), max_batch=3, max_seq_len=MAX_LEN, prefill_chunk=32, max_waiting=32, kv_cache=Dense()
+  ) as e:
     # Every bucket: rows {1, 2, 3} x spans {128, 160} decode; prefill 16 and 32 at span 128, 32 at 160.
     assert e.warm_up() == 9 and len(e.traces) == 9
     yield e
@@ -159,7 +163,7 @@ def test_chunked_prefill_interleaves_with_decoding(engine, model):
 
 
 def test_cancel_frees_the_slot_within_a_step(model):
-  with Engine(model, max_batch=1, max_seq_len=MAX_LEN, max_waiting=1) as engine:
+  with Engine(model, max_batch=1, max_seq_len=MAX_LEN, max_waiting=1, kv_cache=Dense()) as engine:
     first = engine.submit([5, 6, 7], max_tokens=150)
     for _ in first:
       break
@@ -245,7 +249,7 @@ def test_quantized_bf16_and_gguf_as_stored_models(model, tmp_path, monkeypatch):
   for name, m in models.items():
     ref = Generator(m, max_batch=1, max_seq_len=64)
     expected = [ref.generate([p], max_new_tokens=8)[0] for p in prompts]
-    with Engine(m, max_batch=2, max_seq_len=64, prefill_chunk=16) as engine:
+    with Engine(m, max_batch=2, max_seq_len=64, prefill_chunk=16, kv_cache=Dense()) as engine:
       got = engine.generate(prompts, max_tokens=8)
     assert got == expected, name
 
@@ -253,7 +257,7 @@ def test_quantized_bf16_and_gguf_as_stored_models(model, tmp_path, monkeypatch):
 def test_tensor_parallel_slots_on_a_mesh(model, reference):
   mesh = sharding.make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
   prompts = _prompts(6, [7, 30, 19, 44])
-  with Engine(model, max_batch=4, max_seq_len=MAX_LEN, mesh=mesh) as engine:
+  with Engine(model, max_batch=4, max_seq_len=MAX_LEN, mesh=mesh, kv_cache=Dense()) as engine:
     k = engine.runner.cache.layer(0)[0]
     assert k.sharding.spec[:2] == ("data", "tensor"), k.sharding  # rows over data, kv heads over tensor
     got = engine.generate(prompts, max_tokens=10, stop_tokens=())

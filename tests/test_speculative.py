@@ -21,7 +21,7 @@ from jaxeff.generate import GenerationError, Generator, SamplingParams
 from jaxeff.generate.speculative import DraftModel, Medusa, PromptLookup, SelfDraft, Speculator, Tree
 from jaxeff.generate.speculative.lookup import lookup_draft
 from jaxeff.generate.speculative.medusa_heads import MedusaHeads
-from jaxeff.inference.cache import Dense, TreeSlots
+from jaxeff.inference.cache import Dense, Paged, TreeSlots
 from jaxeff.inference.verify import accept_greedy
 from jaxeff.models import Llama
 from jaxeff.models.attention import index_positions
@@ -85,6 +85,15 @@ def test_greedy_equals_plain_greedy(model, plain, name):
   traced = dict(gen.traces)
   assert gen.generate(PROMPTS, max_new_tokens=NEW) == plain
   assert dict(gen.traces) == traced and all(v == 1 for v in traced.values())
+
+
+def test_a_token_tree_through_the_paged_cache_equals_plain_greedy(model, plain):
+  """Tree verification writes the nodes to logical slots of the rows' blocks and moves the
+  accepted path into place through the block tables (`Paged.move`)."""
+  speculator = Medusa(random_heads(3), tree=MEDUSA_TREE)
+  gen = Generator(model, max_batch=4, max_seq_len=SEQ, speculator=speculator, kv_cache=Paged(block_size=4))
+  assert gen.generate(PROMPTS, max_new_tokens=NEW) == plain
+  assert gen.stats.accepted_histogram.keys() - {0}  # some drafts were accepted (moved into place)
 
 
 def test_typical_acceptance_is_greedy_at_temperature_zero_and_samples_otherwise(model, plain):

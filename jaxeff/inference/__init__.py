@@ -9,14 +9,18 @@
 - `sampling`: one sampler for one row or many (per-row arrays, static program shape).
 - `speculation`, `verify`, `tree`: the speculator interface, the verification rules and token trees.
 - `perplexity`: a long text through a cache policy, chunk by chunk.
+- `blocks`: the paged cache's block manager (reference counts, LRU free queue, prefix cache), which
+  the serving engine's scheduler drives.
 """
 
-from jaxeff.inference.cache import H2O, KIVI, Cache, CachePolicy, Dense, SnapKV, StreamingLLM
+from jaxeff.inference.blocks import BlockManager
+from jaxeff.inference.cache import H2O, KIVI, Cache, CachePolicy, Dense, Paged, SnapKV, StreamingLLM
 from jaxeff.inference.perplexity import perplexity, token_nll
 from jaxeff.inference.runner import MAX_STOP_TOKENS, ModelRunner, RowArrays, RowSettings, row_arrays, shape_of
 from jaxeff.inference.sampling import SamplingParams, SamplingShape
 
 __all__ = [
+  "BlockManager",
   "Cache",
   "CachePolicy",
   "Dense",
@@ -24,6 +28,7 @@ __all__ = [
   "KIVI",
   "MAX_STOP_TOKENS",
   "ModelRunner",
+  "Paged",
   "RowArrays",
   "RowSettings",
   "SamplingParams",

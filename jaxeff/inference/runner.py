@@ -52,8 +52,7 @@ from flax import nnx
 
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
-from jaxeff.inference.cache import Dense, TreeSlots
-from jaxeff.inference.cache.base import select_rows
+from jaxeff.inference.cache import Dense, RaggedLayout, TreeSlots
 from jaxeff.inference.sampling import SamplingParams, SamplingShape, filtered_logits, row_values, sample
 from jaxeff.inference.speculation import DraftContext
 from jaxeff.inference.verify import accept_greedy, accept_sampled, accept_typical
@@ -207,6 +206,9 @@ class ModelRunner:
     self._verify = jax.jit(
       self._verify_fn, donate_argnames=("cache", "spec_rows"), static_argnames=("shape", "span", "protect", "rule")
     )
+    self._set_tables = jax.jit(lambda cache, tables: self.policy.with_tables(cache, tables), donate_argnums=0)
+    self._copy_blocks = jax.jit(lambda cache, src, dst: self.policy.copy_blocks(cache, src, dst), donate_argnums=0)
+    self._step = jax.jit(self._step_fn, donate_argnames="cache", static_argnames=("shape", "layout", "span"))
 
   # ------------------------------------------------------------------ state
 
@@ -241,6 +243,19 @@ class ModelRunner:
     """The KV cache's current state (a `jaxeff.inference.cache.Cache`; donated to each program, so
     read it between calls, not across them)."""
     return self._cache
+
+  def set_tables(self, tables) -> None:
+    """Block tables [max_batch, blocks per row] for a paged cache (`jaxeff.inference.blocks`
+    decides them; -1: no block): every later program reads rows' blocks through them."""
+    if not self.policy.ragged:
+      raise GenerationError(f"block tables are for the paged cache, not {self.policy.name}")
+    with self.on_mesh():
+      self._cache = self._set_tables(self._cache, np.asarray(tables, np.int32))
+
+  def copy_blocks(self, src, dst) -> None:
+    """Blocks `src` copied to blocks `dst` in every layer (a paged cache's copy-on-write)."""
+    with self.on_mesh():
+      self._cache = self._copy_blocks(self._cache, np.asarray(src, np.int32), np.asarray(dst, np.int32))
 
   @property
   def cache_bytes(self) -> int:
@@ -345,7 +360,7 @@ class ModelRunner:
       positions_in = jnp.where(live, positions, span - 1)  # inside the window; not written back
     x, new = model.forward_with_cache(tokens[:, None], positions_in[:, None], window)
     if protect and self.policy.pads_to_end and where is not None:
-      new = select_rows(new, live, new, window)  # idle rows of the window are written back unchanged
+      new = self.policy.keep_rows(new, live, window)  # idle rows of the window are written back unchanged
     cache = self._close(cache, new, where)
     nxt = sample(model.logits(x[:, 0]), _keys(rows.seeds, positions + 1), shape, rows.values)
     return nxt, _is_stop(nxt, rows.stops), cache
@@ -379,6 +394,34 @@ class ModelRunner:
     _, cache, _, _, steps, _, out = jax.lax.while_loop(cond, body, init)
     return out, steps - 1, cache
 
+  def _step_fn(self, state, cache, tokens, positions, seq_rows, lengths, rows, *, shape, layout, span):
+    """A ragged step (paged cache): `layout.decode` rows decoding one token each, then
+    `layout.prefill` rows prefilling a chunk of `layout.chunk`, packed into one row of tokens."""
+    self.traces["step", layout, span, shape] += 1
+    model = nnx.merge(self._graphdef, state)
+    (all_tables,) = cache.rows
+    tables = jnp.where(seq_rows[:, None] >= 0, all_tables[jnp.maximum(seq_rows, 0)], -1)
+    if span is not None:
+      tables = tables[:, : self.policy.blocks_per_row(span)]
+    window = cache.replace(rows=(tables,))
+    x, new = model.forward_with_cache(tokens[None], positions[None], window, layout=layout)
+    cache = cache.replace(layers=new.layers)
+    x = x[0]
+    nd, c = layout.decode, layout.chunk
+    # Each row's last token: a decode row's only one; a prefill row's last real one (its logits
+    # sample the first new token when the prompt ends in this chunk).
+    last_prefill = jnp.max(positions[nd:].reshape(layout.prefill, c), axis=1) if layout.prefill else None
+    index = jnp.arange(nd, dtype=jnp.int32)
+    sample_at = positions[:nd] + 1
+    if layout.prefill:
+      count = jnp.sum(positions[nd:].reshape(layout.prefill, c) >= 0, axis=1)
+      index = jnp.concatenate([index, nd + jnp.arange(layout.prefill, dtype=jnp.int32) * c + jnp.maximum(count - 1, 0)])
+      sample_at = jnp.concatenate([sample_at, last_prefill + 1])
+    last = x[index]
+    nxt = sample(model.logits(last), _keys(rows.seeds, sample_at), shape, rows.values)
+    ends = sample_at == lengths  # a decode row always; a prefill row when its prompt ends here
+    return jnp.where(ends, nxt, -1), _is_stop(nxt, rows.stops) & ends, cache
+
   def _draft_fn(self, state, cache, spec_params, spec_cache, spec_rows, live, rows, row0, *, shape, span, protect):
     n = live.shape[0]
     self.traces["draft", n, span, shape] += 1
@@ -388,11 +431,12 @@ class ModelRunner:
     last = jnp.take_along_axis(own.history, own.pos[:, None], axis=1)[:, 0]
     ctx = DraftContext(own.history, own.pos, last, own.hidden, _keys(rows.seeds, own.pos))
     model = nnx.merge(self._graphdef, state)
-    tokens, q, new, new_spec = self.speculator.draft(model, window, spec_params, spec_window, ctx, shape, rows.values)
+    seen = self.policy.shield(window, live) if protect else window
+    tokens, q, new, new_spec = self.speculator.draft(model, seen, spec_params, spec_window, ctx, shape, rows.values)
     if protect:  # idle rows (mid-prefill, free) keep their state
-      new = select_rows(new, live, new, window)
+      new = self.policy.keep_rows(new, live, window)
       if new_spec is not None:
-        new_spec = select_rows(new_spec, live, new_spec, spec_window)
+        new_spec = new_spec.policy.keep_rows(new_spec, live, spec_window)
     cache, spec_cache = self._close(cache, new, where), self._close(spec_cache, new_spec, where)
     return tokens.astype(jnp.int32), q, cache, spec_cache, spec_rows
 
@@ -413,7 +457,8 @@ class ModelRunner:
     positions = own.pos[:, None] + depth[None]
     is_chain = tree.max_depth == tree.size - 1
     slots = None if is_chain else TreeSlots(own.pos, jnp.asarray(np.asarray(tree.ancestors)))
-    x, new = model.forward_with_cache(tokens, positions, window, tree=slots)
+    seen = self.policy.shield(window, live) if protect else window
+    x, new = model.forward_with_cache(tokens, positions, seen, tree=slots)
     logits = model.logits(x)  # [n, N, V]
     final, bonus = accept_greedy(logits, tokens, tree)
     if not shape.greedy:
@@ -437,7 +482,7 @@ class ModelRunner:
       src = own.pos[:, None] + jnp.where(path[:, 1:] >= 0, path[:, 1:], jnp.arange(1, tree.max_depth + 1)[None])
       new = self.policy.move(new, src, own.pos + 1)
     if protect:
-      new = select_rows(new, live, new, window)
+      new = self.policy.keep_rows(new, live, window)
     cache = self._close(cache, new, where)
     d = tree.max_depth
     path_tokens = jnp.take_along_axis(tokens, jnp.maximum(path[:, 1:], 0), axis=1)  # [n, D]
@@ -530,6 +575,27 @@ class ModelRunner:
         out_len=out_len,
       )
     return out, steps
+
+  def step(self, tokens, *, positions, seq_rows, lengths, rows: RowArrays, layout: RaggedLayout, shape=None, span=None):
+    """A ragged step over a paged cache: tokens and positions [layout.tokens] (decode rows' tokens,
+    then each prefill row's chunk, right-padded with position -1); `seq_rows` [layout.rows] the
+    cache row (block table) of each step row (-1: padding); `lengths` [layout.rows] the position
+    each row samples at when it samples (a decode row: its position + 1; a prefill row: its prompt's
+    length). Returns (tokens [rows], stop flags [rows]): -1 for rows that sampled nothing."""
+    with self.on_mesh():
+      nxt, stopped, self._cache = self._step(
+        self._state,
+        self._cache,
+        np.asarray(tokens, np.int32),
+        np.asarray(positions, np.int32),
+        np.asarray(seq_rows, np.int32),
+        np.asarray(lengths, np.int32),
+        rows,
+        shape=SamplingShape() if shape is None else shape,
+        layout=layout,
+        span=span,
+      )
+    return nxt, stopped
 
   def draft(self, *, rows: RowArrays, live=None, row0: int = 0, shape=None, span=None, protect=False):
     """The speculator's draft for rows row0..: (draft tokens [n, N-1], draft distributions or None)

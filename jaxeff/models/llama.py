@@ -240,6 +240,7 @@ class Llama(nnx.Module):
     *,
     tree=None,
     num_layers: int | None = None,
+    layout=None,
   ) -> CachedForward:
     """Runs `tokens` [B, S] at `positions` [B, S] through a KV cache: each layer's attention goes
     through the cache's policy (`jaxeff.inference.cache`), which writes what it keeps. Inference
@@ -254,6 +255,8 @@ class Llama(nnx.Module):
         each sees only its ancestors among them. Policies that can roll back (dense) take it.
       num_layers: run only the first `num_layers` layers (then the final norm): a self-speculative
         draft; the other layers' cache is left as it is.
+      layout: a ragged step (`jaxeff.inference.cache.paged.RaggedLayout`): `tokens` [1, T] are
+        several rows' tokens packed in one row, for policies that take it (paged).
     """
     if positions is None:
       raise ValueError("a cached forward needs explicit positions (where to write in the cache)")
@@ -276,7 +279,12 @@ class Llama(nnx.Module):
     policy.check_model(cfg)
     # Padding (position < 0) is rotated at 0; policies that take padding never keep or show it.
     rope = Rope.make(jnp.maximum(positions, 0), rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-    step = policy.begin(cache, positions, rope=rope, tree=tree, partial=depth < cfg.num_layers)
+    extra = {}
+    if layout is not None:
+      if not policy.ragged:
+        raise ConfigError(f"a ragged step needs a cache that takes one (paged), not {policy.name}")
+      extra["layout"] = layout
+    step = policy.begin(cache, positions, rope=rope, tree=tree, partial=depth < cfg.num_layers, **extra)
     attention = attention_lib.bind(cfg)
     attend = lambda q, k, v, rope, layer: policy.attend(step, q, k, v, rope, layer, attention)
     x = constrain(self.embed_tokens(tokens), BATCH_SEQ_EMBED)

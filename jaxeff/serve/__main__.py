@@ -40,11 +40,30 @@ def parse_args(argv):
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   cli.add_model_args(p)
-  cli.add_inference_args(p)
-  p.add_argument("--max-batch", type=int, default=8, metavar="B", help="decode slots (default 8)")
-  p.add_argument("--max-seq-len", type=int, default=2048, metavar="L", help="positions per slot (default 2048)")
+  cli.add_inference_args(p, kv_cache="paged")
+  p.add_argument("--max-batch", type=int, default=8, metavar="B", help="requests running at once (default 8)")
   p.add_argument(
-    "--prefill-chunk", type=int, default=128, metavar="C", help="prompt tokens per step between decode steps"
+    "--max-seq-len", type=int, default=2048, metavar="L", help="positions per request: prompt + output (default 2048)"
+  )
+  p.add_argument(
+    "--prefill-chunk", type=int, default=128, metavar="C", help="prompt tokens of one request per step (default 128)"
+  )
+  p.add_argument(
+    "--kv-cache-memory",
+    metavar="SIZE",
+    default=None,
+    help="paged cache: the block pool's size, e.g. 2GiB, 512MiB, or 0.5 (of device memory) (default: what the "
+    "dense cache takes for --max-batch x --max-seq-len)",
+  )
+  p.add_argument(
+    "--no-prefix-caching", action="store_true", help="paged cache: prefill every prompt in full (no block reuse)"
+  )
+  p.add_argument(
+    "--token-budget",
+    type=int,
+    default=256,
+    metavar="N",
+    help="paged cache: tokens per step, decoding requests first, then prompt chunks (default 256)",
   )
   p.add_argument("--max-waiting", type=int, default=64, metavar="N", help="queued requests before 429 (default 64)")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -61,7 +80,14 @@ def parse_args(argv):
   args = p.parse(argv)
   cli.check_model_args(p, args)
   cli.check_inference_args(p, args)
-  for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_n", "max_body_bytes"):
+  args.kv_memory = None
+  if args.kv_cache_memory is not None:
+    if args.kv_policy.name != "paged":
+      p.error(f"--kv-cache-memory sizes the paged cache, not --kv-cache {args.kv_cache}")
+    args.kv_memory = cli.parse_memory(args.kv_cache_memory)
+  if args.no_prefix_caching and args.kv_policy.name != "paged":
+    p.error(f"--no-prefix-caching is for the paged cache, not --kv-cache {args.kv_cache}")
+  for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_n", "max_body_bytes", "token_budget"):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
   if args.max_waiting < 0 or not 0 <= args.port < 65536:
@@ -96,6 +122,9 @@ def run(args, out, err) -> int:
     kv_cache=args.kv_policy,
     speculator=speculator,
     mesh=cli.make_mesh(args),
+    kv_cache_memory=cli.device_memory(memory) if isinstance(memory := args.kv_memory, float) else memory,
+    prefix_caching=not args.no_prefix_caching,
+    token_budget=args.token_budget,
   )
   if not args.no_warmup:
     t0 = time.perf_counter()
@@ -124,9 +153,10 @@ def run(args, out, err) -> int:
     app, log_level="warning", timeout_graceful_shutdown=args.shutdown_timeout, access_log=False, lifespan="on"
   )
   server = uvicorn.Server(config)
+  prefix_caching = engine.blocks is not None and engine.blocks.prefix_caching
   print(
     f"serving {name} on http://{host}:{port}/v1 ({engine.kv_cache.describe(args.max_batch, args.max_seq_len)}, "
-    f"KV cache {engine.cache_bytes / 2**20:.1f} MiB"
+    f"KV cache {engine.cache_bytes / 2**20:.1f} MiB{', prefix caching' if prefix_caching else ''}"
     f"{f', speculating with {speculator!r}' if speculator is not None else ''}"
     f"{f', mesh {args.mesh}' if args.mesh else ''}{', API key required' if args.api_key else ''})",
     file=out,

@@ -252,6 +252,16 @@ class _Metrics:
     running.set_function(lambda: engine.num_running)
     waiting = prometheus_client.Gauge("jaxeff_requests_waiting", "Requests waiting for a slot", registry=r)
     waiting.set_function(lambda: engine.num_waiting)
+    peak = prometheus_client.Gauge("jaxeff_requests_running_peak", "Most requests running at once", registry=r)
+    peak.set_function(lambda: engine.totals.running_peak)
+    if engine.blocks is not None:
+      blocks = engine.blocks
+      used = prometheus_client.Gauge("jaxeff_kv_blocks_used", "Paged cache blocks held by requests", registry=r)
+      used.set_function(lambda: blocks.num_blocks - blocks.num_free)
+      total = prometheus_client.Gauge("jaxeff_kv_blocks", "Paged cache blocks in the pool", registry=r)
+      total.set(blocks.num_blocks)
+      cached = prometheus_client.Gauge("jaxeff_kv_blocks_cached", "Blocks keyed in the prefix cache", registry=r)
+      cached.set_function(lambda: blocks.num_cached)
     self.ttft = prometheus_client.Histogram(
       "jaxeff_time_to_first_token_seconds", "Submit to first token", buckets=self.LATENCY_BUCKETS, registry=r
     )
@@ -302,6 +312,17 @@ class _EngineCounters:
     for reason, count in sorted(totals.requests_finished.items()):
       finished.add_metric([reason], count)
     yield finished
+    blocks = self.engine.blocks
+    if blocks is not None:
+      yield CounterMetricFamily(
+        "jaxeff_prefix_cache_queried_tokens", "Prompt tokens looked up in the prefix cache", value=blocks.queried_tokens
+      )
+      yield CounterMetricFamily(
+        "jaxeff_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache", value=blocks.hit_tokens
+      )
+      yield CounterMetricFamily(
+        "jaxeff_preemptions", "Requests whose blocks were taken back (recomputed later)", value=totals.preemptions
+      )
     if self.engine.speculator is not None:
       yield CounterMetricFamily("jaxeff_draft_tokens", "Draft tokens proposed to live rows", value=totals.draft_tokens)
       yield CounterMetricFamily("jaxeff_accepted_tokens", "Draft tokens accepted", value=totals.accepted_tokens)

@@ -55,6 +55,8 @@ import jax
 import numpy as np
 
 from jaxeff.errors import GenerationError
+from jaxeff.inference.blocks import BlockManager
+from jaxeff.inference.cache import Paged, RaggedLayout
 from jaxeff.inference.runner import MAX_STOP_TOKENS, ModelRunner, RowSettings, pow2_at_least, row_arrays
 from jaxeff.inference.sampling import SamplingParams, SamplingShape
 
@@ -111,6 +113,9 @@ class Request:
     self.submitted_at = time.monotonic()
     self.forwards = 0
     self.accepted = 0
+    self.preemptions = 0  # times its blocks were taken back (paged cache) and it was recomputed
+    self.passed_over = 0  # later requests admitted before it (paged cache)
+    self.cached_tokens = 0  # prompt tokens found in the prefix cache at its (last) admission
     self.cancelled = False
     self._wake_engine = lambda: None
     self._finished = threading.Event()
@@ -184,13 +189,27 @@ class Request:
 @dataclasses.dataclass
 class _Slot:
   request: Request
-  prefilled: int = 0  # prompt tokens already in the cache
+  prefilled: int = 0  # context tokens already in the cache
   position: int = 0  # where the next token goes (decode phase)
   token: int = 0  # the last sampled token, fed to the next decode step
+  context: np.ndarray | None = None  # what prefill reads: the prompt (+ tokens already sent, after a preemption)
+  admitted: int = 0  # admission order (the newest is preempted first)
+  table: list = dataclasses.field(default_factory=list)  # paged cache: the row's blocks
+  hashes: list = dataclasses.field(default_factory=list)  # prefix hashes of its full blocks so far
+  registered: int = 0  # full blocks keyed in the prefix cache
+
+  def __post_init__(self):
+    if self.context is None:
+      self.context = self.request.prompt
 
   @property
   def decoding(self) -> bool:
-    return self.prefilled == self.request.prompt.size
+    return self.prefilled == self.context.size
+
+  @property
+  def cached(self) -> int:
+    """Tokens of the sequence whose keys and values are in the cache."""
+    return self.position if self.decoding else self.prefilled
 
 
 @dataclasses.dataclass
@@ -204,6 +223,26 @@ class EngineTotals:
   prefill_chunks: int = 0
   draft_tokens: int = 0  # speculation: draft tokens proposed to live rows
   accepted_tokens: int = 0  # of those, accepted
+  steps: int = 0  # ragged steps (paged cache)
+  preemptions: int = 0  # requests whose blocks were taken back to make room (paged cache)
+  running_peak: int = 0  # most requests in the engine at once
+
+
+def sized_pool(policy: Paged, cfg, max_batch: int, max_seq_len: int, memory: int | None) -> Paged:
+  """The paged policy with its pool sized: `memory` bytes (default: the dense cache's max_batch x
+  max_seq_len positions) in whole blocks."""
+  if policy.num_blocks is not None:
+    if memory is not None:
+      raise GenerationError("give the paged cache's size once: num_blocks or kv_cache_memory")
+    return policy
+  per_row = policy.blocks_per_row(max_seq_len)
+  blocks = max_batch * per_row if memory is None else int(memory) // policy.block_bytes(cfg)
+  if blocks < 1:
+    raise GenerationError(
+      f"kv_cache_memory={memory} bytes holds no block ({policy.block_bytes(cfg)} bytes per block of "
+      f"{policy.block_size} tokens over {cfg.num_layers} layers)"
+    )
+  return dataclasses.replace(policy, num_blocks=blocks)
 
 
 class Engine:
@@ -229,8 +268,18 @@ class Engine:
       power of two from here).
     min_kv_bucket: smallest attention span (steps attend over a power of two of cache positions,
       from here up to max_seq_len, that covers every live position; the dense cache only).
-    kv_cache: the cache policy (`jaxeff.inference.cache`; default dense).
+    kv_cache: the cache policy (`jaxeff.inference.cache`; default `Paged()`: blocks allocated as
+      requests grow, prompt prefixes shared; `Dense()` gives every slot max_seq_len positions).
     speculator: a `jaxeff.generate.speculative` speculator; each step then drafts and verifies.
+    kv_cache_memory: bytes of the paged cache's block pool (default: what the dense cache would
+      take, max_batch x max_seq_len positions); with more slots than the pool holds at full length,
+      requests share it and the newest is preempted (and recomputed later) when it runs out.
+    prefix_caching: reuse the cached blocks of a prompt's longest cached prefix (paged cache).
+    token_budget: tokens one step computes at most (paged cache): every decoding request's token,
+      then prefill chunks of as many prompts as fit (vLLM's max_num_batched_tokens).
+    max_prefill_rows: prompts one step prefills at most (paged cache).
+    max_passes: times a waiting request may be passed over by later, smaller ones that fit before
+      it (paged cache); then admission waits for it (first come, first served).
   """
 
   failure: EngineFailedError | None = None  # set when the scheduler thread has died
@@ -249,12 +298,44 @@ class Engine:
     min_kv_bucket: int = 128,
     kv_cache=None,
     speculator=None,
+    kv_cache_memory: int | None = None,
+    prefix_caching: bool = True,
+    token_budget: int = 256,
+    max_prefill_rows: int = 4,
+    max_passes: int = 8,
   ):
     if prefill_chunk < 1 or max_waiting < 0:
       raise GenerationError(f"need prefill_chunk >= 1 and max_waiting >= 0, got {prefill_chunk}, {max_waiting}")
+    if token_budget < 1 or max_prefill_rows < 1 or max_passes < 0:
+      raise GenerationError(
+        f"need token_budget >= 1, max_prefill_rows >= 1 and max_passes >= 0, got {token_budget}, "
+        f"{max_prefill_rows}, {max_passes}"
+      )
+    kv_cache = Paged() if kv_cache is None else kv_cache
+    self.blocks: BlockManager | None = None
+    if isinstance(kv_cache, Paged):
+      kv_cache = sized_pool(kv_cache, model.cfg, max_batch, max_seq_len, kv_cache_memory)
+      if mesh is not None and mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) > 1:
+        raise GenerationError(
+          "the paged cache's steps pack every request into one row of tokens: shard over tensor only "
+          "(--mesh tensor=N), or serve with --kv-cache dense"
+        )
+      # A speculator keeps per-row state of its own (history, a draft model's cache) that a prefix
+      # taken from the cache would not fill: with one, every prompt is prefilled.
+      self.blocks = BlockManager(
+        kv_cache.num_blocks, kv_cache.block_size, prefix_caching=prefix_caching and speculator is None
+      )
+    elif kv_cache_memory is not None:
+      raise GenerationError(f"kv_cache_memory sizes the paged cache's pool; the {kv_cache.name} cache takes none")
     self.runner = ModelRunner(
       model, max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache, speculator=speculator, mesh=mesh
     )
+    self.token_budget, self.max_prefill_rows, self.max_passes = token_budget, max_prefill_rows, max_passes
+    self._admissions = itertools.count()
+    self._tables = None
+    if self.blocks is not None:
+      self._tables = np.full((max_batch, kv_cache.blocks_per_row(max_seq_len)), -1, np.int32)
+      self._tables_changed = True
     self.cfg = model.cfg
     self.tokenizer = tokenizer
     self.max_batch, self.max_seq_len, self.mesh = max_batch, max_seq_len, mesh
@@ -334,6 +415,13 @@ class Engine:
         f"{', speculation included' if self.runner.lookahead else ''}) leaves room for {max(room, 0)} new tokens, "
         f"not max_tokens={max_tokens}"
       )
+    if self.blocks is not None:
+      need = self.blocks.blocks_for(ids.size + max_tokens + self.runner.lookahead)
+      if need > self.blocks.num_blocks:
+        raise GenerationError(
+          f"the prompt ({ids.size} tokens) and max_tokens={max_tokens} need {need} blocks of "
+          f"{self.blocks.block_size} tokens; the cache has {self.blocks.num_blocks} in all"
+        )
     sampling = SamplingParams(temperature, top_k, top_p, min_p)  # validates them
     if seed is not None and not 0 <= seed < 2**32:
       raise GenerationError(f"seed must be in [0, 2**32), got {seed}")
@@ -396,8 +484,18 @@ class Engine:
     if self.kv_cache.spans:
       prefills |= {(self.prefill_chunk, s) for s in spans if s >= self.kv_bucket(self.prefill_chunk)}
     jobs = [("decode", r, s) for r in rows for s in spans] + [("prefill", c, s) for c, s in sorted(prefills, key=str)]
+    if self.blocks is not None and self.speculator is None:
+      self.runner.set_tables(np.full_like(self._tables, -1))  # nothing is written
+      self._tables_changed = True
     for done, (kind, size, span) in enumerate(jobs, 1):
-      if kind == "decode":
+      if self.blocks is not None and self.speculator is None:
+        layout = RaggedLayout(size, 0, 0) if kind == "decode" else RaggedLayout(0, 1, size)
+        out = self.runner.step(
+          np.zeros(layout.tokens, np.int32), positions=np.full(layout.tokens, -1, np.int32),
+          seq_rows=np.full(layout.rows, -1, np.int32), lengths=np.full(layout.rows, -1, np.int32),
+          rows=row_arrays([None] * layout.rows), layout=layout, shape=SamplingShape.any(), span=span,
+        )  # fmt: skip
+      elif kind == "decode":
         idle = np.zeros(size, bool)  # no row is live: nothing is written back
         arrays = row_arrays([None] * size)
         if self.speculator is None:
@@ -501,8 +599,14 @@ class Engine:
         if self._stop_requested:
           self._free_cancelled()
           return
-        self._admit()
+        if self.blocks is None:
+          self._admit()
       self._free_cancelled()
+      if self.blocks is not None and self.speculator is None:
+        self._paged_iteration()
+        continue
+      if self.blocks is not None:
+        self._admit_paged()
       prefilling = [i for i, s in enumerate(self._slots) if s is not None and not s.decoding]
       if prefilling:  # the request that has waited longest
         self._prefill_chunk(min(prefilling, key=lambda i: self._slots[i].request.id))
@@ -530,13 +634,14 @@ class Engine:
 
   def _release(self, i: int, reason: str, error: BaseException | None = None) -> None:
     request = self._slots[i].request
+    self._drop_blocks(i)
     self._slots[i] = None
     self.totals.requests_finished[reason] += 1
     request._finish(reason, error)
 
   def _chunk(self, slot: _Slot) -> tuple[int, int]:
     """(chunk length C, real tokens in it) for the slot's next prefill chunk."""
-    rest = slot.request.prompt.size - slot.prefilled
+    rest = slot.context.size - slot.prefilled
     if rest >= self.prefill_chunk:
       return self.prefill_chunk, self.prefill_chunk
     # A short prompt is padded to a power of two; the tail of a long one to a whole chunk (one
@@ -554,13 +659,15 @@ class Engine:
     slot = self._slots[i]
     request = slot.request
     size, real = self._chunk(slot)
+    if self.blocks is not None and not self._room_for(i, slot.prefilled + real):
+      return
     tokens = np.zeros((1, size), np.int32)
-    tokens[0, :real] = request.prompt[slot.prefilled : slot.prefilled + real]
+    tokens[0, :real] = slot.context[slot.prefilled : slot.prefilled + real]
     try:
       token, stopped = self.runner.prefill(
         tokens,
         starts=np.array([slot.prefilled], np.int32),
-        lengths=np.array([request.prompt.size], np.int32),
+        lengths=np.array([slot.context.size], np.int32),
         rows=row_arrays([request.params.row]),
         row0=i,
         shape=SamplingShape.any(),
@@ -575,8 +682,8 @@ class Engine:
     self.totals.prefill_chunks += 1
     if not slot.decoding:
       return
-    self.totals.prompt_tokens += request.prompt.size
-    slot.position, slot.token = request.prompt.size, token
+    self.totals.prompt_tokens += slot.context.size
+    slot.position, slot.token = slot.context.size, token
     self._deliver(i, token, stopped, now=time.monotonic())
 
   def _deliver(self, i: int, token: int, stopped: bool, now: float) -> None:
@@ -593,6 +700,189 @@ class Engine:
     if len(request.tokens) >= request.params.max_tokens:
       self._release(i, "length")
 
+  # ------------------------------------------------------------------ the paged cache's scheduler
+
+  def _drop_blocks(self, i: int) -> None:
+    slot = self._slots[i]
+    if self.blocks is None or slot is None:
+      return
+    self.blocks.release(slot.table)
+    slot.table = []
+    self._tables[i] = -1
+    self._tables_changed = True
+
+  def _grow(self, i: int, tokens: int) -> bool:
+    """Slot i's table covers its first `tokens` positions (allocating blocks); False when the pool
+    has too few free blocks."""
+    slot = self._slots[i]
+    need = self.blocks.blocks_for(min(tokens, self.max_seq_len)) - len(slot.table)
+    if need <= 0:
+      return True
+    fresh = self.blocks.allocate(need)
+    if fresh is None:
+      return False
+    self._tables[i, len(slot.table) : len(slot.table) + need] = fresh
+    slot.table.extend(fresh)
+    self._tables_changed = True
+    return True
+
+  def _preempt(self, i: int) -> None:
+    """Takes slot i's blocks back and requeues its request first in line: it is recomputed (its
+    prompt and the tokens it has sent so far prefilled again, mostly from the prefix cache)."""
+    request = self._slots[i].request
+    self._drop_blocks(i)
+    self._slots[i] = None
+    request.preemptions += 1
+    self.totals.preemptions += 1
+    with self._cv:
+      self._waiting.appendleft(request)
+
+  def _newest(self) -> int:
+    return max((i for i, s in enumerate(self._slots) if s is not None), key=lambda i: self._slots[i].admitted)
+
+  def _admit_paged(self) -> None:
+    """Waiting requests take free slots while the pool has blocks for their first chunk (after the
+    prefix cache's hit), in arrival order; a request that does not fit may be passed over by later
+    ones `max_passes` times, then admission waits for it."""
+    with self._cv:
+      free = [i for i, s in enumerate(self._slots) if s is None]
+      blocked = False
+      for request in list(self._waiting):
+        if not free or blocked:
+          break
+        if request.cancelled:
+          continue
+        context = np.concatenate([request.prompt, np.asarray(request.tokens, np.int32)])
+        hashes = self.blocks.hashes(context)
+        hit = self.blocks.match(hashes, context.size, count=False)
+        first = min(context.size, len(hit) * self.blocks.block_size + self.prefill_chunk)
+        need = self.blocks.blocks_for(first) - len(hit) + int(np.sum(self.blocks.refs[hit] == 0))
+        if need > self.blocks.num_free:
+          blocked = request.passed_over >= self.max_passes
+          continue
+        for earlier in self._waiting:
+          if earlier is request:
+            break
+          earlier.passed_over += 1
+        self._waiting.remove(request)
+        self.blocks.count(context.size, len(hit))
+        self.blocks.acquire(hit)
+        i = free.pop(0)
+        slot = self._slots[i] = _Slot(request, context=context, admitted=next(self._admissions))
+        slot.table, slot.hashes, slot.registered = list(hit), hashes, len(hit)
+        slot.prefilled = len(hit) * self.blocks.block_size
+        request.cached_tokens = slot.prefilled
+        self._tables[i] = -1
+        self._tables[i, : len(hit)] = hit
+        self._tables_changed = True
+    self.totals.running_peak = max(self.totals.running_peak, self.num_running)
+
+  def _register_full_blocks(self, i: int) -> None:
+    """Keys slot i's blocks that became full (their tokens all written) in the prefix cache."""
+    slot = self._slots[i]
+    full = slot.cached // self.blocks.block_size
+    if full <= slot.registered:
+      return
+    if full > len(slot.hashes):
+      tokens = np.concatenate([slot.request.prompt, np.asarray(slot.request.tokens, np.int32)])
+      tokens = tokens[: full * self.blocks.block_size]
+      parent = slot.hashes[-1] if slot.hashes else None
+      slot.hashes = slot.hashes + self.blocks.hashes(tokens, start=len(slot.hashes), parent=parent)
+    self.blocks.register(slot.table[slot.registered : full], slot.hashes[slot.registered : full])
+    slot.registered = full
+
+  def _plan(self) -> tuple[list[int], list[tuple[int, int]]]:
+    """This step's rows: every decoding slot (blocks for its next token, preempting the newest
+    requests when the pool is out), then prefill chunks in admission order within the token budget."""
+    order = sorted((i for i, s in enumerate(self._slots) if s is not None), key=lambda i: self._slots[i].admitted)
+    for i in order:
+      slot = self._slots[i]
+      if slot is None or not slot.decoding:
+        continue
+      while self._slots[i] is not None and not self._grow(i, slot.position + 1):
+        self._preempt(self._newest())
+    decode = [i for i in order if self._slots[i] is not None and self._slots[i].decoding]
+    budget = self.token_budget - len(decode)
+    prefill = []
+    for i in order:
+      slot = self._slots[i]
+      if slot is None or slot.decoding:
+        continue
+      if len(prefill) == self.max_prefill_rows or budget <= 0:
+        break
+      chunk = min(slot.context.size - slot.prefilled, self.prefill_chunk, budget)
+      if not self._grow(i, slot.prefilled + chunk):
+        break
+      prefill.append((i, chunk))
+      budget -= chunk
+    return decode, prefill
+
+  def _paged_iteration(self) -> None:
+    self._admit_paged()
+    if not any(self._slots):
+      return
+    decode, prefill = self._plan()
+    if not decode and not prefill:
+      if any(self._slots):  # the pool holds only partly prefilled prompts: make room
+        self._preempt(self._newest())
+      return
+    if self._tables_changed:
+      self.runner.set_tables(self._tables)
+      self._tables_changed = False
+    nd = 0 if not decode else self.rows_bucket(len(decode))
+    npf = 0 if not prefill else min(self.max_prefill_rows, pow2_at_least(len(prefill)))
+    chunk = 0
+    if prefill:
+      chunk = min(self.prefill_chunk, max(self.min_prefill_bucket, pow2_at_least(max(c for _, c in prefill))))
+    layout = RaggedLayout(nd, npf, chunk)
+    tokens = np.zeros(layout.tokens, np.int32)
+    positions = np.full(layout.tokens, -1, np.int32)
+    seq_rows = np.full(layout.rows, -1, np.int32)
+    lengths = np.full(layout.rows, -1, np.int32)
+    settings: list[RowSettings | None] = [None] * layout.rows
+    reach = 1
+    for j, i in enumerate(decode):
+      slot = self._slots[i]
+      tokens[j], positions[j], seq_rows[j], lengths[j] = slot.token, slot.position, i, slot.position + 1
+      settings[j] = slot.request.params.row
+      reach = max(reach, slot.position + 1)
+    for k, (i, c) in enumerate(prefill):
+      slot, j, at = self._slots[i], nd + k, nd + k * chunk
+      tokens[at : at + c] = slot.context[slot.prefilled : slot.prefilled + c]
+      positions[at : at + c] = np.arange(slot.prefilled, slot.prefilled + c)
+      seq_rows[j], lengths[j], settings[j] = i, slot.context.size, slot.request.params.row
+      reach = max(reach, slot.prefilled + c)
+    try:
+      nxt, stopped = self.runner.step(
+        tokens, positions=positions, seq_rows=seq_rows, lengths=lengths, rows=row_arrays(settings),
+        layout=layout, shape=SamplingShape.any(), span=self.kv_bucket(reach),
+      )  # fmt: skip
+      nxt, stopped = np.asarray(nxt), np.asarray(stopped)
+    except Exception as e:  # the shared step failed: the requests in it fail
+      log.exception("step failed")
+      for i in decode + [i for i, _ in prefill]:
+        self._release(i, "error", e)
+      return
+    now = time.monotonic()
+    self.totals.steps += 1
+    self.totals.decode_steps += bool(decode)
+    for j, i in enumerate(decode):
+      slot = self._slots[i]
+      slot.position += 1
+      slot.token = int(nxt[j])
+      self._register_full_blocks(i)
+      self._deliver(i, slot.token, bool(stopped[j]), now)
+    for k, (i, c) in enumerate(prefill):
+      slot = self._slots[i]
+      slot.prefilled += c
+      self.totals.prefill_chunks += 1
+      self._register_full_blocks(i)
+      if not slot.decoding:
+        continue
+      self.totals.prompt_tokens += slot.context.size
+      slot.position, slot.token = slot.context.size, int(nxt[nd + k])
+      self._deliver(i, slot.token, bool(stopped[nd + k]), now)
+
   def kv_bucket(self, length: int) -> int | None:
     """Cache positions a step attends over when its positions are below `length`: a power of two
     >= min_kv_bucket, capped at max_seq_len (one compiled program per bucket); None for a cache
@@ -604,8 +894,26 @@ class Engine:
     the mesh's batch split), capped at max_batch."""
     return min(self.max_batch, max(self.min_rows, pow2_at_least(rows)))
 
+  def _room_for(self, i: int, tokens: int) -> bool:
+    """Blocks for slot i's first `tokens` positions, preempting the newest requests while the pool
+    is out (False: slot i itself was preempted); the tables pushed to the runner."""
+    while self._slots[i] is not None and not self._grow(i, tokens):
+      self._preempt(self._newest())
+    if self._tables_changed:
+      self.runner.set_tables(self._tables)
+      self._tables_changed = False
+    return self._slots[i] is not None
+
   def _decode_step(self) -> None:
+    if self.blocks is not None:  # blocks for every live row's next token and its speculation
+      order = sorted((i for i, s in enumerate(self._slots) if s is not None), key=lambda i: self._slots[i].admitted)
+      for i in order:
+        slot = self._slots[i]
+        if slot is not None and slot.decoding:
+          self._room_for(i, slot.position + 1 + self.runner.lookahead)
     live = [i for i, s in enumerate(self._slots) if s is not None and s.decoding]
+    if not live:
+      return
     # Only the rows up to the highest live slot run (slots are filled lowest first), and attention
     # reads only the positions they have reached: a step costs what the live requests need.
     b = self.rows_bucket(max(live) + 1)

@@ -95,6 +95,7 @@ class CachePolicy:
   spans = False  # slot t holds position t: a step may read only the first positions (`window`)
   exact_rollback = False  # writing past a row's end and writing again later is harmless (speculation)
   pads_to_end = False  # padding tokens may be written at positions after a prompt (else they get -1)
+  ragged = False  # `begin` takes a `layout` (a ragged step: decode and prefill rows in one token row)
   # Per buffer (layer_buffers', row_buffers' order): the value a new request's row starts from, or
   # None for buffers that are simply overwritten (keys, values).
   layer_resets: tuple = ()
@@ -198,6 +199,15 @@ class CachePolicy:
     if not self._has_resets():
       return cache
     return select_rows(cache, mask, self.reset(cache), cache)
+
+  def shield(self, cache: Cache, live: jax.Array) -> Cache:
+    """The cache as a step over rows `live` [B] should see it (policies whose idle rows could be
+    written through shared state hide them here); `keep_rows` undoes it after the step."""
+    return cache
+
+  def keep_rows(self, new: Cache, live: jax.Array, old: Cache) -> Cache:
+    """After a step: rows `live` from `new`, the others as they were in `old`."""
+    return select_rows(new, live, new, old)
 
   def take_window(self, cache: Cache, row0, rows: int, span: int | None = None) -> Cache:
     """Rows row0..row0+rows-1 (and, for a slot-per-position cache, the first `span` positions):

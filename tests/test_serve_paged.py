@@ -1,0 +1,168 @@
+"""The serving engine on the paged cache (its default) against `Generator` on the dense cache (an
+independent static path): exact tokens with and without prefix caching for requests that share
+none, some or all of their prompt blocks; preemption when the pool is too small for the load (no
+request lost or duplicated); ragged steps that prefill several prompts at once, compiled once
+per bucket; the pool on a tensor-parallel mesh."""
+
+import threading
+
+import jax
+import numpy as np
+import pytest
+from serving import tiny_model
+
+from jaxeff import sharding
+from jaxeff.errors import GenerationError
+from jaxeff.generate import Generator
+from jaxeff.inference.cache import Dense, Paged
+from jaxeff.serve import Engine
+
+MAX_LEN = 128
+BLOCK = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+  return tiny_model(dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+  gen = Generator(model, max_batch=1, max_seq_len=MAX_LEN)
+  cache = {}
+
+  def greedy(prompt, n, **settings):
+    key = (tuple(prompt), n, tuple(sorted(settings.items())))
+    if key not in cache:
+      cache[key] = gen.generate([prompt], max_new_tokens=n, stop_tokens=(), **{"seed": 0, **settings})[0]
+    return cache[key]
+
+  return greedy
+
+
+def _shared_prefix_prompts(seed):
+  """Prompts sharing none, some (2 blocks) and all of their blocks with a 40-token system prompt."""
+  rng = np.random.default_rng(seed)
+  system = rng.integers(0, 256, 40).tolist()
+  return [
+    system + rng.integers(0, 256, 9).tolist(),
+    system[:16] + rng.integers(0, 256, 30).tolist(),  # 2 blocks shared
+    rng.integers(0, 256, 25).tolist(),  # nothing shared
+    system + rng.integers(0, 256, 3).tolist(),
+    list(system),  # exactly the system prompt: all its blocks but the last are reused
+    system + rng.integers(0, 256, 17).tolist(),
+  ]
+
+
+def _run_concurrently(engine, prompts, max_tokens, settings):
+  results = [None] * len(prompts)
+
+  def client(i):
+    request = engine.submit(prompts[i], max_tokens=max_tokens[i], stop_tokens=(), **{"seed": 0, **settings[i]})
+    results[i] = (request.result(timeout=120), request)
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  return results
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_shared_prefixes_give_the_same_tokens_with_and_without_prefix_caching(model, reference, prefix_caching):
+  prompts = _shared_prefix_prompts(0)
+  settings = [{}, dict(temperature=0.8, seed=3), {}, dict(temperature=0.9, top_k=20, seed=4), {}, {}]
+  max_tokens = [12, 9, 15, 6, 10, 8]
+  expected = [reference(p, n, **s) for p, n, s in zip(prompts, max_tokens, settings)]
+  with Engine(
+    model, max_batch=4, max_seq_len=MAX_LEN, prefill_chunk=16, kv_cache=Paged(block_size=BLOCK),
+    prefix_caching=prefix_caching,
+  ) as engine:  # fmt: skip
+    engine.submit(prompts[0], max_tokens=2).result(timeout=60)  # the system prompt's blocks, cached
+    got = _run_concurrently(engine, prompts, max_tokens, settings)
+    assert [tokens for tokens, _ in got] == expected
+    hits = [r.cached_tokens for _, r in got]
+    if prefix_caching:
+      assert hits[0] == 48 and hits[3] == hits[5] == 40 and hits[2] == 0  # prompt 0 ran before: 6 blocks
+      assert hits[1] == 16 and hits[4] == 32  # 40 tokens: 5 blocks, the last recomputed
+      assert engine.blocks.hit_tokens == 48 + 40 * 2 + 16 + 32
+    else:
+      assert hits == [0] * 6 and engine.blocks.hit_tokens == 0
+    assert engine.blocks.num_free == engine.blocks.num_blocks  # every block given back
+
+
+def test_generated_text_is_cached_for_the_next_turn(model, reference):
+  """A chat's next turn resends the reply: its blocks, written while decoding, are found."""
+  prompt = _shared_prefix_prompts(1)[2]
+  with Engine(model, max_batch=2, max_seq_len=MAX_LEN, kv_cache=Paged(block_size=BLOCK)) as engine:
+    reply = engine.submit(prompt, max_tokens=20, stop_tokens=()).result(timeout=60)
+    turn = prompt + reply + [7, 8, 9]
+    second = engine.submit(turn, max_tokens=5, stop_tokens=())
+    assert second.result(timeout=60) == reference(turn, 5)
+    assert second.cached_tokens == (len(prompt) + 20 - 1) // BLOCK * BLOCK  # the last token never cached
+
+
+def test_a_pool_too_small_for_the_load_preempts_and_loses_nothing(model, reference):
+  """Eight requests that need ~4x the pool: the newest give their blocks back and are recomputed
+  later; every request ends once, with exactly its own tokens."""
+  rng = np.random.default_rng(2)
+  prompts = [rng.integers(0, 256, n).tolist() for n in (30, 12, 45, 20, 8, 33, 25, 16)]
+  max_tokens = [24, 30, 18, 26, 32, 20, 22, 28]
+  policy = Paged(block_size=BLOCK)
+  memory = 12 * policy.block_bytes(model.cfg)  # 12 blocks: 96 tokens for ~550 wanted
+  with Engine(model, max_batch=6, max_seq_len=MAX_LEN, prefill_chunk=16, kv_cache=policy, kv_cache_memory=memory) as e:
+    got = _run_concurrently(e, prompts, max_tokens, [{}] * 8)
+    assert [tokens for tokens, _ in got] == [reference(p, n) for p, n in zip(prompts, max_tokens)]
+    assert e.totals.preemptions > 0 and sum(r.preemptions for _, r in got) == e.totals.preemptions
+    assert e.totals.requests_finished == {"length": 8} and e.totals.generated_tokens == sum(max_tokens)
+    assert e.blocks.num_free == 12
+    with pytest.raises(GenerationError, match="need 13 blocks.*12 in all"):
+      e.submit([1] * 90, max_tokens=10)
+
+
+def test_steps_pack_several_prompts_and_compile_once_per_bucket(model, reference):
+  rng = np.random.default_rng(3)
+  prompts = [rng.integers(0, 256, n).tolist() for n in (5, 20, 11, 3, 26, 9)]
+  with Engine(
+    model, max_batch=8, max_seq_len=MAX_LEN, prefill_chunk=32, token_budget=64, kv_cache=Paged(block_size=BLOCK),
+    prefix_caching=False,
+  ) as engine:  # fmt: skip
+    engine.warm_up()
+    warm = set(engine.traces)
+    assert all(key[0] == "step" for key in warm)
+
+    def wave():
+      requests = [engine.submit(p, max_tokens=6, stop_tokens=()) for p in prompts]  # all waiting at once
+      return [r.result(timeout=60) for r in requests]
+
+    assert wave() == [reference(p, 6) for p in prompts]
+    after_one = dict(engine.traces)
+    assert wave() == [reference(p, 6) for p in prompts]
+    assert engine.traces == after_one  # the same traffic again: nothing new to compile
+    assert all(n == 1 for n in engine.traces.values()), engine.traces
+    layouts = [key[1] for key in engine.traces]
+    assert any(layout.prefill >= 2 for layout in layouts)  # several prompts in one step
+    for layout in layouts:  # buckets: powers of two, within the settings
+      assert layout.decode in (0, 1, 2, 4, 8) and layout.prefill in (0, 1, 2, 4)
+      assert layout.chunk in (0, 16, 32) and layout.tokens <= 8 + 4 * 32
+
+
+def test_bad_settings_are_one_line_each(model):
+  with pytest.raises(GenerationError, match="kv_cache_memory sizes the paged cache"):
+    Engine(model, max_batch=1, max_seq_len=32, kv_cache=Dense(), kv_cache_memory=1 << 20)
+  with pytest.raises(GenerationError, match="holds no block"):
+    Engine(model, max_batch=1, max_seq_len=32, kv_cache_memory=100)
+  mesh = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
+  with pytest.raises(GenerationError, match="shard over tensor only"):
+    Engine(model, max_batch=2, max_seq_len=32, mesh=mesh)
+
+
+def test_the_pool_on_a_tensor_parallel_mesh(model, reference):
+  mesh = sharding.make_mesh({"tensor": 2}, devices=jax.devices()[:2])
+  prompts = _shared_prefix_prompts(4)[:3]
+  with Engine(model, max_batch=4, max_seq_len=MAX_LEN, mesh=mesh, kv_cache=Paged(block_size=BLOCK)) as engine:
+    keys = engine.runner.cache.layer(0)[0]
+    assert keys.sharding.spec[:2] == (None, "tensor"), keys.sharding  # every block, kv heads over tensor
+    got = engine.generate(prompts, max_tokens=8, stop_tokens=())
+  assert got == [reference(p, 8) for p in prompts]
