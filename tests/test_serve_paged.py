@@ -103,6 +103,18 @@ def test_generated_text_is_cached_for_the_next_turn(model, reference):
     assert second.cached_tokens == (len(prompt) + 20 - 1) // BLOCK * BLOCK  # the last token never cached
 
 
+def test_requests_sent_together_with_one_prompt_prefill_it_once(model, reference):
+  """Four samples of one 60-token prompt arrive at once: one prefills it, the others wait for its
+  blocks and reuse them (7 of 8 blocks each: the last is recomputed for the logits)."""
+  prompt = np.random.default_rng(5).integers(0, 256, 60).tolist()
+  with Engine(model, max_batch=4, max_seq_len=MAX_LEN, prefill_chunk=16, kv_cache=Paged(block_size=BLOCK)) as engine:
+    requests = [engine.submit(prompt, max_tokens=5, temperature=0.8, seed=s, stop_tokens=()) for s in range(4)]
+    out = [r.result(timeout=60) for r in requests]
+    assert out == [reference(prompt, 5, temperature=0.8, seed=s) for s in range(4)]
+    assert sorted(r.cached_tokens for r in requests) == [0, 56, 56, 56]
+    assert engine.totals.prompt_tokens == 60 * 4
+
+
 def test_a_pool_too_small_for_the_load_preempts_and_loses_nothing(model, reference):
   """Eight requests that need ~4x the pool: the newest give their blocks back and are recomputed
   later; every request ends once, with exactly its own tokens."""
@@ -125,27 +137,25 @@ def test_steps_pack_several_prompts_and_compile_once_per_bucket(model, reference
   rng = np.random.default_rng(3)
   prompts = [rng.integers(0, 256, n).tolist() for n in (5, 20, 11, 3, 26, 9)]
   with Engine(
-    model, max_batch=8, max_seq_len=MAX_LEN, prefill_chunk=32, token_budget=64, kv_cache=Paged(block_size=BLOCK),
-    prefix_caching=False,
+    model, max_batch=4, max_seq_len=MAX_LEN, prefill_chunk=16, token_budget=40, max_prefill_rows=2,
+    kv_cache=Paged(block_size=BLOCK), prefix_caching=False,
   ) as engine:  # fmt: skip
-    engine.warm_up()
-    warm = set(engine.traces)
-    assert all(key[0] == "step" for key in warm)
+    programs = engine.warm_up(full=True)
+    warm = dict(engine.traces)
+    assert len(warm) == programs and all(key[0] == "step" and n == 1 for key, n in warm.items())
 
     def wave():
       requests = [engine.submit(p, max_tokens=6, stop_tokens=()) for p in prompts]  # all waiting at once
       return [r.result(timeout=60) for r in requests]
 
     assert wave() == [reference(p, 6) for p in prompts]
-    after_one = dict(engine.traces)
     assert wave() == [reference(p, 6) for p in prompts]
-    assert engine.traces == after_one  # the same traffic again: nothing new to compile
-    assert all(n == 1 for n in engine.traces.values()), engine.traces
+    assert engine.traces == warm  # traffic compiled nothing: every bucket was warmed
     layouts = [key[1] for key in engine.traces]
     assert any(layout.prefill >= 2 for layout in layouts)  # several prompts in one step
     for layout in layouts:  # buckets: powers of two, within the settings
-      assert layout.decode in (0, 1, 2, 4, 8) and layout.prefill in (0, 1, 2, 4)
-      assert layout.chunk in (0, 16, 32) and layout.tokens <= 8 + 4 * 32
+      assert layout.decode in (0, 1, 2, 4) and layout.prefill in (0, 1, 2) and layout.chunk in (0, 16)
+    assert programs == 11  # decode rows {1, 2, 4}, + a chunk of 16 for {0, 1, 2, 4} decode rows x {1, 2} prompts
 
 
 def test_bad_settings_are_one_line_each(model):

@@ -77,6 +77,12 @@ def parse_args(argv):
     "--shutdown-timeout", type=float, default=10.0, metavar="S", help="seconds running requests get at shutdown"
   )
   p.add_argument("--no-warmup", action="store_true", help="compile on the first requests instead of at start")
+  p.add_argument(
+    "--full-warmup",
+    action="store_true",
+    help="paged cache: also compile every mixed step (decode rows + prompt chunks) at start, so traffic "
+    "compiles nothing (more programs: a slower start)",
+  )
   args = p.parse(argv)
   cli.check_model_args(p, args)
   cli.check_inference_args(p, args)
@@ -85,6 +91,8 @@ def parse_args(argv):
     if args.kv_policy.name != "paged":
       p.error(f"--kv-cache-memory sizes the paged cache, not --kv-cache {args.kv_cache}")
     args.kv_memory = cli.parse_memory(args.kv_cache_memory)
+  if args.full_warmup and args.no_warmup:
+    p.error("--full-warmup and --no-warmup contradict each other")
   if args.no_prefix_caching and args.kv_policy.name != "paged":
     p.error(f"--no-prefix-caching is for the paged cache, not --kv-cache {args.kv_cache}")
   for name in ("max_batch", "max_seq_len", "prefill_chunk", "max_n", "max_body_bytes", "token_budget"):
@@ -133,7 +141,7 @@ def run(args, out, err) -> int:
       if done == total or done % 4 == 0:
         print(f"compiling: {done}/{total} programs ({time.perf_counter() - t0:.0f} s)", file=err, flush=True)
 
-    engine.warm_up(progress)
+    engine.warm_up(progress, full=args.full_warmup)
   settings = ServerSettings(
     model_name=name,
     api_key=args.api_key,

@@ -464,12 +464,14 @@ class Engine:
   def num_waiting(self) -> int:
     return len(self._waiting)
 
-  def warm_up(self, progress=None) -> int:
-    """Compiles every program traffic can need, before serving it: the decode step (with a
-    speculator: its draft and verification) for every rows x attention-span bucket, the first
-    prefill chunk of every padded size, and a whole chunk at every span (later chunks), so no
-    request waits for a compile. (Only the exact pieces of a prompt that fills the cache to its
-    last chunk compile on first use.) Call it while no request is in the engine; `progress(done,
+  def warm_up(self, progress=None, *, full: bool = False) -> int:
+    """Compiles the programs traffic needs before serving it: the decode step (with a speculator:
+    its draft and verification) for every rows x attention-span bucket, the first prefill chunk of
+    every padded size, and a whole chunk at every span (later chunks). (Dense cache: only the exact
+    pieces of a prompt that fills the cache to its last chunk compile on first use.) The paged
+    cache's steps that mix decode rows with prompt chunks, or prefill several prompts, compile on
+    first use unless `full`: then every (decode rows, prompts, chunk, span) bucket compiles now, and
+    no traffic compiles anything. Call it while no request is in the engine; `progress(done,
     total)` is called after each. Returns the number of programs."""
     if self.num_running or self.num_waiting:
       raise GenerationError("warm_up needs an idle engine (no requests submitted yet)")
@@ -484,12 +486,20 @@ class Engine:
     if self.kv_cache.spans:
       prefills |= {(self.prefill_chunk, s) for s in spans if s >= self.kv_bucket(self.prefill_chunk)}
     jobs = [("decode", r, s) for r in rows for s in spans] + [("prefill", c, s) for c, s in sorted(prefills, key=str)]
-    if self.blocks is not None and self.speculator is None:
+    ragged = self.blocks is not None and self.speculator is None
+    if ragged:
       self.runner.set_tables(np.full_like(self._tables, -1))  # nothing is written
       self._tables_changed = True
+      layouts = [(RaggedLayout(r, 0, 0), s) for r in rows for s in spans]
+      layouts += [(RaggedLayout(0, 1, c), s) for c, s in sorted(prefills, key=str)]
+      if full:
+        prompts = sorted({min(self.max_prefill_rows, 1 << k) for k in range(self.max_prefill_rows.bit_length())})
+        mixed = [(r, n, c) for r in [0, *rows] for n in prompts for c in sizes if (r, n) != (0, 1)]
+        layouts += [(RaggedLayout(*m), s) for m in mixed for s in spans if s >= self.kv_bucket(m[2])]
+      jobs = [("step", layout, span) for layout, span in layouts]
     for done, (kind, size, span) in enumerate(jobs, 1):
-      if self.blocks is not None and self.speculator is None:
-        layout = RaggedLayout(size, 0, 0) if kind == "decode" else RaggedLayout(0, 1, size)
+      if kind == "step":
+        layout = size
         out = self.runner.step(
           np.zeros(layout.tokens, np.int32), positions=np.full(layout.tokens, -1, np.int32),
           seq_rows=np.full(layout.rows, -1, np.int32), lengths=np.full(layout.rows, -1, np.int32),
@@ -743,10 +753,17 @@ class Engine:
   def _admit_paged(self) -> None:
     """Waiting requests take free slots while the pool has blocks for their first chunk (after the
     prefix cache's hit), in arrival order; a request that does not fit may be passed over by later
-    ones `max_passes` times, then admission waits for it."""
+    ones `max_passes` times, then admission waits for it. A request whose next prompt blocks another
+    request is computing right now waits for them (so `n` samples of one prompt, or clients sending
+    one system prompt at once, prefill it once)."""
     with self._cv:
       free = [i for i, s in enumerate(self._slots) if s is None]
       blocked = False
+      computing = set()  # prefix hashes of blocks that prompts being prefilled will fill
+      if self.blocks.prefix_caching:
+        for s in self._slots:
+          if s is not None and not s.decoding:
+            computing.update(s.hashes[s.registered :])
       for request in list(self._waiting):
         if not free or blocked:
           break
@@ -755,6 +772,8 @@ class Engine:
         context = np.concatenate([request.prompt, np.asarray(request.tokens, np.int32)])
         hashes = self.blocks.hashes(context)
         hit = self.blocks.match(hashes, context.size, count=False)
+        if len(hit) < len(hashes) and hashes[len(hit)] in computing:
+          continue  # a running prompt is computing its next blocks (e.g. n samples of one prompt): wait for them
         first = min(context.size, len(hit) * self.blocks.block_size + self.prefill_chunk)
         need = self.blocks.blocks_for(first) - len(hit) + int(np.sum(self.blocks.refs[hit] == 0))
         if need > self.blocks.num_free:
@@ -772,6 +791,8 @@ class Engine:
         slot.table, slot.hashes, slot.registered = list(hit), hashes, len(hit)
         slot.prefilled = len(hit) * self.blocks.block_size
         request.cached_tokens = slot.prefilled
+        if self.blocks.prefix_caching:
+          computing.update(hashes[len(hit) :])
         self._tables[i] = -1
         self._tables[i, : len(hit)] = hit
         self._tables_changed = True
@@ -876,11 +897,12 @@ class Engine:
       slot = self._slots[i]
       slot.prefilled += c
       self.totals.prefill_chunks += 1
+      if slot.decoding:
+        slot.position, slot.token = slot.context.size, int(nxt[nd + k])
       self._register_full_blocks(i)
       if not slot.decoding:
         continue
       self.totals.prompt_tokens += slot.context.size
-      slot.position, slot.token = slot.context.size, int(nxt[nd + k])
       self._deliver(i, slot.token, bool(stopped[nd + k]), now)
 
   def kv_bucket(self, length: int) -> int | None:
