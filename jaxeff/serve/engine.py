@@ -13,30 +13,50 @@
 
 The engine is a scheduler: the model runner (`jaxeff.inference.ModelRunner`) owns the weights, the
 KV cache (any policy: `kv_cache=`), the speculator (`speculator=`) and every compiled program; the
-engine decides what runs. The JetStream pattern (../shared/notes/inference.md, "Serving"): the cache
-has `max_batch` rows, one per slot. A background thread runs the schedule:
-- Admit: waiting requests (a bounded queue, `QueueFullError` beyond `max_waiting`) take free slots.
+engine decides what runs, in a background thread.
+
+With the paged cache (the default: `jaxeff.inference.cache.Paged`; vLLM's design,
+../shared/notes/serving.md) the cache is a pool of blocks sized by memory (`kv_cache_memory`), not
+`max_batch` rows of `max_seq_len`, and the block manager (`jaxeff.inference.blocks`) hands them out:
+- Admit: waiting requests (a bounded queue, `QueueFullError` beyond `max_waiting`) take free slots
+  (up to `max_batch` at once) in arrival order while the pool has blocks for their first chunk.
+  A request first takes the cached blocks of its prompt's longest cached prefix (prefix caching:
+  full blocks keyed by a hash of everything up to them, its generated text included, so a chat's
+  next turn finds the previous reply) and prefills only the rest.
+- Step: one ragged step per iteration under a token budget (`token_budget`): every decoding request's
+  next token, then prompt chunks (`prefill_chunk` tokens each) of up to `max_prefill_rows` prompts in
+  admission order, packed into one row of tokens (`RaggedLayout`), so prefill never stalls decoding
+  and decode rows cost no padding. One compiled program per (decode rows, prompts, chunk, attention
+  span) bucket, all powers of two (`warm_up(full=True)` compiles every one).
+- Preempt: when a decoding request needs a block and none is free, the newest request gives its
+  blocks back and waits first in line; it is recomputed later (its prompt and the tokens it has sent
+  so far, mostly from the prefix cache), so nothing is lost or sent twice.
+With a speculator (prefix caching then off: the speculator's own per-row state needs the whole
+prompt) and with the other policies the engine runs the JetStream pattern (../shared/notes/
+inference.md, "Serving"), one row per slot:
+- Admit: waiting requests take free slots.
 - Prefill: one chunk of one prompt per iteration (`prefill_chunk` tokens, at most the policy's
   `max_chunk`; a short prompt is padded to a power of two, the tail of a long one to a whole
   chunk), written straight into the slot's row of the cache (a new request first empties it).
   Chunks alternate with decode steps (Sarathi-Serve's chunked prefill), so a long prompt delays
   running requests by at most one chunk per step.
 - Decode: one step for the slots up to the highest live one (slots are taken lowest first), over
-  the cache positions they have reached (for the dense cache): both rounded up to powers of two,
-  so a step costs what the live requests need and there is one compiled program per (rows, span)
-  bucket (`warm_up` compiles them before traffic). Rows in the step that are not decoding keep
+  the cache positions they have reached (for the dense and paged caches): both rounded up to powers
+  of two, so a step costs what the live requests need and there is one compiled program per (rows,
+  span) bucket (`warm_up` compiles them before traffic). Rows in the step that are not decoding keep
   their state. With a speculator, a step is the runner's draft and verification: each row gains
-  what it accepts (1 to lookahead + 1 tokens). Every per-row setting (temperature, top-k, top-p,
-  min-p, seed, stop ids, token budget) is an array in the step, so no mix of requests recompiles
-  (`traces` counts compilations).
-- Finish: a row that samples a stop id or reaches its `max_tokens` frees its slot at once; a
-  cancelled request (`Request.cancel()`, e.g. its client went away) frees it before the next step.
+  what it accepts (1 to lookahead + 1 tokens).
+In both, every per-row setting (temperature, top-k, top-p, min-p, seed, stop ids, token budget) is
+an array in the step, so no mix of requests recompiles (`traces` counts compilations), and a
+request that samples a stop id or reaches its `max_tokens` frees its slot (and blocks) at once; a
+cancelled request (`Request.cancel()`, e.g. its client went away) frees them before the next step.
 
-Exactness: a row's computation never reads another row, a request's prefill chunks depend only on
-its own length, and its PRNG key is its seed folded with each position (as in `Generator`), so a
-request gets the same tokens alone or among others, greedy or seeded, with every cache policy and
-speculator. An exception while prefilling one request fails that request alone; one in the shared
-decode step fails the requests in it.
+Exactness: a row's computation never reads another row's tokens, a request's prefill chunks depend
+only on its own length and on the prefix the cache already held, and its PRNG key is its seed
+folded with each position (as in `Generator`), so a request gets the same tokens alone or among
+others, greedy or seeded, with every cache policy and speculator. An exception in a shared step
+fails the requests in it (with the one-row-per-slot pattern, one request's prefill chunk fails that
+request alone).
 """
 
 from __future__ import annotations
