@@ -20,7 +20,7 @@ import jaxeff
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
 from jaxeff.generate import Generator, SamplingParams
-from jaxeff.inference.cache import Dense
+from jaxeff.inference.cache import Dense, Paged
 from jaxeff.inference.sampling import SamplingShape, row_values, sample
 from jaxeff.serve import Engine, QueueFullError
 
@@ -249,9 +249,10 @@ def test_quantized_bf16_and_gguf_as_stored_models(model, tmp_path, monkeypatch):
   for name, m in models.items():
     ref = Generator(m, max_batch=1, max_seq_len=64)
     expected = [ref.generate([p], max_new_tokens=8)[0] for p in prompts]
-    with Engine(m, max_batch=2, max_seq_len=64, prefill_chunk=16, kv_cache=Dense()) as engine:
-      got = engine.generate(prompts, max_tokens=8)
-    assert got == expected, name
+    for policy in (Dense(), Paged(block_size=8))[: 1 if name == "int8" else 2]:  # ragged steps: bf16, GGUF
+      with Engine(m, max_batch=2, max_seq_len=64, prefill_chunk=16, kv_cache=policy) as engine:
+        got = engine.generate(prompts, max_tokens=8)
+      assert got == expected, (name, policy.name)
 
 
 def test_tensor_parallel_slots_on_a_mesh(model, reference):
