@@ -166,3 +166,17 @@ def test_generator_and_speculation_on_the_paged_cache_equal_dense(model, spec):
   speculator = speculate_spec.from_spec(spec, model, num_draft=3)
   gen = Generator(model, max_batch=2, max_seq_len=64, kv_cache=Paged(block_size=8), speculator=speculator)
   assert gen.generate(prompts, max_new_tokens=16) == want
+
+
+def test_copy_on_write_copies_a_block_in_every_layer(model):
+  """The device side of `BlockManager.writable`: `ModelRunner.copy_blocks` copies whole blocks."""
+  runner = ModelRunner(model, max_batch=2, max_seq_len=16, kv_cache=Paged(block_size=4))
+  p = np.random.default_rng(3).integers(0, 256, 12)
+  runner.prefill(p[None], starts=[0], lengths=[12], rows=row_arrays([None]), row0=0)  # blocks 0-2
+  before = [np.asarray(x) for layer in range(model.cfg.num_layers) for x in runner.cache.layer(layer)]
+  runner.copy_blocks([1, 2], [5, 7])
+  after = [np.asarray(x) for layer in range(model.cfg.num_layers) for x in runner.cache.layer(layer)]
+  for b, a in zip(before, after):
+    assert np.abs(b[1]).sum() > 0
+    np.testing.assert_array_equal(a[[5, 7]], b[[1, 2]])
+    np.testing.assert_array_equal(np.delete(a, [5, 7], axis=0), np.delete(b, [5, 7], axis=0))
