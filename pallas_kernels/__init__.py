@@ -21,6 +21,7 @@ from pallas_kernels.quant_matmul import (
   quant_matmul_reference,
   quantize_weight,
 )
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention, ragged_paged_attention_reference
 from pallas_kernels.sparse_attention import BlockSizes as SparseAttentionBlockSizes
 from pallas_kernels.sparse_attention import sparse_attention, sparse_attention_reference, topk_block_indices
 
@@ -32,6 +33,8 @@ __all__ = [
   "quant_matmul",
   "quant_matmul_reference",
   "quantize_weight",
+  "ragged_paged_attention",
+  "ragged_paged_attention_reference",
   "SparseAttentionBlockSizes",
   "sparse_attention",
   "sparse_attention_reference",

@@ -181,9 +181,10 @@ def kernel_cases() -> list[KernelCase]:
   """
   from pallas_kernels.kivi_attention import cubin_cases as kivi_attention_cases
   from pallas_kernels.quant_matmul import cubin_cases as quant_matmul_cases
+  from pallas_kernels.ragged_paged_attention import cubin_cases as ragged_paged_attention_cases
   from pallas_kernels.sparse_attention import cubin_cases as sparse_attention_cases
 
-  modules = (quant_matmul_cases, sparse_attention_cases, kivi_attention_cases)
+  modules = (quant_matmul_cases, sparse_attention_cases, kivi_attention_cases, ragged_paged_attention_cases)
   return [KernelCase(**case) for module in modules for case in module.cubin_cases()]
 
 
