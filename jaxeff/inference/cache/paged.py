@@ -21,11 +21,16 @@ cache; `Generator` uses it like that), while the serving engine's block manager
 (`jaxeff.inference.blocks`) allocates blocks as sequences grow, shares the blocks of a common
 prompt prefix between sequences, and writes the tables before each step (`with_tables`).
 
-Attention reads a row's blocks through its table. The XLA path (every backend today) gathers the
-blocks a step can reach (`take_window`'s span: the first span/bs table columns) into a
-[rows, span, kv_heads, head_dim] view and runs the model's attention implementation from the
-registry on it, masked by position exactly like the dense cache (slot-per-position order in the
-view), so `cfg.attention`, sliding windows and token trees (speculation) work unchanged.
+Attention reads a row's blocks through its table, one of two ways (`kernel`):
+- "pallas": `pallas_kernels.ragged_paged_attention`, which walks the block tables itself (TPU: the
+  tables scalar-prefetched, pages copied double-buffered; GPU: Triton), one call for every row of
+  a step however ragged; for the registry's exact softmax attentions ("dense", "blocked") with or
+  without a sliding window.
+- "xla": the rows' blocks up to the step's span (`take_window`: the first span/bs table columns)
+  gathered into a [rows, span, kv_heads, head_dim] view, and the model's attention implementation
+  from the registry run on it, masked by position exactly like the dense cache, so every
+  `cfg.attention`, attention sinks and token trees (speculation) work.
+"auto" (the default) takes the kernel on TPU and GPU where it applies, else the XLA path (CPU).
 
 A step is either the usual [rows, chunk] batch or a ragged one (`RaggedLayout`): decode rows of one
 token and prefill rows of a padded chunk packed into one row of tokens, so a step that decodes
@@ -50,6 +55,10 @@ from jaxeff.errors import ConfigError, GenerationError
 from jaxeff.inference.cache.base import HIDDEN, Buffer, Cache, CachePolicy, cache_dtype
 from jaxeff.inference.cache.dense import tree_layout
 from jaxeff.sharding import BATCH, HEAD_DIM, KV_HEADS, constrain
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
+
+KERNELS = ("auto", "xla", "pallas")
+KERNEL_ATTENTIONS = ("dense", "blocked")  # registry implementations the kernel computes exactly
 
 POOL_AXES = (None, KV_HEADS, None, HEAD_DIM)  # [blocks, kv heads, block_size, head_dim]
 TABLE_AXES = (BATCH, None)
@@ -133,10 +142,14 @@ class Paged(CachePolicy):
     block_size: tokens per block (16 is vLLM's default; larger blocks gather fewer, bigger pieces).
     num_blocks: blocks in the pool; None: every row's `length` positions (`batch_size * ceil(length
       / block_size)`, the dense cache's memory). The serving engine sizes it from a memory budget.
+    kernel: "auto", "xla" or "pallas" (module docstring).
+    interpret: run the Pallas kernel in its interpreter (tests on CPU).
   """
 
   block_size: int = 16
   num_blocks: int | None = None
+  kernel: str = "auto"
+  interpret: bool = False
 
   name = "paged"
   spans = True
@@ -150,6 +163,21 @@ class Paged(CachePolicy):
       raise GenerationError(f"block_size must be a positive integer, got {self.block_size!r}")
     if self.num_blocks is not None and self.num_blocks < 1:
       raise GenerationError(f"num_blocks must be >= 1, got {self.num_blocks}")
+    if self.kernel not in KERNELS:
+      raise GenerationError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+
+  def uses_kernel(self, attention, tree: bool) -> bool:
+    """Whether a step with this bound attention runs the Pallas kernel."""
+    options = dict(attention.options)
+    fits = attention.name in KERNEL_ATTENTIONS and not options.get("sinks") and not tree
+    if self.kernel == "pallas":
+      if not fits:
+        raise ConfigError(
+          f"the paged cache's kernel computes {' or '.join(KERNEL_ATTENTIONS)} attention without sinks or "
+          f"token trees, not {attention.name!r}{' with sinks' if options.get('sinks') else ''}: use kernel='xla'"
+        )
+      return True
+    return self.kernel == "auto" and fits and jax.default_backend() in ("tpu", "gpu")
 
   def blocks_per_row(self, length: int) -> int:
     return -(-length // self.block_size)
@@ -237,6 +265,8 @@ class Paged(CachePolicy):
       write_pool(pool, new.reshape(b * c, kvh, d), step.slots) for pool, new in zip(layer, (rope.apply(k), v))
     )
     q = rope.apply(q)
+    if self.uses_kernel(attention, any(g.mask is not None for g in step.groups)):
+      return self._attend_kernel(step, q, k_pool, v_pool, attention), (k_pool, v_pool)
     if not step.ragged:
       (group,) = step.groups
       return self._attend_group(group, q, k_pool, v_pool, attention), (k_pool, v_pool)
@@ -247,6 +277,37 @@ class Paged(CachePolicy):
       outs.append(self._attend_group(group, part, k_pool, v_pool, attention).reshape(1, group.count, h, d))
       start += group.count
     return jnp.concatenate(outs, axis=1), (k_pool, v_pool)
+
+  def _attend_kernel(self, step: PagedStep, q, k_pool, v_pool, attention):
+    """Every row of the step in one kernel call: q [B, C, H, D] (or the ragged [1, T, H, D])."""
+    shape = q.shape
+    tables, kv_lens, q_lens = [], [], []
+    for g in step.groups:
+      n, gc = g.q_positions.shape
+      first = g.q_positions[:, 0]
+      # Rows are right-padded: their gc queries sit at first..first+gc-1 for the kernel (padding
+      # queries see keys past the real ones; their outputs are dropped). No real token: no keys.
+      kv_lens.append(jnp.where(first >= 0, first + gc, 0))
+      # Blocks past the table (padding past a row's end) and missing ones read block 0: only
+      # padding queries can see them.
+      extra = -(-gc // self.block_size)
+      tables.append(jnp.pad(jnp.maximum(g.tables, 0), ((0, 0), (0, extra))))
+      q_lens += [gc] * n
+    cu_q_lens = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    rows = len(q_lens)
+    options = dict(attention.options)
+    out = ragged_paged_attention(
+      q.reshape(-1, shape[2], shape[3]),
+      k_pool,
+      v_pool,
+      jnp.concatenate(kv_lens),
+      jnp.concatenate(tables),
+      cu_q_lens,
+      jnp.full((1,), rows, jnp.int32),
+      sliding_window=options.get("sliding_window"),
+      interpret=self.interpret,
+    )
+    return out.reshape(shape)
 
   def _attend_group(self, group: _Group, q, k_pool, v_pool, attention):
     options = {}
