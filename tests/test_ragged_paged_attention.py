@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from jaxeff import sharding
 from pallas_kernels.compat import lowering_for
-from pallas_kernels.ragged_paged_attention import IMPLS, ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import IMPLS, gpu, ragged_paged_attention, ragged_paged_attention_reference
 
 # (q_len, kv_len) per sequence; the last two are padding (index >= NUM_SEQS).
 SEQS = [(1, 37), (9, 9), (0, 12), (1, 1), (20, 45), (3, 1), (1, 70), (6, 30), (2, 20), (1, 5)]
@@ -126,9 +126,13 @@ BLOCKS = {"xla": dict(block_q=4, pages_per_block=2), "tpu": dict(block_q=4, page
 @pytest.mark.parametrize(
   "kv_heads,group,d,dtype,window", CASES, ids=[f"g{c[1]}-d{c[2]}-{jnp.dtype(c[3]).name}-w{c[4]}" for c in CASES]
 )
-def test_impl_matches_reference(impl, kv_heads, group, d, dtype, window):
+def test_impl_matches_reference(impl, kv_heads, group, d, dtype, window, monkeypatch):
+  if impl == "gpu" and window is None:  # one program per item and kv head (the other cases split the pages)
+    monkeypatch.setattr(gpu, "TARGET_PROGRAMS", 1)
   args = _batch(kv_heads * 10 + group, kv_heads, group, d, dtype)
   want = _op(args, impl="reference", window=window)
+  if impl == "gpu":  # 10 decode and 24 prefill items: split over up to 6 programs each, or not at all
+    assert gpu.num_splits(10, kv_heads, PAGES_PER_SEQ) == (1 if window is None else 6)
   got = _op(args, impl=impl, window=window, interpret=impl != "xla", **BLOCKS[impl])
   assert got.dtype == dtype
   _close(got, want, dtype, impl)
