@@ -27,18 +27,32 @@ from jaxeff import sharding
 from pallas_kernels.compat import lowering_for
 from pallas_kernels.ragged_paged_attention import IMPLS, gpu, ragged_paged_attention, ragged_paged_attention_reference
 
-# (q_len, kv_len) per sequence; the last two are padding (index >= NUM_SEQS).
-SEQS = [(1, 37), (9, 9), (0, 12), (1, 1), (20, 45), (3, 1), (1, 70), (6, 30), (2, 20), (1, 5)]
+# Sequence kinds in batch order; the last two are padding (index >= NUM_SEQS). "early": q_len 3
+# over one cached token, so its first two rows sit before any key.
+KINDS = ["decode", "prefill", "empty", "decode", "prefill", "early", "decode", "prefill", "prefill", "decode"]
 NUM_SEQS = 8
+EARLY = KINDS.index("early")
 PAD_ROWS = 3  # rows past cu_q_lens[NUM_SEQS] and the padding sequences'
 PAGES_PER_SEQ = 6  # room for 96 tokens of 16-token pages
+
+
+def _lengths(rng):
+  """(q_lens, kv_lens): random lengths of each kind (prefills of 2-24 rows, contexts up to 96)."""
+  q_lens, kv_lens = [], []
+  for kind in KINDS:
+    q = {"decode": 1, "empty": 0, "early": 3}.get(kind, None)
+    q = int(rng.integers(2, 25)) if q is None else q
+    kv = 1 if kind == "early" else int(rng.integers(max(q, 1), 16 * PAGES_PER_SEQ + 1))
+    q_lens.append(q)
+    kv_lens.append(kv)
+  return np.array(q_lens, np.int32), np.array(kv_lens, np.int32)
 
 
 def _batch(seed, kv_heads, group, d, dtype, page=16):
   """(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs), poisoned as the module says."""
   rng = np.random.default_rng(seed)
-  q_lens, kv_lens = (np.array(x, np.int32) for x in zip(*SEQS))
-  s = len(SEQS)
+  q_lens, kv_lens = _lengths(rng)
+  s = len(KINDS)
   needed = -(-kv_lens // page)
   num_pages = int(needed[:NUM_SEQS].sum()) + 4  # 4 pages no live sequence owns
   perm = rng.permutation(num_pages)
@@ -99,12 +113,11 @@ def _close(got, want, dtype, what):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=what)
 
 
-def _zero_rows(out):
-  """Rows that must be zero: past cu_q_lens[num_seqs] (padding), and sequence 5's two rows placed
-  before its only key."""
-  cu = np.concatenate([[0], np.cumsum([q for q, _ in SEQS])])
-  out = np.asarray(jnp.asarray(out, jnp.float32))
-  return np.concatenate([out[cu[NUM_SEQS] :], out[cu[5] : cu[5] + 2]])
+def _zero_rows(out, cu_q_lens):
+  """Rows that must be zero: past cu_q_lens[num_seqs] (padding), and the "early" sequence's two
+  rows placed before its only key."""
+  cu, out = np.asarray(cu_q_lens), np.asarray(jnp.asarray(out, jnp.float32))
+  return np.concatenate([out[cu[NUM_SEQS] :], out[cu[EARLY] : cu[EARLY] + 2]])
 
 
 def test_reference_matches_numpy_softmax_row_by_row():
@@ -113,7 +126,7 @@ def test_reference_matches_numpy_softmax_row_by_row():
   _close(got, _np_attention(*args, 64**-0.5, None), jnp.float32, "reference")
   got = _op(args, impl="reference", window=7)
   _close(got, _np_attention(*args, 64**-0.5, 7), jnp.float32, "reference, window")
-  assert (_zero_rows(got) == 0).all()
+  assert (_zero_rows(got, args[5]) == 0).all()
 
 
 # (kv heads, GQA group, head dim, dtype, sliding window)
@@ -131,12 +144,12 @@ def test_impl_matches_reference(impl, kv_heads, group, d, dtype, window, monkeyp
     monkeypatch.setattr(gpu, "TARGET_PROGRAMS", 1)
   args = _batch(kv_heads * 10 + group, kv_heads, group, d, dtype)
   want = _op(args, impl="reference", window=window)
-  if impl == "gpu":  # 10 decode and 24 prefill items: split over up to 6 programs each, or not at all
+  if impl == "gpu":  # 10 decode items (and the prefill ones) split over up to 6 programs each, or not at all
     assert gpu.num_splits(10, kv_heads, PAGES_PER_SEQ) == (1 if window is None else 6)
   got = _op(args, impl=impl, window=window, interpret=impl != "xla", **BLOCKS[impl])
   assert got.dtype == dtype
   _close(got, want, dtype, impl)
-  assert (_zero_rows(got) == 0).all()
+  assert (_zero_rows(got, args[5]) == 0).all()
 
 
 def test_default_block_sizes_match_reference():

@@ -23,7 +23,9 @@ Block sizes: `BLOCK_ROWS` query rows per prefill item (block_q = BLOCK_ROWS / G 
 `KV_BLOCK_TOKENS` keys per step (pages_per_block = KV_BLOCK_TOKENS / page_size). Mosaic needs
 page_size a multiple of the dtype's sublane tile (8 rows f32, 16 bf16) so a slot's pages merge
 into one [pages * page_size, D] tile for the dot. Not checkable without a TPU: the final compile,
-VMEM use, whether 1-page DMAs (page_size x D: 4 KiB at 16 x 128 bf16) keep HBM busy, speed.
+VMEM use, whether 1-page DMAs (page_size x D: 4 KiB at 16 x 128 bf16) keep HBM busy, speed. The
+whole page table sits in SMEM (S x pages_per_seq int32): 256 sequences of 2048 pages is 2 MiB,
+past SMEM's ~1 MiB; such tables need a per-item slice (not done).
 """
 
 from __future__ import annotations
