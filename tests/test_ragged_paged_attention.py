@@ -48,8 +48,11 @@ def _lengths(rng):
   return np.array(q_lens, np.int32), np.array(kv_lens, np.int32)
 
 
-def _batch(seed, kv_heads, group, d, dtype, page=16):
-  """(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs), poisoned as the module says."""
+def _batch(seed, kv_heads, group, d, dtype, window=None, page=16):
+  """(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs), poisoned as the module says;
+  with a window, pages wholly before the window of a sequence's first row are freed: contents NaN,
+  table entry past the pool (what a cache that drops slid-out pages leaves; past the pool rather
+  than -1 because the simulator raises on it, where -1 would wrap to the last page)."""
   rng = np.random.default_rng(seed)
   q_lens, kv_lens = _lengths(rng)
   s = len(KINDS)
@@ -68,6 +71,10 @@ def _batch(seed, kv_heads, group, d, dtype, page=16):
     page_indices[i, : needed[i]] = own
     if kv_lens[i] % page:  # the tail of the last page is garbage
       k[own[-1], :, kv_lens[i] % page :] = v[own[-1], :, kv_lens[i] % page :] = np.nan
+    if window is not None:
+      gone = max(0, kv_lens[i] - q_lens[i] - window + 1) // page  # pages wholly before the first row's window
+      k[own[:gone]] = v[own[:gone]] = np.nan
+      page_indices[i, :gone] = num_pages + 5
   cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
   q = rng.standard_normal((int(cu_q_lens[-1]) + PAD_ROWS, kv_heads * group, d), np.float32)
   cast = lambda x: jnp.asarray(x, dtype)
@@ -124,6 +131,8 @@ def test_reference_matches_numpy_softmax_row_by_row():
   args = _batch(0, 2, 3, 64, jnp.float32)
   got = _op(args, impl="reference", window=None)
   _close(got, _np_attention(*args, 64**-0.5, None), jnp.float32, "reference")
+  args = _batch(0, 2, 3, 64, jnp.float32, window=7)
+  assert (np.asarray(args[4])[:NUM_SEQS, 0] >= args[1].shape[0]).sum() > 2  # some pages slid out of the window
   got = _op(args, impl="reference", window=7)
   _close(got, _np_attention(*args, 64**-0.5, 7), jnp.float32, "reference, window")
   assert (_zero_rows(got, args[5]) == 0).all()
@@ -142,7 +151,7 @@ BLOCKS = {"xla": dict(block_q=4, pages_per_block=2), "tpu": dict(block_q=4, page
 def test_impl_matches_reference(impl, kv_heads, group, d, dtype, window, monkeypatch):
   if impl == "gpu" and window is None:  # one program per item and kv head (the other cases split the pages)
     monkeypatch.setattr(gpu, "TARGET_PROGRAMS", 1)
-  args = _batch(kv_heads * 10 + group, kv_heads, group, d, dtype)
+  args = _batch(kv_heads * 10 + group, kv_heads, group, d, dtype, window)
   want = _op(args, impl="reference", window=window)
   if impl == "gpu":  # 10 decode items (and the prefill ones) split over up to 6 programs each, or not at all
     assert gpu.num_splits(10, kv_heads, PAGES_PER_SEQ) == (1 if window is None else 6)
@@ -168,9 +177,9 @@ def test_tpu_kernel_in_tpu_simulator_finds_no_race(capfd):
   jax.block_until_ready(racy_kernel(jnp.ones((8, 128), jnp.float32)))
   assert "RACE DETECTED" in capfd.readouterr().out  # the detector works and its report reaches us
   params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=1)
-  args = _batch(5, 2, 2, 64, jnp.float32)
+  args = _batch(5, 2, 2, 64, jnp.float32, window=30)
   got = ragged_paged_attention(
-    *args, sliding_window=30, impl="tpu", interpret=params, block_q=8, decode_q=3, pages_per_block=1
+    *args, sliding_window=30, impl="tpu", interpret=params, block_q=8, decode_q=3, pages_per_block=2
   )
   got = jax.block_until_ready(got)
   report = capfd.readouterr().out

@@ -1,16 +1,16 @@
 """Pallas GPU (Triton) kernel: ragged paged attention, a program per (work item, kv head, key split).
 
-A work item (work.py) is block_q query rows of one sequence, tiled as [block_q * G, D] (the G
-query heads of the kv head together, token-major), padded with zero rows to a power of two >= 16
-(Triton tiles; `dot` needs every dim >= 16). The program reads its item's sequence, chunk and row
-count, the sequence's kv_len and q_len, then walks its share of the pages the item sees (from the
-first one its window reaches to the one holding its last row's position) in a `fori_loop`, one
-page per step: the page id comes from the (flattened) page table, the page's [page_size, D] keys
-and values are loaded from the pool, and an f32 online softmax folds them in. Pages past the item's
-last needed key are never read (their table entries may be anything); keys past a row's position,
-before its window or past kv_len are masked in the scores with `where`, values past the last needed
-key are zeroed (garbage, even NaN, cannot leak). f32 queries use IEEE dots (HIGHEST); other dtypes
-feed the dots as they are.
+A work item (work.py) is block_q query rows of one sequence, tiled as [block_q * G, D] (the G query
+heads of the kv head together, token-major), padded with zero rows to a power of two >= 16 (Triton
+tiles; `dot` needs every dim >= 16). The program reads its item's sequence, chunk and row count, the
+sequence's kv_len and q_len, then walks its share of the pages the item sees (from the first one its
+window reaches to the one holding its last row's position) in a `fori_loop`, one page per step: the
+page id comes from the (flattened) page table, the page's [page_size, D] keys and values are loaded
+from the pool, and an f32 online softmax folds them in. Pages past the item's last needed key, or
+wholly before its window, are never read (their table entries may be anything); keys past a row's
+position, before its window or past kv_len are masked in the scores with `where`, values outside the
+item's keys are zeroed (garbage, even NaN, cannot leak). f32 queries use IEEE dots (HIGHEST); other
+dtypes feed the dots as they are.
 
 Flash-decoding: items x KVH programs alone leave most SMs idle at small batches (one 8-kv-head
 sequence is 8 programs on 132 SMs), so each item's pages are split over up to `splits` programs
@@ -135,7 +135,8 @@ def _kernel(
     # A row with nothing visible yet has m_next == MASK_VALUE: its masked exps would be 1.
     p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
     v = v_ref[pid, :, :]
-    v = jnp.where((key_pos < end)[:, None], v, jnp.zeros_like(v)).astype(cdt)  # p is 0 there, but 0 * NaN is not
+    seen = (key_pos >= first) & (key_pos < end)
+    v = jnp.where(seen[:, None], v, jnp.zeros_like(v)).astype(cdt)  # p is 0 elsewhere, but 0 * NaN is not
     acc = alpha[:, None] * acc + _dot(p.astype(cdt), v, (((1,), (0,)), ((), ())))
     return acc, m_next, alpha * l_prev + p.sum(axis=-1)
 

@@ -105,14 +105,16 @@ def _kernel(
   blocks = jnp.where(end > first, lax.div(end + bt - 1, bt) - first_block, 0)
 
   def copies(block, slot):
-    """(condition, K copy, V copy) for each page of `block` into `slot`; pages past `end` are skipped."""
+    """(condition, K copy, V copy) for each page of `block` into `slot`; pages wholly outside
+    [first, end) are skipped (past the sequence's pages, or slid out of the window: a cache may
+    have freed them)."""
     out = []
     for p in range(ppb):
       logical = block * ppb + p
       pid = pages_ref[seq * pages_per_seq + jnp.minimum(logical, pages_per_seq - 1)]
       out.append(
         (
-          logical * page < end,
+          (logical * page < end) & ((logical + 1) * page > first),
           pltpu.make_async_copy(k_hbm.at[pid, h], k_buf.at[slot, p], sems.at[0, slot]),
           pltpu.make_async_copy(v_hbm.at[pid, h], v_buf.at[slot, p], sems.at[1, slot]),
         )
@@ -172,7 +174,8 @@ def _kernel(
     l_ref[...] = alpha * l_ref[...] + p.sum(axis=-1, keepdims=True)
     m_ref[...] = m_next
     key_col = block * bt + lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
-    v = jnp.where(key_col < end, v, jnp.zeros_like(v)).astype(cdt)  # p is 0 there, but 0 * NaN is not
+    seen = (key_col >= first) & (key_col < end)
+    v = jnp.where(seen, v, jnp.zeros_like(v)).astype(cdt)  # p is 0 elsewhere, but 0 * NaN is not
     acc_ref[...] = alpha[:, :1] * acc_ref[...] + _dot(p.astype(cdt), v, (((1,), (0,)), ((), ())))
     return carry
 
