@@ -41,6 +41,7 @@ def test_the_main_apis_have_examples():
     "jaxeff.optim.muon",
     "pallas_kernels.quant_matmul",
     "pallas_kernels.sparse_attention",
+    "pallas_kernels.ragged_paged_attention",
   ):
     assert name in MODULES, name
 

@@ -25,20 +25,37 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from jaxeff import sharding
 from pallas_kernels.compat import lowering_for
-from pallas_kernels.ragged_paged_attention import IMPLS, ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import IMPLS, gpu, ragged_paged_attention, ragged_paged_attention_reference
 
-# (q_len, kv_len) per sequence; the last two are padding (index >= NUM_SEQS).
-SEQS = [(1, 37), (9, 9), (0, 12), (1, 1), (20, 45), (3, 1), (1, 70), (6, 30), (2, 20), (1, 5)]
+# Sequence kinds in batch order; the last two are padding (index >= NUM_SEQS). "early": q_len 3
+# over one cached token, so its first two rows sit before any key.
+KINDS = ["decode", "prefill", "empty", "decode", "prefill", "early", "decode", "prefill", "prefill", "decode"]
 NUM_SEQS = 8
+EARLY = KINDS.index("early")
 PAD_ROWS = 3  # rows past cu_q_lens[NUM_SEQS] and the padding sequences'
 PAGES_PER_SEQ = 6  # room for 96 tokens of 16-token pages
 
 
-def _batch(seed, kv_heads, group, d, dtype, page=16):
-  """(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs), poisoned as the module says."""
+def _lengths(rng):
+  """(q_lens, kv_lens): random lengths of each kind (prefills of 2-24 rows, contexts up to 96)."""
+  q_lens, kv_lens = [], []
+  for kind in KINDS:
+    q = {"decode": 1, "empty": 0, "early": 3}.get(kind, None)
+    q = int(rng.integers(2, 25)) if q is None else q
+    kv = 1 if kind == "early" else int(rng.integers(max(q, 1), 16 * PAGES_PER_SEQ + 1))
+    q_lens.append(q)
+    kv_lens.append(kv)
+  return np.array(q_lens, np.int32), np.array(kv_lens, np.int32)
+
+
+def _batch(seed, kv_heads, group, d, dtype, window=None, page=16):
+  """(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs), poisoned as the module says;
+  with a window, pages wholly before the window of a sequence's first row are freed: contents NaN,
+  table entry past the pool (what a cache that drops slid-out pages leaves; past the pool rather
+  than -1 because the simulator raises on it, where -1 would wrap to the last page)."""
   rng = np.random.default_rng(seed)
-  q_lens, kv_lens = (np.array(x, np.int32) for x in zip(*SEQS))
-  s = len(SEQS)
+  q_lens, kv_lens = _lengths(rng)
+  s = len(KINDS)
   needed = -(-kv_lens // page)
   num_pages = int(needed[:NUM_SEQS].sum()) + 4  # 4 pages no live sequence owns
   perm = rng.permutation(num_pages)
@@ -54,6 +71,10 @@ def _batch(seed, kv_heads, group, d, dtype, page=16):
     page_indices[i, : needed[i]] = own
     if kv_lens[i] % page:  # the tail of the last page is garbage
       k[own[-1], :, kv_lens[i] % page :] = v[own[-1], :, kv_lens[i] % page :] = np.nan
+    if window is not None:
+      gone = max(0, kv_lens[i] - q_lens[i] - window + 1) // page  # pages wholly before the first row's window
+      k[own[:gone]] = v[own[:gone]] = np.nan
+      page_indices[i, :gone] = num_pages + 5
   cu_q_lens = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
   q = rng.standard_normal((int(cu_q_lens[-1]) + PAD_ROWS, kv_heads * group, d), np.float32)
   cast = lambda x: jnp.asarray(x, dtype)
@@ -99,21 +120,22 @@ def _close(got, want, dtype, what):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol, err_msg=what)
 
 
-def _zero_rows(out):
-  """Rows that must be zero: past cu_q_lens[num_seqs] (padding), and sequence 5's two rows placed
-  before its only key."""
-  cu = np.concatenate([[0], np.cumsum([q for q, _ in SEQS])])
-  out = np.asarray(jnp.asarray(out, jnp.float32))
-  return np.concatenate([out[cu[NUM_SEQS] :], out[cu[5] : cu[5] + 2]])
+def _zero_rows(out, cu_q_lens):
+  """Rows that must be zero: past cu_q_lens[num_seqs] (padding), and the "early" sequence's two
+  rows placed before its only key."""
+  cu, out = np.asarray(cu_q_lens), np.asarray(jnp.asarray(out, jnp.float32))
+  return np.concatenate([out[cu[NUM_SEQS] :], out[cu[EARLY] : cu[EARLY] + 2]])
 
 
 def test_reference_matches_numpy_softmax_row_by_row():
   args = _batch(0, 2, 3, 64, jnp.float32)
   got = _op(args, impl="reference", window=None)
   _close(got, _np_attention(*args, 64**-0.5, None), jnp.float32, "reference")
+  args = _batch(0, 2, 3, 64, jnp.float32, window=7)
+  assert (np.asarray(args[4])[:NUM_SEQS, 0] >= args[1].shape[0]).sum() > 2  # some pages slid out of the window
   got = _op(args, impl="reference", window=7)
   _close(got, _np_attention(*args, 64**-0.5, 7), jnp.float32, "reference, window")
-  assert (_zero_rows(got) == 0).all()
+  assert (_zero_rows(got, args[5]) == 0).all()
 
 
 # (kv heads, GQA group, head dim, dtype, sliding window)
@@ -126,13 +148,17 @@ BLOCKS = {"xla": dict(block_q=4, pages_per_block=2), "tpu": dict(block_q=4, page
 @pytest.mark.parametrize(
   "kv_heads,group,d,dtype,window", CASES, ids=[f"g{c[1]}-d{c[2]}-{jnp.dtype(c[3]).name}-w{c[4]}" for c in CASES]
 )
-def test_impl_matches_reference(impl, kv_heads, group, d, dtype, window):
-  args = _batch(kv_heads * 10 + group, kv_heads, group, d, dtype)
+def test_impl_matches_reference(impl, kv_heads, group, d, dtype, window, monkeypatch):
+  if impl == "gpu" and window is None:  # one program per item and kv head (the other cases split the pages)
+    monkeypatch.setattr(gpu, "TARGET_PROGRAMS", 1)
+  args = _batch(kv_heads * 10 + group, kv_heads, group, d, dtype, window)
   want = _op(args, impl="reference", window=window)
+  if impl == "gpu":  # 10 decode items (and the prefill ones) split over up to 6 programs each, or not at all
+    assert gpu.num_splits(10, kv_heads, PAGES_PER_SEQ) == (1 if window is None else 6)
   got = _op(args, impl=impl, window=window, interpret=impl != "xla", **BLOCKS[impl])
   assert got.dtype == dtype
   _close(got, want, dtype, impl)
-  assert (_zero_rows(got) == 0).all()
+  assert (_zero_rows(got, args[5]) == 0).all()
 
 
 def test_default_block_sizes_match_reference():
@@ -151,9 +177,9 @@ def test_tpu_kernel_in_tpu_simulator_finds_no_race(capfd):
   jax.block_until_ready(racy_kernel(jnp.ones((8, 128), jnp.float32)))
   assert "RACE DETECTED" in capfd.readouterr().out  # the detector works and its report reaches us
   params = pltpu.InterpretParams(detect_races=True, uninitialized_memory="nan", num_cores_or_threads=2, random_seed=1)
-  args = _batch(5, 2, 2, 64, jnp.float32)
+  args = _batch(5, 2, 2, 64, jnp.float32, window=30)
   got = ragged_paged_attention(
-    *args, sliding_window=30, impl="tpu", interpret=params, block_q=8, decode_q=3, pages_per_block=1
+    *args, sliding_window=30, impl="tpu", interpret=params, block_q=8, decode_q=3, pages_per_block=2
   )
   got = jax.block_until_ready(got)
   report = capfd.readouterr().out

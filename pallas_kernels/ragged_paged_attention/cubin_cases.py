@@ -17,9 +17,10 @@ from pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
 def cubin_cases() -> list[dict]:
   """A 512-token step of up to 64 sequences over a 2048-page pool (8 kv heads, 64 pages of
   context a sequence), bf16: head_dim 128 with GQA 4 and 16-token pages (Llama-style), head_dim 64
-  with GQA 3 and 32-token pages (SmolLM2-style)."""
+  with GQA 3 and 32-token pages (SmolLM2-style); and a 64-token step of 4 sequences, where the
+  pages are split over several programs (flash-decoding: f32 partial outputs)."""
 
-  def make(d, group, page, t=512, seqs=64, pages=2048, pages_per_seq=64, kv_heads=8):
+  def make(d, group, page, t, seqs, pages=2048, pages_per_seq=64, kv_heads=8):
     def args():
       s = jax.ShapeDtypeStruct
       pool = s((pages, kv_heads, page, d), jnp.bfloat16)
@@ -37,12 +38,12 @@ def cubin_cases() -> list[dict]:
 
   return [
     dict(
-      label=f"ragged_paged_attention d{d} GQA{group} page{page} bf16",
+      label=f"ragged_paged_attention d{d} GQA{group} page{page} bf16 T={t} S={seqs}",
       fn=functools.partial(ragged_paged_attention, impl="gpu"),
-      make_args=make(d, group, page),
-      entry=(d, group, page),
+      make_args=make(d, group, page, t, seqs),
+      entry=(d, group, page, t, seqs),
       num_warps=NUM_WARPS,
       num_stages=NUM_STAGES,
     )
-    for d, group, page in ((128, 4, 16), (64, 3, 32))
+    for d, group, page, t, seqs in ((128, 4, 16, 512, 64), (64, 3, 32, 512, 64), (128, 4, 16, 64, 4))
   ]

@@ -1,21 +1,25 @@
-"""Pallas GPU (Triton) kernel: ragged paged attention, a program per (work item, kv head).
+"""Pallas GPU (Triton) kernel: ragged paged attention, a program per (work item, kv head, key split).
 
-A work item (work.py) is block_q query rows of one sequence, tiled as [block_q * G, D] (the G
-query heads of the kv head together, token-major), padded with zero rows to a power of two >= 16
-(Triton tiles; `dot` needs every dim >= 16). The program reads its item's sequence, chunk and row
-count, the sequence's kv_len and q_len, then walks the sequence's pages from the first one its
-window reaches to the one holding its last row's position in a `fori_loop`, one page per step:
-the page id comes from the (flattened) page table, the page's [page_size, D] keys and values are
-loaded from the pool, and an f32 online softmax folds them in. Pages past the item's last needed
-key are never read (their table entries may be anything); keys past a row's position, before its
-window or past kv_len are masked in the scores with `where`, values past the last needed key are
-zeroed (garbage, even NaN, cannot leak). The output tile is written once (zero for rows that saw
-nothing). f32 queries use IEEE dots (HIGHEST); other dtypes feed the dots as they are.
+A work item (work.py) is block_q query rows of one sequence, tiled as [block_q * G, D] (the G query
+heads of the kv head together, token-major), padded with zero rows to a power of two >= 16 (Triton
+tiles; `dot` needs every dim >= 16). The program reads its item's sequence, chunk and row count, the
+sequence's kv_len and q_len, then walks its share of the pages the item sees (from the first one its
+window reaches to the one holding its last row's position) in a `fori_loop`, one page per step: the
+page id comes from the (flattened) page table, the page's [page_size, D] keys and values are loaded
+from the pool, and an f32 online softmax folds them in. Pages past the item's last needed key, or
+wholly before its window, are never read (their table entries may be anything); keys past a row's
+position, before its window or past kv_len are masked in the scores with `where`, values outside the
+item's keys are zeroed (garbage, even NaN, cannot leak). f32 queries use IEEE dots (HIGHEST); other
+dtypes feed the dots as they are.
+
+Flash-decoding: items x KVH programs alone leave most SMs idle at small batches (one 8-kv-head
+sequence is 8 programs on 132 SMs), so each item's pages are split over up to `splits` programs
+until the grid has about `TARGET_PROGRAMS`; each writes its normalized f32 output and log-sum-exp
+and `combine` merges them in jnp (an empty split has lse -inf and weight 0). A row that saw nothing
+is zero.
 
 Tables: `BLOCK_ROWS` query rows per prefill item, `NUM_WARPS` / `NUM_STAGES` (cubin: see
 tests/test_cubin.py and BENCHMARKS.md). page_size and head_dim must be powers of two >= 16.
-Not done: a split of long contexts over several programs (flash-decoding); at decode the grid is
-items x KVH programs, each walking its whole sequence.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 MIN_DOT_DIM = 16
 BLOCK_ROWS = 64  # query rows (tokens x G) of a prefill item
 NUM_WARPS, NUM_STAGES = 4, 2
+TARGET_PROGRAMS = 264  # two waves of an H100's 132 SMs
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
 
@@ -62,6 +67,19 @@ def tile_rows(block_q: int, group: int) -> int:
   return max(MIN_DOT_DIM, _next_pow2(block_q * group))
 
 
+def num_splits(items: int, kv_heads: int, pages_per_seq: int) -> int:
+  return max(1, min(pages_per_seq, -(-TARGET_PROGRAMS // (items * kv_heads))))
+
+
+def combine(out, lse):
+  """Merge per-split (out [.., S, R, D], lse [.., S, R]) into out [.., R, D] (0 where nothing was seen)."""
+  top = jnp.max(lse, axis=-2)
+  top = jnp.where(jnp.isfinite(top), top, 0.0)
+  w = jnp.exp(lse - top[..., None, :])  # 0 for empty splits
+  total = w.sum(axis=-2)
+  return (out * w[..., None]).sum(axis=-3) / jnp.where(total > 0, total, 1.0)[..., None]
+
+
 def _dot(a, b, dims):
   precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
   return lax.dot_general(a, b, dims, preferred_element_type=jnp.float32, precision=precision)
@@ -78,14 +96,16 @@ def _kernel(
   k_ref,
   v_ref,
   o_ref,
+  lse_ref,
   *,
   block_q,
   group,
   pages_per_seq,
+  splits,
   sm_scale,
   window,
 ):
-  i = pl.program_id(0)
+  i, split = pl.program_id(0), pl.program_id(2)
   page, d = k_ref.shape[1], k_ref.shape[2]
   r_tile = q_ref.shape[0]
   seq, rows = seq_ref[i], rows_ref[i]
@@ -93,6 +113,8 @@ def _kernel(
   q_first, first, end = query_span(kv_len, cu_ref[seq + 1] - cu_ref[seq], chunk_ref[i], rows, block_q, window)
   first_page = lax.div(first, page)
   end_page = jnp.where(end > first, lax.div(end + page - 1, page), first_page)
+  per_split = lax.div(end_page - first_page + splits - 1, splits)
+  first_page, end_page = first_page + split * per_split, jnp.minimum(end_page, first_page + (split + 1) * per_split)
   row = jnp.arange(r_tile) // group  # the tile row's token
   q_pos = (q_first + row)[:, None]
   live_row = (row < rows)[:, None]
@@ -113,7 +135,8 @@ def _kernel(
     # A row with nothing visible yet has m_next == MASK_VALUE: its masked exps would be 1.
     p = jnp.where(visible, jnp.exp(s - m_next[:, None]), 0.0)
     v = v_ref[pid, :, :]
-    v = jnp.where((key_pos < end)[:, None], v, jnp.zeros_like(v)).astype(cdt)  # p is 0 there, but 0 * NaN is not
+    seen = (key_pos >= first) & (key_pos < end)
+    v = jnp.where(seen[:, None], v, jnp.zeros_like(v)).astype(cdt)  # p is 0 elsewhere, but 0 * NaN is not
     acc = alpha[:, None] * acc + _dot(p.astype(cdt), v, (((1,), (0,)), ((), ())))
     return acc, m_next, alpha * l_prev + p.sum(axis=-1)
 
@@ -122,8 +145,11 @@ def _kernel(
     jnp.full((r_tile,), MASK_VALUE, jnp.float32),
     jnp.zeros((r_tile,), jnp.float32),
   )
-  acc, _, l = lax.fori_loop(first_page, end_page, step, init)
-  o_ref[...] = jnp.where(l[:, None] > 0, acc / jnp.where(l > 0, l, 1.0)[:, None], 0.0).astype(o_ref.dtype)
+  acc, m, l = lax.fori_loop(first_page, end_page, step, init)
+  seen = l > 0
+  l_safe = jnp.where(seen, l, 1.0)
+  o_ref[...] = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, m + jnp.log(l_safe), -jnp.inf)
 
 
 def attend_items(
@@ -139,34 +165,48 @@ def attend_items(
   sm_scale,
   sliding_window,
   pages_per_block=None,
+  splits=None,
   interpret=False,
 ):
-  """q_items [KVH, n, block_q * G, D] -> [KVH, n, block_q * G, D] in q's dtype (work.py's layout)."""
+  """q_items [KVH, n, block_q * G, D] -> [KVH, n, block_q * G, D] in q's dtype (work.py's layout).
+
+  `splits`: programs an item's pages are split over (default from `TARGET_PROGRAMS`)."""
   kvh, n, r, d = q_items.shape
   num_pages, _, page, _ = k_pages.shape
   pages_per_seq = page_indices.shape[1]
   rp = tile_rows(block_q, r // block_q)
+  splits = splits or num_splits(n, kvh, pages_per_seq)
   q_items = jnp.pad(q_items, ((0, 0), (0, 0), (0, rp - r), (0, 0)))
   kernel = functools.partial(
     _kernel,
     block_q=block_q,
     group=r // block_q,
     pages_per_seq=pages_per_seq,
+    splits=splits,
     sm_scale=float(sm_scale),
     window=sliding_window,
   )
   meta = (items.seq, items.chunk, items.rows, kv_lens, cu_q_lens, page_indices.reshape(-1))
-  whole = lambda a: pl.BlockSpec(a.shape, lambda i, h: (0,) * a.ndim)
-  tile = pl.BlockSpec((None, None, rp, d), lambda i, h: (h, i, 0, 0))
-  pool = pl.BlockSpec((num_pages, None, page, d), lambda i, h: (0, h, 0, 0))
-  out = pl.pallas_call(
+  whole = lambda a: pl.BlockSpec(a.shape, lambda i, h, s: (0,) * a.ndim)
+  tile = pl.BlockSpec((None, None, rp, d), lambda i, h, s: (h, i, 0, 0))
+  pool = pl.BlockSpec((num_pages, None, page, d), lambda i, h, s: (0, h, 0, 0))
+  # One split writes the output in q's dtype; several write f32 parts for `combine`.
+  out_dtype = q_items.dtype if splits == 1 else jnp.float32
+  out, lse = pl.pallas_call(
     kernel,
-    grid=(n, kvh),
+    grid=(n, kvh, splits),
     in_specs=[whole(a) for a in meta] + [tile, pool, pool],
-    out_specs=tile,
-    out_shape=jax.ShapeDtypeStruct((kvh, n, rp, d), q_items.dtype),
+    out_specs=[
+      pl.BlockSpec((None, None, None, rp, d), lambda i, h, s: (h, i, s, 0, 0)),
+      pl.BlockSpec((None, None, None, rp), lambda i, h, s: (h, i, s, 0)),
+    ],
+    out_shape=[
+      jax.ShapeDtypeStruct((kvh, n, splits, rp, d), out_dtype),
+      jax.ShapeDtypeStruct((kvh, n, splits, rp), jnp.float32),
+    ],
     compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
     interpret=interpret,
     name="ragged_paged_attention",
   )(*meta, q_items, k_pages, v_pages)
+  out = out[:, :, 0] if splits == 1 else combine(out, lse).astype(q_items.dtype)
   return out[:, :, :r]

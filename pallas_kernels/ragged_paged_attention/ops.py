@@ -118,6 +118,7 @@ def ragged_paged_attention(
       padding (their rows, and rows past cu_q_lens[num_seqs[0]], come back zero).
     sm_scale: the scores' scale (default D ** -0.5).
     sliding_window: a query at position p sees keys at positions > p - sliding_window (None: all).
+      Pages wholly before the window of a sequence's first query are never read (may be freed).
     impl: one of IMPLS; None picks by backend (module docstring).
     interpret: False, True or `pltpu.InterpretParams(...)`: run the Pallas kernel in the interpreter.
     block_q: query rows per prefill item (default from the impl's tile; a power of two for "gpu").

@@ -11,6 +11,8 @@ as is a row that sees no key.
 
 This version walks the sequences one at a time (a Python loop over the static S), each against
 all of its gathered pages with full masks: obviously correct and jit-able, O(S * T * context).
+Page-table entries past a sequence's pages (or of pages wholly before its window) may be anything:
+they are clamped into the pool and everything read through them is masked.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def ragged_paged_attention_reference(
     visible = (key_pos[None, :] <= q_pos[:, None]) & (key_pos[None, :] < kv_len) & mine[:, None]
     if sliding_window is not None:
       visible &= key_pos[None, :] > q_pos[:, None] - sliding_window
-    v = jnp.where((key_pos < kv_len)[None, :, None], v, 0.0)  # garbage past kv_len, even NaN, stays out
+    # Garbage (even NaN) in keys nobody sees (past kv_len, pages freed out of the window) stays out.
+    v = jnp.where(visible.any(axis=0)[None, :, None], v, 0.0)
     scores = jnp.einsum("tkgd,kcd->tkgc", qf, k, precision=hi) * sm_scale
     scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
     top = jnp.max(scores, axis=-1, keepdims=True)

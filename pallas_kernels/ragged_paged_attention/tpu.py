@@ -1,19 +1,21 @@
 """Pallas TPU (Mosaic) kernel: ragged paged attention, pages DMA'd from the pool double-buffered.
 
-Grid (kv head, work item), both "parallel"; a work item (work.py) is block_q query rows of one
-sequence, tiled as [block_q * G, D] (the G query heads of the kv head together, token-major), so a
-decode item is G rows, not a padded prefill block. Scalar-prefetched into SMEM: the items' sequence,
-chunk and row count, kv_lens, cu_q_lens and the page table (flattened: a 2-D SMEM array pads its
-minor dimension). The pools stay in HBM (`memory_space=pl.ANY`); the kernel walks its item's key
-blocks (`pages_per_block` pages each) in a `fori_loop` bounded by what the item sees (from the
-window start to its last row's position), copying each block's pages with `make_async_copy` into
-one of two VMEM slots: block j+1's copies start before block j is waited on and computed
-(double buffering). Pages past the item's last needed key are never copied (their page-table
-entries may be anything), so the slot keeps stale data there: scores are masked with `where`
-(never added) and values past the last needed key zeroed, so stale or NaN data cannot leak.
-Running max / sum (lane-replicated [R, 128], as splash attention keeps them) and the f32
-accumulator are VMEM scratch; the item's output block is written once at the end (zero for rows
-that saw nothing).
+Grid (kv head "parallel", work item "arbitrary"); a work item (work.py) is block_q query rows of
+one sequence, tiled as [block_q * G, D] (the G query heads of the kv head together, token-major),
+so a decode item is G rows, not a padded prefill block. Scalar-prefetched into SMEM: the items'
+sequence, chunk and row count, kv_lens, cu_q_lens and the page table (flattened: a 2-D SMEM array
+pads its minor dimension). The pools stay in HBM (`memory_space=pl.ANY`); the kernel walks its
+item's key blocks (`pages_per_block` pages each) in a `fori_loop` bounded by what the item sees
+(from the window start to its last row's position), copying each block's pages with
+`make_async_copy` into one of two VMEM slots: block j+1's copies start before block j is waited on
+and computed (double buffering), and an item's last step starts the next item's first block (only
+the first item of each kv head waits for its first copy; so the items axis is sequential). Pages
+wholly outside the keys the item sees are never copied (past the sequence's pages the table may
+hold anything; before the window a cache may have freed them), so the slot keeps stale data there:
+scores are masked with `where` (never added) and values outside the item's keys zeroed, so stale
+or NaN data cannot leak. Running max / sum (lane-replicated [R, 128], as splash attention keeps
+them) and the f32 accumulator are VMEM scratch; the item's output block is written once at the end
+(zero for rows that saw nothing).
 
 Why an in-kernel loop and not a grid axis over key blocks: grid steps cost ~0.35 us each even when
 skipped, and a grid axis must be as long as the longest sequence for every item, so a batch of
@@ -23,7 +25,9 @@ Block sizes: `BLOCK_ROWS` query rows per prefill item (block_q = BLOCK_ROWS / G 
 `KV_BLOCK_TOKENS` keys per step (pages_per_block = KV_BLOCK_TOKENS / page_size). Mosaic needs
 page_size a multiple of the dtype's sublane tile (8 rows f32, 16 bf16) so a slot's pages merge
 into one [pages * page_size, D] tile for the dot. Not checkable without a TPU: the final compile,
-VMEM use, whether 1-page DMAs (page_size x D: 4 KiB at 16 x 128 bf16) keep HBM busy, speed.
+VMEM use, whether 1-page DMAs (page_size x D: 4 KiB at 16 x 128 bf16) keep HBM busy, speed. The
+whole page table sits in SMEM (S x pages_per_seq int32): 256 sequences of 2048 pages is 2 MiB,
+past SMEM's ~1 MiB; such tables need a per-item slice (not done).
 """
 
 from __future__ import annotations
@@ -92,41 +96,51 @@ def _kernel(
   sm_scale,
   window,
 ):
-  h, i = pl.program_id(0), pl.program_id(1)
+  h, i, n = pl.program_id(0), pl.program_id(1), pl.num_programs(1)
   page = k_buf.shape[2]
   bt = ppb * page
   r_tile, d = q_ref.shape
-  seq, rows = seq_ref[i], rows_ref[i]
-  kv_len = kv_lens_ref[seq]
-  q_first, first, end = query_span(kv_len, cu_ref[seq + 1] - cu_ref[seq], chunk_ref[i], rows, block_q, window)
-  first_block = lax.div(first, bt)
-  blocks = jnp.where(end > first, lax.div(end + bt - 1, bt) - first_block, 0)
 
-  def copies(block, slot):
-    """(condition, K copy, V copy) for each page of `block` into `slot`; pages past `end` are skipped."""
+  def span(item):
+    """(seq, position of row 0, first key, end of keys, first key block, key blocks) of an item."""
+    seq, rows = seq_ref[item], rows_ref[item]
+    kv_len = kv_lens_ref[seq]
+    q_first, first, end = query_span(kv_len, cu_ref[seq + 1] - cu_ref[seq], chunk_ref[item], rows, block_q, window)
+    first_block = lax.div(first, bt)
+    return seq, q_first, first, end, first_block, jnp.where(end > first, lax.div(end + bt - 1, bt) - first_block, 0)
+
+  here = span(i)
+  seq, q_first, first, end, first_block, blocks = here
+  kv_len, rows = kv_lens_ref[seq], rows_ref[i]
+
+  def copies(item_span, block, slot):
+    """(condition, K copy, V copy) for each page of an item's `block` into `slot`; pages wholly
+    outside [first, end) are skipped (past the sequence's pages, or slid out of the window: a cache
+    may have freed them)."""
+    seq_, _, first_, end_, _, _ = item_span
     out = []
     for p in range(ppb):
       logical = block * ppb + p
-      pid = pages_ref[seq * pages_per_seq + jnp.minimum(logical, pages_per_seq - 1)]
+      pid = pages_ref[seq_ * pages_per_seq + jnp.minimum(logical, pages_per_seq - 1)]
       out.append(
         (
-          logical * page < end,
+          (logical * page < end_) & ((logical + 1) * page > first_),
           pltpu.make_async_copy(k_hbm.at[pid, h], k_buf.at[slot, p], sems.at[0, slot]),
           pltpu.make_async_copy(v_hbm.at[pid, h], v_buf.at[slot, p], sems.at[1, slot]),
         )
       )
     return out
 
-  def start(block, slot):
-    for needed, k_copy, v_copy in copies(block, slot):
+  def start(item_span, block, slot):
+    for needed, k_copy, v_copy in copies(item_span, block, slot):
 
       @pl.when(needed)
       def _():
         k_copy.start()
         v_copy.start()
 
-  def wait(block, slot):
-    for needed, k_copy, v_copy in copies(block, slot):
+  def wait(item_span, block, slot):
+    for needed, k_copy, v_copy in copies(item_span, block, slot):
 
       @pl.when(needed)
       def _():
@@ -137,9 +151,9 @@ def _kernel(
   l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
   acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
-  @pl.when(blocks > 0)
+  @pl.when((i == 0) & (blocks > 0))
   def _():
-    start(first_block, 0)
+    start(here, first_block, 0)  # later items' first blocks were started by the item before
 
   row = lax.div(lax.broadcasted_iota(jnp.int32, (r_tile, 1), 0), group)  # the tile row's token
   q_pos = q_first + row
@@ -150,9 +164,9 @@ def _kernel(
 
     @pl.when(j + 1 < blocks)
     def _():
-      start(block + 1, 1 - slot)  # in flight while this block computes
+      start(here, block + 1, 1 - slot)  # in flight while this block computes
 
-    wait(block, slot)
+    wait(here, block, slot)
     cdt = q_ref.dtype
     k = k_buf[slot].reshape(bt, d).astype(cdt)
     v = v_buf[slot].reshape(bt, d)
@@ -170,11 +184,19 @@ def _kernel(
     l_ref[...] = alpha * l_ref[...] + p.sum(axis=-1, keepdims=True)
     m_ref[...] = m_next
     key_col = block * bt + lax.broadcasted_iota(jnp.int32, (bt, 1), 0)
-    v = jnp.where(key_col < end, v, jnp.zeros_like(v)).astype(cdt)  # p is 0 there, but 0 * NaN is not
+    seen = (key_col >= first) & (key_col < end)
+    v = jnp.where(seen, v, jnp.zeros_like(v)).astype(cdt)  # p is 0 elsewhere, but 0 * NaN is not
     acc_ref[...] = alpha[:, :1] * acc_ref[...] + _dot(p.astype(cdt), v, (((1,), (0,)), ((), ())))
     return carry
 
   lax.fori_loop(0, blocks, body, 0)
+  # Both slots are free now: start the next item's first block (same kv head: items run in order).
+  after = span(jnp.minimum(i + 1, n - 1))
+
+  @pl.when((i + 1 < n) & (after[5] > 0))
+  def _():
+    start(after, after[4], 0)
+
   l = l_ref[:, :1]
   o_ref[...] = jnp.where(l > 0, acc_ref[...] / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
 
@@ -227,7 +249,8 @@ def attend_items(
       ],
     ),
     out_shape=jax.ShapeDtypeStruct(q_items.shape, q_items.dtype),
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+    # Items "arbitrary": each starts its successor's first copy, so one core runs a head's items in order.
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
     interpret=interpret,
     name="ragged_paged_attention",
   )(items.seq, items.chunk, items.rows, kv_lens, cu_q_lens, page_indices.reshape(-1), q_items, k_pages, v_pages)

@@ -1,15 +1,16 @@
 """XLA path (CPU): online softmax over key chunks, each gathered from the pool for every item at once.
 
-Runs over the work items of work.py. A `fori_loop` walks key chunks of `pages_per_block` pages up
-to the most any item needs (a decode batch of short sequences costs only what they hold); step j
+Runs over the work items of work.py. A `fori_loop` walks key chunks of `pages_per_block` pages up to
+the most any item needs (a decode batch of short sequences costs only what they hold); step j
 gathers, for every item, the pages of its chunk first_block + j straight from the pool (page ids
 clamped into the pool: entries past a sequence's pages may be anything and are masked), lays them
-out as [KVH, items, keys, D] (one plain batched matmul), scores them in f32 against the item's
-G x block_q rows and folds them into f32 running max / sum / accumulator. Nothing is ever as large
-as a whole context per token: a step holds items x chunk keys, the chunk sized from
-`CHUNK_ELEMENTS`. Keys past a row's position, before its window, or past kv_len are masked in the
-scores; values past the item's last needed key are zeroed, so garbage (even NaN) in the pool
-cannot leak. Dots in f32: XLA:CPU's bf16 matmuls are far slower (/work/shared/notes/kernels.md).
+out as [KVH, items, keys, D] (one plain batched matmul), scores them in f32 against the item's G x
+block_q rows and folds them into f32 running max / sum / accumulator. Nothing is ever as large as a
+whole context per token: a step holds items x chunk keys, the chunk sized from `CHUNK_ELEMENTS`.
+Keys past a row's position, before its window, or past kv_len are masked in the scores; values
+outside the item's keys are zeroed, so garbage (even NaN) in the pool (past a sequence's pages, or
+in pages that slid out of its window and were freed) cannot leak. Dots in f32: XLA:CPU's bf16
+matmuls are far slower (/work/shared/notes/kernels.md).
 
 Measured on the 2-core CPU box (f32, 3 kv heads x GQA 3, D 64, 16-token pages): 16 decode rows at
 1024 cached tokens 6.2 ms (the reference: 30 ms); 8 such rows plus a 512-token prompt 19 ms (355
@@ -82,7 +83,8 @@ def attend_items(
     # A row with nothing visible yet has m_next == MASK_VALUE: its masked exps would be 1.
     p = jnp.where(visible[None], jnp.exp(s - m_next[..., None]), 0.0)
     v = v_pages[ids].astype(jnp.float32).transpose(2, 0, 1, 3, 4).reshape(kvh, n, c, d)
-    v = jnp.where((key_pos < end[:, None, None]).reshape(1, n, c, 1), v, 0.0)
+    seen = (key_pos >= first[:, None, None]) & (key_pos < end[:, None, None])
+    v = jnp.where(seen.reshape(1, n, c, 1), v, 0.0)
     pv = jnp.einsum("knrc,kncd->knrd", p, v, precision=hi)
     return m_next, alpha * l_prev + p.sum(axis=-1), alpha[..., None] * acc + pv
 
