@@ -183,9 +183,9 @@ def test_copy_on_write_copies_a_block_in_every_layer(model):
 
 
 @pytest.mark.parametrize("window", [None, 6])
-def test_the_pallas_kernel_path_equals_the_xla_path(window):
-  """The ragged paged-attention kernel (TPU kernel, in the interpreter) reading the block tables
-  itself, against the XLA gather path: a [rows, chunk] prefill, then a ragged step (two decode rows,
+def test_the_ragged_kernel_equals_the_gather_path(window):
+  """The ragged paged-attention op (its TPU kernel, in the interpreter) reading the block tables
+  itself, against the gather path: a [rows, chunk] prefill, then a ragged step (two decode rows,
   a padding row, two padded prompt chunks) through shuffled tables, with and without the model's
   sliding window."""
   model = tiny_model(dtype="float32", sliding_window=window)
@@ -195,22 +195,22 @@ def test_the_pallas_kernel_path_equals_the_xla_path(window):
   positions = np.concatenate([[13, 5, -1], np.arange(8) + 9, [0, 1, 2, 3, 4, -1, -1, -1]]).astype(np.int32)
   tokens = jnp.asarray(rng.integers(0, 256, layout.tokens)[None], jnp.int32)
   hidden, first = {}, {}
-  for kernel in ("xla", "pallas"):
+  for kernel in ("gather", "ragged"):
     policy = Paged(block_size=8, num_blocks=48, kernel=kernel, interpret=True)  # TPU tiles: 8 rows of f32
     cache = policy.with_tables(policy.init(model.cfg, batch_size=5, length=24), tables)
     # Earlier tokens of every row first (a plain chunk), then the ragged step.
-    past = jnp.asarray(rng.integers(0, 256, (5, 16)), jnp.int32) if kernel == "xla" else past  # noqa: F821
+    past = jnp.asarray(rng.integers(0, 256, (5, 16)), jnp.int32) if kernel == "gather" else past  # noqa: F821
     first[kernel], cache = model.forward_with_cache(past, jnp.asarray(np.tile(np.arange(16), (5, 1)), jnp.int32), cache)
     hidden[kernel], _ = model.forward_with_cache(tokens, jnp.asarray(positions[None]), cache, layout=layout)
   real = positions >= 0
-  np.testing.assert_allclose(np.asarray(hidden["pallas"])[0, real], np.asarray(hidden["xla"])[0, real], atol=2e-5)
-  np.testing.assert_allclose(np.asarray(first["pallas"]), np.asarray(first["xla"]), atol=2e-5)
+  np.testing.assert_allclose(np.asarray(hidden["ragged"])[0, real], np.asarray(hidden["gather"])[0, real], atol=2e-5)
+  np.testing.assert_allclose(np.asarray(first["ragged"]), np.asarray(first["gather"]), atol=2e-5)
 
 
 def test_the_kernel_refuses_what_it_does_not_compute():
   model = tiny_model(dtype="float32", attention_sinks=2, sliding_window=8)
-  cache = Paged(block_size=4, kernel="pallas").init(model.cfg, batch_size=1, length=8)
+  cache = Paged(block_size=4, kernel="ragged").init(model.cfg, batch_size=1, length=8)
   with pytest.raises(ConfigError, match="without sinks or token trees"):
     model.forward_with_cache(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), cache)
-  with pytest.raises(GenerationError, match="kernel must be one of auto, xla, pallas"):
+  with pytest.raises(GenerationError, match="kernel must be one of auto, ragged, gather"):
     Paged(kernel="cuda")
