@@ -176,3 +176,25 @@ def test_the_pool_on_a_tensor_parallel_mesh(model, reference):
     assert keys.sharding.spec[:2] == (None, "tensor"), keys.sharding  # every block, kv heads over tensor
     got = engine.generate(prompts, max_tokens=8, stop_tokens=())
   assert got == [reference(p, 8) for p in prompts]
+
+
+def test_a_waiting_request_is_passed_over_at_most_max_passes_times(model):
+  """Admission in arrival order: a request whose first chunk does not fit may be passed by later
+  ones that do, `max_passes` times; then the later ones wait behind it. (The scheduler's admission
+  called directly, with no thread running.)"""
+  from jaxeff.serve.engine import Request, RequestParams
+
+  policy = Paged(block_size=BLOCK)
+  engine = Engine(
+    model, max_batch=4, max_seq_len=MAX_LEN, prefill_chunk=64, kv_cache=policy,
+    kv_cache_memory=10 * policy.block_bytes(model.cfg), max_passes=1, prefix_caching=False,
+  )  # fmt: skip
+  request = lambda i, n: Request(i, np.arange(n, dtype=np.int32) % 200, RequestParams(max_tokens=4))
+  engine._waiting.append(request(0, 48))  # takes 6 of the 10 blocks
+  engine._admit_paged()
+  assert engine.num_running == 1 and engine.blocks.num_free == 4
+  big, small = request(1, 40), [request(2, 8), request(3, 8)]  # 5 blocks; 1 block each
+  engine._waiting.extend([big, *small])
+  engine._admit_paged()
+  assert [r.id for r in engine._waiting] == [1, 3] and big.passed_over == 1  # 2 passed it; 3 waits behind it
+  engine._waiting.clear()

@@ -816,6 +816,7 @@ class Engine:
         self._tables[i] = -1
         self._tables[i, : len(hit)] = hit
         self._tables_changed = True
+        self._grow(i, first)  # its first chunk's blocks, so the next admission sees what is left
     self.totals.running_peak = max(self.totals.running_peak, self.num_running)
 
   def _register_full_blocks(self, i: int) -> None:
