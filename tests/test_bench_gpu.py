@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxeff.bench.gpu import ceilings, correctness, harness, plan, runner
+from jaxeff.bench.gpu import ceilings, correctness, harness, paged_attention, plan, runner, serve
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # Installed here by the test extras, absent from the GPU machine's image (or only there as
@@ -123,8 +123,15 @@ def test_dry_run_measures_every_row_of_sections_3_to_6_and_long_context(dry_run)
   # int4 weights read fewer bytes per step than int8, int8 fewer than bf16 (same model).
   per_format = {r["format"]: r["weight_bytes"] for r in decode}
   assert per_format["int4"] < per_format["int8"] < per_format["bf16"]
-  (serve,) = sec["serve"]["rows"]
-  assert serve["clients"] == s.serve_clients and serve["tok_s"] > 0 and 0 < serve["itl_p50_ms"] <= serve["itl_p99_ms"]
+  served = {r["cache"]: r for r in sec["serve"]["rows"]}
+  assert list(served) == ["paged", "dense"]
+  for r in served.values():
+    assert r["clients"] == s.serve_clients and r["tok_s"] > 0 and 0 < r["itl_p50_ms"] <= r["itl_p99_ms"]
+    assert r["programs"] > 0 and r["timed_round_compiles"] >= 0
+  # On CPU the paged cache's "auto" kernel setting takes the XLA path: no Pallas call in its step.
+  paged = served["paged"]
+  assert paged["backend"] == "cpu" and paged["uses_kernel"] is False and paged["kernel_calls"] == 0
+  assert paged["prefix_hit_rate"] == 0 and paged["running_peak"] == s.serve_clients and paged["preemptions"] == 0
   spec = sec["speculative"]["rows"]
   assert [r["tokens"] for r in spec if r["check"] == "verify forward"] == [1, 2, 4, 8, 16]
   decoded = {r["contender"]: r for r in spec if r["check"] == "decode"}
@@ -178,3 +185,62 @@ def test_without_a_gpu_the_real_plan_refuses_in_one_line(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: no GPU here")
   assert runner.main(["--dry-run", "--sections", "ceilings,nope"]) == 2
+
+
+def test_dry_run_checks_then_times_ragged_paged_attention_against_dense(dry_run):
+  _, record = dry_run
+  s = plan.DRY
+  rows = record["sections"]["paged_attention"]["rows"]
+  kvh = s.paged_heads[1]
+  expected = [("decode", seqs, ctx, 0) for seqs, ctx in s.paged_batches]
+  expected.append(("mixed", *s.paged_batches[-1], s.paged_chunk))
+  assert [(r["case"], r["seqs"], r["context"], r["chunk"]) for r in rows] == expected * len(s.paged_dims)
+  for r in rows:
+    lay = paged_attention.layout(r["seqs"], r["context"], r["chunk"] or None, s.paged_page)
+    assert r["bytes"] == paged_attention.covered_bytes(lay["kv_lens"], s.paged_page, kvh, r["d"], 2)
+    assert r["ok"] and set(r["errors"]) == {"paged", "dense"} and max(r["errors"].values()) <= r["tol"]
+    assert r["paged_us"] > 0 and r["dense_us"] > 0 and r["paged_gb_s"] > 0 and r["dense_over_paged"] > 0
+
+
+def test_block_tables_are_shuffled_disjoint_and_cover_the_kv_lens():
+  lay = paged_attention.layout(3, 40, 20, 16)
+  assert lay["kv_lens"].tolist() == [40, 40, 40, 40] and lay["cu_q_lens"].tolist() == [0, 1, 2, 3, 23]
+  assert lay["pages"].tolist() == [3, 3, 3, 3]
+  tables = paged_attention.shuffled_tables(np.random.default_rng(0), np.array([3, 1, 2]), 8)
+  used = tables[tables >= 0]
+  assert (tables >= 0).sum(axis=1).tolist() == [3, 1, 2] and len(set(used.tolist())) == 6 and used.max() < 8
+  assert (tables[1, 1:] == -1).all() and tables[2, 2] == -1
+  assert paged_attention.covered_bytes(np.array([40, 1]), 16, 2, 32, 2) == 2 * 4 * 16 * 2 * 32 * 2
+
+
+def test_a_wrong_paged_attention_output_fails_and_is_not_timed(tmp_path, monkeypatch):
+  run = _run(tmp_path)
+  real = paged_attention.ragged_paged_attention_reference
+  exact = lambda q, *a, **kw: real(q, *a, sm_scale=q.shape[-1] ** -0.5)
+  base = dict(case="decode", d=32, seqs=2, context=40, chunk=0)
+  for wrong in (lambda o: o.at[-1].multiply(1.1), lambda o: o.at[0, 0, 0].set(jnp.nan)):
+    monkeypatch.setattr(paged_attention, "ragged_paged_attention", lambda *a, wrong=wrong, **kw: wrong(exact(*a)))
+    row = paged_attention._case(run, 32, 2, 40, None, dict(base))
+    assert not row["ok"] and row["errors"]["paged"] > row["tol"] and row["errors"]["dense"] <= row["tol"]
+    assert "paged_us" not in row
+    assert paged_attention.failures([row]) == [f"paged_attention decode d=32 2x40: error {row['errors']} > tol 0.03"]
+
+
+def test_kernel_calls_finds_the_pallas_kernel_in_a_gpu_lowering(monkeypatch):
+  import jax
+
+  from jaxeff.inference import Paged
+
+  model = harness.decode_model(_run(pathlib.Path("unused")))
+  assert serve.kernel_calls(model, Paged(num_blocks=8)) == 0  # CPU: the XLA path
+  # As on a GPU: "auto" takes the kernel, which lowers to Triton calls (on CPU, for "cuda").
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert serve.kernel_calls(model, Paged(num_blocks=8), platform="cuda") > 0
+  assert serve.kernel_calls(model, Paged(num_blocks=8, kernel="xla"), platform="cuda") == 0
+
+
+def test_a_gpu_serve_row_without_the_kernel_fails_the_run():
+  row = dict(cache="paged", clients=64, backend="gpu", uses_kernel=False, kernel_calls=0, tok_s=1.0)
+  (failure,) = serve.failures([row, dict(row, cache="dense")])
+  assert failure.startswith("serve paged: attention does not run the Pallas kernel on gpu")
+  assert serve.failures([dict(row, uses_kernel=True, kernel_calls=2), dict(row, backend="cpu")]) == []

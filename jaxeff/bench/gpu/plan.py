@@ -45,6 +45,13 @@ class Sizes:
   attn_checks: bool = True
   attn_check_len: int = 4096
   decode_contexts: tuple = (4096, 32768)
+  # paged attention: the decode model's heads (query, kv), head dims, tokens per page, decode
+  # batches of (sequences, cached tokens each); the mixed step adds a prompt chunk to the last batch
+  paged_heads: tuple = (32, 8)
+  paged_dims: tuple = (64, 128)
+  paged_page: int = 16
+  paged_batches: tuple = ((8, 4096), (32, 1024))
+  paged_chunk: int | None = 512
   # decode
   decode_model: dict = dataclasses.field(
     default_factory=lambda: dict(
@@ -93,6 +100,8 @@ QUICK = dataclasses.replace(
   prefill_m=None,
   attn_lengths=(8192,),
   attn_checks=False,
+  paged_dims=(64,),
+  paged_batches=((32, 1024),),
   decode_batches=(1,),
   decode_formats=("bf16",),
   optimizers=(),
@@ -119,6 +128,11 @@ DRY = Sizes(
   attn_heads=(4, 2, 32),
   attn_check_len=256,
   decode_contexts=(256,),
+  # partial last pages, a prompt chunk of two items (block_q 32 at GQA 2) and a ragged last one
+  paged_heads=(4, 2),
+  paged_dims=(32,),
+  paged_batches=((2, 40), (3, 24)),
+  paged_chunk=36,
   decode_model=dict(
     vocab_size=256,
     hidden_size=64,
