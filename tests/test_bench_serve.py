@@ -68,7 +68,7 @@ def test_quick_chat_compares_answers_between_jaxeff_servers(tiny, tmp_path, monk
 
 @pytest.mark.slow
 def test_quick_capacity_samples_running_requests(tiny, tmp_path, monkeypatch):
-  variants = "jaxeff 2 slots=--kv-cache dense --max-batch 2 --max-seq-len 128;jaxeff 4 slots=--max-batch 4 --max-seq-len 128"
+  variants = "jaxeff 2 slots=--max-batch 2 --max-seq-len 128;jaxeff 4 slots=--max-batch 4 --max-seq-len 128"
   rows = _run(tiny, tmp_path, monkeypatch, "--workload", "capacity", "--variants", variants, *NO_LLAMA)["rows"]
   assert [r["server"] for r in rows] == ["jaxeff 2 slots", "jaxeff 4 slots"]
   for r, slots in zip(rows, (2, 4)):
