@@ -271,8 +271,9 @@ def parse_metrics(text: str) -> dict[str, float]:
     if not line.strip() or line.startswith("#"):
       continue
     sample, _, value = line.rstrip().rpartition(" ")
+    name = sample.split("{", 1)[0]
     try:
-      out[sample.split("{", 1)[0]] = out.get(sample.split("{", 1)[0], 0.0) + float(value)
+      out[name] = out.get(name, 0.0) + float(value)
     except ValueError:
       continue
   return out
