@@ -1,8 +1,9 @@
 """`python -m jaxeff.bench serve --quick`: the load generator, live jaxeff servers and the static
 batch baseline end to end on a tiny GGUF, for the load workload and the chat, capacity and prefill
-ones. llama.cpp's servers are the full run's and are left out here: llama-cpp-python's server and
-llama-server crash on the tiny test vocabulary, and llama-server is a build of minutes (CI does not
-build it); `llama_server.ensure_built` is tested with a fake source and a fake cmake instead."""
+ones. llama.cpp's servers are the full run's and are left out of these: llama-cpp-python's server
+crashes on the tiny test vocabulary, and llama-server is a build of minutes that tests never start
+(`llama_server.ensure_built` is tested with a fake source and a fake cmake); where a benchmark run
+has built it, one test serves the tiny GGUF with it (skipped, and saying so, where it is not built)."""
 
 import io
 import json
@@ -193,6 +194,27 @@ def test_a_server_that_does_not_start_is_a_skipped_row_with_its_error_line(tmp_p
       "(see python -m jaxeff.serve --help)",
     }
   ]
+
+
+def test_llama_server_row_when_a_benchmark_run_built_it(tiny, tmp_path):
+  binary = llama_server.binary_path(llama_server.cache_dir())
+  if not os.access(binary, os.X_OK):
+    pytest.skip(f"no llama-server at {binary} (python -m jaxeff.bench serve builds it; tests never do)")
+  path, _ = tiny
+  args = serve._parser().parse_args([])
+  prompts = [list(range(1, 17)), list(range(1, 49))]
+
+  def work(label, kind, url, base):
+    return serve.prefill_rows(label, serve.time_prefill(url, prompts, {}), 2.0)
+
+  specs = serve.server_specs({}, binary, False)
+  rows = serve.run_servers(specs, path, args, None, tmp_path, 128, work)
+  assert [(r["server"], r["kind"], r["prompt_tokens"]) for r in rows] == [
+    (serve.LLAMA_SERVER, "llama-server", 16),
+    (serve.LLAMA_SERVER, "llama-server", 48),
+  ]
+  for r in rows:  # its own prompt time comes back in the response's timings
+    assert 0 < r["server_prompt_ms"] <= r["ttft"] * 1e3 and r["prompt_tokens_per_s"] > 0
 
 
 # ------------------------------------------------------------------ llama-server's build
