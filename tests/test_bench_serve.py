@@ -122,6 +122,20 @@ def test_chat_and_capacity_goals_compare_the_second_jaxeff_row_with_the_first():
   assert serve.goals(rows)[0].endswith("met")
 
 
+@pytest.mark.parametrize(
+  "argv, message",
+  [
+    (["--clients", "0"], "error: --clients must be >= 1, got 0"),
+    (["--prompt-lengths", "64,x"], "error: --concurrency and --prompt-lengths take comma-separated whole numbers"),
+    (["--gguf", "/nonexistent.gguf"], "error: no GGUF at /nonexistent.gguf (pip install -e '.[test]' installs"),
+  ],
+)
+def test_bad_command_lines_get_one_error_line(argv, message, capsys):
+  assert serve.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(message) and "\n" not in err, err
+
+
 def test_metrics_text_and_prefix_hit_rate():
   text = (
     "# HELP jaxeff_requests_running Requests in a decode slot\n"
