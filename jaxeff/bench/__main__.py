@@ -11,7 +11,7 @@ import sys
 import jaxeff.bench as _bench
 from jaxeff import host_malloc
 
-SHARED = {"common", "quant_accuracy"}  # helpers of the benchmarks (quant_accuracy: `quant --accuracy-only`)
+SHARED = {"common", "llama_server", "quant_accuracy"}  # helpers (quant_accuracy: `quant --accuracy-only`)
 
 
 def available() -> list[str]:
