@@ -770,22 +770,23 @@ class Engine:
   def _newest(self) -> int:
     return max((i for i, s in enumerate(self._slots) if s is not None), key=lambda i: self._slots[i].admitted)
 
-  def _admit_paged(self) -> None:
+  def _admit_paged(self) -> list[int]:
     """Waiting requests take free slots while the pool has blocks for their first chunk (after the
     prefix cache's hit), in arrival order; a request that does not fit may be passed over by later
     ones `max_passes` times, then admission waits for it. A request whose next prompt blocks another
     request is computing right now waits for them (so `n` samples of one prompt, or clients sending
-    one system prompt at once, prefill it once)."""
+    one system prompt at once, prefill it once). Returns the slots it filled."""
+    admitted = []
     with self._cv:
       free = [i for i, s in enumerate(self._slots) if s is None]
-      blocked = False
+      skipped = []  # earlier requests that did not fit
       computing = set()  # prefix hashes of blocks that prompts being prefilled will fill
       if self.blocks.prefix_caching:
         for s in self._slots:
           if s is not None and not s.decoding:
             computing.update(s.hashes[s.registered :])
       for request in list(self._waiting):
-        if not free or blocked:
+        if not free:
           break
         if request.cancelled:
           continue
@@ -797,11 +798,11 @@ class Engine:
         first = min(context.size, len(hit) * self.blocks.block_size + self.prefill_chunk)
         need = self.blocks.blocks_for(first) - len(hit) + int(np.sum(self.blocks.refs[hit] == 0))
         if need > self.blocks.num_free:
-          blocked = request.passed_over >= self.max_passes
+          skipped.append(request)
           continue
-        for earlier in self._waiting:
-          if earlier is request:
-            break
+        if any(earlier.passed_over >= self.max_passes for earlier in skipped):
+          break  # first come, first served: the later ones wait behind it now
+        for earlier in skipped:
           earlier.passed_over += 1
         self._waiting.remove(request)
         self.blocks.count(context.size, len(hit))
@@ -817,7 +818,9 @@ class Engine:
         self._tables[i, : len(hit)] = hit
         self._tables_changed = True
         self._grow(i, first)  # its first chunk's blocks, so the next admission sees what is left
+        admitted.append(i)
     self.totals.running_peak = max(self.totals.running_peak, self.num_running)
+    return admitted
 
   def _register_full_blocks(self, i: int) -> None:
     """Keys slot i's blocks that became full (their tokens all written) in the prefix cache."""
@@ -860,10 +863,18 @@ class Engine:
     return decode, prefill
 
   def _paged_iteration(self) -> None:
-    self._admit_paged()
-    if not any(self._slots):
-      return
+    # Running requests first (their blocks, preempting the newest when the pool is out), then
+    # admissions from what is left, as vLLM schedules.
     decode, prefill = self._plan()
+    admitted = self._admit_paged()
+    budget = self.token_budget - len(decode) - sum(c for _, c in prefill)
+    for i in admitted:
+      if len(prefill) == self.max_prefill_rows or budget <= 0:
+        break
+      slot = self._slots[i]
+      chunk = min(slot.context.size - slot.prefilled, self.prefill_chunk, budget)
+      prefill.append((i, chunk))  # its blocks were taken at admission
+      budget -= chunk
     if not decode and not prefill:
       if any(self._slots):  # the pool holds only partly prefilled prompts: make room
         self._preempt(self._newest())
