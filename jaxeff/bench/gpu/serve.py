@@ -121,7 +121,8 @@ def summary(rows: list[dict]) -> list[str]:
     if r["cache"] == "paged":
       paged = (
         f", peak {r['running_peak']} running, {r['preemptions']} preemptions; attention: "
-        f"{'Pallas kernel' if r['uses_kernel'] else 'XLA'} ({r['kernel_calls']} Pallas calls in a lowered step)"
+        f"{'the ragged op' if r['uses_kernel'] else 'gathered blocks'} ({r['kernel_calls']} Pallas calls in a "
+        "lowered step)"
       )
     lines.append(
       f"{head}: {r['tok_s']:.0f} output tok/s, TTFT p50 {r['ttft_p50_ms']:.0f} ms, ITL p50/p99 "
