@@ -13,6 +13,7 @@ import pytest
 from serving import byte_tokenizer, running_server, tiny_model
 
 from jaxeff.generate import Generator
+from jaxeff.inference.cache import Paged
 from jaxeff.serve import Engine
 from jaxeff.serve.app import ServerSettings, TextStream, create_app
 
@@ -27,7 +28,9 @@ def model():
 
 @pytest.fixture(scope="module")
 def server(model):
-  engine = Engine(model, byte_tokenizer(), max_batch=4, max_seq_len=MAX_LEN, prefill_chunk=32, max_waiting=4)
+  engine = Engine(
+    model, byte_tokenizer(), max_batch=4, max_seq_len=MAX_LEN, prefill_chunk=32, max_waiting=4, kv_cache=Paged()
+  )
   settings = ServerSettings(model_name="tiny", api_key=KEY, max_tokens=200, max_n=3, max_body_bytes=16384)
   with running_server(create_app(engine, byte_tokenizer(), settings)) as url:
     yield url, engine

@@ -15,6 +15,7 @@ from smollm2 import smollm2_path
 
 from jaxeff.generate import Generator
 from jaxeff.generate.tokenizer import StreamDecoder, TextTokenizer, load_tokenizer
+from jaxeff.inference.cache import Paged
 from jaxeff.serve import Engine, EngineStoppedError
 from jaxeff.serve.app import ServerSettings, TextStream, create_app
 from jaxeff.serve.engine import EngineFailedError
@@ -30,7 +31,8 @@ def model():
 
 def _engine(model, **overrides):
   """test_serve's server's settings: the session's compile cache has the programs once either ran."""
-  return Engine(model, byte_tokenizer(), **{"max_batch": 4, "max_seq_len": MAX_LEN, "prefill_chunk": 32, **overrides})
+  settings = {"max_batch": 4, "max_seq_len": MAX_LEN, "prefill_chunk": 32, "kv_cache": Paged(), **overrides}
+  return Engine(model, byte_tokenizer(), **settings)
 
 
 # The module server's text decoding waits while this is clear (it holds its event loop), so a test

@@ -49,6 +49,8 @@ def test_serves_a_gguf_and_stops_cleanly_on_sigterm(gguf_file, tmp_path):
     "32",
     "--shutdown-timeout",
     "20",
+    "--kv-cache",
+    "paged",
     "--kv-cache-memory",
     "2MiB",
     "--token-budget",
@@ -73,7 +75,7 @@ def test_serves_a_gguf_and_stops_cleanly_on_sigterm(gguf_file, tmp_path):
       [ids], max_new_tokens=8, stop_tokens=tok.stop_tokens
     )[0]
     assert r.choices[0].message.content == tok.decode(expected)
-    # The same conversation again: its prompt's blocks come from the prefix cache (the default).
+    # The same conversation again: its prompt's blocks come from the prefix cache (on by default).
     again = client.chat.completions.create(model="tiny-chat.gguf", messages=messages, max_tokens=8, temperature=0)
     assert again.choices[0].message.content == r.choices[0].message.content
     metrics = httpx2.get(url.removesuffix("/v1") + "/metrics", headers={"Authorization": "Bearer k"}).text
@@ -206,7 +208,7 @@ def test_serves_with_speculation_on_a_mesh_and_with_a_cache_policy(gguf_file, tm
         t.join(120)
       assert [a.choices[0].text for a in answers] == [expected] * 3
       metrics = httpx2.get(match.group(1).removesuffix("/v1") + "/metrics").text
-      assert re.search(r'jaxeff_kv_cache_bytes\{policy="(paged|H2O)"\} [1-9]', metrics), metrics
+      assert re.search(r'jaxeff_kv_cache_bytes\{policy="(dense|H2O)"\} [1-9]', metrics), metrics
       if name == "speculate":
         accepted = float(re.search(r"^jaxeff_accepted_tokens_total (\S+)", metrics, re.M).group(1))
         assert accepted > 0 and "jaxeff_request_tokens_per_forward_count 3.0" in metrics

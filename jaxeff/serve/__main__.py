@@ -40,7 +40,7 @@ def parse_args(argv):
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   cli.add_model_args(p)
-  cli.add_inference_args(p, kv_cache="paged")
+  cli.add_inference_args(p)
   p.add_argument("--max-batch", type=int, default=8, metavar="B", help="requests running at once (default 8)")
   p.add_argument(
     "--max-seq-len", type=int, default=2048, metavar="L", help="positions per request: prompt + output (default 2048)"

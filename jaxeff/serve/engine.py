@@ -15,7 +15,7 @@ The engine is a scheduler: the model runner (`jaxeff.inference.ModelRunner`) own
 KV cache (any policy: `kv_cache=`), the speculator (`speculator=`) and every compiled program; the
 engine decides what runs, in a background thread.
 
-With the paged cache (the default: `jaxeff.inference.cache.Paged`; vLLM's design,
+With the paged cache (`kv_cache=Paged()`, `--kv-cache paged`: `jaxeff.inference.cache.Paged`; vLLM's design,
 ../shared/notes/serving.md) the cache is a pool of blocks sized by memory (`kv_cache_memory`), not
 `max_batch` rows of `max_seq_len`, and the block manager (`jaxeff.inference.blocks`) hands them out:
 - Admit: waiting requests (a bounded queue, `QueueFullError` beyond `max_waiting`) take free slots
@@ -76,7 +76,7 @@ import numpy as np
 
 from jaxeff.errors import GenerationError
 from jaxeff.inference.blocks import BlockManager
-from jaxeff.inference.cache import Paged, RaggedLayout
+from jaxeff.inference.cache import Dense, Paged, RaggedLayout
 from jaxeff.inference.runner import MAX_STOP_TOKENS, ModelRunner, RowSettings, pow2_at_least, row_arrays
 from jaxeff.inference.sampling import SamplingParams, SamplingShape
 
@@ -288,8 +288,8 @@ class Engine:
       power of two from here).
     min_kv_bucket: smallest attention span (steps attend over a power of two of cache positions,
       from here up to max_seq_len, that covers every live position; the dense cache only).
-    kv_cache: the cache policy (`jaxeff.inference.cache`; default `Paged()`: blocks allocated as
-      requests grow, prompt prefixes shared; `Dense()` gives every slot max_seq_len positions).
+    kv_cache: the cache policy (`jaxeff.inference.cache`; default `Dense()`: every slot a row of
+      max_seq_len positions; `Paged()`: blocks allocated as requests grow, prompt prefixes shared).
     speculator: a `jaxeff.generate.speculative` speculator; each step then drafts and verifies.
     kv_cache_memory: bytes of the paged cache's block pool (default: what the dense cache would
       take, max_batch x max_seq_len positions); with more slots than the pool holds at full length,
@@ -331,7 +331,7 @@ class Engine:
         f"need token_budget >= 1, max_prefill_rows >= 1 and max_passes >= 0, got {token_budget}, "
         f"{max_prefill_rows}, {max_passes}"
       )
-    kv_cache = Paged() if kv_cache is None else kv_cache
+    kv_cache = Dense() if kv_cache is None else kv_cache
     self.blocks: BlockManager | None = None
     if isinstance(kv_cache, Paged):
       kv_cache = sized_pool(kv_cache, model.cfg, max_batch, max_seq_len, kv_cache_memory)

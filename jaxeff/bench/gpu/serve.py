@@ -1,5 +1,5 @@
 """Section serve: the decode section's model (bf16) behind `jaxeff.serve.Engine` (continuous
-batching), 64 concurrent requests of mixed lengths, with the engine's default paged KV cache and
+batching), 64 concurrent requests of mixed lengths, with the paged KV cache and
 with the dense one (`kv_cache=Dense()`) side by side: output tokens/s, TTFT, inter-token latency,
 compiled programs; and whether the paged cache's steps run the Pallas kernel (on a GPU they must)."""
 
@@ -13,7 +13,7 @@ import numpy as np
 from flax import nnx
 
 from jaxeff.bench.gpu.harness import Run, decode_model, fmt, one_line
-from jaxeff.inference import Dense
+from jaxeff.inference import Dense, Paged
 from jaxeff.models.attention import bind
 from jaxeff.serve import Engine
 
@@ -40,7 +40,7 @@ def kernel_calls(model, policy, platform: str | None = None) -> int:
 
 def measure(run: Run) -> list[dict]:
   """`serve_clients` requests at once, prompt and output lengths drawn from [half, full] of the
-  decode section's, through an engine per cache (the paged default first: the goal's row). A first
+  decode section's, through an engine per cache (the paged one first: the goal's row). A first
   round on other prompts of the same lengths compiles the buckets the traffic reaches; the timed
   round's prompts share no prefix with it, so prefix caching finds nothing to reuse."""
   s = run.sizes
@@ -51,7 +51,7 @@ def measure(run: Run) -> list[dict]:
   rounds = [[run.rng.integers(0, model.cfg.vocab_size, int(k)).tolist() for k in lengths] for _ in range(2)]
   chunk = 1 << max(0, int(lengths.max()) - 1).bit_length()
   rows = run.rows()
-  for label, kv_cache in (("paged", None), ("dense", Dense())):
+  for label, kv_cache in (("paged", Paged()), ("dense", Dense())):
     if run.over_budget():
       rows.append(dict(cache=label, clients=n, skipped="time budget"))
       continue

@@ -2,8 +2,8 @@
 
 - `Dense()`: one slot per position, exact (the default of `Generator`).
 - `Paged(block_size=16, num_blocks=N)` (Kwon et al. 2023): a pool of blocks reached through
-  block tables, exact; the serving engine's default (blocks allocated as sequences grow, prompt
-  prefixes shared: `jaxeff.inference.blocks`).
+  block tables, exact; under the serving engine, blocks allocated as sequences grow and prompt
+  prefixes shared (`jaxeff.inference.blocks`).
 - `StreamingLLM(sinks=4, window=W)` (Xiao et al. 2024): the first `sinks` tokens plus the last
   `window`, positions cache-relative, so text may run on past the trained context in flat memory.
 - `H2O(heavy=HH, recent=R)` (Zhang et al. 2023): per layer and kv head, the HH tokens with the
