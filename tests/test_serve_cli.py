@@ -113,7 +113,7 @@ def test_bad_usage_is_one_error_line(tmp_path, capsys):
   assert main(["--hf", str(tmp_path / "missing.gguf"), "--no-warmup"]) == 2
   assert main(["--hf", "x.gguf", "--max-batch", "0"]) == 2
   assert main(["--hf", "x.gguf", "--kv-cache", "dense", "--kv-cache-memory", "1GiB"]) == 2
-  assert main(["--hf", "x.gguf", "--kv-cache-memory", "lots"]) == 2
+  assert main(["--hf", "x.gguf", "--kv-cache", "paged", "--kv-cache-memory", "lots"]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
   assert "one of the arguments --checkpoint --hf is required" in err[0]
@@ -144,7 +144,7 @@ def test_a_failed_engine_fails_its_requests_and_exits_1(gguf_file, tmp_path):
     "from jaxeff.serve import __main__, engine\n"
     "def broken_step(self):\n"
     "  raise RuntimeError('injected scheduler failure')\n"
-    "engine.Engine._plan = broken_step\n"
+    "engine.Engine._decode_step = broken_step\n"
     "sys.exit(__main__.main(sys.argv[1:]))\n"
   )
   args = ["--hf", str(gguf_file), "--quant", "gguf", "--port", "0", "--max-seq-len", "64", "--no-warmup"]
