@@ -162,10 +162,10 @@ def test_bad_settings_are_one_line_each(model):
   with pytest.raises(GenerationError, match="kv_cache_memory sizes the paged cache"):
     Engine(model, max_batch=1, max_seq_len=32, kv_cache=Dense(), kv_cache_memory=1 << 20)
   with pytest.raises(GenerationError, match="holds no block"):
-    Engine(model, max_batch=1, max_seq_len=32, kv_cache_memory=100)
+    Engine(model, max_batch=1, max_seq_len=32, kv_cache=Paged(), kv_cache_memory=100)
   mesh = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
   with pytest.raises(GenerationError, match="shard over tensor only"):
-    Engine(model, max_batch=2, max_seq_len=32, mesh=mesh)
+    Engine(model, max_batch=2, max_seq_len=32, mesh=mesh, kv_cache=Paged())
 
 
 def test_the_pool_on_a_tensor_parallel_mesh(model, reference):
