@@ -135,6 +135,7 @@ class Request:
     self.accepted = 0
     self.preemptions = 0  # times its blocks were taken back (paged cache) and it was recomputed
     self.passed_over = 0  # later requests admitted before it (paged cache)
+    self._context = None  # (tokens to prefill, their block hashes), while it waits (paged cache)
     self.cached_tokens = 0  # prompt tokens found in the prefix cache at its (last) admission
     self.cancelled = False
     self._wake_engine = lambda: None
@@ -790,8 +791,7 @@ class Engine:
           break
         if request.cancelled:
           continue
-        context = np.concatenate([request.prompt, np.asarray(request.tokens, np.int32)])
-        hashes = self.blocks.hashes(context)
+        context, hashes = self._context_hashes(request)
         hit = self.blocks.match(hashes, context.size, count=False)
         if len(hit) < len(hashes) and hashes[len(hit)] in computing:
           continue  # a running prompt is computing its next blocks (e.g. n samples of one prompt): wait for them
@@ -821,6 +821,16 @@ class Engine:
         admitted.append(i)
     self.totals.running_peak = max(self.totals.running_peak, self.num_running)
     return admitted
+
+  def _context_hashes(self, request: Request) -> tuple[np.ndarray, list]:
+    """What a request prefills on admission (its prompt, and after a preemption the tokens it has
+    sent) and that text's block hashes, kept on the request: a request waiting through many
+    iterations is hashed once, not once per iteration."""
+    size = request.prompt.size + len(request.tokens)
+    if request._context is None or request._context[0].size != size:
+      context = np.concatenate([request.prompt, np.asarray(request.tokens, np.int32)])
+      request._context = (context, self.blocks.hashes(context))
+    return request._context
 
   def _register_full_blocks(self, i: int) -> None:
     """Keys slot i's blocks that became full (their tokens all written) in the prefix cache."""
