@@ -12,7 +12,7 @@ from jaxeff.generate import Generator
 from jaxeff.generate.speculative import spec as speculate_spec
 from jaxeff.inference import ModelRunner, row_arrays
 from jaxeff.inference.blocks import BlockManager
-from jaxeff.inference.cache import Dense, Paged, RaggedLayout, parse
+from jaxeff.inference.cache import Dense, PackedLayout, Paged, RaggedLayout, parse
 from jaxeff.inference.sampling import SamplingShape
 
 # ---------------------------------------------------------------------- the block manager
@@ -149,9 +149,38 @@ def test_a_ragged_step_equals_its_rows_run_apart(model):
   )  # fmt: skip
   assert [int(t) for t in out] == apart and not np.asarray(stopped).any()
   assert runner.traces[("step", layout, None, SamplingShape.any())] == 1
+  # Packed: the same step unpadded, sequences listed out of row order, a padding sequence between
+  # them and padding tokens at the end; a second mix of the same size reuses the program (it
+  # rewrites the same keys at the same positions).
+  runner, rows = setup()
+  for i in (0, 1):
+    p = prompts[i]
+    runner.prefill(p[None], starts=[0], lengths=[p.size], rows=row_arrays([None]), row0=i)
+  for seqs, pad in (([2, 0, -1, 1], 4), ([1, -1, 2, 0], 4)):
+    parts = {0: ([first[0]], [9], 10), 1: ([first[1]], [21], 22), 2: (prompts[2], range(5), 5)}
+    toks, pos, q_lens, lengths = [], [], [], []
+    for i in seqs:
+      t, q, n = parts[i] if i >= 0 else ([], [], 0)
+      toks += list(t)
+      pos += list(q)
+      q_lens.append(len(t))
+      lengths.append(n)
+    tokens = np.array(toks + [0] * pad, np.int32)
+    positions = np.array(pos + [-1] * pad, np.int32)
+    out, stopped = runner.packed_step(
+      tokens, positions=positions, seq_rows=np.array(seqs), cu_q_lens=np.cumsum([0] + q_lens),
+      lengths=np.array(lengths), rows=row_arrays([None] * 4), shape=SamplingShape.any(),
+    )  # fmt: skip
+    got = {i: int(t) for i, t in zip(seqs, np.asarray(out)) if i >= 0}
+    assert got == dict(enumerate(apart)) and np.asarray(out)[seqs.index(-1)] == -1
+  assert runner.traces[("packed", 11, 4, SamplingShape.any())] == 1  # 7 tokens + 4 padding
   dense = Dense().init(model.cfg, batch_size=1, length=8)
   with pytest.raises(ConfigError, match="ragged step needs a cache"):
     model.forward_with_cache(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), dense, layout=layout)
+  gather = Paged(block_size=4, kernel="gather").init(model.cfg, batch_size=1, length=8)
+  with pytest.raises(GenerationError, match="packed step runs the ragged"):
+    packed = PackedLayout(jnp.array([0, 2], jnp.int32))
+    model.forward_with_cache(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), gather, layout=packed)
 
 
 @pytest.mark.parametrize("spec", ["lookup", "self:1"])

@@ -198,14 +198,14 @@ def test_disconnect_cancels_and_a_full_queue_answers_429(server):
   long = {"model": "tiny", "prompt": "go", "max_tokens": 200, "stream": True, "ignore_eos": True}
   # Once all 4 slots decode (none prefilling, none waiting), decode steps wait at a gate, so the
   # slots stay full while the test looks.
-  gate, step = threading.Event(), engine.runner.step  # the paged engine's one program
+  gate, step = threading.Event(), engine.runner.packed_step  # the paged engine's one program
 
   def gated(*args, **kwargs):
     if not engine.num_waiting and all(s is not None and s.decoding for s in engine._slots):
       gate.wait()
     return step(*args, **kwargs)
 
-  engine.runner.step = gated
+  engine.runner.packed_step = gated
   streams, waiting = [], []
   try:
     with httpx.Client(timeout=60) as http:
@@ -226,7 +226,7 @@ def test_disconnect_cancels_and_a_full_queue_answers_429(server):
       _wait_for(lambda: sum(s.request.cancelled for s in engine._slots if s is not None) == 4)
   finally:
     gate.set()
-    engine.runner.step = step
+    engine.runner.packed_step = step
     for t in waiting:
       t.join(60)
   _wait_for(lambda: engine.totals.requests_finished["cancelled"] >= cancelled + 4)
@@ -242,19 +242,19 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(server, client
   next ones. (The paged engine packs prefill and decode rows into one step, so a failure there is
   not one request's; the dense engine's per-request isolation is in test_serve_engine.py.)"""
   url, engine = server
-  step = engine.runner.step
+  step = engine.runner.packed_step
 
   def failing(tokens, **kwargs):
     if b"BOOM" in np.asarray(tokens).astype(np.uint8).tobytes():
       raise RuntimeError("injected failure")
     return step(tokens, **kwargs)
 
-  engine.runner.step = failing
+  engine.runner.packed_step = failing
   try:
     with pytest.raises(openai.InternalServerError, match="injected failure"):
       client.completions.create(model="tiny", prompt=[*b"BOOM", 1], max_tokens=20)
     good = client.completions.create(model="tiny", prompt="fine", max_tokens=20, temperature=0)
   finally:
-    engine.runner.step = step
+    engine.runner.packed_step = step
   assert good.choices[0].text == _greedy_text(reference, byte_tokenizer().encode("fine"), 20)
   assert engine.failure is None

@@ -234,9 +234,9 @@ def test_usage_counts_tokens_up_to_the_one_that_completed_the_stop_string(client
 
 def _gate_decoding(engine):
   """Steps wait at the returned event once a request decodes: (entered, release). (The paged
-  engine's steps are `runner.step`, prefill and decode together; the dense one's `runner.decode`.)"""
+  engine's steps are `runner.packed_step`, prefill and decode together; the dense one's `runner.decode`.)"""
   entered, release = threading.Event(), threading.Event()
-  name = "step" if engine.blocks is not None else "decode"
+  name = "packed_step" if engine.packed else "step" if engine.blocks is not None else "decode"
   run = getattr(engine.runner, name)
 
   def gated(*args, **kwargs):

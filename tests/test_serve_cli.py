@@ -17,7 +17,7 @@ import tiny_gguf
 import jaxeff
 from jaxeff import cli
 from jaxeff.generate import Generator
-from jaxeff.serve.__main__ import main
+from jaxeff.serve.__main__ import main, parse_args
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,7 @@ def test_serves_a_gguf_and_stops_cleanly_on_sigterm(gguf_file, tmp_path):
     "32",
     "--shutdown-timeout",
     "20",
-    "--kv-cache",
-    "paged",
-    "--kv-cache-memory",
+    "--kv-cache-memory",  # the default cache: paged
     "2MiB",
     "--token-budget",
     "64",
@@ -122,6 +120,13 @@ def test_bad_usage_is_one_error_line(tmp_path, capsys):
   assert "bytes with a unit (e.g. 2GiB, 512MiB) or a fraction like 0.5, got 'lots'" in err[4]
 
 
+def test_the_default_cache_is_paged_unless_the_mesh_splits_the_batch():
+  assert parse_args(["--hf", "x.gguf"]).kv_policy.name == "paged"
+  assert parse_args(["--hf", "x.gguf", "--mesh", "tensor=2"]).kv_policy.name == "paged"
+  assert parse_args(["--hf", "x.gguf", "--mesh", "data=2"]).kv_policy.name == "dense"
+  assert parse_args(["--hf", "x.gguf", "--kv-cache", "dense"]).kv_policy.name == "dense"
+
+
 @pytest.mark.parametrize(
   "text, value",
   [("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("100000", 100000), ("0.5", 0.5)],
@@ -144,7 +149,7 @@ def test_a_failed_engine_fails_its_requests_and_exits_1(gguf_file, tmp_path):
     "from jaxeff.serve import __main__, engine\n"
     "def broken_step(self):\n"
     "  raise RuntimeError('injected scheduler failure')\n"
-    "engine.Engine._decode_step = broken_step\n"
+    "engine.Engine._paged_iteration = broken_step\n"
     "sys.exit(__main__.main(sys.argv[1:]))\n"
   )
   args = ["--hf", str(gguf_file), "--quant", "gguf", "--port", "0", "--max-seq-len", "64", "--no-warmup"]
@@ -208,7 +213,7 @@ def test_serves_with_speculation_on_a_mesh_and_with_a_cache_policy(gguf_file, tm
         t.join(120)
       assert [a.choices[0].text for a in answers] == [expected] * 3
       metrics = httpx2.get(match.group(1).removesuffix("/v1") + "/metrics").text
-      assert re.search(r'jaxeff_kv_cache_bytes\{policy="(dense|H2O)"\} [1-9]', metrics), metrics
+      assert re.search(r'jaxeff_kv_cache_bytes\{policy="(paged|H2O)"\} [1-9]', metrics), metrics
       if name == "speculate":
         accepted = float(re.search(r"^jaxeff_accepted_tokens_total (\S+)", metrics, re.M).group(1))
         assert accepted > 0 and "jaxeff_request_tokens_per_forward_count 3.0" in metrics

@@ -133,16 +133,24 @@ def test_a_pool_too_small_for_the_load_preempts_and_loses_nothing(model, referen
       e.submit([1] * 90, max_tokens=10)
 
 
-def test_steps_pack_several_prompts_and_compile_once_per_bucket(model, reference):
+@pytest.mark.parametrize("kernel", ["auto", "gather"])
+def test_steps_pack_several_prompts_and_compile_once_per_bucket(model, reference, kernel):
+  """Packed steps (the ragged op: one program per token-count bucket) and the gather path's ragged
+  steps (one per decode rows x prompts x chunk bucket): warm-up compiles every program traffic
+  uses, several prompts share steps, and the tokens are exact."""
   rng = np.random.default_rng(3)
   prompts = [rng.integers(0, 256, n).tolist() for n in (5, 20, 11, 3, 26, 9)]
   with Engine(
     model, max_batch=4, max_seq_len=MAX_LEN, prefill_chunk=16, token_budget=40, max_prefill_rows=2,
-    kv_cache=Paged(block_size=BLOCK), prefix_caching=False,
+    kv_cache=Paged(block_size=BLOCK, kernel=kernel), prefix_caching=False,
   ) as engine:  # fmt: skip
+    assert engine.packed == (kernel == "auto")
     programs = engine.warm_up(full=True)
     warm = dict(engine.traces)
-    assert len(warm) == programs and all(key[0] == "step" and n == 1 for key, n in warm.items())
+    name = "packed" if engine.packed else "step"
+    assert len(warm) == programs and all(key[0] == name and n == 1 for key, n in warm.items())
+    chunks = []
+    engine.runner.packed_step = _recording(engine.runner.packed_step, chunks)
 
     def wave():
       requests = [engine.submit(p, max_tokens=6, stop_tokens=()) for p in prompts]  # all waiting at once
@@ -151,6 +159,11 @@ def test_steps_pack_several_prompts_and_compile_once_per_bucket(model, reference
     assert wave() == [reference(p, 6) for p in prompts]
     assert wave() == [reference(p, 6) for p in prompts]
     assert engine.traces == warm  # traffic compiled nothing: every bucket was warmed
+    if engine.packed:
+      assert programs == 7  # tokens {1, 2, 4, 8, 16, 32, 40}, every mix of max_batch sequences
+      assert max(q_lens.max() for q_lens in chunks) > 16  # a prompt's chunk is not cut to prefill_chunk
+      assert max((q_lens > 1).sum() for q_lens in chunks) == 2  # two prompts in a step (max_prefill_rows)
+      return
     layouts = [key[1] for key in engine.traces]
     assert any(layout.prefill >= 2 for layout in layouts)  # several prompts in one step
     for layout in layouts:  # buckets: powers of two, within the settings
@@ -158,11 +171,21 @@ def test_steps_pack_several_prompts_and_compile_once_per_bucket(model, reference
     assert programs == 11  # decode rows {1, 2, 4}, + a chunk of 16 for {0, 1, 2, 4} decode rows x {1, 2} prompts
 
 
+def _recording(step, chunks):
+  def record(*args, **kw):
+    chunks.append(np.diff(kw["cu_q_lens"]))
+    return step(*args, **kw)
+
+  return record
+
+
 def test_bad_settings_are_one_line_each(model):
   with pytest.raises(GenerationError, match="kv_cache_memory sizes the paged cache"):
     Engine(model, max_batch=1, max_seq_len=32, kv_cache=Dense(), kv_cache_memory=1 << 20)
   with pytest.raises(GenerationError, match="holds no block"):
     Engine(model, max_batch=1, max_seq_len=32, kv_cache=Paged(), kv_cache_memory=100)
+  with pytest.raises(GenerationError, match="token_budget .6. must be at least max_batch .8."):
+    Engine(model, max_batch=8, max_seq_len=32, kv_cache=Paged(), token_budget=6)
   mesh = sharding.make_mesh({"data": 2}, devices=jax.devices()[:2])
   with pytest.raises(GenerationError, match="shard over tensor only"):
     Engine(model, max_batch=2, max_seq_len=32, mesh=mesh, kv_cache=Paged())

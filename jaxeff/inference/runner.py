@@ -52,7 +52,7 @@ from flax import nnx
 
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
-from jaxeff.inference.cache import Dense, RaggedLayout, TreeSlots
+from jaxeff.inference.cache import Dense, PackedLayout, RaggedLayout, TreeSlots
 from jaxeff.inference.sampling import SamplingParams, SamplingShape, filtered_logits, row_values, sample
 from jaxeff.inference.speculation import DraftContext
 from jaxeff.inference.verify import accept_greedy, accept_sampled, accept_typical
@@ -209,6 +209,7 @@ class ModelRunner:
     self._set_tables = jax.jit(lambda cache, tables: self.policy.with_tables(cache, tables), donate_argnums=0)
     self._copy_blocks = jax.jit(lambda cache, src, dst: self.policy.copy_blocks(cache, src, dst), donate_argnums=0)
     self._step = jax.jit(self._step_fn, donate_argnames="cache", static_argnames=("shape", "layout", "span"))
+    self._packed = jax.jit(self._packed_fn, donate_argnames="cache", static_argnames=("shape",))
 
   # ------------------------------------------------------------------ state
 
@@ -422,6 +423,24 @@ class ModelRunner:
     ends = sample_at == lengths  # a decode row always; a prefill row when its prompt ends here
     return jnp.where(ends, nxt, -1), _is_stop(nxt, rows.stops) & ends, cache
 
+  def _packed_fn(self, state, cache, tokens, positions, seq_rows, cu_q_lens, lengths, rows, *, shape):
+    """A packed step (paged cache, the ragged op): S sequences' new tokens back to back in one row
+    of T tokens; one program per (T, S, sampling shape), whatever the mix."""
+    self.traces["packed", tokens.shape[0], seq_rows.shape[0], shape] += 1
+    model = nnx.merge(self._graphdef, state)
+    (all_tables,) = cache.rows
+    tables = jnp.where(seq_rows[:, None] >= 0, all_tables[jnp.maximum(seq_rows, 0)], -1)
+    layout = PackedLayout(cu_q_lens)
+    x, new = model.forward_with_cache(tokens[None], positions[None], cache.replace(rows=(tables,)), layout=layout)
+    cache = cache.replace(layers=new.layers)
+    t = tokens.shape[0]
+    last = jnp.clip(cu_q_lens[1:] - 1, 0, t - 1)  # each sequence's last new token samples
+    sample_at = positions[last] + 1
+    nxt = sample(model.logits(x[0, last]), _keys(rows.seeds, sample_at), shape, rows.values)
+    # A decode row samples always; a prompt's chunk when the prompt ends in it.
+    ends = (cu_q_lens[1:] > cu_q_lens[:-1]) & (sample_at == lengths)
+    return jnp.where(ends, nxt, -1), _is_stop(nxt, rows.stops) & ends, cache
+
   def _draft_fn(self, state, cache, spec_params, spec_cache, spec_rows, live, rows, row0, *, shape, span, protect):
     n = live.shape[0]
     self.traces["draft", n, span, shape] += 1
@@ -594,6 +613,27 @@ class ModelRunner:
         shape=SamplingShape() if shape is None else shape,
         layout=layout,
         span=span,
+      )
+    return nxt, stopped
+
+  def packed_step(self, tokens, *, positions, seq_rows, cu_q_lens, lengths, rows: RowArrays, shape=None):
+    """A packed step over a paged cache (its ragged op): tokens and positions [T] hold S sequences'
+    new tokens back to back (sequence i's at cu_q_lens[i] .. cu_q_lens[i+1]-1, consecutive positions;
+    position -1 past the last); `seq_rows` [S] each sequence's cache row (block table; -1 and
+    q_len 0: padding); `lengths` [S] the position each samples at when it samples (a decoding
+    request: its position + 1; a prompt: its length). Returns (tokens [S], stop flags [S]): -1 for
+    sequences that sampled nothing."""
+    with self.on_mesh():
+      nxt, stopped, self._cache = self._packed(
+        self._state,
+        self._cache,
+        np.asarray(tokens, np.int32),
+        np.asarray(positions, np.int32),
+        np.asarray(seq_rows, np.int32),
+        np.asarray(cu_q_lens, np.int32),
+        np.asarray(lengths, np.int32),
+        rows,
+        shape=SamplingShape() if shape is None else shape,
       )
     return nxt, stopped
 

@@ -255,8 +255,8 @@ class Llama(nnx.Module):
         each sees only its ancestors among them. Policies that can roll back (dense) take it.
       num_layers: run only the first `num_layers` layers (then the final norm): a self-speculative
         draft; the other layers' cache is left as it is.
-      layout: a ragged step (`jaxeff.inference.cache.paged.RaggedLayout`): `tokens` [1, T] are
-        several rows' tokens packed in one row, for policies that take it (paged).
+      layout: a ragged step (`jaxeff.inference.cache.paged.PackedLayout` or `RaggedLayout`):
+        `tokens` [1, T] are several sequences' tokens in one row, for policies that take it (paged).
     """
     if positions is None:
       raise ValueError("a cached forward needs explicit positions (where to write in the cache)")

@@ -5,10 +5,12 @@
   python -m jaxeff.serve --checkpoint runs/default --port 0                 # any free port (printed)
   python -m jaxeff.serve --hf model.gguf --speculate lookup --kv-cache streaming:4,1020 --mesh tensor=2
 
-Loads the model (the same flags as `python -m jaxeff.generate`), compiles the prefill chunks and
-the decode step, prints `serving MODEL on http://HOST:PORT/v1` and serves `jaxeff.serve.app`
-(continuous batching over `--max-batch` slots of `--max-seq-len` positions, with the cache policy of
-`--kv-cache`, the speculator of `--speculate` and the device mesh of `--mesh`: the flags of
+Loads the model (the same flags as `python -m jaxeff.generate`), compiles the programs traffic uses
+(its steps), prints `serving MODEL on http://HOST:PORT/v1` and serves `jaxeff.serve.app`
+(continuous batching of up to `--max-batch` requests of `--max-seq-len` positions, with the cache
+policy of `--kv-cache`: by default the paged cache with prefix caching, in a block pool of
+`--kv-cache-memory`, steps of up to `--token-budget` tokens (dense when `--mesh` splits data or
+fsdp); the speculator of `--speculate` and the device mesh of `--mesh`: the flags of
 `python -m jaxeff.generate`, exact per request under any mix of requests) until SIGTERM or
 Ctrl-C: then it stops taking connections, gives running requests `--shutdown-timeout` seconds,
 cancels the rest and exits 0. The API key may also come from $JAXEFF_API_KEY. Bad usage or a model
@@ -40,13 +42,18 @@ def parse_args(argv):
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   cli.add_model_args(p)
-  cli.add_inference_args(p)
+  cli.add_inference_args(p, kv_cache="paged")
   p.add_argument("--max-batch", type=int, default=8, metavar="B", help="requests running at once (default 8)")
   p.add_argument(
     "--max-seq-len", type=int, default=2048, metavar="L", help="positions per request: prompt + output (default 2048)"
   )
   p.add_argument(
-    "--prefill-chunk", type=int, default=128, metavar="C", help="prompt tokens of one request per step (default 128)"
+    "--prefill-chunk",
+    type=int,
+    default=128,
+    metavar="C",
+    help="prompt tokens of one request per step, for caches other than paged (whose steps take up to "
+    "--token-budget) (default 128)",
   )
   p.add_argument(
     "--kv-cache-memory",
@@ -80,12 +87,18 @@ def parse_args(argv):
   p.add_argument(
     "--full-warmup",
     action="store_true",
-    help="paged cache: also compile every mixed step (decode rows + prompt chunks) at start, so traffic "
-    "compiles nothing (more programs: a slower start)",
+    help="paged cache with attention the ragged op does not compute (e.g. sinks): also compile every mixed "
+    "step (decode rows + prompt chunks) at start, so traffic compiles nothing (more programs: a slower start)",
   )
   args = p.parse(argv)
   cli.check_model_args(p, args)
   cli.check_inference_args(p, args)
+  given = any(a == "--kv-cache" or a.startswith("--kv-cache=") for a in argv)
+  shape = args.mesh_shape or {}
+  if not given and shape.get("data", 1) * shape.get("fsdp", 1) > 1:
+    from jaxeff.inference.cache import Dense
+
+    args.kv_cache, args.kv_policy = "dense", Dense()  # paged steps are one row of tokens: tensor-parallel only
   args.kv_memory = None
   if args.kv_cache_memory is not None:
     if args.kv_policy.name != "paged":

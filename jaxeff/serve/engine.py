@@ -15,7 +15,7 @@ The engine is a scheduler: the model runner (`jaxeff.inference.ModelRunner`) own
 KV cache (any policy: `kv_cache=`), the speculator (`speculator=`) and every compiled program; the
 engine decides what runs, in a background thread.
 
-With the paged cache (`kv_cache=Paged()`, `--kv-cache paged`: `jaxeff.inference.cache.Paged`; vLLM's design,
+With the paged cache (the default: `jaxeff.inference.cache.Paged`; vLLM's design,
 ../shared/notes/serving.md) the cache is a pool of blocks sized by memory (`kv_cache_memory`), not
 `max_batch` rows of `max_seq_len`, and the block manager (`jaxeff.inference.blocks`) hands them out:
 - Admit: waiting requests (a bounded queue, `QueueFullError` beyond `max_waiting`) take free slots
@@ -23,11 +23,15 @@ With the paged cache (`kv_cache=Paged()`, `--kv-cache paged`: `jaxeff.inference.
   A request first takes the cached blocks of its prompt's longest cached prefix (prefix caching:
   full blocks keyed by a hash of everything up to them, its generated text included, so a chat's
   next turn finds the previous reply) and prefills only the rest.
-- Step: one ragged step per iteration under a token budget (`token_budget`): every decoding request's
-  next token, then prompt chunks (`prefill_chunk` tokens each) of up to `max_prefill_rows` prompts in
-  admission order, packed into one row of tokens (`RaggedLayout`), so prefill never stalls decoding
-  and decode rows cost no padding. One compiled program per (decode rows, prompts, chunk, attention
-  span) bucket, all powers of two (`warm_up(full=True)` compiles every one).
+- Step: one step per iteration under a token budget (`token_budget`): every decoding request's
+  next token, then prompt chunks of as many prompts as fit (up to `max_prefill_rows`), in admission
+  order, so prefill never stalls decoding. Where the ragged paged-attention op computes the model's
+  attention (dense or blocked softmax, no sinks: `Paged.uses_kernel`), the tokens are packed
+  back to back, unpadded (`PackedLayout`): a prompt's chunk is any length up to the budget, and
+  there is one compiled program per token-count bucket (powers of two up to `token_budget`;
+  `warm_up` compiles them all), whatever the mix. Otherwise (the gather path) decode rows and padded
+  `prefill_chunk` chunks go in a `RaggedLayout`: a program per (decode rows, prompts, chunk,
+  attention span) bucket (`warm_up(full=True)` compiles every one).
 - Preempt: when a decoding request needs a block and none is free, the newest request gives its
   blocks back and waits first in line; it is recomputed later (its prompt and the tokens it has sent
   so far, mostly from the prefix cache), so nothing is lost or sent twice.
@@ -79,6 +83,7 @@ from jaxeff.inference.blocks import BlockManager
 from jaxeff.inference.cache import Dense, Paged, RaggedLayout
 from jaxeff.inference.runner import MAX_STOP_TOKENS, ModelRunner, RowSettings, pow2_at_least, row_arrays
 from jaxeff.inference.sampling import SamplingParams, SamplingShape
+from jaxeff.models import attention as attention_lib
 
 log = logging.getLogger(__name__)
 
@@ -289,16 +294,20 @@ class Engine:
       power of two from here).
     min_kv_bucket: smallest attention span (steps attend over a power of two of cache positions,
       from here up to max_seq_len, that covers every live position; the dense cache only).
-    kv_cache: the cache policy (`jaxeff.inference.cache`; default `Dense()`: every slot a row of
-      max_seq_len positions; `Paged()`: blocks allocated as requests grow, prompt prefixes shared).
+    kv_cache: the cache policy (`jaxeff.inference.cache`; default `Paged()`: blocks allocated as
+      requests grow, prompt prefixes shared; `Dense()`, the default on a mesh that splits the batch
+      over data/fsdp: every slot a row of max_seq_len positions).
     speculator: a `jaxeff.generate.speculative` speculator; each step then drafts and verifies.
     kv_cache_memory: bytes of the paged cache's block pool (default: what the dense cache would
       take, max_batch x max_seq_len positions); with more slots than the pool holds at full length,
       requests share it and the newest is preempted (and recomputed later) when it runs out.
     prefix_caching: reuse the cached blocks of a prompt's longest cached prefix (paged cache).
     token_budget: tokens one step computes at most (paged cache): every decoding request's token,
-      then prefill chunks of as many prompts as fit (vLLM's max_num_batched_tokens).
-    max_prefill_rows: prompts one step prefills at most (paged cache).
+      then prefill chunks of as many prompts as fit (vLLM's max_num_batched_tokens; at least
+      max_batch). In packed steps a prompt's chunk may take all of it; `prefill_chunk` caps chunks
+      in the gather path's steps.
+    max_prefill_rows: prompts one step prefills at most (paged cache; default: max_batch for packed
+      steps, 4 for the gather path's, where each count is a compiled shape).
     max_passes: times a waiting request may be passed over by later, smaller ones that fit before
       it (paged cache); then admission waits for it (first come, first served).
   """
@@ -322,19 +331,27 @@ class Engine:
     kv_cache_memory: int | None = None,
     prefix_caching: bool = True,
     token_budget: int = 256,
-    max_prefill_rows: int = 4,
+    max_prefill_rows: int | None = None,
     max_passes: int = 8,
   ):
     if prefill_chunk < 1 or max_waiting < 0:
       raise GenerationError(f"need prefill_chunk >= 1 and max_waiting >= 0, got {prefill_chunk}, {max_waiting}")
-    if token_budget < 1 or max_prefill_rows < 1 or max_passes < 0:
+    if token_budget < 1 or (max_prefill_rows is not None and max_prefill_rows < 1) or max_passes < 0:
       raise GenerationError(
         f"need token_budget >= 1, max_prefill_rows >= 1 and max_passes >= 0, got {token_budget}, "
         f"{max_prefill_rows}, {max_passes}"
       )
-    kv_cache = Dense() if kv_cache is None else kv_cache
+    if kv_cache is None:  # the paged cache, unless the mesh splits the batch (its steps are one row)
+      splits = mesh is not None and mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) > 1
+      kv_cache = Dense() if splits else Paged()
     self.blocks: BlockManager | None = None
+    self.packed = False  # steps pack every sequence's tokens unpadded (PackedLayout)
     if isinstance(kv_cache, Paged):
+      if token_budget < max_batch:
+        raise GenerationError(
+          f"token_budget ({token_budget}) must be at least max_batch ({max_batch}): every running request "
+          "decodes one token per step"
+        )
       kv_cache = sized_pool(kv_cache, model.cfg, max_batch, max_seq_len, kv_cache_memory)
       if mesh is not None and mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) > 1:
         raise GenerationError(
@@ -351,6 +368,10 @@ class Engine:
     self.runner = ModelRunner(
       model, max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache, speculator=speculator, mesh=mesh
     )
+    if self.blocks is not None and speculator is None:
+      self.packed = kv_cache.uses_kernel(attention_lib.bind(model.cfg), tree=False)
+    if max_prefill_rows is None:
+      max_prefill_rows = max_batch if self.packed else min(4, max_batch)
     self.token_budget, self.max_prefill_rows, self.max_passes = token_budget, max_prefill_rows, max_passes
     self._admissions = itertools.count()
     self._tables = None
@@ -362,6 +383,8 @@ class Engine:
     self.max_batch, self.max_seq_len, self.mesh = max_batch, max_seq_len, mesh
     self.speculator = speculator
     self.prefill_chunk = min(prefill_chunk, self.runner.max_chunk())
+    # Prompt tokens one step takes from one prompt (the paged cache's steps).
+    self.step_chunk = token_budget if self.packed else self.prefill_chunk
     self.max_waiting = max_waiting
     self.min_prefill_bucket = min(min_prefill_bucket, self.prefill_chunk)
     self.min_kv_bucket = min_kv_bucket
@@ -490,10 +513,10 @@ class Engine:
     its draft and verification) for every rows x attention-span bucket, the first prefill chunk of
     every padded size, and a whole chunk at every span (later chunks). (Dense cache: only the exact
     pieces of a prompt that fills the cache to its last chunk compile on first use.) The paged
-    cache's steps that mix decode rows with prompt chunks, or prefill several prompts, compile on
-    first use unless `full`: then every (decode rows, prompts, chunk, span) bucket compiles now, and
-    no traffic compiles anything. Call it while no request is in the engine; `progress(done,
-    total)` is called after each. Returns the number of programs."""
+    cache's packed steps: every token-count bucket, so no traffic compiles anything. Its gather-path
+    steps that mix decode rows with prompt chunks, or prefill several prompts, compile on first use
+    unless `full`: then every (decode rows, prompts, chunk, span) bucket compiles now. Call it while
+    no request is in the engine; `progress(done, total)` is called after each. Returns the number of programs."""
     if self.num_running or self.num_waiting:
       raise GenerationError("warm_up needs an idle engine (no requests submitted yet)")
     rows = sorted({self.rows_bucket(1 << k) for k in range(self.max_batch.bit_length() + 1)})
@@ -508,7 +531,12 @@ class Engine:
       prefills |= {(self.prefill_chunk, s) for s in spans if s >= self.kv_bucket(self.prefill_chunk)}
     jobs = [("decode", r, s) for r in rows for s in spans] + [("prefill", c, s) for c, s in sorted(prefills, key=str)]
     ragged = self.blocks is not None and self.speculator is None
-    if ragged:
+    if self.packed:
+      self.runner.set_tables(np.full_like(self._tables, -1))  # nothing is written
+      self._tables_changed = True
+      buckets = {self.tokens_bucket(1 << k) for k in range(self.token_budget.bit_length() + 1)}
+      jobs = [("packed", t, None) for t in sorted(buckets)]
+    elif ragged:
       self.runner.set_tables(np.full_like(self._tables, -1))  # nothing is written
       self._tables_changed = True
       layouts = [(RaggedLayout(r, 0, 0), s) for r in rows for s in spans]
@@ -519,7 +547,14 @@ class Engine:
         layouts += [(RaggedLayout(*m), s) for m in mixed for s in spans if s >= self.kv_bucket(m[2])]
       jobs = [("step", layout, span) for layout, span in layouts]
     for done, (kind, size, span) in enumerate(jobs, 1):
-      if kind == "step":
+      if kind == "packed":
+        s = self.max_batch
+        out = self.runner.packed_step(
+          np.zeros(size, np.int32), positions=np.full(size, -1, np.int32), seq_rows=np.full(s, -1, np.int32),
+          cu_q_lens=np.zeros(s + 1, np.int32), lengths=np.full(s, -1, np.int32), rows=row_arrays([None] * s),
+          shape=SamplingShape.any(),
+        )  # fmt: skip
+      elif kind == "step":
         layout = size
         out = self.runner.step(
           np.zeros(layout.tokens, np.int32), positions=np.full(layout.tokens, -1, np.int32),
@@ -795,7 +830,7 @@ class Engine:
         hit = self.blocks.match(hashes, context.size, count=False)
         if len(hit) < len(hashes) and hashes[len(hit)] in computing:
           continue  # a running prompt is computing its next blocks (e.g. n samples of one prompt): wait for them
-        first = min(context.size, len(hit) * self.blocks.block_size + self.prefill_chunk)
+        first = min(context.size, len(hit) * self.blocks.block_size + self.step_chunk)
         need = self.blocks.blocks_for(first) - len(hit) + int(np.sum(self.blocks.refs[hit] == 0))
         if need > self.blocks.num_free:
           skipped.append(request)
@@ -865,7 +900,7 @@ class Engine:
         continue
       if len(prefill) == self.max_prefill_rows or budget <= 0:
         break
-      chunk = min(slot.context.size - slot.prefilled, self.prefill_chunk, budget)
+      chunk = min(slot.context.size - slot.prefilled, self.step_chunk, budget)
       if not self._grow(i, slot.prefilled + chunk):
         break
       prefill.append((i, chunk))
@@ -882,7 +917,7 @@ class Engine:
       if len(prefill) == self.max_prefill_rows or budget <= 0:
         break
       slot = self._slots[i]
-      chunk = min(slot.context.size - slot.prefilled, self.prefill_chunk, budget)
+      chunk = min(slot.context.size - slot.prefilled, self.step_chunk, budget)
       prefill.append((i, chunk))  # its blocks were taken at admission
       budget -= chunk
     if not decode and not prefill:
@@ -892,34 +927,8 @@ class Engine:
     if self._tables_changed:
       self.runner.set_tables(self._tables)
       self._tables_changed = False
-    nd = 0 if not decode else self.rows_bucket(len(decode))
-    npf = 0 if not prefill else min(self.max_prefill_rows, pow2_at_least(len(prefill)))
-    chunk = 0
-    if prefill:
-      chunk = min(self.prefill_chunk, max(self.min_prefill_bucket, pow2_at_least(max(c for _, c in prefill))))
-    layout = RaggedLayout(nd, npf, chunk)
-    tokens = np.zeros(layout.tokens, np.int32)
-    positions = np.full(layout.tokens, -1, np.int32)
-    seq_rows = np.full(layout.rows, -1, np.int32)
-    lengths = np.full(layout.rows, -1, np.int32)
-    settings: list[RowSettings | None] = [None] * layout.rows
-    reach = 1
-    for j, i in enumerate(decode):
-      slot = self._slots[i]
-      tokens[j], positions[j], seq_rows[j], lengths[j] = slot.token, slot.position, i, slot.position + 1
-      settings[j] = slot.request.params.row
-      reach = max(reach, slot.position + 1)
-    for k, (i, c) in enumerate(prefill):
-      slot, j, at = self._slots[i], nd + k, nd + k * chunk
-      tokens[at : at + c] = slot.context[slot.prefilled : slot.prefilled + c]
-      positions[at : at + c] = np.arange(slot.prefilled, slot.prefilled + c)
-      seq_rows[j], lengths[j], settings[j] = i, slot.context.size, slot.request.params.row
-      reach = max(reach, slot.prefilled + c)
     try:
-      nxt, stopped = self.runner.step(
-        tokens, positions=positions, seq_rows=seq_rows, lengths=lengths, rows=row_arrays(settings),
-        layout=layout, shape=SamplingShape.any(), span=self.kv_bucket(reach),
-      )  # fmt: skip
+      nd, nxt, stopped = (self._packed_step if self.packed else self._ragged_step)(decode, prefill)
       nxt, stopped = np.asarray(nxt), np.asarray(stopped)
     except Exception as e:  # the shared step failed: the requests in it fail
       log.exception("step failed")
@@ -946,6 +955,68 @@ class Engine:
         continue
       self.totals.prompt_tokens += slot.context.size
       self._deliver(i, slot.token, bool(stopped[nd + k]), now)
+
+  def tokens_bucket(self, tokens: int) -> int:
+    """Tokens a packed step runs for `tokens` real ones: a power of two, capped at token_budget."""
+    return min(self.token_budget, pow2_at_least(tokens))
+
+  def _packed_step(self, decode: list[int], prefill: list[tuple[int, int]]):
+    """Decoding slots' tokens, then the prompts' chunks, back to back in one packed step of
+    max_batch sequences. Returns (index of the first prompt, tokens, stop flags)."""
+    count = len(decode) + sum(c for _, c in prefill)
+    t = self.tokens_bucket(count)
+    tokens, positions = np.zeros(t, np.int32), np.full(t, -1, np.int32)
+    s = self.max_batch
+    seq_rows, lengths, q_lens = np.full(s, -1, np.int32), np.full(s, -1, np.int32), np.zeros(s, np.int32)
+    settings: list[RowSettings | None] = [None] * s
+    for j, i in enumerate(decode):
+      slot = self._slots[i]
+      tokens[j], positions[j], seq_rows[j], lengths[j], q_lens[j] = slot.token, slot.position, i, slot.position + 1, 1
+      settings[j] = slot.request.params.row
+    at = len(decode)
+    for k, (i, c) in enumerate(prefill):
+      slot, j = self._slots[i], len(decode) + k
+      tokens[at : at + c] = slot.context[slot.prefilled : slot.prefilled + c]
+      positions[at : at + c] = np.arange(slot.prefilled, slot.prefilled + c)
+      seq_rows[j], lengths[j], q_lens[j], settings[j] = i, slot.context.size, c, slot.request.params.row
+      at += c
+    nxt, stopped = self.runner.packed_step(
+      tokens, positions=positions, seq_rows=seq_rows, cu_q_lens=np.concatenate([[0], np.cumsum(q_lens)]),
+      lengths=lengths, rows=row_arrays(settings), shape=SamplingShape.any(),
+    )  # fmt: skip
+    return len(decode), nxt, stopped
+
+  def _ragged_step(self, decode: list[int], prefill: list[tuple[int, int]]):
+    """The gather path's step: decode rows (a power of two), then prompts' chunks padded to one
+    power-of-two length (RaggedLayout). Returns (index of the first prompt, tokens, stop flags)."""
+    nd = 0 if not decode else self.rows_bucket(len(decode))
+    npf = 0 if not prefill else min(self.max_prefill_rows, pow2_at_least(len(prefill)))
+    chunk = 0
+    if prefill:
+      chunk = min(self.step_chunk, max(self.min_prefill_bucket, pow2_at_least(max(c for _, c in prefill))))
+    layout = RaggedLayout(nd, npf, chunk)
+    tokens = np.zeros(layout.tokens, np.int32)
+    positions = np.full(layout.tokens, -1, np.int32)
+    seq_rows = np.full(layout.rows, -1, np.int32)
+    lengths = np.full(layout.rows, -1, np.int32)
+    settings: list[RowSettings | None] = [None] * layout.rows
+    reach = 1
+    for j, i in enumerate(decode):
+      slot = self._slots[i]
+      tokens[j], positions[j], seq_rows[j], lengths[j] = slot.token, slot.position, i, slot.position + 1
+      settings[j] = slot.request.params.row
+      reach = max(reach, slot.position + 1)
+    for k, (i, c) in enumerate(prefill):
+      slot, j, at = self._slots[i], nd + k, nd + k * chunk
+      tokens[at : at + c] = slot.context[slot.prefilled : slot.prefilled + c]
+      positions[at : at + c] = np.arange(slot.prefilled, slot.prefilled + c)
+      seq_rows[j], lengths[j], settings[j] = i, slot.context.size, slot.request.params.row
+      reach = max(reach, slot.prefilled + c)
+    nxt, stopped = self.runner.step(
+      tokens, positions=positions, seq_rows=seq_rows, lengths=lengths, rows=row_arrays(settings),
+      layout=layout, shape=SamplingShape.any(), span=self.kv_bucket(reach),
+    )  # fmt: skip
+    return nd, nxt, stopped
 
   def kv_bucket(self, length: int) -> int | None:
     """Cache positions a step attends over when its positions are below `length`: a power of two

@@ -22,7 +22,7 @@ from jaxeff.inference.cache.base import Cache, CachePolicy
 from jaxeff.inference.cache.dense import Dense, TreeSlots
 from jaxeff.inference.cache.h2o import H2O
 from jaxeff.inference.cache.kivi import KIVI
-from jaxeff.inference.cache.paged import Paged, RaggedLayout
+from jaxeff.inference.cache.paged import PackedLayout, Paged, RaggedLayout
 from jaxeff.inference.cache.snapkv import SnapKV
 from jaxeff.inference.cache.streaming import StreamingLLM
 
@@ -64,6 +64,7 @@ __all__ = [
   "H2O",
   "KIVI",
   "Paged",
+  "PackedLayout",
   "RaggedLayout",
   "SnapKV",
   "StreamingLLM",

@@ -35,10 +35,13 @@ Attention reads a row's blocks through its table, one of two ways (`kernel`):
 XLA path ran a SmolLM2 decode step of 8 rows 1.5x faster than the gather at 300 cached tokens
 and 2.2x at 1500.)
 
-A step is either the usual [rows, chunk] batch or a ragged one (`RaggedLayout`): decode rows of one
-token and prefill rows of a padded chunk packed into one row of tokens, so a step that decodes
-many requests and prefills a few pays for no padding in its projections and MLPs; each group
-attends over its own rows' tables.
+A step is the usual [rows, chunk] batch or one row of tokens from many sequences:
+- `PackedLayout` (the serving engine's steps where the ragged op applies): every sequence's new
+  tokens back to back, unpadded (a decoding request's one token, a prompt's chunk of any length),
+  with their boundaries as data (`cu_q_lens`), so one compiled program serves every mix of the same
+  token count; the ragged op attends them all in one call.
+- `RaggedLayout` (the gather path): decode rows of one token and prefill rows of a padded chunk,
+  a static shape per mix; each group attends over its own rows' tables.
 
 Layout per layer: keys and values [num_blocks, kv_heads, block_size, head_dim], kv heads over the
 mesh's tensor axis like the dense cache's; blocks are not split (every device holds its heads of
@@ -84,6 +87,14 @@ class RaggedLayout(NamedTuple):
     return self.decode + self.prefill
 
 
+class PackedLayout(NamedTuple):
+  """A packed step: S sequences' new tokens back to back in one row of T tokens (positions -1 past
+  the last one); sequence i's are tokens cu_q_lens[i] .. cu_q_lens[i+1]-1, at consecutive
+  positions. The boundaries are data, so the program depends only on T and S."""
+
+  cu_q_lens: jax.Array  # int32 [S + 1], nondecreasing from 0
+
+
 class _Group(NamedTuple):
   """Rows that attend alike in one step: their tables and query positions [n, C] (and a tree)."""
 
@@ -97,7 +108,8 @@ class _Group(NamedTuple):
 class PagedStep(NamedTuple):
   slots: jax.Array  # [T]: each token's slot in the flattened pool (num_blocks * bs: dropped)
   groups: tuple  # _Group per row group, in token order
-  ragged: bool  # the step's tokens are [1, T] (a RaggedLayout), not [n, C]
+  ragged: bool  # the step's tokens are [1, T] (a RaggedLayout or PackedLayout), not [n, C]
+  packed: tuple | None = None  # a PackedLayout's (tables [S, NB], kv_lens [S], cu_q_lens [S + 1])
 
 
 def block_slots(tables: jax.Array, positions: jax.Array, block_size: int, num_blocks: int) -> jax.Array:
@@ -109,6 +121,16 @@ def block_slots(tables: jax.Array, positions: jax.Array, block_size: int, num_bl
   inside = (positions >= 0) & (logical < nb)
   block = jnp.take_along_axis(tables, jnp.clip(logical, 0, nb - 1), axis=1)
   ok = inside & (block >= 0)
+  return jnp.where(ok, block * block_size + positions % block_size, num_blocks * block_size)
+
+
+def token_slots(tables: jax.Array, seq: jax.Array, positions: jax.Array, block_size: int, num_blocks: int):
+  """Flat pool slots of tokens [T] of sequences `seq` [T] at `positions` [T] (block_slots, one
+  token at a time: no [T, NB] table copy)."""
+  nb = tables.shape[1]
+  logical = positions // block_size
+  block = tables[seq, jnp.clip(logical, 0, nb - 1)]
+  ok = (positions >= 0) & (logical < nb) & (block >= 0)
   return jnp.where(ok, block * block_size + positions % block_size, num_blocks * block_size)
 
 
@@ -247,6 +269,12 @@ class Paged(CachePolicy):
     if tree is not None:
       raise GenerationError("a ragged step takes no token tree")
     flat = positions.reshape(-1)
+    if isinstance(layout, PackedLayout):
+      cu, t = layout.cu_q_lens, flat.shape[0]
+      seq = jnp.minimum(jnp.searchsorted(cu[1:], jnp.arange(t), side="right"), cu.shape[0] - 2)
+      last = flat[jnp.clip(cu[1:] - 1, 0, t - 1)]
+      kv_lens = jnp.where(cu[1:] > cu[:-1], last + 1, 0)  # a sequence's last new token closes it
+      return PagedStep(token_slots(tables, seq, flat, bs, pool), (), True, (tables, kv_lens, cu))
     groups, parts = [], []
     if layout.decode:
       q = flat[: layout.decode].reshape(layout.decode, 1)
@@ -267,6 +295,15 @@ class Paged(CachePolicy):
       write_pool(pool, new.reshape(b * c, kvh, d), step.slots) for pool, new in zip(layer, (rope.apply(k), v))
     )
     q = rope.apply(q)
+    if step.packed is not None:
+      if not self.uses_kernel(attention, False):
+        raise GenerationError(
+          f"a packed step runs the ragged paged-attention op, which does not compute {attention.name!r} "
+          f"attention{' with sinks' if dict(attention.options).get('sinks') else ''} (kernel={self.kernel!r}): "
+          "use a RaggedLayout step"
+        )
+      tables, kv_lens, cu = step.packed
+      return self._ragged_op(q, k_pool, v_pool, kv_lens, jnp.maximum(tables, 0), cu, attention), (k_pool, v_pool)
     if self.uses_kernel(attention, any(g.mask is not None for g in step.groups)):
       return self._attend_kernel(step, q, k_pool, v_pool, attention), (k_pool, v_pool)
     if not step.ragged:
@@ -296,20 +333,23 @@ class Paged(CachePolicy):
       tables.append(jnp.pad(jnp.maximum(g.tables, 0), ((0, 0), (0, extra))))
       q_lens += [gc] * n
     cu_q_lens = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    rows = len(q_lens)
-    options = dict(attention.options)
-    out = ragged_paged_attention(
-      q.reshape(-1, shape[2], shape[3]),
+    out = self._ragged_op(q, k_pool, v_pool, jnp.concatenate(kv_lens), jnp.concatenate(tables), cu_q_lens, attention)
+    return out.reshape(shape)
+
+  def _ragged_op(self, q, k_pool, v_pool, kv_lens, tables, cu_q_lens, attention):
+    """The op over q [..., H, D] flattened to its tokens: [T, H, D]."""
+    h, d = q.shape[-2:]
+    return ragged_paged_attention(
+      q.reshape(-1, h, d),
       k_pool,
       v_pool,
-      jnp.concatenate(kv_lens),
-      jnp.concatenate(tables),
+      kv_lens,
+      tables,
       cu_q_lens,
-      jnp.full((1,), rows, jnp.int32),
-      sliding_window=options.get("sliding_window"),
+      jnp.full((1,), kv_lens.shape[0], jnp.int32),
+      sliding_window=dict(attention.options).get("sliding_window"),
       interpret=self.interpret,
-    )
-    return out.reshape(shape)
+    ).reshape(q.shape)
 
   def _attend_group(self, group: _Group, q, k_pool, v_pool, attention):
     options = {}
