@@ -169,11 +169,16 @@ def test_a_ragged_step_equals_its_rows_run_apart(model):
     positions = np.array(pos + [-1] * pad, np.int32)
     out, stopped = runner.packed_step(
       tokens, positions=positions, seq_rows=np.array(seqs), cu_q_lens=np.cumsum([0] + q_lens),
-      lengths=np.array(lengths), rows=row_arrays([None] * 4), shape=SamplingShape.any(),
+      lengths=np.array(lengths), rows=row_arrays([None] * 4), shape=SamplingShape.any(), max_prefills=1,
     )  # fmt: skip
     got = {i: int(t) for i, t in zip(seqs, np.asarray(out)) if i >= 0}
     assert got == dict(enumerate(apart)) and np.asarray(out)[seqs.index(-1)] == -1
   assert runner.traces[("packed", 11, 4, SamplingShape.any())] == 1  # 7 tokens + 4 padding
+  with pytest.raises(GenerationError, match="1 multi-token sequences, over max_prefills=0"):
+    runner.packed_step(
+      tokens, positions=positions, seq_rows=np.array(seqs), cu_q_lens=np.cumsum([0] + q_lens),
+      lengths=np.array(lengths), rows=row_arrays([None] * 4), max_prefills=0,
+    )  # fmt: skip
   dense = Dense().init(model.cfg, batch_size=1, length=8)
   with pytest.raises(ConfigError, match="ragged step needs a cache"):
     model.forward_with_cache(jnp.zeros((1, 2), jnp.int32), jnp.zeros((1, 2), jnp.int32), dense, layout=layout)

@@ -25,7 +25,13 @@ from jax.sharding import PartitionSpec as P
 import pallas_kernels
 from jaxeff import sharding
 from pallas_kernels.compat import lowering_for
-from pallas_kernels.ragged_paged_attention import IMPLS, gpu, ragged_paged_attention, ragged_paged_attention_reference
+from pallas_kernels.ragged_paged_attention import (
+  IMPLS,
+  gpu,
+  ragged_paged_attention,
+  ragged_paged_attention_reference,
+  work,
+)
 
 # Sequence kinds in batch order; the last two are padding (index >= NUM_SEQS). "early": q_len 3
 # over one cached token, so its first two rows sit before any key.
@@ -167,6 +173,20 @@ def test_default_block_sizes_match_reference():
   _close(_op(args, impl="tpu", window=None, interpret=True), _op(args, impl="reference", window=None), jnp.float32, "")
 
 
+def test_a_bound_on_prefill_sequences_shrinks_the_work_and_keeps_the_result():
+  """max_prefill_seqs (a server that prefills a few prompts per step) drops the padding items the
+  worst case needs; with the true count the result is the reference's."""
+  args = _batch(3, 2, 3, 64, jnp.float32)
+  q_lens = np.diff(np.asarray(args[5]))[:NUM_SEQS]
+  prefills = int((q_lens > 1).sum())
+  t, s = args[0].shape[0], args[3].shape[0]
+  assert work.class_sizes(t, s, 1, 4, prefills)[1] < work.class_sizes(t, s, 1, 4)[1]
+  assert work.class_sizes(t, s, 1, 4, 0)[1] == 0
+  want = _op(args, impl="reference", window=None)
+  got = ragged_paged_attention(*args, impl="xla", block_q=4, max_prefill_seqs=prefills)
+  _close(got, want, jnp.float32, "xla, bounded prefills")
+
+
 # --- TPU-semantics simulator ---------------------------------------------------------------------
 
 
@@ -282,6 +302,7 @@ def _call(**change):
     (dict(num_seqs=jnp.array(3)), r"num_seqs must be integers \[1\]"),
     (dict(sliding_window=0), "sliding_window must be a positive int or None"),
     (dict(block_q=0), "block_q must be a positive int"),
+    (dict(max_prefill_seqs=-1), "max_prefill_seqs must be an int >= 0"),
     (dict(impl="cuda"), "impl must be one of"),
     (dict(impl="tpu", k_pages=jnp.zeros((4, 2, 12, 64)), v_pages=jnp.zeros((4, 2, 12, 64))), "multiple of 8"),
     (dict(impl="gpu", k_pages=jnp.zeros((4, 2, 8, 64)), v_pages=jnp.zeros((4, 2, 8, 64))), "page_size a power of two"),

@@ -98,6 +98,7 @@ def test_concurrent_requests_get_exactly_what_they_get_alone(engine, reference):
   for t in threads:
     t.join()
   assert results == [e[0] for e in expected]
+  assert engine.totals.running_peak == 3  # all 3 slots ran at once
   # 10 requests through 3 slots, five sampling mixes, prompts of 1-90 tokens (chunks of 32 and
   # padded 16/32 tails): each program compiled once, one per shape bucket (all by the warm-up),
   # none per request mix.

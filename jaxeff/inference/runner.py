@@ -209,7 +209,7 @@ class ModelRunner:
     self._set_tables = jax.jit(lambda cache, tables: self.policy.with_tables(cache, tables), donate_argnums=0)
     self._copy_blocks = jax.jit(lambda cache, src, dst: self.policy.copy_blocks(cache, src, dst), donate_argnums=0)
     self._step = jax.jit(self._step_fn, donate_argnames="cache", static_argnames=("shape", "layout", "span"))
-    self._packed = jax.jit(self._packed_fn, donate_argnames="cache", static_argnames=("shape",))
+    self._packed = jax.jit(self._packed_fn, donate_argnames="cache", static_argnames=("shape", "max_prefills"))
 
   # ------------------------------------------------------------------ state
 
@@ -423,14 +423,14 @@ class ModelRunner:
     ends = sample_at == lengths  # a decode row always; a prefill row when its prompt ends here
     return jnp.where(ends, nxt, -1), _is_stop(nxt, rows.stops) & ends, cache
 
-  def _packed_fn(self, state, cache, tokens, positions, seq_rows, cu_q_lens, lengths, rows, *, shape):
+  def _packed_fn(self, state, cache, tokens, positions, seq_rows, cu_q_lens, lengths, rows, *, shape, max_prefills):
     """A packed step (paged cache, the ragged op): S sequences' new tokens back to back in one row
-    of T tokens; one program per (T, S, sampling shape), whatever the mix."""
+    of T tokens; one program per (T, S, sampling shape, max_prefills), whatever the mix."""
     self.traces["packed", tokens.shape[0], seq_rows.shape[0], shape] += 1
     model = nnx.merge(self._graphdef, state)
     (all_tables,) = cache.rows
     tables = jnp.where(seq_rows[:, None] >= 0, all_tables[jnp.maximum(seq_rows, 0)], -1)
-    layout = PackedLayout(cu_q_lens)
+    layout = PackedLayout(cu_q_lens, max_prefills)
     x, new = model.forward_with_cache(tokens[None], positions[None], cache.replace(rows=(tables,)), layout=layout)
     cache = cache.replace(layers=new.layers)
     t = tokens.shape[0]
@@ -616,13 +616,20 @@ class ModelRunner:
       )
     return nxt, stopped
 
-  def packed_step(self, tokens, *, positions, seq_rows, cu_q_lens, lengths, rows: RowArrays, shape=None):
+  def packed_step(
+    self, tokens, *, positions, seq_rows, cu_q_lens, lengths, rows: RowArrays, shape=None, max_prefills=None
+  ):
     """A packed step over a paged cache (its ragged op): tokens and positions [T] hold S sequences'
     new tokens back to back (sequence i's at cu_q_lens[i] .. cu_q_lens[i+1]-1, consecutive positions;
     position -1 past the last); `seq_rows` [S] each sequence's cache row (block table; -1 and
     q_len 0: padding); `lengths` [S] the position each samples at when it samples (a decoding
-    request: its position + 1; a prompt: its length). Returns (tokens [S], stop flags [S]): -1 for
-    sequences that sampled nothing."""
+    request: its position + 1; a prompt: its length). `max_prefills`: at most this many sequences
+    have more than one token (sizes the attention's work; None: any). Returns (tokens [S], stop
+    flags [S]): -1 for sequences that sampled nothing."""
+    cu_q_lens = np.asarray(cu_q_lens, np.int32)
+    prefills = int(np.sum(np.diff(cu_q_lens) > 1))
+    if max_prefills is not None and prefills > max_prefills:
+      raise GenerationError(f"a packed step with {prefills} multi-token sequences, over max_prefills={max_prefills}")
     with self.on_mesh():
       nxt, stopped, self._cache = self._packed(
         self._state,
@@ -630,10 +637,11 @@ class ModelRunner:
         np.asarray(tokens, np.int32),
         np.asarray(positions, np.int32),
         np.asarray(seq_rows, np.int32),
-        np.asarray(cu_q_lens, np.int32),
+        cu_q_lens,
         np.asarray(lengths, np.int32),
         rows,
         shape=SamplingShape() if shape is None else shape,
+        max_prefills=max_prefills,
       )
     return nxt, stopped
 

@@ -306,8 +306,9 @@ class Engine:
       then prefill chunks of as many prompts as fit (vLLM's max_num_batched_tokens; at least
       max_batch). In packed steps a prompt's chunk may take all of it; `prefill_chunk` caps chunks
       in the gather path's steps.
-    max_prefill_rows: prompts one step prefills at most (paged cache; default: max_batch for packed
-      steps, 4 for the gather path's, where each count is a compiled shape).
+    max_prefill_rows: prompts one step prefills at most (paged cache; default min(4, max_batch)): in
+      packed steps it sizes the attention's prefill work (every possible prompt costs as much as a
+      real one), in the gather path's steps each count is a compiled shape.
     max_passes: times a waiting request may be passed over by later, smaller ones that fit before
       it (paged cache); then admission waits for it (first come, first served).
   """
@@ -371,7 +372,7 @@ class Engine:
     if self.blocks is not None and speculator is None:
       self.packed = kv_cache.uses_kernel(attention_lib.bind(model.cfg), tree=False)
     if max_prefill_rows is None:
-      max_prefill_rows = max_batch if self.packed else min(4, max_batch)
+      max_prefill_rows = min(4, max_batch)
     self.token_budget, self.max_prefill_rows, self.max_passes = token_budget, max_prefill_rows, max_passes
     self._admissions = itertools.count()
     self._tables = None
@@ -552,7 +553,7 @@ class Engine:
         out = self.runner.packed_step(
           np.zeros(size, np.int32), positions=np.full(size, -1, np.int32), seq_rows=np.full(s, -1, np.int32),
           cu_q_lens=np.zeros(s + 1, np.int32), lengths=np.full(s, -1, np.int32), rows=row_arrays([None] * s),
-          shape=SamplingShape.any(),
+          shape=SamplingShape.any(), max_prefills=self.max_prefill_rows,
         )  # fmt: skip
       elif kind == "step":
         layout = size
@@ -687,6 +688,7 @@ class Engine:
           request._finish("cancelled")
           continue
         slot = self._slots[i] = _Slot(request)
+    self.totals.running_peak = max(self.totals.running_peak, self.num_running)
 
   def _free_cancelled(self) -> None:
     with self._cv:  # a cancelled request leaves the waiting queue too (it counts toward max_waiting)
@@ -982,7 +984,7 @@ class Engine:
       at += c
     nxt, stopped = self.runner.packed_step(
       tokens, positions=positions, seq_rows=seq_rows, cu_q_lens=np.concatenate([[0], np.cumsum(q_lens)]),
-      lengths=lengths, rows=row_arrays(settings), shape=SamplingShape.any(),
+      lengths=lengths, rows=row_arrays(settings), shape=SamplingShape.any(), max_prefills=self.max_prefill_rows,
     )  # fmt: skip
     return len(decode), nxt, stopped
 

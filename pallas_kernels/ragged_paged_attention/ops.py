@@ -101,6 +101,7 @@ def ragged_paged_attention(
   block_q: int | None = None,
   decode_q: int = 1,
   pages_per_block: int | None = None,
+  max_prefill_seqs: int | None = None,
   head_axes="tensor",
   mesh=None,
 ) -> jax.Array:
@@ -126,6 +127,9 @@ def ragged_paged_attention(
       a few for speculative verification).
     pages_per_block: pages per key step ("tpu": one DMA block; "xla": one gathered chunk; "gpu"
       walks one page per step and refuses it). Default from the impl's table.
+    max_prefill_seqs: at most this many sequences have q_len > decode_q (the caller's promise: the
+      prefill items are sized for it, work.py; None: any number). Prefill sequences past it would
+      be left out (their rows zero), so a caller that cannot promise it passes None.
     head_axes: mesh axes the kv heads (and their query heads) may be split over; dropped if they do
       not divide. mesh: default the context mesh (`jax.set_mesh`).
   Returns:
@@ -139,6 +143,8 @@ def ragged_paged_attention(
   _positive("block_q", block_q, allow_none=True)
   _positive("decode_q", decode_q)
   _positive("pages_per_block", pages_per_block, allow_none=True)
+  if max_prefill_seqs is not None and (not isinstance(max_prefill_seqs, int) or max_prefill_seqs < 0):
+    raise ValueError(f"max_prefill_seqs must be an int >= 0 or None, got {max_prefill_seqs!r}")
   group = q.shape[1] // k_pages.shape[1]
   block_q = block_q or default_block_q(impl, group)
   if impl == "gpu":
@@ -148,6 +154,7 @@ def ragged_paged_attention(
   ints = tuple(jnp.asarray(a).astype(jnp.int32) for a in (kv_lens, page_indices, cu_q_lens, num_seqs))
   static = dict(sm_scale=sm_scale, sliding_window=sliding_window, block_q=block_q, decode_q=decode_q)
   static["pages_per_block"] = pages_per_block
+  static["max_prefill_seqs"] = max_prefill_seqs
   head_axes = head_axes if head_axes is None or isinstance(head_axes, str) else tuple(head_axes)
   return _sharded(
     (q, k_pages, v_pages, *ints),
@@ -174,7 +181,7 @@ def _local(impl, static, interpret, q, k_pages, v_pages, kv_lens, page_indices, 
     )
   t, kvh, s = q.shape[0], k_pages.shape[1], kv_lens.shape[0]
   decode_q, block_q = static["decode_q"], static["block_q"]
-  n_decode, n_prefill = work.class_sizes(t, s, decode_q, block_q)
+  n_decode, n_prefill = work.class_sizes(t, s, decode_q, block_q, static["max_prefill_seqs"])
   kw = dict(sm_scale=sm_scale, sliding_window=window, pages_per_block=static["pages_per_block"])
   if impl != "xla":
     kw["interpret"] = interpret

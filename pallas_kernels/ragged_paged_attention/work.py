@@ -15,7 +15,9 @@ block_q. Sequences with q_len 0 and those >= num_seqs form no items, so their ro
 
 Static item counts: the decode class has at most S items; a prefill sequence (q_len > decode_q)
 takes ceil(q_len / block_q) <= q_len / block_q + 1 items, so the class has at most
-ceil(T / block_q) + min(S, T // (decode_q + 1)) items.
+ceil(T / block_q) + min(S, T // (decode_q + 1)) items, or ceil(T / block_q) + max_prefill_seqs
+when the caller bounds the number of prefill sequences (a server that prefills a few prompts per
+step among many decode rows: every padding item costs as much as a real one).
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ class Items(NamedTuple):
   tokens: jax.Array  # int32 [n, block_q]: the rows' indices into q; T (out of range) for unreal rows
 
 
-def class_sizes(t: int, s: int, decode_q: int, block_q: int) -> tuple[int, int]:
+def class_sizes(t: int, s: int, decode_q: int, block_q: int, max_prefill_seqs: int | None = None):
   """Static item counts of the (decode, prefill) classes."""
-  return min(s, t), -(-t // block_q) + min(s, t // (decode_q + 1))
+  prefills = min(s, t // (decode_q + 1), s if max_prefill_seqs is None else max_prefill_seqs)
+  return min(s, t), (-(-t // block_q) + prefills if max_prefill_seqs != 0 else 0)
 
 
 def make_items(cu_q_lens, num_seqs, *, t: int, lo: int, hi: int | None, block_q: int, count: int) -> Items:

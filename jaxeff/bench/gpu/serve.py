@@ -14,6 +14,7 @@ from flax import nnx
 
 from jaxeff.bench.gpu.harness import Run, decode_model, fmt, one_line
 from jaxeff.inference import Dense, Paged
+from jaxeff.inference.cache import PackedLayout, RaggedLayout
 from jaxeff.models.attention import bind
 from jaxeff.serve import Engine
 
@@ -22,17 +23,23 @@ PALLAS_TARGETS = ("__gpu$xla.gpu.triton", "tpu_custom_call")
 
 
 def kernel_calls(model, policy, platform: str | None = None) -> int:
-  """Pallas custom calls in the lowered text of one decode step of `model` through `policy`'s cache
-  (a scanned model's layers share one body): 0 when attention runs in XLA. `platform`: lower for
-  that platform (default: the backend's)."""
+  """Pallas custom calls in the lowered text of one step of `model` through `policy`'s cache as the
+  engine runs it (2 sequences' tokens in one row: packed, or the gather path's RaggedLayout; a
+  scanned model's layers share one body): 0 when attention runs in XLA. `platform`: lower for that
+  platform (default: the backend's)."""
   graphdef, state = nnx.split(model)
-  cache = jax.eval_shape(lambda: policy.init(model.cfg, 1, 4 * policy.block_size))
-  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  cache = jax.eval_shape(lambda: policy.init(model.cfg, 2, 4 * policy.block_size))
+  tokens = jax.ShapeDtypeStruct((1, 4), jnp.int32)
+  cu_q_lens = jax.ShapeDtypeStruct((3,), jnp.int32)
 
-  def step(state, cache, tokens):
-    return nnx.merge(graphdef, state).forward_with_cache(tokens, tokens, cache).hidden
+  packed = policy.uses_kernel(bind(model.cfg), tree=False)  # else the engine runs the gather path's steps
 
-  traced = jax.jit(step).trace(state, cache, tokens)
+  def step(state, cache, tokens, cu_q_lens):
+    model = nnx.merge(graphdef, state)
+    layout = PackedLayout(cu_q_lens) if packed else RaggedLayout(decode=1, prefill=1, chunk=3)
+    return model.forward_with_cache(tokens, tokens, cache, layout=layout).hidden
+
+  traced = jax.jit(step).trace(state, cache, tokens, cu_q_lens)
   lowered = traced.lower(lowering_platforms=(platform,)) if platform else traced.lower()
   text = lowered.as_text()
   return sum(text.count(f"@{target}(") + text.count(f'call_target_name = "{target}"') for target in PALLAS_TARGETS)

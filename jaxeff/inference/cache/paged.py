@@ -93,6 +93,7 @@ class PackedLayout(NamedTuple):
   positions. The boundaries are data, so the program depends only on T and S."""
 
   cu_q_lens: jax.Array  # int32 [S + 1], nondecreasing from 0
+  max_prefills: int | None = None  # static: at most this many sequences have more than one token
 
 
 class _Group(NamedTuple):
@@ -109,7 +110,7 @@ class PagedStep(NamedTuple):
   slots: jax.Array  # [T]: each token's slot in the flattened pool (num_blocks * bs: dropped)
   groups: tuple  # _Group per row group, in token order
   ragged: bool  # the step's tokens are [1, T] (a RaggedLayout or PackedLayout), not [n, C]
-  packed: tuple | None = None  # a PackedLayout's (tables [S, NB], kv_lens [S], cu_q_lens [S + 1])
+  packed: tuple | None = None  # a PackedLayout's (tables [S, NB], kv_lens [S], cu_q_lens [S + 1], max_prefills)
 
 
 def block_slots(tables: jax.Array, positions: jax.Array, block_size: int, num_blocks: int) -> jax.Array:
@@ -274,7 +275,8 @@ class Paged(CachePolicy):
       seq = jnp.minimum(jnp.searchsorted(cu[1:], jnp.arange(t), side="right"), cu.shape[0] - 2)
       last = flat[jnp.clip(cu[1:] - 1, 0, t - 1)]
       kv_lens = jnp.where(cu[1:] > cu[:-1], last + 1, 0)  # a sequence's last new token closes it
-      return PagedStep(token_slots(tables, seq, flat, bs, pool), (), True, (tables, kv_lens, cu))
+      packed = (tables, kv_lens, cu, layout.max_prefills)
+      return PagedStep(token_slots(tables, seq, flat, bs, pool), (), True, packed)
     groups, parts = [], []
     if layout.decode:
       q = flat[: layout.decode].reshape(layout.decode, 1)
@@ -302,8 +304,9 @@ class Paged(CachePolicy):
           f"attention{' with sinks' if dict(attention.options).get('sinks') else ''} (kernel={self.kernel!r}): "
           "use a RaggedLayout step"
         )
-      tables, kv_lens, cu = step.packed
-      return self._ragged_op(q, k_pool, v_pool, kv_lens, jnp.maximum(tables, 0), cu, attention), (k_pool, v_pool)
+      tables, kv_lens, cu, prefills = step.packed
+      out = self._ragged_op(q, k_pool, v_pool, kv_lens, jnp.maximum(tables, 0), cu, attention, prefills)
+      return out, (k_pool, v_pool)
     if self.uses_kernel(attention, any(g.mask is not None for g in step.groups)):
       return self._attend_kernel(step, q, k_pool, v_pool, attention), (k_pool, v_pool)
     if not step.ragged:
@@ -336,7 +339,7 @@ class Paged(CachePolicy):
     out = self._ragged_op(q, k_pool, v_pool, jnp.concatenate(kv_lens), jnp.concatenate(tables), cu_q_lens, attention)
     return out.reshape(shape)
 
-  def _ragged_op(self, q, k_pool, v_pool, kv_lens, tables, cu_q_lens, attention):
+  def _ragged_op(self, q, k_pool, v_pool, kv_lens, tables, cu_q_lens, attention, max_prefills=None):
     """The op over q [..., H, D] flattened to its tokens: [T, H, D]."""
     h, d = q.shape[-2:]
     return ragged_paged_attention(
@@ -349,6 +352,7 @@ class Paged(CachePolicy):
       jnp.full((1,), kv_lens.shape[0], jnp.int32),
       sliding_window=dict(attention.options).get("sliding_window"),
       interpret=self.interpret,
+      max_prefill_seqs=max_prefills,
     ).reshape(q.shape)
 
   def _attend_group(self, group: _Group, q, k_pool, v_pool, attention):
