@@ -144,9 +144,12 @@ def load_model(args: argparse.Namespace):
   return loader.load(path, quant=args.quant, zero_point=args.zero_point, group_size=args.group_size, **overrides)
 
 
-def add_inference_args(p: argparse.ArgumentParser, *, kv_cache: str = "dense") -> None:
+def add_inference_args(p: argparse.ArgumentParser, *, kv_cache: str = "dense", batch_mesh_kv_cache=None) -> None:
   """The inference flags `python -m jaxeff.generate` and `python -m jaxeff.serve` share:
-  --speculate (with --draft-tokens, --tree-size), --kv-cache (default `kv_cache`), --mesh."""
+  --speculate (with --draft-tokens, --tree-size), --kv-cache (default `kv_cache`; with a --mesh
+  that splits the batch over data or fsdp, `batch_mesh_kv_cache` if given), --mesh."""
+  p.set_defaults(kv_cache_default=kv_cache, kv_cache_batch_mesh=batch_mesh_kv_cache)
+  default = kv_cache + (f"; {batch_mesh_kv_cache} on a --mesh splitting data or fsdp" if batch_mesh_kv_cache else "")
   p.add_argument(
     "--speculate",
     metavar="SPEC",
@@ -165,8 +168,8 @@ def add_inference_args(p: argparse.ArgumentParser, *, kv_cache: str = "dense") -
   p.add_argument(
     "--kv-cache",
     metavar="POLICY",
-    default=kv_cache,
-    help=f"(default {kv_cache}) dense (a row of --max-seq-len positions per request) | paged | paged:BLOCK_SIZE "
+    default=None,
+    help=f"(default {default}) dense (a row of --max-seq-len positions per request) | paged | paged:BLOCK_SIZE "
     "(a pool of blocks of 16 or BLOCK_SIZE tokens shared by the requests) | streaming:SINKS,WINDOW "
     "(StreamingLLM: flat memory, text may run past --max-seq-len) "
     "| h2o:HEAVY,RECENT (heavy hitters + recent tokens) | snapkv:BUDGET (prompt entries kept per head, SnapKV) "
@@ -194,12 +197,6 @@ def check_inference_args(p: ArgumentParser, args: argparse.Namespace) -> None:
       p.error(str(e))
   elif args.draft_tokens is not None or args.tree_size is not None:
     p.error("--draft-tokens and --tree-size need --speculate")
-  try:
-    args.kv_policy = cache_lib.parse(args.kv_cache)
-  except GenerationError as e:
-    p.error(str(e))
-  if not args.kv_policy.exact_rollback and args.speculate is not None:
-    p.error("--speculate runs on the dense cache: drop --kv-cache or --speculate")
   args.mesh_shape = None
   if args.mesh is not None:
     from jaxeff.sharding import MESH_AXES  # imports jax: only when the flag is given
@@ -211,6 +208,16 @@ def check_inference_args(p: ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--mesh takes AXIS=N,... with axes {', '.join(MESH_AXES)} (each once, N >= 1), got {args.mesh!r}")
       shape[name] = int(size)
     args.mesh_shape = shape
+  if args.kv_cache is None:
+    shape = args.mesh_shape or {}
+    splits = shape.get("data", 1) * shape.get("fsdp", 1) > 1
+    args.kv_cache = args.kv_cache_batch_mesh if splits and args.kv_cache_batch_mesh else args.kv_cache_default
+  try:
+    args.kv_policy = cache_lib.parse(args.kv_cache)
+  except GenerationError as e:
+    p.error(str(e))
+  if not args.kv_policy.exact_rollback and args.speculate is not None:
+    p.error("--speculate runs on the dense cache: drop --kv-cache or --speculate")
 
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}

@@ -147,6 +147,12 @@ def _put_rows(tree, part, row0):
   return jax.tree.map(put, tree, part)
 
 
+def _step_tables(cache, seq_rows):
+  """A ragged step's block tables: the cache row of each step row (-1: padding, no blocks)."""
+  (tables,) = cache.rows
+  return jnp.where(seq_rows[:, None] >= 0, tables[jnp.maximum(seq_rows, 0)], -1)
+
+
 def _where_rows(mask, new, old):
   return jax.tree.map(lambda a, b: jnp.where(mask.reshape(-1, *([1] * (a.ndim - 1))), a, b), new, old)
 
@@ -400,8 +406,7 @@ class ModelRunner:
     `layout.prefill` rows prefilling a chunk of `layout.chunk`, packed into one row of tokens."""
     self.traces["step", layout, span, shape] += 1
     model = nnx.merge(self._graphdef, state)
-    (all_tables,) = cache.rows
-    tables = jnp.where(seq_rows[:, None] >= 0, all_tables[jnp.maximum(seq_rows, 0)], -1)
+    tables = _step_tables(cache, seq_rows)
     if span is not None:
       tables = tables[:, : self.policy.blocks_per_row(span)]
     window = cache.replace(rows=(tables,))
@@ -428,8 +433,7 @@ class ModelRunner:
     of T tokens; one program per (T, S, sampling shape, max_prefills), whatever the mix."""
     self.traces["packed", tokens.shape[0], seq_rows.shape[0], shape] += 1
     model = nnx.merge(self._graphdef, state)
-    (all_tables,) = cache.rows
-    tables = jnp.where(seq_rows[:, None] >= 0, all_tables[jnp.maximum(seq_rows, 0)], -1)
+    tables = _step_tables(cache, seq_rows)
     layout = PackedLayout(cu_q_lens, max_prefills)
     x, new = model.forward_with_cache(tokens[None], positions[None], cache.replace(rows=(tables,)), layout=layout)
     cache = cache.replace(layers=new.layers)

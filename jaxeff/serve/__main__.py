@@ -42,7 +42,8 @@ def parse_args(argv):
     formatter_class=argparse.RawDescriptionHelpFormatter,
   )
   cli.add_model_args(p)
-  cli.add_inference_args(p, kv_cache="paged")
+  # Paged steps are one row of tokens (tensor-parallel only): a mesh that splits the batch gets dense.
+  cli.add_inference_args(p, kv_cache="paged", batch_mesh_kv_cache="dense")
   p.add_argument("--max-batch", type=int, default=8, metavar="B", help="requests running at once (default 8)")
   p.add_argument(
     "--max-seq-len", type=int, default=2048, metavar="L", help="positions per request: prompt + output (default 2048)"
@@ -93,12 +94,6 @@ def parse_args(argv):
   args = p.parse(argv)
   cli.check_model_args(p, args)
   cli.check_inference_args(p, args)
-  given = any(a == "--kv-cache" or a.startswith("--kv-cache=") for a in argv)
-  shape = args.mesh_shape or {}
-  if not given and shape.get("data", 1) * shape.get("fsdp", 1) > 1:
-    from jaxeff.inference.cache import Dense
-
-    args.kv_cache, args.kv_policy = "dense", Dense()  # paged steps are one row of tokens: tensor-parallel only
   args.kv_memory = None
   if args.kv_cache_memory is not None:
     if args.kv_policy.name != "paged":

@@ -532,14 +532,13 @@ class Engine:
       prefills |= {(self.prefill_chunk, s) for s in spans if s >= self.kv_bucket(self.prefill_chunk)}
     jobs = [("decode", r, s) for r in rows for s in spans] + [("prefill", c, s) for c, s in sorted(prefills, key=str)]
     ragged = self.blocks is not None and self.speculator is None
-    if self.packed:
+    if ragged:
       self.runner.set_tables(np.full_like(self._tables, -1))  # nothing is written
       self._tables_changed = True
+    if self.packed:
       buckets = {self.tokens_bucket(1 << k) for k in range(self.token_budget.bit_length() + 1)}
       jobs = [("packed", t, None) for t in sorted(buckets)]
     elif ragged:
-      self.runner.set_tables(np.full_like(self._tables, -1))  # nothing is written
-      self._tables_changed = True
       layouts = [(RaggedLayout(r, 0, 0), s) for r in rows for s in spans]
       layouts += [(RaggedLayout(0, 1, c), s) for c, s in sorted(prefills, key=str)]
       if full:

@@ -322,7 +322,6 @@ class Paged(CachePolicy):
 
   def _attend_kernel(self, step: PagedStep, q, k_pool, v_pool, attention):
     """Every row of the step in one kernel call: q [B, C, H, D] (or the ragged [1, T, H, D])."""
-    shape = q.shape
     tables, kv_lens, q_lens = [], [], []
     extra = max(-(-g.q_positions.shape[1] // self.block_size) for g in step.groups)
     for g in step.groups:
@@ -336,11 +335,10 @@ class Paged(CachePolicy):
       tables.append(jnp.pad(jnp.maximum(g.tables, 0), ((0, 0), (0, extra))))
       q_lens += [gc] * n
     cu_q_lens = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
-    out = self._ragged_op(q, k_pool, v_pool, jnp.concatenate(kv_lens), jnp.concatenate(tables), cu_q_lens, attention)
-    return out.reshape(shape)
+    return self._ragged_op(q, k_pool, v_pool, jnp.concatenate(kv_lens), jnp.concatenate(tables), cu_q_lens, attention)
 
   def _ragged_op(self, q, k_pool, v_pool, kv_lens, tables, cu_q_lens, attention, max_prefills=None):
-    """The op over q [..., H, D] flattened to its tokens: [T, H, D]."""
+    """The op over q [..., H, D] flattened to its tokens [T, H, D]; the result in q's shape."""
     h, d = q.shape[-2:]
     return ragged_paged_attention(
       q.reshape(-1, h, d),
