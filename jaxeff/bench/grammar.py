@@ -324,13 +324,16 @@ def main(argv=None) -> int:
   p.add_argument("--json", help="also write the raw numbers here")
   args = p.parse_args(argv)
 
+  names = [n.strip() for n in args.engines.split(",") if n.strip()]
+  unknown = [n for n in names if n not in ENGINES]
+  if unknown:
+    return common.error(f"unknown engine {unknown[0]!r}; choose from {', '.join(ENGINES)}")
   from jaxeff.loader import load_tokenizer
 
   tok = load_tokenizer(str(common.require_smollm2("grammar")))
   vocab = tok.vocab_size
   print(f"# grammar engines on SmolLM2-135M-Instruct's tokenizer ({vocab} ids), {common.machine()}, {common.today()}")
   print(f"{args.outputs} outputs per schema, uniform choice among allowed tokens, at most {args.max_tokens} tokens\n")
-  names = [n.strip() for n in args.engines.split(",") if n.strip()]
   cols = [*SCHEMAS, "json_object"]
   header = ["engine", "version, size", "requires", "tokenizer (s)"] + [f"compile {c} (ms)" for c in cols]
   header += ["fill us med/p99", "accept us med/p99", "batch 8 fill us med/p99", "valid", "tokens"]
