@@ -23,8 +23,7 @@ Engine: llguidance (Earley parser over a derivative-regex lexer, token-trie walk
 drawn uniformly among the allowed tokens (5 schemas: nested objects, enums, bounded arrays, bounded
 numbers, optional fields):
 - llguidance 1.9.1: mask 18 us median, 449 us p99 per token; 8 requests 55 us per step (filled in
-  turn; 166 us on its thread pool); compile
-  0.4-1 ms; 20/20 outputs valid; 7.8 MB, no dependencies.
+  turn; 166 us on its thread pool); compile 0.4-1 ms; 20/20 outputs valid; 7.8 MB, no dependencies.
 - xgrammar 0.2.9: mask 3 us median, 27 us p99; compile 2-8 ms; 20/20 valid; but it requires torch,
   transformers and triton (GBs, with CUDA wheels where torch is not yet installed; import 3.5 s).
 - outlines-core 0.2.14: 3 us median once built, but compile 30-150 ms per schema and 6 s for
