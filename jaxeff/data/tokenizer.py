@@ -49,17 +49,23 @@ SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 def render_template(
   template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict, tools: list | None = None
 ) -> str:
-  """A chat template rendered as transformers does (sandboxed Jinja, trim/lstrip blocks; `tools`
-  always defined, None without tools, so templates may test it)."""
-  import jinja2
+  """A chat template rendered as transformers does: sandboxed Jinja with trim/lstrip blocks, loop
+  controls, lenient undefined values (tool templates test `message.tool_calls` on every message),
+  `tojson` without HTML escaping or key sorting, and `tools` always defined (None without tools)."""
   from jinja2 import sandbox
 
-  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+  env = sandbox.ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+  )
 
   def raise_exception(message):
     raise DataError(f"chat template: {message}")
 
+  def tojson(value, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
   env.globals["raise_exception"] = raise_exception
+  env.filters["tojson"] = tojson
   tokens = {k: v for k, v in special_tokens.items() if v is not None}
   return env.from_string(template).render(
     messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **tokens
