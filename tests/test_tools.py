@@ -170,6 +170,44 @@ def test_call_grammar_forces_the_chosen_tool():
     call_grammar(TOOLS, {"type": "function", "function": {"name": "missing"}})
 
 
+def test_call_grammar_keeps_parameter_refs_working():
+  # Pydantic-style definitions (both tools name theirs "Item") and a recursive root ref.
+  order = {
+    "type": "object",
+    "properties": {"items": {"type": "array", "items": {"$ref": "#/$defs/Item"}}},
+    "required": ["items"],
+    "$defs": {"Item": {"type": "object", "properties": {"sku": {"type": "string"}}, "required": ["sku"]}},
+  }
+  tree = {
+    "type": "object",
+    "properties": {"label": {"$ref": "#/definitions/Item"}, "children": {"type": "array", "items": {"$ref": "#"}}},
+    "required": ["label"],
+    "definitions": {"Item": {"type": "integer"}},
+  }
+  tools = [
+    {"type": "function", "function": {"name": "order", "parameters": order}},
+    {"type": "function", "function": {"name": "tree", "parameters": tree}},
+  ]
+  good_order = {"name": "order", "arguments": {"items": [{"sku": "a1"}]}}
+  good_tree = {"name": "tree", "arguments": {"label": 1, "children": [{"label": 2, "children": []}]}}
+  bad = [
+    {"name": "order", "arguments": {"items": [{"sku": 3}]}},
+    {"name": "tree", "arguments": {"label": 1, "children": [{"label": "x"}]}},
+    {"name": "tree", "arguments": {"label": 1, "children": [{}]}},
+  ]
+  required = call_grammar(tools, "required")["schema"]
+  named = call_grammar(tools, {"type": "function", "function": {"name": "tree"}})["schema"]
+  assert sorted(required["$defs"]) == ["order", "order.Item", "tree", "tree.Item"]
+  for schema, goods, bads in ((required, [good_order, good_tree], bad), (named, [good_tree], bad[1:] + [good_order])):
+    jsonschema.Draft202012Validator.check_schema(schema)
+    for instance in goods:
+      jsonschema.validate(instance, schema)
+    for instance in bads:
+      with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(instance, schema)
+  assert tools[0]["function"]["parameters"] == order  # the request's schemas are not changed
+
+
 def _block(name, args):
   return f"<tool_call>\n{json.dumps({'name': name, 'arguments': args})}\n</tool_call>"
 

@@ -221,12 +221,49 @@ def render_messages(tokenizer, messages, tools=None, tool_choice=None, add_gener
   return tokenizer.apply_chat_template(_default_format(messages, listed), add_generation_prompt=add_generation_prompt)
 
 
-def _call_schema(tool: dict) -> dict:
+_DEFS = ("$defs", "definitions")
+
+
+def _has_refs(schema) -> bool:
+  if isinstance(schema, dict):
+    return "$ref" in schema or any(k in schema for k in _DEFS) or any(_has_refs(v) for v in schema.values())
+  return isinstance(schema, list) and any(_has_refs(v) for v in schema)
+
+
+def _moved_refs(schema, name: str):
+  """`schema` with its local refs pointing where `_call_schema` moves things: the root ("#") to
+  $defs/NAME, a definition K to $defs/NAME.K, any other pointer under $defs/NAME."""
+  if isinstance(schema, list):
+    return [_moved_refs(v, name) for v in schema]
+  if not isinstance(schema, dict):
+    return schema
+  out = {k: _moved_refs(v, name) for k, v in schema.items()}
+  ref = schema.get("$ref")
+  if isinstance(ref, str) and (ref == "#" or ref.startswith("#/")):
+    parts = ref[2:].split("/", 2) if ref != "#" else []
+    if len(parts) >= 2 and parts[0] in _DEFS:
+      out["$ref"] = "/".join([f"#/$defs/{name}.{parts[1]}", *parts[2:]])
+    else:
+      out["$ref"] = f"#/$defs/{name}" + ref[1:]
+  return out
+
+
+def _call_schema(tool: dict, defs: dict) -> dict:
+  """The schema of one call's JSON. Parameters with refs or definitions move into the root's `defs`
+  (their refs rewritten), since refs resolve from the root and this schema wraps them."""
   function = tool["function"]
+  name = function["name"]
   params = function.get("parameters") or {"type": "object", "properties": {}, "additionalProperties": False}
+  if _has_refs(params):
+    params = _moved_refs(params, name)
+    for key in _DEFS:
+      for k, v in (params.pop(key, None) or {}).items():
+        defs[f"{name}.{k}"] = v
+    defs[name] = params
+    params = {"$ref": f"#/$defs/{name}"}
   return {
     "type": "object",
-    "properties": {"name": {"const": function["name"]}, "arguments": params},
+    "properties": {"name": {"const": name}, "arguments": params},
     "required": ["name", "arguments"],
     "additionalProperties": False,
   }
@@ -235,16 +272,20 @@ def _call_schema(tool: dict) -> dict:
 def call_grammar(tools, tool_choice) -> dict | None:
   """The structured-output spec that forces one call block (`jaxeff.serve.grammar`'s "tagged_json"):
   the named function's, or any listed tool's for "required"; None for "auto", "none" or no choice.
-  A tool without parameters takes an empty object."""
+  A tool without parameters takes an empty object; parameters with `$ref`s keep them working (their
+  definitions move to the root's $defs as NAME and NAME.DEF)."""
   tools = check_tools(tools, tool_choice)
   if tool_choice is None or tool_choice in ("auto", "none"):
     return None
+  defs: dict = {}
   if tool_choice == "required":
-    schemas = [_call_schema(t) for t in tools]
+    schemas = [_call_schema(t, defs) for t in tools]
     schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
   else:
     name = tool_choice["function"]["name"]
-    schema = _call_schema(next(t for t in tools if t["function"]["name"] == name))
+    schema = _call_schema(next(t for t in tools if t["function"]["name"] == name), defs)
+  if defs:
+    schema = {**schema, "$defs": defs}
   return {"type": "tagged_json", "begin": BEGIN + "\n", "schema": schema, "end": "\n" + END}
 
 
