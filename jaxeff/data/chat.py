@@ -1,7 +1,11 @@
 """Chat data for fine-tuning: JSONL conversations -> token rows with a loss mask on assistant tokens.
 
 A record is `{"messages": [{"role": "system" | "user" | "assistant", "content": "..."}, ...]}` (the
-OpenAI shape) or `{"prompt": "...", "completion": "..."}` (one user turn and its answer). It is
+OpenAI shape) or `{"prompt": "...", "completion": "..."}` (one user turn and its answer). Tool use
+is OpenAI's fine-tuning shape: a `"tools"` list beside the messages, assistant messages with
+`tool_calls` (content may be null) and `"tool"` messages with the results; such a record is rendered
+as a served request is (`jaxeff.serve.tools.render_messages`: the template's tools section, or the
+default `<tool_call>` format), and the calls are trained on as the assistant's reply. It is
 rendered with the model's own chat template (the tokenizer's, from the tokenizer directory's
 tokenizer_config.json or chat_template.jinja, Hugging Face semantics) and the loss counts the
 assistant's tokens only, including the end-of-turn text that closes each reply (so the model
@@ -28,15 +32,17 @@ import collections
 import dataclasses
 import json
 import logging
+import re
 
 import numpy as np
 
 from jaxeff.data.sources import resolve_paths
 from jaxeff.data.tokenizer import Tokenizer
-from jaxeff.errors import DataError
+from jaxeff.errors import DataError, GenerationError
 
 log = logging.getLogger(__name__)
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+TOOL_KEYS = ("tool_calls", "tool_call_id")  # kept from a message beside role and content
 
 
 class BadRecord(ValueError):
@@ -44,7 +50,8 @@ class BadRecord(ValueError):
 
 
 def messages_of(record) -> list[dict]:
-  """The record's conversation as a list of {"role", "content"}; BadRecord with the reason otherwise."""
+  """The record's conversation as a list of {"role", "content"} (and `tool_calls` / `tool_call_id`
+  where a message has them); BadRecord with the reason otherwise."""
   if not isinstance(record, dict):
     raise BadRecord("not a JSON object")
   if "messages" in record:
@@ -56,13 +63,21 @@ def messages_of(record) -> list[dict]:
   if not isinstance(messages, list) or not messages:
     raise BadRecord("no messages")
   for m in messages:
-    if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+    if not isinstance(m, dict):
+      raise BadRecord("a message without text content")
+    calls = m.get("role") == "assistant" and m.get("tool_calls")
+    if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
       raise BadRecord("a message without text content")
     if m.get("role") not in ROLES:
       raise BadRecord("unknown role")
   if not any(m["role"] == "assistant" for m in messages):
     raise BadRecord("no assistant turn")
-  return [{"role": m["role"], "content": m["content"]} for m in messages]
+  return [{k: m[k] for k in ("role", "content", *TOOL_KEYS) if k in m} for m in messages]
+
+
+def uses_tools(messages: list[dict], tools) -> bool:
+  """Whether a conversation needs the tool-aware rendering (tools given, calls or results in it)."""
+  return bool(tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
 def check_chat_template(tokenizer: Tokenizer, where) -> None:
@@ -71,12 +86,24 @@ def check_chat_template(tokenizer: Tokenizer, where) -> None:
     raise DataError(f"data.format=chat needs a chat template; {where} has none (tokenizer_config.json)")
 
 
-def encode_chat(messages: list[dict], tokenizer: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+def encode_chat(messages: list[dict], tokenizer: Tokenizer, tools: list | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(token ids, loss mask) of a conversation, rendered with the tokenizer's chat template: the
-  mask is True on assistant replies' tokens. No special tokens are added (the template writes them)."""
+  mask is True on assistant replies' tokens (tool calls included). No special tokens are added (the
+  template writes them). With `tools`, or tool calls or results in the conversation, it is rendered
+  as the server renders a request (`jaxeff.serve.tools.render_messages`)."""
+  if uses_tools(messages, tools):
+    from jaxeff.serve.tools import render_messages  # imported here: plain chat data does not need it
 
-  def render(upto: int, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages[:upto], add_generation_prompt=add_generation_prompt)
+    def render(upto: int, add_generation_prompt: bool) -> str:
+      try:
+        return render_messages(tokenizer, messages[:upto], tools, None, add_generation_prompt)
+      except GenerationError as e:
+        where = re.sub(r"\[\d+\]", "", getattr(e, "param", "messages"))  # one reason per field, any index
+        raise BadRecord(f"bad tools or tool calls ({where})") from None
+  else:
+
+    def render(upto: int, add_generation_prompt: bool) -> str:
+      return tokenizer.apply_chat_template(messages[:upto], add_generation_prompt=add_generation_prompt)
 
   pieces: list[tuple[str, bool]] = []
   done = ""
@@ -167,7 +194,7 @@ def encode_record(line: str | bytes, tokenizer: Tokenizer) -> tuple[np.ndarray, 
     record = json.loads(line)
   except json.JSONDecodeError:
     raise BadRecord("not JSON") from None
-  return encode_chat(messages_of(record), tokenizer)
+  return encode_chat(messages_of(record), tokenizer, record.get("tools"))
 
 
 def skipped_summary(skipped: collections.Counter, total: int) -> str:

@@ -46,19 +46,30 @@ EOD_TOKENS = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
-def render_template(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
-  """A chat template rendered as transformers does (sandboxed Jinja, trim/lstrip blocks)."""
-  import jinja2
+def render_template(
+  template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict, tools: list | None = None
+) -> str:
+  """A chat template rendered as transformers does: sandboxed Jinja with trim/lstrip blocks, loop
+  controls, lenient undefined values (tool templates test `message.tool_calls` on every message),
+  `tojson` without HTML escaping or key sorting, and `tools` always defined (None without tools)."""
   from jinja2 import sandbox
 
-  env = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+  env = sandbox.ImmutableSandboxedEnvironment(
+    trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+  )
 
   def raise_exception(message):
     raise DataError(f"chat template: {message}")
 
+  def tojson(value, indent=None, separators=None, sort_keys=False):
+    return json.dumps(value, ensure_ascii=False, indent=indent, separators=separators, sort_keys=sort_keys)
+
   env.globals["raise_exception"] = raise_exception
+  env.filters["tojson"] = tojson
   tokens = {k: v for k, v in special_tokens.items() if v is not None}
-  return env.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt, **tokens)
+  return env.from_string(template).render(
+    messages=messages, add_generation_prompt=add_generation_prompt, tools=tools, **tokens
+  )
 
 
 class Tokenizer(abc.ABC):
@@ -97,11 +108,14 @@ class Tokenizer(abc.ABC):
     parts = self.encode_each(docs)
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
-  def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """The conversation as the model expects it (Hugging Face chat-template semantics)."""
+  def apply_chat_template(
+    self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
+  ) -> str:
+    """The conversation as the model expects it (Hugging Face chat-template semantics); `tools` reach
+    templates that read them (`jaxeff.serve.tools.render_messages` covers those that do not)."""
     if not self.chat_template:
       raise HFError("this model has no chat template (tokenizer_config.json 'chat_template')")
-    return render_template(self.chat_template, messages, add_generation_prompt, self.special_tokens)
+    return render_template(self.chat_template, messages, add_generation_prompt, self.special_tokens, tools)
 
 
 class ByteTokenizer(Tokenizer):
