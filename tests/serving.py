@@ -29,9 +29,8 @@ def byte_tokenizer() -> ByteTokenizer:
 
 
 def tiny_model(seed: int = 0, **overrides) -> Llama:
-  cfg = ModelConfig(
-    vocab_size=264, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, **overrides
-  )
+  settings = dict(vocab_size=264, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+  cfg = ModelConfig(**(settings | overrides))
   return Llama(cfg, rngs=nnx.Rngs(seed))
 
 

@@ -52,8 +52,10 @@ from flax import nnx
 
 from jaxeff import sharding
 from jaxeff.errors import GenerationError
+from jaxeff.inference import logits as logits_lib
 from jaxeff.inference.cache import Dense, PackedLayout, RaggedLayout, TreeSlots
-from jaxeff.inference.sampling import SamplingParams, SamplingShape, filtered_logits, row_values, sample
+from jaxeff.inference.logits import Penalties
+from jaxeff.inference.sampling import SamplingParams, SamplingShape, filtered_logits, row_values, sample, sample_scored
 from jaxeff.inference.speculation import DraftContext
 from jaxeff.inference.verify import accept_greedy, accept_sampled, accept_typical
 from jaxeff.models.attention import index_positions
@@ -68,11 +70,15 @@ def pow2_at_least(n: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RowSettings:
-  """One row's request settings: sampling, PRNG seed, stop ids."""
+  """One row's request settings: sampling, PRNG seed, stop ids; with a runner that keeps token
+  state (`token_state=True`), its logits processing (`jaxeff.inference.logits.Penalties`) and
+  whether it wants the logprobs of what it samples."""
 
   sampling: SamplingParams = SamplingParams()
   seed: int = 0
   stop_tokens: tuple[int, ...] = ()
+  penalties: Penalties | None = None
+  logprobs: bool = False
 
   def __post_init__(self):
     if len(self.stop_tokens) > MAX_STOP_TOKENS:
@@ -81,16 +87,27 @@ class RowSettings:
       raise GenerationError(f"seed must be in [0, 2**32), got {self.seed}")
 
 
+class RowExtras(NamedTuple):
+  """Per-row arrays of logits processing and logprobs (a runner with token state)."""
+
+  penalties: dict  # [n] each (`jaxeff.inference.logits.row_values`)
+  logprobs: np.ndarray  # [n] bool: the row wants the logprobs of its token
+  masks: np.ndarray  # [n, W] int32 grammar bitmasks, all bits set where unconstrained
+
+
 class RowArrays(NamedTuple):
   """Per-row step arguments: what `row_arrays` makes of `RowSettings`."""
 
   seeds: np.ndarray  # [n] uint32
   values: dict  # sampling values, [n] each (`jaxeff.inference.sampling.row_values`)
   stops: np.ndarray  # [n, MAX_STOP_TOKENS] int32, -1 pads
+  extras: RowExtras | None = None
 
 
-def row_arrays(settings: list[RowSettings | None]) -> RowArrays:
-  """Arrays for a step over len(settings) rows (None: an unused row, greedy, no stop ids)."""
+def row_arrays(settings: list[RowSettings | None], *, mask_words: int | None = None) -> RowArrays:
+  """Arrays for a step over len(settings) rows (None: an unused row, greedy, no stop ids). With
+  `mask_words` (a runner with token state: `ModelRunner.mask_words`) the rows' processing and
+  logprobs too, grammar masks all ones (the caller writes a constrained row's)."""
   n = len(settings)
   seeds = np.zeros(n, np.uint32)
   stops = np.full((n, MAX_STOP_TOKENS), -1, np.int32)
@@ -98,7 +115,14 @@ def row_arrays(settings: list[RowSettings | None]) -> RowArrays:
     if s is not None:
       seeds[i] = s.seed
       stops[i, : len(s.stop_tokens)] = s.stop_tokens
-  return RowArrays(seeds, row_values([None if s is None else s.sampling for s in settings]), stops)
+  extras = None
+  if mask_words is not None:
+    extras = RowExtras(
+      logits_lib.row_values([None if s is None else s.penalties for s in settings]),
+      np.array([s is not None and s.logprobs for s in settings], bool),
+      np.full((n, mask_words), -1, np.int32),
+    )
+  return RowArrays(seeds, row_values([None if s is None else s.sampling for s in settings]), stops, extras)
 
 
 def shape_of(settings: list[RowSettings | None]) -> SamplingShape:
@@ -170,9 +194,14 @@ class ModelRunner:
       history and the speculator's own state, and `draft`/`verify` run.
     mesh: optional device mesh: weights placed by their logical axes, the cache created in its
       sharding (rows over data/fsdp, kv heads over tensor).
+    token_state: keep each row's token counts on the device (`jaxeff.inference.logits`), so steps
+      take per-row penalties, logit bias, min_tokens, grammar masks and return logprobs (`scores`):
+      pass `row_arrays(..., mask_words=runner.mask_words)` then.
   """
 
-  def __init__(self, model, *, max_batch: int, max_seq_len: int, kv_cache=None, speculator=None, mesh=None):
+  def __init__(
+    self, model, *, max_batch: int, max_seq_len: int, kv_cache=None, speculator=None, mesh=None, token_state=False
+  ):
     if max_batch < 1 or max_seq_len < 2:
       raise GenerationError(f"need max_batch >= 1 and max_seq_len >= 2, got {max_batch}, {max_seq_len}")
     self.cfg = model.cfg
@@ -191,6 +220,11 @@ class ModelRunner:
     self.traces: collections.Counter = collections.Counter()  # compilations per program and shape
     with self.on_mesh():
       self._cache = self._committed(jax.jit(lambda: self.policy.init(self.cfg, max_batch, max_seq_len))())
+    self._tstate = None
+    if token_state:
+      with self.on_mesh():
+        self._tstate = self._committed(jax.jit(lambda: logits_lib.init_state(max_batch, self.cfg.vocab_size))())
+    self.scores: tuple | None = None  # (sampled tokens' Logprobs, scored prompt tokens' Logprobs) of the last step
     self.speculator = speculator
     self._spec_params = self._spec_cache = self._spec_rows = None
     if speculator is not None:
@@ -204,18 +238,25 @@ class ModelRunner:
           constrain(jnp.zeros((max_batch, self.cfg.hidden_size), jnp.dtype(self.cfg.dtype)), (BATCH, EMBED)),
         )
         self._spec_rows = self._committed(jax.jit(make)())
-    donate = ("cache", "spec_cache", "spec_rows")
+    donate = ("cache", "spec_cache", "spec_rows", "tstate")
     self._prefill = jax.jit(self._prefill_fn, donate_argnames=donate, static_argnames=("shape", "span"))
-    self._decode = jax.jit(self._decode_fn, donate_argnames="cache", static_argnames=("shape", "span", "protect"))
+    self._decode = jax.jit(
+      self._decode_fn, donate_argnames=("cache", "tstate"), static_argnames=("shape", "span", "protect")
+    )
     self._decode_loop = jax.jit(self._decode_loop_fn, donate_argnames="cache", static_argnames=("shape", "out_len"))
-    self._draft = jax.jit(self._draft_fn, donate_argnames=donate, static_argnames=("shape", "span", "protect"))
+    self._draft = jax.jit(self._draft_fn, donate_argnames=donate[:3], static_argnames=("shape", "span", "protect"))
     self._verify = jax.jit(
       self._verify_fn, donate_argnames=("cache", "spec_rows"), static_argnames=("shape", "span", "protect", "rule")
     )
     self._set_tables = jax.jit(lambda cache, tables: self.policy.with_tables(cache, tables), donate_argnums=0)
     self._copy_blocks = jax.jit(lambda cache, src, dst: self.policy.copy_blocks(cache, src, dst), donate_argnums=0)
-    self._step = jax.jit(self._step_fn, donate_argnames="cache", static_argnames=("shape", "layout", "span"))
-    self._packed = jax.jit(self._packed_fn, donate_argnames="cache", static_argnames=("shape", "max_prefills"))
+    self._step = jax.jit(
+      self._step_fn, donate_argnames=("cache", "tstate"), static_argnames=("shape", "layout", "span")
+    )
+    self._packed = jax.jit(
+      self._packed_fn, donate_argnames=("cache", "tstate"), static_argnames=("shape", "max_prefills")
+    )
+    self._reset_tokens = jax.jit(logits_lib.reset_row, donate_argnums=0)
 
   # ------------------------------------------------------------------ state
 
@@ -263,6 +304,54 @@ class ModelRunner:
     """Blocks `src` copied to blocks `dst` in every layer (a paged cache's copy-on-write)."""
     with self.on_mesh():
       self._cache = self._copy_blocks(self._cache, np.asarray(src, np.int32), np.asarray(dst, np.int32))
+
+  @property
+  def mask_words(self) -> int | None:
+    """Width of a grammar bitmask row (int32 words over the model's vocab) with token state, else None."""
+    return None if self._tstate is None else -(-self.cfg.vocab_size // 32)
+
+  def reset_tokens(self, row: int, context, generated: int = 0, penalties: Penalties | None = None) -> None:
+    """Token state of cache row `row` for a request: its `context` (prompt, then the `generated`
+    tokens it has already sent, after a preemption) and its logit bias."""
+    if self._tstate is None:
+      return
+    tokens = np.full(self.max_seq_len, -1, np.int32)
+    context = np.asarray(context, np.int32)[: self.max_seq_len]
+    tokens[: context.size] = context
+    outputs = np.arange(self.max_seq_len) >= context.size - generated
+    bias_ids = np.full(logits_lib.MAX_LOGIT_BIAS, -1, np.int32)
+    bias_values = np.zeros(logits_lib.MAX_LOGIT_BIAS, np.float32)
+    for k, (t, b) in enumerate(() if penalties is None else penalties.logit_bias):
+      bias_ids[k], bias_values[k] = t, b
+    with self.on_mesh():
+      self._tstate = self._reset_tokens(self._tstate, np.int32(row), tokens, outputs, bias_ids, bias_values)
+
+  @property
+  def token_state(self):
+    """The device token state (`jaxeff.inference.logits.TokenState`; None without)."""
+    return self._tstate
+
+  def _pick(self, logits, keys, shape, rows, tstate, state_rows):
+    """Each row's next token (and its Logprobs, with token state) from its logits [S, V]."""
+    if rows.extras is None:
+      return sample(logits, keys, shape, rows.values), None
+    x = logits_lib.process(logits, tstate, state_rows, rows.extras.penalties, rows.stops, rows.extras.masks)
+    return sample_scored(x, keys, shape, rows.values, rows.extras.logprobs)
+
+  @staticmethod
+  def _score(model, x, score):
+    """Logprobs of tokens `score` [...] (-1: none) under the model's logits at hidden states x
+    [..., H] (the prompt tokens' own: raw, nothing sampled there); only when some are asked for."""
+    if score is None:
+      return None
+    flat_x, flat = x.reshape(-1, x.shape[-1]), score.reshape(-1)
+    vocab = model.cfg.vocab_size
+    out = jax.lax.cond(
+      jnp.any(flat >= 0),
+      lambda: logits_lib.logprobs_of(model.logits(flat_x), flat),
+      lambda: logits_lib.empty_logprobs(flat.shape, vocab),
+    )
+    return jax.tree.map(lambda a: a.reshape(*score.shape, *a.shape[1:]), out)
 
   @property
   def cache_bytes(self) -> int:
@@ -315,7 +404,23 @@ class ModelRunner:
   # ------------------------------------------------------------------ programs (traced)
 
   def _prefill_fn(
-    self, state, cache, spec_params, spec_cache, spec_rows, tokens, starts, lengths, first, rows, row0, *, shape, span
+    self,
+    state,
+    cache,
+    spec_params,
+    spec_cache,
+    spec_rows,
+    tstate,
+    tokens,
+    starts,
+    lengths,
+    first,
+    rows,
+    row0,
+    score,
+    *,
+    shape,
+    span,
   ):
     n, c = tokens.shape
     self.traces["prefill", n, c, span, shape] += 1
@@ -331,7 +436,10 @@ class ModelRunner:
     offset = jnp.clip(lengths - 1 - starts, 0, c - 1)
     last = jnp.take_along_axis(x, offset[:, None, None], axis=1)[:, 0]
     here = (lengths - 1 >= starts) & (lengths - 1 < starts + c)  # the prompt ends in this chunk
-    sampled = sample(model.logits(last), _keys(rows.seeds, lengths), shape, rows.values)
+    state_rows = jnp.where(here, row0 + jnp.arange(n), -1)
+    sampled, lp = self._pick(model.logits(last), _keys(rows.seeds, lengths), shape, rows, tstate, state_rows)
+    if tstate is not None:
+      tstate = logits_lib.record(tstate, state_rows, sampled, here)
     first = jnp.where(here, sampled, first)
     if self.speculator is not None:
       spec_window = self._open(spec_cache, where)
@@ -348,9 +456,10 @@ class ModelRunner:
         jnp.where(here[:, None], last.astype(own.hidden.dtype), own.hidden),
       )
       spec_rows = _put_rows(spec_rows, own, row0)
-    return first, _is_stop(first, rows.stops), cache, spec_cache, spec_rows
+    scores = (lp, self._score(model, x, score))
+    return first, _is_stop(first, rows.stops), cache, spec_cache, spec_rows, tstate, scores
 
-  def _decode_fn(self, state, cache, tokens, positions, live, rows, row0, *, shape, span, protect):
+  def _decode_fn(self, state, cache, tstate, tokens, positions, live, rows, row0, *, shape, span, protect):
     n = tokens.shape[0]
     self.traces["decode", n, span, shape] += 1
     model = nnx.merge(self._graphdef, state)
@@ -369,8 +478,12 @@ class ModelRunner:
     if protect and self.policy.pads_to_end and where is not None:
       new = self.policy.keep_rows(new, live, window)  # idle rows of the window are written back unchanged
     cache = self._close(cache, new, where)
-    nxt = sample(model.logits(x[:, 0]), _keys(rows.seeds, positions + 1), shape, rows.values)
-    return nxt, _is_stop(nxt, rows.stops), cache
+    state_rows = jnp.where(live, row0 + jnp.arange(n), -1)
+    keys = _keys(rows.seeds, positions + 1)
+    nxt, lp = self._pick(model.logits(x[:, 0]), keys, shape, rows, tstate, state_rows)
+    if tstate is not None:
+      tstate = logits_lib.record(tstate, state_rows, nxt, live)
+    return nxt, _is_stop(nxt, rows.stops), cache, tstate, (lp, None)
 
   def _decode_loop_fn(self, state, cache, first, positions, done, rows, num_tokens, *, shape, out_len):
     """Up to `num_tokens` tokens per row on the device: [B, out_len] ids, -1 after a row stops."""
@@ -401,7 +514,7 @@ class ModelRunner:
     _, cache, _, _, steps, _, out = jax.lax.while_loop(cond, body, init)
     return out, steps - 1, cache
 
-  def _step_fn(self, state, cache, tokens, positions, seq_rows, lengths, rows, *, shape, layout, span):
+  def _step_fn(self, state, cache, tstate, tokens, positions, seq_rows, lengths, rows, score, *, shape, layout, span):
     """A ragged step (paged cache): `layout.decode` rows decoding one token each, then
     `layout.prefill` rows prefilling a chunk of `layout.chunk`, packed into one row of tokens."""
     self.traces["step", layout, span, shape] += 1
@@ -424,11 +537,16 @@ class ModelRunner:
       index = jnp.concatenate([index, nd + jnp.arange(layout.prefill, dtype=jnp.int32) * c + jnp.maximum(count - 1, 0)])
       sample_at = jnp.concatenate([sample_at, last_prefill + 1])
     last = x[index]
-    nxt = sample(model.logits(last), _keys(rows.seeds, sample_at), shape, rows.values)
     ends = sample_at == lengths  # a decode row always; a prefill row when its prompt ends here
-    return jnp.where(ends, nxt, -1), _is_stop(nxt, rows.stops) & ends, cache
+    nxt, lp = self._pick(model.logits(last), _keys(rows.seeds, sample_at), shape, rows, tstate, seq_rows)
+    if tstate is not None:
+      tstate = logits_lib.record(tstate, seq_rows, nxt, ends)
+    scores = (lp, self._score(model, x, score))
+    return jnp.where(ends, nxt, -1), _is_stop(nxt, rows.stops) & ends, cache, tstate, scores
 
-  def _packed_fn(self, state, cache, tokens, positions, seq_rows, cu_q_lens, lengths, rows, *, shape, max_prefills):
+  def _packed_fn(
+    self, state, cache, tstate, tokens, positions, seq_rows, cu_q_lens, lengths, rows, score, *, shape, max_prefills
+  ):
     """A packed step (paged cache, the ragged op): S sequences' new tokens back to back in one row
     of T tokens; one program per (T, S, sampling shape, max_prefills), whatever the mix."""
     self.traces["packed", tokens.shape[0], seq_rows.shape[0], shape] += 1
@@ -440,10 +558,13 @@ class ModelRunner:
     t = tokens.shape[0]
     last = jnp.clip(cu_q_lens[1:] - 1, 0, t - 1)  # each sequence's last new token samples
     sample_at = positions[last] + 1
-    nxt = sample(model.logits(x[0, last]), _keys(rows.seeds, sample_at), shape, rows.values)
     # A decode row samples always; a prompt's chunk when the prompt ends in it.
     ends = (cu_q_lens[1:] > cu_q_lens[:-1]) & (sample_at == lengths)
-    return jnp.where(ends, nxt, -1), _is_stop(nxt, rows.stops) & ends, cache
+    nxt, lp = self._pick(model.logits(x[0, last]), _keys(rows.seeds, sample_at), shape, rows, tstate, seq_rows)
+    if tstate is not None:
+      tstate = logits_lib.record(tstate, seq_rows, nxt, ends)
+    scores = (lp, self._score(model, x[0], score))
+    return jnp.where(ends, nxt, -1), _is_stop(nxt, rows.stops) & ends, cache, tstate, scores
 
   def _draft_fn(self, state, cache, spec_params, spec_cache, spec_rows, live, rows, row0, *, shape, span, protect):
     n = live.shape[0]
@@ -533,28 +654,34 @@ class ModelRunner:
 
   # ------------------------------------------------------------------ calls (host side)
 
-  def prefill(self, tokens, *, starts, lengths, rows: RowArrays, first=None, row0: int = 0, shape=None, span=None):
+  def prefill(
+    self, tokens, *, starts, lengths, rows: RowArrays, first=None, row0: int = 0, shape=None, span=None, score=None
+  ):
     """A prompt chunk for rows row0..row0+n-1: `tokens` [n, C] at positions starts[i].. (right-
     padded; `lengths` [n] the prompts' full lengths). Returns (first tokens [n], whether each is a
     stop id [n]) as device arrays: a row's first new token where its prompt ends in this chunk,
-    else `first` (its earlier value)."""
+    else `first` (its earlier value). `score` [n, C]: token ids whose logprobs to compute at
+    each position (the next prompt token; -1: none), in `scores` beside the sampled tokens' (rows
+    with token state)."""
     n, c = np.shape(tokens)
     if first is None:
       first = self.committed(np.zeros(n, np.int32))
     shape = SamplingShape() if shape is None else shape
     with self.on_mesh():
-      first, stopped, self._cache, self._spec_cache, self._spec_rows = self._prefill(
+      first, stopped, self._cache, self._spec_cache, self._spec_rows, self._tstate, self.scores = self._prefill(
         self._state,
         self._cache,
         self._spec_params,
         self._spec_cache,
         self._spec_rows,
+        self._tstate,
         np.asarray(tokens, np.int32),
         np.asarray(starts, np.int32),
         np.asarray(lengths, np.int32),
         first,
         rows,
         np.int32(row0),
+        None if score is None else np.asarray(score, np.int32),
         shape=shape,
         span=span,
       )
@@ -568,9 +695,10 @@ class ModelRunner:
     n = np.shape(tokens)[0]
     live = np.ones(n, bool) if live is None else live
     with self.on_mesh():
-      nxt, stopped, self._cache = self._decode(
+      nxt, stopped, self._cache, self._tstate, self.scores = self._decode(
         self._state,
         self._cache,
+        self._tstate,
         tokens,
         positions,
         np.asarray(live, bool),
@@ -599,21 +727,35 @@ class ModelRunner:
       )
     return out, steps
 
-  def step(self, tokens, *, positions, seq_rows, lengths, rows: RowArrays, layout: RaggedLayout, shape=None, span=None):
+  def step(
+    self,
+    tokens,
+    *,
+    positions,
+    seq_rows,
+    lengths,
+    rows: RowArrays,
+    layout: RaggedLayout,
+    shape=None,
+    span=None,
+    score=None,
+  ):
     """A ragged step over a paged cache: tokens and positions [layout.tokens] (decode rows' tokens,
     then each prefill row's chunk, right-padded with position -1); `seq_rows` [layout.rows] the
     cache row (block table) of each step row (-1: padding); `lengths` [layout.rows] the position
     each row samples at when it samples (a decode row: its position + 1; a prefill row: its prompt's
     length). Returns (tokens [rows], stop flags [rows]): -1 for rows that sampled nothing."""
     with self.on_mesh():
-      nxt, stopped, self._cache = self._step(
+      nxt, stopped, self._cache, self._tstate, self.scores = self._step(
         self._state,
         self._cache,
+        self._tstate,
         np.asarray(tokens, np.int32),
         np.asarray(positions, np.int32),
         np.asarray(seq_rows, np.int32),
         np.asarray(lengths, np.int32),
         rows,
+        None if score is None else np.asarray(score, np.int32),
         shape=SamplingShape() if shape is None else shape,
         layout=layout,
         span=span,
@@ -621,29 +763,42 @@ class ModelRunner:
     return nxt, stopped
 
   def packed_step(
-    self, tokens, *, positions, seq_rows, cu_q_lens, lengths, rows: RowArrays, shape=None, max_prefills=None
+    self,
+    tokens,
+    *,
+    positions,
+    seq_rows,
+    cu_q_lens,
+    lengths,
+    rows: RowArrays,
+    shape=None,
+    max_prefills=None,
+    score=None,
   ):
     """A packed step over a paged cache (its ragged op): tokens and positions [T] hold S sequences'
     new tokens back to back (sequence i's at cu_q_lens[i] .. cu_q_lens[i+1]-1, consecutive positions;
     position -1 past the last); `seq_rows` [S] each sequence's cache row (block table; -1 and
     q_len 0: padding); `lengths` [S] the position each samples at when it samples (a decoding
     request: its position + 1; a prompt: its length). `max_prefills`: at most this many sequences
-    have more than one token (sizes the attention's work; None: any). Returns (tokens [S], stop
-    flags [S]): -1 for sequences that sampled nothing."""
+    have more than one token (sizes the attention's work; None: any). `score` [T]: token ids whose
+    logprobs to compute at each position (-1: none; `scores`). Returns (tokens [S], stop flags [S]):
+    -1 for sequences that sampled nothing."""
     cu_q_lens = np.asarray(cu_q_lens, np.int32)
     prefills = int(np.sum(np.diff(cu_q_lens) > 1))
     if max_prefills is not None and prefills > max_prefills:
       raise GenerationError(f"a packed step with {prefills} multi-token sequences, over max_prefills={max_prefills}")
     with self.on_mesh():
-      nxt, stopped, self._cache = self._packed(
+      nxt, stopped, self._cache, self._tstate, self.scores = self._packed(
         self._state,
         self._cache,
+        self._tstate,
         np.asarray(tokens, np.int32),
         np.asarray(positions, np.int32),
         np.asarray(seq_rows, np.int32),
         cu_q_lens,
         np.asarray(lengths, np.int32),
         rows,
+        None if score is None else np.asarray(score, np.int32),
         shape=SamplingShape() if shape is None else shape,
         max_prefills=max_prefills,
       )

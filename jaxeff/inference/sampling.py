@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxeff.errors import GenerationError
+from jaxeff.inference import logits as logits_lib
 
 _NEG_INF = -jnp.inf
 
@@ -185,3 +186,23 @@ def sample(logits: jax.Array, keys: jax.Array, static: SamplingShape, values: di
     return jnp.where(temperature > 0, drawn, greedy)
 
   return jax.lax.cond(jnp.any(temperature > 0), sampled, lambda: greedy)
+
+
+def sample_scored(logits, keys, static: SamplingShape, values: dict, want):
+  """`sample`, and the logprobs of what each row drew (`jaxeff.inference.logits.Logprobs`: from
+  the distribution it was drawn from, after temperature and filters) where `want` [B]; the
+  filters and the log-softmax run only when some row samples or wants logprobs."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  temperature = jnp.broadcast_to(jnp.asarray(values["temperature"]), greedy.shape)
+  b, vocab = logits.shape
+
+  def full():
+    x = filtered_logits(logits, static, values)
+    tokens = greedy
+    if not static.greedy:
+      drawn = jax.vmap(jax.random.categorical)(keys, x).astype(jnp.int32)
+      tokens = jnp.where(temperature > 0, drawn, greedy)
+    return tokens, logits_lib.logprobs_of(x, tokens)
+
+  busy = jnp.any(want) if static.greedy else jnp.any(want) | jnp.any(temperature > 0)
+  return jax.lax.cond(busy, full, lambda: (greedy, logits_lib.empty_logprobs((b,), vocab)))

@@ -60,6 +60,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from jaxeff.errors import GenerationError, HFError
 from jaxeff.generate.tokenizer import StreamDecoder, TextTokenizer
+from jaxeff.inference.logits import MAX_LOGPROBS, Penalties
+from jaxeff.serve import tools as tools_lib
 from jaxeff.serve.engine import Engine, EngineStoppedError, QueueFullError, Request
 
 log = logging.getLogger(__name__)
@@ -123,20 +125,24 @@ class _Sampling(BaseModel):
   stream: bool = False
   stream_options: dict | None = None
   ignore_eos: bool = False
-  # Accepted only at the values that change nothing (_NEUTRAL).
-  presence_penalty: float = 0.0
-  frequency_penalty: float = 0.0
-  repetition_penalty: float = 1.0
-  min_tokens: int = 0
-  logit_bias: dict | None = None
-  logprobs: Any = None
+  presence_penalty: float = Field(0.0, ge=-2, le=2)
+  frequency_penalty: float = Field(0.0, ge=-2, le=2)
+  repetition_penalty: float = Field(1.0, gt=0)
+  min_tokens: int = Field(0, ge=0)
+  logit_bias: dict[str, float] | None = None
+  response_format: dict | None = None
+  # Structured output as vLLM's extension fields name it.
+  guided_json: dict | str | None = None
+  guided_regex: str | None = None
+  guided_grammar: str | None = None
 
 
 class CompletionBody(_Sampling):
   prompt: str | list[int] | list[str] | list[list[int]]
-  best_of: int | None = None
+  best_of: int | None = Field(None, ge=1)
   echo: bool = False
   suffix: str | None = None
+  logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class ChatMessage(BaseModel):
@@ -149,31 +155,20 @@ class ChatMessage(BaseModel):
 class ChatBody(_Sampling):
   messages: list[ChatMessage] = Field(min_length=1)
   max_completion_tokens: int | None = None
-  top_logprobs: int | None = None
+  logprobs: bool | None = None
+  top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
   tools: list | None = None
   tool_choice: Any = None
   functions: list | None = None
   function_call: Any = None
-  parallel_tool_calls: bool | None = None  # any value: there are no tools
-  response_format: dict | None = None
+  parallel_tool_calls: bool | None = None  # any value: "auto" may call several, a forced call is one
 
 
 # Fields accepted only at the values that change nothing.
 _NEUTRAL = {
-  "presence_penalty": (0.0,),
-  "frequency_penalty": (0.0,),
-  "repetition_penalty": (1.0,),
-  "min_tokens": (0,),
-  "logit_bias": (None, {}),
-  "logprobs": (None, False),
-  "top_logprobs": (None, 0),
-  "echo": (False,),
   "suffix": (None, ""),
-  "tools": (None, []),
   "functions": (None, []),
-  "tool_choice": (None, "none", "auto"),
   "function_call": (None, "none", "auto"),
-  "response_format": (None, {"type": "text"}),
 }
 # Fields that never change the answer: accepted and ignored.
 _IGNORED = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
@@ -230,10 +225,15 @@ class _Choice:
   index: int
   request: Request
   text: TextStream
+  calls: tools_lib.ToolCallStream | None = None  # a chat with tools: replies parsed for calls
+  called: int = 0  # tool calls streamed so far
+  scored: int = 0  # tokens whose logprobs were streamed so far
 
 
-def _finish_reason(choice: _Choice) -> str:
+def _finish_reason(choice: _Choice, calls: bool = False) -> str:
   """OpenAI's finish reason of a choice that ended (one that failed or was cancelled raised instead)."""
+  if calls:
+    return "tool_calls"
   return "length" if not choice.text.stopped and choice.request.finish_reason == "length" else "stop"
 
 
@@ -308,6 +308,15 @@ class _EngineCounters:
     totals = self.engine.totals
     yield CounterMetricFamily("jaxeff_generated_tokens", "New tokens generated", value=totals.generated_tokens)
     yield CounterMetricFamily("jaxeff_prompt_tokens", "Prompt tokens prefilled", value=totals.prompt_tokens)
+    yield CounterMetricFamily(
+      "jaxeff_prompt_tokens_computed",
+      "Prompt tokens the model ran (not taken from the prefix cache or shared by n samples)",
+      value=totals.computed_prompt_tokens,
+    )
+    yield CounterMetricFamily("jaxeff_grammar_masks", "Grammar masks computed (structured output)", value=totals.masks)
+    yield CounterMetricFamily(
+      "jaxeff_grammar_mask_seconds", "Host time computing grammar masks", value=totals.mask_seconds
+    )
     finished = CounterMetricFamily("jaxeff_requests_finished", "Requests ended, by reason", labels=["reason"])
     for reason, count in sorted(totals.requests_finished.items()):
       finished.add_metric([reason], count)
@@ -442,6 +451,15 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     model = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "jaxeff"}
     return {"object": "list", "data": [model]}
 
+  grammars = {}  # the grammar compiler, made on the first constrained request
+
+  def _compiler():
+    if "compiler" not in grammars:
+      from jaxeff.serve.grammar import GrammarCompiler
+
+      grammars["compiler"] = GrammarCompiler(tokenizer, engine.cfg.vocab_size)
+    return grammars["compiler"]
+
   @app.post("/v1/completions")
   async def completions(body: CompletionBody, http: fastapi.Request):
     prompts = body.prompt
@@ -456,23 +474,61 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
   async def chat_completions(body: ChatBody, http: fastapi.Request):
     if body.max_completion_tokens is not None and body.max_tokens is None:
       body.max_tokens = body.max_completion_tokens
-    messages = []
-    for i, m in enumerate(body.messages):
-      content = m.content
-      if isinstance(content, list):  # content parts: text only
-        if any(part.get("type") != "text" for part in content):
-          raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
-        content = "".join(str(part.get("text", "")) for part in content)
-      messages.append({"role": m.role, "content": content or ""})
+    messages = [m.model_dump(exclude_none=True) | {"content": m.content} for m in body.messages]
+    for i, m in enumerate(messages):
+      if isinstance(m["content"], list) and any(part.get("type") != "text" for part in m["content"]):
+        raise APIError(400, "only text content parts are supported", param=f"messages.{i}.content")
     try:
-      text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+      text = tools_lib.render_messages(tokenizer, messages, body.tools or None, body.tool_choice)
+    except GenerationError as e:
+      raise APIError(400, str(e), param=getattr(e, "param", None) or "messages") from e
     except HFError as e:
       raise APIError(400, str(e), param="messages") from e
     # The template writes the special tokens itself (BOS included).
     return await _respond(body, [tokenizer.encode(text, add_special_tokens=False)], http, chat=True)
 
+  def _grammar_spec(body: _Sampling, chat: bool) -> tuple[str, dict] | None:
+    """(the field that asked, the structured-output spec) of a request, if one asks; 400 when
+    several do, or one is malformed."""
+    specs = []
+    rf = body.response_format
+    if rf is not None:
+      kind = rf.get("type") if isinstance(rf, dict) else None
+      if kind == "json_object":
+        specs.append(("response_format", {"type": "json_object"}))
+      elif kind == "json_schema":
+        specs.append(("response_format", {"type": "json_schema", "json_schema": rf.get("json_schema")}))
+      elif kind != "text":
+        raise APIError(
+          400, "response_format: type must be text, json_object or json_schema, got " + json.dumps(kind),
+          param="response_format",
+        )  # fmt: skip
+    if body.guided_json is not None:
+      schema = body.guided_json
+      if isinstance(schema, str):
+        try:
+          schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+          raise APIError(400, f"guided_json: not valid JSON ({e})", param="guided_json") from e
+      specs.append(("guided_json", {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": schema}}))
+    if body.guided_regex is not None:
+      specs.append(("guided_regex", {"type": "regex", "pattern": body.guided_regex}))
+    if body.guided_grammar is not None:
+      specs.append(("guided_grammar", {"type": "grammar", "grammar": body.guided_grammar}))
+    if chat and body.tools:
+      try:
+        forced = tools_lib.call_grammar(body.tools, body.tool_choice)
+      except GenerationError as e:
+        raise APIError(400, str(e), param=getattr(e, "param", None) or "tools") from e
+      if forced is not None:
+        specs.append(("tool_choice", forced))
+    if len(specs) > 1:
+      names = " and ".join(name for name, _ in specs)
+      raise APIError(400, f"{specs[1][0]}: one output constraint per request, got {names}", param=specs[1][0])
+    return specs[0] if specs else None
+
   def _check(body: _Sampling, ids: list[list[int]], chat: bool) -> int:
-    """Validates what pydantic cannot; the max_tokens to use."""
+    """Validates what pydantic cannot; the max_tokens to use (0: an echo that generates nothing)."""
     if body.model != settings.model_name:
       raise APIError(
         404,
@@ -485,18 +541,31 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         raise APIError(400, f"{name} is not supported by this server", param=name)
     for name, neutral in _NEUTRAL.items():
       value = getattr(body, name) if name in type(body).model_fields else neutral[0]
-      if not any(type(value) is type(n) and value == n for n in neutral):  # logprobs 0 is not False
+      if not any(type(value) is type(n) and value == n for n in neutral):
         allowed = " or ".join(json.dumps(n) for n in neutral)
         raise APIError(400, f"{name} is not supported by this server (only {allowed})", param=name)
-    if getattr(body, "best_of", None) not in (None, 1, body.n):
-      raise APIError(400, "best_of is not supported by this server", param="best_of")
     vocab = engine.cfg.vocab_size
+    for key in body.logit_bias or {}:
+      if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+        raise APIError(400, f"logit_bias: keys must be token ids in [0, {vocab}), got {key!r}", param="logit_bias")
+      if not -100 <= body.logit_bias[key] <= 100:
+        raise APIError(
+          400, f"logit_bias: values must lie in [-100, 100], got {body.logit_bias[key]}", param="logit_bias"
+        )
+    if chat and body.top_logprobs and not body.logprobs:
+      raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    best_of = getattr(body, "best_of", None) or body.n
+    if best_of < body.n:
+      raise APIError(400, f"best_of ({best_of}) must be at least n ({body.n})", param="best_of")
+    if best_of > body.n and body.stream:
+      raise APIError(400, "best_of: a stream cannot choose the best of several answers", param="best_of")
     if any(not 0 <= t < vocab for t in body.stop_token_ids or ()):
       raise APIError(400, f"stop_token_ids must lie in [0, {vocab})", param="stop_token_ids")
-    if body.n > settings.max_n:
-      raise APIError(400, f"n={body.n} is over this server's limit of {settings.max_n}", param="n")
-    if len(ids) * body.n > max(settings.max_n, engine.max_waiting):
-      raise APIError(400, f"{len(ids)} prompts x n={body.n} is more than this server takes at once", param="prompt")
+    if best_of > settings.max_n:
+      which = "n" if best_of == body.n else "best_of"
+      raise APIError(400, f"{which}={best_of} is over this server's limit of {settings.max_n}", param=which)
+    if len(ids) * best_of > max(settings.max_n, engine.max_waiting):
+      raise APIError(400, f"{len(ids)} prompts x n={best_of} is more than this server takes at once", param="prompt")
     longest = max(len(p) for p in ids)
     if any(len(p) == 0 for p in ids):
       raise APIError(400, "the prompt encodes to no tokens", param="prompt")
@@ -518,6 +587,8 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     max_tokens = body.max_tokens
     if max_tokens is None:
       return cap if chat else min(cap, settings.default_completion_tokens)
+    if max_tokens == 0 and getattr(body, "echo", False):
+      return 0  # scoring the prompt (its logprobs), nothing new
     if max_tokens < 1:
       raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens")
     if settings.max_tokens is not None and max_tokens > settings.max_tokens:
@@ -534,28 +605,57 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
       )
     return max_tokens
 
-  def _submit(body: _Sampling, ids: list[list[int]], max_tokens: int) -> list[_Choice]:
+  def _top(body: _Sampling, chat: bool) -> int | None:
+    """Top logprobs per token the answer carries (None: no logprobs)."""
+    if chat:
+      return (body.top_logprobs or 0) if body.logprobs else None
+    return body.logprobs
+
+  def _submit(body: _Sampling, ids: list[list[int]], max_tokens: int, chat: bool) -> list[_Choice]:
     stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     if len(stops) > 4:
       raise APIError(400, f"at most 4 stop strings, got {len(stops)}", param="stop")
     stop_ids = () if body.ignore_eos else tokenizer.stop_tokens
     stop_ids = tuple(dict.fromkeys([*stop_ids, *(body.stop_token_ids or ())]))
+    spec = _grammar_spec(body, chat)
+    grammar = None
+    if spec is not None:
+      try:
+        grammar = _compiler().compile(spec[1])
+      except GenerationError as e:
+        raise APIError(400, f"{spec[0]}: {e}", param=spec[0]) from e
+    best_of = getattr(body, "best_of", None) or body.n
+    top = _top(body, chat)
+    echo = getattr(body, "echo", False)
+    penalties = Penalties(
+      presence=body.presence_penalty,
+      frequency=body.frequency_penalty,
+      repetition=body.repetition_penalty,
+      min_tokens=body.min_tokens,
+      logit_bias=tuple((int(k), float(v)) for k, v in (body.logit_bias or {}).items()),
+    )
+    with_calls = chat and bool(body.tools) and body.tool_choice != "none"
     choices: list[_Choice] = []
     try:
       for p in ids:
-        for j in range(body.n):
-          seed = None if body.seed is None else (body.seed + j) % 2**32
-          request = engine.submit(
-            p,
-            max_tokens=max_tokens,
-            temperature=body.temperature,
-            top_k=body.top_k if body.top_k and body.top_k > 0 else None,
-            top_p=body.top_p if body.top_p < 1 else None,
-            min_p=body.min_p if body.min_p > 0 else None,
-            seed=seed,
-            stop_tokens=stop_ids,
-          )
-          choices.append(_Choice(len(choices), request, TextStream(tokenizer, stops)))
+        requests = engine.submit_many(
+          p,
+          best_of,
+          max_tokens=max(max_tokens, 1),
+          temperature=body.temperature,
+          top_k=body.top_k if body.top_k and body.top_k > 0 else None,
+          top_p=body.top_p if body.top_p < 1 else None,
+          min_p=body.min_p if body.min_p > 0 else None,
+          seed=body.seed,
+          stop_tokens=stop_ids,
+          penalties=penalties,
+          logprobs=top if best_of == body.n else max(top or 0, 0),
+          prompt_logprobs=echo and top is not None,
+          grammar=grammar,
+        )
+        for request in requests:
+          calls = tools_lib.ToolCallStream() if with_calls else None
+          choices.append(_Choice(len(choices), request, TextStream(tokenizer, stops), calls))
     except (QueueFullError, EngineStoppedError, GenerationError) as e:
       for c in choices:
         c.request.cancel()
@@ -570,30 +670,93 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     completion = sum(c.text.tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
+  def _piece(token: int) -> str:
+    return tokenizer.decode([token], skip_special_tokens=False)
+
+  def _chat_logprobs(entries, top: int) -> list[dict]:
+    """OpenAI's chat `logprobs.content` items of (token, (logprob, top alternatives)) pairs."""
+
+    def item(token, logprob):
+      text = _piece(token)
+      return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return [item(t, lp) | {"top_logprobs": [item(a, v) for a, v in alts[:top]]} for t, (lp, alts) in entries]
+
+  def _completion_logprobs(entries, top: int, offset: int = 0) -> dict:
+    """OpenAI's completions `logprobs` of (token, entry or None) pairs; text offsets from `offset`."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, entry in entries:
+      text = _piece(token)
+      out["tokens"].append(text)
+      out["text_offset"].append(offset)
+      offset += len(text)
+      out["token_logprobs"].append(None if entry is None else entry[0])
+      out["top_logprobs"].append(None if entry is None else {_piece(a): v for a, v in entry[1][:top]})
+    return out
+
+  def _scored(choice: _Choice, start: int, stop: int) -> list:
+    r = choice.request
+    return [(r.tokens[k], r.logprobs[k]) for k in range(start, min(stop, len(r.logprobs)))]
+
   async def _respond(body: _Sampling, ids: list[list[int]], http: fastapi.Request, chat: bool):
     max_tokens = _check(body, ids, chat)
-    choices = _submit(body, ids, max_tokens)
+    choices = _submit(body, ids, max_tokens, chat)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     kind = "chat.completion" if chat else "text_completion"
+    top = _top(body, chat)
     if body.stream:
       include_usage = bool((body.stream_options or {}).get("include_usage"))
       return responses.StreamingResponse(
-        _stream(choices, ids, rid, kind, chat, include_usage),
+        _stream(choices, ids, rid, kind, chat, include_usage, top, max_tokens),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
       )
     try:
-      await _collect(choices, http)
+      await _collect(choices, http, max_tokens)
     except asyncio.CancelledError:
       for c in choices:
         c.request.cancel()
       raise
+    usage = _usage(choices, sum(len(p) for p in ids))
+    if len(choices) > len(ids) * body.n:  # best_of: per prompt, the n with the best mean logprob per token
+      per = len(choices) // len(ids)
+
+      def mean(c):
+        lps = [lp for lp, _ in c.request.logprobs[: c.text.tokens]]
+        return sum(lps) / max(len(lps), 1)
+
+      choices = [
+        c for k in range(len(ids)) for c in sorted(choices[k * per : (k + 1) * per], key=mean, reverse=True)[: body.n]
+      ]
+      for index, c in enumerate(choices):
+        c.index = index
     out = []
     for c in choices:
       c.text.finish()
       text = c.text.text
-      item = {"index": c.index, "finish_reason": _finish_reason(c)}
-      item |= {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+      if chat:
+        message, calls = {"role": "assistant", "content": text}, []
+        if c.calls is not None:
+          content, calls = tools_lib.parse_tool_calls(text)
+          if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+        item = {"index": c.index, "message": message, "finish_reason": _finish_reason(c, bool(calls))}
+        if top is not None:
+          item["logprobs"] = {"content": _chat_logprobs(_scored(c, 0, c.text.tokens), top)}
+        else:
+          item["logprobs"] = None
+      else:
+        logprobs = None
+        if getattr(body, "echo", False):
+          prompt = c.request.prompt.tolist()
+          prompt_text = tokenizer.decode(prompt)
+          text = prompt_text + text
+          if top is not None:
+            scored = list(zip(prompt, c.request.prompt_logprobs)) + _scored(c, 0, c.text.tokens)
+            logprobs = _completion_logprobs(scored, top)
+        elif top is not None:
+          logprobs = _completion_logprobs(_scored(c, 0, c.text.tokens), top)
+        item = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(c)}
       out.append(item)
     return {
       "id": rid,
@@ -601,14 +764,18 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
       "created": int(time.time()),
       "model": settings.model_name,
       "choices": out,
-      "usage": _usage(choices, sum(len(p) for p in ids)),
+      "usage": usage,
     }
 
-  async def _run_choice(choice: _Choice, on_text=None) -> None:
+  async def _run_choice(choice: _Choice, on_text=None, max_tokens: int = 1) -> None:
     """Feeds the choice's tokens through its text stream until it ends (or hits a stop string);
-    raises an `APIError` if it cannot end so."""
+    raises an `APIError` if it cannot end so. max_tokens 0 (an echo that scores the prompt): the
+    token generated to get there is dropped."""
     try:
       async for token in choice.request:
+        if max_tokens == 0:
+          choice.request.cancel()
+          break
         piece = choice.text.push(token)
         if on_text is not None and piece:
           await on_text(choice, piece)
@@ -622,11 +789,12 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
       raise APIError(500, f"generation failed: {e}", code="internal_error") from e
     finally:
       metrics.observe(choice.request)
-    if choice.request.finish_reason == "cancelled" and not choice.text.stopped:  # the engine stopped under it
+    stopped_here = choice.text.stopped or max_tokens == 0
+    if choice.request.finish_reason == "cancelled" and not stopped_here:  # the engine stopped under it
       raise _shutting_down()
 
-  async def _collect(choices: list[_Choice], http: fastapi.Request) -> None:
-    work = asyncio.gather(*(_run_choice(c) for c in choices))
+  async def _collect(choices: list[_Choice], http: fastapi.Request, max_tokens: int) -> None:
+    work = asyncio.gather(*(_run_choice(c, max_tokens=max_tokens) for c in choices))
     watch = asyncio.ensure_future(_watch_disconnect(http))
     try:
       done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -645,7 +813,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     while not await http.is_disconnected():
       await asyncio.sleep(0.05)
 
-  async def _stream(choices, ids, rid, kind, chat, include_usage):
+  async def _stream(choices, ids, rid, kind, chat, include_usage, top, max_tokens):
     created_at = int(time.time())
     events: asyncio.Queue = asyncio.Queue()
     tasks: list[asyncio.Future] = []
@@ -662,23 +830,54 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         data["usage"] = usage
       return f"data: {json.dumps(data)}\n\n"
 
-    def delta(choice, text, finish=None):
-      if chat:
-        return {"index": choice.index, "delta": {"content": text} if text else {}, "finish_reason": finish}
-      return {"index": choice.index, "text": text, "logprobs": None, "finish_reason": finish}
+    def logprobs(choice, upto):
+      if top is None:
+        return None
+      entries = _scored(choice, choice.scored, upto)
+      choice.scored = max(choice.scored, min(upto, len(choice.request.logprobs)))
+      return {"content": _chat_logprobs(entries, top)} if chat else _completion_logprobs(entries, top)
+
+    def deltas(choice, text, finish=None) -> list[dict]:
+      lp = logprobs(choice, choice.text.tokens)
+      if not chat:
+        return [{"index": choice.index, "text": text, "logprobs": lp, "finish_reason": finish}]
+      parts = [{"content": text}] if choice.calls is None else choice.calls.push(text)
+      if finish is not None and choice.calls is not None:
+        parts += choice.calls.finish()
+      out = []
+      for part in parts:
+        if "tool_calls" in part:
+          calls = []
+          for call in part["tool_calls"]:
+            calls.append(call | {"index": choice.called})
+            choice.called += 1
+          part = {"tool_calls": calls}
+        elif not part.get("content"):
+          continue
+        out.append({"index": choice.index, "delta": part, "logprobs": None, "finish_reason": None})
+      if finish is not None:
+        reason = "tool_calls" if choice.called else finish
+        out.append({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": reason})
+      if lp is not None and lp["content"]:
+        if not out:
+          out.append({"index": choice.index, "delta": {}, "logprobs": None, "finish_reason": None})
+        out[0]["logprobs"] = lp
+      return out
 
     async def on_text(choice, piece):
-      await events.put(chunk([delta(choice, piece)]))
+      parts = deltas(choice, piece)
+      if parts:
+        await events.put(chunk(parts))
 
     async def run(choice):
       try:
-        await _run_choice(choice, on_text)
+        await _run_choice(choice, on_text, max_tokens)
       except APIError as e:
         await events.put(f"data: {json.dumps(e.body())}\n\n")
         return
       rest = choice.text.finish()
       usage = _usage([choice], choice.request.prompt.size)
-      await events.put(chunk([delta(choice, rest, _finish_reason(choice))], usage))
+      await events.put(chunk(deltas(choice, rest, _finish_reason(choice)), usage))
 
     try:
       if chat:

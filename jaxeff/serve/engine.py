@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import itertools
 import logging
@@ -81,6 +82,7 @@ import numpy as np
 from jaxeff.errors import GenerationError
 from jaxeff.inference.blocks import BlockManager
 from jaxeff.inference.cache import Dense, Paged, RaggedLayout
+from jaxeff.inference.logits import MAX_LOGPROBS, Penalties
 from jaxeff.inference.runner import MAX_STOP_TOKENS, ModelRunner, RowSettings, pow2_at_least, row_arrays
 from jaxeff.inference.sampling import SamplingParams, SamplingShape
 from jaxeff.models import attention as attention_lib
@@ -109,13 +111,22 @@ class RequestParams:
   sampling: SamplingParams = SamplingParams()
   seed: int = 0
   stop_tokens: tuple[int, ...] = ()
+  penalties: Penalties | None = None
+  logprobs: int | None = None  # the sampled tokens' logprobs and this many top ones (None: off)
+  prompt_logprobs: bool = False  # the prompt tokens' logprobs (the prompt is then prefilled whole)
+  grammar: object = None  # a compiled grammar (`jaxeff.serve.grammar`): each token masked by it
 
   @property
   def row(self) -> RowSettings:
-    return RowSettings(self.sampling, self.seed, self.stop_tokens)
+    return RowSettings(self.sampling, self.seed, self.stop_tokens, self.penalties, self.logprobs is not None)
 
 
 _DONE = object()
+
+
+def _entry(lp, j: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+  """(token's logprob, its `top` most likely alternatives) from row j of host `Logprobs`."""
+  return float(lp.token[j]), [(int(t), float(v)) for t, v in zip(lp.top_ids[j, :top], lp.top[j, :top])]
 
 
 class Request:
@@ -142,6 +153,12 @@ class Request:
     self.passed_over = 0  # later requests admitted before it (paged cache)
     self._context = None  # (tokens to prefill, their block hashes), while it waits (paged cache)
     self.cached_tokens = 0  # prompt tokens found in the prefix cache at its (last) admission
+    # With `logprobs`: per token, (its logprob, [(id, logprob)] of the most likely), as `tokens`.
+    self.logprobs: list[tuple[float, list[tuple[int, float]]]] = []
+    # With `prompt_logprobs`: per prompt token (the first: None), as `logprobs`.
+    self.prompt_logprobs: list | None = [None] if params.prompt_logprobs else None
+    self.matcher = None if params.grammar is None else params.grammar.matcher()
+    self.leader: Request | None = None  # the first of `n` samples of one prompt (`submit_many`)
     self.cancelled = False
     self._wake_engine = lambda: None
     self._finished = threading.Event()
@@ -252,6 +269,9 @@ class EngineTotals:
   steps: int = 0  # ragged steps (paged cache)
   preemptions: int = 0  # requests whose blocks were taken back to make room (paged cache)
   running_peak: int = 0  # most requests in the engine at once
+  computed_prompt_tokens: int = 0  # prompt tokens the model ran (not taken from the cache or a fork)
+  masks: int = 0  # grammar masks computed
+  mask_seconds: float = 0.0  # host time computing them
 
 
 def sized_pool(policy: Paged, cfg, max_batch: int, max_seq_len: int, memory: int | None) -> Paged:
@@ -367,7 +387,13 @@ class Engine:
     elif kv_cache_memory is not None:
       raise GenerationError(f"kv_cache_memory sizes the paged cache's pool; the {kv_cache.name} cache takes none")
     self.runner = ModelRunner(
-      model, max_batch=max_batch, max_seq_len=max_seq_len, kv_cache=kv_cache, speculator=speculator, mesh=mesh
+      model,
+      max_batch=max_batch,
+      max_seq_len=max_seq_len,
+      kv_cache=kv_cache,
+      speculator=speculator,
+      mesh=mesh,
+      token_state=speculator is None,
     )
     if self.blocks is not None and speculator is None:
       self.packed = kv_cache.uses_kernel(attention_lib.bind(model.cfg), tree=False)
@@ -401,6 +427,8 @@ class Engine:
     self._accepting = True
     self._stop_requested = False
     self._thread: threading.Thread | None = None
+    self._mask_pool: concurrent.futures.ThreadPoolExecutor | None = None  # made on the first grammar
+    self._next_masks: concurrent.futures.Future | None = None  # {request id: mask} being computed
 
   @property
   def traces(self) -> collections.Counter:
@@ -428,6 +456,10 @@ class Engine:
     min_p: float | None = None,
     seed: int | None = None,
     stop_tokens: Sequence[int] | None = None,
+    penalties: Penalties | None = None,
+    logprobs: int | None = None,
+    prompt_logprobs: bool = False,
+    grammar=None,
   ) -> Request:
     """Queues a request and returns its handle at once.
 
@@ -437,6 +469,14 @@ class Engine:
       temperature, top_k, top_p, min_p: sampling, as `jaxeff.generate.SamplingParams`; 0: greedy.
       seed: the request's PRNG seed (same seed, same tokens); None: a random one.
       stop_tokens: ids that end the request; None: the tokenizer's (none without a tokenizer).
+      penalties: logit bias, repetition/presence/frequency penalties, min_tokens
+        (`jaxeff.inference.logits.Penalties`), applied in the step.
+      logprobs: record each new token's logprob and its `logprobs` most likely alternatives
+        (0..MAX_LOGPROBS; `Request.logprobs`); None: off.
+      prompt_logprobs: record the prompt tokens' logprobs (`Request.prompt_logprobs`; the prompt is
+        then prefilled whole, not taken from the prefix cache).
+      grammar: a compiled grammar (`jaxeff.serve.grammar.GrammarCompiler.compile`): every token is
+        masked by it in the step, and the request ends (finish reason "stop") when it is complete.
 
     Raises:
       GenerationError: bad input (message names the problem); QueueFullError: too many waiting;
@@ -473,14 +513,52 @@ class Engine:
     stops = tuple(self.tokenizer.stop_tokens if self.tokenizer else ()) if stop_tokens is None else tuple(stop_tokens)
     if len(stops) > MAX_STOP_TOKENS:
       raise GenerationError(f"at most {MAX_STOP_TOKENS} stop tokens, got {len(stops)}")
+    if penalties == Penalties():
+      penalties = None
+    if penalties is not None:
+      penalties.check_vocab(self.cfg.vocab_size)
+    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+      raise GenerationError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+    asked = {"penalties": penalties, "logprobs": logprobs is not None, "prompt_logprobs": prompt_logprobs}
+    asked["grammar"] = grammar is not None
+    if any(asked.values()) and self.runner.mask_words is None:
+      names = ", ".join(k for k, v in asked.items() if v)
+      raise GenerationError(f"{names}: not supported with speculative decoding (this engine has a speculator)")
     params = RequestParams(
       max_tokens=int(max_tokens),
       sampling=sampling,
       seed=int(self._seeds.integers(2**32)) if seed is None else int(seed),
       stop_tokens=tuple(int(s) for s in stops),
+      penalties=penalties,
+      logprobs=logprobs,
+      prompt_logprobs=bool(prompt_logprobs),
+      grammar=grammar,
     )
-    request = Request(next(self._ids), ids.astype(np.int32), params)
-    request._wake_engine = self._wake
+    return self._enqueue([Request(next(self._ids), ids.astype(np.int32), params)])[0]
+
+  def submit_many(self, prompt, n: int, *, seed: int | None = None, **settings) -> list[Request]:
+    """`n` samples of one prompt (`submit`'s settings; sample j's seed is seed + j): with the paged
+    cache the prompt is prefilled once and its blocks shared (the others fork it and compute only
+    its last token, each with its own seed)."""
+    if not isinstance(n, int) or n < 1:
+      raise GenerationError(f"n must be a positive integer, got {n!r}")
+    first = self.submit(prompt, seed=seed, **settings)
+    base = first.params.seed
+    others = [
+      Request(next(self._ids), first.prompt, dataclasses.replace(first.params, seed=(base + j) % 2**32))
+      for j in range(1, n)
+    ]
+    for r in others:
+      r.leader = first
+    try:
+      return [first, *self._enqueue(others)]
+    except GenerationError:
+      first.cancel()
+      raise
+
+  def _enqueue(self, requests: list[Request]) -> list[Request]:
+    for request in requests:
+      request._wake_engine = self._wake
     with self._cv:
       if self.failure is not None:
         raise self.failure
@@ -488,12 +566,12 @@ class Engine:
         raise EngineStoppedError("the engine is shutting down")
       # Requests that free slots will take at once do not count as waiting.
       queued = sum(not r.cancelled for r in self._waiting) - self._slots.count(None)
-      if queued >= self.max_waiting:
+      if queued + len(requests) - 1 >= self.max_waiting:
         raise QueueFullError(f"{queued} requests are already waiting (max_waiting={self.max_waiting})")
-      self._waiting.append(request)
+      self._waiting.extend(requests)
       self._cv.notify()
     self.start()
-    return request
+    return requests
 
   def generate(self, prompts: Sequence[Sequence[int]], **params) -> list[list[int]]:
     """Submits every prompt (with the same `submit` settings) and waits: their new token ids."""
@@ -551,19 +629,20 @@ class Engine:
         s = self.max_batch
         out = self.runner.packed_step(
           np.zeros(size, np.int32), positions=np.full(size, -1, np.int32), seq_rows=np.full(s, -1, np.int32),
-          cu_q_lens=np.zeros(s + 1, np.int32), lengths=np.full(s, -1, np.int32), rows=row_arrays([None] * s),
-          shape=SamplingShape.any(), max_prefills=self.max_prefill_rows,
+          cu_q_lens=np.zeros(s + 1, np.int32), lengths=np.full(s, -1, np.int32), rows=self._row_arrays([], s),
+          shape=SamplingShape.any(), max_prefills=self.max_prefill_rows, score=self._no_score(size),
         )  # fmt: skip
       elif kind == "step":
         layout = size
         out = self.runner.step(
           np.zeros(layout.tokens, np.int32), positions=np.full(layout.tokens, -1, np.int32),
           seq_rows=np.full(layout.rows, -1, np.int32), lengths=np.full(layout.rows, -1, np.int32),
-          rows=row_arrays([None] * layout.rows), layout=layout, shape=SamplingShape.any(), span=span,
+          rows=self._row_arrays([], layout.rows), layout=layout, shape=SamplingShape.any(), span=span,
+          score=self._no_score(layout.tokens),
         )  # fmt: skip
       elif kind == "decode":
         idle = np.zeros(size, bool)  # no row is live: nothing is written back
-        arrays = row_arrays([None] * size)
+        arrays = self._row_arrays([], size)
         if self.speculator is None:
           out = self.runner.decode(
             np.zeros(size, np.int32), positions=np.zeros(size, np.int32), live=idle, rows=arrays,
@@ -580,8 +659,8 @@ class Engine:
         # A prompt that ends in the chunk, in a free row (emptied first: starting at 0 if it does).
         out = self.runner.prefill(
           np.zeros((1, size), np.int32), starts=np.array([start], np.int32),
-          lengths=np.array([start + size], np.int32), rows=row_arrays([None]), row0=0,
-          shape=SamplingShape.any(), span=span,
+          lengths=np.array([start + size], np.int32), rows=self._row_arrays([], 1), row0=0,
+          shape=SamplingShape.any(), span=span, score=self._no_score((1, size)),
         )  # fmt: skip
       jax.block_until_ready(out)
       if progress is not None:
@@ -621,6 +700,8 @@ class Engine:
       self._cv.notify()
     if self._thread is not None:
       self._thread.join()
+    if self._mask_pool is not None:
+      self._mask_pool.shutdown(wait=False)
     # Anything left (no thread ever ran it) ends cancelled.
     for r in list(self._waiting) + [s.request for s in self._slots if s is not None]:
       r._finish("cancelled")
@@ -687,7 +768,16 @@ class Engine:
           request._finish("cancelled")
           continue
         slot = self._slots[i] = _Slot(request)
+        self._start_row(i)
     self.totals.running_peak = max(self.totals.running_peak, self.num_running)
+
+  def _start_row(self, i: int) -> None:
+    """Slot i's request starts (again): its token state on the device, its prompt's logprobs anew."""
+    slot = self._slots[i]
+    request = slot.request
+    self.runner.reset_tokens(i, slot.context, len(request.tokens), request.params.penalties)
+    if request.prompt_logprobs is not None and slot.prefilled == 0:
+      request.prompt_logprobs = [None]
 
   def _free_cancelled(self) -> None:
     with self._cv:  # a cancelled request leaves the waiting queue too (it counts toward max_waiting)
@@ -730,41 +820,57 @@ class Engine:
       return
     tokens = np.zeros((1, size), np.int32)
     tokens[0, :real] = slot.context[slot.prefilled : slot.prefilled + real]
+    score = self._no_score((1, size))
     try:
+      scored = self._score_chunk(score, 0, i, real)
       token, stopped = self.runner.prefill(
         tokens,
         starts=np.array([slot.prefilled], np.int32),
         lengths=np.array([slot.context.size], np.int32),
-        rows=row_arrays([request.params.row]),
+        rows=self._row_arrays([i], 1),
         row0=i,
         shape=SamplingShape.any(),
         span=self.kv_bucket(slot.prefilled + size),
+        score=score,
       )
       token, stopped = int(token[0]), bool(stopped[0])
+      self._take_prompt_logprobs(scored)
+      lp = self._step_logprobs([i])
     except Exception as e:  # this request alone fails
       log.exception("request %d failed in prefill", request.id)
       self._release(i, "error", e)
       return
     slot.prefilled += real
     self.totals.prefill_chunks += 1
+    self.totals.computed_prompt_tokens += real
     if not slot.decoding:
       return
     self.totals.prompt_tokens += slot.context.size
     slot.position, slot.token = slot.context.size, token
-    self._deliver(i, token, stopped, now=time.monotonic())
+    self._deliver(i, token, stopped, time.monotonic(), self._logprob(i, lp, 0, token))
 
-  def _deliver(self, i: int, token: int, stopped: bool, now: float) -> None:
+  def _deliver(self, i: int, token: int, stopped: bool, now: float, logprob=None) -> None:
     request = self._slots[i].request
     if stopped:
       self._release(i, "stop")
       return
+    complete = False
+    if request.matcher is not None:
+      if not request.matcher.accept(token):
+        self._release(i, "error", GenerationError(f"token {token} breaks the request's grammar"))
+        return
+      complete = request.matcher.done
+    if logprob is not None:
+      request.logprobs.append(logprob)
     try:
       request._emit(token, now)
     except Exception as e:  # e.g. its consumer's event loop is gone
       self._release(i, "error", e)
       return
     self.totals.generated_tokens += 1
-    if len(request.tokens) >= request.params.max_tokens:
+    if complete:  # the grammar admits nothing more (but the end)
+      self._release(i, "stop")
+    elif len(request.tokens) >= request.params.max_tokens:
       self._release(i, "length")
 
   # ------------------------------------------------------------------ the paged cache's scheduler
@@ -827,8 +933,22 @@ class Engine:
           break
         if request.cancelled:
           continue
+        source = self._fork_source(request)
+        if source == -1:
+          continue  # its leader is still prefilling their prompt: fork it when done
+        if source is not None:
+          self._waiting.remove(request)
+          i = free.pop(0)
+          if not self._fork(source, i, request):
+            self._waiting.appendleft(request)
+            free.insert(0, i)
+            break
+          admitted.append(i)
+          continue
         context, hashes = self._context_hashes(request)
         hit = self.blocks.match(hashes, context.size, count=False)
+        if request.params.prompt_logprobs:
+          hit = []  # every prompt token's logprob is computed
         if len(hit) < len(hashes) and hashes[len(hit)] in computing:
           continue  # a running prompt is computing its next blocks (e.g. n samples of one prompt): wait for them
         first = min(context.size, len(hit) * self.blocks.block_size + self.step_chunk)
@@ -854,9 +974,52 @@ class Engine:
         self._tables[i, : len(hit)] = hit
         self._tables_changed = True
         self._grow(i, first)  # its first chunk's blocks, so the next admission sees what is left
+        self._start_row(i)
         admitted.append(i)
     self.totals.running_peak = max(self.totals.running_peak, self.num_running)
     return admitted
+
+  def _fork_source(self, request: Request) -> int | None:
+    """The slot whose blocks `request` (a sample of `n`) can share: its leader's, once all of the
+    prompt but its last token is in the cache; -1 while the leader is still prefilling; None when
+    it cannot fork (no leader in a slot, or a request that must compute its prompt)."""
+    leader = request.leader
+    if leader is None or request.tokens or request.params.prompt_logprobs or self.speculator is not None:
+      return None
+    for i, slot in enumerate(self._slots):
+      if slot is not None and slot.request is leader:
+        return i if slot.cached >= request.prompt.size - 1 else -1
+    return None
+
+  def _fork(self, source: int, i: int, request: Request) -> bool:
+    """Slot i takes `request` sharing slot `source`'s blocks for all of the prompt but its last
+    token (a partly filled last block is copied: it will write there); it then computes only that
+    token, and samples its first with its own seed. False when no block is free for the copy."""
+    src = self._slots[source]
+    keep = request.prompt.size - 1
+    full, partial = divmod(keep, self.blocks.block_size)
+    table = self.blocks.fork(src.table[:full])
+    if partial:
+      fresh = self.blocks.allocate(1)
+      if fresh is None:
+        self.blocks.release(table)
+        return False
+      self.runner.copy_blocks([src.table[full]], fresh)
+      table += fresh
+    context, hashes = self._context_hashes(request)
+    slot = self._slots[i] = _Slot(request, context=context, admitted=next(self._admissions))
+    slot.table, slot.hashes, slot.registered, slot.prefilled = table, hashes, min(full, src.registered), keep
+    self._tables[i] = -1
+    self._tables[i, : len(table)] = table
+    self._tables_changed = True
+    if not self._grow(i, context.size):  # the block its last token goes to
+      self._drop_blocks(i)
+      self._slots[i] = None
+      return False
+    request.cached_tokens = keep
+    self.blocks.count(context.size, full)
+    self._start_row(i)
+    return True
 
   def _context_hashes(self, request: Request) -> tuple[np.ndarray, list]:
     """What a request prefills on admission (its prompt, and after a preemption the tokens it has
@@ -939,23 +1102,26 @@ class Engine:
     now = time.monotonic()
     self.totals.steps += 1
     self.totals.decode_steps += bool(decode)
+    lp = self._step_logprobs(decode + [i for i, _ in prefill])
     for j, i in enumerate(decode):
       slot = self._slots[i]
       slot.position += 1
       slot.token = int(nxt[j])
       self._register_full_blocks(i)
-      self._deliver(i, slot.token, bool(stopped[j]), now)
+      self._deliver(i, slot.token, bool(stopped[j]), now, self._logprob(i, lp, j, slot.token))
     for k, (i, c) in enumerate(prefill):
       slot = self._slots[i]
       slot.prefilled += c
       self.totals.prefill_chunks += 1
+      self.totals.computed_prompt_tokens += c
       if slot.decoding:
         slot.position, slot.token = slot.context.size, int(nxt[nd + k])
       self._register_full_blocks(i)
       if not slot.decoding:
         continue
       self.totals.prompt_tokens += slot.context.size
-      self._deliver(i, slot.token, bool(stopped[nd + k]), now)
+      self._deliver(i, slot.token, bool(stopped[nd + k]), now, self._logprob(i, lp, nd + k, slot.token))
+    self._prefetch_masks()
 
   def tokens_bucket(self, tokens: int) -> int:
     """Tokens a packed step runs for `tokens` real ones: a power of two, capped at token_budget."""
@@ -969,23 +1135,109 @@ class Engine:
     tokens, positions = np.zeros(t, np.int32), np.full(t, -1, np.int32)
     s = self.max_batch
     seq_rows, lengths, q_lens = np.full(s, -1, np.int32), np.full(s, -1, np.int32), np.zeros(s, np.int32)
-    settings: list[RowSettings | None] = [None] * s
     for j, i in enumerate(decode):
       slot = self._slots[i]
       tokens[j], positions[j], seq_rows[j], lengths[j], q_lens[j] = slot.token, slot.position, i, slot.position + 1, 1
-      settings[j] = slot.request.params.row
     at = len(decode)
+    score, scored = self._no_score(t), []
     for k, (i, c) in enumerate(prefill):
       slot, j = self._slots[i], len(decode) + k
       tokens[at : at + c] = slot.context[slot.prefilled : slot.prefilled + c]
       positions[at : at + c] = np.arange(slot.prefilled, slot.prefilled + c)
-      seq_rows[j], lengths[j], q_lens[j], settings[j] = i, slot.context.size, c, slot.request.params.row
+      seq_rows[j], lengths[j], q_lens[j] = i, slot.context.size, c
+      scored += self._score_chunk(score, at, i, c)
       at += c
     nxt, stopped = self.runner.packed_step(
       tokens, positions=positions, seq_rows=seq_rows, cu_q_lens=np.concatenate([[0], np.cumsum(q_lens)]),
-      lengths=lengths, rows=row_arrays(settings), shape=SamplingShape.any(), max_prefills=self.max_prefill_rows,
+      lengths=lengths, rows=self._row_arrays(list(decode) + [i for i, _ in prefill], s), shape=SamplingShape.any(),
+      max_prefills=self.max_prefill_rows, score=None if score is None else score,
     )  # fmt: skip
+    self._take_prompt_logprobs(scored)
     return len(decode), nxt, stopped
+
+  # ------------------------------------------------------------------ per-row extras
+
+  def _row_arrays(self, slots: list[int], n: int):
+    """Step arrays for `n` rows, row j for slot slots[j] (the rest unused), with each constrained
+    request's grammar mask for its next token."""
+    settings: list[RowSettings | None] = [None] * n
+    for j, i in enumerate(slots):
+      settings[j] = None if i is None else self._slots[i].request.params.row
+    arrays = row_arrays(settings, mask_words=self.runner.mask_words)
+    ready = {}
+    if self._next_masks is not None:
+      ready, seconds = self._next_masks.result()
+      self._next_masks = None
+      self.totals.mask_seconds += seconds
+      self.totals.masks += len(ready)
+    for j, i in enumerate(slots):
+      request = None if i is None else self._slots[i].request
+      if request is None or request.matcher is None:
+        continue
+      if request.id in ready:
+        arrays.extras.masks[j] = ready[request.id]
+      else:
+        t0 = time.perf_counter()
+        request.matcher.fill(arrays.extras.masks[j])
+        self.totals.mask_seconds += time.perf_counter() - t0
+        self.totals.masks += 1
+    return arrays
+
+  def _prefetch_masks(self) -> None:
+    """Starts computing, on a worker thread (the grammar engine releases the GIL), the next token's
+    mask of every constrained request that is decoding, while this thread delivers, plans and
+    builds the next step; `_row_arrays` takes them."""
+    requests = [s.request for s in self._slots if s is not None and s.decoding and s.request.matcher is not None]
+    if not requests or self._next_masks is not None:
+      return
+    if self._mask_pool is None:
+      self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxeff-grammar")
+    words = self.runner.mask_words
+
+    def fill():
+      t0 = time.perf_counter()
+      out = np.empty((len(requests), words), np.int32)
+      for k, request in enumerate(requests):
+        request.matcher.fill(out[k])
+      return {r.id: out[k] for k, r in enumerate(requests)}, time.perf_counter() - t0
+
+    self._next_masks = self._mask_pool.submit(fill)
+
+  def _no_score(self, size):
+    """A step's prompt-scoring input (-1: nothing to score) when the engine keeps token state."""
+    return None if self.runner.mask_words is None else np.full(size, -1, np.int32)
+
+  def _score_chunk(self, score, at: int, i: int, c: int) -> list:
+    """Marks the next prompt token at each position of slot i's chunk (at `at` in the step) for
+    scoring, when its request wants the prompt's logprobs; what `_take_prompt_logprobs` reads."""
+    slot = self._slots[i]
+    if score is None or not slot.request.params.prompt_logprobs:
+      return []
+    p = np.arange(slot.prefilled, slot.prefilled + c)
+    size = slot.request.prompt.size
+    nxt = np.where(p + 1 < size, slot.context[np.minimum(p + 1, slot.context.size - 1)], -1)
+    score.reshape(-1)[at : at + c] = nxt
+    return [(slot.request, at, nxt)]
+
+  def _take_prompt_logprobs(self, scored: list) -> None:
+    if not scored:
+      return
+    plp = jax.device_get(self.runner.scores[1])
+    for request, at, nxt in scored:
+      for k, token in enumerate(nxt):
+        if token >= 0:
+          request.prompt_logprobs.append(_entry(plp, at + k, int(token), request.params.logprobs or 0))
+
+  def _logprob(self, i: int, lp, j: int, token: int):
+    """Slot i's logprob entry for its token sampled in row j of the last step (None: not wanted)."""
+    n = self._slots[i].request.params.logprobs
+    return None if n is None else _entry(lp, j, token, n)
+
+  def _step_logprobs(self, slots) -> object:
+    """The last step's sampled-token logprobs on the host when a request among `slots` wants them."""
+    if any(self._slots[i] is not None and self._slots[i].request.params.logprobs is not None for i in slots):
+      return jax.device_get(self.runner.scores[0])
+    return None
 
   def _ragged_step(self, decode: list[int], prefill: list[tuple[int, int]]):
     """The gather path's step: decode rows (a power of two), then prompts' chunks padded to one
@@ -1000,23 +1252,27 @@ class Engine:
     positions = np.full(layout.tokens, -1, np.int32)
     seq_rows = np.full(layout.rows, -1, np.int32)
     lengths = np.full(layout.rows, -1, np.int32)
-    settings: list[RowSettings | None] = [None] * layout.rows
+    row_slots = [None] * layout.rows
     reach = 1
     for j, i in enumerate(decode):
       slot = self._slots[i]
       tokens[j], positions[j], seq_rows[j], lengths[j] = slot.token, slot.position, i, slot.position + 1
-      settings[j] = slot.request.params.row
+      row_slots[j] = i
       reach = max(reach, slot.position + 1)
+    score, scored = self._no_score(layout.tokens), []
     for k, (i, c) in enumerate(prefill):
       slot, j, at = self._slots[i], nd + k, nd + k * chunk
       tokens[at : at + c] = slot.context[slot.prefilled : slot.prefilled + c]
       positions[at : at + c] = np.arange(slot.prefilled, slot.prefilled + c)
-      seq_rows[j], lengths[j], settings[j] = i, slot.context.size, slot.request.params.row
+      seq_rows[j], lengths[j], row_slots[j] = i, slot.context.size, i
+      scored += self._score_chunk(score, at, i, c)
       reach = max(reach, slot.prefilled + c)
+    rows = self._row_arrays(row_slots, layout.rows)
     nxt, stopped = self.runner.step(
-      tokens, positions=positions, seq_rows=seq_rows, lengths=lengths, rows=row_arrays(settings),
-      layout=layout, shape=SamplingShape.any(), span=self.kv_bucket(reach),
+      tokens, positions=positions, seq_rows=seq_rows, lengths=lengths, rows=rows,
+      layout=layout, shape=SamplingShape.any(), span=self.kv_bucket(reach), score=score,
     )  # fmt: skip
+    self._take_prompt_logprobs(scored)
     return nd, nxt, stopped
 
   def kv_bucket(self, length: int) -> int | None:
@@ -1057,19 +1313,21 @@ class Engine:
     span = self.kv_bucket(reach)
     tokens, positions, is_live = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, bool)
     remaining = np.zeros(b, np.int32)
-    settings: list[RowSettings | None] = [None] * b
+    row_slots: list[int | None] = [None] * b
     for i in live:
       slot = self._slots[i]
       tokens[i], positions[i], is_live[i] = slot.token, slot.position, True
       remaining[i] = slot.request.params.max_tokens - len(slot.request.tokens)
-      settings[i] = slot.request.params.row
-    arrays = row_arrays(settings)
+      row_slots[i] = i
+    arrays = self._row_arrays(row_slots, b)
     step = dict(live=is_live, rows=arrays, shape=SamplingShape.any(), span=span, protect=True)
     try:
+      lp = None
       if self.speculator is None:
         nxt, stopped = self.runner.decode(tokens, positions=positions, **step)
         emitted = np.asarray(nxt)[:, None]
         accepted, done = None, np.asarray(stopped)
+        lp = self._step_logprobs(live)
       else:
         draft, q = self.runner.draft(**step)
         emitted, accepted, done = self.runner.verify(draft, q, remaining=remaining, **step)
@@ -1088,7 +1346,7 @@ class Engine:
       if accepted is None:  # plain decoding: one token, or the stop id that ends the request
         slot.position += 1
         slot.token = int(emitted[i, 0])
-        self._deliver(i, slot.token, bool(done[i]), now)
+        self._deliver(i, slot.token, bool(done[i]), now, self._logprob(i, lp, i, slot.token))
         continue
       request = slot.request
       request.forwards += 1
