@@ -92,7 +92,6 @@ def _greedy(reference, prompt: str, n: int) -> list[int]:
 
 # ---------------------------------------------------------------------- request fields
 
-TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 # (endpoint, field, value): accepted, and the answer is the one without the field.
 ACCEPTED = [
   ("chat", "user", "someone"),
@@ -103,38 +102,38 @@ ACCEPTED = [
   ("completions", "safety_identifier", "s"),
   ("chat", "response_format", {"type": "text"}),
   ("chat", "tools", []),
-  ("chat", "tool_choice", "none"),
+  ("chat", "tool_choice", "auto"),
   ("chat", "parallel_tool_calls", True),
-  ("chat", "logprobs", False),
-  ("chat", "top_logprobs", 0),
+  ("chat", "logprobs", True),
+  ("completions", "logprobs", 2),
   ("completions", "repetition_penalty", 1),
   ("completions", "min_tokens", 0),
   ("completions", "presence_penalty", 0),
   ("completions", "logit_bias", {}),
+  ("completions", "logit_bias", {"7": 0.0}),
   ("completions", "echo", False),
   ("completions", "suffix", ""),
   ("completions", "best_of", 1),
+  ("completions", "return_tokens_as_token_ids", True),
 ]
 # (endpoint, field, value): 400 naming the field.
 REFUSED = [
-  ("chat", "response_format", {"type": "json_object"}),
-  ("chat", "tools", [TOOL]),
-  ("chat", "tool_choice", "required"),
-  ("chat", "functions", [TOOL["function"]]),
+  ("chat", "response_format", {"type": "xml"}),
+  ("chat", "tool_choice", "required"),  # no tools to call
+  ("chat", "functions", [{"name": "f", "parameters": {"type": "object"}}]),
   ("chat", "function_call", {"name": "f"}),
-  ("chat", "logprobs", True),
-  ("chat", "top_logprobs", 2),
-  ("chat", "repetition_penalty", 1.2),
-  ("chat", "min_tokens", 4),
+  ("chat", "top_logprobs", 2),  # without logprobs
+  ("chat", "repetition_penalty", -1),
+  ("chat", "min_tokens", -4),
   ("chat", "echo", True),  # a completions field (vLLM's chat has one): unknown here
-  ("completions", "logprobs", 0),  # completions' logprobs=0 still returns the tokens' logprobs
-  ("completions", "logit_bias", {"65": 10}),
-  ("completions", "frequency_penalty", 0.5),
+  ("completions", "logprobs", 25),
+  ("completions", "logit_bias", {"65": 101}),
+  ("completions", "frequency_penalty", 2.5),
   ("completions", "suffix", "x"),
-  ("completions", "best_of", 3),
+  ("completions", "best_of", 0),
   ("completions", "stop_token_ids", [9999]),
   ("completions", "tools", []),  # a chat field
-  ("completions", "guided_json", {"type": "object"}),
+  ("completions", "guided_json", "{not json"),
   ("completions", "reasoning_effort", "high"),
   ("completions", "messages", []),
 ]

@@ -160,15 +160,23 @@ def filtered_logits(logits: jax.Array, static: SamplingShape, values: dict) -> j
   row = lambda name: jnp.broadcast_to(jnp.asarray(values[name]), (b,))[:, None]
   temperature = row("temperature")
   x = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+  # A filter no row uses is skipped at run time: its sort over the vocabulary is most of a
+  # sampled step's cost on a CPU (a continuous-batching program allows every filter).
   if static.top_k:
     top_k = row("top_k")
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
-    kth = jnp.take_along_axis(jnp.sort(x, axis=-1)[:, ::-1], k - 1, axis=-1)
-    x = jnp.where(x < kth, _NEG_INF, x)
+
+    def keep_top_k(x):
+      k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)
+      kth = jnp.take_along_axis(jnp.sort(x, axis=-1)[:, ::-1], k - 1, axis=-1)
+      return jnp.where(x < kth, _NEG_INF, x)
+
+    x = jax.lax.cond(jnp.any(top_k > 0), keep_top_k, lambda x: x, x)
   if static.top_p:
-    x = top_p_filter(x, row("top_p"))
+    top_p = row("top_p")
+    x = jax.lax.cond(jnp.any(top_p < 1), lambda x: top_p_filter(x, top_p), lambda x: x, x)
   if static.min_p:
-    x = min_p_filter(x, row("min_p"))
+    min_p = row("min_p")
+    x = jax.lax.cond(jnp.any(min_p > 0), lambda x: min_p_filter(x, min_p), lambda x: x, x)
   return x
 
 

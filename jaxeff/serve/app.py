@@ -12,18 +12,33 @@ with `stream_options.include_usage`, as OpenAI does).
 Request fields, each honoured or refused, never silently dropped (a dropped field would change the
 answer without telling the client):
 - Honoured: OpenAI's `model`, `prompt` (a string, a list of token ids, or a list of either) or
-  `messages`, `max_tokens` (chat: or `max_completion_tokens`), `temperature` (default 1, as
-  OpenAI's), `top_p`, `n`, `stop` (strings), `seed`, `stream`, `stream_options.include_usage`; and,
-  as vLLM takes them, `top_k`, `min_p`, `ignore_eos` and `stop_token_ids` (ids that end the choice
-  besides the model's own end-of-sequence ids; like those, not returned).
-- Accepted only at the value that changes nothing (`_NEUTRAL`), else 400: `presence_penalty` and
-  `frequency_penalty` 0, `repetition_penalty` 1, `min_tokens` 0, `logit_bias` {}, `logprobs` off,
-  `top_logprobs` 0, `best_of` 1 (or n), `echo` false, `suffix` "", `tools` / `functions` [],
-  `tool_choice` / `function_call` "none" or "auto" (there are no tools), `parallel_tool_calls` any
-  (no tools), `response_format` {"type": "text"}.
+  `messages` (system, developer, user, assistant with `tool_calls`, tool), `max_tokens` (chat: or
+  `max_completion_tokens`; completions with `echo`: 0 scores the prompt only), `temperature`
+  (default 1, as OpenAI's), `top_p`, `n`, `stop` (strings), `seed`, `stream`,
+  `stream_options.include_usage`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
+  `logprobs` (chat: with `top_logprobs`; completions: the number of top ones, up to 20), and on
+  completions `echo` and `best_of` (the n answers of best mean logprob per token; not streamed);
+  `response_format` (text, json_object, json_schema) on both endpoints; on chat `tools`,
+  `tool_choice` (auto, none, required, a named function: then the call is constrained to that
+  tool's parameter schema) and `parallel_tool_calls`; and, as vLLM takes them, `top_k`, `min_p`,
+  `repetition_penalty`, `min_tokens`, `ignore_eos`, `stop_token_ids` (ids that end the choice
+  besides the model's own end-of-sequence ids; like those, not returned), `guided_json`,
+  `guided_regex`, `guided_grammar` (llguidance's Lark dialect) and `return_tokens_as_token_ids`
+  (logprobs name tokens "token_id:<id>").
+- Accepted only at the value that changes nothing (`_NEUTRAL`), else 400: `suffix` "",
+  `functions` [], `function_call` "none" or "auto" (the legacy names of tools).
 - Accepted and ignored, as they never change the answer: `_IGNORED` (`user`, `metadata`, `store`,
   `service_tier`, `prompt_cache_key`, `safety_identifier`).
 - Any other field: 400, its message and `param` naming it.
+
+Logprobs are those of the distribution each token was drawn from (after penalties, bias, grammar
+mask, temperature and filters; `jaxeff.inference.logits`); the prompt's, with `echo`, are the
+model's own (nothing was sampled there; the first token's is null, as OpenAI's). One output
+constraint per request (a schema, a regex, a grammar or a forced tool call): its masks are applied
+in the step, so the answer parses unless `max_tokens` cuts it. Tools are rendered by the chat
+template where it has a tools section, else in `jaxeff.serve.tools`' documented default format;
+replies with `<tool_call>` blocks come back as `tool_calls` (finish reason "tool_calls"), streamed
+as one delta per call.
 
 A choice's `finish_reason` is OpenAI's "stop" (an end-of-sequence or stop id, or a `stop` string)
 or "length" (`max_tokens`); a request that cannot finish is an error instead. `usage.completion_tokens`
@@ -135,6 +150,7 @@ class _Sampling(BaseModel):
   guided_json: dict | str | None = None
   guided_regex: str | None = None
   guided_grammar: str | None = None
+  return_tokens_as_token_ids: bool = False  # vLLM's: logprobs name tokens "token_id:<id>"
 
 
 class CompletionBody(_Sampling):
@@ -670,28 +686,27 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     completion = sum(c.text.tokens for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-  def _piece(token: int) -> str:
-    return tokenizer.decode([token], skip_special_tokens=False)
+  def _piece(token: int, as_ids: bool = False) -> str:
+    return f"token_id:{token}" if as_ids else tokenizer.decode([token], skip_special_tokens=False)
 
-  def _chat_logprobs(entries, top: int) -> list[dict]:
+  def _chat_logprobs(entries, top: int, as_ids: bool) -> list[dict]:
     """OpenAI's chat `logprobs.content` items of (token, (logprob, top alternatives)) pairs."""
 
     def item(token, logprob):
       text = _piece(token)
-      return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+      return {"token": _piece(token, as_ids), "logprob": logprob, "bytes": list(text.encode())}
 
     return [item(t, lp) | {"top_logprobs": [item(a, v) for a, v in alts[:top]]} for t, (lp, alts) in entries]
 
-  def _completion_logprobs(entries, top: int, offset: int = 0) -> dict:
+  def _completion_logprobs(entries, top: int, as_ids: bool, offset: int = 0) -> dict:
     """OpenAI's completions `logprobs` of (token, entry or None) pairs; text offsets from `offset`."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for token, entry in entries:
-      text = _piece(token)
-      out["tokens"].append(text)
+      out["tokens"].append(_piece(token, as_ids))
       out["text_offset"].append(offset)
-      offset += len(text)
+      offset += len(_piece(token))
       out["token_logprobs"].append(None if entry is None else entry[0])
-      out["top_logprobs"].append(None if entry is None else {_piece(a): v for a, v in entry[1][:top]})
+      out["top_logprobs"].append(None if entry is None else {_piece(a, as_ids): v for a, v in entry[1][:top]})
     return out
 
   def _scored(choice: _Choice, start: int, stop: int) -> list:
@@ -703,11 +718,11 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     choices = _submit(body, ids, max_tokens, chat)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     kind = "chat.completion" if chat else "text_completion"
-    top = _top(body, chat)
+    top, as_ids = _top(body, chat), body.return_tokens_as_token_ids
     if body.stream:
       include_usage = bool((body.stream_options or {}).get("include_usage"))
       return responses.StreamingResponse(
-        _stream(choices, ids, rid, kind, chat, include_usage, top, max_tokens),
+        _stream(choices, ids, rid, kind, chat, include_usage, top, max_tokens, as_ids),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache"},
       )
@@ -742,7 +757,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
             message = {"role": "assistant", "content": content, "tool_calls": calls}
         item = {"index": c.index, "message": message, "finish_reason": _finish_reason(c, bool(calls))}
         if top is not None:
-          item["logprobs"] = {"content": _chat_logprobs(_scored(c, 0, c.text.tokens), top)}
+          item["logprobs"] = {"content": _chat_logprobs(_scored(c, 0, c.text.tokens), top, as_ids)}
         else:
           item["logprobs"] = None
       else:
@@ -753,9 +768,9 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
           text = prompt_text + text
           if top is not None:
             scored = list(zip(prompt, c.request.prompt_logprobs)) + _scored(c, 0, c.text.tokens)
-            logprobs = _completion_logprobs(scored, top)
+            logprobs = _completion_logprobs(scored, top, as_ids)
         elif top is not None:
-          logprobs = _completion_logprobs(_scored(c, 0, c.text.tokens), top)
+          logprobs = _completion_logprobs(_scored(c, 0, c.text.tokens), top, as_ids)
         item = {"index": c.index, "text": text, "logprobs": logprobs, "finish_reason": _finish_reason(c)}
       out.append(item)
     return {
@@ -813,7 +828,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     while not await http.is_disconnected():
       await asyncio.sleep(0.05)
 
-  async def _stream(choices, ids, rid, kind, chat, include_usage, top, max_tokens):
+  async def _stream(choices, ids, rid, kind, chat, include_usage, top, max_tokens, as_ids):
     created_at = int(time.time())
     events: asyncio.Queue = asyncio.Queue()
     tasks: list[asyncio.Future] = []
@@ -835,7 +850,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         return None
       entries = _scored(choice, choice.scored, upto)
       choice.scored = max(choice.scored, min(upto, len(choice.request.logprobs)))
-      return {"content": _chat_logprobs(entries, top)} if chat else _completion_logprobs(entries, top)
+      return {"content": _chat_logprobs(entries, top, as_ids)} if chat else _completion_logprobs(entries, top, as_ids)
 
     def deltas(choice, text, finish=None) -> list[dict]:
       lp = logprobs(choice, choice.text.tokens)

@@ -50,8 +50,10 @@ inference.md, "Serving"), one row per slot:
   span) bucket (`warm_up` compiles them before traffic). Rows in the step that are not decoding keep
   their state. With a speculator, a step is the runner's draft and verification: each row gains
   what it accepts (1 to lookahead + 1 tokens).
-In both, every per-row setting (temperature, top-k, top-p, min-p, seed, stop ids, token budget) is
-an array in the step, so no mix of requests recompiles (`traces` counts compilations), and a
+In both, every per-row setting (temperature, top-k, top-p, min-p, seed, stop ids, token budget,
+and without a speculator penalties, logit bias, min_tokens, a grammar's mask and whether it wants
+logprobs: `jaxeff.inference.logits`, over token counts the runner keeps on the device) is an
+array in the step, so no mix of requests recompiles (`traces` counts compilations), and a
 request that samples a stop id or reaches its `max_tokens` frees its slot (and blocks) at once; a
 cancelled request (`Request.cancel()`, e.g. its client went away) frees them before the next step.
 
