@@ -203,6 +203,7 @@ def test_bad_values_are_400s_naming_the_field(server):
     ({"logprobs": 21}, "logprobs"),
     ({"best_of": 2, "n": 3}, "best_of"),
     ({"best_of": 2, "stream": True}, "best_of"),
+    ({"echo": True, "stream": True}, "echo"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
     ({"guided_regex": "a+", "guided_grammar": "start: /b+/"}, "guided_grammar"),
   ]
@@ -225,3 +226,25 @@ def test_tool_role_messages_are_accepted(client):
   r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=3, temperature=0)
   assert r.choices[0].finish_reason in ("stop", "length") and r.usage.prompt_tokens > 40
   assert BOS not in _ids("")[1:]  # the byte tokenizer's BOS is only the template's
+
+
+def test_a_row_cache_policy_gives_the_same_processing_and_logprobs(engine, model):
+  """The one-row-per-slot path (StreamingLLM here, before it evicts anything) applies the same
+  penalties, bias and min_tokens and returns the same logprobs as the paged cache's packed steps."""
+  from jaxeff.inference.cache import StreamingLLM
+  from jaxeff.inference.logits import Penalties
+
+  settings = dict(
+    max_tokens=10,
+    penalties=Penalties(frequency=0.8, repetition=1.4, min_tokens=6, logit_bias=((EOS, 50.0), (ord("q"), 3.0))),
+    logprobs=2,
+    prompt_logprobs=True,
+  )
+  prompt = _ids("row by row")
+  with Engine(model, byte_tokenizer(), max_batch=2, max_seq_len=64, kv_cache=StreamingLLM(4, 60)) as rows:
+    got = rows.submit(prompt, **settings)
+    got.result()
+  want = engine.submit(prompt, **settings)
+  assert got.result() == want.result() and len(want.tokens) == 6  # the biased EOS ends it at min_tokens
+  for a, b in zip(got.logprobs + got.prompt_logprobs[1:], want.logprobs + want.prompt_logprobs[1:]):
+    assert a[0] == pytest.approx(b[0], abs=1e-4) and [t for t, _ in a[1]] == [t for t, _ in b[1]]

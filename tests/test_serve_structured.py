@@ -174,3 +174,26 @@ def test_tools_reach_the_prompt_and_a_conversation_with_tool_results_runs(client
   bad = {"model": "tiny", "messages": messages[:1], "response_format": {"type": "json_schema", "json_schema": {}}}
   response = httpx.post(f"{server}/chat/completions", json=bad, timeout=60)
   assert response.status_code == 400 and response.json()["error"]["param"] == "response_format"
+
+
+def test_speculation_composes_with_grammar_penalties_and_logprobs(tokenizer):
+  """Prompt lookup proposes what the prompt repeats; the grammar's masks at every draft node keep
+  the accepted tokens inside it, and the result is the plain engine's, token for token."""
+  from jaxeff.generate.speculative import PromptLookup
+  from jaxeff.inference.logits import Penalties
+  from jaxeff.serve.grammar import GrammarCompiler
+
+  model = tiny_model(seed=5, vocab_size=tokenizer.vocab_size)
+  grammar = GrammarCompiler(tokenizer, tokenizer.vocab_size).compile({"type": "regex", "pattern": "(ab ){6,12}"})
+  prompt = tokenizer.encode("ab ab ab ab ab ab ab ab")
+  results = []
+  for speculator in (None, PromptLookup(max_ngram=2, num_draft=4)):
+    with Engine(model, tokenizer, max_batch=2, max_seq_len=64, token_budget=16, speculator=speculator) as engine:
+      constrained = engine.submit(prompt, max_tokens=40, grammar=grammar, logprobs=1)
+      penalized = engine.submit(prompt, max_tokens=8, penalties=Penalties(frequency=1.0, repetition=1.3), logprobs=0)
+      results.append([(r.result(), [lp for lp, _ in r.logprobs]) for r in (constrained, penalized)])
+      if speculator is not None:
+        assert constrained.accepted > 0  # draft tokens the grammar allows were accepted
+  assert re.fullmatch("(ab ){6,12}", tokenizer.decode(results[0][0][0]))
+  for (tokens, lps), (spec_tokens, spec_lps) in zip(*results):
+    assert tokens == spec_tokens and spec_lps == pytest.approx(lps, abs=1e-4)

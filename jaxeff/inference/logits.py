@@ -130,11 +130,12 @@ def unpack_mask(words, vocab: int):
   return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
 
 
-def process(logits, state: TokenState | None, state_rows, values: dict, stops, masks):
+def process(logits, state: TokenState | None, state_rows, values: dict, stops, masks, more_counts=None):
   """logits [S, V] with each row's processing applied (module docstring): `state` the device
   counts (None: no penalties), `state_rows` [S] each row's row in it (-1: none), `values` per-row
   arrays (`row_values`), `stops` [S, K] the rows' stop ids (-1 pads), `masks` [S, W] grammar
-  bitmasks (all ones: unconstrained) or None. Skipped at run time when no row asks for any."""
+  bitmasks (all ones: unconstrained) or None; `more_counts()`: [S, V] tokens generated beyond the
+  state's (a speculation tree's path to each node). Skipped at run time when no row asks for any."""
   s, vocab = logits.shape
   x = logits.astype(jnp.float32)
   if state is not None:
@@ -144,7 +145,7 @@ def process(logits, state: TokenState | None, state_rows, values: dict, stops, m
     active |= values["min_tokens"] > 0
 
     def penalize(x):
-      counts = state.counts[safe]
+      counts = state.counts[safe] if more_counts is None else state.counts[safe] + more_counts()
       x = x + state.bias[safe]
       seen = (counts > 0) | state.prompt[safe]
       x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)

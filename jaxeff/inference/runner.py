@@ -246,7 +246,9 @@ class ModelRunner:
     self._decode_loop = jax.jit(self._decode_loop_fn, donate_argnames="cache", static_argnames=("shape", "out_len"))
     self._draft = jax.jit(self._draft_fn, donate_argnames=donate[:3], static_argnames=("shape", "span", "protect"))
     self._verify = jax.jit(
-      self._verify_fn, donate_argnames=("cache", "spec_rows"), static_argnames=("shape", "span", "protect", "rule")
+      self._verify_fn,
+      donate_argnames=("cache", "spec_rows", "tstate"),
+      static_argnames=("shape", "span", "protect", "rule"),
     )
     self._set_tables = jax.jit(lambda cache, tables: self.policy.with_tables(cache, tables), donate_argnums=0)
     self._copy_blocks = jax.jit(lambda cache, src, dst: self.policy.copy_blocks(cache, src, dst), donate_argnums=0)
@@ -585,7 +587,23 @@ class ModelRunner:
     return tokens.astype(jnp.int32), q, cache, spec_cache, spec_rows
 
   def _verify_fn(
-    self, state, cache, spec_rows, draft_tokens, q, live, remaining, rows, row0, *, shape, span, protect, rule
+    self,
+    state,
+    cache,
+    spec_rows,
+    tstate,
+    draft_tokens,
+    q,
+    live,
+    remaining,
+    rows,
+    row0,
+    masks,
+    *,
+    shape,
+    span,
+    protect,
+    rule,
   ):
     tree = self.speculator.tree
     n = live.shape[0]
@@ -604,6 +622,8 @@ class ModelRunner:
     seen = self.policy.shield(window, live) if protect else window
     x, new = model.forward_with_cache(tokens, positions, seen, tree=slots)
     logits = model.logits(x)  # [n, N, V]
+    if rows.extras is not None:  # each node's logits processed as if its path had been generated
+      logits = self._process_tree(logits, tokens, rows, tstate, jnp.where(live, row0 + ids, -1), masks)
     final, bonus = accept_greedy(logits, tokens, tree)
     if not shape.greedy:
       sampled = rows.values["temperature"] > 0
@@ -639,6 +659,23 @@ class ModelRunner:
     keep = jnp.where(live, keep, 0)
     done = live & ((first_stop < gained) | (keep >= remaining))
     emitted = jnp.where(j < keep[:, None], proposed, -1)
+    scores = (None, None)
+    if rows.extras is not None:
+      # Each emitted token's logprob under its node's distribution (the node on the path before it).
+      nodes = jnp.maximum(path, 0)  # [n, D+1]: path[:, j] predicted emitted token j
+      node_logits = logits[ids[:, None], nodes]
+      tiled = jax.tree.map(lambda v: jnp.repeat(v, d + 1, axis=0), rows.values)
+
+      def score():
+        f = filtered_logits(node_logits.reshape(n * (d + 1), -1), shape, tiled)
+        return logits_lib.logprobs_of(f, jnp.maximum(proposed, 0).reshape(-1))
+
+      vocab = logits.shape[-1]
+      lp = jax.lax.cond(jnp.any(rows.extras.logprobs), score, lambda: logits_lib.empty_logprobs((n * (d + 1),), vocab))
+      scores = (jax.tree.map(lambda a: a.reshape(n, d + 1, *a.shape[1:]), lp), None)
+      if tstate is not None:
+        take = (j < keep[:, None]) & live[:, None]
+        tstate = logits_lib.record(tstate, jnp.repeat(row0 + ids, d + 1), proposed.reshape(-1), take.reshape(-1))
     # History: the accepted tokens and the bonus after the root; the slots after them keep theirs.
     t = own.history.shape[1]
     at = own.pos[:, None] + 1 + j
@@ -650,7 +687,35 @@ class ModelRunner:
       jnp.where(live[:, None], x[ids, final].astype(own.hidden.dtype), own.hidden),
     )
     spec_rows = _put_rows(spec_rows, own, row0)
-    return emitted, jnp.where(live, accepted, -1), done, cache, spec_rows
+    return emitted, jnp.where(live, accepted, -1), done, cache, spec_rows, tstate, scores
+
+  def _process_tree(self, logits, tokens, rows, tstate, state_rows, masks):
+    """Speculation's logits [n, N, V], each node's processed as a step after its path from the
+    root would be: penalties count the path's draft tokens, `masks` [n, N, W] are the grammar's
+    masks after them."""
+    tree = self.speculator.tree
+    n, size, vocab = logits.shape
+    # (node, ancestor) pairs: each draft token on the path to a node, itself included, root excluded.
+    anc = np.asarray(tree.ancestors, bool).copy()
+    anc[:, 0] = False
+    nodes, above = np.nonzero(anc)
+
+    def path_counts():
+      counts = jnp.zeros((n, size, vocab), jnp.int32)
+      counts = counts.at[:, nodes, tokens[:, above]].add(1) if nodes.size else counts
+      return counts.reshape(n * size, vocab)
+
+    tiled = lambda a: jnp.repeat(a, size, axis=0)
+    out = logits_lib.process(
+      logits.reshape(n * size, vocab),
+      tstate,
+      tiled(state_rows),
+      jax.tree.map(tiled, rows.extras.penalties),
+      tiled(rows.stops),
+      None if masks is None else masks.reshape(n * size, -1),
+      more_counts=path_counts,
+    )
+    return out.reshape(n, size, vocab)
 
   # ------------------------------------------------------------------ calls (host side)
 
@@ -826,24 +891,39 @@ class ModelRunner:
     return tokens, q
 
   def verify(
-    self, draft_tokens, q, *, remaining, rows: RowArrays, live=None, row0=0, shape=None, span=None, protect=False
+    self,
+    draft_tokens,
+    q,
+    *,
+    remaining,
+    rows: RowArrays,
+    live=None,
+    row0=0,
+    shape=None,
+    span=None,
+    protect=False,
+    masks=None,
   ):
     """One target forward over the draft tree of rows row0..: (emitted [n, D+1] token ids, -1 after
     a row's last; draft tokens accepted [n], -1 for rows not live; done [n]: a stop id or the row's
-    `remaining` budget reached). Rows advance by what they accept."""
+    `remaining` budget reached). Rows advance by what they accept. With token state: `masks` [n, N,
+    W] each tree node's grammar mask (after its path's tokens), and `scores` the emitted tokens'
+    Logprobs [n, D+1]."""
     n = rows.seeds.shape[0]
     live = np.ones(n, bool) if live is None else live
     with self.on_mesh():
-      emitted, accepted, done, self._cache, self._spec_rows = self._verify(
+      emitted, accepted, done, self._cache, self._spec_rows, self._tstate, self.scores = self._verify(
         self._state,
         self._cache,
         self._spec_rows,
+        self._tstate,
         draft_tokens,
         q,
         np.asarray(live, bool),
         np.asarray(remaining, np.int32),
         rows,
         np.int32(row0),
+        None if masks is None else np.asarray(masks, np.int32),
         shape=SamplingShape() if shape is None else shape,
         span=span,
         protect=protect,

@@ -568,6 +568,8 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
         raise APIError(
           400, f"logit_bias: values must lie in [-100, 100], got {body.logit_bias[key]}", param="logit_bias"
         )
+    if getattr(body, "echo", False) and body.stream:
+      raise APIError(400, "echo: not supported with stream (ask without streaming)", param="echo")
     if chat and body.top_logprobs and not body.logprobs:
       raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
     best_of = getattr(body, "best_of", None) or body.n

@@ -131,6 +131,12 @@ def _entry(lp, j: int, token: int, top: int) -> tuple[float, list[tuple[int, flo
   return float(lp.token[j]), [(int(t), float(v)) for t, v in zip(lp.top_ids[j, :top], lp.top[j, :top])]
 
 
+def _entry_at(lp, i: int, k: int, token: int, request) -> tuple[float, list[tuple[int, float]]]:
+  """The entry of a speculation step's k-th emitted token of row i (`Logprobs` [n, D+1])."""
+  row = type(lp)(*(a[i] for a in lp))
+  return _entry(row, k, token, request.params.logprobs)
+
+
 class Request:
   """A submitted request: iterate it (`async for`, or plain `for` outside an event loop) for its
   new token ids as they come; `result()` waits for all of them.
@@ -395,7 +401,7 @@ class Engine:
       kv_cache=kv_cache,
       speculator=speculator,
       mesh=mesh,
-      token_state=speculator is None,
+      token_state=True,
     )
     if self.blocks is not None and speculator is None:
       self.packed = kv_cache.uses_kernel(attention_lib.bind(model.cfg), tree=False)
@@ -521,11 +527,6 @@ class Engine:
       penalties.check_vocab(self.cfg.vocab_size)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
       raise GenerationError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
-    asked = {"penalties": penalties, "logprobs": logprobs is not None, "prompt_logprobs": prompt_logprobs}
-    asked["grammar"] = grammar is not None
-    if any(asked.values()) and self.runner.mask_words is None:
-      names = ", ".join(k for k, v in asked.items() if v)
-      raise GenerationError(f"{names}: not supported with speculative decoding (this engine has a speculator)")
     params = RequestParams(
       max_tokens=int(max_tokens),
       sampling=sampling,
@@ -654,7 +655,7 @@ class Engine:
           draft, q = self.runner.draft(rows=arrays, live=idle, shape=SamplingShape.any(), span=span, protect=True)
           out = self.runner.verify(
             draft, q, remaining=np.zeros(size, np.int32), rows=arrays, live=idle, shape=SamplingShape.any(),
-            span=span, protect=True,
+            span=span, protect=True, masks=self._tree_masks([None] * size, draft),
           )  # fmt: skip
       else:
         start = max(0, min(span or self.max_seq_len, self.max_seq_len) - size)
@@ -1185,6 +1186,35 @@ class Engine:
         self.totals.masks += 1
     return arrays
 
+  def _tree_masks(self, row_slots: list, draft) -> np.ndarray | None:
+    """Speculation: each constrained row's grammar mask at every node of the draft tree, the
+    grammar advanced along the node's path (a path through a token the grammar refuses is never
+    accepted past it: its nodes keep all ones). None without token state."""
+    words = self.runner.mask_words
+    if words is None:
+      return None
+    tree = self.runner.speculator.tree
+    masks = np.full((len(row_slots), tree.size, words), -1, np.int32)
+    constrained = [i for i in row_slots if i is not None and self._slots[i].request.matcher is not None]
+    if not constrained:
+      return masks
+    t0 = time.perf_counter()
+    draft = np.asarray(draft)
+    paths = np.asarray(tree.paths)
+    for i in constrained:
+      matcher = self._slots[i].request.matcher
+      for node in range(tree.size):
+        tokens = [int(draft[i, p - 1]) for p in paths[node] if p > 0]  # node p's token is draft[p - 1]
+        if matcher.valid_prefix(tokens) < len(tokens):
+          continue
+        for token in tokens:
+          matcher.accept(token)
+        matcher.fill(masks[i, node])
+        matcher.rollback(len(tokens))
+    self.totals.mask_seconds += time.perf_counter() - t0
+    self.totals.masks += len(constrained) * tree.size
+    return masks
+
   def _prefetch_masks(self) -> None:
     """Starts computing, on a worker thread (the grammar engine releases the GIL), the next token's
     mask of every constrained request that is decoding, while this thread delivers, plans and
@@ -1225,6 +1255,8 @@ class Engine:
     if not scored:
       return
     plp = jax.device_get(self.runner.scores[1])
+    k = plp.top.shape[-1]  # a prefill step's are [rows, chunk]: flattened like its score input
+    plp = type(plp)(plp.token.reshape(-1), plp.top_ids.reshape(-1, k), plp.top.reshape(-1, k))
     for request, at, nxt in scored:
       for k, token in enumerate(nxt):
         if token >= 0:
@@ -1332,8 +1364,10 @@ class Engine:
         lp = self._step_logprobs(live)
       else:
         draft, q = self.runner.draft(**step)
-        emitted, accepted, done = self.runner.verify(draft, q, remaining=remaining, **step)
+        masks = self._tree_masks(row_slots, draft)
+        emitted, accepted, done = self.runner.verify(draft, q, remaining=remaining, masks=masks, **step)
         emitted, accepted, done = np.asarray(emitted), np.asarray(accepted), np.asarray(done)
+        lp = self._step_logprobs(live)
     except Exception as e:  # the shared step failed: the requests in it fail
       log.exception("decode step failed")
       for i in live:
@@ -1357,9 +1391,10 @@ class Engine:
       self.totals.accepted_tokens += int(accepted[i])
       new = [int(t) for t in emitted[i] if t >= 0]
       slot.position += int(accepted[i]) + 1
-      for token in new:
-        self._deliver(i, token, False, now)
-        if self._slots[i] is None:  # its max_tokens reached
+      for k, token in enumerate(new):
+        logprob = None if lp is None or request.params.logprobs is None else _entry_at(lp, i, k, token, request)
+        self._deliver(i, token, False, now, logprob)
+        if self._slots[i] is None:  # its max_tokens reached (or its grammar is complete)
           break
       if self._slots[i] is not None and done[i]:
         self._release(i, "stop")
