@@ -151,8 +151,11 @@ def test_json_rows_check_answers_against_their_schemas_and_judge_the_goal():
     base | {"server": "j unconstrained", "constrained": False, "tokens_per_s": 50.0, "valid": 0.25},
     base | {"server": "ls constrained", "kind": "llama-server", "constrained": True, "tokens_per_s": 90.0},
   ]
-  goal, anchor = serve.goals(rows)
+  rows[0] |= {"itl_p50": 0.11, "tokens_per_request": 40.0}
+  rows[1] |= {"itl_p50": 0.1, "tokens_per_request": 128.0}
+  goal, context, anchor = serve.goals(rows)
   assert "0.90x, 100% valid" in goal and goal.endswith("met")
+  assert context == "json, constrained / unconstrained ITL p50: 1.10x; tokens per answer 40.0 / 128.0"
   assert anchor == "json, j constrained / ls constrained output tok/s: 0.50x"
   rows[0]["valid"] = 31 / 32
   assert serve.goals(rows)[0].endswith("missed")

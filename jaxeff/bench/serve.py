@@ -762,6 +762,7 @@ def json_row(label: str, script: list[list[dict]], run: dict, constrained: bool,
     "requests": len(results),
     "seconds": run["seconds"],
     "tokens": sum(r["tokens"] for r in results),
+    "tokens_per_request": sum(r["tokens"] for r in results) / len(results),
     "tokens_per_s": sum(r["tokens"] for r in results) / run["seconds"],
     "ttft_p50": float(np.percentile([r["ttft"] for r in results], 50)),
     "itl_p50": float(np.percentile(itl, 50)) if itl else math.nan,
@@ -794,7 +795,8 @@ def mask_delta(before: dict, after: dict) -> tuple[float, float] | None:
 def _format_json(r: dict) -> str:
   mask = r.get("mask_us_per_token")
   return (
-    f"{r['server']:<34} {r['requests']:>3} requests  {r['tokens_per_s']:6.1f} tok/s  "
+    f"{r['server']:<34} {r['requests']:>3} requests x {r['tokens_per_request']:5.1f} tokens  "
+    f"{r['tokens_per_s']:6.1f} tok/s  "
     f"ITL p50/p99 {r['itl_p50'] * 1e3:6.1f}/{r['itl_p99'] * 1e3:6.1f} ms  TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms  "
     f"valid {_percent(r['valid'])} (parse {_percent(r['parsed'])})"
     + (f"  grammar mask {mask:.0f} us/token" if mask is not None else "")
@@ -1013,6 +1015,11 @@ def goals(rows: list[dict]) -> list[str]:
     out.append(
       f"json, {constrained['server']} / unconstrained output tok/s: {ratio:.2f}x, {_percent(constrained['valid'])} "
       f"valid (goal >= 0.9x, 100% valid): {'met' if met else 'missed'}"
+    )
+    # Context, no goal: per-token speed, and answer lengths (shorter answers spend more of the run in prefill).
+    out.append(
+      f"json, constrained / unconstrained ITL p50: {constrained['itl_p50'] / free['itl_p50']:.2f}x; tokens per "
+      f"answer {constrained['tokens_per_request']:.1f} / {free['tokens_per_request']:.1f}"
     )
   for anchor in _measured(rows, "json", "llama-server"):
     mine = next((r for r in jsons if r["constrained"] == anchor["constrained"]), None)
