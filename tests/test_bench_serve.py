@@ -154,10 +154,18 @@ def test_json_rows_check_answers_against_their_schemas_and_judge_the_goal():
   rows[0] |= {"itl_p50": 0.11, "tokens_per_request": 40.0}
   rows[1] |= {"itl_p50": 0.1, "tokens_per_request": 128.0}
   goal, context, anchor = serve.goals(rows)
-  assert "0.90x, 100% valid" in goal and goal.endswith("met")
-  assert context == "json, constrained / unconstrained ITL p50: 1.10x; tokens per answer 40.0 / 128.0"
+  assert "j constrained / j unconstrained output tok/s: 0.90x, 100% valid" in goal and goal.endswith("met")
+  assert context == (
+    "json, constrained / unconstrained at their own lengths: output tok/s 0.90x, ITL p50 1.10x, "
+    "tokens per answer 40.0 / 128.0"
+  )
   assert anchor == "json, j constrained / ls constrained output tok/s: 0.50x"
-  rows[0]["valid"] = 31 / 32
+  # With the same-lengths row, the goal compares with it (the anchor still with the plain row).
+  rows.insert(2, base | {"server": "j same", "constrained": False, "same_lengths": True, "tokens_per_s": 60.0})
+  goal, context, anchor = serve.goals(rows)
+  assert "j constrained / j same output tok/s: 0.75x" in goal and goal.endswith("missed")
+  assert "output tok/s 0.90x" in context and anchor.endswith("0.50x")
+  rows[0]["valid"], rows[2]["tokens_per_s"] = 31 / 32, 45.0
   assert serve.goals(rows)[0].endswith("missed")
 
 

@@ -42,11 +42,13 @@ one after another, greedy, `--max-tokens` (128): request k asks for one of 8 ext
 (`JSON_SCHEMAS`: nested objects, enums, bounded arrays and numbers, required fields, strings with
 maxLength) about its own corpus passage, the schema shown in the prompt. Every server runs the
 requests twice: constrained (`response_format` json_schema; llama-server turns it into a GBNF
-grammar) and unconstrained (the same messages). Per row: output tok/s, ITL p50/p99, TTFT p50, the
-share of answers that parse as JSON and validate against their schema (jsonschema; the whole text,
-so a fenced answer fails), and for jaxeff's constrained row the host time per grammar mask (its
-/metrics counters). No prefix cache (jaxeff `--no-prefix-caching`, llama-server `cache_prompt:
-false`): the second run's prompts would otherwise all be cached.
+grammar) and unconstrained (the same messages); jaxeff a third time, unconstrained with each
+answer exactly as long as its constrained one (`ignore_eos`): the goal's comparison, since
+unconstrained answers run longer and so spend less of the run in prefill. Per row: output tok/s,
+ITL p50/p99, TTFT p50, the share of answers that parse as JSON and validate against their schema
+(jsonschema; the whole text, so a fenced answer fails), and for jaxeff's constrained row the host
+time per grammar mask (its /metrics counters). No prefix cache (jaxeff `--no-prefix-caching`,
+llama-server `cache_prompt: false`): the later runs' prompts would otherwise all be cached.
 
 `--variants "LABEL=FLAGS;..."` replaces a workload's jaxeff servers (`VARIANTS`: the baseline first;
 the goals compare the second with it; `{dense_bytes}` becomes the first one's KV-cache bytes). A
@@ -55,9 +57,9 @@ server that does not start (a flag this checkout lacks) is a `skipped` row with 
 Goals (this 2-core CPU): load, at 8 clients: throughput >= 3x the 1-client throughput and >= 1.5x
 llama-cpp-python's server; p99 inter-token latency <= 2x the 1-client median. Chat: TTFT p50 >= 5x
 lower with prefix caching at equal answers. Capacity: >= 4x the dense engine's concurrency,
-throughput not lower. JSON: constrained output tok/s >= 0.9x unconstrained, 100% valid.
-`--quick --gguf TINY.gguf` runs tiny versions of each workload: a smoke test of the machinery (the
-suite's), not a measurement.
+throughput not lower. JSON: constrained output tok/s >= 0.9x unconstrained at the same answer
+lengths, 100% valid. `--quick --gguf TINY.gguf` runs tiny versions of each workload: a smoke
+test of the machinery (the suite's), not a measurement.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ GOALS = (
   "load, 8 clients: >= 3x 1-client tokens/s, >= 1.5x llama.cpp server; p99 ITL <= 2x 1-client median ITL. "
   "chat: TTFT p50 >= 5x lower with prefix caching at equal answers. "
   "capacity: >= 4x the dense engine's peak running requests, output tok/s not lower. "
-  "json: constrained output tok/s >= 0.9x unconstrained, 100% of answers valid"
+  "json: constrained output tok/s >= 0.9x unconstrained at the same answer lengths, 100% of answers valid"
 )
 
 
@@ -726,18 +728,25 @@ def json_valid(text: str, schema: dict) -> tuple[bool, bool]:
   return True, jsonschema.Draft202012Validator(schema).is_valid(value)
 
 
-async def run_json(url: str, script: list[list[dict]], max_tokens: int, constrained: bool, extra: dict) -> dict:
+async def run_json(
+  url: str, script: list[list[dict]], max_tokens: int, constrained: bool, extra: dict, lengths=None
+) -> dict:
   """Each client's requests one after another, the clients concurrently (greedy, streaming chat);
-  with `constrained`, each with its schema as `response_format`. Returns the results (in script
-  order: client, then request) and the wall time."""
+  with `constrained`, each with its schema as `response_format`. `lengths` (script order): each
+  answer exactly that many tokens instead (`ignore_eos`). Returns the results (in script order:
+  client, then request) and the wall time."""
   import httpx2 as httpx
 
   results = [[None] * len(mine) for mine in script]
+  starts = np.cumsum([0] + [len(mine) for mine in script])
 
   async def client(http, c):
     for k, request in enumerate(script[c]):
       fields = extra | ({"response_format": response_format(request)} if constrained else {})
-      results[c][k] = await _chat_turn(http, url, request["messages"], max_tokens, fields)
+      n = max_tokens
+      if lengths is not None:
+        n, fields = max(int(lengths[starts[c] + k]), 1), fields | {"ignore_eos": True}
+      results[c][k] = await _chat_turn(http, url, request["messages"], n, fields)
 
   limits = httpx.Limits(max_connections=len(script) + 2, max_keepalive_connections=0)  # see NO_KEEPALIVE
   async with httpx.AsyncClient(timeout=900, limits=limits) as http:
@@ -1008,18 +1017,22 @@ def goals(rows: list[dict]) -> list[str]:
       out.append(f"prefill {n} tokens, {server} / llama-server prompt tok/s: {ratio:.2f}x")
   jsons = _measured(rows, "json")
   constrained = next((r for r in jsons if r["constrained"]), None)
-  free = next((r for r in jsons if not r["constrained"]), None)
-  if constrained and free:
-    ratio = constrained["tokens_per_s"] / free["tokens_per_s"]
+  free = next((r for r in jsons if not r["constrained"] and not r.get("same_lengths")), None)
+  matched = next((r for r in jsons if r.get("same_lengths")), free)
+  if constrained and matched:
+    ratio = constrained["tokens_per_s"] / matched["tokens_per_s"]
     met = ratio >= 0.9 and constrained["valid"] == 1
     out.append(
-      f"json, {constrained['server']} / unconstrained output tok/s: {ratio:.2f}x, {_percent(constrained['valid'])} "
-      f"valid (goal >= 0.9x, 100% valid): {'met' if met else 'missed'}"
+      f"json, {constrained['server']} / {matched['server']} output tok/s: {ratio:.2f}x, "
+      f"{_percent(constrained['valid'])} valid (goal >= 0.9x, 100% valid): {'met' if met else 'missed'}"
     )
-    # Context, no goal: per-token speed, and answer lengths (shorter answers spend more of the run in prefill).
+  if constrained and free:
+    # Context, no goal: answers of their own lengths (shorter ones spend more of the run in prefill).
     out.append(
-      f"json, constrained / unconstrained ITL p50: {constrained['itl_p50'] / free['itl_p50']:.2f}x; tokens per "
-      f"answer {constrained['tokens_per_request']:.1f} / {free['tokens_per_request']:.1f}"
+      f"json, constrained / unconstrained at their own lengths: output tok/s "
+      f"{constrained['tokens_per_s'] / free['tokens_per_s']:.2f}x, ITL p50 "
+      f"{constrained['itl_p50'] / free['itl_p50']:.2f}x, tokens per answer "
+      f"{constrained['tokens_per_request']:.1f} / {free['tokens_per_request']:.1f}"
     )
   for anchor in _measured(rows, "json", "llama-server"):
     mine = next((r for r in jsons if r["constrained"] == anchor["constrained"]), None)
@@ -1257,16 +1270,22 @@ def _json(args, gguf_path, tok, variants, binary, env, tmp, max_seq_len, levels,
     extra = {"cache_prompt": False} if kind == "llama-server" else {}  # as jaxeff's --no-prefix-caching
     for constrained in (True, False):
       asyncio.run(run_json(url, warm, min(max_tokens, 16), constrained, extra))
-    rows = []
-    for constrained in (True, False):
+    rows, lengths = [], None
+
+    def measure(name, constrained, lengths=None):
       before = read_metrics(base)
-      result = asyncio.run(run_json(url, script, max_tokens, constrained, extra))
+      result = asyncio.run(run_json(url, script, max_tokens, constrained, extra, lengths))
       masks = mask_delta(before, read_metrics(base)) if constrained else None
-      name = f"{label} {'constrained' if constrained else 'unconstrained'}"
-      row = json_row(name, script, result, constrained, masks)
+      row = json_row(f"{label} {name}", script, result, constrained, masks) | {"same_lengths": lengths is not None}
       row["answers"] = [r["text"] for r in result["results"]]
       print(_format_json(row), flush=True)
       rows.append(row)
+      return result
+
+    lengths = [r["tokens"] for r in measure("constrained", True)["results"]]
+    measure("unconstrained", False)
+    if kind == "jaxeff":  # the grammar's cost alone: the same prompts and answer lengths, no grammar
+      measure("unconstrained, same lengths", False, lengths)
     return rows
 
   return run_servers(server_specs(variants, binary, False), gguf_path, args, env, tmp, max_seq_len, work)
