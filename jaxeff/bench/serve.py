@@ -804,7 +804,7 @@ def mask_delta(before: dict, after: dict) -> tuple[float, float] | None:
 def _format_json(r: dict) -> str:
   mask = r.get("mask_us_per_token")
   return (
-    f"{r['server']:<34} {r['requests']:>3} requests x {r['tokens_per_request']:5.1f} tokens  "
+    f"{r['server']:<42} {r['requests']:>3} requests x {r['tokens_per_request']:5.1f} tokens  "
     f"{r['tokens_per_s']:6.1f} tok/s  "
     f"ITL p50/p99 {r['itl_p50'] * 1e3:6.1f}/{r['itl_p99'] * 1e3:6.1f} ms  TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms  "
     f"valid {_percent(r['valid'])} (parse {_percent(r['parsed'])})"
