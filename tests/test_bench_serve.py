@@ -122,6 +122,53 @@ def test_chat_and_capacity_goals_compare_the_second_jaxeff_row_with_the_first():
   assert serve.goals(rows)[0].endswith("met")
 
 
+def test_json_rows_check_answers_against_their_schemas_and_judge_the_goal():
+  # (No --quick json run here: a jaxeff server start costs ~20 s, over this file's budget.)
+  import jsonschema
+
+  for _, _, schema in serve.JSON_SCHEMAS:
+    jsonschema.Draft202012Validator.check_schema(schema)
+  script = serve.json_script(2, 2, seed=0, passage_chars=(40, 60))
+  assert [q["name"] for mine in script for q in mine] == ["speaker", "summary", "characters", "sentiment"]
+  assert serve.json_script(2, 2, seed=0, passage_chars=(40, 60)) == script  # seeded
+  assert serve.response_format(script[0][0])["json_schema"]["schema"]["required"] == ["speaker", "addressee", "mood"]
+  texts = [
+    '{"speaker": "KING", "addressee": "Lear", "mood": "sad"}',  # valid
+    '{"summary": "x", "keywords": []}',  # parses; minItems 1 broken
+    '```json\n{"characters": [{"name": "A", "role": "king"}]}\n```',  # fenced: does not parse
+    '{"sentiment": "neutral", "confidence": 0.5, "intensity": 3}',  # valid
+  ]
+  results = [{"ttft": 0.1 * (i + 1), "itl": [0.01, 0.03], "tokens": 10, "text": t} for i, t in enumerate(texts)]
+  row = serve.json_row("j constrained", script, {"results": results, "seconds": 2.0}, True, (40.0, 0.002))
+  assert (row["parsed"], row["valid"], row["tokens_per_s"]) == (0.75, 0.5, 20.0)
+  assert row["mask_us_per_token"] == pytest.approx(50.0) and row["ttft_p50"] == pytest.approx(0.25)
+  before = {serve.GRAMMAR_MASKS: 10.0, serve.GRAMMAR_MASK_SECONDS: 0.5}
+  assert serve.mask_delta(before, {serve.GRAMMAR_MASKS: 50.0, serve.GRAMMAR_MASK_SECONDS: 0.75}) == (40.0, 0.25)
+  assert serve.mask_delta({}, {}) is None  # a server without grammar counters
+  base = {"workload": "json", "kind": "jaxeff"}
+  rows = [
+    base | {"server": "j constrained", "constrained": True, "tokens_per_s": 45.0, "valid": 1.0},
+    base | {"server": "j unconstrained", "constrained": False, "tokens_per_s": 50.0, "valid": 0.25},
+    base | {"server": "ls constrained", "kind": "llama-server", "constrained": True, "tokens_per_s": 90.0},
+  ]
+  rows[0] |= {"itl_p50": 0.11, "tokens_per_request": 40.0}
+  rows[1] |= {"itl_p50": 0.1, "tokens_per_request": 128.0}
+  goal, context, anchor = serve.goals(rows)
+  assert "j constrained / j unconstrained output tok/s: 0.90x, 100% valid" in goal and goal.endswith("met")
+  assert context == (
+    "json, constrained / unconstrained at their own lengths: output tok/s 0.90x, ITL p50 1.10x, "
+    "tokens per answer 40.0 / 128.0"
+  )
+  assert anchor == "json, j constrained / ls constrained output tok/s: 0.50x"
+  # With the same-lengths row, the goal compares with it (the anchor still with the plain row).
+  rows.insert(2, base | {"server": "j same", "constrained": False, "same_lengths": True, "tokens_per_s": 60.0})
+  goal, context, anchor = serve.goals(rows)
+  assert "j constrained / j same output tok/s: 0.75x" in goal and goal.endswith("missed")
+  assert "output tok/s 0.90x" in context and anchor.endswith("0.50x")
+  rows[0]["valid"], rows[2]["tokens_per_s"] = 31 / 32, 45.0
+  assert serve.goals(rows)[0].endswith("missed")
+
+
 @pytest.mark.parametrize(
   "argv, message",
   [

@@ -37,6 +37,19 @@ different prompts each), max_tokens 1: time to the answer, prompt tokens/s, and 
 CPU's f32 matmul peak measured first in the same run (2 x the GGUF's weights but the embedding and
 the output head x prompt tokens / time).
 
+`--workload json`: `--clients` (8) clients, each sending `--requests` (4) streaming chat completions
+one after another, greedy, `--max-tokens` (128): request k asks for one of 8 extraction schemas
+(`JSON_SCHEMAS`: nested objects, enums, bounded arrays and numbers, required fields, strings with
+maxLength) about its own corpus passage, the schema shown in the prompt. Every server runs the
+requests twice: constrained (`response_format` json_schema; llama-server turns it into a GBNF
+grammar) and unconstrained (the same messages); jaxeff a third time, unconstrained with each
+answer exactly as long as its constrained one (`ignore_eos`): the goal's comparison, since
+unconstrained answers run longer and so spend less of the run in prefill. Per row: output tok/s,
+ITL p50/p99, TTFT p50, the share of answers that parse as JSON and validate against their schema
+(jsonschema; the whole text, so a fenced answer fails), and for jaxeff's constrained row the host
+time per grammar mask (its /metrics counters). No prefix cache (jaxeff `--no-prefix-caching`,
+llama-server `cache_prompt: false`): the later runs' prompts would otherwise all be cached.
+
 `--variants "LABEL=FLAGS;..."` replaces a workload's jaxeff servers (`VARIANTS`: the baseline first;
 the goals compare the second with it; `{dense_bytes}` becomes the first one's KV-cache bytes). A
 server that does not start (a flag this checkout lacks) is a `skipped` row with its error line.
@@ -44,7 +57,8 @@ server that does not start (a flag this checkout lacks) is a `skipped` row with 
 Goals (this 2-core CPU): load, at 8 clients: throughput >= 3x the 1-client throughput and >= 1.5x
 llama-cpp-python's server; p99 inter-token latency <= 2x the 1-client median. Chat: TTFT p50 >= 5x
 lower with prefix caching at equal answers. Capacity: >= 4x the dense engine's concurrency,
-throughput not lower. `--quick --gguf TINY.gguf` runs tiny versions of each workload: a smoke
+throughput not lower. JSON: constrained output tok/s >= 0.9x unconstrained at the same answer
+lengths, 100% valid. `--quick --gguf TINY.gguf` runs tiny versions of each workload: a smoke
 test of the machinery (the suite's), not a measurement.
 """
 
@@ -73,7 +87,8 @@ from jaxeff.generate.tokenizer import load_tokenizer
 GOALS = (
   "load, 8 clients: >= 3x 1-client tokens/s, >= 1.5x llama.cpp server; p99 ITL <= 2x 1-client median ITL. "
   "chat: TTFT p50 >= 5x lower with prefix caching at equal answers. "
-  "capacity: >= 4x the dense engine's peak running requests, output tok/s not lower"
+  "capacity: >= 4x the dense engine's peak running requests, output tok/s not lower. "
+  "json: constrained output tok/s >= 0.9x unconstrained at the same answer lengths, 100% of answers valid"
 )
 
 
@@ -351,11 +366,12 @@ def chat_script(
 
 
 async def _chat_turn(http, url: str, messages: list[dict], max_tokens: int, extra: dict) -> dict:
-  """One streamed /chat/completions: time to the first text, the text, token counts from the usage."""
+  """One streamed /chat/completions: time to the first text, the gaps between text pieces (`itl`),
+  the text, token counts from the usage."""
   body = {"model": "m", "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
   body |= {"stream_options": {"include_usage": True}, **extra}
   t0 = time.perf_counter()
-  first, pieces, usage = None, [], None
+  first, pieces, stamps, usage = None, [], [], None
   async with http.stream("POST", f"{url}/chat/completions", json=body) as r:
     if r.status_code != 200:
       raise RuntimeError(f"{url}: HTTP {r.status_code}: {(await r.aread())[:300]!r}")
@@ -369,11 +385,14 @@ async def _chat_turn(http, url: str, messages: list[dict], max_tokens: int, extr
         piece = (choice.get("delta") or {}).get("content")
         if piece or choice.get("finish_reason"):  # an answer that is only end-of-sequence still ends
           first = first or time.perf_counter()
+        if piece:  # one piece per token (none for a partial character or the role chunk)
+          stamps.append(time.perf_counter())
         pieces.append(piece or "")
       usage = chunk.get("usage") or usage
   usage = usage or {}
   return {
     "ttft": (first or time.perf_counter()) - t0,
+    "itl": np.diff(stamps).tolist(),
     "text": "".join(pieces),
     "tokens": usage.get("completion_tokens", sum(1 for p in pieces if p)),
     "prompt_tokens": usage.get("prompt_tokens"),
@@ -563,6 +582,236 @@ def _format_prefill(r: dict) -> str:
   )
 
 
+# ------------------------------------------------------------------ workload: JSON schema
+
+# Extraction schemas about a passage of a play: nested objects, enums, bounded arrays, bounded
+# integers and numbers, required fields, strings with maxLength (short enough that every answer
+# fits in 128 tokens). additionalProperties false everywhere: a valid answer is exactly the shape.
+_MOODS = ["angry", "sad", "joyful", "calm", "fearful", "mocking"]
+_THEMES = ["love", "power", "death", "betrayal", "honour", "fate", "war", "family"]
+
+
+def _obj(properties: dict, required=None) -> dict:
+  return {
+    "type": "object",
+    "properties": properties,
+    "required": list(properties) if required is None else required,
+    "additionalProperties": False,
+  }
+
+
+def _text(n: int) -> dict:
+  return {"type": "string", "maxLength": n}
+
+
+JSON_SCHEMAS = (  # (name, what the user asks for, schema)
+  (
+    "speaker",
+    "Who speaks in this passage, to whom, and in what mood?",
+    _obj({"speaker": _text(30), "addressee": _text(30), "mood": {"enum": _MOODS}}),
+  ),
+  (
+    "summary",
+    "Summarize this passage and list its keywords.",
+    _obj({"summary": _text(120), "keywords": {"type": "array", "items": _text(20), "minItems": 1, "maxItems": 4}}),
+  ),
+  (
+    "characters",
+    "List the characters of this passage and their roles.",
+    _obj(
+      {
+        "characters": {
+          "type": "array",
+          "minItems": 1,
+          "maxItems": 3,
+          "items": _obj(
+            {"name": _text(24), "role": {"enum": ["king", "queen", "noble", "servant", "citizen", "soldier", "other"]}}
+          ),
+        }
+      }
+    ),
+  ),
+  (
+    "sentiment",
+    "Rate the sentiment of this passage.",
+    _obj(
+      {
+        "sentiment": {"enum": ["positive", "negative", "neutral"]},
+        "confidence": {"type": "number", "minimum": 0, "maximum": 1},
+        "intensity": {"type": "integer", "minimum": 1, "maximum": 10},
+      }
+    ),
+  ),
+  (
+    "scene",
+    "Describe the scene of this passage.",
+    _obj(
+      {
+        "scene": _obj(
+          {"location": _text(40), "time_of_day": {"enum": ["morning", "day", "evening", "night", "unknown"]}}
+        ),
+        "characters_present": {"type": "integer", "minimum": 0, "maximum": 20},
+        "has_dialogue": {"type": "boolean"},
+      }
+    ),
+  ),
+  (
+    "quote",
+    "Pick the most memorable line of this passage.",
+    _obj(
+      {"quote": _text(80), "speaker": _text(24), "line_count": {"type": "integer", "minimum": 1, "maximum": 40}},
+      required=["quote", "line_count"],
+    ),
+  ),
+  (
+    "themes",
+    "Which themes does this passage touch?",
+    _obj(
+      {
+        "themes": {"type": "array", "items": {"enum": _THEMES}, "minItems": 1, "maxItems": 3},
+        "primary": {"enum": _THEMES},
+      }
+    ),
+  ),
+  (
+    "question",
+    "Ask one question this passage raises and answer it.",
+    _obj(
+      {
+        "question": _text(80),
+        "answer": _obj({"text": _text(80), "certain": {"type": "boolean"}}),
+        "evidence": {"type": "array", "items": _text(50), "maxItems": 2},
+      },
+      required=["question", "answer"],
+    ),
+  ),
+)
+JSON_SYSTEM = "You extract facts from passages of plays. Reply with one JSON object and nothing else."
+
+
+def json_script(
+  clients: int, per_client: int, seed: int, passage_chars=(300, 600), show_schema: bool = True
+) -> list[list[dict]]:
+  """Each client's requests: request k of client c asks for schema (c * per_client + k) mod 8 about
+  its own corpus passage of `passage_chars` characters. Each is {schema, name, messages}; the
+  user message shows the schema (`show_schema`), so the unconstrained answers can be valid too."""
+  text, rng = _corpus(), np.random.default_rng(seed)
+  out = []
+  for c in range(clients):
+    mine = []
+    for k in range(per_client):
+      name, ask, schema = JSON_SCHEMAS[(c * per_client + k) % len(JSON_SCHEMAS)]
+      length = int(rng.integers(*passage_chars))
+      at = int(rng.integers(0, len(text) - length))
+      user = f"Passage:\n{text[at : at + length].strip()}\n\n{ask}"
+      if show_schema:
+        user += f" Reply with JSON that matches this schema:\n{json.dumps(schema)}"
+      messages = [{"role": "system", "content": JSON_SYSTEM}, {"role": "user", "content": user}]
+      mine.append({"name": name, "schema": schema, "messages": messages})
+    out.append(mine)
+  return out
+
+
+def response_format(request: dict) -> dict:
+  """The OpenAI `response_format` of a `json_script` request (jaxeff's and llama-server's field)."""
+  return {"type": "json_schema", "json_schema": {"name": request["name"], "schema": request["schema"]}}
+
+
+def json_valid(text: str, schema: dict) -> tuple[bool, bool]:
+  """(parses as JSON, and validates against `schema`): the whole text, nothing stripped."""
+  import jsonschema
+
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError:
+    return False, False
+  return True, jsonschema.Draft202012Validator(schema).is_valid(value)
+
+
+async def run_json(
+  url: str, script: list[list[dict]], max_tokens: int, constrained: bool, extra: dict, lengths=None
+) -> dict:
+  """Each client's requests one after another, the clients concurrently (greedy, streaming chat);
+  with `constrained`, each with its schema as `response_format`. `lengths` (script order): each
+  answer exactly that many tokens instead (`ignore_eos`). Returns the results (in script order:
+  client, then request) and the wall time."""
+  import httpx2 as httpx
+
+  results = [[None] * len(mine) for mine in script]
+  starts = np.cumsum([0] + [len(mine) for mine in script])
+
+  async def client(http, c):
+    for k, request in enumerate(script[c]):
+      fields = extra | ({"response_format": response_format(request)} if constrained else {})
+      n = max_tokens
+      if lengths is not None:
+        n, fields = max(int(lengths[starts[c] + k]), 1), fields | {"ignore_eos": True}
+      results[c][k] = await _chat_turn(http, url, request["messages"], n, fields)
+
+  limits = httpx.Limits(max_connections=len(script) + 2, max_keepalive_connections=0)  # see NO_KEEPALIVE
+  async with httpx.AsyncClient(timeout=900, limits=limits) as http:
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(http, c) for c in range(len(script))))
+    wall = time.perf_counter() - t0
+  return {"results": [r for mine in results for r in mine], "seconds": wall}
+
+
+def json_row(label: str, script: list[list[dict]], run: dict, constrained: bool, masks=None) -> dict:
+  """A run's row: output tok/s, TTFT p50, ITL p50/p99, the share of answers that parse and that
+  validate against their schema; `masks` ((masks, seconds) computed during the run): the grammar
+  mask time per mask in microseconds."""
+  results = run["results"]
+  checks = [json_valid(r["text"], q["schema"]) for r, q in zip(results, (q for mine in script for q in mine))]
+  itl = [x for r in results for x in r["itl"]]
+  row = {
+    "workload": "json",
+    "server": label,
+    "constrained": constrained,
+    "clients": len(script),
+    "requests": len(results),
+    "seconds": run["seconds"],
+    "tokens": sum(r["tokens"] for r in results),
+    "tokens_per_request": sum(r["tokens"] for r in results) / len(results),
+    "tokens_per_s": sum(r["tokens"] for r in results) / run["seconds"],
+    "ttft_p50": float(np.percentile([r["ttft"] for r in results], 50)),
+    "itl_p50": float(np.percentile(itl, 50)) if itl else math.nan,
+    "itl_p99": float(np.percentile(itl, 99)) if itl else math.nan,
+    "parsed": sum(p for p, _ in checks) / len(checks),
+    "valid": sum(v for _, v in checks) / len(checks),
+    "grammar_masks": None,
+    "mask_us_per_token": None,
+  }
+  if masks is not None:
+    count, seconds = masks
+    row |= {"grammar_masks": count, "mask_us_per_token": seconds / count * 1e6 if count else None}
+  return row
+
+
+GRAMMAR_MASKS = "jaxeff_grammar_masks_total"
+GRAMMAR_MASK_SECONDS = "jaxeff_grammar_mask_seconds_total"
+
+
+def mask_delta(before: dict, after: dict) -> tuple[float, float] | None:
+  """(grammar masks, host seconds computing them) between two `read_metrics`; None without the counters."""
+  if GRAMMAR_MASKS not in after:
+    return None
+  return (
+    after[GRAMMAR_MASKS] - before.get(GRAMMAR_MASKS, 0.0),
+    after.get(GRAMMAR_MASK_SECONDS, 0.0) - before.get(GRAMMAR_MASK_SECONDS, 0.0),
+  )
+
+
+def _format_json(r: dict) -> str:
+  mask = r.get("mask_us_per_token")
+  return (
+    f"{r['server']:<42} {r['requests']:>3} requests x {r['tokens_per_request']:5.1f} tokens  "
+    f"{r['tokens_per_s']:6.1f} tok/s  "
+    f"ITL p50/p99 {r['itl_p50'] * 1e3:6.1f}/{r['itl_p99'] * 1e3:6.1f} ms  TTFT p50 {r['ttft_p50'] * 1e3:6.0f} ms  "
+    f"valid {_percent(r['valid'])} (parse {_percent(r['parsed'])})"
+    + (f"  grammar mask {mask:.0f} us/token" if mask is not None else "")
+  )
+
+
 # ------------------------------------------------------------------ static batching
 
 
@@ -594,7 +843,7 @@ def static_batches(gguf_path, requests_for, levels, max_batch: int) -> list[dict
 
 # ------------------------------------------------------------------ servers
 
-NEW_WORKLOADS = ("chat", "capacity", "prefill")
+NEW_WORKLOADS = ("chat", "capacity", "prefill", "json")
 LLAMA_SERVER = "llama-server (8 slots)"
 LLAMA_CPP_PY = "llama.cpp server"
 # Each workload's jaxeff servers (LABEL=FLAGS;...), one after the other, the baseline first (the goals
@@ -605,6 +854,8 @@ VARIANTS = {
   "capacity": "jaxeff dense=--kv-cache dense --max-batch 8 --max-seq-len 2048;"
   "jaxeff paged=--kv-cache paged --kv-cache-memory {dense_bytes} --max-batch 64 --max-seq-len 2048",
   "prefill": "jaxeff serve=",
+  # The constrained and the unconstrained run send the same prompts: no prefix cache serves the second.
+  "json": "jaxeff serve=--no-prefix-caching",
 }
 QUICK_CAPACITY = (
   "jaxeff dense=--kv-cache dense --max-batch 2 --max-seq-len 128;"
@@ -764,6 +1015,30 @@ def goals(rows: list[dict]) -> list[str]:
     if n in anchor:
       ratio = r["prompt_tokens_per_s"] / anchor[n]["prompt_tokens_per_s"]
       out.append(f"prefill {n} tokens, {server} / llama-server prompt tok/s: {ratio:.2f}x")
+  jsons = _measured(rows, "json")
+  constrained = next((r for r in jsons if r["constrained"]), None)
+  free = next((r for r in jsons if not r["constrained"] and not r.get("same_lengths")), None)
+  matched = next((r for r in jsons if r.get("same_lengths")), free)
+  if constrained and matched:
+    ratio = constrained["tokens_per_s"] / matched["tokens_per_s"]
+    met = ratio >= 0.9 and constrained["valid"] == 1
+    out.append(
+      f"json, {constrained['server']} / {matched['server']} output tok/s: {ratio:.2f}x, "
+      f"{_percent(constrained['valid'])} valid (goal >= 0.9x, 100% valid): {'met' if met else 'missed'}"
+    )
+  if constrained and free:
+    # Context, no goal: answers of their own lengths (shorter ones spend more of the run in prefill).
+    out.append(
+      f"json, constrained / unconstrained at their own lengths: output tok/s "
+      f"{constrained['tokens_per_s'] / free['tokens_per_s']:.2f}x, ITL p50 "
+      f"{constrained['itl_p50'] / free['itl_p50']:.2f}x, tokens per answer "
+      f"{constrained['tokens_per_request']:.1f} / {free['tokens_per_request']:.1f}"
+    )
+  for anchor in _measured(rows, "json", "llama-server"):
+    mine = next((r for r in jsons if r["constrained"] == anchor["constrained"]), None)
+    if mine:
+      ratio = mine["tokens_per_s"] / anchor["tokens_per_s"]
+      out.append(f"json, {mine['server']} / {anchor['server']} output tok/s: {ratio:.2f}x")
   return out
 
 
@@ -776,16 +1051,21 @@ def _parser() -> argparse.ArgumentParser:
     help="the requests (module docstring)",
   )
   p.add_argument("--concurrency", default="1,4,8,16", help="load workloads: client counts (comma-separated)")
-  p.add_argument("--clients", type=int, default=None, help="chat (default 8) and capacity (default 48) clients")
+  p.add_argument(
+    "--clients", type=int, default=None, help="chat and json (default 8) and capacity (default 48) clients"
+  )
   p.add_argument(
     "--requests",
     type=int,
     default=None,
-    help="requests per client (load workloads: per level, default 3, at least 8 per level; capacity: default 2)",
+    help="requests per client (load workloads: per level, default 3, at least 8 per level; capacity: default 2; "
+    "json: default 4)",
   )
   p.add_argument("--turns", type=int, default=4, help="chat: turns per conversation")
   p.add_argument("--system-tokens", type=int, default=300, help="chat: the shared system prompt's tokens")
-  p.add_argument("--max-tokens", type=int, default=32, help="chat: max_tokens of every turn (greedy)")
+  p.add_argument(
+    "--max-tokens", type=int, default=None, help="chat (default 32) and json (default 128): max_tokens of every request"
+  )
   p.add_argument("--prompt-lengths", default="64,256,528,1024", help="prefill: prompt tokens (comma-separated)")
   p.add_argument("--repeats", type=int, default=3, help="prefill: prompts per length (each a different one)")
   p.add_argument("--matmul-size", type=int, default=2048, help="prefill: N of the N^3 f32 matmul peak")
@@ -844,7 +1124,7 @@ def main(argv=None) -> int:
   env = {**os.environ, "JAXEFF_CACHE_DIR": os.environ.get("JAXEFF_CACHE_DIR", str(tmp / "cache"))}
   max_seq_len = args.max_seq_len or (512 if kind == "load" or args.quick else 2048)
   tok = load_tokenizer(gguf_path)
-  run = {"load": _load, "chat": _chat, "capacity": _capacity, "prefill": _prefill}[kind]
+  run = {"load": _load, "chat": _chat, "capacity": _capacity, "prefill": _prefill, "json": _json}[kind]
   meta = {"command": "python -m jaxeff.bench serve " + " ".join(argv or sys.argv[1:]), "date": common.today()}
   meta |= {"model": gguf_path.name, "cpus": os.cpu_count(), "workload": args.workload}
   meta["llama_server"] = str(binary) if binary else None
@@ -884,7 +1164,7 @@ def _load(args, gguf_path, tok, variants, binary, env, tmp, max_seq_len, levels,
 def _chat(args, gguf_path, tok, variants, binary, env, tmp, max_seq_len, levels, lengths, meta) -> list[dict]:
   """Multi-turn chat: every server runs the same conversations; jaxeff rows compare their answers with
   the first jaxeff row's."""
-  clients, turns, system_tokens, max_tokens = args.clients or 8, args.turns, args.system_tokens, args.max_tokens
+  clients, turns, system_tokens, max_tokens = args.clients or 8, args.turns, args.system_tokens, args.max_tokens or 32
   if args.quick:
     clients, turns, system_tokens, max_tokens = args.clients or 2, 2, 48, 4
   user_chars = (10, 30) if args.quick else (60, 160)
@@ -970,6 +1250,45 @@ def _prefill(args, gguf_path, tok, variants, binary, env, tmp, max_seq_len, leve
       row["mfu"] = row["flops_per_s"] / peak
       print(_format_prefill(row))
   return rows
+
+
+def _json(args, gguf_path, tok, variants, binary, env, tmp, max_seq_len, levels, lengths, meta) -> list[dict]:
+  """JSON-schema extraction: the same requests constrained (`response_format`) and unconstrained on
+  each server; jaxeff's constrained rows also report the grammar mask time its /metrics counted."""
+  clients, per_client, max_tokens = args.clients or 8, args.requests or 4, args.max_tokens or 128
+  passage_chars, show_schema = (300, 600), True
+  if args.quick:  # the tiny model's positions: short prompts, no schema in them
+    clients, per_client, max_tokens = args.clients or 2, args.requests or 2, args.max_tokens or 8
+    passage_chars, show_schema = (10, 30), False
+  script = json_script(clients, per_client, args.seed, passage_chars, show_schema)
+  # Other passages, every schema once, concurrently and short: warms the grammar and sampling paths.
+  warm = json_script(len(JSON_SCHEMAS), 1, args.seed + 1, passage_chars, show_schema)
+  meta |= {"clients": clients, "requests": clients * per_client, "max_tokens": max_tokens}
+  meta["schemas"] = [name for name, _, _ in JSON_SCHEMAS]
+
+  def work(label, kind, url, base):
+    extra = {"cache_prompt": False} if kind == "llama-server" else {}  # as jaxeff's --no-prefix-caching
+    for constrained in (True, False):
+      asyncio.run(run_json(url, warm, min(max_tokens, 16), constrained, extra))
+    rows, lengths = [], None
+
+    def measure(name, constrained, lengths=None):
+      before = read_metrics(base)
+      result = asyncio.run(run_json(url, script, max_tokens, constrained, extra, lengths))
+      masks = mask_delta(before, read_metrics(base)) if constrained else None
+      row = json_row(f"{label} {name}", script, result, constrained, masks) | {"same_lengths": lengths is not None}
+      row["answers"] = [r["text"] for r in result["results"]]
+      print(_format_json(row), flush=True)
+      rows.append(row)
+      return result
+
+    lengths = [r["tokens"] for r in measure("constrained", True)["results"]]
+    measure("unconstrained", False)
+    if kind == "jaxeff":  # the grammar's cost alone: the same prompts and answer lengths, no grammar
+      measure("unconstrained, same lengths", False, lengths)
+    return rows
+
+  return run_servers(server_specs(variants, binary, False), gguf_path, args, env, tmp, max_seq_len, work)
 
 
 if __name__ == "__main__":
