@@ -1,4 +1,4 @@
-"""Tool calling's prompt format and parser (jaxeff.serve.tools) and tool records in chat training data."""
+"""Tool calling's prompt format and parser (jaxeff.data.tools) and tool records in chat training data."""
 
 import json
 import random
@@ -10,9 +10,9 @@ from smollm2 import smollm2_path
 
 from jaxeff.data.chat import BadRecord, encode_chat, encode_record, messages_of
 from jaxeff.data.tokenizer import ByteTokenizer
+from jaxeff.data.tools import ToolCallStream, call_grammar, parse_tool_calls, render_messages, template_takes_tools
 from jaxeff.errors import GenerationError
 from jaxeff.loader import load_tokenizer
-from jaxeff.serve.tools import ToolCallStream, call_grammar, parse_tool_calls, render_messages, template_takes_tools
 
 WEATHER = {
   "type": "function",

@@ -4,7 +4,7 @@ A record is `{"messages": [{"role": "system" | "user" | "assistant", "content": 
 OpenAI shape) or `{"prompt": "...", "completion": "..."}` (one user turn and its answer). Tool use
 is OpenAI's fine-tuning shape: a `"tools"` list beside the messages, assistant messages with
 `tool_calls` (content may be null) and `"tool"` messages with the results; such a record is rendered
-as a served request is (`jaxeff.serve.tools.render_messages`: the template's tools section, or the
+as a served request is (`jaxeff.data.tools.render_messages`: the template's tools section, or the
 default `<tool_call>` format), and the calls are trained on as the assistant's reply. It is
 rendered with the model's own chat template (the tokenizer's, from the tokenizer directory's
 tokenizer_config.json or chat_template.jinja, Hugging Face semantics) and the loss counts the
@@ -90,9 +90,9 @@ def encode_chat(messages: list[dict], tokenizer: Tokenizer, tools: list | None =
   """(token ids, loss mask) of a conversation, rendered with the tokenizer's chat template: the
   mask is True on assistant replies' tokens (tool calls included). No special tokens are added (the
   template writes them). With `tools`, or tool calls or results in the conversation, it is rendered
-  as the server renders a request (`jaxeff.serve.tools.render_messages`)."""
+  as the server renders a request (`jaxeff.data.tools.render_messages`)."""
   if uses_tools(messages, tools):
-    from jaxeff.serve.tools import render_messages  # imported here: plain chat data does not need it
+    from jaxeff.data.tools import render_messages
 
     def render(upto: int, add_generation_prompt: bool) -> str:
       try:

@@ -112,7 +112,7 @@ class Tokenizer(abc.ABC):
     self, messages: list[dict], add_generation_prompt: bool = True, tools: list | None = None
   ) -> str:
     """The conversation as the model expects it (Hugging Face chat-template semantics); `tools` reach
-    templates that read them (`jaxeff.serve.tools.render_messages` covers those that do not)."""
+    templates that read them (`jaxeff.data.tools.render_messages` covers those that do not)."""
     if not self.chat_template:
       raise HFError("this model has no chat template (tokenizer_config.json 'chat_template')")
     return render_template(self.chat_template, messages, add_generation_prompt, self.special_tokens, tools)

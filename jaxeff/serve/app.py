@@ -36,7 +36,7 @@ mask, temperature and filters; `jaxeff.inference.logits`); the prompt's, with `e
 model's own (nothing was sampled there; the first token's is null, as OpenAI's). One output
 constraint per request (a schema, a regex, a grammar or a forced tool call): its masks are applied
 in the step, so the answer parses unless `max_tokens` cuts it. Tools are rendered by the chat
-template where it has a tools section, else in `jaxeff.serve.tools`' documented default format;
+template where it has a tools section, else in `jaxeff.data.tools`' documented default format;
 replies with `<tool_call>` blocks come back as `tool_calls` (finish reason "tool_calls"), streamed
 as one delta per call.
 
@@ -73,10 +73,10 @@ from fastapi import responses
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
+from jaxeff.data import tools as tools_lib
 from jaxeff.errors import GenerationError, HFError
 from jaxeff.generate.tokenizer import StreamDecoder, TextTokenizer
 from jaxeff.inference.logits import MAX_LOGPROBS, Penalties
-from jaxeff.serve import tools as tools_lib
 from jaxeff.serve.engine import Engine, EngineStoppedError, QueueFullError, Request
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,7 @@ parameter schema, so it always parses.
 
 Replies are parsed for the same blocks, whichever template wrote the prompt:
 
->>> from jaxeff.serve.tools import parse_tool_calls
+>>> from jaxeff.data.tools import parse_tool_calls
 >>> content, calls = parse_tool_calls('Checking.\\n<tool_call>\\n{"name": "f", "arguments": {"x": 1}}\\n</tool_call>')
 >>> content, [(c["type"], c["function"]["name"], c["function"]["arguments"]) for c in calls]
 ('Checking.', [('function', 'f', '{"x": 1}')])
