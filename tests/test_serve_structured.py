@@ -106,6 +106,10 @@ def test_json_object_regex_and_grammar_extensions(client):
     assert r.choices[0].message.content.lstrip().startswith("{")
   r = _chat(client, temperature=1.0, seed=2, extra_body={"guided_regex": r"[a-c]{3}-[0-9]{2,4}"})
   assert re.fullmatch(r"[a-c]{3}-[0-9]{2,4}", r.choices[0].message.content)
+  r = _chat(client, temperature=1.0, seed=2, logprobs=True, extra_body={"guided_regex": "[äöü✓日本]{3,6}"})
+  content = r.choices[0].message.content
+  assert re.fullmatch("[äöü✓日本]{3,6}", content)  # the logprobs' bytes join up to the text
+  assert b"".join(bytes(item.bytes) for item in r.choices[0].logprobs.content) == content.encode()
   r = _chat(client, temperature=1.0, seed=3, extra_body={"guided_grammar": 'start: "yes" | "no"'})
   assert r.choices[0].message.content in ("yes", "no") and r.choices[0].finish_reason == "stop"
 

@@ -29,10 +29,12 @@ its own configuration says) unless `add_special_tokens=False`, which data and ch
 from __future__ import annotations
 
 import abc
+import functools
 import hashlib
 import json
 import os
 import pathlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -103,6 +105,11 @@ class Tokenizer(abc.ABC):
   def encode_each(self, docs: Sequence[bytes | str]) -> list[np.ndarray]:
     """Each document's int32 ids (no special tokens) followed by `eod_id` when there is one."""
 
+  def token_bytes(self, token: int) -> bytes:
+    """The bytes one token stands for (a piece of a UTF-8 character stays a piece: what OpenAI's
+    logprobs `bytes` carry); by default its decoded text's."""
+    return self.decode([int(token)], skip_special_tokens=False).encode()
+
   def encode_documents(self, docs: Sequence[bytes | str]) -> np.ndarray:
     """All documents as one int32 stream, each followed by `eod_id` (when there is one)."""
     parts = self.encode_each(docs)
@@ -149,6 +156,9 @@ class ByteTokenizer(Tokenizer):
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     # Ids past the bytes (BOS, an end id) have no text either way.
     return bytes(int(i) for i in ids if 0 <= int(i) < BYTE_VOCAB_SIZE).decode("utf-8", errors="replace")
+
+  def token_bytes(self, token: int) -> bytes:
+    return bytes([int(token)]) if 0 <= int(token) < BYTE_VOCAB_SIZE else b""
 
   def encode_each(self, docs: Sequence[bytes | str]) -> list[np.ndarray]:
     out = []
@@ -229,11 +239,39 @@ class HFTokenizer(Tokenizer):
   def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
     return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+  def token_bytes(self, token: int) -> bytes:
+    piece = self._tok.id_to_token(int(token))
+    if piece is None:
+      return b""
+    if "ByteLevel" in repr(self._tok.decoder):  # GPT-2's alphabet: one character per byte
+      table = _byte_of_char()
+      if all(ch in table for ch in piece):
+        return bytes(table[ch] for ch in piece)
+    fallback = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)  # SentencePiece's byte fallback
+    if fallback:
+      return bytes([int(fallback.group(1), 16)])
+    return super().token_bytes(token)
+
   def encode_each(self, docs: Sequence[bytes | str]) -> list[np.ndarray]:
     texts = [d.decode("utf-8", errors="replace") if isinstance(d, bytes) else d for d in docs]
     encode = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # fast: no offsets
     tail = [] if self.eod_id is None else [self.eod_id]
     return [np.asarray(e.ids + tail, np.int32) for e in encode(texts, add_special_tokens=False)]
+
+
+@functools.cache
+def _byte_of_char() -> dict[str, int]:
+  """GPT-2's byte-level alphabet inverted: printable bytes stand for themselves, the other 68 for
+  the characters from U+0100 on, in byte order."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  chars, extra = {}, 0
+  for b in range(256):
+    if b in printable:
+      chars[chr(b)] = b
+    else:
+      chars[chr(256 + extra)] = b
+      extra += 1
+  return chars
 
 
 def get_tokenizer(path: str | os.PathLike | None) -> Tokenizer:

@@ -694,9 +694,8 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
   def _chat_logprobs(entries, top: int, as_ids: bool) -> list[dict]:
     """OpenAI's chat `logprobs.content` items of (token, (logprob, top alternatives)) pairs."""
 
-    def item(token, logprob):
-      text = _piece(token)
-      return {"token": _piece(token, as_ids), "logprob": logprob, "bytes": list(text.encode())}
+    def item(token, logprob):  # bytes: the token's own, so pieces of a UTF-8 character join up
+      return {"token": _piece(token, as_ids), "logprob": logprob, "bytes": list(tokenizer.token_bytes(token))}
 
     return [item(t, lp) | {"top_logprobs": [item(a, v) for a, v in alts[:top]]} for t, (lp, alts) in entries]
 
