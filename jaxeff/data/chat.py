@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxeff.data.sources import resolve_paths
 from jaxeff.data.tokenizer import Tokenizer
+from jaxeff.data.tools import render_messages
 from jaxeff.errors import DataError, GenerationError
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,6 @@ def encode_chat(messages: list[dict], tokenizer: Tokenizer, tools: list | None =
   template writes them). With `tools`, or tool calls or results in the conversation, it is rendered
   as the server renders a request (`jaxeff.data.tools.render_messages`)."""
   if uses_tools(messages, tools):
-    from jaxeff.data.tools import render_messages
 
     def render(upto: int, add_generation_prompt: bool) -> str:
       try:
