@@ -3,18 +3,16 @@
 import json
 import re
 
+import jsonschema
 import numpy as np
 import pytest
 
-pytest.importorskip("llguidance")
-jsonschema = pytest.importorskip("jsonschema")
-
-from jaxeff.bench.grammar import SCHEMAS  # noqa: E402
-from jaxeff.data.tokenizer import ByteTokenizer  # noqa: E402
-from jaxeff.errors import GenerationError  # noqa: E402
-from jaxeff.loader import load_tokenizer  # noqa: E402
-from jaxeff.serve.grammar import GrammarCompiler, fill_masks, mask_words  # noqa: E402
-from tests.smollm2 import smollm2_path  # noqa: E402
+from jaxeff.bench.grammar import SCHEMAS
+from jaxeff.data.tokenizer import ByteTokenizer
+from jaxeff.errors import GenerationError
+from jaxeff.loader import load_tokenizer
+from jaxeff.serve.grammar import GrammarCompiler, fill_masks, mask_words
+from tests.smollm2 import smollm2_path
 
 PAD = 70  # the model's vocab past the tokenizer's (a padded embedding)
 

@@ -21,6 +21,8 @@ import time
 import numpy as np
 
 from jaxeff.bench import common
+from jaxeff.loader import load_tokenizer
+from jaxeff.serve.grammar import WHITESPACE
 
 # The measured set (also tests/test_grammar.py's): strings are bounded so that a uniform choice
 # among allowed tokens ends within a few hundred tokens.
@@ -98,18 +100,7 @@ SCHEMAS = {
   },
 }
 JSON_OBJECT = {"type": "object"}
-WHITESPACE = r"[ ]?|\n[ \t]{0,20}"  # what jaxeff.serve.grammar uses with llguidance
 ENGINES = {"llguidance": "llguidance", "xgrammar": "xgrammar", "outlines-core": "outlines_core"}
-
-
-def byte_level_chars() -> dict[str, int]:
-  """GPT-2's byte-level alphabet (printable bytes as themselves, the rest shifted past 255): char -> byte."""
-  keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
-  table, extra = {b: chr(b) for b in keep}, 0
-  for b in range(256):
-    if b not in table:
-      table[b], extra = chr(256 + extra), extra + 1
-  return {c: b for b, c in table.items()}
 
 
 class LLGuidance:
@@ -184,11 +175,10 @@ class OutlinesCore:
     self.oc = outlines_core
     hf = tokenizers.Tokenizer.from_file(str(tok.path))
     special = {t.content for t in hf.get_added_tokens_decoder().values() if t.special}
-    chars = byte_level_chars()
     tokens: dict[bytes, list[int]] = {}
     for text, i in hf.get_vocab(with_added_tokens=True).items():
       if text not in special:
-        tokens.setdefault(bytes(chars[c] for c in text), []).append(i)
+        tokens.setdefault(tok.token_bytes(i), []).append(i)
     self.vocabulary = outlines_core.Vocabulary(tok.stop_tokens[0], tokens)
 
   def compile(self, schema):
@@ -328,8 +318,6 @@ def main(argv=None) -> int:
   unknown = [n for n in names if n not in ENGINES]
   if unknown:
     return common.error(f"unknown engine {unknown[0]!r}; choose from {', '.join(ENGINES)}")
-  from jaxeff.loader import load_tokenizer
-
   tok = load_tokenizer(str(common.require_smollm2("grammar")))
   vocab = tok.vocab_size
   print(f"# grammar engines on SmolLM2-135M-Instruct's tokenizer ({vocab} ids), {common.machine()}, {common.today()}")

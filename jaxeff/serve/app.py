@@ -60,6 +60,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import hmac
 import json
 import logging
@@ -78,6 +79,7 @@ from jaxeff.errors import GenerationError, HFError
 from jaxeff.generate.tokenizer import StreamDecoder, TextTokenizer
 from jaxeff.inference.logits import MAX_LOGPROBS, Penalties
 from jaxeff.serve.engine import Engine, EngineStoppedError, QueueFullError, Request
+from jaxeff.serve.grammar import GrammarCompiler
 
 log = logging.getLogger(__name__)
 
@@ -467,14 +469,8 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
     model = {"id": settings.model_name, "object": "model", "created": created, "owned_by": "jaxeff"}
     return {"object": "list", "data": [model]}
 
-  grammars = {}  # the grammar compiler, made on the first constrained request
-
-  def _compiler():
-    if "compiler" not in grammars:
-      from jaxeff.serve.grammar import GrammarCompiler
-
-      grammars["compiler"] = GrammarCompiler(tokenizer, engine.cfg.vocab_size)
-    return grammars["compiler"]
+  # Made on the first constrained request: a tokenizer the grammar engine cannot read fails only those.
+  _compiler = functools.cache(lambda: GrammarCompiler(tokenizer, engine.cfg.vocab_size))
 
   @app.post("/v1/completions")
   async def completions(body: CompletionBody, http: fastapi.Request):
@@ -667,7 +663,7 @@ def create_app(engine: Engine, tokenizer: TextTokenizer, settings: ServerSetting
           seed=body.seed,
           stop_tokens=stop_ids,
           penalties=penalties,
-          logprobs=top if best_of == body.n else max(top or 0, 0),
+          logprobs=top if best_of == body.n else (top or 0),  # best_of ranks by logprob
           prompt_logprobs=echo and top is not None,
           grammar=grammar,
         )

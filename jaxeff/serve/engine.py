@@ -126,15 +126,10 @@ class RequestParams:
 _DONE = object()
 
 
-def _entry(lp, j: int, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
-  """(token's logprob, its `top` most likely alternatives) from row j of host `Logprobs`."""
-  return float(lp.token[j]), [(int(t), float(v)) for t, v in zip(lp.top_ids[j, :top], lp.top[j, :top])]
-
-
-def _entry_at(lp, i: int, k: int, token: int, request) -> tuple[float, list[tuple[int, float]]]:
-  """The entry of a speculation step's k-th emitted token of row i (`Logprobs` [n, D+1])."""
-  row = type(lp)(*(a[i] for a in lp))
-  return _entry(row, k, token, request.params.logprobs)
+def _entry(lp, j, top: int) -> tuple[float, list[tuple[int, float]]]:
+  """(the sampled token's logprob, its `top` most likely alternatives) at index j (a row, or
+  (row, k) for a speculation step's k-th token) of host `Logprobs`."""
+  return float(lp.token[j]), [(int(t), float(v)) for t, v in zip(lp.top_ids[j][:top], lp.top[j][:top])]
 
 
 class Request:
@@ -850,7 +845,7 @@ class Engine:
       return
     self.totals.prompt_tokens += slot.context.size
     slot.position, slot.token = slot.context.size, token
-    self._deliver(i, token, stopped, time.monotonic(), self._logprob(i, lp, 0, token))
+    self._deliver(i, token, stopped, time.monotonic(), self._logprob(i, lp, 0))
 
   def _deliver(self, i: int, token: int, stopped: bool, now: float, logprob=None) -> None:
     request = self._slots[i].request
@@ -1111,7 +1106,7 @@ class Engine:
       slot.position += 1
       slot.token = int(nxt[j])
       self._register_full_blocks(i)
-      self._deliver(i, slot.token, bool(stopped[j]), now, self._logprob(i, lp, j, slot.token))
+      self._deliver(i, slot.token, bool(stopped[j]), now, self._logprob(i, lp, j))
     for k, (i, c) in enumerate(prefill):
       slot = self._slots[i]
       slot.prefilled += c
@@ -1123,7 +1118,7 @@ class Engine:
       if not slot.decoding:
         continue
       self.totals.prompt_tokens += slot.context.size
-      self._deliver(i, slot.token, bool(stopped[nd + k]), now, self._logprob(i, lp, nd + k, slot.token))
+      self._deliver(i, slot.token, bool(stopped[nd + k]), now, self._logprob(i, lp, nd + k))
     self._prefetch_masks()
 
   def tokens_bucket(self, tokens: int) -> int:
@@ -1153,7 +1148,7 @@ class Engine:
     nxt, stopped = self.runner.packed_step(
       tokens, positions=positions, seq_rows=seq_rows, cu_q_lens=np.concatenate([[0], np.cumsum(q_lens)]),
       lengths=lengths, rows=self._row_arrays(list(decode) + [i for i, _ in prefill], s), shape=SamplingShape.any(),
-      max_prefills=self.max_prefill_rows, score=None if score is None else score,
+      max_prefills=self.max_prefill_rows, score=score,
     )  # fmt: skip
     self._take_prompt_logprobs(scored)
     return len(decode), nxt, stopped
@@ -1186,13 +1181,11 @@ class Engine:
         self.totals.masks += 1
     return arrays
 
-  def _tree_masks(self, row_slots: list, draft) -> np.ndarray | None:
+  def _tree_masks(self, row_slots: list, draft) -> np.ndarray:
     """Speculation: each constrained row's grammar mask at every node of the draft tree, the
     grammar advanced along the node's path (a path through a token the grammar refuses is never
-    accepted past it: its nodes keep all ones). None without token state."""
+    accepted past it: its nodes keep all ones)."""
     words = self.runner.mask_words
-    if words is None:
-      return None
     tree = self.runner.speculator.tree
     masks = np.full((len(row_slots), tree.size, words), -1, np.int32)
     constrained = [i for i in row_slots if i is not None and self._slots[i].request.matcher is not None]
@@ -1235,15 +1228,16 @@ class Engine:
 
     self._next_masks = self._mask_pool.submit(fill)
 
-  def _no_score(self, size):
-    """A step's prompt-scoring input (-1: nothing to score) when the engine keeps token state."""
-    return None if self.runner.mask_words is None else np.full(size, -1, np.int32)
+  @staticmethod
+  def _no_score(size):
+    """A step's prompt-scoring input: -1, nothing to score (`_score_chunk` marks what is)."""
+    return np.full(size, -1, np.int32)
 
   def _score_chunk(self, score, at: int, i: int, c: int) -> list:
     """Marks the next prompt token at each position of slot i's chunk (at `at` in the step) for
     scoring, when its request wants the prompt's logprobs; what `_take_prompt_logprobs` reads."""
     slot = self._slots[i]
-    if score is None or not slot.request.params.prompt_logprobs:
+    if not slot.request.params.prompt_logprobs:
       return []
     p = np.arange(slot.prefilled, slot.prefilled + c)
     size = slot.request.prompt.size
@@ -1260,12 +1254,12 @@ class Engine:
     for request, at, nxt in scored:
       for k, token in enumerate(nxt):
         if token >= 0:
-          request.prompt_logprobs.append(_entry(plp, at + k, int(token), request.params.logprobs or 0))
+          request.prompt_logprobs.append(_entry(plp, at + k, request.params.logprobs or 0))
 
-  def _logprob(self, i: int, lp, j: int, token: int):
+  def _logprob(self, i: int, lp, j):
     """Slot i's logprob entry for its token sampled in row j of the last step (None: not wanted)."""
     n = self._slots[i].request.params.logprobs
-    return None if n is None else _entry(lp, j, token, n)
+    return None if n is None else _entry(lp, j, n)
 
   def _step_logprobs(self, slots) -> object:
     """The last step's sampled-token logprobs on the host when a request among `slots` wants them."""
@@ -1382,7 +1376,7 @@ class Engine:
       if accepted is None:  # plain decoding: one token, or the stop id that ends the request
         slot.position += 1
         slot.token = int(emitted[i, 0])
-        self._deliver(i, slot.token, bool(done[i]), now, self._logprob(i, lp, i, slot.token))
+        self._deliver(i, slot.token, bool(done[i]), now, self._logprob(i, lp, i))
         continue
       request = slot.request
       request.forwards += 1
@@ -1392,8 +1386,7 @@ class Engine:
       new = [int(t) for t in emitted[i] if t >= 0]
       slot.position += int(accepted[i]) + 1
       for k, token in enumerate(new):
-        logprob = None if lp is None or request.params.logprobs is None else _entry_at(lp, i, k, token, request)
-        self._deliver(i, token, False, now, logprob)
+        self._deliver(i, token, False, now, self._logprob(i, lp, (i, k)))
         if self._slots[i] is None:  # its max_tokens reached (or its grammar is complete)
           break
       if self._slots[i] is not None and done[i]:

@@ -45,6 +45,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jaxeff.data.tokenizer import HFTokenizer
 from jaxeff.errors import GenerationError
 
 WHITESPACE = r"[ ]?|\n[ \t]{0,20}"  # the JSON whitespace allowed between tokens (llama.cpp's bound too)
@@ -98,8 +99,6 @@ class GrammarCompiler:
   """
 
   def __init__(self, tokenizer, vocab_size: int):
-    from jaxeff.data.tokenizer import HFTokenizer
-
     if not isinstance(tokenizer, HFTokenizer):
       raise GenerationError(
         f"structured output needs a Hugging Face tokenizer (tokenizer.json); this model has a "
